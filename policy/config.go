@@ -1,0 +1,447 @@
+// Package policy reads rerouted's TOML configuration and decides, for a new
+// locally originated flow, which uplink (fwmark) it must leave through.
+//
+// Every error names the place in the file it comes from, as FILE:LINE:COL, so
+// that `rerouted check` can be wired into editors and CI.
+package policy
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/user"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/BurntSushi/toml"
+)
+
+// Config is a validated configuration.
+type Config struct {
+	File    string
+	Daemon  Daemon
+	Uplinks []*Uplink
+	Rules   []*Rule
+}
+
+// Daemon holds the [daemon] table.
+type Daemon struct {
+	Queue         uint16        // NFQUEUE number
+	HonorMarks    bool          // a mark set by the host's own rules decides the uplink
+	ControlSocket string        // unix socket for `rerouted flows`
+	GCInterval    time.Duration // how often sockets are checked for flows to remove
+}
+
+// Uplink is one [[uplink]]: a fwmark whose routing table leads out of it.
+type Uplink struct {
+	Name      string
+	Mark      uint32
+	Interface string // optional; checked at start
+}
+
+// Defaults applied to keys the file leaves out.
+const (
+	DefaultControlSocket = "/run/rerouted/rerouted.sock"
+	DefaultGCInterval    = 2 * time.Second
+)
+
+// Error is one problem in a configuration file.
+type Error struct {
+	File      string
+	Line, Col int
+	Msg       string
+}
+
+func (e *Error) Error() string { return fmt.Sprintf("%s:%d:%d: %s", e.File, e.Line, e.Col, e.Msg) }
+
+// Errors is every problem found in one file, in file order.
+type Errors []*Error
+
+func (es Errors) Error() string {
+	s := make([]string, len(es))
+	for i, e := range es {
+		s[i] = e.Error()
+	}
+	return strings.Join(s, "\n")
+}
+
+// Load reads and validates a configuration file. A non-nil error is either an
+// I/O error or Errors.
+func Load(file string) (*Config, error) {
+	src, err := os.ReadFile(file)
+	if err != nil {
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	return Parse(file, src)
+}
+
+// Parse validates a configuration held in memory; file names it in errors.
+func Parse(file string, src []byte) (*Config, error) {
+	var raw map[string]any
+	if _, err := toml.Decode(string(src), &raw); err != nil {
+		var pe toml.ParseError
+		if errors.As(err, &pe) {
+			return nil, Errors{{File: file, Line: pe.Position.Line, Col: max(pe.Position.Col, 1), Msg: pe.Message}}
+		}
+		return nil, Errors{{File: file, Line: 1, Col: 1, Msg: err.Error()}}
+	}
+	p := &parser{file: file, pos: locate(src)}
+	cfg := p.config(raw)
+	if len(p.errs) > 0 {
+		sort.SliceStable(p.errs, func(i, j int) bool {
+			a, b := p.errs[i], p.errs[j]
+			return a.Line < b.Line || (a.Line == b.Line && a.Col < b.Col)
+		})
+		return nil, p.errs
+	}
+	return cfg, nil
+}
+
+// parser turns the generic TOML tree into a Config, collecting every error.
+type parser struct {
+	file string
+	pos  positions
+	errs Errors
+}
+
+func (p *parser) errorf(path string, format string, args ...any) {
+	l, c := p.pos.of(path)
+	p.errs = append(p.errs, &Error{File: p.file, Line: l, Col: c, Msg: fmt.Sprintf(format, args...)})
+}
+
+func (p *parser) config(raw map[string]any) *Config {
+	cfg := &Config{File: p.file, Daemon: Daemon{
+		HonorMarks:    true,
+		ControlSocket: DefaultControlSocket,
+		GCInterval:    DefaultGCInterval,
+	}}
+	for _, k := range sortedKeys(raw) {
+		v := raw[k]
+		switch k {
+		case "daemon":
+			p.daemon(&cfg.Daemon, v)
+		case "uplink":
+			for i, t := range p.tables(k, v) {
+				if u := p.uplink(fmt.Sprintf("uplink.%d", i), t); u != nil {
+					cfg.Uplinks = append(cfg.Uplinks, u)
+				}
+			}
+		case "rule":
+			for i, t := range p.tables(k, v) {
+				if r := p.rule(fmt.Sprintf("rule.%d", i), t); r != nil {
+					cfg.Rules = append(cfg.Rules, r)
+				}
+			}
+		default:
+			p.errorf(k, "unknown key %q (expected daemon, uplink or rule)", k)
+		}
+	}
+	p.link(cfg)
+	return cfg
+}
+
+func (p *parser) daemon(d *Daemon, v any) {
+	t, ok := v.(map[string]any)
+	if !ok {
+		p.errorf("daemon", "daemon must be a table")
+		return
+	}
+	for _, k := range sortedKeys(t) {
+		path := "daemon." + k
+		switch k {
+		case "queue":
+			if n, ok := p.integer(path, t[k], 0, 65535); ok {
+				d.Queue = uint16(n)
+			}
+		case "honor_marks":
+			if b, ok := t[k].(bool); ok {
+				d.HonorMarks = b
+			} else {
+				p.errorf(path, "honor_marks must be true or false")
+			}
+		case "control_socket":
+			if s, ok := t[k].(string); ok && strings.HasPrefix(s, "/") {
+				d.ControlSocket = s
+			} else {
+				p.errorf(path, "control_socket must be an absolute path")
+			}
+		case "gc_interval":
+			s, _ := t[k].(string)
+			dur, err := time.ParseDuration(s)
+			if err != nil || dur < 100*time.Millisecond || dur > time.Hour {
+				p.errorf(path, "gc_interval must be a duration between 100ms and 1h, like \"2s\"")
+				continue
+			}
+			d.GCInterval = dur
+		default:
+			p.errorf(path, "unknown key %q in [daemon]", k)
+		}
+	}
+}
+
+func (p *parser) uplink(path string, t map[string]any) *Uplink {
+	u := &Uplink{}
+	for _, k := range sortedKeys(t) {
+		kp := path + "." + k
+		switch k {
+		case "name":
+			u.Name = p.name(kp, t[k])
+		case "mark":
+			if n, ok := p.integer(kp, t[k], 1, 0xffffffff); ok {
+				u.Mark = uint32(n)
+			}
+		case "interface":
+			s, ok := t[k].(string)
+			if !ok || s == "" || len(s) > 15 || strings.ContainsAny(s, "/ \t") {
+				p.errorf(kp, "interface must be an interface name")
+				continue
+			}
+			u.Interface = s
+		default:
+			p.errorf(kp, "unknown key %q in [[uplink]]", k)
+		}
+	}
+	if _, ok := t["name"]; !ok {
+		p.errorf(path, "[[uplink]] needs a name")
+	}
+	if _, ok := t["mark"]; !ok {
+		p.errorf(path, "[[uplink]] needs a mark (the fwmark of its routing table)")
+	}
+	return u
+}
+
+func (p *parser) rule(path string, t map[string]any) *Rule {
+	r := &Rule{}
+	r.line, _ = p.pos.of(path)
+	for _, k := range sortedKeys(t) {
+		kp := path + "." + k
+		v := t[k]
+		switch k {
+		case "name":
+			r.Name = p.name(kp, v)
+		case "uplink":
+			s, ok := v.(string)
+			if !ok || s == "" {
+				p.errorf(kp, "uplink must be the name of an [[uplink]]")
+				continue
+			}
+			r.UplinkName = s
+		case "dst":
+			for _, s := range p.strings(kp, v) {
+				pfx, err := netip.ParsePrefix(s)
+				if err != nil {
+					a, aerr := netip.ParseAddr(s)
+					if aerr != nil {
+						p.errorf(kp, "bad CIDR %q in dst", s)
+						continue
+					}
+					pfx = netip.PrefixFrom(a, a.BitLen())
+				}
+				if pfx != pfx.Masked() {
+					p.errorf(kp, "dst %q has host bits set (did you mean %s?)", s, pfx.Masked())
+					continue
+				}
+				r.Dst = append(r.Dst, pfx)
+			}
+		case "dport":
+			r.DPort = p.ports(kp, v)
+		case "uid":
+			for _, x := range list(v) {
+				if n, ok := p.integer(kp, x, 0, 0xfffffffe); ok {
+					r.UID = append(r.UID, uint32(n))
+				}
+			}
+		case "user":
+			for _, s := range p.strings(kp, v) {
+				u, err := user.Lookup(s)
+				if err != nil {
+					p.errorf(kp, "unknown user %q", s)
+					continue
+				}
+				n, err := strconv.ParseUint(u.Uid, 10, 32)
+				if err != nil {
+					p.errorf(kp, "user %q has a non-numeric uid %q", s, u.Uid)
+					continue
+				}
+				r.UID = append(r.UID, uint32(n))
+			}
+		case "protocol":
+			s, _ := v.(string)
+			if s != "tcp" {
+				p.errorf(kp, "protocol %q is not supported (supported: \"tcp\")", s)
+				continue
+			}
+			r.Protocol = s
+		default:
+			p.errorf(kp, "unknown key %q in [[rule]]", k)
+		}
+	}
+	if r.UplinkName == "" {
+		if _, ok := t["uplink"]; !ok {
+			p.errorf(path, "[[rule]] needs an uplink")
+		}
+	}
+	if r.Name == "" {
+		r.Name = fmt.Sprintf("rule@%d", r.line)
+	}
+	return r
+}
+
+// link resolves rule→uplink names and checks uniqueness.
+func (p *parser) link(cfg *Config) {
+	byName := map[string]*Uplink{}
+	byMark := map[uint32]string{}
+	for i, u := range cfg.Uplinks {
+		path := fmt.Sprintf("uplink.%d", i)
+		if u.Name == "" {
+			continue
+		}
+		if _, dup := byName[u.Name]; dup {
+			p.errorf(path+".name", "uplink %q is defined twice", u.Name)
+		}
+		byName[u.Name] = u
+		if other, dup := byMark[u.Mark]; dup && u.Mark != 0 {
+			p.errorf(path+".mark", "uplinks %q and %q share mark %d", other, u.Name, u.Mark)
+		}
+		byMark[u.Mark] = u.Name
+	}
+	seen := map[string]bool{}
+	for i, r := range cfg.Rules {
+		path := fmt.Sprintf("rule.%d", i)
+		if seen[r.Name] {
+			p.errorf(path+".name", "rule name %q is used twice", r.Name)
+		}
+		seen[r.Name] = true
+		if r.UplinkName == "" {
+			continue
+		}
+		u, ok := byName[r.UplinkName]
+		if !ok {
+			names := make([]string, 0, len(byName))
+			for n := range byName {
+				names = append(names, fmt.Sprintf("%q", n))
+			}
+			sort.Strings(names)
+			p.errorf(path+".uplink", "unknown uplink %q (defined: %s)", r.UplinkName, strings.Join(names, ", "))
+			continue
+		}
+		r.Uplink = u
+	}
+}
+
+// --- typed value helpers ---
+
+func (p *parser) tables(path string, v any) []map[string]any {
+	switch t := v.(type) {
+	case []map[string]any:
+		return t
+	case []any:
+		out := make([]map[string]any, 0, len(t))
+		for _, x := range t {
+			if m, ok := x.(map[string]any); ok {
+				out = append(out, m)
+			} else {
+				p.errorf(path, "%s must be written as [[%s]] tables", path, path)
+			}
+		}
+		return out
+	}
+	p.errorf(path, "%s must be written as [[%s]] tables", path, path)
+	return nil
+}
+
+func (p *parser) name(path string, v any) string {
+	s, ok := v.(string)
+	if !ok || strings.TrimSpace(s) == "" {
+		p.errorf(path, "name must be a non-empty string")
+		return ""
+	}
+	if strings.ContainsAny(s, "\"\n") {
+		p.errorf(path, "name must not contain quotes or newlines")
+		return ""
+	}
+	return s
+}
+
+func (p *parser) integer(path string, v any, lo, hi int64) (int64, bool) {
+	n, ok := v.(int64)
+	if !ok {
+		p.errorf(path, "%s must be an integer", lastElem(path))
+		return 0, false
+	}
+	if n < lo || n > hi {
+		p.errorf(path, "%s %d is out of range %d-%d", lastElem(path), n, lo, hi)
+		return 0, false
+	}
+	return n, true
+}
+
+func (p *parser) strings(path string, v any) []string {
+	var out []string
+	for _, x := range list(v) {
+		s, ok := x.(string)
+		if !ok {
+			p.errorf(path, "%s takes strings", lastElem(path))
+			continue
+		}
+		out = append(out, s)
+	}
+	return out
+}
+
+// ports accepts 80, "80", "8000-8100" and lists of them.
+func (p *parser) ports(path string, v any) []PortRange {
+	var out []PortRange
+	for _, x := range list(v) {
+		switch t := x.(type) {
+		case int64:
+			if t < 1 || t > 65535 {
+				p.errorf(path, "port %d is outside 1-65535", t)
+				continue
+			}
+			out = append(out, PortRange{uint16(t), uint16(t)})
+		case string:
+			lo, hi, isRange := strings.Cut(t, "-")
+			a, err1 := strconv.ParseUint(strings.TrimSpace(lo), 10, 32)
+			b := a
+			var err2 error
+			if isRange {
+				b, err2 = strconv.ParseUint(strings.TrimSpace(hi), 10, 32)
+			}
+			switch {
+			case err1 != nil || err2 != nil:
+				p.errorf(path, "bad port or range %q (want 80 or \"8000-8100\")", t)
+			case a < 1 || a > 65535 || b < 1 || b > 65535:
+				p.errorf(path, "port range %q is outside 1-65535", t)
+			case a > b:
+				p.errorf(path, "port range %q is reversed", t)
+			default:
+				out = append(out, PortRange{uint16(a), uint16(b)})
+			}
+		default:
+			p.errorf(path, "dport takes port numbers and \"a-b\" ranges")
+		}
+	}
+	return out
+}
+
+func list(v any) []any {
+	if l, ok := v.([]any); ok {
+		return l
+	}
+	return []any{v}
+}
+
+func lastElem(path string) string { return path[strings.LastIndexByte(path, '.')+1:] }
+
+func sortedKeys(m map[string]any) []string {
+	ks := make([]string, 0, len(m))
+	for k := range m {
+		ks = append(ks, k)
+	}
+	sort.Strings(ks)
+	return ks
+}

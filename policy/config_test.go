@@ -1,0 +1,157 @@
+package policy
+
+import (
+	"errors"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+)
+
+const good = `# two uplinks, one rule
+[daemon]
+queue = 3
+honor_marks = false
+control_socket = "/run/x.sock"
+gc_interval = "500ms"
+
+[[uplink]]
+name = "isp-a"
+mark = 200
+
+[[uplink]]
+name = "isp-b"
+mark = 100
+interface = "hb"
+
+[[rule]]
+name = "web via isp-b"
+uplink = "isp-b"
+dport = [80, "8000-8100"]
+dst = ["192.0.2.0/24", "2001:db8::/32", "198.51.100.7"]
+uid = 1001
+protocol = "tcp"
+
+[[rule]]
+uplink = "isp-a"
+dport = [
+  22,
+  "2222-2223",
+]
+`
+
+func TestParseGood(t *testing.T) {
+	cfg, err := Parse("good.toml", []byte(good))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := cfg.Daemon
+	if d.Queue != 3 || d.HonorMarks || d.ControlSocket != "/run/x.sock" || d.GCInterval != 500*time.Millisecond {
+		t.Fatalf("daemon = %+v", d)
+	}
+	if len(cfg.Uplinks) != 2 || cfg.Uplinks[1].Mark != 100 || cfg.Uplinks[1].Interface != "hb" {
+		t.Fatalf("uplinks = %+v", cfg.Uplinks)
+	}
+	r := cfg.Rules[0]
+	if r.Uplink != cfg.Uplinks[1] || len(r.DPort) != 2 || r.DPort[1] != (PortRange{8000, 8100}) ||
+		len(r.Dst) != 3 || r.Dst[2] != netip.MustParsePrefix("198.51.100.7/32") || r.UID[0] != 1001 {
+		t.Fatalf("rule 0 = %+v", r)
+	}
+	if r.Line() != 17 {
+		t.Errorf("rule 0 line = %d, want 17", r.Line())
+	}
+	if got := cfg.Rules[1].Name; got != "rule@25" {
+		t.Errorf("unnamed rule is called %q, want rule@25", got)
+	}
+}
+
+func TestDefaults(t *testing.T) {
+	cfg, err := Parse("d.toml", []byte("[[uplink]]\nname = \"b\"\nmark = 1\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !cfg.Daemon.HonorMarks || cfg.Daemon.ControlSocket != DefaultControlSocket || cfg.Daemon.GCInterval != DefaultGCInterval {
+		t.Fatalf("defaults = %+v", cfg.Daemon)
+	}
+}
+
+// Each bad file must be rejected with the exact place of the mistake.
+func TestParseErrors(t *testing.T) {
+	const up = "[[uplink]]\nname = \"b\"\nmark = 100\n"
+	cases := []struct{ name, src, want string }{
+		{"syntax", "[daemon]\nqueue = = 1\n", "bad.toml:2:"},
+		{"unknown top key", "colour = 1\n", "bad.toml:1:1: unknown key \"colour\""},
+		{"unknown daemon key", "[daemon]\n  qeueu = 1\n", "bad.toml:2:3: unknown key \"qeueu\" in [daemon]"},
+		{"unknown rule key", up + "[[rule]]\nuplink = \"b\"\n\n[[rule]]\nuplink = \"b\"\ndprot = 80\n", "bad.toml:9:1: unknown key \"dprot\" in [[rule]]"},
+		{"unknown uplink name", up + "[[rule]]\nuplink = \"c\"\n", "bad.toml:5:1: unknown uplink \"c\" (defined: \"b\")"},
+		{"bad cidr", up + "[[rule]]\nuplink = \"b\"\ndst = [\"192.0.2.0/33\"]\n", "bad.toml:6:1: bad CIDR \"192.0.2.0/33\""},
+		{"host bits", up + "[[rule]]\nuplink = \"b\"\ndst = \"192.0.2.1/24\"\n", "bad.toml:6:1: dst \"192.0.2.1/24\" has host bits set"},
+		{"port zero", up + "[[rule]]\nuplink = \"b\"\ndport = 0\n", "bad.toml:6:1: port 0 is outside 1-65535"},
+		{"port too big", up + "[[rule]]\nuplink = \"b\"\ndport = [80, 70000]\n", "bad.toml:6:1: port 70000 is outside 1-65535"},
+		{"range too big", up + "[[rule]]\nuplink = \"b\"\ndport = \"1-65536\"\n", "bad.toml:6:1: port range \"1-65536\" is outside 1-65535"},
+		{"reversed range", up + "[[rule]]\nuplink = \"b\"\ndport = \"90-80\"\n", "bad.toml:6:1: port range \"90-80\" is reversed"},
+		{"mark missing", "[[uplink]]\nname = \"b\"\n", "bad.toml:1:1: [[uplink]] needs a mark"},
+		{"mark range", "[[uplink]]\nname = \"b\"\nmark = -1\n", "bad.toml:3:1: mark -1 is out of range"},
+		{"duplicate uplink", up + up, "bad.toml:5:1: uplink \"b\" is defined twice"},
+		{"rule without uplink", up + "[[rule]]\ndport = 80\n", "bad.toml:4:1: [[rule]] needs an uplink"},
+		{"unknown user", up + "[[rule]]\nuplink = \"b\"\nuser = \"no-such-user-xyz\"\n", "bad.toml:6:1: unknown user \"no-such-user-xyz\""},
+		{"protocol", up + "[[rule]]\nuplink = \"b\"\nprotocol = \"sctp\"\n", "bad.toml:6:1: protocol \"sctp\" is not supported"},
+		{"queue range", "[daemon]\nqueue = 70000\n", "bad.toml:2:1: queue 70000 is out of range"},
+		{"relative socket", "[daemon]\ncontrol_socket = \"x.sock\"\n", "bad.toml:2:1: control_socket must be an absolute path"},
+		{"type", "[daemon]\nhonor_marks = \"yes\"\n", "bad.toml:2:1: honor_marks must be true or false"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			_, err := Parse("bad.toml", []byte(c.src))
+			var es Errors
+			if !errors.As(err, &es) {
+				t.Fatalf("err = %v (%T), want Errors", err, err)
+			}
+			if !strings.Contains(err.Error(), c.want) {
+				t.Fatalf("got\n%s\nwant it to contain\n%s", err, c.want)
+			}
+		})
+	}
+}
+
+func TestAllErrorsReportedInFileOrder(t *testing.T) {
+	src := "[daemon]\nqueue = -1\n[[uplink]]\nname = \"b\"\nmark = 1\n[[rule]]\nuplink = \"x\"\ndport = 0\n"
+	_, err := Parse("f.toml", []byte(src))
+	lines := strings.Split(err.Error(), "\n")
+	if len(lines) != 3 || !strings.HasPrefix(lines[0], "f.toml:2:") || !strings.HasPrefix(lines[1], "f.toml:7:") || !strings.HasPrefix(lines[2], "f.toml:8:") {
+		t.Fatalf("errors = %q", lines)
+	}
+}
+
+func TestDecide(t *testing.T) {
+	cfg, err := Parse("good.toml", []byte(good))
+	if err != nil {
+		t.Fatal(err)
+	}
+	flow := func(dst string, uid uint32, hasUID bool) *Flow {
+		return &Flow{Protocol: "tcp", Dst: netip.MustParseAddrPort(dst), UID: uid, HasUID: hasUID}
+	}
+	cases := []struct {
+		f    *Flow
+		want string
+	}{
+		{flow("192.0.2.80:80", 1001, true), "web via isp-b"},
+		{flow("192.0.2.80:8050", 1001, true), "web via isp-b"},
+		{flow("192.0.2.80:80", 1002, true), ""},  // wrong uid
+		{flow("192.0.2.80:80", 1001, false), ""}, // no socket: uid keys cannot match
+		{flow("203.0.113.9:80", 1001, true), ""}, // wrong dst
+		{flow("[2001:db8::1]:80", 1001, true), "web via isp-b"},
+		{flow("[::ffff:192.0.2.80]:80", 1001, true), "web via isp-b"},
+		{flow("192.0.2.80:2223", 0, true), "rule@25"}, // second rule, multi-line list
+		{flow("192.0.2.80:2224", 0, true), ""},
+	}
+	for _, c := range cases {
+		got := ""
+		if r := cfg.Decide(c.f); r != nil {
+			got = r.Name
+		}
+		if got != c.want {
+			t.Errorf("Decide(%v uid=%d/%v) = %q, want %q", c.f.Dst, c.f.UID, c.f.HasUID, got, c.want)
+		}
+	}
+}
