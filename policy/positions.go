@@ -31,7 +31,7 @@ func locate(src []byte) positions {
 	ps := positions{}
 	count := map[string]int{}
 	table := ""
-	depth := 0          // open brackets of a value spanning lines
+	depth := 0           // open brackets of a value spanning lines
 	inMultiline := false // inside a """ or ''' string
 	for i, line := range strings.Split(string(src), "\n") {
 		lineNo := i + 1
