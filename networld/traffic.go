@@ -1,0 +1,179 @@
+package networld
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Server is a TCP server on the internet that tells each client the address
+// it saw, then counts what the client sends until EOF and reports the count.
+type Server struct {
+	Addr netip.AddrPort
+	ln   net.Listener
+
+	mu    sync.Mutex
+	peers []netip.AddrPort
+	wg    sync.WaitGroup
+}
+
+// Serve starts (or returns the running) server on ServerAddr:port.
+func (w *World) Serve(port uint16) (*Server, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if s, ok := w.servers[port]; ok {
+		return s, nil
+	}
+	s := &Server{Addr: netip.AddrPortFrom(ServerAddr, port)}
+	err := w.Net.Do(func() (err error) {
+		s.ln, err = net.Listen("tcp", s.Addr.String())
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("listen %s in %s: %w", s.Addr, w.Net.Name, err)
+	}
+	s.wg.Add(1)
+	go s.accept()
+	w.servers[port] = s
+	return s, nil
+}
+
+func (s *Server) accept() {
+	defer s.wg.Done()
+	for {
+		c, err := s.ln.Accept()
+		if err != nil {
+			return
+		}
+		peer := c.RemoteAddr().(*net.TCPAddr).AddrPort()
+		s.mu.Lock()
+		s.peers = append(s.peers, peer)
+		s.mu.Unlock()
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(60 * time.Second))
+			if _, err := fmt.Fprintf(c, "%s\n", peer); err != nil {
+				return
+			}
+			n, _ := io.Copy(io.Discard, c)
+			fmt.Fprintf(c, "%d\n", n)
+		}()
+	}
+}
+
+// Peers returns the client address of every connection accepted so far.
+func (s *Server) Peers() []netip.AddrPort {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]netip.AddrPort(nil), s.peers...)
+}
+
+// Close stops the server.
+func (s *Server) Close() {
+	s.ln.Close()
+	s.wg.Wait()
+}
+
+// DialOptions describe a client connection from the host.
+type DialOptions struct {
+	Port    uint16        // server port
+	Bind    netip.Addr    // source address; zero lets routing choose
+	Mark    uint32        // SO_MARK set by the socket itself before connect
+	Timeout time.Duration // connect timeout; default 3s
+}
+
+// Dial connects from the host to ServerAddr:Port.
+func (w *World) Dial(o DialOptions) (*net.TCPConn, error) {
+	if o.Timeout == 0 {
+		o.Timeout = 3 * time.Second
+	}
+	d := net.Dialer{Timeout: o.Timeout}
+	if o.Bind.IsValid() {
+		d.LocalAddr = &net.TCPAddr{IP: o.Bind.AsSlice()}
+	}
+	if o.Mark != 0 {
+		d.Control = func(_, _ string, rc syscall.RawConn) error {
+			var serr error
+			err := rc.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, int(o.Mark)) })
+			if err != nil {
+				return err
+			}
+			return serr
+		}
+	}
+	var c net.Conn
+	err := w.Host.Do(func() (err error) {
+		c, err = d.DialContext(context.Background(), "tcp4", netip.AddrPortFrom(ServerAddr, o.Port).String())
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return c.(*net.TCPConn), nil
+}
+
+// Greeting reads the server's first line: the client address it saw.
+func Greeting(r *bufio.Reader) (netip.AddrPort, error) {
+	line, err := r.ReadString('\n')
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("read greeting: %w", err)
+	}
+	return netip.ParseAddrPort(strings.TrimSpace(line))
+}
+
+// Exchange runs one conversation on c: read the address the server saw,
+// send n bytes, half-close, and read how many bytes the server received. The
+// client closes first, so its socket ends in TIME_WAIT.
+func Exchange(c *net.TCPConn, n int64) (peer netip.AddrPort, received int64, err error) {
+	c.SetDeadline(time.Now().Add(60 * time.Second))
+	r := bufio.NewReader(c)
+	if peer, err = Greeting(r); err != nil {
+		return peer, 0, err
+	}
+	if _, err = io.CopyN(c, pattern{}, n); err != nil {
+		return peer, 0, fmt.Errorf("send: %w", err)
+	}
+	if err = c.CloseWrite(); err != nil {
+		return peer, 0, err
+	}
+	line, err := r.ReadString('\n')
+	if err != nil {
+		return peer, 0, fmt.Errorf("read count: %w", err)
+	}
+	received, err = strconv.ParseInt(strings.TrimSpace(line), 10, 64)
+	return peer, received, err
+}
+
+// Fetch makes one complete connection to port and returns the client address
+// the server saw.
+func (w *World) Fetch(port uint16, timeout time.Duration) (netip.AddrPort, error) {
+	c, err := w.Dial(DialOptions{Port: port, Timeout: timeout})
+	if err != nil {
+		return netip.AddrPort{}, err
+	}
+	defer c.Close()
+	peer, _, err := Exchange(c, 0)
+	return peer, err
+}
+
+// pattern is an endless reader of non-zero bytes.
+type pattern struct{}
+
+func (pattern) Read(p []byte) (int, error) {
+	for i := range p {
+		p[i] = byte(i*7 + 1)
+	}
+	return len(p), nil
+}

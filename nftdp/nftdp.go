@@ -1,0 +1,319 @@
+// Package nftdp programs rerouted's kernel datapath: one nftables table of
+// its own, in which per-flow map elements translate every packet of a
+// translated flow in both directions, and a queue rule hands the first packet
+// of each new flow to the daemon.
+//
+// The table, for IPv4 TCP (inet family):
+//
+//	map out4 { ipv4_addr . inet_service . ipv4_addr . inet_service : ipv4_addr . inet_service . mark }
+//	map in4  { ipv4_addr . inet_service . ipv4_addr . inet_service : ipv4_addr . inet_service }
+//
+//	chain output { type route hook output priority mangle + 10;
+//	    meta oiftype loopback accept
+//	    tcp flags & (fin|syn|rst|ack) == syn  queue num N bypass
+//	    ip saddr . tcp sport . ip daddr . tcp dport  ->  @out4  ->  saddr, sport, mark }
+//	chain prerouting { type filter hook prerouting priority raw;
+//	    ip daddr . tcp dport . ip saddr . tcp sport  ->  @in4   ->  daddr, dport }
+//
+// Each translation rule does one lookup whose data (a concatenation) lands in
+// registers, then writes the fields from those registers; so no write can
+// change what a later lookup sees. nft's payload writes fix the IP and TCP
+// checksums, offloaded ones included.
+//
+// Hooks: outbound translation runs after the host's own mark rules (mangle)
+// and after conntrack, inbound before conntrack (raw): conntrack sees only the
+// socket's own tuple in both directions, so a stateful firewall keeps working
+// and no conntrack entry is needed at all.
+package nftdp
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+	"sync"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"github.com/google/nftables/xt"
+	"golang.org/x/sys/unix"
+)
+
+// TableName is the name of rerouted's inet table. Nothing else is touched.
+const TableName = "rerouted"
+
+// Priorities of the base chains.
+const (
+	OutputPriority     = -150 + 10 // NF_IP_PRI_MANGLE + 10: after the host's mark rules
+	PreroutingPriority = -300      // NF_IP_PRI_RAW: before conntrack and routing
+)
+
+// Entry is the kernel state of one translated flow.
+type Entry struct {
+	Src, Dst netip.AddrPort // the socket's own tuple
+	NewSrc   netip.AddrPort // what the wire sees instead of Src
+	Mark     uint32         // fwmark put on every outbound packet
+}
+
+// Datapath is the installed table. Its netlink socket is used under mu, one
+// transaction at a time.
+type Datapath struct {
+	mu        sync.Mutex
+	conn      *nftables.Conn
+	table     *nftables.Table
+	out4, in4 *nftables.Set
+	// QueueMethod says how packets reach the queue: "nft queue" or, on
+	// kernels without nft_queue, "xt NFQUEUE" through nft_compat.
+	QueueMethod string
+	// Replaced is true when a table left by an earlier run was removed.
+	Replaced bool
+}
+
+// Install creates rerouted's table, replacing one left by an earlier run, in
+// the caller's network namespace.
+func Install(queue uint16) (*Datapath, error) {
+	conn, err := nftables.New(nftables.AsLasting())
+	if err != nil {
+		return nil, fmt.Errorf("nftables netlink: %w", err)
+	}
+	d := &Datapath{conn: conn, table: &nftables.Table{Name: TableName, Family: nftables.TableFamilyINet}}
+	if t, err := conn.ListTableOfFamily(TableName, nftables.TableFamilyINet); err == nil && t != nil {
+		conn.DelTable(d.table)
+		if err := conn.Flush(); err != nil {
+			conn.CloseLasting()
+			return nil, fmt.Errorf("remove stale table inet %s: %w", TableName, err)
+		}
+		d.Replaced = true
+	}
+	if err := d.build(queue, true); err != nil {
+		// Kernels built without CONFIG_NFT_QUEUE reject the native
+		// statement; the xtables target through nft_compat does the same.
+		if err2 := d.build(queue, false); err2 != nil {
+			conn.CloseLasting()
+			return nil, fmt.Errorf("install table inet %s: with nft queue: %v; with xt NFQUEUE: %w", TableName, err, err2)
+		}
+	}
+	return d, nil
+}
+
+// Remove deletes the table and everything in it, and closes the socket.
+func (d *Datapath) Remove() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.conn.DelTable(d.table)
+	err := d.conn.Flush()
+	if cerr := d.conn.CloseLasting(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("remove table inet %s: %w", TableName, err)
+	}
+	return nil
+}
+
+// Close closes the socket and leaves the table in place, so that existing
+// flows keep working while no daemon runs.
+func (d *Datapath) Close() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.conn.CloseLasting()
+}
+
+func (d *Datapath) build(queue uint16, native bool) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	c, t := d.conn, d.table
+	c.AddTable(t)
+
+	keyType, err := nftables.ConcatSetType(nftables.TypeIPAddr, nftables.TypeInetService, nftables.TypeIPAddr, nftables.TypeInetService)
+	if err != nil {
+		return err
+	}
+	outData, _ := nftables.ConcatSetType(nftables.TypeIPAddr, nftables.TypeInetService, nftables.TypeMark)
+	inData, _ := nftables.ConcatSetType(nftables.TypeIPAddr, nftables.TypeInetService)
+	d.out4 = &nftables.Set{Table: t, Name: "out4", IsMap: true, Concatenation: true, KeyType: keyType, DataType: outData,
+		Comment: "socket tuple : translated source . port . mark"}
+	d.in4 = &nftables.Set{Table: t, Name: "in4", IsMap: true, Concatenation: true, KeyType: keyType, DataType: inData,
+		Comment: "translated tuple (reply view) : socket address . port"}
+	for _, s := range []*nftables.Set{d.out4, d.in4} {
+		if err := c.AddSet(s, nil); err != nil {
+			return fmt.Errorf("add set %s: %w", s.Name, err)
+		}
+	}
+
+	policy := nftables.ChainPolicyAccept
+	out := c.AddChain(&nftables.Chain{Name: "output", Table: t, Type: nftables.ChainTypeRoute,
+		Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityRef(OutputPriority), Policy: &policy})
+	pre := c.AddChain(&nftables.Chain{Name: "prerouting", Table: t, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityRef(PreroutingPriority), Policy: &policy})
+
+	// Loopback traffic never leaves the host: leave it alone.
+	c.AddRule(&nftables.Rule{Table: t, Chain: out, Exprs: []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyOIFTYPE, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint16(unix.ARPHRD_LOOPBACK)},
+		&expr.Verdict{Kind: expr.VerdictAccept},
+	}})
+	// Every SYN goes to the daemon, translated flows' retransmissions too:
+	// the daemon checks that the socket is still the one it translated.
+	queueRule := append(tcp4(),
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 13, Len: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{0x17}, Xor: []byte{0}},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0x02}},
+	)
+	if native {
+		d.QueueMethod = "nft queue"
+		queueRule = append(queueRule, &expr.Queue{Num: queue, Flag: expr.QueueFlagBypass})
+	} else {
+		d.QueueMethod = "xt NFQUEUE"
+		// struct xt_NFQ_info_v3 { u16 queuenum, queues_total, flags }, XT_ALIGNed; flag 1 = bypass.
+		info := make(xt.Unknown, 8)
+		binary.NativeEndian.PutUint16(info[0:], queue)
+		binary.NativeEndian.PutUint16(info[2:], 1)
+		binary.NativeEndian.PutUint16(info[4:], 1)
+		queueRule = append(queueRule, &expr.Target{Name: "NFQUEUE", Rev: 3, Info: &info})
+	}
+	c.AddRule(&nftables.Rule{Table: t, Chain: out, Exprs: queueRule})
+
+	// Outbound: socket tuple -> new source, port, mark.
+	c.AddRule(&nftables.Rule{Table: t, Chain: out, Exprs: append(tcp4(),
+		loadIP(12, 8), loadPort(0, 9), loadIP(16, 10), loadPort(2, 11),
+		&expr.Lookup{SourceRegister: 8, DestRegister: 12, IsDestRegSet: true, SetName: d.out4.Name, SetID: d.out4.ID},
+		writeIP(12, 12), writePort(0, 13),
+		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 14},
+	)})
+	// Inbound: reply to the translated tuple -> the socket's address and port.
+	c.AddRule(&nftables.Rule{Table: t, Chain: pre, Exprs: append(tcp4(),
+		loadIP(16, 8), loadPort(2, 9), loadIP(12, 10), loadPort(0, 11),
+		&expr.Lookup{SourceRegister: 8, DestRegister: 12, IsDestRegSet: true, SetName: d.in4.Name, SetID: d.in4.ID},
+		writeIP(16, 12), writePort(2, 13),
+	)})
+	return c.Flush()
+}
+
+// tcp4 matches IPv4 TCP in an inet chain.
+func tcp4() []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.NFPROTO_IPV4}},
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
+	}
+}
+
+func loadIP(off, reg uint32) expr.Any {
+	return &expr.Payload{DestRegister: reg, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: 4}
+}
+
+func loadPort(off, reg uint32) expr.Any {
+	return &expr.Payload{DestRegister: reg, Base: expr.PayloadBaseTransportHeader, Offset: off, Len: 2}
+}
+
+// writeIP sets an IPv4 address, fixing the header checksum and the TCP
+// checksum's pseudo-header part.
+func writeIP(off, reg uint32) expr.Any {
+	return &expr.Payload{OperationType: expr.PayloadWrite, SourceRegister: reg, Base: expr.PayloadBaseNetworkHeader,
+		Offset: off, Len: 4, CsumType: expr.CsumTypeInet, CsumOffset: 10, CsumFlags: unix.NFT_PAYLOAD_L4CSUM_PSEUDOHDR}
+}
+
+// writePort sets a TCP port, fixing the TCP checksum.
+func writePort(off, reg uint32) expr.Any {
+	return &expr.Payload{OperationType: expr.PayloadWrite, SourceRegister: reg, Base: expr.PayloadBaseTransportHeader,
+		Offset: off, Len: 2, CsumType: expr.CsumTypeInet, CsumOffset: 16}
+}
+
+// Add installs the map elements of entries in one transaction.
+func (d *Datapath) Add(entries ...Entry) error {
+	return d.apply(entries, true)
+}
+
+// Delete removes the map elements of entries in one transaction.
+func (d *Datapath) Delete(entries ...Entry) error {
+	return d.apply(entries, false)
+}
+
+// ErrFamily is returned for entries that are not IPv4.
+var ErrFamily = errors.New("only IPv4 flows are supported by this datapath")
+
+func (d *Datapath) apply(entries []Entry, add bool) error {
+	if len(entries) == 0 {
+		return nil
+	}
+	out := make([]nftables.SetElement, 0, len(entries))
+	in := make([]nftables.SetElement, 0, len(entries))
+	for _, e := range entries {
+		if !e.Src.Addr().Is4() || !e.Dst.Addr().Is4() || !e.NewSrc.Addr().Is4() {
+			return ErrFamily
+		}
+		out = append(out, nftables.SetElement{Key: tuple(e.Src, e.Dst), Val: outData(e.NewSrc, e.Mark)})
+		in = append(in, nftables.SetElement{Key: tuple(e.NewSrc, e.Dst), Val: addrPort(nil, e.Src)})
+	}
+	// The reply key is written from the reply's point of view: local first.
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var err error
+	if add {
+		if err = d.conn.SetAddElements(d.out4, out); err == nil {
+			err = d.conn.SetAddElements(d.in4, in)
+		}
+	} else {
+		if err = d.conn.SetDeleteElements(d.out4, out); err == nil {
+			err = d.conn.SetDeleteElements(d.in4, in)
+		}
+	}
+	if err == nil {
+		err = d.conn.Flush()
+	}
+	if err != nil {
+		op := "add"
+		if !add {
+			op = "delete"
+		}
+		return fmt.Errorf("%s %d flow elements: %w", op, len(entries), err)
+	}
+	return nil
+}
+
+// Entries lists the translated flows installed in the kernel.
+func (d *Datapath) Entries() ([]Entry, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	els, err := d.conn.GetSetElements(d.out4)
+	if err != nil {
+		return nil, fmt.Errorf("list set out4: %w", err)
+	}
+	out := make([]Entry, 0, len(els))
+	for _, el := range els {
+		if len(el.Key) != 16 || len(el.Val) != 12 {
+			return nil, fmt.Errorf("set out4: element of unexpected size %d:%d", len(el.Key), len(el.Val))
+		}
+		out = append(out, Entry{
+			Src:    parseAddrPort(el.Key[0:8]),
+			Dst:    parseAddrPort(el.Key[8:16]),
+			NewSrc: parseAddrPort(el.Val[0:8]),
+			Mark:   binary.NativeEndian.Uint32(el.Val[8:12]),
+		})
+	}
+	return out, nil
+}
+
+// tuple encodes a . b as a concatenated key: address, then port padded to
+// a 32-bit register.
+func tuple(a, b netip.AddrPort) []byte {
+	return addrPort(addrPort(make([]byte, 0, 16), a), b)
+}
+
+func addrPort(dst []byte, ap netip.AddrPort) []byte {
+	a := ap.Addr().As4()
+	dst = append(dst, a[:]...)
+	return append(dst, byte(ap.Port()>>8), byte(ap.Port()), 0, 0)
+}
+
+func outData(src netip.AddrPort, mark uint32) []byte {
+	b := addrPort(make([]byte, 0, 12), src)
+	return binary.NativeEndian.AppendUint32(b, mark) // meta mark is host byte order
+}
+
+func parseAddrPort(b []byte) netip.AddrPort {
+	return netip.AddrPortFrom(netip.AddrFrom4([4]byte(b[0:4])), binary.BigEndian.Uint16(b[4:6]))
+}

@@ -1,0 +1,98 @@
+package nftdp
+
+import (
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/rerouted/rerouted/networld/worldtest"
+)
+
+func TestInstallAddDeleteRemove(t *testing.T) {
+	ns := worldtest.NS(t)
+	// An unrelated table of the host's must survive everything we do.
+	if err := ns.Nft("table inet hostfw {\n chain input { type filter hook input priority 0; }\n}\n"); err != nil {
+		t.Fatal(err)
+	}
+
+	var d *Datapath
+	if err := ns.Do(func() (err error) { d, err = Install(7); return err }); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("queue method: %s", d.QueueMethod)
+	listing, err := ns.Run("nft", "list", "table", "inet", TableName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		"type route hook output priority mangle + 10",
+		"type filter hook prerouting priority raw",
+		"map out4", "map in4",
+		"queue", // nft queue or xt NFQUEUE, both with bypass
+	} {
+		if !strings.Contains(listing, want) {
+			t.Errorf("table lacks %q:\n%s", want, listing)
+		}
+	}
+	if !strings.Contains(listing, "bypass") {
+		t.Errorf("queue rule has no bypass:\n%s", listing)
+	}
+
+	entries := []Entry{
+		{Src: ap("198.51.100.2:40312"), Dst: ap("192.0.2.80:80"), NewSrc: ap("203.0.113.2:40312"), Mark: 100},
+		{Src: ap("198.51.100.2:40313"), Dst: ap("192.0.2.80:80"), NewSrc: ap("203.0.113.2:51000"), Mark: 0x12345678},
+	}
+	if err := d.Add(entries...); err != nil {
+		t.Fatal(err)
+	}
+	got, err := d.Entries()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sortEntries(got)
+	if !slices.Equal(got, entries) {
+		t.Fatalf("Entries() = %+v\nwant %+v", got, entries)
+	}
+	in, err := ns.Run("nft", "list", "map", "inet", TableName, "in4")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The reply view: translated address and port first, then the server.
+	if !strings.Contains(in, "203.0.113.2 . 51000 . 192.0.2.80 . 80 : 198.51.100.2 . 40313") {
+		t.Errorf("in4 lacks the reply element:\n%s", in)
+	}
+
+	if err := d.Delete(entries[0]); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := d.Entries(); len(got) != 1 || got[0] != entries[1] {
+		t.Fatalf("after delete: %+v", got)
+	}
+
+	// A second Install (a restart after a crash) replaces the stale table.
+	var d2 *Datapath
+	if err := ns.Do(func() (err error) { d2, err = Install(7); return err }); err != nil {
+		t.Fatal(err)
+	}
+	if !d2.Replaced {
+		t.Error("second Install did not report replacing the stale table")
+	}
+	d.Close()
+	if err := d2.Remove(); err != nil {
+		t.Fatal(err)
+	}
+	tables, err := ns.Run("nft", "list", "tables")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(tables, TableName) || !strings.Contains(tables, "hostfw") {
+		t.Fatalf("after Remove, tables = %q; want hostfw only", tables)
+	}
+}
+
+func ap(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
+
+func sortEntries(es []Entry) {
+	slices.SortFunc(es, func(a, b Entry) int { return a.Src.Compare(b.Src) })
+}
