@@ -168,6 +168,22 @@ func (w *World) Fetch(port uint16, timeout time.Duration) (netip.AddrPort, error
 	return peer, err
 }
 
+// Abort connects to port, reads the greeting and resets the connection
+// (SO_LINGER 0): the client socket is gone at once, with no TIME_WAIT.
+func (w *World) Abort(port uint16, timeout time.Duration) (netip.AddrPort, error) {
+	c, err := w.Dial(DialOptions{Port: port, Timeout: timeout})
+	if err != nil {
+		return netip.AddrPort{}, err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	peer, err := Greeting(bufio.NewReader(c))
+	if err != nil {
+		return peer, err
+	}
+	return peer, c.SetLinger(0)
+}
+
 // pattern is an endless reader of non-zero bytes.
 type pattern struct{}
 

@@ -1,0 +1,161 @@
+// Command rerouted gives locally originated connections the source address of
+// the uplink their fwmark routes them through, without conntrack.
+//
+//	rerouted run --config FILE [--debug]     run the daemon in the foreground
+//	rerouted check --config FILE             validate a configuration
+//	rerouted flows --config FILE [--json]    list the running daemon's flows
+//	rerouted demo                            show the problem and the fix in namespaces
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/rerouted/rerouted/daemon"
+	"github.com/rerouted/rerouted/policy"
+)
+
+const usage = `usage:
+  rerouted run --config FILE [--debug]     run the daemon in the foreground
+  rerouted check --config FILE             validate a configuration (exit 2 if invalid)
+  rerouted flows --config FILE [--json]    list the running daemon's translated flows
+  rerouted demo                            show the problem and the fix in network namespaces
+`
+
+// Exit codes.
+const (
+	exitOK      = 0
+	exitFailure = 1
+	exitUsage   = 2 // bad command line or invalid configuration
+)
+
+func main() {
+	if len(os.Args) < 2 {
+		fmt.Fprint(os.Stderr, usage)
+		os.Exit(exitUsage)
+	}
+	cmd, args := os.Args[1], os.Args[2:]
+	var code int
+	switch cmd {
+	case "run":
+		code = cmdRun(args)
+	case "check":
+		code = cmdCheck(args)
+	case "flows":
+		code = cmdFlows(args)
+	case "demo":
+		code = cmdDemo(args)
+	case "-h", "--help", "help":
+		fmt.Print(usage)
+	default:
+		fmt.Fprintf(os.Stderr, "rerouted: unknown command %q\n%s", cmd, usage)
+		code = exitUsage
+	}
+	os.Exit(code)
+}
+
+// flags parses a subcommand's flags; it exits on --help or a bad flag.
+func flags(name string, args []string, define func(*flag.FlagSet)) {
+	fs := flag.NewFlagSet("rerouted "+name, flag.ExitOnError)
+	define(fs)
+	fs.Parse(args)
+	if fs.NArg() > 0 {
+		fmt.Fprintf(os.Stderr, "rerouted %s: unexpected argument %q\n", name, fs.Arg(0))
+		os.Exit(exitUsage)
+	}
+}
+
+// loadConfig loads and validates the file, printing FILE:LINE:COL errors.
+func loadConfig(file string) (*policy.Config, int) {
+	if file == "" {
+		fmt.Fprintln(os.Stderr, "rerouted: --config FILE is required")
+		return nil, exitUsage
+	}
+	cfg, err := policy.Load(file)
+	if err != nil {
+		var es policy.Errors
+		if errors.As(err, &es) {
+			fmt.Fprintln(os.Stderr, es.Error())
+		} else {
+			fmt.Fprintf(os.Stderr, "rerouted: %v\n", err)
+		}
+		return nil, exitUsage
+	}
+	return cfg, exitOK
+}
+
+func cmdCheck(args []string) int {
+	var file string
+	flags("check", args, func(fs *flag.FlagSet) { fs.StringVar(&file, "config", "", "configuration file") })
+	cfg, code := loadConfig(file)
+	if cfg != nil {
+		fmt.Printf("%s: ok (%d uplinks, %d rules)\n", file, len(cfg.Uplinks), len(cfg.Rules))
+	}
+	return code
+}
+
+func cmdRun(args []string) int {
+	var file string
+	var debug bool
+	flags("run", args, func(fs *flag.FlagSet) {
+		fs.StringVar(&file, "config", "", "configuration file")
+		fs.BoolVar(&debug, "debug", false, "print a line for every flow translated or removed, and debug logs")
+	})
+	cfg, code := loadConfig(file)
+	if cfg == nil {
+		return code
+	}
+	level := slog.LevelInfo
+	var events io.Writer
+	if debug {
+		level, events = slog.LevelDebug, os.Stdout
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	if err := daemon.Run(ctx, daemon.Options{Config: cfg, Log: log, Events: events}); err != nil {
+		log.Error("rerouted failed", "err", err)
+		return exitFailure
+	}
+	return exitOK
+}
+
+func cmdFlows(args []string) int {
+	var file string
+	var asJSON bool
+	flags("flows", args, func(fs *flag.FlagSet) {
+		fs.StringVar(&file, "config", "", "configuration file (for the control socket's path)")
+		fs.BoolVar(&asJSON, "json", false, `print {"flows": [...]}`)
+	})
+	cfg, code := loadConfig(file)
+	if cfg == nil {
+		return code
+	}
+	flows, err := daemon.QueryFlows(cfg.Daemon.ControlSocket)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "rerouted: %v\n", err)
+		return exitFailure
+	}
+	if asJSON {
+		enc := json.NewEncoder(os.Stdout)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(daemon.FlowsReply{Flows: flows}); err != nil {
+			fmt.Fprintf(os.Stderr, "rerouted: %v\n", err)
+			return exitFailure
+		}
+		return exitOK
+	}
+	for _, f := range flows {
+		fmt.Println(f)
+	}
+	fmt.Fprintf(os.Stderr, "rerouted: %d flows\n", len(flows))
+	return exitOK
+}

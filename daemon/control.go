@@ -1,0 +1,159 @@
+package daemon
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/rerouted/rerouted/flow"
+)
+
+// The control protocol: a client connects to the unix socket, writes one JSON
+// request line, and reads one JSON response; then both close.
+type request struct {
+	Cmd string `json:"cmd"`
+}
+
+// FlowsReply is the answer to "flows", and what `rerouted flows --json` prints.
+type FlowsReply struct {
+	Flows []FlowInfo `json:"flows"`
+	Error string     `json:"error,omitempty"`
+}
+
+// FlowInfo is one translated flow, in conntrack's terms: Original is the
+// socket's tuple, Reply is what the wire carries back.
+type FlowInfo struct {
+	Proto      string  `json:"proto"`
+	Original   Tuple   `json:"original"`
+	Reply      Tuple   `json:"reply"`
+	Mark       uint32  `json:"mark"`
+	Dev        string  `json:"dev"`
+	UID        uint32  `json:"uid"`
+	Rule       string  `json:"rule"`
+	Cookie     uint64  `json:"cookie"`
+	AgeSeconds float64 `json:"age_seconds"`
+}
+
+// Tuple is a connection's addresses and ports.
+type Tuple struct {
+	Src   netip.Addr `json:"src"`
+	Dst   netip.Addr `json:"dst"`
+	Sport uint16     `json:"sport"`
+	Dport uint16     `json:"dport"`
+}
+
+func info(f *flow.Flow, now time.Time) FlowInfo {
+	return FlowInfo{
+		Proto:    protoName(f.Proto),
+		Original: Tuple{Src: f.Src.Addr(), Dst: f.Dst.Addr(), Sport: f.Src.Port(), Dport: f.Dst.Port()},
+		Reply:    Tuple{Src: f.Dst.Addr(), Dst: f.NewSrc.Addr(), Sport: f.Dst.Port(), Dport: f.NewSrc.Port()},
+		Mark:     f.Mark, Dev: f.Dev, UID: f.UID, Rule: f.Rule, Cookie: f.Cookie,
+		AgeSeconds: now.Sub(f.Start).Seconds(),
+	}
+}
+
+// String formats a flow like `conntrack -L`: the original tuple, then the
+// reply tuple.
+func (fi FlowInfo) String() string {
+	return fmt.Sprintf("%s src=%s dst=%s sport=%d dport=%d src=%s dst=%s sport=%d dport=%d mark=%d dev=%s uid=%d rule=%q age=%.0fs",
+		fi.Proto, fi.Original.Src, fi.Original.Dst, fi.Original.Sport, fi.Original.Dport,
+		fi.Reply.Src, fi.Reply.Dst, fi.Reply.Sport, fi.Reply.Dport, fi.Mark, fi.Dev, fi.UID, fi.Rule, fi.AgeSeconds)
+}
+
+// listenControl creates the control socket, readable by root only. A socket
+// file that no daemon answers on is stale and replaced; one that answers
+// belongs to a running daemon, and starting a second is an error.
+func listenControl(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("control socket directory: %w", err)
+	}
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("control socket %s: another rerouted is running", path)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("remove stale control socket: %w", err)
+	}
+	old := syscall.Umask(0o177) // the socket is created 0600, never wider
+	ln, err := net.Listen("unix", path)
+	syscall.Umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	ln.(*net.UnixListener).SetUnlinkOnClose(false) // Run removes it, once
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	return ln, nil
+}
+
+func (d *Daemon) serveControl(ctx context.Context, ln net.Listener) {
+	go func() { <-ctx.Done(); ln.Close() }()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() == nil {
+				d.log.Error("control socket accept", "err", err)
+			}
+			return
+		}
+		go d.answer(c)
+	}
+}
+
+func (d *Daemon) answer(c net.Conn) {
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	var req request
+	line, err := bufio.NewReader(c).ReadBytes('\n')
+	if err == nil {
+		err = json.Unmarshal(line, &req)
+	}
+	var reply FlowsReply
+	switch {
+	case err != nil:
+		reply.Error = "bad request: " + err.Error()
+	case req.Cmd == "flows":
+		now := time.Now()
+		snap := d.flows.Snapshot()
+		reply.Flows = make([]FlowInfo, len(snap))
+		for i := range snap {
+			reply.Flows[i] = info(&snap[i], now)
+		}
+	default:
+		reply.Error = fmt.Sprintf("unknown command %q", req.Cmd)
+	}
+	if err := json.NewEncoder(c).Encode(reply); err != nil {
+		d.log.Warn("control socket reply", "err", err)
+	}
+}
+
+// QueryFlows asks the daemon listening on path for its flows.
+func QueryFlows(path string) ([]FlowInfo, error) {
+	c, err := net.DialTimeout("unix", path, 3*time.Second)
+	if err != nil {
+		return nil, fmt.Errorf("is rerouted running? %w", err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if err := json.NewEncoder(c).Encode(request{Cmd: "flows"}); err != nil {
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	var reply FlowsReply
+	if err := json.NewDecoder(c).Decode(&reply); err != nil {
+		return nil, fmt.Errorf("control socket reply: %w", err)
+	}
+	if reply.Error != "" {
+		return nil, errors.New(reply.Error)
+	}
+	return reply.Flows, nil
+}

@@ -1,0 +1,76 @@
+package daemon
+
+import (
+	"io"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/rerouted/rerouted/flow"
+)
+
+// eventWriter prints one line per flow event, in the spirit of conntrack -E:
+//
+//	[NEW] tcp src=198.51.100.2 dst=192.0.2.80 sport=40312 dport=80 mark=100 => src=203.0.113.2 sport=40312 dev=hb uid=1000 rule="web"
+//	[DESTROY] tcp src=... (the same) age=3.2s
+//
+// A nil *eventWriter prints nothing.
+type eventWriter struct {
+	mu  sync.Mutex
+	w   io.Writer
+	buf []byte
+}
+
+func (e *eventWriter) write(kind string, f *flow.Flow) {
+	if e == nil {
+		return
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	b := append(e.buf[:0], '[')
+	b = append(b, kind...)
+	b = append(b, "] "...)
+	b = appendFlow(b, f)
+	if kind == "DESTROY" {
+		b = append(b, " age="...)
+		b = append(b, time.Since(f.Start).Round(100*time.Millisecond).String()...)
+	}
+	b = append(b, '\n')
+	e.buf = b
+	e.w.Write(b)
+}
+
+// appendFlow formats the part of a flow line shared by events and listings.
+func appendFlow(b []byte, f *flow.Flow) []byte {
+	b = append(b, protoName(f.Proto)...)
+	b = append(b, " src="...)
+	b = f.Src.Addr().AppendTo(b)
+	b = append(b, " dst="...)
+	b = f.Dst.Addr().AppendTo(b)
+	b = append(b, " sport="...)
+	b = strconv.AppendUint(b, uint64(f.Src.Port()), 10)
+	b = append(b, " dport="...)
+	b = strconv.AppendUint(b, uint64(f.Dst.Port()), 10)
+	b = append(b, " mark="...)
+	b = strconv.AppendUint(b, uint64(f.Mark), 10)
+	b = append(b, " => src="...)
+	b = f.NewSrc.Addr().AppendTo(b)
+	b = append(b, " sport="...)
+	b = strconv.AppendUint(b, uint64(f.NewSrc.Port()), 10)
+	b = append(b, " dev="...)
+	b = append(b, f.Dev...)
+	b = append(b, " uid="...)
+	b = strconv.AppendUint(b, uint64(f.UID), 10)
+	b = append(b, " rule="...)
+	return strconv.AppendQuote(b, f.Rule)
+}
+
+func protoName(p uint8) string {
+	switch p {
+	case 6:
+		return "tcp"
+	case 17:
+		return "udp"
+	}
+	return strconv.Itoa(int(p))
+}

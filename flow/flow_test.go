@@ -1,0 +1,67 @@
+package flow
+
+import (
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+)
+
+func key(src, dst string) Key {
+	return Key{Proto: 6, Src: netip.MustParseAddrPort(src), Dst: netip.MustParseAddrPort(dst)}
+}
+
+func TestIndexes(t *testing.T) {
+	tb := NewTable()
+	f := &Flow{Key: key("198.51.100.2:1000", "192.0.2.80:80"), NewSrc: netip.MustParseAddrPort("203.0.113.2:1000"), Cookie: 1, Start: time.Now()}
+	tb.Insert(f)
+	if tb.Get(f.Key) != f || !tb.OnWire(key("203.0.113.2:1000", "192.0.2.80:80")) || tb.OnWire(f.Key) {
+		t.Fatal("indexes disagree with the inserted flow")
+	}
+	tb.Remove(f)
+	if tb.Len() != 0 || tb.OnWire(f.Wire()) {
+		t.Fatal("Remove left state behind")
+	}
+}
+
+func TestSweep(t *testing.T) {
+	tb := NewTable()
+	t0 := time.Now()
+	alive := &Flow{Key: key("198.51.100.2:1", "192.0.2.80:80"), NewSrc: netip.MustParseAddrPort("203.0.113.2:1"), Cookie: 10, Start: t0}
+	gone := &Flow{Key: key("198.51.100.2:2", "192.0.2.80:80"), NewSrc: netip.MustParseAddrPort("203.0.113.2:2"), Cookie: 20, Start: t0}
+	reused := &Flow{Key: key("198.51.100.2:3", "192.0.2.80:80"), NewSrc: netip.MustParseAddrPort("203.0.113.2:3"), Cookie: 30, Start: t0}
+	for _, f := range []*Flow{alive, gone, reused} {
+		tb.Insert(f)
+	}
+	s := tb.BeginSweep(t0.Add(time.Second))
+	// Created after the dump began: must survive even though not seen.
+	young := &Flow{Key: key("198.51.100.2:4", "192.0.2.80:80"), NewSrc: netip.MustParseAddrPort("203.0.113.2:4"), Cookie: 40, Start: t0.Add(2 * time.Second)}
+	tb.Insert(young)
+	s.Seen(alive.Key, 10)
+	s.Seen(reused.Key, 31) // same tuple, another socket: the translated one is gone
+	dead := s.End()
+	if len(dead) != 2 || tb.Len() != 2 || tb.Get(alive.Key) != alive || tb.Get(young.Key) != young {
+		t.Fatalf("dead = %v, left %d", dead, tb.Len())
+	}
+}
+
+func TestConcurrent(t *testing.T) {
+	tb := NewTable()
+	var wg sync.WaitGroup
+	for g := 0; g < 4; g++ {
+		wg.Add(1)
+		go func(g int) {
+			defer wg.Done()
+			for i := 0; i < 500; i++ {
+				f := &Flow{Key: Key{Proto: 6, Src: netip.AddrPortFrom(netip.MustParseAddr("198.51.100.2"), uint16(g*1000+i)),
+					Dst: netip.MustParseAddrPort("192.0.2.80:80")}, Start: time.Now()}
+				tb.Insert(f)
+				_ = tb.Snapshot()
+				s := tb.BeginSweep(time.Now())
+				s.Seen(f.Key, 0)
+				s.End()
+			}
+		}(g)
+	}
+	wg.Wait()
+}
