@@ -132,12 +132,17 @@ func Run(ctx context.Context, o Options) (err error) {
 	go func() { defer wg.Done(); d.sweepLoop(runCtx, sweepDiag) }()
 	go func() { defer wg.Done(); d.serveControl(runCtx, ctl) }()
 
+	// Bind before announcing readiness: "ready" means new connections are
+	// translated, not passed by the queue's bypass.
+	if err := d.q.Start(runCtx, d.handle, func(err error) { d.log.Error("nfqueue receive", "err", err) }); err != nil {
+		return err
+	}
 	d.log.Info("ready", "config", d.cfg.File, "queue", d.cfg.Daemon.Queue, "queue_method", d.dp.QueueMethod,
 		"table", "inet "+nftdp.TableName, "honor_marks", d.cfg.Daemon.HonorMarks, "uplinks", len(d.cfg.Uplinks),
 		"rules", len(d.cfg.Rules), "control_socket", d.cfg.Daemon.ControlSocket)
-	err = d.q.Run(runCtx, d.handle, func(err error) { d.log.Error("nfqueue receive", "err", err) })
+	<-ctx.Done()
 	d.log.Info("stopping")
-	return err
+	return nil
 }
 
 // checkHost verifies what the configuration expects of the host before

@@ -88,10 +88,11 @@ func (s *Server) Close() {
 
 // DialOptions describe a client connection from the host.
 type DialOptions struct {
-	Port    uint16        // server port
-	Bind    netip.Addr    // source address; zero lets routing choose
-	Mark    uint32        // SO_MARK set by the socket itself before connect
-	Timeout time.Duration // connect timeout; default 3s
+	Port     uint16        // server port
+	Bind     netip.Addr    // source address; zero lets routing choose
+	BindPort uint16        // source port; zero lets the kernel choose
+	Mark     uint32        // SO_MARK set by the socket itself before connect
+	Timeout  time.Duration // connect timeout; default 3s
 }
 
 // Dial connects from the host to ServerAddr:Port.
@@ -100,8 +101,8 @@ func (w *World) Dial(o DialOptions) (*net.TCPConn, error) {
 		o.Timeout = 3 * time.Second
 	}
 	d := net.Dialer{Timeout: o.Timeout}
-	if o.Bind.IsValid() {
-		d.LocalAddr = &net.TCPAddr{IP: o.Bind.AsSlice()}
+	if o.Bind.IsValid() || o.BindPort != 0 {
+		d.LocalAddr = &net.TCPAddr{IP: o.Bind.AsSlice(), Port: int(o.BindPort)}
 	}
 	if o.Mark != 0 {
 		d.Control = func(_, _ string, rc syscall.RawConn) error {

@@ -6,6 +6,7 @@
 package policy
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -84,7 +85,8 @@ func Parse(file string, src []byte) (*Config, error) {
 	if _, err := toml.Decode(string(src), &raw); err != nil {
 		var pe toml.ParseError
 		if errors.As(err, &pe) {
-			return nil, Errors{{File: file, Line: pe.Position.Line, Col: max(pe.Position.Col, 1), Msg: pe.Message}}
+			line, col := lineCol(src, pe.Position.Start)
+			return nil, Errors{{File: file, Line: line, Col: col, Msg: pe.Message}}
 		}
 		return nil, Errors{{File: file, Line: 1, Col: 1, Msg: err.Error()}}
 	}
@@ -98,6 +100,14 @@ func Parse(file string, src []byte) (*Config, error) {
 		return nil, p.errs
 	}
 	return cfg, nil
+}
+
+// lineCol converts a byte offset to a 1-based line and column. (The TOML
+// library counts a newline that ends a bad line as the start of the next.)
+func lineCol(src []byte, off int) (int, int) {
+	off = min(max(off, 0), len(src))
+	line := 1 + bytes.Count(src[:off], []byte("\n"))
+	return line, off - bytes.LastIndexByte(src[:off], '\n')
 }
 
 // parser turns the generic TOML tree into a Config, collecting every error.

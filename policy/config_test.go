@@ -79,7 +79,8 @@ func TestDefaults(t *testing.T) {
 func TestParseErrors(t *testing.T) {
 	const up = "[[uplink]]\nname = \"b\"\nmark = 100\n"
 	cases := []struct{ name, src, want string }{
-		{"syntax", "[daemon]\nqueue = = 1\n", "bad.toml:2:"},
+		{"syntax", "[daemon]\nqueue = = 1\n", "bad.toml:2:9: "},
+		{"unterminated header", "[daemon\n", "bad.toml:1:8: "},
 		{"unknown top key", "colour = 1\n", "bad.toml:1:1: unknown key \"colour\""},
 		{"unknown daemon key", "[daemon]\n  qeueu = 1\n", "bad.toml:2:3: unknown key \"qeueu\" in [daemon]"},
 		{"unknown rule key", up + "[[rule]]\nuplink = \"b\"\n\n[[rule]]\nuplink = \"b\"\ndprot = 80\n", "bad.toml:9:1: unknown key \"dprot\" in [[rule]]"},

@@ -73,10 +73,11 @@ func (q *Queue) setRcvbuf(n int) error {
 	return nil
 }
 
-// Run binds the queue and calls handle for every packet, on one goroutine,
-// until ctx is done. handle must give every packet a verdict. Errors reading
-// the socket are passed to onError and do not stop the queue.
-func (q *Queue) Run(ctx context.Context, handle func(*Packet), onError func(error)) error {
+// Start binds the queue; from its return on, every queued packet reaches
+// handle, called on one goroutine until ctx is done. handle must give every
+// packet a verdict. Errors reading the socket are passed to onError and do
+// not stop the queue.
+func (q *Queue) Start(ctx context.Context, handle func(*Packet), onError func(error)) error {
 	var p Packet
 	hook := func(a nfqueue.Attribute) int {
 		if a.PacketID == nil || a.Payload == nil {
@@ -109,7 +110,6 @@ func (q *Queue) Run(ctx context.Context, handle func(*Packet), onError func(erro
 	if err := q.nf.RegisterWithErrorFunc(ctx, hook, errf); err != nil {
 		return fmt.Errorf("bind nfqueue %d: %w", q.Num, err)
 	}
-	<-ctx.Done()
 	return nil
 }
 

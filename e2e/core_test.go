@@ -1,0 +1,422 @@
+package e2e
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"os/exec"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/rerouted/rerouted/networld"
+	"github.com/rerouted/rerouted/networld/worldtest"
+)
+
+const webRule = `
+[[rule]]
+name = "web"
+uplink = "isp-b"
+dport = [80]
+`
+
+// The seed's problem, reproduced and then fixed, with the host's own mark
+// rule written for iptables(-nft) and for an nft route chain.
+func TestSeedProblemFixedForHostMarks(t *testing.T) {
+	for _, kind := range []string{"iptables", "nft"} {
+		t.Run(kind, func(t *testing.T) {
+			if kind == "iptables" {
+				if _, err := exec.LookPath("iptables"); err != nil {
+					t.Fatal("iptables is not installed (.ci/run installs it)")
+				}
+			}
+			e := newEnv(t, "")
+			e.hostMark(kind, 80)
+
+			// Without rerouted: the SYN goes out ISP B with ISP A's address
+			// and ISP B drops it.
+			dropped := e.counter(e.w.B, "foreign")
+			if peer, err := e.w.Fetch(80, 1500*time.Millisecond); err == nil {
+				t.Fatalf("marked connection succeeded without rerouted (server saw %v): the world does not reproduce the problem", peer)
+			}
+			if e.counter(e.w.B, "foreign") == dropped {
+				t.Fatal("ISP B's drop counter did not rise for the untranslated marked SYN")
+			}
+
+			// With rerouted.
+			e.start()
+			droppedB, viaA := e.counter(e.w.B, "foreign"), e.counter(e.w.A, "forwarded")
+			peer, err := e.w.Fetch(80, 3*time.Second)
+			if err != nil {
+				t.Fatalf("marked connection with rerouted: %v", err)
+			}
+			if peer.Addr() != networld.HostB {
+				t.Fatalf("server saw %v, want ISP B's address %v", peer, networld.HostB)
+			}
+			if n := e.counter(e.w.B, "foreign"); n != droppedB {
+				t.Errorf("ISP B dropped %d packets with a foreign source", n-droppedB)
+			}
+			if n := e.counter(e.w.A, "forwarded"); n != viaA {
+				t.Errorf("%d packets leaked out through ISP A", n-viaA)
+			}
+			// The debug line, exactly as documented.
+			want := fmt.Sprintf(`[NEW] tcp src=198.51.100.2 dst=192.0.2.80 sport=%d dport=80 mark=100 => src=203.0.113.2 sport=%d dev=hb uid=0 rule="host mark"`, peer.Port(), peer.Port())
+			if _, err := e.d.WaitFor(want, 2*time.Second); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+}
+
+// A TOML rule, no host mark: port 80 leaves through ISP B translated; a port
+// no rule matches stays on ISP A and never becomes a flow.
+func TestRuleDecidesUplink(t *testing.T) {
+	e := newEnv(t, webRule)
+	e.start()
+	peer, err := e.w.Fetch(80, 3*time.Second)
+	if err != nil || peer.Addr() != networld.HostB {
+		t.Fatalf("port 80: server saw %v (err %v), want %v", peer, err, networld.HostB)
+	}
+	if _, err := e.d.WaitFor(fmt.Sprintf(`sport=%d dev=hb uid=0 rule="web"`, peer.Port()), 2*time.Second); err != nil {
+		t.Error(err)
+	}
+	other, err := e.w.Fetch(8080, 3*time.Second)
+	if err != nil || other.Addr() != networld.HostA {
+		t.Fatalf("port 8080: server saw %v (err %v), want untranslated %v", other, err, networld.HostA)
+	}
+	for _, f := range e.flows() {
+		if f.Original.Dport == 8080 {
+			t.Errorf("untranslated connection became a flow: %v", f)
+		}
+	}
+	// No conntrack-using rule exists on this host: translation made no
+	// conntrack entry at all.
+	if out, err := e.w.Host.Run("conntrack", "-C"); err != nil || strings.TrimSpace(out) != "0" {
+		t.Errorf("conntrack -C = %q (err %v), want 0", out, err)
+	}
+}
+
+// With a stateful host firewall, a translated connection moves 10 MB and
+// closes with FIN, another is reset; every packet of both leaves through ISP
+// B with ISP B's address, and the firewall sees nothing invalid.
+func TestStatefulFirewallFINAndRST(t *testing.T) {
+	e := newEnv(t, webRule)
+	const fw = `table inet hostfw {
+	counter invalid_in {}
+	counter invalid_out {}
+	chain input {
+		type filter hook input priority filter; policy drop;
+		ct state invalid counter name "invalid_in" drop
+		ct state established,related accept
+		iif "lo" accept
+	}
+	chain output {
+		type filter hook output priority filter; policy accept;
+		ct state invalid counter name "invalid_out" drop
+	}
+}
+`
+	if err := e.w.Host.Nft(fw); err != nil {
+		t.Fatal(err)
+	}
+	e.start()
+	foreign, fin, rst, viaA := e.counter(e.w.B, "foreign"), e.counter(e.w.B, "fin"), e.counter(e.w.B, "rst"), e.counter(e.w.A, "forwarded")
+
+	c, err := e.w.Dial(networld.DialOptions{Port: 80})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const size = 10 << 20
+	peer, got, err := networld.Exchange(c, size)
+	c.Close()
+	if err != nil || got != size || peer.Addr() != networld.HostB {
+		t.Fatalf("10 MB exchange: peer %v, server received %d of %d, err %v", peer, got, size, err)
+	}
+	peer2, err := e.w.Abort(80, 3*time.Second)
+	if err != nil || peer2.Addr() != networld.HostB {
+		t.Fatalf("reset connection: peer %v, err %v", peer2, err)
+	}
+
+	eventually(t, 3*time.Second, "the FIN and the RST to cross ISP B", func() bool {
+		return e.counter(e.w.B, "fin") > fin && e.counter(e.w.B, "rst") > rst
+	})
+	if n := e.counter(e.w.B, "foreign"); n != foreign {
+		t.Errorf("ISP B dropped %d packets with a foreign source", n-foreign)
+	}
+	if n := e.counter(e.w.A, "forwarded"); n != viaA {
+		t.Errorf("%d packets left through ISP A", n-viaA)
+	}
+	for _, name := range []string{"invalid_in", "invalid_out"} {
+		out, err := e.w.Host.Run("nft", "list", "counter", "inet", "hostfw", name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(out, "packets 0 ") {
+			t.Errorf("host firewall counted invalid packets: %s", out)
+		}
+	}
+	// conntrack holds the socket's own tuple, never the translated one.
+	out, err := e.w.Host.Run("conntrack", "-L", "-p", "tcp", "--dport", "80")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(out, "203.0.113.2") || !strings.Contains(out, "src=198.51.100.2") {
+		t.Errorf("conntrack entries should show only the socket's tuple:\n%s", out)
+	}
+}
+
+// 200 connections: every flow keeps its entries while its socket is in
+// TIME_WAIT, and all are removed once the sockets are gone.
+func TestFlowsLiveExactlyAsLongAsSockets(t *testing.T) {
+	e := newEnv(t, webRule)
+	e.start()
+	const n = 200
+	for i := 0; i < n; i++ {
+		peer, err := e.w.Fetch(80, 3*time.Second)
+		if err != nil || peer.Addr() != networld.HostB {
+			t.Fatalf("connection %d: peer %v err %v", i, peer, err)
+		}
+	}
+	// The client closed first: all 200 sockets are in TIME_WAIT, and the
+	// sweeps (every 200 ms) must keep them.
+	time.Sleep(time.Second)
+	if got := len(e.flows()); got != n {
+		t.Fatalf("%d flows listed while %d sockets are in TIME_WAIT", got, n)
+	}
+	for _, m := range []string{"out4", "in4"} {
+		if got := e.mapElements(m); got != n {
+			t.Fatalf("map %s has %d elements while %d sockets are in TIME_WAIT", m, got, n)
+		}
+	}
+	tw, err := e.w.Host.Run("ss", "-Htan", "state", "time-wait")
+	if err != nil || strings.Count(tw, "\n") < n {
+		t.Fatalf("expected %d TIME_WAIT sockets, ss shows:\n%s (err %v)", n, tw, err)
+	}
+	// End TIME_WAIT now instead of in 60 s.
+	if _, err := e.w.Host.Run("ss", "-K", "state", "time-wait", "dst", "192.0.2.80"); err != nil && !strings.Contains(err.Error(), "exit status") {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "flows and maps to empty", func() bool {
+		return len(e.flows()) == 0 && e.mapElements("out4") == 0 && e.mapElements("in4") == 0
+	})
+	if c := strings.Count(e.d.Output(), "[DESTROY] tcp"); c != n {
+		t.Errorf("%d DESTROY lines, want %d", c, n)
+	}
+}
+
+// Translations never put a tuple on the wire twice: not one a real socket
+// uses, not one another translation uses, and not one a real socket opens
+// later.
+func TestCollidingTuplesGetDistinctPorts(t *testing.T) {
+	e := newEnv(t, webRule)
+	if err := e.w.Host.IP("addr add 198.51.100.3/24 dev ha"); err != nil {
+		t.Fatal(err)
+	}
+	e.start()
+	s80, _ := e.w.Serve(80)
+	const port = 45000
+	hostA2 := netip.MustParseAddr("198.51.100.3")
+	hold := func(bind netip.Addr) netip.AddrPort {
+		t.Helper()
+		c, err := e.w.Dial(networld.DialOptions{Port: 80, Bind: bind, BindPort: port})
+		if err != nil {
+			t.Fatalf("connect from %v:%d: %v", bind, port, err)
+		}
+		t.Cleanup(func() { c.Close() })
+		peer, err := networld.Greeting(bufio.NewReader(c))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return peer
+	}
+	// 1. A translation of A:45000 goes out as B:45000.
+	p1 := hold(networld.HostA)
+	// 2. A real socket bound to B:45000 (no translation needed) would now
+	//    collide on the wire: it must be moved to another port.
+	p2 := hold(networld.HostB)
+	// 3. A second local address, A2:45000, would be translated onto
+	//    B:45000 too: another port again.
+	p3 := hold(hostA2)
+	peers := []netip.AddrPort{p1, p2, p3}
+	t.Logf("server saw %v", peers)
+	if p1 != netip.AddrPortFrom(networld.HostB, port) {
+		t.Errorf("first translation changed its port without a collision: %v", p1)
+	}
+	for i, p := range peers {
+		if p.Addr() != networld.HostB {
+			t.Errorf("connection %d left with %v", i+1, p)
+		}
+		for _, q := range peers[:i] {
+			if p == q {
+				t.Errorf("two connections share %v on the wire", p)
+			}
+		}
+	}
+	if got := len(s80.Peers()); got < 3 {
+		t.Fatalf("server accepted %d connections", got)
+	}
+}
+
+// SIGTERM removes the table, every rule and the control socket; a second
+// start works.
+func TestSIGTERMRemovesEverything(t *testing.T) {
+	e := newEnv(t, webRule)
+	before := tables(t, e.w.Host)
+	d := e.start()
+	if _, err := e.w.Fetch(80, 3*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Stop(); err != nil {
+		t.Fatalf("exit after SIGTERM: %v\n%s", err, d.Output())
+	}
+	if got := tables(t, e.w.Host); got != before {
+		t.Fatalf("tables after SIGTERM = %q, before start = %q", got, before)
+	}
+	if rs, _ := e.w.Host.Run("nft", "list", "ruleset"); strings.Contains(rs, "queue") || strings.Contains(rs, "rerouted") {
+		t.Fatalf("ruleset still mentions rerouted:\n%s", rs)
+	}
+	if _, err := os.Stat(e.sock); !os.IsNotExist(err) {
+		t.Fatalf("control socket %s left behind (stat: %v)", e.sock, err)
+	}
+	e.start()
+	if peer, err := e.w.Fetch(80, 3*time.Second); err != nil || peer.Addr() != networld.HostB {
+		t.Fatalf("after restart: peer %v err %v", peer, err)
+	}
+}
+
+// A daemon killed mid-transfer leaves the transfer running (its entries are
+// in the kernel), new connections fail open through the default route, and
+// a new daemon starts over the stale table.
+func TestSIGKILLMidTransfer(t *testing.T) {
+	e := newEnv(t, webRule)
+	d := e.start()
+	c, err := e.w.Dial(networld.DialOptions{Port: 80})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	r := bufio.NewReader(c)
+	peer, err := networld.Greeting(r)
+	if err != nil || peer.Addr() != networld.HostB {
+		t.Fatalf("greeting: %v %v", peer, err)
+	}
+	chunk := make([]byte, 1<<20)
+	for i := range chunk {
+		chunk[i] = byte(i)
+	}
+	if _, err := c.Write(chunk); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	d.Wait(5 * time.Second)
+	for i := 0; i < 9; i++ {
+		if _, err := c.Write(chunk); err != nil {
+			t.Fatalf("write after SIGKILL: %v", err)
+		}
+	}
+	c.CloseWrite()
+	line, err := r.ReadString('\n')
+	if err != nil {
+		t.Fatalf("transfer after SIGKILL: %v", err)
+	}
+	if n, _ := strconv.Atoi(strings.TrimSpace(line)); n != 10<<20 {
+		t.Fatalf("server received %d bytes, want %d", n, 10<<20)
+	}
+	// No daemon: the queue rule's bypass lets the SYN through untranslated.
+	fresh, err := e.w.Fetch(80, 3*time.Second)
+	if err != nil || fresh.Addr() != networld.HostA {
+		t.Fatalf("new connection with the daemon dead: peer %v err %v; want it to fail open via ISP A", fresh, err)
+	}
+	d2 := e.start()
+	if _, err := d2.WaitFor("removed a table left by an earlier run", time.Second); err != nil {
+		t.Error(err)
+	}
+	if p, err := e.w.Fetch(80, 3*time.Second); err != nil || p.Addr() != networld.HostB {
+		t.Fatalf("after restart: %v %v", p, err)
+	}
+}
+
+// check and run reject every kind of bad configuration with FILE:LINE:COL,
+// exit 2, and run installs nothing.
+func TestBadConfigsRejected(t *testing.T) {
+	dir := t.TempDir()
+	const up = "[[uplink]]\nname = \"b\"\nmark = 100\n"
+	cases := map[string]struct{ src, want string }{
+		"syntax":         {"[daemon\n", ":1:8: "},
+		"unknown key":    {up + "[[rule]]\nuplink = \"b\"\ndprot = 80\n", ":6:1: unknown key \"dprot\""},
+		"unknown uplink": {up + "[[rule]]\nuplink = \"c\"\n", ":5:1: unknown uplink \"c\""},
+		"bad cidr":       {up + "[[rule]]\nuplink = \"b\"\ndst = [\"192.0.2.0/33\"]\n", ":6:1: bad CIDR"},
+		"port range":     {up + "[[rule]]\nuplink = \"b\"\ndport = 65536\n", ":6:1: port 65536 is outside 1-65535"},
+		"port zero":      {up + "[[rule]]\nuplink = \"b\"\ndport = [\"0-10\"]\n", ":6:1: port range \"0-10\" is outside"},
+	}
+	for name, c := range cases {
+		t.Run(name, func(t *testing.T) {
+			f := dirFile(t, dir, name, c.src)
+			for _, cmd := range []string{"check"} {
+				stderr, code := runBin(t, cmd, "--config", f)
+				if code != 2 || !strings.HasPrefix(stderr, f+":") || !strings.Contains(stderr, c.want) {
+					t.Fatalf("%s: exit %d, stderr %q; want exit 2 and %q", cmd, code, stderr, f+c.want)
+				}
+			}
+		})
+	}
+	good := dirFile(t, dir, "good", up)
+	if out, code := runBin(t, "check", "--config", good); code != 0 {
+		t.Fatalf("check of a good file: exit %d: %s", code, out)
+	}
+}
+
+// run with a bad file: the same message, exit 2, and nothing installed.
+func TestRunWithBadConfigInstallsNothing(t *testing.T) {
+	ns := worldtest.NS(t)
+	dir := t.TempDir()
+	sock := dir + "/s.sock"
+	f := dirFile(t, dir, "bad", fmt.Sprintf("[daemon]\ncontrol_socket = %q\n[[uplink]]\nname = \"b\"\nmark = 100\n[[rule]]\nuplink = \"nope\"\n", sock))
+	cmd := ns.Command(bin, "run", "--config", f)
+	out, err := cmd.CombinedOutput()
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 2 {
+		t.Fatalf("run exit: %v, output %q", err, out)
+	}
+	if !regexp.MustCompile(`^` + regexp.QuoteMeta(f) + `:7:1: unknown uplink "nope"`).Match(out) {
+		t.Fatalf("run output %q", out)
+	}
+	if got := tables(t, ns); got != "" {
+		t.Fatalf("tables after a rejected run: %q", got)
+	}
+	if _, err := os.Stat(sock); !os.IsNotExist(err) {
+		t.Fatalf("control socket created by a rejected run")
+	}
+}
+
+func dirFile(t *testing.T, dir, name, src string) string {
+	t.Helper()
+	f := dir + "/" + strings.ReplaceAll(name, " ", "-") + ".toml"
+	if err := os.WriteFile(f, []byte(src), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+// runBin runs the binary and returns its stderr and exit code.
+func runBin(t *testing.T, args ...string) (string, int) {
+	t.Helper()
+	cmd := exec.Command(bin, args...)
+	cmd.Stdout = io.Discard
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	err := cmd.Run()
+	if ee, ok := err.(*exec.ExitError); ok {
+		return stderr.String(), ee.ExitCode()
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return stderr.String(), 0
+}

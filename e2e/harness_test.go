@@ -1,0 +1,193 @@
+// Package e2e runs the real rerouted binary in a namespace world and checks
+// what reached the wire: the address servers saw, the ISPs' drop counters,
+// the host firewall's invalid counters, conntrack and nftables state.
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/rerouted/rerouted/daemon"
+	"github.com/rerouted/rerouted/networld"
+	"github.com/rerouted/rerouted/networld/worldtest"
+)
+
+var bin string // the rerouted binary under test
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "rerouted-e2e-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	bin = filepath.Join(dir, "rerouted")
+	if out, err := exec.Command("go", "build", "-o", bin, "../cmd/rerouted").CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "build rerouted: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// env is one test's world, configuration and daemon.
+type env struct {
+	t    *testing.T
+	w    *networld.World
+	dir  string
+	cfg  string // path of the config file
+	sock string
+	d    *networld.Daemon
+}
+
+// configHead is the part of every test configuration before the rules.
+const configHead = `[daemon]
+queue = 0
+control_socket = %q
+gc_interval = "200ms"
+
+[[uplink]]
+name = "isp-b"
+mark = 100
+interface = "hb"
+`
+
+// newEnv builds a world and writes a configuration with the given rules.
+func newEnv(t *testing.T, rules string) *env {
+	t.Helper()
+	w := worldtest.World(t)
+	e := &env{t: t, w: w, dir: t.TempDir()}
+	e.sock = filepath.Join(e.dir, "rerouted.sock")
+	e.cfg = filepath.Join(e.dir, "rerouted.toml")
+	if err := os.WriteFile(e.cfg, []byte(fmt.Sprintf(configHead, e.sock)+rules), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, port := range []uint16{80, 8080} {
+		if _, err := w.Serve(port); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return e
+}
+
+// start runs the daemon with --debug and waits until it is ready.
+func (e *env) start() *networld.Daemon {
+	e.t.Helper()
+	d, err := e.w.StartDaemon(bin, e.cfg, nil, "--debug")
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.d = d
+	e.t.Cleanup(func() {
+		if e.t.Failed() {
+			e.t.Logf("rerouted output:\n%s", d.Output())
+		}
+		d.Kill()
+	})
+	if err := d.WaitReady(); err != nil {
+		e.t.Fatalf("%v\n%s", err, d.Output())
+	}
+	return d
+}
+
+// hostMark installs a mark rule for a port on the host, the way operators do.
+func (e *env) hostMark(kind string, port uint16) {
+	e.t.Helper()
+	var err error
+	switch kind {
+	case "iptables":
+		_, err = e.w.Host.Run("iptables", "-t", "mangle", "-A", "OUTPUT", "-p", "tcp", "--dport", strconv.Itoa(int(port)),
+			"-j", "MARK", "--set-mark", strconv.Itoa(networld.MarkB))
+	case "nft":
+		err = e.w.Host.Nft(fmt.Sprintf("table inet hostmark {\n\tchain output {\n\t\ttype route hook output priority mangle; policy accept;\n\t\ttcp dport %d meta mark set %d\n\t}\n}\n", port, networld.MarkB))
+	default:
+		err = fmt.Errorf("unknown mark rule kind %q", kind)
+	}
+	if err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+func (e *env) counter(isp *networld.ISP, name string) uint64 {
+	e.t.Helper()
+	n, err := isp.Counter(name)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return n
+}
+
+// flows lists the daemon's flows through the CLI, as an operator would.
+func (e *env) flows() []daemon.FlowInfo {
+	e.t.Helper()
+	out, err := exec.Command(bin, "flows", "--config", e.cfg, "--json").Output()
+	if err != nil {
+		e.t.Fatalf("rerouted flows --json: %v", err)
+	}
+	var reply struct {
+		Flows []daemon.FlowInfo `json:"flows"`
+	}
+	if err := json.Unmarshal(out, &reply); err != nil {
+		e.t.Fatalf("rerouted flows --json printed %q: %v", out, err)
+	}
+	if reply.Flows == nil {
+		e.t.Fatalf("rerouted flows --json has no \"flows\" array: %s", out)
+	}
+	return reply.Flows
+}
+
+// mapElements counts the elements of one of the daemon's nft maps.
+func (e *env) mapElements(name string) int {
+	e.t.Helper()
+	out, err := e.w.Host.Run("nft", "-j", "list", "map", "inet", "rerouted", name)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	var doc struct {
+		Nftables []map[string]json.RawMessage `json:"nftables"`
+	}
+	if err := json.Unmarshal([]byte(out), &doc); err != nil {
+		e.t.Fatal(err)
+	}
+	for _, obj := range doc.Nftables {
+		if raw, ok := obj["map"]; ok {
+			var m struct {
+				Elem []json.RawMessage `json:"elem"`
+			}
+			if err := json.Unmarshal(raw, &m); err != nil {
+				e.t.Fatal(err)
+			}
+			return len(m.Elem)
+		}
+	}
+	e.t.Fatalf("no map %s in %s", name, out)
+	return 0
+}
+
+// eventually polls cond until it holds or timeout passes.
+func eventually(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func tables(t *testing.T, ns *networld.NS) string {
+	t.Helper()
+	out, err := ns.Run("nft", "list", "tables")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(out)
+}
