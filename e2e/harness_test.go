@@ -19,7 +19,10 @@ import (
 	"github.com/rerouted/rerouted/networld/worldtest"
 )
 
-var bin string // the rerouted binary under test
+var (
+	bin        string   // the rerouted binary under test
+	buildFlags []string // -race when the tests run under the race detector
+)
 
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "rerouted-e2e-")
@@ -28,7 +31,7 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	bin = filepath.Join(dir, "rerouted")
-	if out, err := exec.Command("go", "build", "-o", bin, "../cmd/rerouted").CombinedOutput(); err != nil {
+	if out, err := exec.Command("go", append(append([]string{"build"}, buildFlags...), "-o", bin, "../cmd/rerouted")...).CombinedOutput(); err != nil {
 		fmt.Fprintf(os.Stderr, "build rerouted: %v\n%s", err, out)
 		os.Exit(1)
 	}

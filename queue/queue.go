@@ -121,7 +121,7 @@ func (q *Queue) Accept(id uint32) error {
 // AcceptModified lets the rewritten packet continue with mark; the kernel
 // routes it again because its source and mark changed.
 func (q *Queue) AcceptModified(id uint32, mark uint32, pkt []byte) error {
-	return q.nf.SetVerdictModPacketWithMark(id, nfqueue.NfAccept, int(mark), pkt)
+	return q.nf.SetVerdictWithOption(id, nfqueue.NfAccept, nfqueue.WithMark(mark), nfqueue.WithAlteredPacket(pkt))
 }
 
 // Drop drops the packet.
