@@ -94,6 +94,12 @@ func TestRuleDecidesUplink(t *testing.T) {
 			t.Errorf("untranslated connection became a flow: %v", f)
 		}
 	}
+	// The plain listing: socket tuple, then the reply tuple, like conntrack -L.
+	out, err := exec.Command(bin, "flows", "--config", e.cfg).Output()
+	want := fmt.Sprintf("tcp src=198.51.100.2 dst=192.0.2.80 sport=%d dport=80 src=192.0.2.80 dst=203.0.113.2 sport=80 dport=%d mark=100 dev=hb uid=0 rule=\"web\"", peer.Port(), peer.Port())
+	if err != nil || !strings.Contains(string(out), want) {
+		t.Errorf("rerouted flows printed %q (err %v), want a line with %q", out, err, want)
+	}
 	// No conntrack-using rule exists on this host: translation made no
 	// conntrack entry at all.
 	if out, err := e.w.Host.Run("conntrack", "-C"); err != nil || strings.TrimSpace(out) != "0" {
@@ -262,12 +268,45 @@ func TestCollidingTuplesGetDistinctPorts(t *testing.T) {
 	}
 }
 
+// The SYN announces an MSS that fits the new route, not the first one: with
+// a 1280-byte MTU towards ISP B the server must not be told 1460.
+func TestMSSClampedToNewRoute(t *testing.T) {
+	e := newEnv(t, webRule)
+	if err := e.w.Host.IP("link set dev hb mtu 1280"); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.w.B.IP("link set dev cust mtu 1280"); err != nil {
+		t.Fatal(err)
+	}
+	e.start()
+	s80, _ := e.w.Serve(80)
+	peer, err := e.w.Fetch(80, 3*time.Second)
+	if err != nil || peer.Addr() != networld.HostB {
+		t.Fatalf("peer %v err %v", peer, err)
+	}
+	mss := s80.MSS()
+	if len(mss) != 1 || mss[0] <= 0 || mss[0] > 1280-40 {
+		t.Fatalf("server's MSS = %v, want at most %d (1280 - 40)", mss, 1280-40)
+	}
+	// Control: port 8080 is untranslated and keeps the 1500-byte route's MSS.
+	s8080, _ := e.w.Serve(8080)
+	if _, err := e.w.Fetch(8080, 3*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if m := s8080.MSS(); len(m) != 1 || m[0] <= 1280-40 {
+		t.Fatalf("untranslated connection's MSS = %v; the test cannot tell clamping from no clamping", m)
+	}
+}
+
 // SIGTERM removes the table, every rule and the control socket; a second
 // start works.
 func TestSIGTERMRemovesEverything(t *testing.T) {
 	e := newEnv(t, webRule)
 	before := tables(t, e.w.Host)
 	d := e.start()
+	if st, err := os.Stat(e.sock); err != nil || st.Mode().Perm() != 0o600 || st.Mode().Type() != os.ModeSocket {
+		t.Fatalf("control socket: %v, mode %v; want a socket with mode 0600", err, st.Mode())
+	}
 	if _, err := e.w.Fetch(80, 3*time.Second); err != nil {
 		t.Fatal(err)
 	}

@@ -24,6 +24,7 @@ type Server struct {
 
 	mu    sync.Mutex
 	peers []netip.AddrPort
+	mss   []int // TCP_MAXSEG of each accepted connection
 	wg    sync.WaitGroup
 }
 
@@ -56,8 +57,10 @@ func (s *Server) accept() {
 			return
 		}
 		peer := c.RemoteAddr().(*net.TCPAddr).AddrPort()
+		mss := maxSeg(c.(*net.TCPConn))
 		s.mu.Lock()
 		s.peers = append(s.peers, peer)
+		s.mss = append(s.mss, mss)
 		s.mu.Unlock()
 		s.wg.Add(1)
 		go func() {
@@ -78,6 +81,24 @@ func (s *Server) Peers() []netip.AddrPort {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return append([]netip.AddrPort(nil), s.peers...)
+}
+
+// MSS returns the TCP_MAXSEG of every connection accepted so far: at most
+// what the client's SYN announced.
+func (s *Server) MSS() []int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]int(nil), s.mss...)
+}
+
+func maxSeg(c *net.TCPConn) int {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return -1
+	}
+	mss := -1
+	rc.Control(func(fd uintptr) { mss, _ = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_MAXSEG) })
+	return mss
 }
 
 // Close stops the server.
