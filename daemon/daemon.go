@@ -24,6 +24,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/rerouted/rerouted/flow"
@@ -38,12 +39,13 @@ import (
 type Options struct {
 	Config *policy.Config
 	Log    *slog.Logger
-	Events io.Writer // one line per translated flow created or removed; nil for none
+	Events io.Writer       // one line per translated flow created or removed; nil for none
+	Reload <-chan struct{} // each receive reloads the configuration file (SIGHUP)
 }
 
 // Daemon is one running instance.
 type Daemon struct {
-	cfg    *policy.Config
+	cfg    atomic.Pointer[policy.Config] // swapped whole on reload
 	log    *slog.Logger
 	events *eventWriter
 	dp     *nftdp.Datapath
@@ -54,6 +56,8 @@ type Daemon struct {
 	// Owned by the packet goroutine.
 	diag           *sockdiag.Conn
 	routes         *router
+	owner          sockOwner   // the socket being decided
+	query          policy.Flow // the flow being decided (reused: no allocation)
 	portLo, portHi uint16
 }
 
@@ -64,13 +68,19 @@ const queueRcvbuf = 8 << 20
 // Run runs the daemon until ctx is done, then removes everything it
 // installed. It returns once the host is back as it found it.
 func Run(ctx context.Context, o Options) (err error) {
-	d := &Daemon{cfg: o.Config, log: o.Log, flows: flow.NewTable()}
+	d := &Daemon{log: o.Log, flows: flow.NewTable()}
+	d.cfg.Store(o.Config)
+	d.owner.owners = sockdiag.NewOwners()
 	if o.Events != nil {
 		d.events = &eventWriter{w: o.Events}
 	}
-	if err := d.checkHost(); err != nil {
+	if err := checkUplinks(o.Config); err != nil {
 		return err
 	}
+	if d.portLo, d.portHi, err = localPortRange(); err != nil {
+		return err
+	}
+	cfg := o.Config
 	var undo []func() error // teardown, run in reverse
 	defer func() {
 		for i := len(undo) - 1; i >= 0; i-- {
@@ -92,7 +102,7 @@ func Run(ctx context.Context, o Options) (err error) {
 	}
 	undo = append(undo, func() error { d.routes.close(); return nil })
 
-	ctl, err := listenControl(d.cfg.Daemon.ControlSocket)
+	ctl, err := listenControl(cfg.Daemon.ControlSocket)
 	if err != nil {
 		return err
 	}
@@ -101,13 +111,13 @@ func Run(ctx context.Context, o Options) (err error) {
 		if errors.Is(err, net.ErrClosed) {
 			err = nil
 		}
-		if rerr := os.Remove(d.cfg.Daemon.ControlSocket); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
+		if rerr := os.Remove(cfg.Daemon.ControlSocket); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
 			err = errors.Join(err, rerr)
 		}
 		return err
 	})
 
-	if d.dp, err = nftdp.Install(d.cfg.Daemon.Queue); err != nil {
+	if d.dp, err = nftdp.Install(cfg.Daemon.Queue); err != nil {
 		return err
 	}
 	if d.dp.Replaced {
@@ -120,7 +130,7 @@ func Run(ctx context.Context, o Options) (err error) {
 		return err
 	})
 
-	if d.q, err = queue.Open(d.cfg.Daemon.Queue, queueRcvbuf); err != nil {
+	if d.q, err = queue.Open(cfg.Daemon.Queue, queueRcvbuf); err != nil {
 		return err
 	}
 	undo = append(undo, d.q.Close)
@@ -128,27 +138,27 @@ func Run(ctx context.Context, o Options) (err error) {
 	var wg sync.WaitGroup
 	runCtx, stop := context.WithCancel(ctx)
 	undo = append(undo, func() error { stop(); wg.Wait(); return nil })
-	wg.Add(2)
+	wg.Add(3)
 	go func() { defer wg.Done(); d.sweepLoop(runCtx, sweepDiag) }()
 	go func() { defer wg.Done(); d.serveControl(runCtx, ctl) }()
+	go func() { defer wg.Done(); d.reloadLoop(runCtx, o.Reload) }()
 
 	// Bind before announcing readiness: "ready" means new connections are
 	// translated, not passed by the queue's bypass.
 	if err := d.q.Start(runCtx, d.handle, func(err error) { d.log.Error("nfqueue receive", "err", err) }); err != nil {
 		return err
 	}
-	d.log.Info("ready", "config", d.cfg.File, "queue", d.cfg.Daemon.Queue, "queue_method", d.dp.QueueMethod,
-		"table", "inet "+nftdp.TableName, "honor_marks", d.cfg.Daemon.HonorMarks, "uplinks", len(d.cfg.Uplinks),
-		"rules", len(d.cfg.Rules), "control_socket", d.cfg.Daemon.ControlSocket)
+	d.log.Info("ready", "config", cfg.File, "queue", cfg.Daemon.Queue, "queue_method", d.dp.QueueMethod,
+		"table", "inet "+nftdp.TableName, "honor_marks", cfg.Daemon.HonorMarks, "uplinks", len(cfg.Uplinks),
+		"rules", len(cfg.Rules), "control_socket", cfg.Daemon.ControlSocket)
 	<-ctx.Done()
 	d.log.Info("stopping")
 	return nil
 }
 
-// checkHost verifies what the configuration expects of the host before
-// anything is installed.
-func (d *Daemon) checkHost() error {
-	for _, u := range d.cfg.Uplinks {
+// checkUplinks verifies the interfaces the configuration names exist.
+func checkUplinks(cfg *policy.Config) error {
+	for _, u := range cfg.Uplinks {
 		if u.Interface == "" {
 			continue
 		}
@@ -156,12 +166,41 @@ func (d *Daemon) checkHost() error {
 			return fmt.Errorf("uplink %q: interface %q: %w", u.Name, u.Interface, err)
 		}
 	}
-	lo, hi, err := localPortRange()
-	if err != nil {
-		return err
-	}
-	d.portLo, d.portHi = lo, hi
 	return nil
+}
+
+// reloadLoop replaces the policy on each reload request. A file with any
+// error is rejected as a whole and the running policy stays; new flows use
+// the new policy, existing flows keep their translation.
+func (d *Daemon) reloadLoop(ctx context.Context, reload <-chan struct{}) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-reload:
+		}
+		old := d.cfg.Load()
+		cfg, err := policy.Load(old.File)
+		if err == nil {
+			err = checkUplinks(cfg)
+		}
+		if err != nil {
+			var es policy.Errors
+			if errors.As(err, &es) {
+				for _, e := range es {
+					d.log.Error("reload: " + e.Error())
+				}
+			}
+			d.log.Error("reload rejected; the current policy stays in force", "config", old.File, "err", err)
+			continue
+		}
+		if cfg.Daemon != old.Daemon {
+			d.log.Warn("reload: [daemon] settings take effect at the next start", "config", cfg.File)
+			cfg.Daemon = old.Daemon
+		}
+		d.cfg.Store(cfg)
+		d.log.Info("reloaded", "config", cfg.File, "uplinks", len(cfg.Uplinks), "rules", len(cfg.Rules))
+	}
 }
 
 // localPortRange reads the ephemeral port range new source ports are drawn
@@ -187,7 +226,7 @@ func localPortRange() (uint16, uint16, error) {
 // sweepLoop removes flows whose socket is gone. A dump (not destroy
 // notifications) is what shows TIME_WAIT sockets, which still own their tuple.
 func (d *Daemon) sweepLoop(ctx context.Context, diag *sockdiag.Conn) {
-	t := time.NewTicker(d.cfg.Daemon.GCInterval)
+	t := time.NewTicker(d.cfg.Load().Daemon.GCInterval)
 	defer t.Stop()
 	for {
 		select {

@@ -11,7 +11,11 @@ import (
 
 // eventWriter prints one line per flow event, in the spirit of conntrack -E:
 //
-//	[NEW] tcp src=198.51.100.2 dst=192.0.2.80 sport=40312 dport=80 mark=100 => src=203.0.113.2 sport=40312 dev=hb uid=1000 rule="web"
+//	[NEW] tcp src=198.51.100.2 dst=192.0.2.80 sport=40312 dport=80 mark=100 => src=203.0.113.2 sport=40312 dev=hb uid=1000 pid=4242 comm="curl" exe=/usr/bin/curl cgroup=/user.slice/user-1000.slice/session-1.scope rule="web"
+//
+// pid, comm and exe appear when the owning process is known, cgroup when
+// the socket's cgroup is.
+//
 //	[DESTROY] tcp src=... (the same) age=3.2s
 //
 // A nil *eventWriter prints nothing.
@@ -61,6 +65,18 @@ func appendFlow(b []byte, f *flow.Flow) []byte {
 	b = append(b, f.Dev...)
 	b = append(b, " uid="...)
 	b = strconv.AppendUint(b, uint64(f.UID), 10)
+	if f.PID != 0 {
+		b = append(b, " pid="...)
+		b = strconv.AppendInt(b, int64(f.PID), 10)
+		b = append(b, " comm="...)
+		b = strconv.AppendQuote(b, f.Comm)
+		b = append(b, " exe="...)
+		b = append(b, f.Exe...)
+	}
+	if f.Cgroup != "" {
+		b = append(b, " cgroup="...)
+		b = append(b, f.Cgroup...)
+	}
 	b = append(b, " rule="...)
 	return strconv.AppendQuote(b, f.Rule)
 }

@@ -46,6 +46,7 @@ func (d *Daemon) handle(p *queue.Packet) {
 		return
 	}
 
+	cfg := d.cfg.Load()
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if f := d.flows.Get(key); f != nil {
@@ -61,13 +62,18 @@ func (d *Daemon) handle(p *queue.Packet) {
 		}
 	}
 
-	// 2. The mark: the host's own, else the first matching rule's.
+	// 2. The mark: the host's own, else the first matching rule's. The
+	// owner (process, cgroup) is looked up only if a rule needs it.
+	d.owner.reset(&sock)
 	mark, ruleName := p.Mark, "host mark"
-	if !d.cfg.Daemon.HonorMarks || mark == 0 {
+	if !cfg.Daemon.HonorMarks || mark == 0 {
 		mark, ruleName = 0, ""
-		q := policy.Flow{Protocol: "tcp", Dst: t.Dst, UID: p.UID, HasUID: p.HasUID}
-		if r := d.cfg.Decide(&q); r != nil {
-			mark, ruleName = r.Uplink.Mark, r.Name
+		d.query = policy.Flow{Protocol: "tcp", Dst: t.Dst, UID: sock.UID, GID: p.GID, HasUID: true, Owner: &d.owner}
+		if r := cfg.Decide(&d.query); r != nil {
+			ruleName = r.Name
+			if r.Action.Kind != policy.ActDefault { // "default" pins the normal route
+				mark = r.Action.Mark
+			}
 		}
 	}
 
@@ -102,6 +108,7 @@ func (d *Daemon) handle(p *queue.Packet) {
 	f := &flow.Flow{Key: key, NewSrc: newSrc, Mark: mark, Rule: ruleName, UID: sock.UID,
 		Cookie: sock.Cookie, Inode: sock.Inode, Start: time.Now()}
 	f.Dev = rt.Dev
+	d.describeOwner(f)
 	if rt.MTU > tcpIPHeaders {
 		f.MSS = uint16(min(rt.MTU-tcpIPHeaders, 0xffff))
 	}
@@ -118,6 +125,22 @@ func (d *Daemon) handle(p *queue.Packet) {
 	d.flows.Insert(f)
 	d.events.write("NEW", f)
 	d.release(p, &t, f)
+}
+
+// describeOwner records on f the owner the decision looked up, and with
+// --debug also what it did not need, for the event line.
+func (d *Daemon) describeOwner(f *flow.Flow) {
+	o := &d.owner
+	if d.events != nil || o.procDone {
+		if p, ok := o.Process(); ok {
+			f.PID, f.Comm, f.Exe = p.PID, p.Comm, p.Exe
+		}
+	}
+	if d.events != nil || o.cgDone {
+		if cg, ok := o.Cgroup(); ok {
+			f.Cgroup = "/" + cg
+		}
+	}
 }
 
 // release rewrites a flow's SYN and lets it go with the flow's mark; the

@@ -29,6 +29,10 @@ type Flow struct {
 	Dev    string         // the uplink's interface
 	Rule   string         // what decided the mark
 	UID    uint32
+	PID    int // owning process when it was translated; 0 if unknown
+	Comm   string
+	Exe    string
+	Cgroup string // cgroup v2 path below the mount, "/" for the root; "" if unknown
 	Cookie uint64 // sock_diag cookie: tells a socket from a later one reusing its tuple
 	Inode  uint32
 	Start  time.Time

@@ -23,7 +23,7 @@ type Daemon struct {
 }
 
 // StartDaemon runs `bin run --config config args...` in the host namespace
-// (`ip netns exec` enters it before the program starts, as for any service).
+// (entered before the program starts, as for any service).
 // Every output line is kept, and copied to echo if it is not nil.
 func (w *World) StartDaemon(bin, config string, echo io.Writer, args ...string) (*Daemon, error) {
 	d := &Daemon{done: make(chan struct{})}

@@ -56,9 +56,12 @@ func (n *NS) IP(lines ...string) error {
 	return nil
 }
 
-// Command returns a command that runs in the namespace.
+// Command returns a command that runs in the namespace. It enters only the
+// network namespace: unlike `ip netns exec`, which remounts /sys privately,
+// the program sees the host's mounts, the cgroup v2 hierarchy included, as a
+// service on a real host does.
 func (n *NS) Command(name string, args ...string) *exec.Cmd {
-	return exec.Command("ip", append([]string{"netns", "exec", n.Name, name}, args...)...)
+	return exec.Command("nsenter", append([]string{"--net=/run/netns/" + n.Name, "--", name}, args...)...)
 }
 
 // Run runs a command in the namespace and returns its standard output.

@@ -226,78 +226,176 @@ func (p *parser) uplink(path string, t map[string]any) *Uplink {
 func (p *parser) rule(path string, t map[string]any) *Rule {
 	r := &Rule{}
 	r.line, _ = p.pos.of(path)
+	// user/uid and group/gid are one key each, written by name or number.
+	ids := map[string][]uint32{}
 	for _, k := range sortedKeys(t) {
 		kp := path + "." + k
 		v := t[k]
-		switch k {
+		base, neg := strings.CutPrefix(k, "not_")
+		if neg && !negatable[base] {
+			p.errorf(kp, "unknown key %q in [[rule]] (not_ works with %s)", k, negatableList)
+			continue
+		}
+		var c cond
+		switch base {
 		case "name":
 			r.Name = p.name(kp, v)
+			continue
 		case "uplink":
 			s, ok := v.(string)
 			if !ok || s == "" {
-				p.errorf(kp, "uplink must be the name of an [[uplink]]")
+				p.errorf(kp, "uplink must be the name of an [[uplink]], or \"default\"")
 				continue
 			}
-			r.UplinkName = s
+			if s == "default" {
+				r.Action = Action{Kind: ActDefault, UplinkName: s}
+			} else {
+				r.Action = Action{Kind: ActUplink, UplinkName: s}
+			}
+			continue
+		case "mark":
+			if n, ok := p.integer(kp, v, 1, 0xffffffff); ok {
+				r.Action = Action{Kind: ActMark, Mark: uint32(n)}
+			}
+			continue
 		case "dst":
+			var ps []netip.Prefix
 			for _, s := range p.strings(kp, v) {
 				pfx, err := netip.ParsePrefix(s)
 				if err != nil {
 					a, aerr := netip.ParseAddr(s)
 					if aerr != nil {
-						p.errorf(kp, "bad CIDR %q in dst", s)
+						p.errorf(kp, "bad CIDR %q in %s", s, k)
 						continue
 					}
 					pfx = netip.PrefixFrom(a, a.BitLen())
 				}
 				if pfx != pfx.Masked() {
-					p.errorf(kp, "dst %q has host bits set (did you mean %s?)", s, pfx.Masked())
+					p.errorf(kp, "%s %q has host bits set (did you mean %s?)", k, s, pfx.Masked())
 					continue
 				}
-				r.Dst = append(r.Dst, pfx)
+				ps = append(ps, pfx)
 			}
+			c = condDst(ps)
 		case "dport":
-			r.DPort = p.ports(kp, v)
-		case "uid":
+			c = condDport(p.ports(kp, v))
+		case "uid", "gid":
 			for _, x := range list(v) {
 				if n, ok := p.integer(kp, x, 0, 0xfffffffe); ok {
-					r.UID = append(r.UID, uint32(n))
+					ids[k] = append(ids[k], uint32(n))
 				}
 			}
-		case "user":
+			continue
+		case "user", "group":
 			for _, s := range p.strings(kp, v) {
-				u, err := user.Lookup(s)
+				id, err := lookupID(base, s)
 				if err != nil {
-					p.errorf(kp, "unknown user %q", s)
+					p.errorf(kp, "%v", err)
 					continue
 				}
-				n, err := strconv.ParseUint(u.Uid, 10, 32)
-				if err != nil {
-					p.errorf(kp, "user %q has a non-numeric uid %q", s, u.Uid)
-					continue
-				}
-				r.UID = append(r.UID, uint32(n))
+				idKey := idKeys[k]
+				ids[idKey] = append(ids[idKey], id)
 			}
+			continue
 		case "protocol":
-			s, _ := v.(string)
-			if s != "tcp" {
-				p.errorf(kp, "protocol %q is not supported (supported: \"tcp\")", s)
-				continue
+			ss := p.strings(kp, v)
+			for _, s := range ss {
+				if s != "tcp" {
+					p.errorf(kp, "protocol %q is not supported (supported: \"tcp\")", s)
+				}
 			}
-			r.Protocol = s
+			c = condProtocol(ss)
+		case "process":
+			names := p.strings(kp, v)
+			for _, n := range names {
+				if n == "" || strings.Contains(n, "/") {
+					p.errorf(kp, "process %q must be a program name (comm or the exe's base name); use exe for paths", n)
+				}
+			}
+			c = condProcess(names)
+		case "exe":
+			paths := p.strings(kp, v)
+			for _, e := range paths {
+				if !strings.HasPrefix(e, "/") {
+					p.errorf(kp, "exe %q must be an absolute path", e)
+				}
+			}
+			c = condExe(paths)
+		case "cgroup":
+			var cgs []string
+			for _, cg := range p.strings(kp, v) {
+				clean := strings.Trim(cg, "/")
+				if strings.Contains(clean, "//") || strings.Contains("/"+clean+"/", "/../") || strings.Contains("/"+clean+"/", "/./") {
+					p.errorf(kp, "cgroup %q is not a clean path", cg)
+					continue
+				}
+				cgs = append(cgs, clean)
+			}
+			c = condCgroup(cgs)
 		default:
 			p.errorf(kp, "unknown key %q in [[rule]]", k)
+			continue
 		}
+		c.key, c.neg = k, neg
+		r.conds = append(r.conds, c)
 	}
-	if r.UplinkName == "" {
-		if _, ok := t["uplink"]; !ok {
-			p.errorf(path, "[[rule]] needs an uplink")
+	for _, k := range []string{"uid", "not_uid", "gid", "not_gid"} {
+		if len(ids[k]) == 0 {
+			continue
 		}
+		var c cond
+		if strings.HasSuffix(k, "uid") {
+			c = condUID(k, ids[k])
+		} else {
+			c = condGID(k, ids[k])
+		}
+		c.key, c.neg = k, strings.HasPrefix(k, "not_")
+		r.conds = append(r.conds, c)
+	}
+	sort.SliceStable(r.conds, func(i, j int) bool { return r.conds[i].cost < r.conds[j].cost })
+	_, hasUplink := t["uplink"]
+	_, hasMark := t["mark"]
+	switch {
+	case hasUplink && hasMark:
+		p.errorf(path+".mark", "a rule takes uplink or mark, not both")
+	case !hasUplink && !hasMark:
+		p.errorf(path, "[[rule]] needs an action: uplink = \"NAME\", uplink = \"default\" or mark = N")
 	}
 	if r.Name == "" {
 		r.Name = fmt.Sprintf("rule@%d", r.line)
 	}
 	return r
+}
+
+// idKeys maps names written by name to the numeric key they are one with.
+var idKeys = map[string]string{"user": "uid", "not_user": "not_uid", "group": "gid", "not_group": "not_gid"}
+
+// Keys that take a not_ form.
+var negatable = map[string]bool{"dst": true, "dport": true, "uid": true, "user": true, "gid": true,
+	"group": true, "process": true, "exe": true, "cgroup": true}
+
+const negatableList = "dst, dport, user, uid, group, gid, process, exe, cgroup"
+
+func lookupID(kind, name string) (uint32, error) {
+	var id string
+	if kind == "user" {
+		u, err := user.Lookup(name)
+		if err != nil {
+			return 0, fmt.Errorf("unknown user %q", name)
+		}
+		id = u.Uid
+	} else {
+		g, err := user.LookupGroup(name)
+		if err != nil {
+			return 0, fmt.Errorf("unknown group %q", name)
+		}
+		id = g.Gid
+	}
+	n, err := strconv.ParseUint(id, 10, 32)
+	if err != nil {
+		return 0, fmt.Errorf("%s %q has a non-numeric id %q", kind, name, id)
+	}
+	return uint32(n), nil
 }
 
 // link resolves rule→uplink names and checks uniqueness.
@@ -308,6 +406,9 @@ func (p *parser) link(cfg *Config) {
 		path := fmt.Sprintf("uplink.%d", i)
 		if u.Name == "" {
 			continue
+		}
+		if u.Name == "default" {
+			p.errorf(path+".name", "\"default\" is reserved: uplink = \"default\" means the normal route")
 		}
 		if _, dup := byName[u.Name]; dup {
 			p.errorf(path+".name", "uplink %q is defined twice", u.Name)
@@ -325,20 +426,20 @@ func (p *parser) link(cfg *Config) {
 			p.errorf(path+".name", "rule name %q is used twice", r.Name)
 		}
 		seen[r.Name] = true
-		if r.UplinkName == "" {
+		if r.Action.Kind != ActUplink || r.Action.UplinkName == "" {
 			continue
 		}
-		u, ok := byName[r.UplinkName]
+		u, ok := byName[r.Action.UplinkName]
 		if !ok {
 			names := make([]string, 0, len(byName))
 			for n := range byName {
 				names = append(names, fmt.Sprintf("%q", n))
 			}
 			sort.Strings(names)
-			p.errorf(path+".uplink", "unknown uplink %q (defined: %s)", r.UplinkName, strings.Join(names, ", "))
+			p.errorf(path+".uplink", "unknown uplink %q (defined: %s, or \"default\")", r.Action.UplinkName, strings.Join(names, ", "))
 			continue
 		}
-		r.Uplink = u
+		r.Action.Uplink, r.Action.Mark = u, u.Mark
 	}
 }
 

@@ -53,8 +53,7 @@ func TestParseGood(t *testing.T) {
 		t.Fatalf("uplinks = %+v", cfg.Uplinks)
 	}
 	r := cfg.Rules[0]
-	if r.Uplink != cfg.Uplinks[1] || len(r.DPort) != 2 || r.DPort[1] != (PortRange{8000, 8100}) ||
-		len(r.Dst) != 3 || r.Dst[2] != netip.MustParsePrefix("198.51.100.7/32") || r.UID[0] != 1001 {
+	if r.Action.Uplink != cfg.Uplinks[1] || r.Action.Kind != ActUplink || r.Action.Mark != 100 || len(r.conds) != 4 {
 		t.Fatalf("rule 0 = %+v", r)
 	}
 	if r.Line() != 17 {
@@ -84,7 +83,7 @@ func TestParseErrors(t *testing.T) {
 		{"unknown top key", "colour = 1\n", "bad.toml:1:1: unknown key \"colour\""},
 		{"unknown daemon key", "[daemon]\n  qeueu = 1\n", "bad.toml:2:3: unknown key \"qeueu\" in [daemon]"},
 		{"unknown rule key", up + "[[rule]]\nuplink = \"b\"\n\n[[rule]]\nuplink = \"b\"\ndprot = 80\n", "bad.toml:9:1: unknown key \"dprot\" in [[rule]]"},
-		{"unknown uplink name", up + "[[rule]]\nuplink = \"c\"\n", "bad.toml:5:1: unknown uplink \"c\" (defined: \"b\")"},
+		{"unknown uplink name", up + "[[rule]]\nuplink = \"c\"\n", "bad.toml:5:1: unknown uplink \"c\" (defined: \"b\", or \"default\")"},
 		{"bad cidr", up + "[[rule]]\nuplink = \"b\"\ndst = [\"192.0.2.0/33\"]\n", "bad.toml:6:1: bad CIDR \"192.0.2.0/33\""},
 		{"host bits", up + "[[rule]]\nuplink = \"b\"\ndst = \"192.0.2.1/24\"\n", "bad.toml:6:1: dst \"192.0.2.1/24\" has host bits set"},
 		{"port zero", up + "[[rule]]\nuplink = \"b\"\ndport = 0\n", "bad.toml:6:1: port 0 is outside 1-65535"},
@@ -94,7 +93,14 @@ func TestParseErrors(t *testing.T) {
 		{"mark missing", "[[uplink]]\nname = \"b\"\n", "bad.toml:1:1: [[uplink]] needs a mark"},
 		{"mark range", "[[uplink]]\nname = \"b\"\nmark = -1\n", "bad.toml:3:1: mark -1 is out of range"},
 		{"duplicate uplink", up + up, "bad.toml:5:1: uplink \"b\" is defined twice"},
-		{"rule without uplink", up + "[[rule]]\ndport = 80\n", "bad.toml:4:1: [[rule]] needs an uplink"},
+		{"rule without action", up + "[[rule]]\ndport = 80\n", "bad.toml:4:1: [[rule]] needs an action"},
+		{"uplink and mark", up + "[[rule]]\nuplink = \"b\"\nmark = 5\n", "bad.toml:6:1: a rule takes uplink or mark, not both"},
+		{"unknown group", up + "[[rule]]\nuplink = \"b\"\ngroup = \"no-such-group-xyz\"\n", "bad.toml:6:1: unknown group"},
+		{"relative exe", up + "[[rule]]\nuplink = \"b\"\nexe = \"bin/curl\"\n", "bad.toml:6:1: exe \"bin/curl\" must be an absolute path"},
+		{"process path", up + "[[rule]]\nuplink = \"b\"\nprocess = \"/usr/bin/curl\"\n", "bad.toml:6:1: process \"/usr/bin/curl\" must be a program name"},
+		{"bad cgroup", up + "[[rule]]\nuplink = \"b\"\ncgroup = \"a/../b\"\n", "bad.toml:6:1: cgroup \"a/../b\" is not a clean path"},
+		{"bad negation", up + "[[rule]]\nuplink = \"b\"\nnot_protocol = \"tcp\"\n", "bad.toml:6:1: unknown key \"not_protocol\""},
+		{"reserved uplink name", "[[uplink]]\nname = \"default\"\nmark = 1\n", "bad.toml:2:1: \"default\" is reserved"},
 		{"unknown user", up + "[[rule]]\nuplink = \"b\"\nuser = \"no-such-user-xyz\"\n", "bad.toml:6:1: unknown user \"no-such-user-xyz\""},
 		{"protocol", up + "[[rule]]\nuplink = \"b\"\nprotocol = \"sctp\"\n", "bad.toml:6:1: protocol \"sctp\" is not supported"},
 		{"queue range", "[daemon]\nqueue = 70000\n", "bad.toml:2:1: queue 70000 is out of range"},

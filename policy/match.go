@@ -1,49 +1,113 @@
 package policy
 
-import "net/netip"
+import (
+	"fmt"
+	"net/netip"
+	"path"
+	"strconv"
+	"strings"
+)
 
-// Rule is one [[rule]]. All keys it sets must match; a list matches when any
-// element does. An unset key matches everything.
+// Rule is one [[rule]]: conditions that must all hold, and an action.
 type Rule struct {
-	Name       string
-	UplinkName string
-	Uplink     *Uplink
-	Dst        []netip.Prefix
-	DPort      []PortRange
-	UID        []uint32 // from uid and user
-	Protocol   string   // "" matches every protocol
-	line       int
+	Name   string
+	Action Action
+	conds  []cond // cheap ones first: see cost
+	line   int
 }
 
 // Line is where the rule's [[rule]] header is written.
 func (r *Rule) Line() int { return r.line }
 
+// ActionKind says what a matching rule does.
+type ActionKind int
+
+const (
+	// ActUplink sends the flow out an uplink: Action.Uplink.
+	ActUplink ActionKind = iota
+	// ActDefault pins the flow to the host's normal routing: no translation.
+	ActDefault
+	// ActMark routes the flow with a bare fwmark: Action.Mark.
+	ActMark
+)
+
+// Action is what a matching rule does.
+type Action struct {
+	Kind       ActionKind
+	Uplink     *Uplink // ActUplink
+	UplinkName string  // as written
+	Mark       uint32  // ActUplink (the uplink's) and ActMark
+}
+
+func (a Action) String() string {
+	switch a.Kind {
+	case ActDefault:
+		return `uplink "default" (no translation)`
+	case ActMark:
+		return fmt.Sprintf("mark %d", a.Mark)
+	}
+	return fmt.Sprintf("uplink %q (mark %d)", a.UplinkName, a.Mark)
+}
+
 // PortRange is an inclusive range of ports; a single port has Lo == Hi.
 type PortRange struct{ Lo, Hi uint16 }
 
-// Flow describes a new connection as far as the policy can see it.
+func (r PortRange) String() string {
+	if r.Lo == r.Hi {
+		return strconv.Itoa(int(r.Lo))
+	}
+	return fmt.Sprintf("%d-%d", r.Lo, r.Hi)
+}
+
+// Flow describes a new connection as the policy sees it. Owner is consulted
+// only when a rule's cheaper keys all match and it has a process or cgroup
+// key.
 type Flow struct {
 	Protocol string // "tcp"
 	Dst      netip.AddrPort
-	UID      uint32
-	HasUID   bool // false for packets without an owning socket
+	UID, GID uint32
+	HasUID   bool  // false for packets without an owning socket
+	Owner    Owner // nil: no process and no cgroup known
 }
 
-// Match reports whether every key of the rule matches f.
+// Process identifies the process that owns a socket.
+type Process struct {
+	PID  int
+	Comm string // /proc/PID/comm (at most 15 bytes)
+	Exe  string // /proc/PID/exe
+}
+
+// Owner resolves, lazily, who owns a flow's socket.
+type Owner interface {
+	// Process returns the owning process; false when there is none (a
+	// kernel-generated packet, a socket already closed, a socket whose
+	// process exited).
+	Process() (Process, bool)
+	// Cgroup returns the socket's cgroup v2 path relative to the cgroup
+	// mount, without leading or trailing slashes ("" is the root).
+	Cgroup() (string, bool)
+}
+
+// Match reports whether every condition of the rule holds for f.
 func (r *Rule) Match(f *Flow) bool {
-	if r.Protocol != "" && r.Protocol != f.Protocol {
-		return false
-	}
-	if len(r.Dst) > 0 && !containsAddr(r.Dst, f.Dst.Addr()) {
-		return false
-	}
-	if len(r.DPort) > 0 && !containsPort(r.DPort, f.Dst.Port()) {
-		return false
-	}
-	if len(r.UID) > 0 && (!f.HasUID || !containsUID(r.UID, f.UID)) {
-		return false
+	for i := range r.conds {
+		if !r.conds[i].holds(f) {
+			return false
+		}
 	}
 	return true
+}
+
+// Explain is Match with the reason: the first condition that does not hold,
+// or "" when the rule matches.
+func (r *Rule) Explain(f *Flow) string {
+	for i := range r.conds {
+		c := &r.conds[i]
+		if !c.holds(f) {
+			return c.why(f)
+		}
+	}
+	return ""
 }
 
 // Decide returns the first rule that matches f, or nil.
@@ -56,6 +120,23 @@ func (c *Config) Decide(f *Flow) *Rule {
 	return nil
 }
 
+// NeedsProcess reports whether any rule has a process or exe key.
+func (c *Config) NeedsProcess() bool { return c.needs(costProcess) }
+
+// NeedsCgroup reports whether any rule has a cgroup key.
+func (c *Config) NeedsCgroup() bool { return c.needs(costCgroup) }
+
+func (c *Config) needs(cost int) bool {
+	for _, r := range c.Rules {
+		for _, cd := range r.conds {
+			if cd.cost == cost {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // UplinkByMark returns the uplink that uses mark, or nil.
 func (c *Config) UplinkByMark(mark uint32) *Uplink {
 	for _, u := range c.Uplinks {
@@ -66,28 +147,199 @@ func (c *Config) UplinkByMark(mark uint32) *Uplink {
 	return nil
 }
 
-func containsAddr(ps []netip.Prefix, a netip.Addr) bool {
-	a = a.Unmap()
-	for _, p := range ps {
-		if p.Contains(a) {
+// Condition costs: conditions are evaluated cheapest first, so that a
+// process is only looked up for a rule whose other keys all match.
+const (
+	costCheap   = iota // packet and socket fields
+	costProcess        // a /proc lookup
+	costCgroup         // a cgroup id to path lookup
+)
+
+// cond is one key of a rule, possibly negated (not_KEY).
+type cond struct {
+	key  string // as written, e.g. "not_dst"
+	neg  bool
+	cost int
+	list string // the values as written, for explanations
+	// test answers for the positive key; ok=false when the flow lacks
+	// what the key needs (no socket, no process): then the condition
+	// fails whether negated or not.
+	test func(f *Flow) (match, ok bool)
+	// value describes the flow's value for this key, for explanations.
+	value func(f *Flow) string
+}
+
+func (c *cond) holds(f *Flow) bool {
+	m, ok := c.test(f)
+	return ok && m != c.neg
+}
+
+func (c *cond) why(f *Flow) string {
+	m, ok := c.test(f)
+	switch {
+	case !ok:
+		return fmt.Sprintf("%s: the connection has no %s", c.key, c.value(f))
+	case c.neg && m:
+		return fmt.Sprintf("%s: %s is in %s", c.key, c.value(f), c.list)
+	default:
+		return fmt.Sprintf("%s: %s is not in %s", c.key, c.value(f), c.list)
+	}
+}
+
+// --- condition constructors, one per key ---
+
+func condProtocol(ps []string) cond {
+	return cond{key: "protocol", list: listOf(ps), value: func(f *Flow) string { return f.Protocol },
+		test: func(f *Flow) (bool, bool) { return containsStr(ps, f.Protocol), true }}
+}
+
+func condDst(ps []netip.Prefix) cond {
+	return cond{key: "dst", list: listOf(ps), value: func(f *Flow) string { return f.Dst.Addr().String() },
+		test: func(f *Flow) (bool, bool) {
+			a := f.Dst.Addr().Unmap()
+			for _, p := range ps {
+				if p.Contains(a) {
+					return true, true
+				}
+			}
+			return false, true
+		}}
+}
+
+func condDport(rs []PortRange) cond {
+	return cond{key: "dport", list: listOf(rs), value: func(f *Flow) string { return strconv.Itoa(int(f.Dst.Port())) },
+		test: func(f *Flow) (bool, bool) {
+			p := f.Dst.Port()
+			for _, r := range rs {
+				if p >= r.Lo && p <= r.Hi {
+					return true, true
+				}
+			}
+			return false, true
+		}}
+}
+
+func condUID(key string, us []uint32) cond {
+	return cond{key: key, list: listOf(us), value: func(f *Flow) string {
+		if !f.HasUID {
+			return "owning socket"
+		}
+		return "uid " + strconv.Itoa(int(f.UID))
+	}, test: func(f *Flow) (bool, bool) { return containsU32(us, f.UID), f.HasUID }}
+}
+
+func condGID(key string, gs []uint32) cond {
+	return cond{key: key, list: listOf(gs), value: func(f *Flow) string {
+		if !f.HasUID {
+			return "owning socket"
+		}
+		return "gid " + strconv.Itoa(int(f.GID))
+	}, test: func(f *Flow) (bool, bool) { return containsU32(gs, f.GID), f.HasUID }}
+}
+
+// condProcess matches the process's comm or the base name of its exe.
+func condProcess(names []string) cond {
+	return cond{key: "process", cost: costProcess, list: listOf(names),
+		value: func(f *Flow) string {
+			p, ok := process(f)
+			if !ok {
+				return "owning process"
+			}
+			return fmt.Sprintf("process %q (exe %s, pid %d)", p.Comm, p.Exe, p.PID)
+		},
+		test: func(f *Flow) (bool, bool) {
+			p, ok := process(f)
+			if !ok {
+				return false, false
+			}
+			base := path.Base(p.Exe)
+			for _, n := range names {
+				if n == p.Comm || n == base {
+					return true, true
+				}
+			}
+			return false, true
+		}}
+}
+
+func condExe(paths []string) cond {
+	return cond{key: "exe", cost: costProcess, list: listOf(paths),
+		value: func(f *Flow) string {
+			p, ok := process(f)
+			if !ok {
+				return "owning process"
+			}
+			return "exe " + p.Exe
+		},
+		test: func(f *Flow) (bool, bool) {
+			p, ok := process(f)
+			if !ok {
+				return false, false
+			}
+			return containsStr(paths, p.Exe), true
+		}}
+}
+
+// condCgroup matches a cgroup path or any cgroup below it, whole
+// components only: "system.slice" matches "system.slice/x.service" but not
+// "system.slice2".
+func condCgroup(prefixes []string) cond {
+	return cond{key: "cgroup", cost: costCgroup, list: listOf(prefixes),
+		value: func(f *Flow) string {
+			cg, ok := cgroup(f)
+			if !ok {
+				return "known cgroup"
+			}
+			return fmt.Sprintf("cgroup %q", cg)
+		},
+		test: func(f *Flow) (bool, bool) {
+			cg, ok := cgroup(f)
+			if !ok {
+				return false, false
+			}
+			for _, p := range prefixes {
+				if p == "" || cg == p || strings.HasPrefix(cg, p+"/") {
+					return true, true
+				}
+			}
+			return false, true
+		}}
+}
+
+func process(f *Flow) (Process, bool) {
+	if f.Owner == nil {
+		return Process{}, false
+	}
+	return f.Owner.Process()
+}
+
+func cgroup(f *Flow) (string, bool) {
+	if f.Owner == nil {
+		return "", false
+	}
+	return f.Owner.Cgroup()
+}
+
+func listOf[T any](xs []T) string {
+	s := make([]string, len(xs))
+	for i, x := range xs {
+		s[i] = fmt.Sprint(x)
+	}
+	return "[" + strings.Join(s, ", ") + "]"
+}
+
+func containsStr(xs []string, s string) bool {
+	for _, x := range xs {
+		if x == s {
 			return true
 		}
 	}
 	return false
 }
 
-func containsPort(rs []PortRange, p uint16) bool {
-	for _, r := range rs {
-		if p >= r.Lo && p <= r.Hi {
-			return true
-		}
-	}
-	return false
-}
-
-func containsUID(us []uint32, u uint32) bool {
-	for _, x := range us {
-		if x == u {
+func containsU32(xs []uint32, v uint32) bool {
+	for _, x := range xs {
+		if x == v {
 			return true
 		}
 	}

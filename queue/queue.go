@@ -22,6 +22,7 @@ type Packet struct {
 	Payload []byte
 	Mark    uint32
 	UID     uint32
+	GID     uint32
 	HasUID  bool // false when the packet has no owning socket
 	OutDev  uint32
 }
@@ -89,6 +90,9 @@ func (q *Queue) Start(ctx context.Context, handle func(*Packet), onError func(er
 		}
 		if a.UID != nil {
 			p.UID, p.HasUID = *a.UID, true
+		}
+		if a.GID != nil {
+			p.GID = *a.GID
 		}
 		if a.OutDev != nil {
 			p.OutDev = *a.OutDev

@@ -4,6 +4,8 @@
 //	rerouted run --config FILE [--debug]     run the daemon in the foreground
 //	rerouted check --config FILE             validate a configuration
 //	rerouted flows --config FILE [--json]    list the running daemon's flows
+//	rerouted explain --config FILE --pid PID --dst ADDR:PORT
+//	                                         which rule a new connection would match, and why
 //	rerouted demo                            show the problem and the fix in namespaces
 package main
 
@@ -27,6 +29,8 @@ const usage = `usage:
   rerouted run --config FILE [--debug]     run the daemon in the foreground
   rerouted check --config FILE             validate a configuration (exit 2 if invalid)
   rerouted flows --config FILE [--json]    list the running daemon's translated flows
+  rerouted explain --config FILE --pid PID --dst ADDR:PORT [--protocol tcp]
+                                           which rule a new connection from PID would match, and why
   rerouted demo                            show the problem and the fix in network namespaces
 `
 
@@ -51,6 +55,8 @@ func main() {
 		code = cmdCheck(args)
 	case "flows":
 		code = cmdFlows(args)
+	case "explain":
+		code = cmdExplain(args)
 	case "demo":
 		code = cmdDemo(args)
 	case "-h", "--help", "help":
@@ -121,7 +127,18 @@ func cmdRun(args []string) int {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	if err := daemon.Run(ctx, daemon.Options{Config: cfg, Log: log, Events: events}); err != nil {
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	reload := make(chan struct{}, 1)
+	go func() {
+		for range hup {
+			select {
+			case reload <- struct{}{}:
+			default: // a reload is already pending
+			}
+		}
+	}()
+	if err := daemon.Run(ctx, daemon.Options{Config: cfg, Log: log, Events: events, Reload: reload}); err != nil {
 		log.Error("rerouted failed", "err", err)
 		return exitFailure
 	}

@@ -1,0 +1,106 @@
+package main
+
+import (
+	"flag"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/rerouted/rerouted/policy"
+	"github.com/rerouted/rerouted/sockdiag"
+)
+
+// cmdExplain shows which rule a new connection from a process would match,
+// and why every earlier rule does not: the tool for "why does this leave
+// through the wrong ISP?".
+func cmdExplain(args []string) int {
+	var file, dst, proto string
+	var pid int
+	flags("explain", args, func(fs *flag.FlagSet) {
+		fs.StringVar(&file, "config", "", "configuration file")
+		fs.IntVar(&pid, "pid", 0, "process that would open the connection")
+		fs.StringVar(&dst, "dst", "", "destination ADDR:PORT ([ADDR]:PORT for IPv6)")
+		fs.StringVar(&proto, "protocol", "tcp", "protocol")
+	})
+	cfg, code := loadConfig(file)
+	if cfg == nil {
+		return code
+	}
+	ap, err := netip.ParseAddrPort(dst)
+	if err != nil || pid <= 0 {
+		fmt.Fprintln(os.Stderr, "rerouted explain: --pid PID and --dst ADDR:PORT are required")
+		return exitUsage
+	}
+	f, err := flowOfPID(pid, ap, proto)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "rerouted explain: %v\n", err)
+		return exitFailure
+	}
+	explain(os.Stdout, cfg, f)
+	return exitOK
+}
+
+// pidOwner is a process's identity, read once from /proc.
+type pidOwner struct {
+	proc    policy.Process
+	hasProc bool
+	cg      string
+	hasCg   bool
+}
+
+func (o *pidOwner) Process() (policy.Process, bool) { return o.proc, o.hasProc }
+func (o *pidOwner) Cgroup() (string, bool)          { return o.cg, o.hasCg }
+
+// flowOfPID describes a connection pid would open: its socket would belong
+// to the process's filesystem uid and gid.
+func flowOfPID(pid int, dst netip.AddrPort, proto string) (*policy.Flow, error) {
+	status, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		return nil, fmt.Errorf("process %d: %w", pid, err)
+	}
+	f := &policy.Flow{Protocol: proto, Dst: dst, HasUID: true}
+	for _, line := range strings.Split(string(status), "\n") {
+		k, v, _ := strings.Cut(line, ":")
+		ids := strings.Fields(v) // real, effective, saved, filesystem
+		if len(ids) == 4 && (k == "Uid" || k == "Gid") {
+			n, _ := strconv.ParseUint(ids[3], 10, 32)
+			if k == "Uid" {
+				f.UID = uint32(n)
+			} else {
+				f.GID = uint32(n)
+			}
+		}
+	}
+	o := &pidOwner{}
+	if p, ok := sockdiag.NewOwners().ProcessByPID(pid); ok {
+		o.proc, o.hasProc = policy.Process{PID: p.PID, Comm: p.Comm, Exe: p.Exe}, true
+	}
+	if cg, err := sockdiag.CgroupOfPID(pid); err == nil {
+		o.cg, o.hasCg = cg, true
+	}
+	f.Owner = o
+	return f, nil
+}
+
+func explain(w io.Writer, cfg *policy.Config, f *policy.Flow) {
+	p, _ := f.Owner.Process()
+	cg, _ := f.Owner.Cgroup()
+	fmt.Fprintf(w, "process %d %q (%s) uid %d gid %d cgroup /%s\n", p.PID, p.Comm, p.Exe, f.UID, f.GID, cg)
+	fmt.Fprintf(w, "new %s connection to %s\n\n", f.Protocol, f.Dst)
+	for _, r := range cfg.Rules {
+		if why := r.Explain(f); why != "" {
+			fmt.Fprintf(w, "  rule %q (%s:%d): no match: %s\n", r.Name, cfg.File, r.Line(), why)
+			continue
+		}
+		fmt.Fprintf(w, "  rule %q (%s:%d): MATCH\n\n=> %s\n", r.Name, cfg.File, r.Line(), r.Action)
+		return
+	}
+	fmt.Fprintf(w, "\n=> no rule matches: the connection follows the host's routing")
+	if cfg.Daemon.HonorMarks {
+		fmt.Fprintf(w, ", and a mark the host's own rules set on it is honoured")
+	}
+	fmt.Fprintln(w)
+}

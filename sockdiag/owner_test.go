@@ -1,0 +1,72 @@
+package sockdiag
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+func TestOwnerOfOwnSocket(t *testing.T) {
+	_, _, local, remote := pair(t)
+	d, err := Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	var s Socket
+	if err := d.Lookup(unix.IPPROTO_TCP, local, remote, &s); err != nil {
+		t.Fatal(err)
+	}
+	o := NewOwners()
+	p, ok := o.Process(s.Inode, s.UID, s.CgroupID)
+	if !ok || p.PID != os.Getpid() {
+		t.Fatalf("Process = %+v, %v; want pid %d", p, ok, os.Getpid())
+	}
+	exe, _ := os.Executable()
+	if p.Exe != exe || p.Comm == "" {
+		t.Fatalf("Process = %+v; want exe %s", p, exe)
+	}
+	// Second lookup comes from the caches and gives the same answer.
+	if p2, ok := o.Process(s.Inode, s.UID, s.CgroupID); !ok || p2 != p {
+		t.Fatalf("cached lookup = %+v, %v", p2, ok)
+	}
+	if _, ok := o.Process(s.Inode+1e6, s.UID, s.CgroupID); ok {
+		t.Fatal("found a process for an inode nobody holds")
+	}
+	if o.CgroupRoot == "" {
+		t.Skip("no cgroup v2 on this machine")
+	}
+	if s.CgroupID == 0 {
+		t.Fatal("sock_diag reported no cgroup id")
+	}
+	want, err := CgroupOfPID(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, ok := o.Cgroup(s.CgroupID); !ok || got != want {
+		t.Fatalf("Cgroup(%d) = %q, %v; want %q (from /proc/self/cgroup)", s.CgroupID, got, ok, want)
+	}
+}
+
+func TestCgroup2MountOnHybridHost(t *testing.T) {
+	f := filepath.Join(t.TempDir(), "mountinfo")
+	hybrid := `25 1 0:23 / /sys rw,nosuid - sysfs sysfs rw
+30 25 0:26 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
+31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw,nsdelegate
+32 30 0:28 / /sys/fs/cgroup/systemd rw,nosuid shared:11 - cgroup cgroup rw,xattr,name=systemd
+`
+	os.WriteFile(f, []byte(hybrid), 0o600)
+	if got, err := Cgroup2Mount(f); err != nil || got != "/sys/fs/cgroup/unified" {
+		t.Fatalf("Cgroup2Mount = %q, %v", got, err)
+	}
+	os.WriteFile(f, []byte("31 30 0:27 / /my\\040cgroups rw - cgroup2 cgroup2 rw\n"), 0o600)
+	if got, _ := Cgroup2Mount(f); got != "/my cgroups" {
+		t.Fatalf("escaped mount point = %q", got)
+	}
+	os.WriteFile(f, []byte("32 30 0:28 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n"), 0o600)
+	if _, err := Cgroup2Mount(f); err == nil {
+		t.Fatal("found a cgroup2 mount on a v1-only host")
+	}
+}
