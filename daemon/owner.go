@@ -10,7 +10,7 @@ import (
 // a rule asks. The packet goroutine reuses one instance.
 type sockOwner struct {
 	owners *sockdiag.Owners
-	sock   *sockdiag.Socket
+	sock   sockdiag.Socket // a copy: a pointer would make every lookup's Socket escape
 
 	procDone, cgDone bool
 	proc             policy.Process
@@ -20,7 +20,7 @@ type sockOwner struct {
 }
 
 func (o *sockOwner) reset(sock *sockdiag.Socket) {
-	*o = sockOwner{owners: o.owners, sock: sock}
+	*o = sockOwner{owners: o.owners, sock: *sock}
 }
 
 func (o *sockOwner) Process() (policy.Process, bool) {

@@ -62,20 +62,8 @@ func (d *Daemon) handle(p *queue.Packet) {
 		}
 	}
 
-	// 2. The mark: the host's own, else the first matching rule's. The
-	// owner (process, cgroup) is looked up only if a rule needs it.
-	d.owner.reset(&sock)
-	mark, ruleName := p.Mark, "host mark"
-	if !cfg.Daemon.HonorMarks || mark == 0 {
-		mark, ruleName = 0, ""
-		d.query = policy.Flow{Protocol: "tcp", Dst: t.Dst, UID: sock.UID, GID: p.GID, HasUID: true, Owner: &d.owner}
-		if r := cfg.Decide(&d.query); r != nil {
-			ruleName = r.Name
-			if r.Action.Kind != policy.ActDefault { // "default" pins the normal route
-				mark = r.Action.Mark
-			}
-		}
-	}
+	// 2. The mark: the host's own, else the first matching rule's.
+	mark, ruleName := d.decide(cfg, &sock, p.Mark, p.GID, t.Dst)
 
 	// 3. The route that mark leads to, and its preferred source.
 	rt := route{Src: t.Src.Addr(), DevIdx: int(p.OutDev)}
@@ -125,6 +113,26 @@ func (d *Daemon) handle(p *queue.Packet) {
 	d.flows.Insert(f)
 	d.events.write("NEW", f)
 	d.release(p, &t, f)
+}
+
+// decide returns the mark a new connection must carry and what decided it:
+// the mark the host's own rules set (with honor_marks), else the first
+// matching rule's; mark 0 means the normal route. The owner (process,
+// cgroup) is looked up only if a rule needs it.
+func (d *Daemon) decide(cfg *policy.Config, sock *sockdiag.Socket, pktMark, gid uint32, dst netip.AddrPort) (uint32, string) {
+	d.owner.reset(sock)
+	if cfg.Daemon.HonorMarks && pktMark != 0 {
+		return pktMark, "host mark"
+	}
+	d.query = policy.Flow{Protocol: "tcp", Dst: dst, UID: sock.UID, GID: gid, HasUID: true, Owner: &d.owner}
+	r := cfg.Decide(&d.query)
+	switch {
+	case r == nil:
+		return 0, ""
+	case r.Action.Kind == policy.ActDefault: // pinned to the normal route
+		return 0, r.Name
+	}
+	return r.Action.Mark, r.Name
 }
 
 // describeOwner records on f the owner the decision looked up, and with

@@ -21,6 +21,7 @@ import (
 
 var (
 	bin        string   // the rerouted binary under test
+	client     string   // the test world's client program (networld/cmd/worldclient)
 	buildFlags []string // -race when the tests run under the race detector
 )
 
@@ -31,9 +32,12 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	bin = filepath.Join(dir, "rerouted")
-	if out, err := exec.Command("go", append(append([]string{"build"}, buildFlags...), "-o", bin, "../cmd/rerouted")...).CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "build rerouted: %v\n%s", err, out)
-		os.Exit(1)
+	client = filepath.Join(dir, "worldclient")
+	for out, pkg := range map[string]string{bin: "../cmd/rerouted", client: "../networld/cmd/worldclient"} {
+		if b, err := exec.Command("go", append(append([]string{"build"}, buildFlags...), "-o", out, pkg)...).CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "build %s: %v\n%s", pkg, err, b)
+			os.Exit(1)
+		}
 	}
 	code := m.Run()
 	os.RemoveAll(dir)

@@ -342,3 +342,14 @@ func removeInt(xs []int, v int) []int {
 	}
 	return out
 }
+
+// ForgetSockets drops the inode → pid cache, keeping the recent owners:
+// the state for a process's next new socket (benchmarks).
+func (o *Owners) ForgetSockets() { clear(o.inodePID) }
+
+// ForgetAll drops every cache (benchmarks).
+func (o *Owners) ForgetAll() {
+	clear(o.inodePID)
+	clear(o.procs)
+	clear(o.recent)
+}

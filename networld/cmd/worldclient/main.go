@@ -1,0 +1,71 @@
+// Command worldclient is the test world's client program: it connects to a
+// networld server, optionally sends bytes, and prints what the server saw.
+// Tests copy it under several names to act as different applications.
+//
+//	worldclient -connect 192.0.2.80:80 [-send N] [-hold]
+//
+// prints "peer=ADDR:PORT received=N" and exits 0, or prints the error and
+// exits 1. With -hold it waits for standard input to close before sending.
+package main
+
+import (
+	"bufio"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/rerouted/rerouted/networld"
+)
+
+func main() {
+	addr := flag.String("connect", "", "server ADDR:PORT")
+	send := flag.Int64("send", 0, "bytes to send")
+	hold := flag.Bool("hold", false, "print the peer, then wait for stdin to close before sending")
+	timeout := flag.Duration("timeout", 3*time.Second, "connect timeout")
+	flag.Parse()
+	if err := run(*addr, *send, *hold, *timeout); err != nil {
+		fmt.Println("error:", err)
+		os.Exit(1)
+	}
+}
+
+func run(addr string, send int64, hold bool, timeout time.Duration) error {
+	c, err := net.DialTimeout("tcp", addr, timeout)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	tc := c.(*net.TCPConn)
+	r := bufio.NewReader(c)
+	peer, err := networld.Greeting(r)
+	if err != nil {
+		return err
+	}
+	if hold {
+		fmt.Printf("peer=%s\n", peer)
+		io.Copy(io.Discard, os.Stdin)
+	}
+	if _, err := io.CopyN(c, zeros{}, send); err != nil {
+		return err
+	}
+	tc.CloseWrite()
+	line, err := r.ReadString('\n')
+	if err != nil {
+		return err
+	}
+	n, err := strconv.ParseInt(strings.TrimSpace(line), 10, 64)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("peer=%s received=%d\n", peer, n)
+	return nil
+}
+
+type zeros struct{}
+
+func (zeros) Read(p []byte) (int, error) { clear(p); return len(p), nil }
