@@ -196,10 +196,7 @@ func TestSIGHUPReload(t *testing.T) {
 	}
 	defer open.Close()
 
-	pinned := strings.Replace(webRule, `uplink = "isp-b"`, `uplink = "default"`, 1)
-	if err := os.WriteFile(e.cfg, []byte(fmt.Sprintf(configHead, e.sock)+pinned), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	e.writeConfig(strings.Replace(webRule, `uplink = "isp-b"`, `uplink = "default"`, 1))
 	d.Signal(syscall.SIGHUP)
 	if _, err := d.WaitFor("msg=reloaded", 5*time.Second); err != nil {
 		t.Fatal(err)
@@ -213,10 +210,7 @@ func TestSIGHUPReload(t *testing.T) {
 		t.Fatalf("open flow after reload: peer %v, %d bytes, err %v", peer, n, err)
 	}
 
-	broken := fmt.Sprintf(configHead, e.sock) + "\n[[rule]]\nuplink = \"isp-b\"\ndport = 0\n"
-	if err := os.WriteFile(e.cfg, []byte(broken), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	e.writeConfig("\n[[rule]]\nuplink = \"isp-b\"\ndport = 0\n")
 	d.Signal(syscall.SIGHUP)
 	if _, err := d.WaitFor("reload rejected", 5*time.Second); err != nil {
 		t.Fatal(err)

@@ -73,15 +73,21 @@ func newEnv(t *testing.T, rules string) *env {
 	e := &env{t: t, w: w, dir: t.TempDir()}
 	e.sock = filepath.Join(e.dir, "rerouted.sock")
 	e.cfg = filepath.Join(e.dir, "rerouted.toml")
-	if err := os.WriteFile(e.cfg, []byte(fmt.Sprintf(configHead, e.sock)+rules), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	e.writeConfig(rules)
 	for _, port := range []uint16{80, 8080} {
 		if _, err := w.Serve(port); err != nil {
 			t.Fatal(err)
 		}
 	}
 	return e
+}
+
+// writeConfig (re)writes the configuration file: the common head, then rules.
+func (e *env) writeConfig(rules string) {
+	e.t.Helper()
+	if err := os.WriteFile(e.cfg, []byte(fmt.Sprintf(configHead, e.sock)+rules), 0o600); err != nil {
+		e.t.Fatal(err)
+	}
 }
 
 // start runs the daemon with --debug and waits until it is ready.
