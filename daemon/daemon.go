@@ -3,14 +3,18 @@
 // flow's translation in the kernel, and removes it when the socket is gone.
 //
 // Goroutines and what each owns:
-//   - the queue goroutine runs the packet path (packet.go); it owns the
-//     sock_diag socket for exact lookups and the rtnetlink socket;
-//   - the sweeper owns a second sock_diag socket for dumps;
+//   - one worker per queue runs the packet path (packet.go); it owns its
+//     queue socket, a sock_diag socket for exact lookups, an rtnetlink
+//     socket and the route cache;
+//   - the installer applies flow changes to the kernel maps, in order, a
+//     transaction per burst (install.go); the Datapath owns the nftables
+//     socket;
+//   - the sweeper owns a sock_diag socket for dumps;
+//   - the routing watcher owns an rtnetlink notification socket;
 //   - the control server answers `rerouted flows`.
 //
-// The nftables socket belongs to the Datapath, which serialises
-// transactions; d.mu orders flow creation against removal so that a removal
-// can never delete the kernel entries of a newer flow with the same tuple.
+// d.mu makes each flow table change and its kernel change one step, so the
+// kernel sees them in table order.
 package daemon
 
 import (
@@ -49,58 +53,63 @@ type Daemon struct {
 	log    *slog.Logger
 	events *eventWriter
 	dp     *nftdp.Datapath
-	q      *queue.Queue
 	flows  *flow.Table
-	mu     sync.Mutex // orders flow creation (packet path) against removal
+	inst   *installer
+	mu     sync.Mutex // a flow table change and its kernel change are one step
 
-	// Owned by the packet goroutine.
-	diag           *sockdiag.Conn
-	routes         *router
-	owner          sockOwner   // the socket being decided
-	query          policy.Flow // the flow being decided (reused: no allocation)
+	routing        atomic.Uint64 // bumped on every routing change: route caches are stale
 	portLo, portHi uint16
+	stats          stats
 }
 
-// queueRcvbuf is the NFQUEUE socket buffer: bursts of new connections must
-// not overflow it (DESIGN-NOTES: a large SO_RCVBUFFORCE fixed drops).
+// stats counts what the packet path did, for the logs (and metrics).
+type stats struct {
+	syns       atomic.Uint64 // SYNs decided
+	translated atomic.Uint64 // new flows translated
+	retrans    atomic.Uint64 // retransmitted SYNs of translated flows
+	dropped    atomic.Uint64 // packets dropped (the socket retries)
+}
+
+// queueRcvbuf is each NFQUEUE socket's buffer: bursts of new connections
+// must not overflow it (DESIGN-NOTES: a large SO_RCVBUFFORCE fixed drops).
 const queueRcvbuf = 8 << 20
 
 // Run runs the daemon until ctx is done, then removes everything it
 // installed. It returns once the host is back as it found it.
 func Run(ctx context.Context, o Options) (err error) {
+	cfg := o.Config
 	d := &Daemon{log: o.Log, flows: flow.NewTable()}
-	d.cfg.Store(o.Config)
-	d.owner.owners = sockdiag.NewOwners()
+	d.cfg.Store(cfg)
+	d.inst = newInstaller(d)
 	if o.Events != nil {
 		d.events = &eventWriter{w: o.Events}
 	}
-	if err := checkUplinks(o.Config); err != nil {
+	if err := checkUplinks(cfg); err != nil {
 		return err
 	}
 	if d.portLo, d.portHi, err = localPortRange(); err != nil {
 		return err
 	}
-	cfg := o.Config
 	var undo []func() error // teardown, run in reverse
 	defer func() {
 		for i := len(undo) - 1; i >= 0; i-- {
 			err = errors.Join(err, undo[i]())
 		}
 	}()
+	runCtx, stop := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	undo = append(undo, func() error { stop(); wg.Wait(); return nil })
 
-	if d.diag, err = sockdiag.Open(); err != nil {
+	watched, err := watchRouting(runCtx, &d.routing)
+	if err != nil {
 		return err
 	}
-	undo = append(undo, d.diag.Close)
+	undo = append(undo, func() error { stop(); <-watched; return nil })
 	sweepDiag, err := sockdiag.Open()
 	if err != nil {
 		return err
 	}
 	undo = append(undo, sweepDiag.Close)
-	if d.routes, err = newRouter(); err != nil {
-		return err
-	}
-	undo = append(undo, func() error { d.routes.close(); return nil })
 
 	ctl, err := listenControl(cfg.Daemon.ControlSocket)
 	if err != nil {
@@ -117,7 +126,8 @@ func Run(ctx context.Context, o Options) (err error) {
 		return err
 	})
 
-	if d.dp, err = nftdp.Install(cfg.Daemon.Queue); err != nil {
+	nq := uint16(cfg.Daemon.Queues)
+	if d.dp, err = nftdp.Install(cfg.Daemon.Queue, nq); err != nil {
 		return err
 	}
 	if d.dp.Replaced {
@@ -130,30 +140,70 @@ func Run(ctx context.Context, o Options) (err error) {
 		return err
 	})
 
-	if d.q, err = queue.Open(cfg.Daemon.Queue, queueRcvbuf); err != nil {
-		return err
-	}
-	undo = append(undo, d.q.Close)
-
-	var wg sync.WaitGroup
-	runCtx, stop := context.WithCancel(ctx)
-	undo = append(undo, func() error { stop(); wg.Wait(); return nil })
-	wg.Add(3)
+	wg.Add(4)
+	go func() { defer wg.Done(); d.inst.run(runCtx) }()
 	go func() { defer wg.Done(); d.sweepLoop(runCtx, sweepDiag) }()
 	go func() { defer wg.Done(); d.serveControl(runCtx, ctl) }()
 	go func() { defer wg.Done(); d.reloadLoop(runCtx, o.Reload) }()
 
-	// Bind before announcing readiness: "ready" means new connections are
-	// translated, not passed by the queue's bypass.
-	if err := d.q.Start(runCtx, d.handle, func(err error) { d.log.Error("nfqueue receive", "err", err) }); err != nil {
-		return err
+	// Workers last: binding a queue is what makes new connections ours, so
+	// "ready" means they are translated, not passed by the queue's bypass.
+	for i := uint16(0); i < nq; i++ {
+		wk, closeWorker, err := d.newWorker(cfg.Daemon.Queue + i)
+		if err != nil {
+			return err
+		}
+		undo = append(undo, closeWorker)
+		if err := wk.q.Start(runCtx, wk.handle, wk.idle, func(err error) { d.log.Error("nfqueue receive", "queue", wk.q.Num, "err", err) }); err != nil {
+			return err
+		}
 	}
-	d.log.Info("ready", "config", cfg.File, "queue", cfg.Daemon.Queue, "queue_method", d.dp.QueueMethod,
+	d.log.Info("ready", "config", cfg.File, "queue", cfg.Daemon.Queue, "queues", nq, "queue_method", d.dp.QueueMethod,
 		"table", "inet "+nftdp.TableName, "honor_marks", cfg.Daemon.HonorMarks, "uplinks", len(cfg.Uplinks),
 		"rules", len(cfg.Rules), "control_socket", cfg.Daemon.ControlSocket)
 	<-ctx.Done()
-	d.log.Info("stopping")
+	d.log.Info("stopping", "syns", d.stats.syns.Load(), "translated", d.stats.translated.Load(),
+		"retransmitted_syns", d.stats.retrans.Load(),
+		"dropped", d.stats.dropped.Load(), "flows", d.flows.Len())
 	return nil
+}
+
+// newWorker opens the sockets of one queue's worker.
+func (d *Daemon) newWorker(num uint16) (*worker, func() error, error) {
+	w := &worker{d: d}
+	var err error
+	if w.diag, err = sockdiag.Open(); err != nil {
+		return nil, nil, err
+	}
+	if w.routes, err = newRouter(&d.routing); err != nil {
+		w.diag.Close()
+		return nil, nil, err
+	}
+	if w.q, err = queue.Open(num, queue.Options{Rcvbuf: queueRcvbuf}); err != nil {
+		w.diag.Close()
+		w.routes.close()
+		return nil, nil, err
+	}
+	w.owner.owners = sockdiag.NewOwners()
+	w.arena = make([]byte, maxHeld*heldSlot)
+	return w, func() error {
+		err := w.q.Close()
+		w.routes.close()
+		return errors.Join(err, w.diag.Close())
+	}, nil
+}
+
+// forget removes a flow from the table and, in order, from the kernel.
+func (d *Daemon) forget(f *flow.Flow) {
+	d.mu.Lock()
+	removed := d.flows.Remove(f)
+	if removed {
+		d.inst.enqueue(f, true)
+	}
+	d.mu.Unlock()
+	if removed {
+		d.events.write("DESTROY", f)
+	}
 }
 
 // checkUplinks verifies the interfaces the configuration names exist.
@@ -248,32 +298,12 @@ func (d *Daemon) sweepLoop(ctx context.Context, diag *sockdiag.Conn) {
 		}
 		d.mu.Lock()
 		dead := s.End()
-		d.removeKernel(dead)
+		for _, f := range dead {
+			d.inst.enqueue(f, true)
+		}
 		d.mu.Unlock()
 		for _, f := range dead {
 			d.events.write("DESTROY", f)
-		}
-	}
-}
-
-// removeKernel deletes the kernel entries of flows already taken out of the
-// table. Called with d.mu held.
-func (d *Daemon) removeKernel(fs []*flow.Flow) {
-	if len(fs) == 0 {
-		return
-	}
-	es := make([]nftdp.Entry, len(fs))
-	for i, f := range fs {
-		es[i] = entry(f)
-	}
-	if err := d.dp.Delete(es...); err == nil {
-		return
-	}
-	// One bad element fails the whole transaction: retry one by one so the
-	// others still go, and name the one that failed.
-	for _, e := range es {
-		if err := d.dp.Delete(e); err != nil {
-			d.log.Error("remove flow from kernel", "src", e.Src, "dst", e.Dst, "err", err)
 		}
 	}
 }

@@ -67,24 +67,24 @@ var decideCases = []decideCase{
 
 // decideOnce runs the decision path for one new connection: the exact
 // socket lookup and the policy with its lazy owner lookups.
-func decideOnce(d *Daemon, cfg *policy.Config, local, remote netip.AddrPort) (string, error) {
+func decideOnce(w *worker, cfg *policy.Config, local, remote netip.AddrPort) (string, error) {
 	var sock sockdiag.Socket
-	if err := d.diag.Lookup(unix.IPPROTO_TCP, local, remote, &sock); err != nil {
+	if err := w.diag.Lookup(unix.IPPROTO_TCP, local, remote, &sock); err != nil {
 		return "", err
 	}
-	_, rule := d.decide(cfg, &sock, 0, 0, remote)
+	_, rule := w.decide(cfg, &sock, 0, 0, remote)
 	return rule, nil
 }
 
-func newDecider(tb testing.TB) *Daemon {
+func newDecider(tb testing.TB) *worker {
 	diag, err := sockdiag.Open()
 	if err != nil {
 		tb.Fatal(err)
 	}
 	tb.Cleanup(func() { diag.Close() })
-	d := &Daemon{diag: diag}
-	d.owner.owners = sockdiag.NewOwners()
-	return d
+	w := &worker{diag: diag}
+	w.owner.owners = sockdiag.NewOwners()
+	return w
 }
 
 func TestDecideMatchesEachCase(t *testing.T) {

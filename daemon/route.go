@@ -1,9 +1,12 @@
 package daemon
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
+	"sync/atomic"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -18,35 +21,58 @@ type route struct {
 	MTU    int // path MTU: the route's if it has one, else the device's
 }
 
-// router resolves routes over one rtnetlink socket. It is owned by the
-// packet goroutine.
+// router resolves routes over one rtnetlink socket and caches the answers
+// until the routing changes. Each packet worker owns one.
 type router struct {
-	h     *netlink.Handle
-	links map[int]linkInfo
+	h       *netlink.Handle
+	changes *atomic.Uint64 // bumped by watchRouting on every change
+	gen     uint64         // the value of changes the caches belong to
+	cache   map[routeKey]route
+	links   map[int]linkInfo
+}
+
+type routeKey struct {
+	dst    netip.Addr
+	mark   uint32
+	uid    uint32
+	hasUID bool
 }
 
 type linkInfo struct {
-	name    string
-	mtu     int
-	fetched time.Time
+	name string
+	mtu  int
 }
 
-// linkTTL bounds how stale a cached interface name or MTU can be.
-const linkTTL = 5 * time.Second
+// maxRoutes bounds the route cache (one entry per destination and mark).
+const maxRoutes = 1 << 16
 
-func newRouter() (*router, error) {
+func newRouter(changes *atomic.Uint64) (*router, error) {
 	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
 		return nil, fmt.Errorf("rtnetlink socket: %w", err)
 	}
-	return &router{h: h, links: map[int]linkInfo{}}, nil
+	return &router{h: h, changes: changes, cache: map[routeKey]route{}, links: map[int]linkInfo{}}, nil
 }
 
 func (r *router) close() { r.h.Close() }
 
-// lookup asks the kernel which route and source a packet to dst with mark
-// (and owned by uid) would get: `ip route get DST mark M uid U`.
+// fresh drops the caches if the routing changed since they were filled.
+func (r *router) fresh() {
+	if g := r.changes.Load(); g != r.gen {
+		clear(r.cache)
+		clear(r.links)
+		r.gen = g
+	}
+}
+
+// lookup asks which route and source a packet to dst with mark (and owned
+// by uid) gets: `ip route get DST mark M uid U`.
 func (r *router) lookup(dst netip.Addr, mark uint32, uid uint32, hasUID bool) (route, error) {
+	r.fresh()
+	k := routeKey{dst: dst, mark: mark, uid: uid, hasUID: hasUID}
+	if rt, ok := r.cache[k]; ok {
+		return rt, nil
+	}
 	opts := &netlink.RouteGetOptions{Mark: mark}
 	if hasUID {
 		opts.UID = &uid
@@ -71,18 +97,66 @@ func (r *router) lookup(dst netip.Addr, mark uint32, uid uint32, hasUID bool) (r
 	if out.MTU == 0 {
 		out.MTU = li.mtu
 	}
+	if len(r.cache) >= maxRoutes {
+		clear(r.cache)
+	}
+	r.cache[k] = out
 	return out, nil
 }
 
 func (r *router) link(idx int) (linkInfo, error) {
-	if li, ok := r.links[idx]; ok && time.Since(li.fetched) < linkTTL {
+	r.fresh()
+	if li, ok := r.links[idx]; ok {
 		return li, nil
 	}
 	l, err := r.h.LinkByIndex(idx)
 	if err != nil {
 		return linkInfo{}, fmt.Errorf("link %d: %w", idx, err)
 	}
-	li := linkInfo{name: l.Attrs().Name, mtu: l.Attrs().MTU, fetched: time.Now()}
+	li := linkInfo{name: l.Attrs().Name, mtu: l.Attrs().MTU}
 	r.links[idx] = li
 	return li, nil
+}
+
+// routingGroups are the rtnetlink multicast groups whose messages can change
+// a route lookup's answer: links (MTU, state), addresses, routes and rules.
+const routingGroups = unix.RTMGRP_LINK | unix.RTMGRP_IPV4_IFADDR | unix.RTMGRP_IPV4_ROUTE | unix.RTMGRP_IPV4_RULE |
+	unix.RTMGRP_IPV6_IFADDR | unix.RTMGRP_IPV6_ROUTE | 1<<(unix.RTNLGRP_IPV6_RULE-1)
+
+// watchRouting subscribes to routing changes and, until ctx is done, bumps
+// changes for every message, and for lost messages (ENOBUFS) too. It
+// returns once subscribed, so that no change after it returns is missed.
+func watchRouting(ctx context.Context, changes *atomic.Uint64) (done <-chan struct{}, err error) {
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, fmt.Errorf("rtnetlink notifications: %w", err)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: routingGroups}); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("rtnetlink notifications: %w", err)
+	}
+	// Wake up regularly to notice ctx.
+	tv := unix.NsecToTimeval((200 * time.Millisecond).Nanoseconds())
+	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("rtnetlink notifications: %w", err)
+	}
+	ch := make(chan struct{})
+	go func() {
+		defer close(ch)
+		defer unix.Close(fd)
+		buf := make([]byte, 64<<10)
+		for ctx.Err() == nil {
+			_, err := unix.Read(fd, buf)
+			switch {
+			case err == nil, errors.Is(err, unix.ENOBUFS):
+				changes.Add(1)
+			case errors.Is(err, unix.EAGAIN), errors.Is(err, unix.EINTR):
+			default:
+				changes.Add(1)
+				time.Sleep(100 * time.Millisecond)
+			}
+		}
+	}()
+	return ch, nil
 }

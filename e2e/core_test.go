@@ -219,6 +219,33 @@ func TestFlowsLiveExactlyAsLongAsSockets(t *testing.T) {
 	}
 }
 
+// A SYN is released only once its flow's kernel elements are installed:
+// else the SYN-ACK would meet a closed port and only the SYN's
+// retransmission, a second later, would get through. The installer is
+// slowed down to make any such race certain.
+func TestSYNWaitsForItsElements(t *testing.T) {
+	e := newEnv(t, webRule)
+	e.start("REROUTED_TEST_INSTALL_DELAY=300ms")
+	for i := 0; i < 3; i++ {
+		t0 := time.Now()
+		c, err := e.w.Dial(networld.DialOptions{Port: 80})
+		if err != nil {
+			t.Fatalf("connection %d: %v", i, err)
+		}
+		switch d := time.Since(t0); {
+		case d < 250*time.Millisecond:
+			t.Fatalf("connected in %v: the SYN did not wait for the 300 ms install", d)
+		case d > 900*time.Millisecond:
+			t.Fatalf("connected in %v: the first SYN-ACK was lost and only the SYN's retransmission (after 1 s) got through", d)
+		}
+		peer, n, err := networld.Exchange(c, 1<<20)
+		c.Close()
+		if err != nil || n != 1<<20 || peer.Addr() != networld.HostB {
+			t.Fatalf("connection %d: peer %v, %d bytes, err %v", i, peer, n, err)
+		}
+	}
+}
+
 // Translations never put a tuple on the wire twice: not one a real socket
 // uses, not one another translation uses, and not one a real socket opens
 // later.

@@ -90,10 +90,11 @@ func (e *env) writeConfig(rules string) {
 	}
 }
 
-// start runs the daemon with --debug and waits until it is ready.
-func (e *env) start() *networld.Daemon {
+// start runs the daemon with --debug and waits until it is ready; env adds
+// environment variables.
+func (e *env) start(env ...string) *networld.Daemon {
 	e.t.Helper()
-	d, err := e.w.StartDaemon(bin, e.cfg, nil, "--debug")
+	d, err := e.w.StartDaemonEnv(bin, e.cfg, env, nil, "--debug")
 	if err != nil {
 		e.t.Fatal(err)
 	}

@@ -36,6 +36,7 @@ type Flow struct {
 	Cookie uint64 // sock_diag cookie: tells a socket from a later one reusing its tuple
 	Inode  uint32
 	Start  time.Time
+	Seq    uint64 // the kernel change that installs it; set before Reserve, never after
 
 	seen uint64 // sweep generation in which its socket was last seen
 }
@@ -69,6 +70,26 @@ func (t *Table) OnWire(k Key) bool {
 	defer t.mu.Unlock()
 	_, ok := t.byWire[k]
 	return ok
+}
+
+// ByWire returns the flow whose translation puts k on the wire, or nil.
+func (t *Table) ByWire(k Key) *Flow {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.byWire[k]
+}
+
+// Reserve adds f unless its socket tuple or its wire tuple is taken.
+func (t *Table) Reserve(f *Flow) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.bySock[f.Key] != nil || t.byWire[f.Wire()] != nil {
+		return false
+	}
+	f.seen = t.gen
+	t.bySock[f.Key] = f
+	t.byWire[f.Wire()] = f
+	return true
 }
 
 // Insert adds f. A flow with the same socket tuple must have been removed.

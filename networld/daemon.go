@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"fmt"
 	"io"
+	"os"
 	"os/exec"
 	"strings"
 	"sync"
@@ -26,9 +27,15 @@ type Daemon struct {
 // (entered before the program starts, as for any service).
 // Every output line is kept, and copied to echo if it is not nil.
 func (w *World) StartDaemon(bin, config string, echo io.Writer, args ...string) (*Daemon, error) {
+	return w.StartDaemonEnv(bin, config, nil, echo, args...)
+}
+
+// StartDaemonEnv is StartDaemon with extra environment variables.
+func (w *World) StartDaemonEnv(bin, config string, env []string, echo io.Writer, args ...string) (*Daemon, error) {
 	d := &Daemon{done: make(chan struct{})}
 	d.cond = sync.NewCond(&d.mu)
 	d.cmd = w.Host.Command(bin, append([]string{"run", "--config", config}, args...)...)
+	d.cmd.Env = append(os.Environ(), env...)
 	pr, pw := io.Pipe()
 	d.cmd.Stdout, d.cmd.Stderr = pw, pw
 	if err := d.cmd.Start(); err != nil {

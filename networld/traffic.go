@@ -215,3 +215,41 @@ func (pattern) Read(p []byte) (int, error) {
 	}
 	return len(p), nil
 }
+
+// Listener is a bare server of the internet namespace for benchmarks.
+type Listener struct {
+	ln net.Listener
+	wg sync.WaitGroup
+}
+
+// ServeFunc starts a server on ServerAddr:port that runs handle for each
+// connection. Close it when done.
+func (w *World) ServeFunc(port uint16, handle func(net.Conn)) (*Listener, error) {
+	l := &Listener{}
+	err := w.Net.Do(func() (err error) {
+		l.ln, err = net.Listen("tcp", netip.AddrPortFrom(ServerAddr, port).String())
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("listen on port %d in %s: %w", port, w.Net.Name, err)
+	}
+	l.wg.Add(1)
+	go func() {
+		defer l.wg.Done()
+		for {
+			c, err := l.ln.Accept()
+			if err != nil {
+				return
+			}
+			l.wg.Add(1)
+			go func() { defer l.wg.Done(); defer c.Close(); handle(c) }()
+		}
+	}()
+	return l, nil
+}
+
+// Close stops the listener and waits for its connections to end.
+func (l *Listener) Close() {
+	l.ln.Close()
+	l.wg.Wait()
+}

@@ -60,7 +60,8 @@ type Entry struct {
 // transaction at a time.
 type Datapath struct {
 	mu        sync.Mutex
-	conn      *nftables.Conn
+	conn      *nftables.Conn // setup, listing, removal
+	elems     *elemConn      // per-flow transactions (elements.go)
 	table     *nftables.Table
 	out4, in4 *nftables.Set
 	// QueueMethod says how packets reach the queue: "nft queue" or, on
@@ -71,8 +72,9 @@ type Datapath struct {
 }
 
 // Install creates rerouted's table, replacing one left by an earlier run, in
-// the caller's network namespace.
-func Install(queue uint16) (*Datapath, error) {
+// the caller's network namespace. Packets are queued to queues first ..
+// first+total-1, spread by CPU.
+func Install(first, total uint16) (*Datapath, error) {
 	conn, err := nftables.New(nftables.AsLasting())
 	if err != nil {
 		return nil, fmt.Errorf("nftables netlink: %w", err)
@@ -86,13 +88,17 @@ func Install(queue uint16) (*Datapath, error) {
 		}
 		d.Replaced = true
 	}
-	if err := d.build(queue, true); err != nil {
+	if err := d.build(first, total, true); err != nil {
 		// Kernels built without CONFIG_NFT_QUEUE reject the native
 		// statement; the xtables target through nft_compat does the same.
-		if err2 := d.build(queue, false); err2 != nil {
+		if err2 := d.build(first, total, false); err2 != nil {
 			conn.CloseLasting()
 			return nil, fmt.Errorf("install table inet %s: with nft queue: %v; with xt NFQUEUE: %w", TableName, err, err2)
 		}
+	}
+	if d.elems, err = openElemConn(); err != nil {
+		d.Remove()
+		return nil, err
 	}
 	return d, nil
 }
@@ -103,7 +109,7 @@ func (d *Datapath) Remove() error {
 	defer d.mu.Unlock()
 	d.conn.DelTable(d.table)
 	err := d.conn.Flush()
-	if cerr := d.conn.CloseLasting(); err == nil {
+	if cerr := d.closeSockets(); err == nil {
 		err = cerr
 	}
 	if err != nil {
@@ -117,10 +123,18 @@ func (d *Datapath) Remove() error {
 func (d *Datapath) Close() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	return d.conn.CloseLasting()
+	return d.closeSockets()
 }
 
-func (d *Datapath) build(queue uint16, native bool) error {
+func (d *Datapath) closeSockets() error {
+	err := d.conn.CloseLasting()
+	if d.elems != nil {
+		err = errors.Join(err, d.elems.close())
+	}
+	return err
+}
+
+func (d *Datapath) build(first, total uint16, native bool) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	c, t := d.conn, d.table
@@ -156,25 +170,8 @@ func (d *Datapath) build(queue uint16, native bool) error {
 	}})
 	// Every SYN goes to the daemon, translated flows' retransmissions too:
 	// the daemon checks that the socket is still the one it translated.
-	queueRule := append(tcp4(),
-		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 13, Len: 1},
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{0x17}, Xor: []byte{0}},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0x02}},
-	)
-	if native {
-		d.QueueMethod = "nft queue"
-		queueRule = append(queueRule, &expr.Queue{Num: queue, Flag: expr.QueueFlagBypass})
-	} else {
-		d.QueueMethod = "xt NFQUEUE"
-		// struct xt_NFQ_info_v3 { u16 queuenum, queues_total, flags }, XT_ALIGNed; flag 1 = bypass.
-		info := make(xt.Unknown, 8)
-		binary.NativeEndian.PutUint16(info[0:], queue)
-		binary.NativeEndian.PutUint16(info[2:], 1)
-		binary.NativeEndian.PutUint16(info[4:], 1)
-		queueRule = append(queueRule, &expr.Target{Name: "NFQUEUE", Rev: 3, Info: &info})
-	}
-	c.AddRule(&nftables.Rule{Table: t, Chain: out, Exprs: queueRule})
-
+	c.AddRule(&nftables.Rule{Table: t, Chain: out, Exprs: append(tcp4(),
+		append(tcpFlags(0x17, 0x02), queueTo(first, total, native))...)})
 	// Outbound: socket tuple -> new source, port, mark.
 	c.AddRule(&nftables.Rule{Table: t, Chain: out, Exprs: append(tcp4(),
 		loadIP(12, 8), loadPort(0, 9), loadIP(16, 10), loadPort(2, 11),
@@ -188,7 +185,44 @@ func (d *Datapath) build(queue uint16, native bool) error {
 		&expr.Lookup{SourceRegister: 8, DestRegister: 12, IsDestRegSet: true, SetName: d.in4.Name, SetID: d.in4.ID},
 		writeIP(16, 12), writePort(2, 13),
 	)})
+	if native {
+		d.QueueMethod = "nft queue"
+	} else {
+		d.QueueMethod = "xt NFQUEUE"
+	}
 	return c.Flush()
+}
+
+// tcpFlags matches TCP flags & mask == want.
+func tcpFlags(mask, want byte) []expr.Any {
+	return []expr.Any{
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 13, Len: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{mask}, Xor: []byte{0}},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{want}},
+	}
+}
+
+// queueTo queues to first..first+total-1 by CPU, with bypass: without a
+// daemon the packet goes on as if the rule were not there.
+func queueTo(first, total uint16, native bool) expr.Any {
+	if native {
+		flag := expr.QueueFlagBypass
+		if total > 1 {
+			flag |= expr.QueueFlagFanout
+		}
+		return &expr.Queue{Num: first, Total: total, Flag: flag}
+	}
+	// struct xt_NFQ_info_v3 { u16 queuenum, queues_total, flags }, XT_ALIGNed;
+	// flags: 1 bypass, 2 CPU fanout.
+	info := make(xt.Unknown, 8)
+	binary.NativeEndian.PutUint16(info[0:], first)
+	binary.NativeEndian.PutUint16(info[2:], total)
+	flags := uint16(1)
+	if total > 1 {
+		flags |= 2
+	}
+	binary.NativeEndian.PutUint16(info[4:], flags)
+	return &expr.Target{Name: "NFQUEUE", Rev: 3, Info: &info}
 }
 
 // tcp4 matches IPv4 TCP in an inet chain.
@@ -222,54 +256,43 @@ func writePort(off, reg uint32) expr.Any {
 		Offset: off, Len: 2, CsumType: expr.CsumTypeInet, CsumOffset: 16}
 }
 
-// Add installs the map elements of entries in one transaction.
-func (d *Datapath) Add(entries ...Entry) error {
-	return d.apply(entries, true)
+// Op is one change to the flow maps.
+type Op struct {
+	Entry
+	Delete bool
 }
 
+// Add installs the map elements of entries in one transaction.
+func (d *Datapath) Add(entries ...Entry) error { return d.Apply(ops(entries, false)) }
+
 // Delete removes the map elements of entries in one transaction.
-func (d *Datapath) Delete(entries ...Entry) error {
-	return d.apply(entries, false)
+func (d *Datapath) Delete(entries ...Entry) error { return d.Apply(ops(entries, true)) }
+
+func ops(es []Entry, del bool) []Op {
+	out := make([]Op, len(es))
+	for i, e := range es {
+		out[i] = Op{Entry: e, Delete: del}
+	}
+	return out
 }
 
 // ErrFamily is returned for entries that are not IPv4.
 var ErrFamily = errors.New("only IPv4 flows are supported by this datapath")
 
-func (d *Datapath) apply(entries []Entry, add bool) error {
-	if len(entries) == 0 {
+// Apply makes the changes in order, in one transaction: all or none.
+func (d *Datapath) Apply(changes []Op) error {
+	if len(changes) == 0 {
 		return nil
 	}
-	out := make([]nftables.SetElement, 0, len(entries))
-	in := make([]nftables.SetElement, 0, len(entries))
-	for _, e := range entries {
-		if !e.Src.Addr().Is4() || !e.Dst.Addr().Is4() || !e.NewSrc.Addr().Is4() {
+	for _, c := range changes {
+		if !c.Src.Addr().Is4() || !c.Dst.Addr().Is4() || !c.NewSrc.Addr().Is4() {
 			return ErrFamily
 		}
-		out = append(out, nftables.SetElement{Key: tuple(e.Src, e.Dst), Val: outData(e.NewSrc, e.Mark)})
-		in = append(in, nftables.SetElement{Key: tuple(e.NewSrc, e.Dst), Val: addrPort(nil, e.Src)})
 	}
-	// The reply key is written from the reply's point of view: local first.
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	var err error
-	if add {
-		if err = d.conn.SetAddElements(d.out4, out); err == nil {
-			err = d.conn.SetAddElements(d.in4, in)
-		}
-	} else {
-		if err = d.conn.SetDeleteElements(d.out4, out); err == nil {
-			err = d.conn.SetDeleteElements(d.in4, in)
-		}
-	}
-	if err == nil {
-		err = d.conn.Flush()
-	}
-	if err != nil {
-		op := "add"
-		if !add {
-			op = "delete"
-		}
-		return fmt.Errorf("%s %d flow elements: %w", op, len(entries), err)
+	if err := d.elems.transact(changes); err != nil {
+		return fmt.Errorf("apply %d flow changes: %w", len(changes), err)
 	}
 	return nil
 }
@@ -295,23 +318,6 @@ func (d *Datapath) Entries() ([]Entry, error) {
 		})
 	}
 	return out, nil
-}
-
-// tuple encodes a . b as a concatenated key: address, then port padded to
-// a 32-bit register.
-func tuple(a, b netip.AddrPort) []byte {
-	return addrPort(addrPort(make([]byte, 0, 16), a), b)
-}
-
-func addrPort(dst []byte, ap netip.AddrPort) []byte {
-	a := ap.Addr().As4()
-	dst = append(dst, a[:]...)
-	return append(dst, byte(ap.Port()>>8), byte(ap.Port()), 0, 0)
-}
-
-func outData(src netip.AddrPort, mark uint32) []byte {
-	b := addrPort(make([]byte, 0, 12), src)
-	return binary.NativeEndian.AppendUint32(b, mark) // meta mark is host byte order
 }
 
 func parseAddrPort(b []byte) netip.AddrPort {

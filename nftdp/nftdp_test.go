@@ -17,7 +17,7 @@ func TestInstallAddDeleteRemove(t *testing.T) {
 	}
 
 	var d *Datapath
-	if err := ns.Do(func() (err error) { d, err = Install(7); return err }); err != nil {
+	if err := ns.Do(func() (err error) { d, err = Install(7, 2); return err }); err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("queue method: %s", d.QueueMethod)
@@ -29,14 +29,14 @@ func TestInstallAddDeleteRemove(t *testing.T) {
 		"type route hook output priority mangle + 10",
 		"type filter hook prerouting priority raw",
 		"map out4", "map in4",
-		"queue", // nft queue or xt NFQUEUE, both with bypass
+		"queue num 7-8", // nft queue or xt NFQUEUE, fanned out over two queues
 	} {
 		if !strings.Contains(listing, want) {
 			t.Errorf("table lacks %q:\n%s", want, listing)
 		}
 	}
-	if !strings.Contains(listing, "bypass") {
-		t.Errorf("queue rule has no bypass:\n%s", listing)
+	if !strings.Contains(listing, "bypass") || !strings.Contains(listing, "fanout") {
+		t.Errorf("the queue rule lacks bypass or fanout:\n%s", listing)
 	}
 
 	entries := []Entry{
@@ -63,16 +63,27 @@ func TestInstallAddDeleteRemove(t *testing.T) {
 		t.Errorf("in4 lacks the reply element:\n%s", in)
 	}
 
-	if err := d.Delete(entries[0]); err != nil {
+	// One transaction, in order: a tuple deleted and added again (a new
+	// socket reusing it) ends with the new element.
+	reused := entries[0]
+	reused.NewSrc = ap("203.0.113.2:40999")
+	if err := d.Apply([]Op{{Entry: entries[0], Delete: true}, {Entry: reused}, {Entry: entries[1], Delete: true}}); err != nil {
 		t.Fatal(err)
 	}
-	if got, _ := d.Entries(); len(got) != 1 || got[0] != entries[1] {
-		t.Fatalf("after delete: %+v", got)
+	if got, _ := d.Entries(); len(got) != 1 || got[0] != reused {
+		t.Fatalf("after delete and re-add: %+v", got)
+	}
+	// A failed transaction changes nothing.
+	if err := d.Apply([]Op{{Entry: entries[1]}, {Entry: entries[0], Delete: true}}); err == nil {
+		t.Fatal("deleting a missing element succeeded")
+	}
+	if got, _ := d.Entries(); len(got) != 1 || got[0] != reused {
+		t.Fatalf("a failed transaction left %+v", got)
 	}
 
 	// A second Install (a restart after a crash) replaces the stale table.
 	var d2 *Datapath
-	if err := ns.Do(func() (err error) { d2, err = Install(7); return err }); err != nil {
+	if err := ns.Do(func() (err error) { d2, err = Install(7, 1); return err }); err != nil {
 		t.Fatal(err)
 	}
 	if !d2.Replaced {

@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"os"
 	"os/user"
+	"runtime"
 	"sort"
 	"strconv"
 	"strings"
@@ -34,6 +35,8 @@ type Daemon struct {
 	HonorMarks    bool          // a mark set by the host's own rules decides the uplink
 	ControlSocket string        // unix socket for `rerouted flows`
 	GCInterval    time.Duration // how often sockets are checked for flows to remove
+	Datapath      string        // "kernel" (nft maps) or "userspace" (every packet through the daemon)
+	Queues        int           // NFQUEUE queues from Queue on, for the userspace datapath's workers
 }
 
 // Uplink is one [[uplink]]: a fwmark whose routing table leads out of it.
@@ -127,6 +130,8 @@ func (p *parser) config(raw map[string]any) *Config {
 		HonorMarks:    true,
 		ControlSocket: DefaultControlSocket,
 		GCInterval:    DefaultGCInterval,
+		Datapath:      "kernel",
+		Queues:        runtime.NumCPU(),
 	}}
 	for _, k := range sortedKeys(raw) {
 		v := raw[k]
@@ -177,6 +182,17 @@ func (p *parser) daemon(d *Daemon, v any) {
 				d.ControlSocket = s
 			} else {
 				p.errorf(path, "control_socket must be an absolute path")
+			}
+		case "datapath":
+			s, _ := t[k].(string)
+			if s != "kernel" && s != "userspace" {
+				p.errorf(path, "datapath must be \"kernel\" or \"userspace\"")
+				continue
+			}
+			d.Datapath = s
+		case "queues":
+			if n, ok := p.integer(path, t[k], 1, 64); ok {
+				d.Queues = int(n)
 			}
 		case "gc_interval":
 			s, _ := t[k].(string)

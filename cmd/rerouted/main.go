@@ -7,6 +7,7 @@
 //	rerouted explain --config FILE --pid PID --dst ADDR:PORT
 //	                                         which rule a new connection would match, and why
 //	rerouted demo                            show the problem and the fix in namespaces
+//	rerouted bench                           measure against the limit and MASQUERADE
 package main
 
 import (
@@ -32,6 +33,7 @@ const usage = `usage:
   rerouted explain --config FILE --pid PID --dst ADDR:PORT [--protocol tcp]
                                            which rule a new connection from PID would match, and why
   rerouted demo                            show the problem and the fix in network namespaces
+  rerouted bench [--record BENCHMARKS.md]  measure rerouted against the limit and MASQUERADE
 `
 
 // Exit codes.
@@ -59,6 +61,8 @@ func main() {
 		code = cmdExplain(args)
 	case "demo":
 		code = cmdDemo(args)
+	case "bench":
+		code = cmdBench(args)
 	case "-h", "--help", "help":
 		fmt.Print(usage)
 	default:

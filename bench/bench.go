@@ -1,0 +1,409 @@
+// Package bench measures rerouted against the alternatives in one run, in a
+// namespace world: the limit (the socket binds ISP B's address itself, so no
+// translation is needed), MASQUERADE (the status quo: a host mark rule plus
+// conntrack NAT), and rerouted's two datapaths. Paths alternate within each
+// round, each round starting one path later (A B C D, B C D A, ...), so
+// that drift and order affect them alike; each figure is the median over
+// the rounds.
+package bench
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/rerouted/rerouted/networld"
+)
+
+// Options configure a run.
+type Options struct {
+	Bin      string        // the rerouted binary
+	Out      io.Writer     // progress and the table
+	Rounds   int           // measurements of each path
+	BulkTime time.Duration // per direction
+	Conns    int           // connections per rate measurement
+	Parallel int           // workers for the parallel rate
+	Scale    int           // live flows for the scale measurement; 0 skips it
+}
+
+// Ports of the benchmark servers.
+const (
+	portUpload   = 5001 // discards what it receives, replies with the count
+	portDownload = 5002 // sends until the client closes
+	portConnect  = 5003 // accepts and closes: one connection = one handshake
+)
+
+// Result is one path's figures (medians over the rounds).
+type Result struct {
+	Path           string
+	Err            error
+	UpGbps         float64
+	DownGbps       float64
+	SeqRate        float64 // connections per second, one at a time
+	ParRate        float64 // connections per second, Parallel at a time
+	SeqP50, SeqP99 time.Duration
+	ParP50, ParP99 time.Duration
+}
+
+// path is one way of sending marked traffic out ISP B.
+type path struct {
+	name string
+	// setup prepares the host and returns how to undo it and how clients
+	// must dial.
+	setup func(b *run) (undo func() error, dial networld.DialOptions, err error)
+}
+
+type run struct {
+	o    Options
+	w    *networld.World
+	dir  string
+	logf func(string, ...any)
+}
+
+// Run builds a world, measures every path, prints the table and returns
+// the results.
+func Run(o Options) ([]Result, error) {
+	dir, err := os.MkdirTemp("", "rerouted-bench-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(dir)
+	logf := func(f string, a ...any) { fmt.Fprintf(o.Out, f+"\n", a...) }
+	w, err := networld.New(fmt.Sprintf("rrbench%d", os.Getpid()), logf)
+	if err != nil {
+		return nil, err
+	}
+	defer w.Close()
+	b := &run{o: o, w: w, dir: dir, logf: logf}
+	if err := b.servers(); err != nil {
+		return nil, err
+	}
+	// Many short connections: let the host reuse TIME_WAIT ports.
+	if err := w.Host.Sysctl("net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=1024 65000"); err != nil {
+		return nil, err
+	}
+
+	paths := []path{
+		{"limit", setupLimit},
+		{"masquerade", setupMasquerade},
+		{"rerouted-kernel", b.setupRerouted("kernel")},
+		{"rerouted-userspace", b.setupRerouted("userspace")},
+	}
+	samples := make([][]Result, len(paths))
+	for round := 1; round <= o.Rounds; round++ {
+		// Each round starts one path later, so that no path always follows
+		// the same one (the masquerade path leaves conntrack state behind).
+		for k := range paths {
+			i := (k + round - 1) % len(paths)
+			p := paths[i]
+			logf("round %d/%d: %s", round, o.Rounds, p.name)
+			r := b.measure(p)
+			if r.Err != nil {
+				logf("  %s: %v", p.name, r.Err)
+			}
+			samples[i] = append(samples[i], r)
+		}
+	}
+	results := make([]Result, len(paths))
+	for i := range paths {
+		results[i] = median(samples[i])
+	}
+	Table(o.Out, results)
+	return results, nil
+}
+
+func (b *run) servers() error {
+	chunk := make([]byte, 256<<10)
+	handlers := map[uint16]func(net.Conn){
+		portUpload: func(c net.Conn) {
+			n, _ := io.CopyBuffer(io.Discard, c, make([]byte, 256<<10))
+			fmt.Fprintf(c, "%d\n", n)
+		},
+		portDownload: func(c net.Conn) {
+			for {
+				if _, err := c.Write(chunk); err != nil {
+					return
+				}
+			}
+		},
+		portConnect: func(c net.Conn) {},
+	}
+	for port, h := range handlers {
+		l, err := b.w.ServeFunc(port, h)
+		if err != nil {
+			return err
+		}
+		_ = l // closed with the world's namespace
+	}
+	return nil
+}
+
+// markRule is the host's own rule that sends the benchmark's traffic to
+// ISP B: the setting in which the problem arises.
+const markRule = `table inet benchmark {
+	chain output {
+		type route hook output priority mangle; policy accept;
+		tcp dport { 5001, 5002, 5003 } meta mark set 100
+	}
+}
+`
+
+func setupLimit(b *run) (func() error, networld.DialOptions, error) {
+	return func() error { return nil }, networld.DialOptions{Bind: networld.HostB}, nil
+}
+
+func setupMasquerade(b *run) (func() error, networld.DialOptions, error) {
+	nat := markRule + `table ip benchnat {
+	chain postrouting {
+		type nat hook postrouting priority srcnat; policy accept;
+		oifname "hb" masquerade
+	}
+}
+`
+	if err := b.w.Host.Nft(nat); err != nil {
+		return nil, networld.DialOptions{}, err
+	}
+	undo := func() error {
+		return b.w.Host.Nft("delete table inet benchmark\ndelete table ip benchnat\n")
+	}
+	return undo, networld.DialOptions{}, nil
+}
+
+func (b *run) setupRerouted(datapath string) func(*run) (func() error, networld.DialOptions, error) {
+	return func(*run) (func() error, networld.DialOptions, error) {
+		cfg := filepath.Join(b.dir, "rerouted-"+datapath+".toml")
+		src := fmt.Sprintf("[daemon]\ncontrol_socket = %q\ndatapath = %q\n\n[[uplink]]\nname = \"isp-b\"\nmark = 100\ninterface = \"hb\"\n",
+			filepath.Join(b.dir, datapath+".sock"), datapath)
+		if err := os.WriteFile(cfg, []byte(src), 0o600); err != nil {
+			return nil, networld.DialOptions{}, err
+		}
+		if err := b.w.Host.Nft(markRule); err != nil {
+			return nil, networld.DialOptions{}, err
+		}
+		d, err := b.w.StartDaemon(b.o.Bin, cfg, nil)
+		if err == nil {
+			err = d.WaitReady()
+		}
+		undo := func() error {
+			var errs []error
+			if d != nil {
+				errs = append(errs, d.Stop())
+				for _, l := range d.Lines() {
+					if strings.Contains(l, "msg=stopping") {
+						b.logf("  daemon: %s", l[strings.Index(l, "msg=stopping")+len("msg=stopping "):])
+					}
+				}
+			}
+			errs = append(errs, b.w.Host.Nft("delete table inet benchmark\n"))
+			return errors.Join(errs...)
+		}
+		if err != nil {
+			out := ""
+			if d != nil {
+				out = lastLine(d.Output())
+			}
+			undo()
+			return nil, networld.DialOptions{}, fmt.Errorf("daemon: %v %s", err, out)
+		}
+		return undo, networld.DialOptions{}, nil
+	}
+}
+
+func lastLine(s string) string {
+	s = strings.TrimSpace(s)
+	return s[strings.LastIndexByte(s, '\n')+1:]
+}
+
+// measure runs every measurement on one path.
+func (b *run) measure(p path) Result {
+	r := Result{Path: p.name}
+	undo, dial, err := p.setup(b)
+	if err != nil {
+		r.Err = err
+		return r
+	}
+	defer func() {
+		if err := undo(); err != nil {
+			b.logf("  undo %s: %v", p.name, err)
+		}
+	}()
+	if r.UpGbps, err = b.upload(dial); err != nil {
+		r.Err = fmt.Errorf("upload: %w", err)
+		return r
+	}
+	if r.DownGbps, err = b.download(dial); err != nil {
+		r.Err = fmt.Errorf("download: %w", err)
+		return r
+	}
+	var lat []time.Duration
+	if r.SeqRate, lat, err = b.connections(dial, 1); err != nil {
+		r.Err = fmt.Errorf("sequential connections: %w", err)
+		return r
+	}
+	r.SeqP50, r.SeqP99 = percentile(lat, 50), percentile(lat, 99)
+	if r.ParRate, lat, err = b.connections(dial, b.o.Parallel); err != nil {
+		r.Err = fmt.Errorf("parallel connections: %w", err)
+		return r
+	}
+	r.ParP50, r.ParP99 = percentile(lat, 50), percentile(lat, 99)
+	b.logf("  up %.2f Gbit/s, down %.2f Gbit/s, %.0f conn/s sequential, %.0f conn/s x%d",
+		r.UpGbps, r.DownGbps, r.SeqRate, r.ParRate, b.o.Parallel)
+	return r
+}
+
+// dialIn dials from the host on the calling goroutine, which must be
+// running inside the host namespace (see networld.NS.Do).
+func dialIn(o networld.DialOptions, port uint16) (*net.TCPConn, error) {
+	d := net.Dialer{Timeout: 5 * time.Second}
+	if o.Bind.IsValid() {
+		d.LocalAddr = &net.TCPAddr{IP: o.Bind.AsSlice()}
+	}
+	c, err := d.Dial("tcp4", netip.AddrPortFrom(networld.ServerAddr, port).String())
+	if err != nil {
+		return nil, err
+	}
+	return c.(*net.TCPConn), nil
+}
+
+func (b *run) upload(o networld.DialOptions) (float64, error) {
+	var gbps float64
+	err := b.w.Host.Do(func() error {
+		c, err := dialIn(o, portUpload)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		buf := make([]byte, 256<<10)
+		start := time.Now()
+		var sent int64
+		for time.Since(start) < b.o.BulkTime {
+			n, err := c.Write(buf)
+			sent += int64(n)
+			if err != nil {
+				return err
+			}
+		}
+		c.CloseWrite()
+		var got int64
+		if _, err := fmt.Fscan(c, &got); err != nil {
+			return fmt.Errorf("reading the server's count: %w", err)
+		}
+		if got != sent {
+			return fmt.Errorf("server received %d of %d bytes", got, sent)
+		}
+		gbps = float64(got) * 8 / time.Since(start).Seconds() / 1e9
+		return nil
+	})
+	return gbps, err
+}
+
+func (b *run) download(o networld.DialOptions) (float64, error) {
+	var gbps float64
+	err := b.w.Host.Do(func() error {
+		c, err := dialIn(o, portDownload)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		buf := make([]byte, 256<<10)
+		start := time.Now()
+		var got int64
+		for time.Since(start) < b.o.BulkTime {
+			n, err := c.Read(buf)
+			got += int64(n)
+			if err != nil {
+				return err
+			}
+		}
+		gbps = float64(got) * 8 / time.Since(start).Seconds() / 1e9
+		return nil
+	})
+	return gbps, err
+}
+
+// connections makes Conns connections, workers at a time, each a full
+// handshake and close, and returns the rate and every connect latency.
+func (b *run) connections(o networld.DialOptions, workers int) (float64, []time.Duration, error) {
+	per := b.o.Conns / workers
+	lats := make([][]time.Duration, workers)
+	errs := make(chan error, workers)
+	start := time.Now()
+	for i := 0; i < workers; i++ {
+		go func(i int) {
+			errs <- b.w.Host.Do(func() error {
+				buf := make([]byte, 16)
+				for j := 0; j < per; j++ {
+					t0 := time.Now()
+					c, err := dialIn(o, portConnect)
+					if err != nil {
+						return err
+					}
+					lats[i] = append(lats[i], time.Since(t0))
+					c.Read(buf) // the server closes first: no TIME_WAIT here
+					c.Close()
+				}
+				return nil
+			})
+		}(i)
+	}
+	var err error
+	for i := 0; i < workers; i++ {
+		err = errors.Join(err, <-errs)
+	}
+	elapsed := time.Since(start)
+	all := slices.Concat(lats...)
+	return float64(len(all)) / elapsed.Seconds(), all, err
+}
+
+func percentile(d []time.Duration, p int) time.Duration {
+	if len(d) == 0 {
+		return 0
+	}
+	s := slices.Clone(d)
+	slices.Sort(s)
+	return s[min(len(s)-1, len(s)*p/100)]
+}
+
+// median takes, figure by figure, the median over the rounds that worked.
+func median(rs []Result) Result {
+	out := Result{Path: rs[0].Path}
+	var ok []Result
+	for _, r := range rs {
+		if r.Err == nil {
+			ok = append(ok, r)
+		} else {
+			out.Err = r.Err
+		}
+	}
+	if len(ok) == 0 {
+		return out
+	}
+	out.Err = nil
+	mf := func(f func(Result) float64) float64 {
+		v := make([]float64, len(ok))
+		for i, r := range ok {
+			v[i] = f(r)
+		}
+		slices.Sort(v)
+		return v[len(v)/2]
+	}
+	md := func(f func(Result) time.Duration) time.Duration {
+		return time.Duration(mf(func(r Result) float64 { return float64(f(r)) }))
+	}
+	out.UpGbps = mf(func(r Result) float64 { return r.UpGbps })
+	out.DownGbps = mf(func(r Result) float64 { return r.DownGbps })
+	out.SeqRate = mf(func(r Result) float64 { return r.SeqRate })
+	out.ParRate = mf(func(r Result) float64 { return r.ParRate })
+	out.SeqP50 = md(func(r Result) time.Duration { return r.SeqP50 })
+	out.SeqP99 = md(func(r Result) time.Duration { return r.SeqP99 })
+	out.ParP50 = md(func(r Result) time.Duration { return r.ParP50 })
+	out.ParP99 = md(func(r Result) time.Duration { return r.ParP99 })
+	return out
+}

@@ -1,0 +1,57 @@
+package main
+
+import (
+	"bytes"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"time"
+
+	"github.com/rerouted/rerouted/bench"
+)
+
+// cmdBench measures rerouted against the limit and MASQUERADE in one run.
+func cmdBench(args []string) int {
+	o := bench.Options{Out: os.Stdout}
+	var record string
+	flags("bench", args, func(fs *flag.FlagSet) {
+		fs.IntVar(&o.Rounds, "rounds", 3, "measurements of each path (alternating); figures are medians")
+		fs.DurationVar(&o.BulkTime, "bulk", 3*time.Second, "duration of each bulk transfer")
+		fs.IntVar(&o.Conns, "conns", 2000, "connections per connection-rate measurement")
+		fs.IntVar(&o.Parallel, "parallel", 8, "concurrent connections for the parallel rate")
+		fs.IntVar(&o.Scale, "scale", 100000, "live flows for the scale measurement (0 skips it)")
+		fs.StringVar(&record, "record", "", "also write the table and the machine into this Markdown file (e.g. BENCHMARKS.md)")
+	})
+	if os.Geteuid() != 0 {
+		fmt.Fprintln(os.Stderr, "rerouted bench builds network namespaces and needs root")
+		return exitFailure
+	}
+	bin, err := os.Executable()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "rerouted bench: %v\n", err)
+		return exitFailure
+	}
+	o.Bin = bin
+	var table bytes.Buffer
+	o.Out = io.MultiWriter(os.Stdout, &table)
+	machine := bench.Machine()
+	fmt.Printf("machine: %s\n", machine)
+	results, err := bench.Run(o)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "rerouted bench: %v\n", err)
+		return exitFailure
+	}
+	if record != "" {
+		var sec bytes.Buffer
+		fmt.Fprintf(&sec, "Measured by `rerouted bench --rounds %d --bulk %s --conns %d --parallel %d --scale %d` on %s.\n",
+			o.Rounds, o.BulkTime, o.Conns, o.Parallel, o.Scale, machine)
+		bench.Table(&sec, results)
+		if err := bench.Record(record, sec.String()); err != nil {
+			fmt.Fprintf(os.Stderr, "rerouted bench: %v\n", err)
+			return exitFailure
+		}
+		fmt.Printf("recorded in %s\n", record)
+	}
+	return exitOK
+}
