@@ -57,6 +57,7 @@ type Daemon struct {
 	inst   *installer
 	mu     sync.Mutex // a flow table change and its kernel change are one step
 
+	userspace      bool          // every packet of a translated flow goes through the workers
 	routing        atomic.Uint64 // bumped on every routing change: route caches are stale
 	portLo, portHi uint16
 	stats          stats
@@ -70,15 +71,19 @@ type stats struct {
 	dropped    atomic.Uint64 // packets dropped (the socket retries)
 }
 
-// queueRcvbuf is each NFQUEUE socket's buffer: bursts of new connections
-// must not overflow it (DESIGN-NOTES: a large SO_RCVBUFFORCE fixed drops).
-const queueRcvbuf = 8 << 20
+// Each NFQUEUE socket's buffer: bursts of new connections must not overflow
+// it (DESIGN-NOTES: a large SO_RCVBUFFORCE fixed drops), nor, with the
+// userspace datapath, bulk transfers' packets of up to 64 KB.
+const (
+	queueRcvbuf          = 8 << 20
+	queueRcvbufUserspace = 64 << 20
+)
 
 // Run runs the daemon until ctx is done, then removes everything it
 // installed. It returns once the host is back as it found it.
 func Run(ctx context.Context, o Options) (err error) {
 	cfg := o.Config
-	d := &Daemon{log: o.Log, flows: flow.NewTable()}
+	d := &Daemon{log: o.Log, flows: flow.NewTable(), userspace: cfg.Daemon.Datapath == "userspace"}
 	d.cfg.Store(cfg)
 	d.inst = newInstaller(d)
 	if o.Events != nil {
@@ -127,7 +132,7 @@ func Run(ctx context.Context, o Options) (err error) {
 	})
 
 	nq := uint16(cfg.Daemon.Queues)
-	if d.dp, err = nftdp.Install(cfg.Daemon.Queue, nq); err != nil {
+	if d.dp, err = nftdp.Install(cfg.Daemon.Queue, nq, d.userspace); err != nil {
 		return err
 	}
 	if d.dp.Replaced {
@@ -154,11 +159,11 @@ func Run(ctx context.Context, o Options) (err error) {
 			return err
 		}
 		undo = append(undo, closeWorker)
-		if err := wk.q.Start(runCtx, wk.handle, wk.idle, func(err error) { d.log.Error("nfqueue receive", "queue", wk.q.Num, "err", err) }); err != nil {
+		if err := wk.q.Start(runCtx, wk.handle, wk.endBatch, func(err error) { d.log.Error("nfqueue receive", "queue", wk.q.Num, "err", err) }); err != nil {
 			return err
 		}
 	}
-	d.log.Info("ready", "config", cfg.File, "queue", cfg.Daemon.Queue, "queues", nq, "queue_method", d.dp.QueueMethod,
+	d.log.Info("ready", "config", cfg.File, "queue", cfg.Daemon.Queue, "queues", nq, "queue_method", d.dp.QueueMethod, "datapath", cfg.Daemon.Datapath,
 		"table", "inet "+nftdp.TableName, "honor_marks", cfg.Daemon.HonorMarks, "uplinks", len(cfg.Uplinks),
 		"rules", len(cfg.Rules), "control_socket", cfg.Daemon.ControlSocket)
 	<-ctx.Done()
@@ -179,13 +184,18 @@ func (d *Daemon) newWorker(num uint16) (*worker, func() error, error) {
 		w.diag.Close()
 		return nil, nil, err
 	}
-	if w.q, err = queue.Open(num, queue.Options{Rcvbuf: queueRcvbuf}); err != nil {
+	o := queue.Options{Rcvbuf: queueRcvbuf}
+	if d.userspace {
+		// GSO packets whole: a 64 KB segment is one packet to rewrite, not
+		// 45 (the kernel segments it after the verdict).
+		o = queue.Options{Rcvbuf: queueRcvbufUserspace, GSO: true}
+	}
+	if w.q, err = queue.Open(num, o); err != nil {
 		w.diag.Close()
 		w.routes.close()
 		return nil, nil, err
 	}
 	w.owner.owners = sockdiag.NewOwners()
-	w.arena = make([]byte, maxHeld*heldSlot)
 	return w, func() error {
 		err := w.q.Close()
 		w.routes.close()
@@ -296,16 +306,30 @@ func (d *Daemon) sweepLoop(ctx context.Context, diag *sockdiag.Conn) {
 			d.log.Error("socket dump failed; no flow removed this round", "err", err)
 			continue
 		}
-		d.mu.Lock()
-		dead := s.End()
-		for _, f := range dead {
-			d.inst.enqueue(f, true)
-		}
-		d.mu.Unlock()
-		for _, f := range dead {
-			d.events.write("DESTROY", f)
+		// The dump only nominates: an exact lookup, which is atomic,
+		// confirms each socket is really gone.
+		var so sockdiag.Socket
+		for _, f := range s.End() {
+			err := diag.Lookup(unix.IPPROTO_TCP, f.Src, f.Dst, &so)
+			switch {
+			case err == nil && so.Cookie == f.Cookie:
+				continue // alive: the dump missed it
+			case err != nil && !errors.Is(err, sockdiag.ErrNotFound):
+				d.log.Error("socket lookup", "src", f.Src, "dst", f.Dst, "err", err)
+				continue
+			}
+			d.log.Debug("socket gone", "src", f.Src, "dst", f.Dst, "cookie", f.Cookie,
+				"lookup", errString(err), "found_cookie", so.Cookie, "found_state", sockdiag.StateName(so.State))
+			d.forget(f)
 		}
 	}
+}
+
+func errString(err error) string {
+	if err == nil {
+		return "found"
+	}
+	return err.Error()
 }
 
 func entry(f *flow.Flow) nftdp.Entry {

@@ -19,10 +19,10 @@ import (
 // translated flow are rewritten in the kernel by map elements.
 //
 // A worker handles one queue. It decides each SYN as it arrives and holds
-// the rewritten SYNs of translated flows until the queue is empty; then one
-// transaction installs the whole burst's elements and the SYNs go out. So
-// the SYN-ACK always finds its elements, and concurrent connections share a
-// transaction.
+// the rewritten SYNs of translated flows until the end of the queue's batch
+// (the queue is empty, or full); then one transaction installs the whole
+// batch's elements and the SYNs go out. So the SYN-ACK always finds its
+// elements, and concurrent connections share a transaction.
 //
 // Every packet gets exactly one verdict. The path fails open: whatever goes
 // wrong, the packet leaves as the host's own routing would send it, or is
@@ -40,22 +40,18 @@ type worker struct {
 
 	held  [maxHeld]heldSYN // rewritten SYNs waiting for their elements
 	nheld int
-	arena []byte // held packets' bytes, heldSlot each
 }
 
-// heldSYN is a rewritten SYN waiting for the burst's transaction.
+// heldSYN is a rewritten SYN waiting for the batch's transaction. Its bytes
+// stay in the queue's buffer until the batch ends.
 type heldSYN struct {
-	id uint32
-	f  *flow.Flow
-	n  int // bytes in its arena slot
+	id  uint32
+	f   *flow.Flow
+	pkt []byte
 }
 
-// A burst holds at most maxHeld SYNs of at most heldSlot bytes each (a SYN
-// with TCP Fast Open data can be larger: it is released on its own).
-const (
-	maxHeld  = 64
-	heldSlot = 512
-)
+// maxHeld bounds the SYNs held in one batch.
+const maxHeld = 128
 
 // tcpIPHeaders is what an MSS leaves out of the MTU: IPv4 and TCP headers.
 const tcpIPHeaders = 40
@@ -66,12 +62,45 @@ func (w *worker) handle(p *queue.Packet) {
 		w.accept(p) // not ours to judge
 		return
 	}
-	if t.Flags&(rewrite.SYN|rewrite.ACK|rewrite.FIN|rewrite.RST) != rewrite.SYN {
+	switch {
+	case t.Flags&(rewrite.SYN|rewrite.ACK|rewrite.FIN|rewrite.RST) == rewrite.SYN && p.Hook == queue.HookLocalOut:
+		w.d.stats.syns.Add(1)
+		w.syn(p, &t)
+	case w.d.userspace:
+		w.forward(p, &t)
+	default:
+		w.accept(p)
+	}
+}
+
+// forward translates one packet of a translated flow, the userspace
+// datapath's job for every packet after the SYN: outbound from the socket's
+// tuple to the wire's, with the flow's mark; inbound back.
+func (w *worker) forward(p *queue.Packet, t *rewrite.TCP) {
+	d := w.d
+	if p.Hook == queue.HookLocalOut {
+		f := d.flows.Get(flow.Key{Proto: unix.IPPROTO_TCP, Src: t.Src, Dst: t.Dst})
+		if f == nil {
+			w.accept(p) // its socket is gone; the selector follows
+			return
+		}
+		rewrite.SetSource(p.Payload, t, f.NewSrc)
+		rewrite.Checksum(p.Payload, t)
+		if err := w.q.AcceptModified(p.ID, f.Mark, p.Payload); err != nil {
+			d.log.Error("verdict", "id", p.ID, "err", err)
+		}
+		return
+	}
+	f := d.flows.ByWire(flow.Key{Proto: unix.IPPROTO_TCP, Src: t.Dst, Dst: t.Src})
+	if f == nil {
 		w.accept(p)
 		return
 	}
-	w.d.stats.syns.Add(1)
-	w.syn(p, &t)
+	rewrite.SetDestination(p.Payload, t, f.Src)
+	rewrite.Checksum(p.Payload, t)
+	if err := w.q.AcceptPacket(p.ID, p.Payload); err != nil {
+		d.log.Error("verdict", "id", p.ID, "err", err)
+	}
 }
 
 // syn decides a new connection and releases its SYN.
@@ -226,38 +255,34 @@ func (w *worker) noOtherSocket(src, dst netip.AddrPort, cookie uint64) bool {
 	return err == nil && s.Cookie == cookie
 }
 
-// hold rewrites a flow's SYN and keeps it until the burst's elements are
-// installed (see idle).
+// hold rewrites a flow's SYN and keeps it until the batch's elements are
+// installed (see endBatch).
 func (w *worker) hold(p *queue.Packet, t *rewrite.TCP, f *flow.Flow) {
 	rewrite.SetSource(p.Payload, t, f.NewSrc)
 	if f.MSS != 0 {
 		rewrite.ClampMSS(p.Payload, t, f.MSS)
 	}
 	rewrite.Checksum(p.Payload, t)
-	if w.nheld == maxHeld {
-		w.idle()
-	}
-	if len(p.Payload) > heldSlot { // too large to keep: release it on its own
+	if w.nheld == maxHeld { // rare: more SYNs than a batch holds
 		w.d.inst.flush()
 		w.release(p.ID, f, p.Payload)
 		return
 	}
-	h := &w.held[w.nheld]
-	h.id, h.f, h.n = p.ID, f, copy(w.arena[w.nheld*heldSlot:], p.Payload)
+	w.held[w.nheld] = heldSYN{id: p.ID, f: f, pkt: p.Payload}
 	w.nheld++
 }
 
-// idle runs when the queue is empty: install the burst's elements in one
-// transaction, then release its SYNs.
-func (w *worker) idle() {
+// endBatch runs before the queue sends its batch of verdicts: install the
+// batch's elements in one transaction, then release its SYNs.
+func (w *worker) endBatch() {
 	if w.nheld == 0 {
 		return
 	}
 	w.d.inst.flush()
 	for i := 0; i < w.nheld; i++ {
 		h := &w.held[i]
-		w.release(h.id, h.f, w.arena[i*heldSlot:i*heldSlot+h.n])
-		h.f = nil
+		w.release(h.id, h.f, h.pkt)
+		*h = heldSYN{}
 	}
 	w.nheld = 0
 }

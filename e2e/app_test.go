@@ -95,130 +95,135 @@ func testCgroup(t *testing.T) (string, int) {
 // Who owns the socket decides the uplink: process name, exe path, uid and
 // cgroup, first match wins, and uplink = "default" pins the normal route.
 func TestOwnerDecidesUplink(t *testing.T) {
-	// Not t.TempDir(): its parent is private, and the uid test's client must
-	// be able to run the programs.
-	bins, err := os.MkdirTemp("", "rerouted-e2e-bins-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(bins) })
-	os.Chmod(bins, 0o755)
-	cgroup, cgfd := testCgroup(t)
-	exact := filepath.Join(bins, "bin2", "app-exe")
-	rules := fmt.Sprintf(`
-[[rule]]
-name = "pinned app"
-uplink = "default"
-process = "app-pinned"
-
-[[rule]]
-name = "app b"
-uplink = "isp-b"
-process = ["app-x", "app-b"]
-
-[[rule]]
-name = "exact exe"
-uplink = "isp-b"
-exe = %q
-
-[[rule]]
-name = "by uid"
-uplink = "isp-b"
-dport = 80
-uid = 4321
-
-[[rule]]
-name = "by cgroup"
-uplink = "isp-b"
-cgroup = %q
-
-[[rule]]
-name = "all 8080"
-uplink = "isp-b"
-dport = 8080
-`, exact, "/"+cgroup+"/")
-	e := newEnv(t, rules)
-	e.start()
-	plain := program(t, filepath.Join(bins, "bin1"), "app-plain")
-	cases := []struct {
-		name string
-		prog string
-		port uint16
-		o    runOpts
-		want netip.Addr
-		rule string
-	}{
-		{"process rule", program(t, filepath.Join(bins, "bin1"), "app-b"), 80, runOpts{}, networld.HostB, "app b"},
-		{"another program, same destination", plain, 80, runOpts{}, networld.HostA, ""},
-		{"exe rule", program(t, filepath.Join(bins, "bin2"), "app-exe"), 80, runOpts{}, networld.HostB, "exact exe"},
-		{"same name, other path", program(t, filepath.Join(bins, "bin1"), "app-exe"), 80, runOpts{}, networld.HostA, ""},
-		{"uid rule", plain, 80, runOpts{uid: 4321}, networld.HostB, "by uid"},
-		{"cgroup rule", plain, 80, runOpts{cgroupFD: cgfd}, networld.HostB, "by cgroup"},
-		{"first match wins: pinned", program(t, filepath.Join(bins, "bin1"), "app-pinned"), 8080, runOpts{}, networld.HostA, ""},
-		{"later rule for others", plain, 8080, runOpts{}, networld.HostB, "all 8080"},
-	}
-	for _, c := range cases {
-		peer := e.connect(c.prog, c.port, c.o)
-		if peer.Addr() != c.want {
-			t.Errorf("%s: server saw %v, want %v", c.name, peer, c.want)
-			continue
-		}
-		if c.rule == "" {
-			continue
-		}
-		// The debug line names the process, its exe, its cgroup and the rule.
-		line, err := e.d.WaitFor(fmt.Sprintf("sport=%d dev=hb ", peer.Port()), 2*time.Second)
+	datapaths(t, func(t *testing.T, dp string) {
+		// Not t.TempDir(): its parent is private, and the uid test's client must
+		// be able to run the programs.
+		bins, err := os.MkdirTemp("", "rerouted-e2e-bins-")
 		if err != nil {
-			t.Errorf("%s: %v", c.name, err)
-			continue
+			t.Fatal(err)
 		}
-		wantParts := []string{fmt.Sprintf("uid=%d ", c.o.uid), fmt.Sprintf(`comm=%q`, filepath.Base(c.prog)),
-			"exe=" + c.prog + " ", fmt.Sprintf("rule=%q", c.rule)}
-		if c.o.cgroupFD != 0 {
-			wantParts = append(wantParts, "cgroup=/"+cgroup+" ")
+		t.Cleanup(func() { os.RemoveAll(bins) })
+		os.Chmod(bins, 0o755)
+		cgroup, cgfd := testCgroup(t)
+		exact := filepath.Join(bins, "bin2", "app-exe")
+		rules := fmt.Sprintf(`
+	[[rule]]
+	name = "pinned app"
+	uplink = "default"
+	process = "app-pinned"
+
+	[[rule]]
+	name = "app b"
+	uplink = "isp-b"
+	process = ["app-x", "app-b"]
+
+	[[rule]]
+	name = "exact exe"
+	uplink = "isp-b"
+	exe = %q
+
+	[[rule]]
+	name = "by uid"
+	uplink = "isp-b"
+	dport = 80
+	uid = 4321
+
+	[[rule]]
+	name = "by cgroup"
+	uplink = "isp-b"
+	cgroup = %q
+
+	[[rule]]
+	name = "all 8080"
+	uplink = "isp-b"
+	dport = 8080
+	`, exact, "/"+cgroup+"/")
+		e := newEnv(t, dp, rules)
+		e.start()
+		plain := program(t, filepath.Join(bins, "bin1"), "app-plain")
+		cases := []struct {
+			name string
+			prog string
+			port uint16
+			o    runOpts
+			want netip.Addr
+			rule string
+		}{
+			{"process rule", program(t, filepath.Join(bins, "bin1"), "app-b"), 80, runOpts{}, networld.HostB, "app b"},
+			{"another program, same destination", plain, 80, runOpts{}, networld.HostA, ""},
+			{"exe rule", program(t, filepath.Join(bins, "bin2"), "app-exe"), 80, runOpts{}, networld.HostB, "exact exe"},
+			{"same name, other path", program(t, filepath.Join(bins, "bin1"), "app-exe"), 80, runOpts{}, networld.HostA, ""},
+			{"uid rule", plain, 80, runOpts{uid: 4321}, networld.HostB, "by uid"},
+			{"cgroup rule", plain, 80, runOpts{cgroupFD: cgfd}, networld.HostB, "by cgroup"},
+			{"first match wins: pinned", program(t, filepath.Join(bins, "bin1"), "app-pinned"), 8080, runOpts{}, networld.HostA, ""},
+			{"later rule for others", plain, 8080, runOpts{}, networld.HostB, "all 8080"},
 		}
-		for _, w := range wantParts {
-			if !strings.Contains(line, w) {
-				t.Errorf("%s: debug line %q lacks %q", c.name, line, w)
+		for _, c := range cases {
+			peer := e.connect(c.prog, c.port, c.o)
+			if peer.Addr() != c.want {
+				t.Errorf("%s: server saw %v, want %v", c.name, peer, c.want)
+				continue
+			}
+			if c.rule == "" {
+				continue
+			}
+			// The debug line names the process, its exe, its cgroup and the rule.
+			line, err := e.d.WaitFor(fmt.Sprintf("sport=%d dev=hb ", peer.Port()), 2*time.Second)
+			if err != nil {
+				t.Errorf("%s: %v", c.name, err)
+				continue
+			}
+			wantParts := []string{fmt.Sprintf("uid=%d ", c.o.uid), fmt.Sprintf(`comm=%q`, filepath.Base(c.prog)),
+				"exe=" + c.prog + " ", fmt.Sprintf("rule=%q", c.rule)}
+			if c.o.cgroupFD != 0 {
+				wantParts = append(wantParts, "cgroup=/"+cgroup+" ")
+			}
+			for _, w := range wantParts {
+				if !strings.Contains(line, w) {
+					t.Errorf("%s: debug line %q lacks %q", c.name, line, w)
+				}
 			}
 		}
-	}
+	})
 }
 
 // SIGHUP: a valid file changes new flows and leaves open ones alone; a
 // broken file is rejected with FILE:LINE:COL and the policy stays.
 func TestSIGHUPReload(t *testing.T) {
-	e := newEnv(t, webRule)
-	d := e.start()
-	open, err := e.w.Dial(networld.DialOptions{Port: 80})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer open.Close()
+	datapaths(t, func(t *testing.T, dp string) {
+		e := newEnv(t, dp, webRule)
+		d := e.start()
+		open, err := e.w.Dial(networld.DialOptions{Port: 80})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer open.Close()
 
-	e.writeConfig(strings.Replace(webRule, `uplink = "isp-b"`, `uplink = "default"`, 1))
-	d.Signal(syscall.SIGHUP)
-	if _, err := d.WaitFor("msg=reloaded", 5*time.Second); err != nil {
-		t.Fatal(err)
-	}
-	if peer, err := e.w.Fetch(80, 3*time.Second); err != nil || peer.Addr() != networld.HostA {
-		t.Fatalf("after reload to default: peer %v err %v", peer, err)
-	}
-	// The connection opened before the reload keeps its translation.
-	peer, n, err := networld.Exchange(open, 1<<20)
-	if err != nil || n != 1<<20 || peer.Addr() != networld.HostB {
-		t.Fatalf("open flow after reload: peer %v, %d bytes, err %v", peer, n, err)
-	}
+		e.writeConfig(strings.Replace(webRule, `uplink = "isp-b"`, `uplink = "default"`, 1))
+		d.Signal(syscall.SIGHUP)
+		if _, err := d.WaitFor("msg=reloaded", 5*time.Second); err != nil {
+			t.Fatal(err)
+		}
+		if peer, err := e.w.Fetch(80, 3*time.Second); err != nil || peer.Addr() != networld.HostA {
+			t.Fatalf("after reload to default: peer %v err %v", peer, err)
+		}
+		// The connection opened before the reload keeps its translation.
+		peer, n, err := networld.Exchange(open, 1<<20)
+		if err != nil || n != 1<<20 || peer.Addr() != networld.HostB {
+			t.Fatalf("open flow after reload: peer %v, %d bytes, err %v", peer, n, err)
+		}
 
-	e.writeConfig("\n[[rule]]\nuplink = \"isp-b\"\ndport = 0\n")
-	d.Signal(syscall.SIGHUP)
-	if _, err := d.WaitFor("reload rejected", 5*time.Second); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := d.WaitFor(e.cfg+":13:1: port 0 is outside 1-65535", time.Second); err != nil {
-		t.Error(err)
-	}
-	if peer, err := e.w.Fetch(80, 3*time.Second); err != nil || peer.Addr() != networld.HostA {
-		t.Fatalf("after a rejected reload the last good policy must stay: peer %v err %v", peer, err)
-	}
+		e.writeConfig("\n[[rule]]\nuplink = \"isp-b\"\ndport = 0\n")
+		d.Signal(syscall.SIGHUP)
+		if _, err := d.WaitFor("reload rejected", 5*time.Second); err != nil {
+			t.Fatal(err)
+		}
+		line := strings.Count(fmt.Sprintf(configHead, e.sock, e.dp), "\n") + 4 // the rule's dport line
+		if _, err := d.WaitFor(fmt.Sprintf("%s:%d:1: port 0 is outside 1-65535", e.cfg, line), time.Second); err != nil {
+			t.Error(err)
+		}
+		if peer, err := e.w.Fetch(80, 3*time.Second); err != nil || peer.Addr() != networld.HostA {
+			t.Fatalf("after a rejected reload the last good policy must stay: peer %v err %v", peer, err)
+		}
+	})
 }

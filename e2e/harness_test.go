@@ -44,9 +44,18 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
+// datapaths runs a test once per datapath, as subtests: every end-to-end
+// test that runs the daemon must pass on both.
+func datapaths(t *testing.T, test func(t *testing.T, dp string)) {
+	for _, dp := range []string{"kernel", "userspace"} {
+		t.Run(dp, func(t *testing.T) { test(t, dp) })
+	}
+}
+
 // env is one test's world, configuration and daemon.
 type env struct {
 	t    *testing.T
+	dp   string // datapath
 	w    *networld.World
 	dir  string
 	cfg  string // path of the config file
@@ -59,6 +68,7 @@ const configHead = `[daemon]
 queue = 0
 control_socket = %q
 gc_interval = "200ms"
+datapath = %q
 
 [[uplink]]
 name = "isp-b"
@@ -66,11 +76,12 @@ mark = 100
 interface = "hb"
 `
 
-// newEnv builds a world and writes a configuration with the given rules.
-func newEnv(t *testing.T, rules string) *env {
+// newEnv builds a world and writes a configuration for datapath dp with the
+// given rules.
+func newEnv(t *testing.T, dp, rules string) *env {
 	t.Helper()
 	w := worldtest.World(t)
-	e := &env{t: t, w: w, dir: t.TempDir()}
+	e := &env{t: t, dp: dp, w: w, dir: t.TempDir()}
 	e.sock = filepath.Join(e.dir, "rerouted.sock")
 	e.cfg = filepath.Join(e.dir, "rerouted.toml")
 	e.writeConfig(rules)
@@ -85,7 +96,7 @@ func newEnv(t *testing.T, rules string) *env {
 // writeConfig (re)writes the configuration file: the common head, then rules.
 func (e *env) writeConfig(rules string) {
 	e.t.Helper()
-	if err := os.WriteFile(e.cfg, []byte(fmt.Sprintf(configHead, e.sock)+rules), 0o600); err != nil {
+	if err := os.WriteFile(e.cfg, []byte(fmt.Sprintf(configHead, e.sock, e.dp)+rules), 0o600); err != nil {
 		e.t.Fatal(err)
 	}
 }
@@ -157,10 +168,22 @@ func (e *env) flows() []daemon.FlowInfo {
 	return reply.Flows
 }
 
-// mapElements counts the elements of one of the daemon's nft maps.
-func (e *env) mapElements(name string) int {
+// flowSets names the daemon's per-flow sets (maps with the kernel datapath).
+func (e *env) flowSets() []string {
+	if e.dp == "userspace" {
+		return []string{"uout4", "uin4"}
+	}
+	return []string{"out4", "in4"}
+}
+
+// elements counts the elements of one of the daemon's nft sets or maps.
+func (e *env) elements(name string) int {
 	e.t.Helper()
-	out, err := e.w.Host.Run("nft", "-j", "list", "map", "inet", "rerouted", name)
+	kind := "map"
+	if e.dp == "userspace" {
+		kind = "set"
+	}
+	out, err := e.w.Host.Run("nft", "-j", "list", kind, "inet", "rerouted", name)
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -171,7 +194,7 @@ func (e *env) mapElements(name string) int {
 		e.t.Fatal(err)
 	}
 	for _, obj := range doc.Nftables {
-		if raw, ok := obj["map"]; ok {
+		if raw, ok := obj[kind]; ok {
 			var m struct {
 				Elem []json.RawMessage `json:"elem"`
 			}

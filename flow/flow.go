@@ -164,18 +164,17 @@ func (s *Sweep) Seen(k Key, cookie uint64) {
 	s.t.mu.Unlock()
 }
 
-// End removes and returns the flows whose socket the dump did not show.
+// End returns the flows whose socket the dump did not show. They are only
+// candidates: a netlink dump is not atomic, and a socket that changes while
+// the dump runs (FIN_WAIT2 becoming TIME_WAIT, say) can be skipped.
 func (s *Sweep) End() []*Flow {
 	s.t.mu.Lock()
 	defer s.t.mu.Unlock()
-	var dead []*Flow
+	var missing []*Flow
 	for _, f := range s.t.bySock {
 		if f.seen != s.gen && f.Start.Before(s.cutoff) {
-			dead = append(dead, f)
+			missing = append(missing, f)
 		}
 	}
-	for _, f := range dead {
-		s.t.remove(f)
-	}
-	return dead
+	return missing
 }

@@ -3,6 +3,7 @@ package networld
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
 	"fmt"
 	"io"
 	"net"
@@ -10,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -17,7 +19,8 @@ import (
 )
 
 // Server is a TCP server on the internet that tells each client the address
-// it saw, then counts what the client sends until EOF and reports the count.
+// it saw, then reads what the client sends until EOF and reports the count
+// and SHA-256 of the bytes it received.
 type Server struct {
 	Addr netip.AddrPort
 	ln   net.Listener
@@ -25,6 +28,7 @@ type Server struct {
 	mu    sync.Mutex
 	peers []netip.AddrPort
 	mss   []int // TCP_MAXSEG of each accepted connection
+	conns map[net.Conn]struct{}
 	wg    sync.WaitGroup
 }
 
@@ -35,7 +39,7 @@ func (w *World) Serve(port uint16) (*Server, error) {
 	if s, ok := w.servers[port]; ok {
 		return s, nil
 	}
-	s := &Server{Addr: netip.AddrPortFrom(ServerAddr, port)}
+	s := &Server{Addr: netip.AddrPortFrom(ServerAddr, port), conns: map[net.Conn]struct{}{}}
 	err := w.Net.Do(func() (err error) {
 		s.ln, err = net.Listen("tcp", s.Addr.String())
 		return err
@@ -61,17 +65,24 @@ func (s *Server) accept() {
 		s.mu.Lock()
 		s.peers = append(s.peers, peer)
 		s.mss = append(s.mss, mss)
+		s.conns[c] = struct{}{}
 		s.mu.Unlock()
 		s.wg.Add(1)
 		go func() {
 			defer s.wg.Done()
-			defer c.Close()
+			defer func() {
+				c.Close()
+				s.mu.Lock()
+				delete(s.conns, c)
+				s.mu.Unlock()
+			}()
 			c.SetDeadline(time.Now().Add(60 * time.Second))
 			if _, err := fmt.Fprintf(c, "%s\n", peer); err != nil {
 				return
 			}
-			n, _ := io.Copy(io.Discard, c)
-			fmt.Fprintf(c, "%d\n", n)
+			h := sha256.New()
+			n, _ := io.Copy(h, c)
+			fmt.Fprintf(c, "%d %x\n", n, h.Sum(nil))
 		}()
 	}
 }
@@ -101,9 +112,14 @@ func maxSeg(c *net.TCPConn) int {
 	return mss
 }
 
-// Close stops the server.
+// Close stops the server and closes the connections still open.
 func (s *Server) Close() {
 	s.ln.Close()
+	s.mu.Lock()
+	for c := range s.conns {
+		c.Close()
+	}
+	s.mu.Unlock()
 	s.wg.Wait()
 }
 
@@ -156,7 +172,8 @@ func Greeting(r *bufio.Reader) (netip.AddrPort, error) {
 }
 
 // Exchange runs one conversation on c: read the address the server saw,
-// send n bytes, half-close, and read how many bytes the server received. The
+// send n bytes, half-close, and read how many bytes the server received. It
+// fails if the server did not receive exactly the bytes sent (SHA-256). The
 // client closes first, so its socket ends in TIME_WAIT.
 func Exchange(c *net.TCPConn, n int64) (peer netip.AddrPort, received int64, err error) {
 	c.SetDeadline(time.Now().Add(60 * time.Second))
@@ -164,7 +181,8 @@ func Exchange(c *net.TCPConn, n int64) (peer netip.AddrPort, received int64, err
 	if peer, err = Greeting(r); err != nil {
 		return peer, 0, err
 	}
-	if _, err = io.CopyN(c, pattern{}, n); err != nil {
+	sent := sha256.New()
+	if _, err = io.CopyN(c, io.TeeReader(pattern{}, sent), n); err != nil {
 		return peer, 0, fmt.Errorf("send: %w", err)
 	}
 	if err = c.CloseWrite(); err != nil {
@@ -174,8 +192,14 @@ func Exchange(c *net.TCPConn, n int64) (peer netip.AddrPort, received int64, err
 	if err != nil {
 		return peer, 0, fmt.Errorf("read count: %w", err)
 	}
-	received, err = strconv.ParseInt(strings.TrimSpace(line), 10, 64)
-	return peer, received, err
+	count, sum, _ := strings.Cut(strings.TrimSpace(line), " ")
+	if received, err = strconv.ParseInt(count, 10, 64); err != nil {
+		return peer, 0, err
+	}
+	if want := fmt.Sprintf("%x", sent.Sum(nil)); sum != want {
+		return peer, received, fmt.Errorf("the server received %d bytes that differ from the %d sent (SHA-256 %s, sent %s)", received, n, sum, want)
+	}
+	return peer, received, nil
 }
 
 // Fetch makes one complete connection to port and returns the client address
@@ -206,12 +230,43 @@ func (w *World) Abort(port uint16, timeout time.Duration) (netip.AddrPort, error
 	return peer, c.SetLinger(0)
 }
 
-// pattern is an endless reader of non-zero bytes.
+// pattern is an endless reader of varied bytes.
 type pattern struct{}
 
+var patternSeq atomic.Uint64
+
 func (pattern) Read(p []byte) (int, error) {
+	x := patternSeq.Add(1)
 	for i := range p {
-		p[i] = byte(i*7 + 1)
+		x = x*6364136223846793005 + 1442695040888963407
+		p[i] = byte(x >> 56)
+	}
+	return len(p), nil
+}
+
+// ServeDownload starts a server on port that reads a byte count N and a
+// seed from the client ("N SEED\n"), sends Stream(SEED) for N bytes, and
+// closes.
+func (w *World) ServeDownload(port uint16) (*Listener, error) {
+	return w.ServeFunc(port, func(c net.Conn) {
+		var n int64
+		var seed uint64
+		if _, err := fmt.Fscanf(c, "%d %d\n", &n, &seed); err != nil {
+			return
+		}
+		io.CopyN(c, Stream(seed), n)
+	})
+}
+
+// Stream returns a deterministic endless byte stream.
+func Stream(seed uint64) io.Reader { return &stream{x: seed} }
+
+type stream struct{ x uint64 }
+
+func (s *stream) Read(p []byte) (int, error) {
+	for i := range p {
+		s.x = s.x*6364136223846793005 + 1442695040888963407
+		p[i] = byte(s.x >> 56)
 	}
 	return len(p), nil
 }

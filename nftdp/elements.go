@@ -36,13 +36,15 @@ const (
 
 // elemConn is the socket for flow transactions and its buffers.
 type elemConn struct {
-	fd   int
-	seq  uint32
-	wbuf []byte
-	rbuf []byte
+	fd      int
+	seq     uint32
+	out, in string // the sets' names
+	maps    bool   // the sets are maps: elements carry data
+	wbuf    []byte
+	rbuf    []byte
 }
 
-func openElemConn() (*elemConn, error) {
+func openElemConn(out, in string, maps bool) (*elemConn, error) {
 	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_NETFILTER)
 	if err != nil {
 		return nil, fmt.Errorf("nftables socket: %w", err)
@@ -51,13 +53,13 @@ func openElemConn() (*elemConn, error) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("nftables socket: %w", err)
 	}
-	return &elemConn{fd: fd, wbuf: make([]byte, 0, 64<<10), rbuf: make([]byte, 64<<10)}, nil
+	return &elemConn{fd: fd, out: out, in: in, maps: maps, wbuf: make([]byte, 0, 64<<10), rbuf: make([]byte, 64<<10)}, nil
 }
 
 func (c *elemConn) close() error { return unix.Close(c.fd) }
 
-// transact sends changes to out4 and in4 as one batch and waits for its
-// outcome: all applied, or none.
+// transact sends changes to the outbound and inbound sets as one batch and
+// waits for its outcome: all applied, or none.
 func (c *elemConn) transact(changes []Op) error {
 	b := c.wbuf[:0]
 	b = c.header(b, nfnlBatchBegin, unix.NLM_F_REQUEST, unix.AF_UNSPEC, nfnlSubsysNFT)
@@ -74,9 +76,9 @@ func (c *elemConn) transact(changes []Op) error {
 		if del {
 			typ, flags = nftMsgDelSetElem, unix.NLM_F_REQUEST
 		}
-		for _, set := range []string{"out4", "in4"} {
+		for _, set := range [2]string{c.out, c.in} {
 			ack := uint16(0)
-			if j == len(changes) && set == "in4" {
+			if j == len(changes) && set == c.in {
 				ack = unix.NLM_F_ACK // the batch's last message
 			}
 			start := len(b)
@@ -91,7 +93,7 @@ func (c *elemConn) transact(changes []Op) error {
 				b = append(b, 0, 0, 0, 0)
 				var key, val [16]byte
 				var kl, vl int
-				if set == "out4" {
+				if set == c.out {
 					kl = putTuple(key[:], ch.Src, ch.Dst)
 					vl = putAddrPort(val[:], ch.NewSrc)
 					binary.NativeEndian.PutUint32(val[8:], ch.Mark)
@@ -101,7 +103,7 @@ func (c *elemConn) transact(changes []Op) error {
 					vl = putAddrPort(val[:], ch.Src)
 				}
 				b = dataAttr(b, attrElemKey, key[:kl])
-				if !del {
+				if !del && c.maps {
 					b = dataAttr(b, attrElemData, val[:vl])
 				}
 				closeAttr(b, e, attrListElem|nlaNested)

@@ -15,6 +15,13 @@
 //	chain prerouting { type filter hook prerouting priority raw;
 //	    ip daddr . tcp dport . ip saddr . tcp sport  ->  @in4   ->  daddr, dport }
 //
+// With the userspace datapath the maps are replaced by key-only sets, uout4
+// and uin4, whose rules queue every packet of a translated flow to the
+// daemon, which rewrites it:
+//
+//	chain output     { ... tuple in @uout4: queue }
+//	chain prerouting { reply tuple in @uin4: queue }
+//
 // Each translation rule does one lookup whose data (a concatenation) lands in
 // registers, then writes the fields from those registers; so no write can
 // change what a later lookup sees. nft's payload writes fix the IP and TCP
@@ -63,7 +70,8 @@ type Datapath struct {
 	conn      *nftables.Conn // setup, listing, removal
 	elems     *elemConn      // per-flow transactions (elements.go)
 	table     *nftables.Table
-	out4, in4 *nftables.Set
+	out4, in4 *nftables.Set // the maps, or the userspace datapath's sets
+	userspace bool
 	// QueueMethod says how packets reach the queue: "nft queue" or, on
 	// kernels without nft_queue, "xt NFQUEUE" through nft_compat.
 	QueueMethod string
@@ -73,13 +81,14 @@ type Datapath struct {
 
 // Install creates rerouted's table, replacing one left by an earlier run, in
 // the caller's network namespace. Packets are queued to queues first ..
-// first+total-1, spread by CPU.
-func Install(first, total uint16) (*Datapath, error) {
+// first+total-1, spread by CPU. With userspace, every packet of a
+// translated flow is queued instead of rewritten in the kernel.
+func Install(first, total uint16, userspace bool) (*Datapath, error) {
 	conn, err := nftables.New(nftables.AsLasting())
 	if err != nil {
 		return nil, fmt.Errorf("nftables netlink: %w", err)
 	}
-	d := &Datapath{conn: conn, table: &nftables.Table{Name: TableName, Family: nftables.TableFamilyINet}}
+	d := &Datapath{conn: conn, table: &nftables.Table{Name: TableName, Family: nftables.TableFamilyINet}, userspace: userspace}
 	if t, err := conn.ListTableOfFamily(TableName, nftables.TableFamilyINet); err == nil && t != nil {
 		conn.DelTable(d.table)
 		if err := conn.Flush(); err != nil {
@@ -96,7 +105,7 @@ func Install(first, total uint16) (*Datapath, error) {
 			return nil, fmt.Errorf("install table inet %s: with nft queue: %v; with xt NFQUEUE: %w", TableName, err, err2)
 		}
 	}
-	if d.elems, err = openElemConn(); err != nil {
+	if d.elems, err = openElemConn(d.out4.Name, d.in4.Name, !userspace); err != nil {
 		d.Remove()
 		return nil, err
 	}
@@ -146,10 +155,17 @@ func (d *Datapath) build(first, total uint16, native bool) error {
 	}
 	outData, _ := nftables.ConcatSetType(nftables.TypeIPAddr, nftables.TypeInetService, nftables.TypeMark)
 	inData, _ := nftables.ConcatSetType(nftables.TypeIPAddr, nftables.TypeInetService)
-	d.out4 = &nftables.Set{Table: t, Name: "out4", IsMap: true, Concatenation: true, KeyType: keyType, DataType: outData,
-		Comment: "socket tuple : translated source . port . mark"}
-	d.in4 = &nftables.Set{Table: t, Name: "in4", IsMap: true, Concatenation: true, KeyType: keyType, DataType: inData,
-		Comment: "translated tuple (reply view) : socket address . port"}
+	if d.userspace {
+		d.out4 = &nftables.Set{Table: t, Name: "uout4", Concatenation: true, KeyType: keyType,
+			Comment: "socket tuples of translated flows: every packet to the daemon"}
+		d.in4 = &nftables.Set{Table: t, Name: "uin4", Concatenation: true, KeyType: keyType,
+			Comment: "translated tuples (reply view): every packet to the daemon"}
+	} else {
+		d.out4 = &nftables.Set{Table: t, Name: "out4", IsMap: true, Concatenation: true, KeyType: keyType, DataType: outData,
+			Comment: "socket tuple : translated source . port . mark"}
+		d.in4 = &nftables.Set{Table: t, Name: "in4", IsMap: true, Concatenation: true, KeyType: keyType, DataType: inData,
+			Comment: "translated tuple (reply view) : socket address . port"}
+	}
 	for _, s := range []*nftables.Set{d.out4, d.in4} {
 		if err := c.AddSet(s, nil); err != nil {
 			return fmt.Errorf("add set %s: %w", s.Name, err)
@@ -171,7 +187,18 @@ func (d *Datapath) build(first, total uint16, native bool) error {
 	// Every SYN goes to the daemon, translated flows' retransmissions too:
 	// the daemon checks that the socket is still the one it translated.
 	c.AddRule(&nftables.Rule{Table: t, Chain: out, Exprs: append(tcp4(),
-		append(tcpFlags(0x17, 0x02), queueTo(first, total, native))...)})
+		append(tcpFlags(0x17, 0x02), queueTo(first, total, native, true))...)})
+	if d.userspace {
+		c.AddRule(&nftables.Rule{Table: t, Chain: out, Exprs: append(tcp4(),
+			loadIP(12, 8), loadPort(0, 9), loadIP(16, 10), loadPort(2, 11),
+			&expr.Lookup{SourceRegister: 8, SetName: d.out4.Name, SetID: d.out4.ID},
+			queueTo(first, total, native, false))})
+		c.AddRule(&nftables.Rule{Table: t, Chain: pre, Exprs: append(tcp4(),
+			loadIP(16, 8), loadPort(2, 9), loadIP(12, 10), loadPort(0, 11),
+			&expr.Lookup{SourceRegister: 8, SetName: d.in4.Name, SetID: d.in4.ID},
+			queueTo(first, total, native, false))})
+		return d.flush(native)
+	}
 	// Outbound: socket tuple -> new source, port, mark.
 	c.AddRule(&nftables.Rule{Table: t, Chain: out, Exprs: append(tcp4(),
 		loadIP(12, 8), loadPort(0, 9), loadIP(16, 10), loadPort(2, 11),
@@ -185,12 +212,16 @@ func (d *Datapath) build(first, total uint16, native bool) error {
 		&expr.Lookup{SourceRegister: 8, DestRegister: 12, IsDestRegSet: true, SetName: d.in4.Name, SetID: d.in4.ID},
 		writeIP(16, 12), writePort(2, 13),
 	)})
+	return d.flush(native)
+}
+
+func (d *Datapath) flush(native bool) error {
 	if native {
 		d.QueueMethod = "nft queue"
 	} else {
 		d.QueueMethod = "xt NFQUEUE"
 	}
-	return c.Flush()
+	return d.conn.Flush()
 }
 
 // tcpFlags matches TCP flags & mask == want.
@@ -202,12 +233,18 @@ func tcpFlags(mask, want byte) []expr.Any {
 	}
 }
 
-// queueTo queues to first..first+total-1 by CPU, with bypass: without a
-// daemon the packet goes on as if the rule were not there.
-func queueTo(first, total uint16, native bool) expr.Any {
+// queueTo queues to first..first+total-1 with bypass: without a daemon the
+// packet goes on as if the rule were not there. With byCPU the queue is the
+// packet's CPU's; else a hash of the address pair picks it, the same for
+// every packet between two hosts in either direction. A flow whose every
+// packet is queued must use the hash: packets of one flow arrive on either
+// CPU, and two workers would reinject them out of order (seen: a duplicate
+// segment to a TIME_WAIT socket, the peer's RST, the TIME_WAIT killed).
+func queueTo(first, total uint16, native, byCPU bool) expr.Any {
+	fanout := total > 1 && byCPU
 	if native {
 		flag := expr.QueueFlagBypass
-		if total > 1 {
+		if fanout {
 			flag |= expr.QueueFlagFanout
 		}
 		return &expr.Queue{Num: first, Total: total, Flag: flag}
@@ -218,7 +255,7 @@ func queueTo(first, total uint16, native bool) expr.Any {
 	binary.NativeEndian.PutUint16(info[0:], first)
 	binary.NativeEndian.PutUint16(info[2:], total)
 	flags := uint16(1)
-	if total > 1 {
+	if fanout {
 		flags |= 2
 	}
 	binary.NativeEndian.PutUint16(info[4:], flags)
@@ -255,6 +292,9 @@ func writePort(off, reg uint32) expr.Any {
 	return &expr.Payload{OperationType: expr.PayloadWrite, SourceRegister: reg, Base: expr.PayloadBaseTransportHeader,
 		Offset: off, Len: 2, CsumType: expr.CsumTypeInet, CsumOffset: 16}
 }
+
+// Sets returns the names of the per-flow sets or maps: outbound, inbound.
+func (d *Datapath) Sets() (string, string) { return d.out4.Name, d.in4.Name }
 
 // Op is one change to the flow maps.
 type Op struct {
@@ -297,8 +337,12 @@ func (d *Datapath) Apply(changes []Op) error {
 	return nil
 }
 
-// Entries lists the translated flows installed in the kernel.
+// Entries lists the translated flows installed in the kernel maps (the
+// kernel datapath; the userspace datapath's sets hold keys only).
 func (d *Datapath) Entries() ([]Entry, error) {
+	if d.userspace {
+		return nil, errors.New("the userspace datapath keeps translations in the daemon")
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	els, err := d.conn.GetSetElements(d.out4)

@@ -17,7 +17,7 @@ func TestInstallAddDeleteRemove(t *testing.T) {
 	}
 
 	var d *Datapath
-	if err := ns.Do(func() (err error) { d, err = Install(7, 2); return err }); err != nil {
+	if err := ns.Do(func() (err error) { d, err = Install(7, 2, false); return err }); err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("queue method: %s", d.QueueMethod)
@@ -83,7 +83,7 @@ func TestInstallAddDeleteRemove(t *testing.T) {
 
 	// A second Install (a restart after a crash) replaces the stale table.
 	var d2 *Datapath
-	if err := ns.Do(func() (err error) { d2, err = Install(7, 1); return err }); err != nil {
+	if err := ns.Do(func() (err error) { d2, err = Install(7, 1, false); return err }); err != nil {
 		t.Fatal(err)
 	}
 	if !d2.Replaced {
@@ -106,4 +106,37 @@ func ap(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
 
 func sortEntries(es []Entry) {
 	slices.SortFunc(es, func(a, b Entry) int { return a.Src.Compare(b.Src) })
+}
+
+func TestUserspaceSets(t *testing.T) {
+	ns := worldtest.NS(t)
+	var d *Datapath
+	if err := ns.Do(func() (err error) { d, err = Install(0, 1, true); return err }); err != nil {
+		t.Fatal(err)
+	}
+	defer d.Remove()
+	e := Entry{Src: ap("198.51.100.2:40312"), Dst: ap("192.0.2.80:80"), NewSrc: ap("203.0.113.2:40312"), Mark: 100}
+	if err := d.Add(e); err != nil {
+		t.Fatal(err)
+	}
+	out, in := d.Sets()
+	listing, err := ns.Run("nft", "list", "table", "inet", TableName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		"set " + out, "set " + in,
+		"198.51.100.2 . 40312 . 192.0.2.80 . 80", // socket tuple: outbound packets queued
+		"203.0.113.2 . 40312 . 192.0.2.80 . 80",  // reply view of the wire tuple: inbound queued
+	} {
+		if !strings.Contains(listing, want) {
+			t.Errorf("listing lacks %q:\n%s", want, listing)
+		}
+	}
+	if strings.Count(listing, "queue num 0") != 3 || strings.Contains(listing, "map ") {
+		t.Errorf("want three queue rules (SYN, outbound, inbound) and no maps:\n%s", listing)
+	}
+	if err := d.Delete(e); err != nil {
+		t.Fatal(err)
+	}
 }

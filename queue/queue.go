@@ -2,9 +2,10 @@
 //
 // It speaks nfnetlink_queue directly on a netlink socket that one goroutine
 // owns: a blocking read wakes that goroutine's thread directly (no poller
-// hand-off), each packet costs one read, messages are parsed in place, and
-// a verdict is one writev whose iovecs point at a preallocated header and
-// the packet itself. Nothing on this path allocates.
+// hand-off), each packet costs one read into its own region of a large
+// buffer, messages are parsed in place, and verdicts are batched: each is an
+// iovec triple (a preallocated header, the packet where it lies, padding),
+// and one writev sends all of a burst's. Nothing on this path allocates.
 //
 // The reader is deliberately not locked to its OS thread: it also calls
 // libraries that park on Go's poller, and waking a locked thread costs
@@ -30,6 +31,7 @@ import (
 // Packet is one queued packet. Payload is only valid until the verdict.
 type Packet struct {
 	ID      uint32
+	Hook    uint8 // netfilter hook: HookLocalOut or HookPreRouting
 	Payload []byte
 	Mark    uint32
 	UID     uint32
@@ -39,6 +41,12 @@ type Packet struct {
 	Partial bool // the checksum is not computed yet (CHECKSUM_PARTIAL)
 	GSO     bool // a GSO packet, larger than the MTU
 }
+
+// Netfilter hooks a packet can be queued from.
+const (
+	HookPreRouting = 0
+	HookLocalOut   = 3
+)
 
 // Options for Open.
 type Options struct {
@@ -53,16 +61,34 @@ type Queue struct {
 	fd  int
 	gso bool
 
-	buf  []byte
+	buf  []byte // packets of the current batch, each in its own region
+	off  int    // where the next read goes
+	rbuf []byte // replies to configuration messages
 	seq  uint32
-	vhdr [64]byte      // verdict message header and attributes
-	iov  [3]unix.Iovec // header, payload, padding
-	pad  [4]byte
 	done chan struct{} // closed when the reader has stopped
+
+	// The verdict batch: headers, and iovecs pointing at them, the packets
+	// and padding.
+	hdrs  [maxVerdicts][verdictHdrLen]byte
+	iov   [3 * maxVerdicts]unix.Iovec
+	niov  int
+	nv    int
+	bytes int
+	pad   [4]byte
 
 	// Drops counts packets the kernel could not queue to us (ENOBUFS).
 	Drops atomic.Uint64
 }
+
+// Batch limits: verdicts per writev (IOV_MAX is 1024, three iovecs each),
+// bytes per writev (within the socket's send buffer), packet buffer.
+const (
+	maxVerdicts   = 256
+	maxBatchBytes = 4 << 20
+	bufSize       = 8 << 20
+	maxMsg        = 0xffff + 512 // a packet message's largest size
+	verdictHdrLen = 48
+)
 
 // nfnetlink_queue constants (linux/netfilter/nfnetlink_queue.h).
 const (
@@ -109,7 +135,7 @@ func Open(num uint16, o Options) (*Queue, error) {
 	if err != nil {
 		return nil, fmt.Errorf("nfqueue %d: socket: %w", num, err)
 	}
-	q := &Queue{Num: num, fd: fd, gso: o.GSO, buf: make([]byte, 256<<10)}
+	q := &Queue{Num: num, fd: fd, gso: o.GSO, buf: make([]byte, bufSize), rbuf: make([]byte, 64<<10)}
 	fail := func(what string, err error) (*Queue, error) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("nfqueue %d: %s: %w", num, what, err)
@@ -121,6 +147,10 @@ func Open(num uint16, o Options) (*Queue, error) {
 		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, o.Rcvbuf); err != nil {
 			return fail("SO_RCVBUFFORCE", err)
 		}
+	}
+	// A batch of verdicts with packets is one message of up to maxBatchBytes.
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, 2*maxBatchBytes); err != nil {
+		return fail("SO_SNDBUFFORCE", err)
 	}
 	// Errors are reported on the socket, never hidden.
 	if err := unix.SetsockoptInt(fd, unix.SOL_NETLINK, unix.NETLINK_EXT_ACK, 1); err != nil {
@@ -180,11 +210,11 @@ func (q *Queue) config(attrs []byte) error {
 		return err
 	}
 	for {
-		n, err := unix.Read(q.fd, q.buf)
+		n, err := unix.Read(q.fd, q.rbuf)
 		if err != nil {
 			return err
 		}
-		for b := q.buf[:n]; len(b) >= nlHdr; {
+		for b := q.rbuf[:n]; len(b) >= nlHdr; {
 			l := int(ne.Uint32(b))
 			if l < nlHdr || l > len(b) {
 				return errors.New("malformed netlink reply")
@@ -199,6 +229,7 @@ func (q *Queue) config(attrs []byte) error {
 				var p Packet
 				if parsePacket(b[nlHdr+nfgenHdr:l], &p) {
 					q.Accept(p.ID)
+					q.send()
 				}
 			}
 			b = b[(l+3)&^3:]
@@ -207,28 +238,40 @@ func (q *Queue) config(attrs []byte) error {
 }
 
 // Start starts the reader: from its return on, every packet queued reaches
-// handle, called on one goroutine until ctx is done. idle is called on it
-// whenever no packet is waiting, before the reader sleeps: the place to
-// finish work deferred over a burst. Every packet must get a verdict, from
-// that goroutine. Receive errors other than drops are passed to
-// onError and do not stop the queue.
-func (q *Queue) Start(ctx context.Context, handle func(*Packet), idle func(), onError func(error)) error {
+// handle, called on one goroutine until ctx is done. Every packet must get a
+// verdict, from that goroutine. Verdicts are sent in batches: endBatch is
+// called on the reader's goroutine just before a batch goes (the queue is
+// empty, or the batch or the packet buffer is full), the last moment to add
+// verdicts to it. A Packet's Payload stays valid until then. Receive errors
+// other than drops are passed to onError and do not stop the queue.
+func (q *Queue) Start(ctx context.Context, handle func(*Packet), endBatch func(), onError func(error)) error {
 	q.done = make(chan struct{})
 	go func() {
 		defer close(q.done)
 		var p Packet
+		end := func() {
+			endBatch()
+			if err := q.send(); err != nil {
+				onError(err) // those packets stay queued until the queue is unbound
+			}
+			q.off = 0
+		}
 		wait := false // the last non-blocking read found nothing
 		for ctx.Err() == nil {
+			if q.off+maxMsg > len(q.buf) || q.nv+1 > maxVerdicts || q.bytes+maxMsg > maxBatchBytes {
+				end()
+			}
 			flags := uintptr(unix.MSG_DONTWAIT)
 			if wait {
 				flags = 0 // block (SO_RCVTIMEO bounds it)
 			}
-			r, _, errno := unix.Syscall6(unix.SYS_RECVFROM, uintptr(q.fd), uintptr(unsafe.Pointer(&q.buf[0])), uintptr(len(q.buf)), flags, 0, 0)
+			region := q.buf[q.off:]
+			r, _, errno := unix.Syscall6(unix.SYS_RECVFROM, uintptr(q.fd), uintptr(unsafe.Pointer(&region[0])), uintptr(len(region)), flags, 0, 0)
 			if errno != 0 {
 				switch errno {
 				case unix.EAGAIN:
 					if !wait {
-						idle() // the burst is over
+						end() // the burst is over
 					}
 					wait = true
 				case unix.EINTR:
@@ -241,7 +284,8 @@ func (q *Queue) Start(ctx context.Context, handle func(*Packet), idle func(), on
 				continue
 			}
 			wait = false
-			for b := q.buf[:r]; len(b) >= nlHdr; {
+			q.off += (int(r) + 7) &^ 7
+			for b := region[:r]; len(b) >= nlHdr; {
 				l := int(binary.NativeEndian.Uint32(b))
 				if l < nlHdr || l > len(b) {
 					onError(errors.New("malformed netlink message"))
@@ -260,6 +304,7 @@ func (q *Queue) Start(ctx context.Context, handle func(*Packet), idle func(), on
 				b = b[min((l+3)&^3, len(b)):]
 			}
 		}
+		end()
 	}()
 	return nil
 }
@@ -276,9 +321,9 @@ func parsePacket(b []byte, p *Packet) bool {
 		}
 		v := b[4:l]
 		switch typ {
-		case attrPacketHdr:
-			if len(v) >= 4 {
-				p.ID, hasID = binary.BigEndian.Uint32(v), true
+		case attrPacketHdr: // { be32 packet_id; be16 hw_protocol; u8 hook }
+			if len(v) >= 7 {
+				p.ID, p.Hook, hasID = binary.BigEndian.Uint32(v), v[6], true
 			}
 		case attrMark:
 			p.Mark = be32(v)
@@ -327,11 +372,16 @@ func (q *Queue) Repeat(id uint32) error { return q.verdict(id, verdictRepeat, fa
 // Drop drops the packet.
 func (q *Queue) Drop(id uint32) error { return q.verdict(id, verdictDrop, false, 0, nil) }
 
-// verdict sends one verdict as a single writev: the header and attributes
-// from q.vhdr, then the packet where it lies, then padding.
+// verdict adds one verdict to the batch: its header and attributes, then
+// the packet where it lies, then padding.
 func (q *Queue) verdict(id uint32, v uint32, setMark bool, mark uint32, pkt []byte) error {
+	if q.nv == maxVerdicts || q.bytes+len(pkt)+verdictHdrLen > maxBatchBytes {
+		if err := q.send(); err != nil {
+			return err
+		}
+	}
 	ne := binary.NativeEndian
-	h := q.vhdr[:]
+	h := q.hdrs[q.nv][:]
 	off := nlHdr + nfgenHdr
 	// NFQA_VERDICT_HDR { be32 verdict; be32 id }
 	ne.PutUint16(h[off:], 12)
@@ -345,8 +395,7 @@ func (q *Queue) verdict(id uint32, v uint32, setMark bool, mark uint32, pkt []by
 		binary.BigEndian.PutUint32(h[off+4:], mark)
 		off += 8
 	}
-	total := off
-	pad := 0
+	total, pad := off, 0
 	if pkt != nil {
 		ne.PutUint16(h[off:], uint16(4+len(pkt)))
 		ne.PutUint16(h[off+2:], attrPayload)
@@ -359,23 +408,35 @@ func (q *Queue) verdict(id uint32, v uint32, setMark bool, mark uint32, pkt []by
 	ne.PutUint16(h[6:], unix.NLM_F_REQUEST)
 	ne.PutUint32(h[8:], 0)
 	ne.PutUint32(h[12:], 0)
-	h[16] = unix.AF_UNSPEC
-	h[17] = 0
+	h[16], h[17] = unix.AF_UNSPEC, 0
 	binary.BigEndian.PutUint16(h[18:], q.Num)
 
-	q.iov[0].Base = &h[0]
-	q.iov[0].SetLen(off)
-	n := 1
+	q.addIov(&h[0], off)
 	if len(pkt) > 0 {
-		q.iov[1].Base = &pkt[0]
-		q.iov[1].SetLen(len(pkt))
-		n = 2
+		q.addIov(&pkt[0], len(pkt))
 		if pad > 0 {
-			q.iov[2].Base = &q.pad[0]
-			q.iov[2].SetLen(pad)
-			n = 3
+			q.addIov(&q.pad[0], pad)
 		}
 	}
+	q.nv++
+	q.bytes += total
+	return nil
+}
+
+func (q *Queue) addIov(base *byte, n int) {
+	q.iov[q.niov].Base = base
+	q.iov[q.niov].SetLen(n)
+	q.niov++
+}
+
+// send writes the batched verdicts: one writev, one netlink datagram of
+// several messages, which the kernel handles in order.
+func (q *Queue) send() error {
+	if q.nv == 0 {
+		return nil
+	}
+	n := q.niov
+	q.nv, q.niov, q.bytes = 0, 0, 0
 	for {
 		_, _, errno := unix.Syscall(unix.SYS_WRITEV, uintptr(q.fd), uintptr(unsafe.Pointer(&q.iov[0])), uintptr(n))
 		switch errno {
@@ -384,7 +445,7 @@ func (q *Queue) verdict(id uint32, v uint32, setMark bool, mark uint32, pkt []by
 		case unix.EINTR:
 			continue
 		}
-		return fmt.Errorf("nfqueue %d: verdict: %w", q.Num, errno)
+		return fmt.Errorf("nfqueue %d: verdicts: %w", q.Num, errno)
 	}
 }
 

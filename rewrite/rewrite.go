@@ -104,6 +104,21 @@ func SetSource(b []byte, t *TCP, src netip.AddrPort) {
 	t.Src = src
 }
 
+// SetDestination writes a new destination address and port, the inverse
+// of SetSource for replies. Checksums are not touched.
+func SetDestination(b []byte, t *TCP, dst netip.AddrPort) {
+	a := dst.Addr()
+	if a.Is4() {
+		a4 := a.As4()
+		copy(b[16:20], a4[:])
+	} else {
+		a16 := a.As16()
+		copy(b[24:40], a16[:])
+	}
+	binary.BigEndian.PutUint16(b[t.L4+2:], dst.Port())
+	t.Dst = dst
+}
+
 // ClampMSS lowers the MSS option of a SYN to at most mss. It returns the
 // option's previous value and whether it changed.
 func ClampMSS(b []byte, t *TCP, mss uint16) (old uint16, changed bool) {

@@ -136,6 +136,32 @@ func TestRewriteMatchesGopacket(t *testing.T) {
 	}
 }
 
+// Replies are restored with SetDestination: checked the same way.
+func TestSetDestinationMatchesGopacket(t *testing.T) {
+	r := rand.New(rand.NewSource(3))
+	for i := 0; i < 1000; i++ {
+		v6 := i%3 == 2
+		src, dst, newDst := randomAddrPort(r, v6), randomAddrPort(r, v6), randomAddrPort(r, v6)
+		payload := make([]byte, r.Intn(9000))
+		r.Read(payload)
+		opts := randomOptions(r, 1460)
+		in := build(t, src, dst, false, opts, payload)
+		want := build(t, src, newDst, false, opts, payload)
+		var tc TCP
+		if err := ParseTCP(in, &tc); err != nil {
+			t.Fatal(err)
+		}
+		if i%2 == 1 {
+			pseudoOnly(in, &tc)
+		}
+		SetDestination(in, &tc, newDst)
+		Checksum(in, &tc)
+		if !bytes.Equal(in, want) {
+			t.Fatalf("packet %d differs from gopacket's", i)
+		}
+	}
+}
+
 func TestClampMSS(t *testing.T) {
 	src, dst := netip.MustParseAddrPort("198.51.100.2:40000"), netip.MustParseAddrPort("192.0.2.80:80")
 	mssOpt := func(v uint16) layers.TCPOption {

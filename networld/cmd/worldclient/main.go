@@ -58,7 +58,8 @@ func run(addr string, send int64, hold bool, timeout time.Duration) error {
 	if err != nil {
 		return err
 	}
-	n, err := strconv.ParseInt(strings.TrimSpace(line), 10, 64)
+	count, _, _ := strings.Cut(strings.TrimSpace(line), " ")
+	n, err := strconv.ParseInt(count, 10, 64)
 	if err != nil {
 		return err
 	}
