@@ -31,6 +31,9 @@ type Options struct {
 	Conns    int           // connections per rate measurement
 	Parallel int           // workers for the parallel rate
 	Scale    int           // live flows for the scale measurement; 0 skips it
+	// HoldCommand runs networld.HoldMany in a process of its own (flags
+	// -connect and -many are appended), for the scale measurement.
+	HoldCommand []string
 }
 
 // Ports of the benchmark servers.
@@ -68,26 +71,26 @@ type run struct {
 }
 
 // Run builds a world, measures every path, prints the table and returns
-// the results.
-func Run(o Options) ([]Result, error) {
+// the results, and the scale measurement if asked for.
+func Run(o Options) ([]Result, *ScaleResult, error) {
 	dir, err := os.MkdirTemp("", "rerouted-bench-")
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	defer os.RemoveAll(dir)
 	logf := func(f string, a ...any) { fmt.Fprintf(o.Out, f+"\n", a...) }
 	w, err := networld.New(fmt.Sprintf("rrbench%d", os.Getpid()), logf)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	defer w.Close()
 	b := &run{o: o, w: w, dir: dir, logf: logf}
 	if err := b.servers(); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	// Many short connections: let the host reuse TIME_WAIT ports.
 	if err := w.Host.Sysctl("net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=1024 65000"); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 
 	paths := []path{
@@ -116,7 +119,16 @@ func Run(o Options) ([]Result, error) {
 		results[i] = median(samples[i])
 	}
 	Table(o.Out, results)
-	return results, nil
+	if o.Scale > 0 {
+		logf("\nscale: %d live flows through rerouted-kernel", o.Scale)
+		s, err := b.scale(o.Scale)
+		if err != nil {
+			return results, nil, fmt.Errorf("scale: %w", err)
+		}
+		ScaleTable(o.Out, s)
+		return results, &s, nil
+	}
+	return results, nil, nil
 }
 
 func (b *run) servers() error {

@@ -38,6 +38,10 @@ type FlowInfo struct {
 	Dev        string  `json:"dev"`
 	UID        uint32  `json:"uid"`
 	Rule       string  `json:"rule"`
+	PID        int     `json:"pid,omitempty"`
+	Comm       string  `json:"comm,omitempty"`
+	Exe        string  `json:"exe,omitempty"`
+	Cgroup     string  `json:"cgroup,omitempty"`
 	Cookie     uint64  `json:"cookie"`
 	AgeSeconds float64 `json:"age_seconds"`
 }
@@ -51,13 +55,17 @@ type Tuple struct {
 }
 
 func info(f *flow.Flow, now time.Time) FlowInfo {
-	return FlowInfo{
+	fi := FlowInfo{
 		Proto:    protoName(f.Proto),
 		Original: Tuple{Src: f.Src.Addr(), Dst: f.Dst.Addr(), Sport: f.Src.Port(), Dport: f.Dst.Port()},
 		Reply:    Tuple{Src: f.Dst.Addr(), Dst: f.NewSrc.Addr(), Sport: f.Dst.Port(), Dport: f.NewSrc.Port()},
 		Mark:     f.Mark, Dev: f.Dev, UID: f.UID, Rule: f.Rule, Cookie: f.Cookie,
 		AgeSeconds: now.Sub(f.Start).Seconds(),
 	}
+	if o := f.Owner; o != nil {
+		fi.PID, fi.Comm, fi.Exe, fi.Cgroup = o.PID, o.Comm, o.Exe, o.Cgroup
+	}
+	return fi
 }
 
 // String formats a flow like `conntrack -L`: the original tuple, then the
@@ -112,29 +120,42 @@ func (d *Daemon) serveControl(ctx context.Context, ln net.Listener) {
 
 func (d *Daemon) answer(c net.Conn) {
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
+	c.SetDeadline(time.Now().Add(60 * time.Second))
 	var req request
 	line, err := bufio.NewReader(c).ReadBytes('\n')
 	if err == nil {
 		err = json.Unmarshal(line, &req)
 	}
-	var reply FlowsReply
 	switch {
 	case err != nil:
-		reply.Error = "bad request: " + err.Error()
+		err = json.NewEncoder(c).Encode(FlowsReply{Error: "bad request: " + err.Error()})
 	case req.Cmd == "flows":
-		now := time.Now()
-		snap := d.flows.Snapshot()
-		reply.Flows = make([]FlowInfo, len(snap))
-		for i := range snap {
-			reply.Flows[i] = info(&snap[i], now)
-		}
+		err = d.writeFlows(c)
 	default:
-		reply.Error = fmt.Sprintf("unknown command %q", req.Cmd)
+		err = json.NewEncoder(c).Encode(FlowsReply{Error: fmt.Sprintf("unknown command %q", req.Cmd)})
 	}
-	if err := json.NewEncoder(c).Encode(reply); err != nil {
+	if err != nil {
 		d.log.Warn("control socket reply", "err", err)
 	}
+}
+
+// writeFlows streams {"flows": [...]} one flow at a time: listing 100,000
+// flows must not hold them all twice in memory.
+func (d *Daemon) writeFlows(c net.Conn) error {
+	w := bufio.NewWriterSize(c, 64<<10)
+	enc := json.NewEncoder(w)
+	now := time.Now()
+	w.WriteString(`{"flows":[`)
+	for i, f := range d.flows.Snapshot() {
+		if i > 0 {
+			w.WriteByte(',')
+		}
+		if err := enc.Encode(info(f, now)); err != nil {
+			return err
+		}
+	}
+	w.WriteString("]}\n")
+	return w.Flush()
 }
 
 // QueryFlows asks the daemon listening on path for its flows.

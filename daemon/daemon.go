@@ -25,6 +25,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"sync"
@@ -69,6 +70,8 @@ type stats struct {
 	translated atomic.Uint64 // new flows translated
 	retrans    atomic.Uint64 // retransmitted SYNs of translated flows
 	dropped    atomic.Uint64 // packets dropped (the socket retries)
+	forwarded  atomic.Uint64 // userspace datapath: packets rewritten after the SYN
+	bytes      atomic.Uint64 // userspace datapath: their bytes
 }
 
 // Each NFQUEUE socket's buffer: bursts of new connections must not overflow
@@ -83,6 +86,9 @@ const (
 // installed. It returns once the host is back as it found it.
 func Run(ctx context.Context, o Options) (err error) {
 	cfg := o.Config
+	// The heap is mostly long-lived flow state: collect at 50% growth
+	// rather than 100%, a little CPU for a third less memory.
+	debug.SetGCPercent(50)
 	d := &Daemon{log: o.Log, flows: flow.NewTable(), userspace: cfg.Daemon.Datapath == "userspace"}
 	d.cfg.Store(cfg)
 	d.inst = newInstaller(d)
@@ -169,7 +175,8 @@ func Run(ctx context.Context, o Options) (err error) {
 	<-ctx.Done()
 	d.log.Info("stopping", "syns", d.stats.syns.Load(), "translated", d.stats.translated.Load(),
 		"retransmitted_syns", d.stats.retrans.Load(),
-		"dropped", d.stats.dropped.Load(), "flows", d.flows.Len())
+		"dropped", d.stats.dropped.Load(), "forwarded", d.stats.forwarded.Load(),
+		"forwarded_bytes", d.stats.bytes.Load(), "flows", d.flows.Len())
 	return nil
 }
 

@@ -65,17 +65,17 @@ func appendFlow(b []byte, f *flow.Flow) []byte {
 	b = append(b, f.Dev...)
 	b = append(b, " uid="...)
 	b = strconv.AppendUint(b, uint64(f.UID), 10)
-	if f.PID != 0 {
+	if o := f.Owner; o != nil && o.PID != 0 {
 		b = append(b, " pid="...)
-		b = strconv.AppendInt(b, int64(f.PID), 10)
+		b = strconv.AppendInt(b, int64(o.PID), 10)
 		b = append(b, " comm="...)
-		b = strconv.AppendQuote(b, f.Comm)
+		b = strconv.AppendQuote(b, o.Comm)
 		b = append(b, " exe="...)
-		b = append(b, f.Exe...)
+		b = append(b, o.Exe...)
 	}
-	if f.Cgroup != "" {
+	if o := f.Owner; o != nil && o.Cgroup != "" {
 		b = append(b, " cgroup="...)
-		b = append(b, f.Cgroup...)
+		b = append(b, o.Cgroup...)
 	}
 	b = append(b, " rule="...)
 	return strconv.AppendQuote(b, f.Rule)

@@ -78,6 +78,8 @@ func (w *worker) handle(p *queue.Packet) {
 // tuple to the wire's, with the flow's mark; inbound back.
 func (w *worker) forward(p *queue.Packet, t *rewrite.TCP) {
 	d := w.d
+	d.stats.forwarded.Add(1)
+	d.stats.bytes.Add(uint64(len(p.Payload)))
 	if p.Hook == queue.HookLocalOut {
 		f := d.flows.Get(flow.Key{Proto: unix.IPPROTO_TCP, Src: t.Src, Dst: t.Dst})
 		if f == nil {
@@ -204,15 +206,19 @@ func (w *worker) decide(cfg *policy.Config, sock *sockdiag.Socket, pktMark, gid 
 // --debug also what it did not need, for the event line.
 func (w *worker) describeOwner(f *flow.Flow) {
 	o := &w.owner
+	var fo flow.Owner
 	if w.d.events != nil || o.procDone {
 		if p, ok := o.Process(); ok {
-			f.PID, f.Comm, f.Exe = p.PID, p.Comm, p.Exe
+			fo.PID, fo.Comm, fo.Exe = p.PID, p.Comm, p.Exe
 		}
 	}
 	if w.d.events != nil || o.cgDone {
 		if cg, ok := o.Cgroup(); ok {
-			f.Cgroup = "/" + cg
+			fo.Cgroup = "/" + cg
 		}
+	}
+	if fo != (flow.Owner{}) {
+		f.Owner = &fo
 	}
 }
 

@@ -106,6 +106,9 @@ func (d *Daemon) Lines() []string {
 // Output returns everything printed so far.
 func (d *Daemon) Output() string { return strings.Join(d.Lines(), "\n") }
 
+// PID is the daemon's process id (nsenter execs it in place).
+func (d *Daemon) PID() int { return d.cmd.Process.Pid }
+
 // Signal sends sig to the daemon.
 func (d *Daemon) Signal(sig syscall.Signal) error { return d.cmd.Process.Signal(sig) }
 

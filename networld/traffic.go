@@ -308,3 +308,25 @@ func (l *Listener) Close() {
 	l.ln.Close()
 	l.wg.Wait()
 }
+
+// HoldMany opens n connections over addrs in turn, writes "open N" to out,
+// and keeps them until in reaches EOF. It is the client side of scale
+// measurements: one process may hold only so many sockets.
+func HoldMany(addrs []string, n int, timeout time.Duration, in io.Reader, out io.Writer) error {
+	conns := make([]net.Conn, 0, n)
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	for i := 0; i < n; i++ {
+		c, err := net.DialTimeout("tcp", addrs[i%len(addrs)], timeout)
+		if err != nil {
+			return fmt.Errorf("connection %d: %w", i, err)
+		}
+		conns = append(conns, c)
+	}
+	fmt.Fprintf(out, "open %d\n", len(conns))
+	io.Copy(io.Discard, in)
+	return nil
+}

@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/rerouted/rerouted/bench"
+	"github.com/rerouted/rerouted/networld"
 )
 
 // cmdBench measures rerouted against the limit and MASQUERADE in one run.
@@ -33,11 +35,12 @@ func cmdBench(args []string) int {
 		return exitFailure
 	}
 	o.Bin = bin
+	o.HoldCommand = []string{bin, "bench-client"}
 	var table bytes.Buffer
 	o.Out = io.MultiWriter(os.Stdout, &table)
 	machine := bench.Machine()
 	fmt.Printf("machine: %s\n", machine)
-	results, err := bench.Run(o)
+	results, scale, err := bench.Run(o)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "rerouted bench: %v\n", err)
 		return exitFailure
@@ -47,11 +50,30 @@ func cmdBench(args []string) int {
 		fmt.Fprintf(&sec, "Measured by `rerouted bench --rounds %d --bulk %s --conns %d --parallel %d --scale %d` on %s.\n",
 			o.Rounds, o.BulkTime, o.Conns, o.Parallel, o.Scale, machine)
 		bench.Table(&sec, results)
+		if scale != nil {
+			bench.ScaleTable(&sec, *scale)
+		}
 		if err := bench.Record(record, sec.String()); err != nil {
 			fmt.Fprintf(os.Stderr, "rerouted bench: %v\n", err)
 			return exitFailure
 		}
 		fmt.Printf("recorded in %s\n", record)
+	}
+	return exitOK
+}
+
+// cmdBenchClient is the bench's helper process: it holds many connections
+// (a process may have only so many sockets). Not for operators.
+func cmdBenchClient(args []string) int {
+	var addrs string
+	var n int
+	flags("bench-client", args, func(fs *flag.FlagSet) {
+		fs.StringVar(&addrs, "connect", "", "ADDR:PORT[,ADDR:PORT...]")
+		fs.IntVar(&n, "many", 0, "connections to open and hold until stdin closes")
+	})
+	if err := networld.HoldMany(strings.Split(addrs, ","), n, 5*time.Second, os.Stdin, os.Stdout); err != nil {
+		fmt.Println("error:", err)
+		return exitFailure
 	}
 	return exitOK
 }

@@ -63,6 +63,8 @@ func main() {
 		code = cmdDemo(args)
 	case "bench":
 		code = cmdBench(args)
+	case "bench-client": // the bench's helper process
+		code = cmdBenchClient(args)
 	case "-h", "--help", "help":
 		fmt.Print(usage)
 	default:

@@ -3,9 +3,13 @@
 // Tests copy it under several names to act as different applications.
 //
 //	worldclient -connect 192.0.2.80:80 [-send N] [-hold]
+//	worldclient -connect 192.0.2.80:5201,192.0.2.80:5202 -many N
 //
 // prints "peer=ADDR:PORT received=N" and exits 0, or prints the error and
 // exits 1. With -hold it waits for standard input to close before sending.
+// With -many it opens N connections over the addresses in turn, prints
+// "open N", and keeps them until standard input closes (for scale tests:
+// one process may hold only so many sockets).
 package main
 
 import (
@@ -27,7 +31,15 @@ func main() {
 	send := flag.Int64("send", 0, "bytes to send")
 	hold := flag.Bool("hold", false, "print the peer, then wait for stdin to close before sending")
 	timeout := flag.Duration("timeout", 3*time.Second, "connect timeout")
+	many := flag.Int("many", 0, "open this many connections and hold them until stdin closes")
 	flag.Parse()
+	if *many > 0 {
+		if err := networld.HoldMany(strings.Split(*addr, ","), *many, *timeout, os.Stdin, os.Stdout); err != nil {
+			fmt.Println("error:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if err := run(*addr, *send, *hold, *timeout); err != nil {
 		fmt.Println("error:", err)
 		os.Exit(1)
