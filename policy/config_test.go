@@ -69,6 +69,17 @@ func TestDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if cfg.Daemon.Datapath != "kernel" || cfg.Daemon.Queues < 1 {
+		t.Fatalf("datapath defaults = %q, %d queues", cfg.Daemon.Datapath, cfg.Daemon.Queues)
+	}
+	cfg, err = Parse("d.toml", []byte("[daemon]\ndatapath = \"userspace\"\nqueues = 3\n"))
+	if err != nil || cfg.Daemon.Datapath != "userspace" || cfg.Daemon.Queues != 3 {
+		t.Fatalf("datapath settings = %+v, %v", cfg.Daemon, err)
+	}
+	cfg, err = Parse("d.toml", []byte("[[uplink]]\nname = \"b\"\nmark = 1\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
 	if !cfg.Daemon.HonorMarks || cfg.Daemon.ControlSocket != DefaultControlSocket || cfg.Daemon.GCInterval != DefaultGCInterval {
 		t.Fatalf("defaults = %+v", cfg.Daemon)
 	}
@@ -106,6 +117,8 @@ func TestParseErrors(t *testing.T) {
 		{"queue range", "[daemon]\nqueue = 70000\n", "bad.toml:2:1: queue 70000 is out of range"},
 		{"relative socket", "[daemon]\ncontrol_socket = \"x.sock\"\n", "bad.toml:2:1: control_socket must be an absolute path"},
 		{"type", "[daemon]\nhonor_marks = \"yes\"\n", "bad.toml:2:1: honor_marks must be true or false"},
+		{"datapath", "[daemon]\ndatapath = \"ebpf\"\n", "bad.toml:2:1: datapath must be \"kernel\" or \"userspace\""},
+		{"queues", "[daemon]\nqueues = 0\n", "bad.toml:2:1: queues 0 is out of range 1-64"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
