@@ -305,9 +305,13 @@ func (d *Daemon) sweepLoop(ctx context.Context, diag *sockdiag.Conn) {
 			continue
 		}
 		s := d.flows.BeginSweep(time.Now())
-		err := diag.Dump(unix.AF_INET, unix.IPPROTO_TCP, func(so *sockdiag.Socket) {
+		seen := func(so *sockdiag.Socket) {
 			s.Seen(flow.Key{Proto: unix.IPPROTO_TCP, Src: so.Local, Dst: so.Remote}, so.Cookie)
-		})
+		}
+		err := diag.Dump(unix.AF_INET, unix.IPPROTO_TCP, seen)
+		if err == nil {
+			err = diag.Dump(unix.AF_INET6, unix.IPPROTO_TCP, seen)
+		}
 		if err != nil {
 			// An incomplete dump must not be taken as "sockets gone".
 			d.log.Error("socket dump failed; no flow removed this round", "err", err)

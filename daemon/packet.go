@@ -53,8 +53,11 @@ type heldSYN struct {
 // maxHeld bounds the SYNs held in one batch.
 const maxHeld = 128
 
-// tcpIPHeaders is what an MSS leaves out of the MTU: IPv4 and TCP headers.
-const tcpIPHeaders = 40
+// What an MSS leaves out of the MTU: the IP and TCP headers.
+const (
+	tcpIPv4Headers = 40
+	tcpIPv6Headers = 60
+)
 
 func (w *worker) handle(p *queue.Packet) {
 	var t rewrite.TCP
@@ -157,8 +160,12 @@ func (w *worker) syn(p *queue.Packet, t *rewrite.TCP) {
 	// 4. The flow.
 	f := &flow.Flow{Key: key, Mark: mark, Rule: ruleName, UID: sock.UID, Cookie: sock.Cookie, Inode: sock.Inode,
 		Start: time.Now(), Dev: rt.Dev}
-	if rt.MTU > tcpIPHeaders {
-		f.MSS = uint16(min(rt.MTU-tcpIPHeaders, 0xffff))
+	headers := tcpIPv4Headers
+	if t.Src.Addr().Is6() {
+		headers = tcpIPv6Headers
+	}
+	if rt.MTU > headers {
+		f.MSS = uint16(min(rt.MTU-headers, 0xffff))
 	}
 	if f.Dev == "" {
 		if li, err := w.routes.link(rt.DevIdx); err == nil {

@@ -34,6 +34,13 @@ func NewNS(name string) (*NS, error) {
 		ns.Delete()
 		return nil, err
 	}
+	// Without duplicate address detection, link-local addresses are
+	// usable at once and IPv6 neighbour discovery works from the first
+	// packet (real hosts finished DAD long before).
+	if err := ns.Sysctl("net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"); err != nil {
+		ns.Delete()
+		return nil, err
+	}
 	return ns, nil
 }
 
@@ -47,8 +54,13 @@ func (n *NS) Delete() error {
 }
 
 // IP runs `ip -n NS -batch -` with one command per line.
-func (n *NS) IP(lines ...string) error {
-	cmd := exec.Command("ip", "-n", n.Name, "-batch", "-")
+func (n *NS) IP(lines ...string) error { return n.ip(nil, lines) }
+
+// IP6 is IP for IPv6 (`ip -6`).
+func (n *NS) IP6(lines ...string) error { return n.ip([]string{"-6"}, lines) }
+
+func (n *NS) ip(opts, lines []string) error {
+	cmd := exec.Command("ip", append(opts, "-n", n.Name, "-batch", "-")...)
 	cmd.Stdin = strings.NewReader(strings.Join(lines, "\n") + "\n")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("in %s: ip %q: %v: %s", n.Name, lines, err, bytes.TrimSpace(out))

@@ -22,8 +22,8 @@ import (
 // it saw, then reads what the client sends until EOF and reports the count
 // and SHA-256 of the bytes it received.
 type Server struct {
-	Addr netip.AddrPort
-	ln   net.Listener
+	Addr netip.AddrPort // IPv4; the same port also listens on Server6
+	lns  []net.Listener
 
 	mu    sync.Mutex
 	peers []netip.AddrPort
@@ -40,23 +40,29 @@ func (w *World) Serve(port uint16) (*Server, error) {
 		return s, nil
 	}
 	s := &Server{Addr: netip.AddrPortFrom(ServerAddr, port), conns: map[net.Conn]struct{}{}}
-	err := w.Net.Do(func() (err error) {
-		s.ln, err = net.Listen("tcp", s.Addr.String())
-		return err
-	})
-	if err != nil {
-		return nil, fmt.Errorf("listen %s in %s: %w", s.Addr, w.Net.Name, err)
+	for _, a := range []netip.AddrPort{s.Addr, netip.AddrPortFrom(Server6, port)} {
+		err := w.Net.Do(func() error {
+			ln, err := net.Listen("tcp", a.String())
+			if err == nil {
+				s.lns = append(s.lns, ln)
+			}
+			return err
+		})
+		if err != nil {
+			s.Close()
+			return nil, fmt.Errorf("listen %s in %s: %w", a, w.Net.Name, err)
+		}
+		s.wg.Add(1)
+		go s.accept(s.lns[len(s.lns)-1])
 	}
-	s.wg.Add(1)
-	go s.accept()
 	w.servers[port] = s
 	return s, nil
 }
 
-func (s *Server) accept() {
+func (s *Server) accept(ln net.Listener) {
 	defer s.wg.Done()
 	for {
-		c, err := s.ln.Accept()
+		c, err := ln.Accept()
 		if err != nil {
 			return
 		}
@@ -114,7 +120,9 @@ func maxSeg(c *net.TCPConn) int {
 
 // Close stops the server and closes the connections still open.
 func (s *Server) Close() {
-	s.ln.Close()
+	for _, ln := range s.lns {
+		ln.Close()
+	}
 	s.mu.Lock()
 	for c := range s.conns {
 		c.Close()
@@ -125,6 +133,7 @@ func (s *Server) Close() {
 
 // DialOptions describe a client connection from the host.
 type DialOptions struct {
+	Dst      netip.Addr    // server address; default ServerAddr (use Server6 for IPv6)
 	Port     uint16        // server port
 	Bind     netip.Addr    // source address; zero lets routing choose
 	BindPort uint16        // source port; zero lets the kernel choose
@@ -151,9 +160,13 @@ func (w *World) Dial(o DialOptions) (*net.TCPConn, error) {
 			return serr
 		}
 	}
+	dst := o.Dst
+	if !dst.IsValid() {
+		dst = ServerAddr
+	}
 	var c net.Conn
 	err := w.Host.Do(func() (err error) {
-		c, err = d.DialContext(context.Background(), "tcp4", netip.AddrPortFrom(ServerAddr, o.Port).String())
+		c, err = d.DialContext(context.Background(), "tcp", netip.AddrPortFrom(dst, o.Port).String())
 		return err
 	})
 	if err != nil {
@@ -205,7 +218,12 @@ func Exchange(c *net.TCPConn, n int64) (peer netip.AddrPort, received int64, err
 // Fetch makes one complete connection to port and returns the client address
 // the server saw.
 func (w *World) Fetch(port uint16, timeout time.Duration) (netip.AddrPort, error) {
-	c, err := w.Dial(DialOptions{Port: port, Timeout: timeout})
+	return w.FetchFrom(DialOptions{Port: port, Timeout: timeout})
+}
+
+// FetchFrom is Fetch with all dial options.
+func (w *World) FetchFrom(o DialOptions) (netip.AddrPort, error) {
+	c, err := w.Dial(o)
 	if err != nil {
 		return netip.AddrPort{}, err
 	}

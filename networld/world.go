@@ -16,6 +16,12 @@ var (
 	HostB      = netip.MustParseAddr("203.0.113.2") // host's address at ISP B
 	GwB        = netip.MustParseAddr("203.0.113.1")
 	ServerAddr = netip.MustParseAddr("192.0.2.80") // the internet's servers
+
+	HostA6   = netip.MustParseAddr("2001:db8:a::2") // the same, IPv6
+	HostB6   = netip.MustParseAddr("2001:db8:b::2")
+	Server6  = netip.MustParseAddr("2001:db8:80::80")
+	prefixA6 = netip.MustParsePrefix("2001:db8:a::/64")
+	prefixB6 = netip.MustParsePrefix("2001:db8:b::/64")
 )
 
 // Names and numbers on the host.
@@ -41,7 +47,8 @@ type World struct {
 // ISP is one provider: its namespace and its customer-facing counters.
 type ISP struct {
 	*NS
-	Customer netip.Prefix
+	Customer  netip.Prefix
+	Customer6 netip.Prefix
 }
 
 // New builds the world. logf receives the steps (nil for none).
@@ -64,8 +71,8 @@ func New(prefix string, logf func(string, ...any)) (w *World, err error) {
 			return w, err
 		}
 	}
-	w.A = &ISP{Customer: netip.MustParsePrefix("198.51.100.0/24")}
-	w.B = &ISP{Customer: netip.MustParsePrefix("203.0.113.0/24")}
+	w.A = &ISP{Customer: netip.MustParsePrefix("198.51.100.0/24"), Customer6: prefixA6}
+	w.B = &ISP{Customer: netip.MustParsePrefix("203.0.113.0/24"), Customer6: prefixB6}
 	if w.A.NS, err = NewNS(prefix + "-ispa"); err != nil {
 		return w, err
 	}
@@ -76,8 +83,8 @@ func New(prefix string, logf func(string, ...any)) (w *World, err error) {
 	// Links are created straight inside the namespaces: nothing appears in
 	// the caller's namespace, even for a moment.
 	steps := []struct {
-		ns    *NS
-		lines []string
+		ns            *NS
+		lines, lines6 []string
 	}{
 		{w.Host, []string{
 			"link add " + DevA + " type veth peer name cust netns " + w.A.Name,
@@ -88,18 +95,31 @@ func New(prefix string, logf func(string, ...any)) (w *World, err error) {
 			fmt.Sprintf("route add default via 203.0.113.1 dev %s table %d", DevB, TabB),
 			fmt.Sprintf("rule add fwmark %d table %d", MarkB, TabB),
 			fmt.Sprintf("rule add from 203.0.113.2 table %d", TabB),
+		}, []string{ // IPv6: the same two uplinks and rules. nodad: usable at once.
+			"addr add 2001:db8:a::2/64 dev " + DevA + " nodad",
+			"addr add 2001:db8:b::2/64 dev " + DevB + " nodad",
+			"route add default via 2001:db8:a::1 dev " + DevA,
+			fmt.Sprintf("route add default via 2001:db8:b::1 dev %s table %d", DevB, TabB),
+			fmt.Sprintf("rule add fwmark %d table %d", MarkB, TabB),
+			fmt.Sprintf("rule add from 2001:db8:b::2 table %d", TabB),
 		}},
 		{w.A.NS, []string{
 			"link add wan type veth peer name a netns " + w.Net.Name,
 			"addr add 198.51.100.1/24 dev cust", "link set dev cust up",
 			"addr add 192.0.2.1/30 dev wan", "link set dev wan up",
 			"route add default via 192.0.2.2",
+		}, []string{
+			"addr add 2001:db8:a::1/64 dev cust nodad", "addr add 2001:db8:ffa::1/64 dev wan nodad",
+			"route add default via 2001:db8:ffa::2",
 		}},
 		{w.B.NS, []string{
 			"link add wan type veth peer name b netns " + w.Net.Name,
 			"addr add 203.0.113.1/24 dev cust", "link set dev cust up",
 			"addr add 192.0.2.5/30 dev wan", "link set dev wan up",
 			"route add default via 192.0.2.6",
+		}, []string{
+			"addr add 2001:db8:b::1/64 dev cust nodad", "addr add 2001:db8:ffb::1/64 dev wan nodad",
+			"route add default via 2001:db8:ffb::2",
 		}},
 		{w.Net, []string{
 			"addr add 192.0.2.2/30 dev a", "link set dev a up",
@@ -107,18 +127,26 @@ func New(prefix string, logf func(string, ...any)) (w *World, err error) {
 			"addr add 192.0.2.80/32 dev lo",
 			"route add 198.51.100.0/24 via 192.0.2.1",
 			"route add 203.0.113.0/24 via 192.0.2.5",
+		}, []string{
+			"addr add 2001:db8:ffa::2/64 dev a nodad", "addr add 2001:db8:ffb::2/64 dev b nodad",
+			"addr add 2001:db8:80::80/128 dev lo nodad",
+			"route add 2001:db8:a::/64 via 2001:db8:ffa::1",
+			"route add 2001:db8:b::/64 via 2001:db8:ffb::1",
 		}},
 	}
 	for _, s := range steps {
 		if err = s.ns.IP(s.lines...); err != nil {
 			return w, err
 		}
-	}
-	for _, isp := range []*ISP{w.A, w.B} {
-		if err = isp.Sysctl("net.ipv4.ip_forward=1"); err != nil {
+		if err = s.ns.IP6(s.lines6...); err != nil {
 			return w, err
 		}
-		if err = isp.Nft(bcp38(isp.Customer)); err != nil {
+	}
+	for _, isp := range []*ISP{w.A, w.B} {
+		if err = isp.Sysctl("net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"); err != nil {
+			return w, err
+		}
+		if err = isp.Nft(bcp38(isp.Customer, isp.Customer6)); err != nil {
 			return w, err
 		}
 	}
@@ -129,7 +157,7 @@ func New(prefix string, logf func(string, ...any)) (w *World, err error) {
 
 // bcp38 is an ISP's ingress filter: customer packets whose source is not the
 // customer's are counted and dropped; the rest are counted by kind.
-func bcp38(customer netip.Prefix) string {
+func bcp38(customer, customer6 netip.Prefix) string {
 	return fmt.Sprintf(`table inet isp {
 	counter foreign {}
 	counter forwarded {}
@@ -139,13 +167,14 @@ func bcp38(customer netip.Prefix) string {
 	chain forward {
 		type filter hook forward priority 0; policy accept;
 		iifname "cust" ip saddr != %s counter name "foreign" drop
+		iifname "cust" ip6 saddr != %s counter name "foreign" drop
 		iifname "cust" counter name "forwarded"
 		iifname "cust" tcp flags & (syn | ack) == syn counter name "syn"
 		iifname "cust" tcp flags & fin == fin counter name "fin"
 		iifname "cust" tcp flags & rst == rst counter name "rst"
 	}
 }
-`, customer)
+`, customer, customer6)
 }
 
 var packetsRE = regexp.MustCompile(`packets (\d+)`)

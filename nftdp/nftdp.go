@@ -3,14 +3,15 @@
 // translated flow in both directions, and a queue rule hands the first packet
 // of each new flow to the daemon.
 //
-// The table, for IPv4 TCP (inet family):
+// The table (inet family; IPv6 has the same maps, out6 and in6, with
+// 16-byte addresses):
 //
 //	map out4 { ipv4_addr . inet_service . ipv4_addr . inet_service : ipv4_addr . inet_service . mark }
 //	map in4  { ipv4_addr . inet_service . ipv4_addr . inet_service : ipv4_addr . inet_service }
 //
 //	chain output { type route hook output priority mangle + 10;
 //	    meta oiftype loopback accept
-//	    tcp flags & (fin|syn|rst|ack) == syn  queue num N bypass
+//	    tcp flags & (fin|syn|rst|ack) == syn  queue num N bypass   (both families)
 //	    ip saddr . tcp sport . ip daddr . tcp dport  ->  @out4  ->  saddr, sport, mark }
 //	chain prerouting { type filter hook prerouting priority raw;
 //	    ip daddr . tcp dport . ip saddr . tcp sport  ->  @in4   ->  daddr, dport }
@@ -63,14 +64,14 @@ type Entry struct {
 	Mark     uint32         // fwmark put on every outbound packet
 }
 
-// Datapath is the installed table. Its netlink socket is used under mu, one
-// transaction at a time.
+// Datapath is the installed table. Its netlink sockets are used under mu,
+// one transaction at a time.
 type Datapath struct {
 	mu        sync.Mutex
 	conn      *nftables.Conn // setup, listing, removal
-	elems     *elemConn      // per-flow transactions (elements.go)
+	elems     *elemConn      // per-flow transactions and translation rules (elements.go)
 	table     *nftables.Table
-	out4, in4 *nftables.Set // the maps, or the userspace datapath's sets
+	fams      [2]family // IPv4, IPv6
 	userspace bool
 	// QueueMethod says how packets reach the queue: "nft queue" or, on
 	// kernels without nft_queue, "xt NFQUEUE" through nft_compat.
@@ -79,20 +80,41 @@ type Datapath struct {
 	Replaced bool
 }
 
+// family is one address family's part of the table.
+type family struct {
+	nfproto      byte
+	addrLen      int    // bytes
+	saddr, daddr uint32 // offsets in the network header
+	out, in      *nftables.Set
+}
+
+func (d *Datapath) family(a netip.Addr) *family {
+	if a.Is4() {
+		return &d.fams[0]
+	}
+	return &d.fams[1]
+}
+
 // Install creates rerouted's table, replacing one left by an earlier run, in
 // the caller's network namespace. Packets are queued to queues first ..
-// first+total-1, spread by CPU. With userspace, every packet of a
-// translated flow is queued instead of rewritten in the kernel.
+// first+total-1. With userspace, every packet of a translated flow is
+// queued instead of rewritten in the kernel.
 func Install(first, total uint16, userspace bool) (*Datapath, error) {
 	conn, err := nftables.New(nftables.AsLasting())
 	if err != nil {
 		return nil, fmt.Errorf("nftables netlink: %w", err)
 	}
 	d := &Datapath{conn: conn, table: &nftables.Table{Name: TableName, Family: nftables.TableFamilyINet}, userspace: userspace}
+	d.fams[0] = family{nfproto: unix.NFPROTO_IPV4, addrLen: 4, saddr: 12, daddr: 16}
+	d.fams[1] = family{nfproto: unix.NFPROTO_IPV6, addrLen: 16, saddr: 8, daddr: 24}
+	if d.elems, err = openElemConn(); err != nil {
+		conn.CloseLasting()
+		return nil, err
+	}
 	if t, err := conn.ListTableOfFamily(TableName, nftables.TableFamilyINet); err == nil && t != nil {
 		conn.DelTable(d.table)
 		if err := conn.Flush(); err != nil {
-			conn.CloseLasting()
+			d.closeSockets()
 			return nil, fmt.Errorf("remove stale table inet %s: %w", TableName, err)
 		}
 		d.Replaced = true
@@ -101,18 +123,20 @@ func Install(first, total uint16, userspace bool) (*Datapath, error) {
 		// Kernels built without CONFIG_NFT_QUEUE reject the native
 		// statement; the xtables target through nft_compat does the same.
 		if err2 := d.build(first, total, false); err2 != nil {
-			conn.CloseLasting()
+			d.closeSockets()
 			return nil, fmt.Errorf("install table inet %s: with nft queue: %v; with xt NFQUEUE: %w", TableName, err, err2)
 		}
 	}
-	if d.elems, err = openElemConn(d.out4.Name, d.in4.Name, !userspace); err != nil {
-		d.Remove()
-		return nil, err
+	if !userspace {
+		if err := d.translationRules(); err != nil {
+			d.Remove()
+			return nil, fmt.Errorf("install table inet %s: %w", TableName, err)
+		}
 	}
 	return d, nil
 }
 
-// Remove deletes the table and everything in it, and closes the socket.
+// Remove deletes the table and everything in it, and closes the sockets.
 func (d *Datapath) Remove() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -127,7 +151,7 @@ func (d *Datapath) Remove() error {
 	return nil
 }
 
-// Close closes the socket and leaves the table in place, so that existing
+// Close closes the sockets and leaves the table in place, so that existing
 // flows keep working while no daemon runs.
 func (d *Datapath) Close() error {
 	d.mu.Lock()
@@ -136,39 +160,40 @@ func (d *Datapath) Close() error {
 }
 
 func (d *Datapath) closeSockets() error {
-	err := d.conn.CloseLasting()
-	if d.elems != nil {
-		err = errors.Join(err, d.elems.close())
-	}
-	return err
+	return errors.Join(d.conn.CloseLasting(), d.elems.close())
 }
 
+// build creates the table, its sets or maps, chains, and the rules the
+// library can express; the kernel datapath's translation rules follow
+// (translationRules).
 func (d *Datapath) build(first, total uint16, native bool) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	c, t := d.conn, d.table
 	c.AddTable(t)
-
-	keyType, err := nftables.ConcatSetType(nftables.TypeIPAddr, nftables.TypeInetService, nftables.TypeIPAddr, nftables.TypeInetService)
-	if err != nil {
-		return err
-	}
-	outData, _ := nftables.ConcatSetType(nftables.TypeIPAddr, nftables.TypeInetService, nftables.TypeMark)
-	inData, _ := nftables.ConcatSetType(nftables.TypeIPAddr, nftables.TypeInetService)
-	if d.userspace {
-		d.out4 = &nftables.Set{Table: t, Name: "uout4", Concatenation: true, KeyType: keyType,
-			Comment: "socket tuples of translated flows: every packet to the daemon"}
-		d.in4 = &nftables.Set{Table: t, Name: "uin4", Concatenation: true, KeyType: keyType,
-			Comment: "translated tuples (reply view): every packet to the daemon"}
-	} else {
-		d.out4 = &nftables.Set{Table: t, Name: "out4", IsMap: true, Concatenation: true, KeyType: keyType, DataType: outData,
-			Comment: "socket tuple : translated source . port . mark"}
-		d.in4 = &nftables.Set{Table: t, Name: "in4", IsMap: true, Concatenation: true, KeyType: keyType, DataType: inData,
-			Comment: "translated tuple (reply view) : socket address . port"}
-	}
-	for _, s := range []*nftables.Set{d.out4, d.in4} {
-		if err := c.AddSet(s, nil); err != nil {
-			return fmt.Errorf("add set %s: %w", s.Name, err)
+	for i, addrType := range []nftables.SetDatatype{nftables.TypeIPAddr, nftables.TypeIP6Addr} {
+		f, v := &d.fams[i], fmt.Sprint(4+2*i) // "4", "6"
+		keyType, err := nftables.ConcatSetType(addrType, nftables.TypeInetService, addrType, nftables.TypeInetService)
+		if err != nil {
+			return err
+		}
+		if d.userspace {
+			f.out = &nftables.Set{Table: t, Name: "uout" + v, Concatenation: true, KeyType: keyType,
+				Comment: "socket tuples of translated flows: every packet to the daemon"}
+			f.in = &nftables.Set{Table: t, Name: "uin" + v, Concatenation: true, KeyType: keyType,
+				Comment: "translated tuples (reply view): every packet to the daemon"}
+		} else {
+			outData, _ := nftables.ConcatSetType(addrType, nftables.TypeInetService, nftables.TypeMark)
+			inData, _ := nftables.ConcatSetType(addrType, nftables.TypeInetService)
+			f.out = &nftables.Set{Table: t, Name: "out" + v, IsMap: true, Concatenation: true, KeyType: keyType, DataType: outData,
+				Comment: "socket tuple : translated source . port . mark"}
+			f.in = &nftables.Set{Table: t, Name: "in" + v, IsMap: true, Concatenation: true, KeyType: keyType, DataType: inData,
+				Comment: "translated tuple (reply view) : socket address . port"}
+		}
+		for _, s := range []*nftables.Set{f.out, f.in} {
+			if err := c.AddSet(s, nil); err != nil {
+				return fmt.Errorf("add set %s: %w", s.Name, err)
+			}
 		}
 	}
 
@@ -184,44 +209,94 @@ func (d *Datapath) build(first, total uint16, native bool) error {
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint16(unix.ARPHRD_LOOPBACK)},
 		&expr.Verdict{Kind: expr.VerdictAccept},
 	}})
-	// Every SYN goes to the daemon, translated flows' retransmissions too:
-	// the daemon checks that the socket is still the one it translated.
-	c.AddRule(&nftables.Rule{Table: t, Chain: out, Exprs: append(tcp4(),
-		append(tcpFlags(0x17, 0x02), queueTo(first, total, native, true))...)})
+	// Every SYN, either family, goes to the daemon, translated flows'
+	// retransmissions too: the daemon checks that the socket is still the
+	// one it translated.
+	c.AddRule(&nftables.Rule{Table: t, Chain: out, Exprs: append([]expr.Any{
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
+	}, append(tcpFlags(0x17, 0x02), queueTo(first, total, native, true))...)})
 	if d.userspace {
-		c.AddRule(&nftables.Rule{Table: t, Chain: out, Exprs: append(tcp4(),
-			loadIP(12, 8), loadPort(0, 9), loadIP(16, 10), loadPort(2, 11),
-			&expr.Lookup{SourceRegister: 8, SetName: d.out4.Name, SetID: d.out4.ID},
-			queueTo(first, total, native, false))})
-		c.AddRule(&nftables.Rule{Table: t, Chain: pre, Exprs: append(tcp4(),
-			loadIP(16, 8), loadPort(2, 9), loadIP(12, 10), loadPort(0, 11),
-			&expr.Lookup{SourceRegister: 8, SetName: d.in4.Name, SetID: d.in4.ID},
-			queueTo(first, total, native, false))})
-		return d.flush(native)
+		for i := range d.fams {
+			f := &d.fams[i]
+			c.AddRule(&nftables.Rule{Table: t, Chain: out, Exprs: append(tcpOf(f), append(loadTuple(f, f.saddr, 0, f.daddr, 2),
+				&expr.Lookup{SourceRegister: 8, SetName: f.out.Name, SetID: f.out.ID},
+				queueTo(first, total, native, false))...)})
+			c.AddRule(&nftables.Rule{Table: t, Chain: pre, Exprs: append(tcpOf(f), append(loadTuple(f, f.daddr, 2, f.saddr, 0),
+				&expr.Lookup{SourceRegister: 8, SetName: f.in.Name, SetID: f.in.ID},
+				queueTo(first, total, native, false))...)})
+		}
 	}
-	// Outbound: socket tuple -> new source, port, mark.
-	c.AddRule(&nftables.Rule{Table: t, Chain: out, Exprs: append(tcp4(),
-		loadIP(12, 8), loadPort(0, 9), loadIP(16, 10), loadPort(2, 11),
-		&expr.Lookup{SourceRegister: 8, DestRegister: 12, IsDestRegSet: true, SetName: d.out4.Name, SetID: d.out4.ID},
-		writeIP(12, 12), writePort(0, 13),
-		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 14},
-	)})
-	// Inbound: reply to the translated tuple -> the socket's address and port.
-	c.AddRule(&nftables.Rule{Table: t, Chain: pre, Exprs: append(tcp4(),
-		loadIP(16, 8), loadPort(2, 9), loadIP(12, 10), loadPort(0, 11),
-		&expr.Lookup{SourceRegister: 8, DestRegister: 12, IsDestRegSet: true, SetName: d.in4.Name, SetID: d.in4.ID},
-		writeIP(16, 12), writePort(2, 13),
-	)})
-	return d.flush(native)
-}
-
-func (d *Datapath) flush(native bool) error {
 	if native {
 		d.QueueMethod = "nft queue"
 	} else {
 		d.QueueMethod = "xt NFQUEUE"
 	}
-	return d.conn.Flush()
+	return c.Flush()
+}
+
+// translationRules adds the kernel datapath's rules, one per family and
+// direction. They are built by hand (elements.go): an IPv6 address write
+// must fix the TCP checksum's pseudo-header sum without an IP header
+// checksum to fix (csum_flags without csum_type), which google/nftables
+// cannot express.
+func (d *Datapath) translationRules() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var rules []ruleMsg
+	for i := range d.fams {
+		f := &d.fams[i]
+		regs := uint32(f.addrLen / 4)
+		data := 8 + 2*regs + 2 // first register after the key
+		// Outbound: socket tuple -> new source, port, mark.
+		out := exprs(append(tcpOf(f), append(loadTuple(f, f.saddr, 0, f.daddr, 2),
+			&expr.Lookup{SourceRegister: 8, DestRegister: data, IsDestRegSet: true, SetName: f.out.Name})...)...)
+		out = append(out, addrWrite(f, f.saddr, data))
+		out = append(out, exprs(writePort(0, data+regs),
+			&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: data + regs + 1})...)
+		// Inbound: reply to the translated tuple -> the socket's address and port.
+		in := exprs(append(tcpOf(f), append(loadTuple(f, f.daddr, 2, f.saddr, 0),
+			&expr.Lookup{SourceRegister: 8, DestRegister: data, IsDestRegSet: true, SetName: f.in.Name})...)...)
+		in = append(in, addrWrite(f, f.daddr, data))
+		in = append(in, exprs(writePort(2, data+regs))...)
+		rules = append(rules, ruleMsg{chain: "output", exprs: out}, ruleMsg{chain: "prerouting", exprs: in})
+	}
+	return d.elems.addRules(rules)
+}
+
+// exprs marshals library expressions for a hand-built rule.
+func exprs(es ...expr.Any) [][]byte {
+	out := make([][]byte, len(es))
+	for i, e := range es {
+		b, err := expr.Marshal(byte(nftables.TableFamilyINet), e)
+		if err != nil {
+			panic(fmt.Sprintf("marshal %T: %v", e, err)) // a programming error: the expressions are fixed
+		}
+		out[i] = b
+	}
+	return out
+}
+
+// tcpOf matches TCP of one family in an inet chain.
+func tcpOf(f *family) []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{f.nfproto}},
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
+	}
+}
+
+// loadTuple loads address at a1 . port at p1 . address at a2 . port at p2
+// into registers from 8 on, as a concatenated key.
+func loadTuple(f *family, a1, p1, a2, p2 uint32) []expr.Any {
+	regs := uint32(f.addrLen / 4)
+	return []expr.Any{
+		&expr.Payload{DestRegister: 8, Base: expr.PayloadBaseNetworkHeader, Offset: a1, Len: uint32(f.addrLen)},
+		&expr.Payload{DestRegister: 8 + regs, Base: expr.PayloadBaseTransportHeader, Offset: p1, Len: 2},
+		&expr.Payload{DestRegister: 9 + regs, Base: expr.PayloadBaseNetworkHeader, Offset: a2, Len: uint32(f.addrLen)},
+		&expr.Payload{DestRegister: 9 + 2*regs, Base: expr.PayloadBaseTransportHeader, Offset: p2, Len: 2},
+	}
 }
 
 // tcpFlags matches TCP flags & mask == want.
@@ -262,39 +337,11 @@ func queueTo(first, total uint16, native, byCPU bool) expr.Any {
 	return &expr.Target{Name: "NFQUEUE", Rev: 3, Info: &info}
 }
 
-// tcp4 matches IPv4 TCP in an inet chain.
-func tcp4() []expr.Any {
-	return []expr.Any{
-		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.NFPROTO_IPV4}},
-		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
-	}
-}
-
-func loadIP(off, reg uint32) expr.Any {
-	return &expr.Payload{DestRegister: reg, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: 4}
-}
-
-func loadPort(off, reg uint32) expr.Any {
-	return &expr.Payload{DestRegister: reg, Base: expr.PayloadBaseTransportHeader, Offset: off, Len: 2}
-}
-
-// writeIP sets an IPv4 address, fixing the header checksum and the TCP
-// checksum's pseudo-header part.
-func writeIP(off, reg uint32) expr.Any {
-	return &expr.Payload{OperationType: expr.PayloadWrite, SourceRegister: reg, Base: expr.PayloadBaseNetworkHeader,
-		Offset: off, Len: 4, CsumType: expr.CsumTypeInet, CsumOffset: 10, CsumFlags: unix.NFT_PAYLOAD_L4CSUM_PSEUDOHDR}
-}
-
 // writePort sets a TCP port, fixing the TCP checksum.
 func writePort(off, reg uint32) expr.Any {
 	return &expr.Payload{OperationType: expr.PayloadWrite, SourceRegister: reg, Base: expr.PayloadBaseTransportHeader,
 		Offset: off, Len: 2, CsumType: expr.CsumTypeInet, CsumOffset: 16}
 }
-
-// Sets returns the names of the per-flow sets or maps: outbound, inbound.
-func (d *Datapath) Sets() (string, string) { return d.out4.Name, d.in4.Name }
 
 // Op is one change to the flow maps.
 type Op struct {
@@ -316,8 +363,8 @@ func ops(es []Entry, del bool) []Op {
 	return out
 }
 
-// ErrFamily is returned for entries that are not IPv4.
-var ErrFamily = errors.New("only IPv4 flows are supported by this datapath")
+// ErrFamily is returned for entries that mix address families.
+var ErrFamily = errors.New("a flow's addresses must all be IPv4 or all IPv6")
 
 // Apply makes the changes in order, in one transaction: all or none.
 func (d *Datapath) Apply(changes []Op) error {
@@ -325,13 +372,14 @@ func (d *Datapath) Apply(changes []Op) error {
 		return nil
 	}
 	for _, c := range changes {
-		if !c.Src.Addr().Is4() || !c.Dst.Addr().Is4() || !c.NewSrc.Addr().Is4() {
+		v4 := c.Src.Addr().Is4()
+		if c.Dst.Addr().Is4() != v4 || c.NewSrc.Addr().Is4() != v4 {
 			return ErrFamily
 		}
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if err := d.elems.transact(changes); err != nil {
+	if err := d.elems.transact(changes, d.family); err != nil {
 		return fmt.Errorf("apply %d flow changes: %w", len(changes), err)
 	}
 	return nil
@@ -345,25 +393,37 @@ func (d *Datapath) Entries() ([]Entry, error) {
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	els, err := d.conn.GetSetElements(d.out4)
-	if err != nil {
-		return nil, fmt.Errorf("list set out4: %w", err)
-	}
-	out := make([]Entry, 0, len(els))
-	for _, el := range els {
-		if len(el.Key) != 16 || len(el.Val) != 12 {
-			return nil, fmt.Errorf("set out4: element of unexpected size %d:%d", len(el.Key), len(el.Val))
+	var out []Entry
+	for i := range d.fams {
+		f := &d.fams[i]
+		els, err := d.conn.GetSetElements(f.out)
+		if err != nil {
+			return nil, fmt.Errorf("list set %s: %w", f.out.Name, err)
 		}
-		out = append(out, Entry{
-			Src:    parseAddrPort(el.Key[0:8]),
-			Dst:    parseAddrPort(el.Key[8:16]),
-			NewSrc: parseAddrPort(el.Val[0:8]),
-			Mark:   binary.NativeEndian.Uint32(el.Val[8:12]),
-		})
+		ap := f.addrLen + 4 // address, then port padded to a register
+		for _, el := range els {
+			if len(el.Key) != 2*ap || len(el.Val) != ap+4 {
+				return nil, fmt.Errorf("set %s: element of unexpected size %d:%d", f.out.Name, len(el.Key), len(el.Val))
+			}
+			out = append(out, Entry{
+				Src:    parseAddrPort(el.Key[:ap]),
+				Dst:    parseAddrPort(el.Key[ap:]),
+				NewSrc: parseAddrPort(el.Val[:ap]),
+				Mark:   binary.NativeEndian.Uint32(el.Val[ap:]),
+			})
+		}
 	}
 	return out, nil
 }
 
+// Sets returns the names of the per-flow sets or maps: IPv4 outbound,
+// inbound, IPv6 outbound, inbound.
+func (d *Datapath) Sets() []string {
+	return []string{d.fams[0].out.Name, d.fams[0].in.Name, d.fams[1].out.Name, d.fams[1].in.Name}
+}
+
 func parseAddrPort(b []byte) netip.AddrPort {
-	return netip.AddrPortFrom(netip.AddrFrom4([4]byte(b[0:4])), binary.BigEndian.Uint16(b[4:6]))
+	n := len(b) - 4
+	a, _ := netip.AddrFromSlice(b[:n])
+	return netip.AddrPortFrom(a, binary.BigEndian.Uint16(b[n:]))
 }

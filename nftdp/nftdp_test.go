@@ -42,6 +42,7 @@ func TestInstallAddDeleteRemove(t *testing.T) {
 	entries := []Entry{
 		{Src: ap("198.51.100.2:40312"), Dst: ap("192.0.2.80:80"), NewSrc: ap("203.0.113.2:40312"), Mark: 100},
 		{Src: ap("198.51.100.2:40313"), Dst: ap("192.0.2.80:80"), NewSrc: ap("203.0.113.2:51000"), Mark: 0x12345678},
+		{Src: ap("[2001:db8:a::2]:40314"), Dst: ap("[2001:db8:80::80]:443"), NewSrc: ap("[2001:db8:b::2]:40314"), Mark: 100},
 	}
 	if err := d.Add(entries...); err != nil {
 		t.Fatal(err)
@@ -62,12 +63,21 @@ func TestInstallAddDeleteRemove(t *testing.T) {
 	if !strings.Contains(in, "203.0.113.2 . 51000 . 192.0.2.80 . 80 : 198.51.100.2 . 40313") {
 		t.Errorf("in4 lacks the reply element:\n%s", in)
 	}
+	in6, err := ns.Run("nft", "list", "map", "inet", TableName, "in6")
+	if err != nil || !strings.Contains(in6, "2001:db8:b::2 . 40314 . 2001:db8:80::80 . 443 : 2001:db8:a::2 . 40314") {
+		t.Errorf("in6 lacks the reply element (err %v):\n%s", err, in6)
+	}
+	// The IPv6 translation rule writes the address with only the
+	// pseudo-header checksum flag, as nft itself does.
+	if rules, _ := ns.Run("nft", "--debug=netlink", "list", "chain", "inet", TableName, "output"); !strings.Contains(rules, "16b @ network header + 8 csum_type 0 csum_off 0 csum_flags 0x1") {
+		t.Errorf("no IPv6 address write with csum_flags 0x1:\n%s", rules)
+	}
 
 	// One transaction, in order: a tuple deleted and added again (a new
 	// socket reusing it) ends with the new element.
 	reused := entries[0]
 	reused.NewSrc = ap("203.0.113.2:40999")
-	if err := d.Apply([]Op{{Entry: entries[0], Delete: true}, {Entry: reused}, {Entry: entries[1], Delete: true}}); err != nil {
+	if err := d.Apply([]Op{{Entry: entries[0], Delete: true}, {Entry: reused}, {Entry: entries[1], Delete: true}, {Entry: entries[2], Delete: true}}); err != nil {
 		t.Fatal(err)
 	}
 	if got, _ := d.Entries(); len(got) != 1 || got[0] != reused {
@@ -119,7 +129,8 @@ func TestUserspaceSets(t *testing.T) {
 	if err := d.Add(e); err != nil {
 		t.Fatal(err)
 	}
-	out, in := d.Sets()
+	sets := d.Sets()
+	out, in := sets[0], sets[1]
 	listing, err := ns.Run("nft", "list", "table", "inet", TableName)
 	if err != nil {
 		t.Fatal(err)
@@ -133,8 +144,8 @@ func TestUserspaceSets(t *testing.T) {
 			t.Errorf("listing lacks %q:\n%s", want, listing)
 		}
 	}
-	if strings.Count(listing, "queue num 0") != 3 || strings.Contains(listing, "map ") {
-		t.Errorf("want three queue rules (SYN, outbound, inbound) and no maps:\n%s", listing)
+	if strings.Count(listing, "queue num 0") != 5 || strings.Contains(listing, "map ") {
+		t.Errorf("want five queue rules (SYN; outbound and inbound for each family) and no maps:\n%s", listing)
 	}
 	if err := d.Delete(e); err != nil {
 		t.Fatal(err)
