@@ -70,6 +70,7 @@ type stats struct {
 	translated atomic.Uint64 // new flows translated
 	retrans    atomic.Uint64 // retransmitted SYNs of translated flows
 	dropped    atomic.Uint64 // packets dropped (the socket retries)
+	icmpErrors atomic.Uint64 // ICMP errors readdressed to a translated flow's socket
 	forwarded  atomic.Uint64 // userspace datapath: packets rewritten after the SYN
 	bytes      atomic.Uint64 // userspace datapath: their bytes
 }
@@ -175,7 +176,7 @@ func Run(ctx context.Context, o Options) (err error) {
 	<-ctx.Done()
 	d.log.Info("stopping", "syns", d.stats.syns.Load(), "translated", d.stats.translated.Load(),
 		"retransmitted_syns", d.stats.retrans.Load(),
-		"dropped", d.stats.dropped.Load(), "forwarded", d.stats.forwarded.Load(),
+		"dropped", d.stats.dropped.Load(), "icmp_errors", d.stats.icmpErrors.Load(), "forwarded", d.stats.forwarded.Load(),
 		"forwarded_bytes", d.stats.bytes.Load(), "flows", d.flows.Len())
 	return nil
 }

@@ -62,6 +62,11 @@ const (
 func (w *worker) handle(p *queue.Packet) {
 	var t rewrite.TCP
 	if err := rewrite.ParseTCP(p.Payload, &t); err != nil {
+		var e rewrite.ICMPError
+		if errors.Is(err, rewrite.ErrNotTCP) && rewrite.ParseICMPError(p.Payload, &e) == nil {
+			w.icmpError(p, &e)
+			return
+		}
 		w.accept(p) // not ours to judge
 		return
 	}
@@ -187,6 +192,23 @@ func (w *worker) syn(p *queue.Packet, t *rewrite.TCP) {
 
 	// 6. The SYN itself, rewritten, goes out once its elements are in.
 	w.hold(p, t, f)
+}
+
+// icmpError readdresses an ICMP error about a translated flow to its socket:
+// the error was sent to the wire's source and quotes the wire's tuple, and
+// the socket (path MTU discovery above all) only recognises its own.
+func (w *worker) icmpError(p *queue.Packet, e *rewrite.ICMPError) {
+	f := w.d.flows.ByWire(flow.Key{Proto: unix.IPPROTO_TCP, Src: e.Src, Dst: e.To})
+	if f == nil || e.Dst != f.NewSrc.Addr() {
+		w.accept(p) // not about a translated flow
+		return
+	}
+	rewrite.TranslateICMPError(p.Payload, e, f.Src)
+	w.d.stats.icmpErrors.Add(1)
+	w.d.log.Debug("icmp error readdressed", "type", e.Type, "code", e.Code, "wire", f.NewSrc, "socket", f.Src, "dst", f.Dst)
+	if err := w.q.AcceptPacket(p.ID, p.Payload); err != nil {
+		w.d.log.Error("verdict", "id", p.ID, "err", err)
+	}
 }
 
 // decide returns the mark a new connection must carry and what decided it:

@@ -14,6 +14,7 @@
 //	    tcp flags & (fin|syn|rst|ack) == syn  queue num N bypass   (both families)
 //	    ip saddr . tcp sport . ip daddr . tcp dport  ->  @out4  ->  saddr, sport, mark }
 //	chain prerouting { type filter hook prerouting priority raw;
+//	    icmp / icmpv6 errors  queue num N bypass
 //	    ip daddr . tcp dport . ip saddr . tcp sport  ->  @in4   ->  daddr, dport }
 //
 // With the userspace datapath the maps are replaced by key-only sets, uout4
@@ -216,6 +217,27 @@ func (d *Datapath) build(first, total uint16, native bool) error {
 		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
 	}, append(tcpFlags(0x17, 0x02), queueTo(first, total, native, true))...)})
+	// ICMP errors (destination unreachable, fragmentation needed or packet
+	// too big, time exceeded, parameter problem) go to the daemon, which
+	// readdresses those that quote a translated flow. They are rare; path
+	// MTU discovery needs them. Ones the host sends itself come in on lo.
+	for _, r := range []struct {
+		nfproto, proto, lo, hi byte
+	}{
+		{unix.NFPROTO_IPV4, unix.IPPROTO_ICMP, 3, 3},
+		{unix.NFPROTO_IPV4, unix.IPPROTO_ICMP, 11, 12},
+		{unix.NFPROTO_IPV6, unix.IPPROTO_ICMPV6, 1, 4},
+	} {
+		c.AddRule(&nftables.Rule{Table: t, Chain: pre, Exprs: []expr.Any{
+			&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{r.nfproto}},
+			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{r.proto}},
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1},
+			&expr.Range{Op: expr.CmpOpEq, Register: 1, FromData: []byte{r.lo}, ToData: []byte{r.hi}},
+			queueTo(first, total, native, false),
+		}})
+	}
 	if d.userspace {
 		for i := range d.fams {
 			f := &d.fams[i]

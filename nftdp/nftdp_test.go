@@ -29,7 +29,8 @@ func TestInstallAddDeleteRemove(t *testing.T) {
 		"type route hook output priority mangle + 10",
 		"type filter hook prerouting priority raw",
 		"map out4", "map in4",
-		"queue num 7-8", // nft queue or xt NFQUEUE, fanned out over two queues
+		"queue num 7-8",                                     // nft queue or xt NFQUEUE, fanned out over two queues
+		"icmp type 3", "icmp type 11-12", "icmpv6 type 1-4", // errors to readdress
 	} {
 		if !strings.Contains(listing, want) {
 			t.Errorf("table lacks %q:\n%s", want, listing)
@@ -144,8 +145,8 @@ func TestUserspaceSets(t *testing.T) {
 			t.Errorf("listing lacks %q:\n%s", want, listing)
 		}
 	}
-	if strings.Count(listing, "queue num 0") != 5 || strings.Contains(listing, "map ") {
-		t.Errorf("want five queue rules (SYN; outbound and inbound for each family) and no maps:\n%s", listing)
+	if strings.Count(listing, "queue num 0") != 8 || strings.Contains(listing, "map ") {
+		t.Errorf("want eight queue rules (SYN; outbound and inbound for each family; three for ICMP errors) and no maps:\n%s", listing)
 	}
 	if err := d.Delete(e); err != nil {
 		t.Fatal(err)

@@ -103,7 +103,7 @@ func TranslateICMPError(b []byte, e *ICMPError, src netip.AddrPort) {
 		copy(b[e.Inner+12:], a[:])
 		d := src.Addr().As4()
 		copy(b[16:20], d[:])
-		ih := b[e.Inner : e.InnerL4]
+		ih := b[e.Inner:e.InnerL4]
 		ih[10], ih[11] = 0, 0
 		binary.BigEndian.PutUint16(ih[10:], ^fold(sum(ih, 0)))
 		b[10], b[11] = 0, 0
@@ -114,7 +114,7 @@ func TranslateICMPError(b []byte, e *ICMPError, src netip.AddrPort) {
 		copy(b[24:40], a[:])
 	}
 	e.Dst, e.Src = src.Addr(), src
-	icmp := b[e.L4:]
+	var icmp []byte
 	if v4 {
 		icmp = b[e.L4:int(binary.BigEndian.Uint16(b[2:4]))]
 	} else {
