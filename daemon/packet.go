@@ -14,9 +14,13 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// The packet path. The kernel queues every locally originated TCP SYN (the
-// output chain's queue rule) and nothing else; all later packets of a
-// translated flow are rewritten in the kernel by map elements.
+// The packet path. The kernel queues:
+//   - every locally originated TCP SYN (handle -> syn): the decision;
+//   - ICMP and ICMPv6 errors (icmpError): those about a translated flow are
+//     readdressed to its socket;
+//   - with the userspace datapath only, every other packet of a translated
+//     flow (forward). With the kernel datapath they are rewritten in the
+//     kernel by map elements and never come here.
 //
 // A worker handles one queue. It decides each SYN as it arrives and holds
 // the rewritten SYNs of translated flows until the end of the queue's batch
