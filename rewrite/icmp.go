@@ -22,6 +22,7 @@ type ICMPError struct {
 	Inner      int            // offset of the quoted IP header
 	InnerL4    int            // offset of the quoted TCP header
 	Src, To    netip.AddrPort // the quoted packet's source and destination
+	end        int            // where the packet ends, by its length field
 }
 
 // ParseICMPError fills e from an IPv4 packet carrying ICMP destination
@@ -29,55 +30,48 @@ type ICMPError struct {
 // carrying ICMPv6 destination unreachable, packet too big, time exceeded or
 // parameter problem, whose quote is a TCP packet with at least its ports.
 func ParseICMPError(b []byte, e *ICMPError) error {
-	if len(b) < 1 {
-		return ErrShort
+	l4, end, proto, err := network(b)
+	if err != nil {
+		return err
 	}
-	switch b[0] >> 4 {
-	case 4:
-		if len(b) < 20 {
-			return ErrShort
-		}
-		ihl := int(b[0]&0x0f) * 4
-		if ihl < 20 || b[9] != 1 || len(b) < ihl+8+20+4 {
+	v4 := b[0]>>4 == 4
+	iph := 40 // the quoted IP header
+	switch {
+	case v4 && proto == 1 && end >= l4+8+20:
+		if t := b[l4]; t != 3 && t != 11 && t != 12 {
 			return ErrNotICMPError
 		}
-		switch t := b[ihl]; t {
-		case 3, 11, 12:
-		default:
+		iph = int(b[l4+8]&0x0f) * 4
+		if b[l4+8]>>4 != 4 || iph < 20 || b[l4+8+9] != 6 {
 			return ErrNotICMPError
 		}
-		e.Type, e.Code, e.L4, e.Inner = b[ihl], b[ihl+1], ihl, ihl+8
+	case !v4 && proto == 58 && end >= l4+8+40:
+		if t := b[l4]; t < 1 || t > 4 {
+			return ErrNotICMPError
+		}
+		if b[l4+8]>>4 != 6 || b[l4+8+6] != 6 { // quoted extension headers are not followed
+			return ErrNotICMPError
+		}
+	default:
+		return ErrNotICMPError
+	}
+	e.Type, e.Code, e.L4, e.Inner = b[l4], b[l4+1], l4, l4+8
+	e.InnerL4 = e.Inner + iph
+	if end < e.InnerL4+4 { // the quote must hold the ports
+		return ErrNotICMPError
+	}
+	in := b[e.Inner:]
+	if v4 {
 		e.Dst = netip.AddrFrom4([4]byte(b[16:20]))
-		in := b[e.Inner:]
-		iihl := int(in[0]&0x0f) * 4
-		if in[0]>>4 != 4 || iihl < 20 || in[9] != 6 || len(in) < iihl+4 {
-			return ErrNotICMPError
-		}
-		e.InnerL4 = e.Inner + iihl
 		e.Src = netip.AddrPortFrom(netip.AddrFrom4([4]byte(in[12:16])), binary.BigEndian.Uint16(b[e.InnerL4:]))
 		e.To = netip.AddrPortFrom(netip.AddrFrom4([4]byte(in[16:20])), binary.BigEndian.Uint16(b[e.InnerL4+2:]))
-		return nil
-	case 6:
-		if len(b) < 40+8+40+4 || b[6] != 58 {
-			return ErrNotICMPError
-		}
-		switch t := b[40]; t {
-		case 1, 2, 3, 4:
-		default:
-			return ErrNotICMPError
-		}
-		e.Type, e.Code, e.L4, e.Inner = b[40], b[41], 40, 48
+	} else {
 		e.Dst = netip.AddrFrom16([16]byte(b[24:40]))
-		in := b[e.Inner:]
-		if in[0]>>4 != 6 || in[6] != 6 { // quoted extension headers are not followed
-			return ErrNotICMPError
-		}
-		e.InnerL4 = e.Inner + 40
 		e.Src = netip.AddrPortFrom(netip.AddrFrom16([16]byte(in[8:24])), binary.BigEndian.Uint16(b[e.InnerL4:]))
 		e.To = netip.AddrPortFrom(netip.AddrFrom16([16]byte(in[24:40])), binary.BigEndian.Uint16(b[e.InnerL4+2:]))
-		return nil
 	}
-	return ErrVersion
+	e.end = end
+	return nil
 }
 
 // TranslateICMPError readdresses an error parsed into e to the socket's
@@ -91,7 +85,7 @@ func TranslateICMPError(b []byte, e *ICMPError, src netip.AddrPort) {
 	old := e.Src
 	// The quoted TCP checksum, if the quote reaches it: the pseudo-header's
 	// source and the source port change.
-	if ck := e.InnerL4 + 16; ck+2 <= len(b) {
+	if ck := e.InnerL4 + 16; ck+2 <= e.end {
 		sum := uint64(^binary.BigEndian.Uint16(b[ck:]))
 		sum += sumNot(old.Addr()) + sum16(src.Addr())
 		sum += uint64(^old.Port()) + uint64(src.Port())
@@ -114,12 +108,7 @@ func TranslateICMPError(b []byte, e *ICMPError, src netip.AddrPort) {
 		copy(b[24:40], a[:])
 	}
 	e.Dst, e.Src = src.Addr(), src
-	var icmp []byte
-	if v4 {
-		icmp = b[e.L4:int(binary.BigEndian.Uint16(b[2:4]))]
-	} else {
-		icmp = b[e.L4 : 40+int(binary.BigEndian.Uint16(b[4:6]))]
-	}
+	icmp := b[e.L4:e.end]
 	icmp[2], icmp[3] = 0, 0
 	var acc uint64
 	if !v4 { // ICMPv6 covers a pseudo-header

@@ -39,47 +39,62 @@ type TCP struct {
 	Flags    uint8 // TCP flags byte
 }
 
-// ParseTCP fills t from the IPv4 or IPv6 packet b.
-func ParseTCP(b []byte, t *TCP) error {
+// network checks an IPv4 or IPv6 header and returns the offset of the
+// transport header, where the packet ends by its own length field (never
+// beyond b), and the transport protocol. Every parser starts here, so that
+// no rewrite reads or writes past what the packet says it holds.
+func network(b []byte) (l4, end int, proto byte, err error) {
 	if len(b) < 1 {
-		return ErrShort
+		return 0, 0, 0, ErrShort
 	}
 	switch b[0] >> 4 {
 	case 4:
 		if len(b) < 20 {
-			return ErrShort
+			return 0, 0, 0, ErrShort
 		}
-		ihl := int(b[0]&0x0f) * 4
-		if ihl < 20 || len(b) < ihl+20 || int(binary.BigEndian.Uint16(b[2:4])) > len(b) {
-			return ErrHeaderBytes
-		}
-		if b[9] != 6 {
-			return ErrNotTCP
+		l4 = int(b[0]&0x0f) * 4
+		end = int(binary.BigEndian.Uint16(b[2:4]))
+		if l4 < 20 || end < l4 || end > len(b) {
+			return 0, 0, 0, ErrHeaderBytes
 		}
 		if binary.BigEndian.Uint16(b[6:8])&0x3fff != 0 { // MF or offset
-			return ErrFragment
+			return 0, 0, 0, ErrFragment
 		}
-		src := netip.AddrFrom4([4]byte(b[12:16]))
-		dst := netip.AddrFrom4([4]byte(b[16:20]))
-		return tcpPorts(b, ihl, src, dst, t)
+		return l4, end, b[9], nil
 	case 6:
-		if len(b) < 40+20 {
-			return ErrShort
+		if len(b) < 40 {
+			return 0, 0, 0, ErrShort
 		}
-		if b[6] != 6 { // extension headers are not followed
-			return ErrNotTCP
+		end = 40 + int(binary.BigEndian.Uint16(b[4:6]))
+		if end > len(b) {
+			return 0, 0, 0, ErrHeaderBytes
 		}
-		src := netip.AddrFrom16([16]byte(b[8:24]))
-		dst := netip.AddrFrom16([16]byte(b[24:40]))
-		return tcpPorts(b, 40, src, dst, t)
+		return 40, end, b[6], nil // extension headers are not followed
 	}
-	return ErrVersion
+	return 0, 0, 0, ErrVersion
 }
 
-func tcpPorts(b []byte, l4 int, src, dst netip.Addr, t *TCP) error {
-	doff := int(b[l4+12]>>4) * 4
-	if doff < 20 || len(b) < l4+doff {
+// ParseTCP fills t from the IPv4 or IPv6 packet b.
+func ParseTCP(b []byte, t *TCP) error {
+	l4, end, proto, err := network(b)
+	if err != nil {
+		return err
+	}
+	if proto != 6 {
+		return ErrNotTCP
+	}
+	if end < l4+20 {
 		return ErrHeaderBytes
+	}
+	doff := int(b[l4+12]>>4) * 4
+	if doff < 20 || end < l4+doff {
+		return ErrHeaderBytes
+	}
+	var src, dst netip.Addr
+	if b[0]>>4 == 6 {
+		src, dst = netip.AddrFrom16([16]byte(b[8:24])), netip.AddrFrom16([16]byte(b[24:40]))
+	} else {
+		src, dst = netip.AddrFrom4([4]byte(b[12:16])), netip.AddrFrom4([4]byte(b[16:20]))
 	}
 	t.Src = netip.AddrPortFrom(src, binary.BigEndian.Uint16(b[l4:]))
 	t.Dst = netip.AddrPortFrom(dst, binary.BigEndian.Uint16(b[l4+2:]))

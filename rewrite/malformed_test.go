@@ -1,0 +1,71 @@
+package rewrite
+
+import (
+	"encoding/binary"
+	"math/rand"
+	"net/netip"
+	"testing"
+)
+
+// Malformed packets never crash the rewrite path the daemon runs: parse,
+// then rewrite only what parsed. Valid TCP packets and ICMP errors are
+// corrupted at random: bytes, length fields, truncation.
+func TestMalformedPacketsNeverPanic(t *testing.T) {
+	r := rand.New(rand.NewSource(5))
+	var seeds [][]byte
+	for _, c := range [][3]string{
+		{"198.51.100.2:40312", "192.0.2.80:80", "192.0.2.5"},
+		{"[2001:db8:a::2]:40312", "[2001:db8:80::80]:80", "2001:db8:ffb::1"},
+	} {
+		src, dst := netip.MustParseAddrPort(c[0]), netip.MustParseAddrPort(c[1])
+		p := build(t, src, dst, true, randomOptions(r, 1460), nil)
+		seeds = append(seeds, p, build(t, src, dst, false, nil, make([]byte, 300)),
+			icmpError(t, netip.MustParseAddr(c[2]), build(t, src, dst, false, nil, make([]byte, 600)), 548))
+	}
+	newSrc4, newSrc6 := netip.MustParseAddrPort("203.0.113.2:1"), netip.MustParseAddrPort("[2001:db8:b::2]:1")
+	for i := 0; i < 200000; i++ {
+		b := append([]byte(nil), seeds[r.Intn(len(seeds))]...)
+		switch r.Intn(4) {
+		case 0: // flip bytes
+			for n := 1 + r.Intn(4); n > 0; n-- {
+				b[r.Intn(len(b))] = byte(r.Intn(256))
+			}
+		case 1: // lie about the length
+			if b[0]>>4 == 4 {
+				binary.BigEndian.PutUint16(b[2:], uint16(r.Intn(0x10000)))
+			} else {
+				binary.BigEndian.PutUint16(b[4:], uint16(r.Intn(0x10000)))
+			}
+		case 2: // truncate
+			b = b[:r.Intn(len(b))]
+		case 3: // corrupt a header length (IHL, data offset, quoted IHL)
+			b[r.Intn(min(len(b), 80))] ^= 0xf0
+		}
+		func() {
+			defer func() {
+				if v := recover(); v != nil {
+					t.Fatalf("packet %x: panic %v", b, v)
+				}
+			}()
+			var tc TCP
+			if ParseTCP(b, &tc) == nil {
+				ns := newSrc4
+				if tc.Src.Addr().Is6() {
+					ns = newSrc6
+				}
+				SetSource(b, &tc, ns)
+				SetDestination(b, &tc, ns)
+				ClampMSS(b, &tc, 1200)
+				Checksum(b, &tc)
+			}
+			var e ICMPError
+			if ParseICMPError(b, &e) == nil {
+				ns := newSrc4
+				if e.Src.Addr().Is6() {
+					ns = newSrc6
+				}
+				TranslateICMPError(b, &e, ns)
+			}
+		}()
+	}
+}
