@@ -82,8 +82,16 @@ var ErrNotFound = errors.New("no such socket")
 
 // Lookup finds the socket that owns the connection local→remote, in any
 // state including TIME_WAIT, and fills s. It returns ErrNotFound when there
-// is none.
+// is none. For UDP it is the socket a datagram from remote to local would
+// be delivered to: a connected socket, else one bound to the port (wildcard
+// or local address), so an unconnected socket is found for every peer.
 func (c *Conn) Lookup(proto uint8, local, remote netip.AddrPort, s *Socket) error {
+	if proto == unix.IPPROTO_UDP {
+		// The kernel's UDP lookup takes the request's source as the
+		// datagram's source, the peer (udp_dump_one: "src and dst are
+		// swapped for historical reasons").
+		local, remote = remote, local
+	}
 	c.request(proto, local, remote, false)
 	if _, err := unix.Write(c.fd, c.req[:]); err != nil {
 		return fmt.Errorf("sock_diag request: %w", err)

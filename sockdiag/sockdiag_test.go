@@ -102,3 +102,38 @@ func TestLookupAllocatesNothing(t *testing.T) {
 		t.Fatalf("Lookup allocates %.1f times", allocs)
 	}
 }
+
+// UDP: the exact lookup finds a connected socket by its tuple, and an
+// unconnected one (here wildcard-bound) for any peer, as delivery would.
+func TestLookupUDP(t *testing.T) {
+	u, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4zero})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Close()
+	peer := netip.MustParseAddrPort("127.0.0.9:53")
+	c, err := net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(peer))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	d, err := Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+
+	var s Socket
+	local := c.LocalAddr().(*net.UDPAddr).AddrPort()
+	if err := d.Lookup(unix.IPPROTO_UDP, local, peer, &s); err != nil || s.Local != local || s.Remote != peer {
+		t.Fatalf("connected: Lookup(%v, %v) = %+v, %v", local, peer, s, err)
+	}
+	connected := s.Cookie
+	if err := d.Lookup(unix.IPPROTO_UDP, local, netip.MustParseAddrPort("127.0.0.9:54"), &s); err != ErrNotFound {
+		t.Fatalf("connected socket, another peer: %+v, %v; want ErrNotFound", s, err)
+	}
+	wild := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), u.LocalAddr().(*net.UDPAddr).AddrPort().Port())
+	if err := d.Lookup(unix.IPPROTO_UDP, wild, netip.MustParseAddrPort("127.0.0.7:999"), &s); err != nil || s.Local.Port() != wild.Port() || s.Cookie == connected {
+		t.Fatalf("unconnected: Lookup(%v) = %+v, %v", wild, s, err)
+	}
+}
