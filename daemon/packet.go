@@ -64,7 +64,7 @@ const (
 )
 
 func (w *worker) handle(p *queue.Packet) {
-	var t rewrite.TCP
+	var t rewrite.Packet
 	if err := rewrite.ParseTCP(p.Payload, &t); err != nil {
 		var e rewrite.ICMPError
 		if errors.Is(err, rewrite.ErrNotTCP) && rewrite.ParseICMPError(p.Payload, &e) == nil {
@@ -88,7 +88,7 @@ func (w *worker) handle(p *queue.Packet) {
 // forward translates one packet of a translated flow, the userspace
 // datapath's job for every packet after the SYN: outbound from the socket's
 // tuple to the wire's, with the flow's mark; inbound back.
-func (w *worker) forward(p *queue.Packet, t *rewrite.TCP) {
+func (w *worker) forward(p *queue.Packet, t *rewrite.Packet) {
 	d := w.d
 	d.stats.forwarded.Add(1)
 	d.stats.bytes.Add(uint64(len(p.Payload)))
@@ -118,7 +118,7 @@ func (w *worker) forward(p *queue.Packet, t *rewrite.TCP) {
 }
 
 // syn decides a new connection and releases its SYN.
-func (w *worker) syn(p *queue.Packet, t *rewrite.TCP) {
+func (w *worker) syn(p *queue.Packet, t *rewrite.Packet) {
 	d := w.d
 	key := flow.Key{Proto: unix.IPPROTO_TCP, Src: t.Src, Dst: t.Dst}
 
@@ -296,7 +296,7 @@ func (w *worker) noOtherSocket(src, dst netip.AddrPort, cookie uint64) bool {
 
 // hold rewrites a flow's SYN and keeps it until the batch's elements are
 // installed (see endBatch).
-func (w *worker) hold(p *queue.Packet, t *rewrite.TCP, f *flow.Flow) {
+func (w *worker) hold(p *queue.Packet, t *rewrite.Packet, f *flow.Flow) {
 	rewrite.SetSource(p.Payload, t, f.NewSrc)
 	if f.MSS != 0 {
 		rewrite.ClampMSS(p.Payload, t, f.MSS)

@@ -8,8 +8,8 @@ import (
 )
 
 // Malformed packets never crash the rewrite path the daemon runs: parse,
-// then rewrite only what parsed. Valid TCP packets and ICMP errors are
-// corrupted at random: bytes, length fields, truncation.
+// then rewrite only what parsed. Valid TCP and UDP packets, echoes and ICMP
+// errors are corrupted at random: bytes, length fields, truncation.
 func TestMalformedPacketsNeverPanic(t *testing.T) {
 	r := rand.New(rand.NewSource(5))
 	var seeds [][]byte
@@ -21,6 +21,14 @@ func TestMalformedPacketsNeverPanic(t *testing.T) {
 		p := build(t, src, dst, true, randomOptions(r, 1460), nil)
 		seeds = append(seeds, p, build(t, src, dst, false, nil, make([]byte, 300)),
 			icmpError(t, netip.MustParseAddr(c[2]), build(t, src, dst, false, nil, make([]byte, 600)), 548))
+		icmp, echo := uint8(ICMP), uint8(EchoRequest4)
+		if src.Addr().Is6() {
+			icmp, echo = ICMPv6, EchoRequest6
+		}
+		udp := buildDatagram(t, UDP, 0, src, dst, make([]byte, 100))
+		ping := buildDatagram(t, icmp, echo, src, dst, make([]byte, 56))
+		seeds = append(seeds, udp, ping,
+			icmpError(t, netip.MustParseAddr(c[2]), udp, 548), icmpError(t, netip.MustParseAddr(c[2]), ping, 548))
 	}
 	newSrc4, newSrc6 := netip.MustParseAddrPort("203.0.113.2:1"), netip.MustParseAddrPort("[2001:db8:b::2]:1")
 	for i := 0; i < 200000; i++ {
@@ -47,8 +55,8 @@ func TestMalformedPacketsNeverPanic(t *testing.T) {
 					t.Fatalf("packet %x: panic %v", b, v)
 				}
 			}()
-			var tc TCP
-			if ParseTCP(b, &tc) == nil {
+			var tc Packet
+			if Parse(b, &tc) == nil {
 				ns := newSrc4
 				if tc.Src.Addr().Is6() {
 					ns = newSrc6

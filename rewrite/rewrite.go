@@ -1,5 +1,6 @@
 // Package rewrite parses and rewrites IP packets in place: source address and
-// port, the TCP MSS option, and complete checksums.
+// port (the identifier of an ICMP echo), the TCP MSS option, and complete
+// checksums, for TCP, UDP and ICMP/ICMPv6 echo over IPv4 and IPv6.
 //
 // Nothing here allocates. Checksums are always recomputed in full: a packet
 // handed back to the kernel with a modified verdict is treated as
@@ -19,6 +20,7 @@ var (
 	ErrShort       = errors.New("packet too short")
 	ErrVersion     = errors.New("not an IPv4 or IPv6 packet")
 	ErrNotTCP      = errors.New("not a TCP packet")
+	ErrProtocol    = errors.New("not TCP, UDP or an ICMP echo")
 	ErrFragment    = errors.New("fragmented packet")
 	ErrHeaderBytes = errors.New("bad header length")
 )
@@ -32,11 +34,31 @@ const (
 	ACK = 0x10
 )
 
-// TCP is a parsed view of an IP packet carrying a TCP segment.
-type TCP struct {
+// IP protocol numbers.
+const (
+	ICMP   = 1
+	TCP    = 6
+	UDP    = 17
+	ICMPv6 = 58
+)
+
+// ICMP echo types, by family.
+const (
+	EchoRequest4 = 8
+	EchoReply4   = 0
+	EchoRequest6 = 128
+	EchoReply6   = 129
+)
+
+// Packet is a parsed view of an IP packet carrying TCP, UDP, or an ICMP or
+// ICMPv6 echo request or reply. An echo's identifier plays the part of both
+// ports: it is what tells one ping socket's flow from another's.
+type Packet struct {
+	Proto    uint8 // TCP, UDP, ICMP or ICMPv6
 	Src, Dst netip.AddrPort
-	L4       int   // offset of the TCP header
-	Flags    uint8 // TCP flags byte
+	L4       int   // offset of the transport header
+	Flags    uint8 // TCP: the flags byte; ICMP: the type
+	end      int   // where the packet ends, by its length field
 }
 
 // network checks an IPv4 or IPv6 header and returns the offset of the
@@ -74,39 +96,103 @@ func network(b []byte) (l4, end int, proto byte, err error) {
 	return 0, 0, 0, ErrVersion
 }
 
-// ParseTCP fills t from the IPv4 or IPv6 packet b.
-func ParseTCP(b []byte, t *TCP) error {
+// Parse fills t from the IPv4 or IPv6 packet b: TCP, UDP, or an ICMP or
+// ICMPv6 echo request or reply. Anything else is ErrProtocol.
+func Parse(b []byte, t *Packet) error {
 	l4, end, proto, err := network(b)
 	if err != nil {
 		return err
 	}
-	if proto != 6 {
-		return ErrNotTCP
-	}
-	if end < l4+20 {
-		return ErrHeaderBytes
-	}
-	doff := int(b[l4+12]>>4) * 4
-	if doff < 20 || end < l4+doff {
-		return ErrHeaderBytes
+	v6 := b[0]>>4 == 6
+	switch {
+	case proto == TCP:
+		if end < l4+20 {
+			return ErrHeaderBytes
+		}
+		doff := int(b[l4+12]>>4) * 4
+		if doff < 20 || end < l4+doff {
+			return ErrHeaderBytes
+		}
+		t.Flags = b[l4+13]
+	case proto == UDP:
+		if end < l4+8 {
+			return ErrHeaderBytes
+		}
+		t.Flags = 0
+	case proto == ICMP && !v6, proto == ICMPv6 && v6:
+		if end < l4+8 {
+			return ErrHeaderBytes
+		}
+		if !isEcho(proto, b[l4]) {
+			return ErrProtocol
+		}
+		t.Flags = b[l4]
+	default:
+		return ErrProtocol
 	}
 	var src, dst netip.Addr
-	if b[0]>>4 == 6 {
+	if v6 {
 		src, dst = netip.AddrFrom16([16]byte(b[8:24])), netip.AddrFrom16([16]byte(b[24:40]))
 	} else {
 		src, dst = netip.AddrFrom4([4]byte(b[12:16])), netip.AddrFrom4([4]byte(b[16:20]))
 	}
-	t.Src = netip.AddrPortFrom(src, binary.BigEndian.Uint16(b[l4:]))
-	t.Dst = netip.AddrPortFrom(dst, binary.BigEndian.Uint16(b[l4+2:]))
-	t.L4 = l4
-	t.Flags = b[l4+13]
+	t.Proto, t.L4, t.end = proto, l4, end
+	t.Src = netip.AddrPortFrom(src, binary.BigEndian.Uint16(b[l4+portOffset(proto, true):]))
+	t.Dst = netip.AddrPortFrom(dst, binary.BigEndian.Uint16(b[l4+portOffset(proto, false):]))
 	return nil
 }
 
-// SetSource writes a new source address and port into a TCP packet parsed
-// into t. The address must be of the packet's family. Checksums are not
-// touched: call Checksum after the last change.
-func SetSource(b []byte, t *TCP, src netip.AddrPort) {
+// ParseTCP is Parse for TCP only: anything else is ErrNotTCP.
+func ParseTCP(b []byte, t *Packet) error {
+	if err := Parse(b, t); err != nil {
+		if err == ErrProtocol {
+			return ErrNotTCP
+		}
+		return err
+	}
+	if t.Proto != TCP {
+		return ErrNotTCP
+	}
+	return nil
+}
+
+// isEcho reports whether an ICMP (proto 1) or ICMPv6 (58) type is an echo
+// request or reply.
+func isEcho(proto, typ uint8) bool {
+	if proto == ICMP {
+		return typ == EchoRequest4 || typ == EchoReply4
+	}
+	return typ == EchoRequest6 || typ == EchoReply6
+}
+
+// portOffset is where a transport header holds the source (or destination)
+// port; an ICMP echo's identifier is both.
+func portOffset(proto uint8, src bool) int {
+	switch {
+	case proto == ICMP || proto == ICMPv6:
+		return 4
+	case src:
+		return 0
+	}
+	return 2
+}
+
+// checksumOffset is where a transport header holds its checksum.
+func checksumOffset(proto uint8) int {
+	switch proto {
+	case TCP:
+		return 16
+	case UDP:
+		return 6
+	}
+	return 2 // ICMP, ICMPv6
+}
+
+// SetSource writes a new source address and port into a packet parsed into
+// t. The address must be of the packet's family; for an ICMP echo the port
+// is the identifier. Checksums are not touched: call Checksum after the last
+// change.
+func SetSource(b []byte, t *Packet, src netip.AddrPort) {
 	a := src.Addr()
 	if a.Is4() {
 		a4 := a.As4()
@@ -115,13 +201,13 @@ func SetSource(b []byte, t *TCP, src netip.AddrPort) {
 		a16 := a.As16()
 		copy(b[8:24], a16[:])
 	}
-	binary.BigEndian.PutUint16(b[t.L4:], src.Port())
+	binary.BigEndian.PutUint16(b[t.L4+portOffset(t.Proto, true):], src.Port())
 	t.Src = src
 }
 
 // SetDestination writes a new destination address and port, the inverse
 // of SetSource for replies. Checksums are not touched.
-func SetDestination(b []byte, t *TCP, dst netip.AddrPort) {
+func SetDestination(b []byte, t *Packet, dst netip.AddrPort) {
 	a := dst.Addr()
 	if a.Is4() {
 		a4 := a.As4()
@@ -130,13 +216,16 @@ func SetDestination(b []byte, t *TCP, dst netip.AddrPort) {
 		a16 := a.As16()
 		copy(b[24:40], a16[:])
 	}
-	binary.BigEndian.PutUint16(b[t.L4+2:], dst.Port())
+	binary.BigEndian.PutUint16(b[t.L4+portOffset(t.Proto, false):], dst.Port())
 	t.Dst = dst
 }
 
-// ClampMSS lowers the MSS option of a SYN to at most mss. It returns the
-// option's previous value and whether it changed.
-func ClampMSS(b []byte, t *TCP, mss uint16) (old uint16, changed bool) {
+// ClampMSS lowers the MSS option of a TCP SYN to at most mss. It returns
+// the option's previous value and whether it changed.
+func ClampMSS(b []byte, t *Packet, mss uint16) (old uint16, changed bool) {
+	if t.Proto != TCP {
+		return 0, false
+	}
 	doff := int(b[t.L4+12]>>4) * 4
 	opts := b[t.L4+20 : t.L4+doff]
 	for i := 0; i < len(opts); {
@@ -166,25 +255,35 @@ func ClampMSS(b []byte, t *TCP, mss uint16) (old uint16, changed bool) {
 	return 0, false
 }
 
-// Checksum recomputes the IPv4 header checksum (if any) and the complete TCP
-// checksum of a packet parsed into t.
-func Checksum(b []byte, t *TCP) {
+// Checksum recomputes the IPv4 header checksum (if any) and the complete
+// transport checksum of a packet parsed into t: TCP, UDP (an IPv4 datagram
+// sent without a checksum keeps none), ICMP, or ICMPv6 with its
+// pseudo-header.
+func Checksum(b []byte, t *Packet) {
+	seg := b[t.L4:t.end]
 	var pseudo uint64
-	var segLen int
-	if b[0]>>4 == 4 {
-		ihl := t.L4
+	v4 := b[0]>>4 == 4
+	if v4 {
 		b[10], b[11] = 0, 0
-		binary.BigEndian.PutUint16(b[10:], ^fold(sum(b[:ihl], 0)))
-		total := int(binary.BigEndian.Uint16(b[2:4]))
-		segLen = total - ihl
-		pseudo = sum(b[12:20], 0) + 6 + uint64(segLen)
+		binary.BigEndian.PutUint16(b[10:], ^fold(sum(b[:t.L4], 0)))
+		pseudo = sum(b[12:20], 0)
 	} else {
-		segLen = int(binary.BigEndian.Uint16(b[4:6]))
-		pseudo = sum(b[8:40], 0) + 6 + uint64(segLen)
+		pseudo = sum(b[8:40], 0)
 	}
-	seg := b[t.L4 : t.L4+segLen]
-	seg[16], seg[17] = 0, 0
-	binary.BigEndian.PutUint16(seg[16:], ^fold(sum(seg, pseudo)))
+	pseudo += uint64(t.Proto) + uint64(len(seg))
+	if t.Proto == ICMP {
+		pseudo = 0 // ICMP's checksum covers the message alone
+	}
+	ck := checksumOffset(t.Proto)
+	if t.Proto == UDP && v4 && seg[ck] == 0 && seg[ck+1] == 0 {
+		return // sent without a checksum
+	}
+	seg[ck], seg[ck+1] = 0, 0
+	c := ^fold(sum(seg, pseudo))
+	if c == 0 && t.Proto == UDP {
+		c = 0xffff // zero means "no checksum" in UDP
+	}
+	binary.BigEndian.PutUint16(seg[ck:], c)
 }
 
 // sum adds b as big-endian 16-bit words to acc (one's complement, unfolded).

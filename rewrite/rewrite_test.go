@@ -79,7 +79,7 @@ func randomAddrPort(r *rand.Rand, v6 bool) netip.AddrPort {
 
 // pseudoOnly replaces a packet's TCP checksum with the pseudo-header sum, as
 // a packet with CHECKSUM_PARTIAL reaches userspace.
-func pseudoOnly(b []byte, tc *TCP) {
+func pseudoOnly(b []byte, tc *Packet) {
 	var p uint64
 	var n int
 	if b[0]>>4 == 4 {
@@ -109,7 +109,7 @@ func TestRewriteMatchesGopacket(t *testing.T) {
 		in := build(t, src, dst, syn, opts, payload)
 		want := build(t, newSrc, dst, syn, opts, payload)
 
-		var tc TCP
+		var tc Packet
 		if err := ParseTCP(in, &tc); err != nil {
 			t.Fatalf("packet %d: %v", i, err)
 		}
@@ -147,7 +147,7 @@ func TestSetDestinationMatchesGopacket(t *testing.T) {
 		opts := randomOptions(r, 1460)
 		in := build(t, src, dst, false, opts, payload)
 		want := build(t, src, newDst, false, opts, payload)
-		var tc TCP
+		var tc Packet
 		if err := ParseTCP(in, &tc); err != nil {
 			t.Fatal(err)
 		}
@@ -185,7 +185,7 @@ func TestClampMSS(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			b := build(t, src, dst, true, c.opts, nil)
-			var tc TCP
+			var tc Packet
 			if err := ParseTCP(b, &tc); err != nil {
 				t.Fatal(err)
 			}
@@ -215,7 +215,7 @@ func TestClampMSS(t *testing.T) {
 
 func TestParseRejects(t *testing.T) {
 	good := build(t, netip.MustParseAddrPort("198.51.100.2:1"), netip.MustParseAddrPort("192.0.2.80:80"), true, nil, nil)
-	var tc TCP
+	var tc Packet
 	cases := map[string]struct {
 		b    []byte
 		want error
@@ -239,7 +239,7 @@ func TestNoAllocations(t *testing.T) {
 		randomOptions(rand.New(rand.NewSource(2)), 1460), nil)
 	newSrc := netip.MustParseAddrPort("203.0.113.2:40000")
 	allocs := testing.AllocsPerRun(1000, func() {
-		var tc TCP
+		var tc Packet
 		if ParseTCP(b, &tc) != nil {
 			panic("parse")
 		}
@@ -258,7 +258,7 @@ func BenchmarkRewriteSYN(b *testing.B) {
 	newSrc := netip.MustParseAddrPort("203.0.113.2:40000")
 	b.ReportAllocs()
 	for b.Loop() {
-		var tc TCP
+		var tc Packet
 		_ = ParseTCP(pkt, &tc)
 		SetSource(pkt, &tc, newSrc)
 		ClampMSS(pkt, &tc, 1400)
