@@ -37,6 +37,7 @@ type Daemon struct {
 	GCInterval    time.Duration // how often sockets are checked for flows to remove
 	Datapath      string        // "kernel" (nft maps) or "userspace" (every packet through the daemon)
 	Queues        int           // NFQUEUE queues from Queue on, for the userspace datapath's workers
+	IdleTimeout   time.Duration // UDP and ICMP echo flows end after this long without a packet
 }
 
 // Uplink is one [[uplink]]: a fwmark whose routing table leads out of it.
@@ -50,6 +51,7 @@ type Uplink struct {
 const (
 	DefaultControlSocket = "/run/rerouted/rerouted.sock"
 	DefaultGCInterval    = 2 * time.Second
+	DefaultIdleTimeout   = 120 * time.Second
 )
 
 // Error is one problem in a configuration file.
@@ -130,6 +132,7 @@ func (p *parser) config(raw map[string]any) *Config {
 		HonorMarks:    true,
 		ControlSocket: DefaultControlSocket,
 		GCInterval:    DefaultGCInterval,
+		IdleTimeout:   DefaultIdleTimeout,
 		Datapath:      "kernel",
 		Queues:        runtime.NumCPU(),
 	}}
@@ -202,6 +205,14 @@ func (p *parser) daemon(d *Daemon, v any) {
 				continue
 			}
 			d.GCInterval = dur
+		case "idle_timeout":
+			s, _ := t[k].(string)
+			dur, err := time.ParseDuration(s)
+			if err != nil || dur < time.Second || dur > 24*time.Hour {
+				p.errorf(path, "idle_timeout must be a duration between 1s and 24h, like \"120s\"")
+				continue
+			}
+			d.IdleTimeout = dur
 		default:
 			p.errorf(path, "unknown key %q in [daemon]", k)
 		}
@@ -316,8 +327,8 @@ func (p *parser) rule(path string, t map[string]any) *Rule {
 		case "protocol":
 			ss := p.strings(kp, v)
 			for _, s := range ss {
-				if s != "tcp" {
-					p.errorf(kp, "protocol %q is not supported (supported: \"tcp\")", s)
+				if s != "tcp" && s != "udp" && s != "icmp" {
+					p.errorf(kp, "protocol %q is not supported (supported: \"tcp\", \"udp\", \"icmp\" for ICMP and ICMPv6 echo)", s)
 				}
 			}
 			c = condProtocol(ss)

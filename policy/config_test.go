@@ -72,7 +72,13 @@ func TestDefaults(t *testing.T) {
 	if cfg.Daemon.Datapath != "kernel" || cfg.Daemon.Queues < 1 {
 		t.Fatalf("datapath defaults = %q, %d queues", cfg.Daemon.Datapath, cfg.Daemon.Queues)
 	}
-	cfg, err = Parse("d.toml", []byte("[daemon]\ndatapath = \"userspace\"\nqueues = 3\n"))
+	if cfg.Daemon.IdleTimeout != 120*time.Second {
+		t.Fatalf("idle_timeout default = %v, want 120s", cfg.Daemon.IdleTimeout)
+	}
+	cfg, err = Parse("d.toml", []byte("[daemon]\ndatapath = \"userspace\"\nqueues = 3\nidle_timeout = \"30s\"\n"))
+	if err == nil && cfg.Daemon.IdleTimeout != 30*time.Second {
+		t.Fatalf("idle_timeout = %v, want 30s", cfg.Daemon.IdleTimeout)
+	}
 	if err != nil || cfg.Daemon.Datapath != "userspace" || cfg.Daemon.Queues != 3 {
 		t.Fatalf("datapath settings = %+v, %v", cfg.Daemon, err)
 	}
@@ -119,6 +125,7 @@ func TestParseErrors(t *testing.T) {
 		{"type", "[daemon]\nhonor_marks = \"yes\"\n", "bad.toml:2:1: honor_marks must be true or false"},
 		{"datapath", "[daemon]\ndatapath = \"ebpf\"\n", "bad.toml:2:1: datapath must be \"kernel\" or \"userspace\""},
 		{"queues", "[daemon]\nqueues = 0\n", "bad.toml:2:1: queues 0 is out of range 1-64"},
+		{"idle timeout", "[daemon]\nidle_timeout = \"10ms\"\n", "bad.toml:2:1: idle_timeout must be a duration between 1s and 24h"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -173,5 +180,53 @@ func TestDecide(t *testing.T) {
 		if got != c.want {
 			t.Errorf("Decide(%v uid=%d/%v) = %q, want %q", c.f.Dst, c.f.UID, c.f.HasUID, got, c.want)
 		}
+	}
+}
+
+// protocol selects TCP, UDP or ICMP echo; an echo has no port, so dport
+// never matches it (and not_dport always does).
+func TestProtocols(t *testing.T) {
+	cfg, err := Parse("p.toml", []byte(`[[uplink]]
+name = "b"
+mark = 1
+
+[[rule]]
+name = "dns"
+uplink = "b"
+protocol = "udp"
+dport = 53
+
+[[rule]]
+name = "ping"
+uplink = "b"
+protocol = ["icmp"]
+
+[[rule]]
+name = "not-dport"
+uplink = "b"
+not_dport = 53
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		proto, dst, want string
+	}{
+		{"udp", "192.0.2.53:53", "dns"},
+		{"tcp", "192.0.2.53:53", ""},
+		{"icmp", "192.0.2.53:53", "ping"}, // identifier 53: not a port
+		{"udp", "192.0.2.53:54", "not-dport"},
+	} {
+		got := ""
+		if r := cfg.Decide(&Flow{Protocol: c.proto, Dst: netip.MustParseAddrPort(c.dst), HasUID: true}); r != nil {
+			got = r.Name
+		}
+		if got != c.want {
+			t.Errorf("%s to %s: rule %q, want %q", c.proto, c.dst, got, c.want)
+		}
+	}
+	cfg2, _ := Parse("p.toml", []byte("[[uplink]]\nname = \"b\"\nmark = 1\n[[rule]]\nuplink = \"b\"\ndport = 53\n"))
+	if r := cfg2.Decide(&Flow{Protocol: "icmp", Dst: netip.MustParseAddrPort("192.0.2.53:53"), HasUID: true}); r != nil {
+		t.Errorf("dport 53 matched an echo with identifier 53")
 	}
 }

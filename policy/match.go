@@ -63,7 +63,7 @@ func (r PortRange) String() string {
 // only when a rule's cheaper keys all match and it has a process or cgroup
 // key.
 type Flow struct {
-	Protocol string // "tcp"
+	Protocol string // "tcp", "udp" or "icmp" (ICMPv6 too)
 	Dst      netip.AddrPort
 	UID, GID uint32
 	HasUID   bool  // false for packets without an owning socket
@@ -207,8 +207,16 @@ func condDst(ps []netip.Prefix) cond {
 }
 
 func condDport(rs []PortRange) cond {
-	return cond{key: "dport", list: listOf(rs), value: func(f *Flow) string { return strconv.Itoa(int(f.Dst.Port())) },
+	return cond{key: "dport", list: listOf(rs), value: func(f *Flow) string {
+		if f.Protocol == "icmp" {
+			return "no port (icmp)"
+		}
+		return strconv.Itoa(int(f.Dst.Port()))
+	},
 		test: func(f *Flow) (bool, bool) {
+			if f.Protocol == "icmp" {
+				return false, true // an echo's identifier is not a port
+			}
 			p := f.Dst.Port()
 			for _, r := range rs {
 				if p >= r.Lo && p <= r.Hi {
