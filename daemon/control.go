@@ -146,10 +146,15 @@ func (d *Daemon) writeFlows(c net.Conn) error {
 	enc := json.NewEncoder(w)
 	now := time.Now()
 	w.WriteString(`{"flows":[`)
-	for i, f := range d.flows.Snapshot() {
-		if i > 0 {
+	n := 0
+	for _, f := range d.flows.Snapshot() {
+		if f.Pass {
+			continue // a cached decision not to translate: nothing to show
+		}
+		if n > 0 {
 			w.WriteByte(',')
 		}
+		n++
 		if err := enc.Encode(info(f, now)); err != nil {
 			return err
 		}

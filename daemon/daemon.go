@@ -67,6 +67,8 @@ type Daemon struct {
 // stats counts what the packet path did, for the logs (and metrics).
 type stats struct {
 	syns       atomic.Uint64 // SYNs decided
+	datagrams  atomic.Uint64 // UDP and echo flows decided
+	idle       atomic.Uint64 // UDP and echo flows ended by idleness
 	translated atomic.Uint64 // new flows translated
 	retrans    atomic.Uint64 // retransmitted SYNs of translated flows
 	dropped    atomic.Uint64 // packets dropped (the socket retries)
@@ -174,7 +176,8 @@ func Run(ctx context.Context, o Options) (err error) {
 		"table", "inet "+nftdp.TableName, "honor_marks", cfg.Daemon.HonorMarks, "uplinks", len(cfg.Uplinks),
 		"rules", len(cfg.Rules), "control_socket", cfg.Daemon.ControlSocket)
 	<-ctx.Done()
-	d.log.Info("stopping", "syns", d.stats.syns.Load(), "translated", d.stats.translated.Load(),
+	d.log.Info("stopping", "syns", d.stats.syns.Load(), "datagram_flows", d.stats.datagrams.Load(), "idle_ended", d.stats.idle.Load(),
+		"translated", d.stats.translated.Load(),
 		"retransmitted_syns", d.stats.retrans.Load(),
 		"dropped", d.stats.dropped.Load(), "icmp_errors", d.stats.icmpErrors.Load(), "forwarded", d.stats.forwarded.Load(),
 		"forwarded_bytes", d.stats.bytes.Load(), "flows", d.flows.Len())
@@ -219,7 +222,7 @@ func (d *Daemon) forget(f *flow.Flow) {
 		d.inst.enqueue(f, true)
 	}
 	d.mu.Unlock()
-	if removed {
+	if removed && !f.Pass {
 		d.events.write("DESTROY", f)
 	}
 }
@@ -291,11 +294,16 @@ func localPortRange() (uint16, uint16, error) {
 	return uint16(lo), uint16(hi), nil
 }
 
-// sweepLoop removes flows whose socket is gone. A dump (not destroy
-// notifications) is what shows TIME_WAIT sockets, which still own their tuple.
+// sweepLoop removes flows whose socket is gone, and UDP and echo flows
+// that have been idle for the idle timeout. A dump (not destroy
+// notifications) is what shows TIME_WAIT sockets, which still own their
+// tuple.
 func (d *Daemon) sweepLoop(ctx context.Context, diag *sockdiag.Conn) {
-	t := time.NewTicker(d.cfg.Load().Daemon.GCInterval)
+	every := d.cfg.Load().Daemon.GCInterval
+	t := time.NewTicker(every)
 	defer t.Stop()
+	udp := map[uint64]struct{}{} // cookies of live UDP sockets, reused
+	var lastIdle time.Time
 	for {
 		select {
 		case <-ctx.Done():
@@ -305,33 +313,102 @@ func (d *Daemon) sweepLoop(ctx context.Context, diag *sockdiag.Conn) {
 		if d.flows.Len() == 0 {
 			continue
 		}
-		s := d.flows.BeginSweep(time.Now())
-		seen := func(so *sockdiag.Socket) {
-			s.Seen(flow.Key{Proto: unix.IPPROTO_TCP, Src: so.Local, Dst: so.Remote}, so.Cookie)
+		d.sweep(diag, udp)
+		// Idleness is read from the kernel's packet counters, a listing of
+		// every UDP and echo element: often enough to end flows within an
+		// eighth of the timeout of it.
+		idle := d.cfg.Load().Daemon.IdleTimeout
+		if now := time.Now(); now.Sub(lastIdle) >= max(every, idle/8) {
+			lastIdle = now
+			d.expireIdle(now, idle)
 		}
-		err := diag.Dump(unix.AF_INET, unix.IPPROTO_TCP, seen)
-		if err == nil {
-			err = diag.Dump(unix.AF_INET6, unix.IPPROTO_TCP, seen)
+	}
+}
+
+// sweep removes the flows whose socket is gone: TCP sockets are matched by
+// tuple and cookie, UDP sockets by cookie (an unconnected socket serves
+// many tuples). Echo flows, and UDP flows whose socket was never found,
+// end by idleness only.
+func (d *Daemon) sweep(diag *sockdiag.Conn, udp map[uint64]struct{}) {
+	s := d.flows.BeginSweep(time.Now())
+	clear(udp)
+	tcp := func(so *sockdiag.Socket) {
+		s.Seen(flow.Key{Proto: unix.IPPROTO_TCP, Src: so.Local, Dst: so.Remote}, so.Cookie)
+	}
+	dgram := func(so *sockdiag.Socket) { udp[so.Cookie] = struct{}{} }
+	var err error
+	for _, dump := range []struct {
+		family, proto uint8
+		fn            func(*sockdiag.Socket)
+	}{
+		{unix.AF_INET, unix.IPPROTO_TCP, tcp}, {unix.AF_INET6, unix.IPPROTO_TCP, tcp},
+		{unix.AF_INET, unix.IPPROTO_UDP, dgram}, {unix.AF_INET6, unix.IPPROTO_UDP, dgram},
+	} {
+		if err = diag.Dump(dump.family, dump.proto, dump.fn); err != nil {
+			break
 		}
-		if err != nil {
-			// An incomplete dump must not be taken as "sockets gone".
-			d.log.Error("socket dump failed; no flow removed this round", "err", err)
+	}
+	if err != nil {
+		// An incomplete dump must not be taken as "sockets gone".
+		d.log.Error("socket dump failed; no flow removed this round", "err", err)
+		return
+	}
+	// The dump only nominates: an exact lookup, which is atomic, confirms
+	// each socket is really gone.
+	var so sockdiag.Socket
+	for _, f := range s.End() {
+		if f.Cookie == 0 {
+			continue // no socket to follow: idleness ends it
+		}
+		if _, ok := udp[f.Cookie]; ok && f.Proto == unix.IPPROTO_UDP {
 			continue
 		}
-		// The dump only nominates: an exact lookup, which is atomic,
-		// confirms each socket is really gone.
-		var so sockdiag.Socket
-		for _, f := range s.End() {
-			err := diag.Lookup(unix.IPPROTO_TCP, f.Src, f.Dst, &so)
-			switch {
-			case err == nil && so.Cookie == f.Cookie:
-				continue // alive: the dump missed it
-			case err != nil && !errors.Is(err, sockdiag.ErrNotFound):
-				d.log.Error("socket lookup", "src", f.Src, "dst", f.Dst, "err", err)
-				continue
-			}
-			d.log.Debug("socket gone", "src", f.Src, "dst", f.Dst, "cookie", f.Cookie,
-				"lookup", errString(err), "found_cookie", so.Cookie, "found_state", sockdiag.StateName(so.State))
+		err := diag.Lookup(f.Proto, f.Src, f.Dst, &so)
+		switch {
+		case err == nil && so.Cookie == f.Cookie:
+			continue // alive: the dump missed it
+		case err != nil && !errors.Is(err, sockdiag.ErrNotFound):
+			d.log.Error("socket lookup", "src", f.Src, "dst", f.Dst, "err", err)
+			continue
+		}
+		d.log.Debug("socket gone", "proto", protoName(f.Proto), "src", f.Src, "dst", f.Dst, "cookie", f.Cookie,
+			"lookup", errString(err), "found_cookie", so.Cookie, "found_state", sockdiag.StateName(so.State))
+		d.forget(f)
+	}
+}
+
+// expireIdle ends the UDP and echo flows none of whose elements counted a
+// packet for the idle timeout. With the userspace datapath the selector
+// sets count them.
+func (d *Daemon) expireIdle(now time.Time, timeout time.Duration) {
+	uses, err := d.dp.Uses()
+	if err != nil {
+		d.log.Error("read flow packet counters; no flow ended by idleness this round", "err", err)
+		return
+	}
+	total := make(map[*flow.Flow]uint64, len(uses))
+	for _, u := range uses {
+		var f *flow.Flow
+		if u.Reply {
+			f = d.flows.ByWire(flow.Key{Proto: u.Proto, Src: u.Src, Dst: u.Dst})
+		} else {
+			f = d.flows.Get(flow.Key{Proto: u.Proto, Src: u.Src, Dst: u.Dst})
+		}
+		if f != nil {
+			total[f] += u.Packets
+		}
+	}
+	for _, f := range d.flows.Snapshot() {
+		if !f.Idles() {
+			continue
+		}
+		if n := total[f]; n != f.Used {
+			f.Used, f.UsedAt = n, now
+			continue
+		}
+		if now.Sub(f.UsedAt) >= timeout {
+			d.stats.idle.Add(1)
+			d.log.Debug("flow idle", "proto", protoName(f.Proto), "src", f.Src, "dst", f.Dst, "pass", f.Pass, "idle", now.Sub(f.UsedAt).Round(time.Second))
 			d.forget(f)
 		}
 	}
@@ -345,5 +422,5 @@ func errString(err error) string {
 }
 
 func entry(f *flow.Flow) nftdp.Entry {
-	return nftdp.Entry{Src: f.Src, Dst: f.Dst, NewSrc: f.NewSrc, Mark: f.Mark}
+	return nftdp.Entry{Proto: f.Proto, Src: f.Src, Dst: f.Dst, NewSrc: f.NewSrc, Mark: f.Mark, Pass: f.Pass}
 }

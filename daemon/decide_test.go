@@ -2,6 +2,8 @@ package daemon
 
 import (
 	"fmt"
+	"github.com/rerouted/rerouted/queue"
+	"github.com/rerouted/rerouted/rewrite"
 	"net"
 	"net/netip"
 	"os"
@@ -72,7 +74,7 @@ func decideOnce(w *worker, cfg *policy.Config, local, remote netip.AddrPort) (st
 	if err := w.diag.Lookup(unix.IPPROTO_TCP, local, remote, &sock); err != nil {
 		return "", err
 	}
-	_, rule := w.decide(cfg, &sock, 0, 0, remote)
+	_, rule := w.decide(cfg, &sock, &queue.Packet{}, &rewrite.Packet{Proto: rewrite.TCP, Src: local, Dst: remote})
 	return rule, nil
 }
 

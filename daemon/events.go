@@ -18,6 +18,10 @@ import (
 //
 //	[DESTROY] tcp src=... (the same) age=3.2s
 //
+// UDP lines are alike; an echo shows its identifier instead of ports:
+//
+//	[NEW] icmp src=198.51.100.2 dst=192.0.2.80 id=4242 mark=100 => src=203.0.113.2 dev=hb uid=0 rule="host mark"
+//
 // A nil *eventWriter prints nothing.
 type eventWriter struct {
 	mu  sync.Mutex
@@ -51,16 +55,24 @@ func appendFlow(b []byte, f *flow.Flow) []byte {
 	b = f.Src.Addr().AppendTo(b)
 	b = append(b, " dst="...)
 	b = f.Dst.Addr().AppendTo(b)
-	b = append(b, " sport="...)
-	b = strconv.AppendUint(b, uint64(f.Src.Port()), 10)
-	b = append(b, " dport="...)
-	b = strconv.AppendUint(b, uint64(f.Dst.Port()), 10)
+	echo := f.Proto == 1 || f.Proto == 58
+	if echo { // the identifier, as conntrack shows it
+		b = append(b, " id="...)
+		b = strconv.AppendUint(b, uint64(f.Src.Port()), 10)
+	} else {
+		b = append(b, " sport="...)
+		b = strconv.AppendUint(b, uint64(f.Src.Port()), 10)
+		b = append(b, " dport="...)
+		b = strconv.AppendUint(b, uint64(f.Dst.Port()), 10)
+	}
 	b = append(b, " mark="...)
 	b = strconv.AppendUint(b, uint64(f.Mark), 10)
 	b = append(b, " => src="...)
 	b = f.NewSrc.Addr().AppendTo(b)
-	b = append(b, " sport="...)
-	b = strconv.AppendUint(b, uint64(f.NewSrc.Port()), 10)
+	if !echo {
+		b = append(b, " sport="...)
+		b = strconv.AppendUint(b, uint64(f.NewSrc.Port()), 10)
+	}
 	b = append(b, " dev="...)
 	b = append(b, f.Dev...)
 	b = append(b, " uid="...)
@@ -87,6 +99,10 @@ func protoName(p uint8) string {
 		return "tcp"
 	case 17:
 		return "udp"
+	case 1:
+		return "icmp"
+	case 58:
+		return "icmpv6"
 	}
 	return strconv.Itoa(int(p))
 }

@@ -26,6 +26,9 @@ func (o *sockOwner) reset(sock *sockdiag.Socket) {
 func (o *sockOwner) Process() (policy.Process, bool) {
 	if !o.procDone {
 		o.procDone = true
+		if o.sock.Inode == 0 { // no socket known (an echo): no owner to find
+			return o.proc, false
+		}
 		p, ok := o.owners.Process(o.sock.Inode, o.sock.UID, o.sock.CgroupID)
 		o.proc, o.hasProc = policy.Process{PID: p.PID, Comm: p.Comm, Exe: p.Exe}, ok
 	}
@@ -35,6 +38,9 @@ func (o *sockOwner) Process() (policy.Process, bool) {
 func (o *sockOwner) Cgroup() (string, bool) {
 	if !o.cgDone {
 		o.cgDone = true
+		if o.sock.CgroupID == 0 {
+			return o.cg, false
+		}
 		o.cg, o.hasCg = o.owners.Cgroup(o.sock.CgroupID)
 	}
 	return o.cg, o.hasCg

@@ -16,17 +16,20 @@ import (
 
 // The packet path. The kernel queues:
 //   - every locally originated TCP SYN (handle -> syn): the decision;
+//   - the first outbound UDP datagram or ICMP/ICMPv6 echo request of every
+//     tuple without a decision (datagram): the decision, translated or not,
+//     which the kernel then caches;
 //   - ICMP and ICMPv6 errors (icmpError): those about a translated flow are
 //     readdressed to its socket;
 //   - with the userspace datapath only, every other packet of a translated
 //     flow (forward). With the kernel datapath they are rewritten in the
 //     kernel by map elements and never come here.
 //
-// A worker handles one queue. It decides each SYN as it arrives and holds
-// the rewritten SYNs of translated flows until the end of the queue's batch
-// (the queue is empty, or full); then one transaction installs the whole
-// batch's elements and the SYNs go out. So the SYN-ACK always finds its
-// elements, and concurrent connections share a transaction.
+// A worker handles one queue. It decides each new flow as its first packet
+// arrives and holds the rewritten packets of translated flows until the end
+// of the queue's batch (the queue is empty, or full); then one transaction
+// installs the whole batch's elements and the packets go out. So the reply
+// always finds its elements, and concurrent flows share a transaction.
 //
 // Every packet gets exactly one verdict. The path fails open: whatever goes
 // wrong, the packet leaves as the host's own routing would send it, or is
@@ -46,8 +49,9 @@ type worker struct {
 	nheld int
 }
 
-// heldSYN is a rewritten SYN waiting for the batch's transaction. Its bytes
-// stay in the queue's buffer until the batch ends.
+// heldSYN is a rewritten first packet (a SYN, a datagram, an echo request)
+// waiting for the batch's transaction. Its bytes stay in the queue's buffer
+// until the batch ends.
 type heldSYN struct {
 	id  uint32
 	f   *flow.Flow
@@ -65,19 +69,22 @@ const (
 
 func (w *worker) handle(p *queue.Packet) {
 	var t rewrite.Packet
-	if err := rewrite.ParseTCP(p.Payload, &t); err != nil {
+	if err := rewrite.Parse(p.Payload, &t); err != nil {
 		var e rewrite.ICMPError
-		if errors.Is(err, rewrite.ErrNotTCP) && rewrite.ParseICMPError(p.Payload, &e) == nil {
+		if errors.Is(err, rewrite.ErrProtocol) && rewrite.ParseICMPError(p.Payload, &e) == nil {
 			w.icmpError(p, &e)
 			return
 		}
 		w.accept(p) // not ours to judge
 		return
 	}
+	out := p.Hook == queue.HookLocalOut
 	switch {
-	case t.Flags&(rewrite.SYN|rewrite.ACK|rewrite.FIN|rewrite.RST) == rewrite.SYN && p.Hook == queue.HookLocalOut:
+	case t.Proto == rewrite.TCP && t.Flags&(rewrite.SYN|rewrite.ACK|rewrite.FIN|rewrite.RST) == rewrite.SYN && out:
 		w.d.stats.syns.Add(1)
 		w.syn(p, &t)
+	case t.Proto != rewrite.TCP && out && (t.Proto == rewrite.UDP || t.Flags == rewrite.EchoRequest4 || t.Flags == rewrite.EchoRequest6):
+		w.datagram(p, &t)
 	case w.d.userspace:
 		w.forward(p, &t)
 	default:
@@ -86,15 +93,15 @@ func (w *worker) handle(p *queue.Packet) {
 }
 
 // forward translates one packet of a translated flow, the userspace
-// datapath's job for every packet after the SYN: outbound from the socket's
-// tuple to the wire's, with the flow's mark; inbound back.
+// datapath's job for every packet after the first: outbound from the
+// socket's tuple to the wire's, with the flow's mark; inbound back.
 func (w *worker) forward(p *queue.Packet, t *rewrite.Packet) {
 	d := w.d
 	d.stats.forwarded.Add(1)
 	d.stats.bytes.Add(uint64(len(p.Payload)))
 	if p.Hook == queue.HookLocalOut {
-		f := d.flows.Get(flow.Key{Proto: unix.IPPROTO_TCP, Src: t.Src, Dst: t.Dst})
-		if f == nil {
+		f := d.flows.Get(flow.Key{Proto: t.Proto, Src: t.Src, Dst: t.Dst})
+		if f == nil || f.Pass {
 			w.accept(p) // its socket is gone; the selector follows
 			return
 		}
@@ -105,8 +112,8 @@ func (w *worker) forward(p *queue.Packet, t *rewrite.Packet) {
 		}
 		return
 	}
-	f := d.flows.ByWire(flow.Key{Proto: unix.IPPROTO_TCP, Src: t.Dst, Dst: t.Src})
-	if f == nil {
+	f := d.flows.ByWire(flow.Key{Proto: t.Proto, Src: t.Dst, Dst: t.Src})
+	if f == nil || f.Pass {
 		w.accept(p)
 		return
 	}
@@ -114,6 +121,118 @@ func (w *worker) forward(p *queue.Packet, t *rewrite.Packet) {
 	rewrite.Checksum(p.Payload, t)
 	if err := w.q.AcceptPacket(p.ID, p.Payload); err != nil {
 		d.log.Error("verdict", "id", p.ID, "err", err)
+	}
+}
+
+// datagram decides the flow of an outbound UDP datagram or echo request
+// whose tuple the kernel has no decision for, and caches the decision in
+// the kernel: a translation, or a pass. Datagrams of a tuple already
+// decided come here only while its elements are on their way (and with the
+// userspace datapath, always): they follow the decision, in order.
+func (w *worker) datagram(p *queue.Packet, t *rewrite.Packet) {
+	d := w.d
+	key := flow.Key{Proto: t.Proto, Src: t.Src, Dst: t.Dst}
+
+	// 1. The socket, for UDP: its cookie tells this socket from a later
+	// one on the tuple, and its end ends the flow. Ping sockets are not in
+	// sock_diag: echo flows end by idleness alone, as do datagrams of a
+	// socket that is gone already.
+	var sock sockdiag.Socket
+	if t.Proto == rewrite.UDP {
+		if err := w.diag.Lookup(unix.IPPROTO_UDP, t.Src, t.Dst, &sock); err != nil && !errors.Is(err, sockdiag.ErrNotFound) {
+			d.log.Error("socket lookup", "proto", "udp", "src", t.Src, "dst", t.Dst, "err", err)
+		}
+	}
+	if sock.Cookie == 0 {
+		sock.UID = p.UID // the queue reports the sending socket's owner
+	}
+	if f := d.flows.Get(key); f != nil {
+		if f.Cookie == sock.Cookie {
+			w.follow(p, t, f)
+			return
+		}
+		d.forget(f) // a new socket on the tuple: decide afresh
+	}
+	d.stats.datagrams.Add(1)
+
+	// 2. The mark. Multicast, broadcast and link-local traffic stays on its
+	// link: it is never translated.
+	var mark uint32
+	var ruleName string
+	if dst := t.Dst.Addr(); !dst.IsMulticast() && !dst.IsLinkLocalUnicast() && dst != netip.AddrFrom4([4]byte{255, 255, 255, 255}) {
+		mark, ruleName = w.decide(d.cfg.Load(), &sock, p, t)
+	}
+
+	// 3. The route, and the source it prefers.
+	rt := route{Src: t.Src.Addr(), DevIdx: int(p.OutDev)}
+	if mark != 0 {
+		var err error
+		if rt, err = w.routes.lookup(t.Dst.Addr(), mark, sock.UID, true); err != nil {
+			d.log.Warn("no route for marked flow; leaving it untranslated", "proto", protoName(t.Proto), "src", t.Src, "dst", t.Dst, "mark", mark, "err", err)
+			rt, mark = route{Src: t.Src.Addr(), DevIdx: int(p.OutDev)}, p.Mark
+		}
+	}
+	want := netip.AddrPortFrom(rt.Src, t.Src.Port())
+	onWire := d.flows.OnWire(flow.Key{Proto: t.Proto, Src: want, Dst: t.Dst})
+	f := &flow.Flow{Key: key, Mark: mark, Rule: ruleName, UID: sock.UID, Cookie: sock.Cookie, Inode: sock.Inode,
+		Start: time.Now(), Dev: rt.Dev}
+	f.UsedAt = f.Start
+	echo := t.Proto != rewrite.UDP
+	if rt.Src == t.Src.Addr() && mark == p.Mark && !onWire {
+		// Routing already gets it right: cache that, so the tuple's later
+		// packets pass in the kernel.
+		f.Pass, f.NewSrc = true, t.Src
+		if !w.admitAs(f, want) {
+			d.log.Debug("tuple already decided by another worker", "proto", protoName(t.Proto), "src", t.Src, "dst", t.Dst)
+		}
+		w.accept(p)
+		return
+	}
+	if echo && onWire {
+		// An echo keeps its identifier, and another flow has it on the wire
+		// to the same peer: replies could not be told apart.
+		d.log.Warn("echo identifier in use on the wire; leaving it untranslated", "src", t.Src, "dst", t.Dst, "new_src", want)
+		w.accept(p)
+		return
+	}
+	if f.Dev == "" {
+		if li, err := w.routes.link(rt.DevIdx); err == nil {
+			f.Dev = li.name
+		}
+	}
+	w.describeOwner(f)
+	var ok bool
+	if echo {
+		ok = w.admitAs(f, want)
+	} else {
+		ok = w.admit(f, want, t.Dst, sock.Cookie, onWire)
+	}
+	if !ok {
+		d.log.Error("no free source port for translation; dropping the datagram", "proto", protoName(t.Proto), "src", t.Src, "dst", t.Dst, "new_src", rt.Src)
+		w.drop(p)
+		return
+	}
+	d.stats.translated.Add(1)
+	d.events.write("NEW", f)
+	w.hold(p, t, f)
+}
+
+// follow sends a datagram of a decided flow the way its first went: as it
+// is for a pass; translated for a translation, held behind the batch's
+// transaction if its elements are not in yet, so it cannot overtake the
+// first.
+func (w *worker) follow(p *queue.Packet, t *rewrite.Packet, f *flow.Flow) {
+	switch {
+	case f.Pass:
+		w.accept(p)
+	case f.Seq > w.d.inst.done.Load():
+		w.hold(p, t, f)
+	default:
+		rewrite.SetSource(p.Payload, t, f.NewSrc)
+		rewrite.Checksum(p.Payload, t)
+		if err := w.q.AcceptModified(p.ID, f.Mark, p.Payload); err != nil {
+			w.d.log.Error("verdict", "id", p.ID, "err", err)
+		}
 	}
 }
 
@@ -146,8 +265,7 @@ func (w *worker) syn(p *queue.Packet, t *rewrite.Packet) {
 	}
 
 	// 2. The mark: the host's own, else the first matching rule's.
-	cfg := d.cfg.Load()
-	mark, ruleName := w.decide(cfg, &sock, p.Mark, p.GID, t.Dst)
+	mark, ruleName := w.decide(d.cfg.Load(), &sock, p, t)
 
 	// 3. The route that mark leads to, and its preferred source.
 	rt := route{Src: t.Src.Addr(), DevIdx: int(p.OutDev)}
@@ -202,29 +320,36 @@ func (w *worker) syn(p *queue.Packet, t *rewrite.Packet) {
 // the error was sent to the wire's source and quotes the wire's tuple, and
 // the socket (path MTU discovery above all) only recognises its own.
 func (w *worker) icmpError(p *queue.Packet, e *rewrite.ICMPError) {
-	f := w.d.flows.ByWire(flow.Key{Proto: unix.IPPROTO_TCP, Src: e.Src, Dst: e.To})
-	if f == nil || e.Dst != f.NewSrc.Addr() {
+	f := w.d.flows.ByWire(flow.Key{Proto: e.InnerProto, Src: e.Src, Dst: e.To})
+	if f == nil || f.Pass || e.Dst != f.NewSrc.Addr() {
 		w.accept(p) // not about a translated flow
 		return
 	}
 	rewrite.TranslateICMPError(p.Payload, e, f.Src)
 	w.d.stats.icmpErrors.Add(1)
-	w.d.log.Debug("icmp error readdressed", "type", e.Type, "code", e.Code, "wire", f.NewSrc, "socket", f.Src, "dst", f.Dst)
+	w.d.log.Debug("icmp error readdressed", "type", e.Type, "code", e.Code, "proto", protoName(f.Proto), "wire", f.NewSrc, "socket", f.Src, "dst", f.Dst)
 	if err := w.q.AcceptPacket(p.ID, p.Payload); err != nil {
 		w.d.log.Error("verdict", "id", p.ID, "err", err)
 	}
 }
 
-// decide returns the mark a new connection must carry and what decided it:
-// the mark the host's own rules set (with honor_marks), else the first
-// matching rule's; mark 0 means the normal route. The owner (process,
-// cgroup) is looked up only if a rule needs it.
-func (w *worker) decide(cfg *policy.Config, sock *sockdiag.Socket, pktMark, gid uint32, dst netip.AddrPort) (uint32, string) {
+// decide returns the mark a new flow must carry and what decided it: the
+// mark the host's own rules set (with honor_marks), else the first matching
+// rule's; mark 0 means the normal route. The owner (process, cgroup) is
+// looked up only if a rule needs it.
+func (w *worker) decide(cfg *policy.Config, sock *sockdiag.Socket, p *queue.Packet, t *rewrite.Packet) (uint32, string) {
 	w.owner.reset(sock)
-	if cfg.Daemon.HonorMarks && pktMark != 0 {
-		return pktMark, "host mark"
+	if cfg.Daemon.HonorMarks && p.Mark != 0 {
+		return p.Mark, "host mark"
 	}
-	w.query = policy.Flow{Protocol: "tcp", Dst: dst, UID: sock.UID, GID: gid, HasUID: true, Owner: &w.owner}
+	proto := "tcp"
+	switch t.Proto {
+	case rewrite.UDP:
+		proto = "udp"
+	case rewrite.ICMP, rewrite.ICMPv6:
+		proto = "icmp"
+	}
+	w.query = policy.Flow{Protocol: proto, Dst: t.Dst, UID: sock.UID, GID: p.GID, HasUID: sock.Cookie != 0 || p.HasUID, Owner: &w.owner}
 	r := cfg.Decide(&w.query)
 	switch {
 	case r == nil:
@@ -266,28 +391,37 @@ func (w *worker) admit(f *flow.Flow, want, dst netip.AddrPort, cookie uint64, ta
 		if taken || try > 0 {
 			c = netip.AddrPortFrom(want.Addr(), d.portLo+uint16(rand.Uint32N(span)))
 		}
-		if !w.noOtherSocket(c, dst, cookie) {
+		if !w.noOtherSocket(f.Proto, c, dst, cookie) {
 			continue
 		}
-		f.NewSrc = c
-		d.mu.Lock()
-		f.Seq = d.inst.next + 1
-		ok := d.flows.Reserve(f)
-		if ok {
-			d.inst.enqueue(f, false)
-		}
-		d.mu.Unlock()
-		if ok {
+		if w.admitAs(f, c) {
 			return true
 		}
 	}
 	return false
 }
 
-// noOtherSocket reports whether no socket but the flow's own uses src→dst.
-func (w *worker) noOtherSocket(src, dst netip.AddrPort, cookie uint64) bool {
+// admitAs adds f to the table with wire source src, and its elements to the
+// kernel's queue of changes, unless the socket tuple or the wire tuple is
+// taken.
+func (w *worker) admitAs(f *flow.Flow, src netip.AddrPort) bool {
+	d := w.d
+	f.NewSrc = src
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	f.Seq = d.inst.next + 1
+	if !d.flows.Reserve(f) {
+		return false
+	}
+	d.inst.enqueue(f, false)
+	return true
+}
+
+// noOtherSocket reports whether no socket but the flow's own uses src→dst
+// (for UDP: would receive datagrams from dst at src).
+func (w *worker) noOtherSocket(proto uint8, src, dst netip.AddrPort, cookie uint64) bool {
 	var s sockdiag.Socket
-	err := w.diag.Lookup(unix.IPPROTO_TCP, src, dst, &s)
+	err := w.diag.Lookup(proto, src, dst, &s)
 	if errors.Is(err, sockdiag.ErrNotFound) {
 		return true
 	}

@@ -171,9 +171,9 @@ func (e *env) flows() []daemon.FlowInfo {
 // flowSets names the daemon's per-flow sets (maps with the kernel datapath).
 func (e *env) flowSets() []string {
 	if e.dp == "userspace" {
-		return []string{"uout4", "uin4"}
+		return []string{"tcp_uout4", "tcp_uin4"}
 	}
-	return []string{"out4", "in4"}
+	return []string{"tcp_out4", "tcp_in4"}
 }
 
 // elements counts the elements of one of the daemon's nft sets or maps.

@@ -111,7 +111,7 @@ func TestPathMTUBlackholeWithoutICMPTranslation(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	handles := regexp.MustCompile(`icmp.*# handle (\d+)`).FindAllStringSubmatch(listing, -1)
+	handles := regexp.MustCompile(`icmp(?:v6)? type [0-9-]+ queue .*# handle (\d+)`).FindAllStringSubmatch(listing, -1)
 	if len(handles) != 3 {
 		t.Fatalf("found %d ICMP rules in:\n%s", len(handles), listing)
 	}

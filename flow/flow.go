@@ -1,10 +1,12 @@
-// Package flow is rerouted's table of translated flows: one entry per local
-// socket whose packets leave with another source, indexed both by the socket's
-// own tuple and by the tuple the wire sees, so that a new translation never
-// reuses a tuple that is already on the wire.
+// Package flow is rerouted's table of flows: one entry per local socket
+// tuple whose packets leave with another source, and for UDP and ICMP echo
+// also per tuple decided untranslated (a pass). It is indexed both by the
+// socket's own tuple and by the tuple the wire sees, so that a new
+// translation never reuses a tuple that is already on the wire.
 //
-// Entries live exactly as long as their socket, TIME_WAIT included: the daemon
-// sweeps the table against sock_diag dumps.
+// Entries live as long as their socket, TIME_WAIT included: the daemon
+// sweeps the table against sock_diag dumps. UDP and echo flows also end when
+// idle; an echo (ping sockets are not in sock_diag) only so.
 package flow
 
 import (
@@ -14,15 +16,18 @@ import (
 	"time"
 )
 
-// Key is a connection as one end sees it. Proto is an IP protocol number.
+// Key is a connection as one end sees it. Proto is an IP protocol number;
+// an ICMP echo's identifier stands for both ports.
 type Key struct {
 	Proto    uint8
 	Src, Dst netip.AddrPort
 }
 
-// Flow is one translated socket.
+// Flow is one translated socket tuple, or a UDP or echo tuple that passes
+// untranslated.
 type Flow struct {
 	Key                   // the socket's own tuple (conntrack's ORIGINAL)
+	Pass   bool           // decided untranslated: NewSrc is Src
 	NewSrc netip.AddrPort // the source the wire sees
 	Mark   uint32         // fwmark that routes it out its uplink
 	MSS    uint16         // largest MSS a SYN may announce on the new route
@@ -30,13 +35,21 @@ type Flow struct {
 	Rule   string         // what decided the mark
 	UID    uint32
 	Owner  *Owner // who owned the socket when it was translated; nil if not looked up
-	Cookie uint64 // sock_diag cookie: tells a socket from a later one reusing its tuple
+	Cookie uint64 // sock_diag cookie: tells a socket from a later one reusing its tuple; 0: no socket known
 	Inode  uint32
 	Start  time.Time
 	Seq    uint64 // the kernel change that installs it; set before Reserve, never after
 
 	seen uint64 // sweep generation in which its socket was last seen
+
+	// Packets counted by its kernel elements when last read, and when that
+	// count last changed: the daemon's sweeper alone touches them.
+	Used   uint64
+	UsedAt time.Time
 }
+
+// Idles reports whether the flow can end by idleness: UDP and echo flows.
+func (f *Flow) Idles() bool { return f.Proto != 6 }
 
 // Owner is the process and cgroup behind a flow's socket, as far as known.
 type Owner struct {

@@ -71,26 +71,33 @@ func openElemConn() (*elemConn, error) {
 
 func (c *elemConn) close() error { return unix.Close(c.fd) }
 
-// transact sends changes to the families' outbound and inbound sets as one
-// batch and waits for its outcome: all applied, or none.
-func (c *elemConn) transact(changes []Op, familyOf func(netip.Addr) *family) error {
+// transact sends changes to the protocols' outbound and inbound sets (or
+// pass sets) as one batch and waits for its outcome: all applied, or none.
+func (c *elemConn) transact(changes []Op, protoOf func(*Entry) *proto) error {
 	b := c.header(c.wbuf[:0], nfnlBatchBegin, unix.NLM_F_REQUEST, unix.AF_UNSPEC, nfnlSubsysNFT)
 	var last uint32
 	for i := 0; i < len(changes); {
-		f := familyOf(changes[i].Src.Addr())
-		del := changes[i].Delete
+		p := protoOf(&changes[i].Entry)
+		del, pass := changes[i].Delete, changes[i].Pass
 		j := i
-		for j < len(changes) && changes[j].Delete == del && familyOf(changes[j].Src.Addr()) == f {
+		for j < len(changes) && changes[j].Delete == del && changes[j].Pass == pass && protoOf(&changes[j].Entry) == p {
 			j++
+		}
+		sets := [2]*nftables.Set{p.out, p.in}
+		if pass {
+			sets = [2]*nftables.Set{p.pass}
 		}
 		typ := uint16(nftMsgNewSetElem)
 		flags := uint16(unix.NLM_F_REQUEST | unix.NLM_F_CREATE)
 		if del {
 			typ, flags = nftMsgDelSetElem, unix.NLM_F_REQUEST
 		}
-		for _, set := range [2]*nftables.Set{f.out, f.in} {
+		for k, set := range sets {
+			if set == nil {
+				continue
+			}
 			ack := uint16(0)
-			if j == len(changes) && set == f.in {
+			if j == len(changes) && (k == 1 || pass) {
 				ack = unix.NLM_F_ACK // the batch's last message
 			}
 			start := len(b)
@@ -106,7 +113,7 @@ func (c *elemConn) transact(changes []Op, familyOf func(netip.Addr) *family) err
 				var key [40]byte
 				var val [24]byte
 				var kl, vl int
-				if set == f.out {
+				if set != p.in {
 					kl = putTuple(key[:], ch.Src, ch.Dst)
 					vl = putAddrPort(val[:], ch.NewSrc)
 					binary.NativeEndian.PutUint32(val[vl:], ch.Mark)

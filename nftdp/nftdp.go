@@ -1,33 +1,37 @@
 // Package nftdp programs rerouted's kernel datapath: one nftables table of
 // its own, in which per-flow map elements translate every packet of a
-// translated flow in both directions, and a queue rule hands the first packet
+// translated flow in both directions, and queue rules hand the first packet
 // of each new flow to the daemon.
 //
-// The table (inet family; IPv6 has the same maps, out6 and in6, with
-// 16-byte addresses):
+// The table (inet family). For each protocol P (tcp, udp, icmp: ICMP echo
+// for IPv4, ICMPv6 echo for IPv6) and family F (4, 6):
 //
-//	map out4 { ipv4_addr . inet_service . ipv4_addr . inet_service : ipv4_addr . inet_service . mark }
-//	map in4  { ipv4_addr . inet_service . ipv4_addr . inet_service : ipv4_addr . inet_service }
+//	map P_outF { addr . port . addr . port : addr . port . mark }   socket tuple -> wire source, mark
+//	map P_inF  { addr . port . addr . port : addr . port }          reply to the wire tuple -> socket
+//	set P_passF { addr . port . addr . port }                       udp, icmp: decided, not translated
+//
+// An echo's identifier stands for both ports. UDP and ICMP elements count
+// their packets: a flow with no socket to end it (an unconnected UDP socket
+// lives for ever, ping sockets are not in sock_diag) ends when it is idle.
 //
 //	chain output { type route hook output priority mangle + 10;
 //	    meta oiftype loopback accept
-//	    tcp flags & (fin|syn|rst|ack) == syn  queue num N bypass   (both families)
-//	    ip saddr . tcp sport . ip daddr . tcp dport  ->  @out4  ->  saddr, sport, mark }
+//	    tcp flags & (fin|syn|rst|ack) == syn  queue (CPU fanout, bypass)
+//	    P: socket tuple in @P_outF  ->  saddr, sport, mark; accept
+//	    udp, icmp echo request: socket tuple in @P_passF  accept
+//	    udp, icmp echo request: queue (address hash, bypass)    the first packet of a new flow }
 //	chain prerouting { type filter hook prerouting priority raw;
-//	    icmp / icmpv6 errors  queue num N bypass
-//	    ip daddr . tcp dport . ip saddr . tcp sport  ->  @in4   ->  daddr, dport }
+//	    icmp / icmpv6 errors  queue
+//	    P: reply tuple in @P_inF  ->  daddr, dport }
 //
-// With the userspace datapath the maps are replaced by key-only sets, uout4
-// and uin4, whose rules queue every packet of a translated flow to the
-// daemon, which rewrites it:
-//
-//	chain output     { ... tuple in @uout4: queue }
-//	chain prerouting { reply tuple in @uin4: queue }
+// With the userspace datapath the maps are replaced by key-only sets,
+// P_uoutF and P_uinF, whose rules queue every packet of a translated flow to
+// the daemon, which rewrites it.
 //
 // Each translation rule does one lookup whose data (a concatenation) lands in
 // registers, then writes the fields from those registers; so no write can
-// change what a later lookup sees. nft's payload writes fix the IP and TCP
-// checksums, offloaded ones included.
+// change what a later lookup sees. nft's payload writes fix the IP and
+// transport checksums, offloaded ones included.
 //
 // Hooks: outbound translation runs after the host's own mark rules (mangle)
 // and after conntrack, inbound before conntrack (raw): conntrack sees only the
@@ -58,11 +62,15 @@ const (
 	PreroutingPriority = -300      // NF_IP_PRI_RAW: before conntrack and routing
 )
 
-// Entry is the kernel state of one translated flow.
+// Entry is the kernel state of one flow: a translation, or for UDP and ICMP
+// echo a decision not to translate (Pass), cached so that later packets
+// need no daemon.
 type Entry struct {
-	Src, Dst netip.AddrPort // the socket's own tuple
+	Proto    uint8          // IP protocol: 6, 17, 1 (ICMP echo) or 58 (ICMPv6 echo)
+	Src, Dst netip.AddrPort // the socket's own tuple; an echo's identifier as ports
 	NewSrc   netip.AddrPort // what the wire sees instead of Src
 	Mark     uint32         // fwmark put on every outbound packet
+	Pass     bool           // not translated: NewSrc and Mark are unused
 }
 
 // Datapath is the installed table. Its netlink sockets are used under mu,
@@ -86,14 +94,43 @@ type family struct {
 	nfproto      byte
 	addrLen      int    // bytes
 	saddr, daddr uint32 // offsets in the network header
-	out, in      *nftables.Set
+	protos       [3]proto
 }
+
+// proto is one transport protocol's part of a family's table.
+type proto struct {
+	num          byte    // IP protocol number
+	name         string  // in set names: "tcp", "udp", "icmp"
+	sport, dport uint32  // offsets of the ports; an echo's identifier is both
+	csum         uint32  // offset of the transport checksum
+	echo         [2]byte // ICMP: the echo request and reply types
+	out, in      *nftables.Set
+	pass         *nftables.Set // UDP and ICMP: tuples decided untranslated
+}
+
+func (p *proto) isEcho() bool { return p.num == unix.IPPROTO_ICMP || p.num == unix.IPPROTO_ICMPV6 }
+
+// counted reports whether the protocol's elements count packets: those
+// whose flows can end by idleness.
+func (p *proto) counted() bool { return p.num != unix.IPPROTO_TCP }
 
 func (d *Datapath) family(a netip.Addr) *family {
 	if a.Is4() {
 		return &d.fams[0]
 	}
 	return &d.fams[1]
+}
+
+// proto returns the part of the table for an entry, or nil for a protocol
+// rerouted does not handle.
+func (d *Datapath) proto(e *Entry) *proto {
+	f := d.family(e.Src.Addr())
+	for i := range f.protos {
+		if f.protos[i].num == e.Proto {
+			return &f.protos[i]
+		}
+	}
+	return nil
 }
 
 // Install creates rerouted's table, replacing one left by an earlier run, in
@@ -106,8 +143,18 @@ func Install(first, total uint16, userspace bool) (*Datapath, error) {
 		return nil, fmt.Errorf("nftables netlink: %w", err)
 	}
 	d := &Datapath{conn: conn, table: &nftables.Table{Name: TableName, Family: nftables.TableFamilyINet}, userspace: userspace}
-	d.fams[0] = family{nfproto: unix.NFPROTO_IPV4, addrLen: 4, saddr: 12, daddr: 16}
-	d.fams[1] = family{nfproto: unix.NFPROTO_IPV6, addrLen: 16, saddr: 8, daddr: 24}
+	for i, icmp := range []proto{
+		{num: unix.IPPROTO_ICMP, name: "icmp", sport: 4, dport: 4, csum: 2, echo: [2]byte{8, 0}},
+		{num: unix.IPPROTO_ICMPV6, name: "icmp", sport: 4, dport: 4, csum: 2, echo: [2]byte{128, 129}},
+	} {
+		d.fams[i].protos = [3]proto{
+			{num: unix.IPPROTO_TCP, name: "tcp", sport: 0, dport: 2, csum: 16},
+			{num: unix.IPPROTO_UDP, name: "udp", sport: 0, dport: 2, csum: 6},
+			icmp,
+		}
+	}
+	d.fams[0].nfproto, d.fams[0].addrLen, d.fams[0].saddr, d.fams[0].daddr = unix.NFPROTO_IPV4, 4, 12, 16
+	d.fams[1].nfproto, d.fams[1].addrLen, d.fams[1].saddr, d.fams[1].daddr = unix.NFPROTO_IPV6, 16, 8, 24
 	if d.elems, err = openElemConn(); err != nil {
 		conn.CloseLasting()
 		return nil, err
@@ -128,11 +175,9 @@ func Install(first, total uint16, userspace bool) (*Datapath, error) {
 			return nil, fmt.Errorf("install table inet %s: with nft queue: %v; with xt NFQUEUE: %w", TableName, err, err2)
 		}
 	}
-	if !userspace {
-		if err := d.translationRules(); err != nil {
-			d.Remove()
-			return nil, fmt.Errorf("install table inet %s: %w", TableName, err)
-		}
+	if err := d.flowRules(first, total, d.QueueMethod == "nft queue"); err != nil {
+		d.Remove()
+		return nil, fmt.Errorf("install table inet %s: %w", TableName, err)
 	}
 	return d, nil
 }
@@ -178,22 +223,33 @@ func (d *Datapath) build(first, total uint16, native bool) error {
 		if err != nil {
 			return err
 		}
-		if d.userspace {
-			f.out = &nftables.Set{Table: t, Name: "uout" + v, Concatenation: true, KeyType: keyType,
-				Comment: "socket tuples of translated flows: every packet to the daemon"}
-			f.in = &nftables.Set{Table: t, Name: "uin" + v, Concatenation: true, KeyType: keyType,
-				Comment: "translated tuples (reply view): every packet to the daemon"}
-		} else {
-			outData, _ := nftables.ConcatSetType(addrType, nftables.TypeInetService, nftables.TypeMark)
-			inData, _ := nftables.ConcatSetType(addrType, nftables.TypeInetService)
-			f.out = &nftables.Set{Table: t, Name: "out" + v, IsMap: true, Concatenation: true, KeyType: keyType, DataType: outData,
-				Comment: "socket tuple : translated source . port . mark"}
-			f.in = &nftables.Set{Table: t, Name: "in" + v, IsMap: true, Concatenation: true, KeyType: keyType, DataType: inData,
-				Comment: "translated tuple (reply view) : socket address . port"}
-		}
-		for _, s := range []*nftables.Set{f.out, f.in} {
-			if err := c.AddSet(s, nil); err != nil {
-				return fmt.Errorf("add set %s: %w", s.Name, err)
+		outData, _ := nftables.ConcatSetType(addrType, nftables.TypeInetService, nftables.TypeMark)
+		inData, _ := nftables.ConcatSetType(addrType, nftables.TypeInetService)
+		for j := range f.protos {
+			p := &f.protos[j]
+			n := p.name + "_"
+			if d.userspace {
+				p.out = &nftables.Set{Table: t, Name: n + "uout" + v, Concatenation: true, KeyType: keyType,
+					Comment: "socket tuples of translated flows: every packet to the daemon"}
+				p.in = &nftables.Set{Table: t, Name: n + "uin" + v, Concatenation: true, KeyType: keyType,
+					Comment: "translated tuples (reply view): every packet to the daemon"}
+			} else {
+				p.out = &nftables.Set{Table: t, Name: n + "out" + v, IsMap: true, Concatenation: true, KeyType: keyType, DataType: outData,
+					Comment: "socket tuple : translated source . port . mark"}
+				p.in = &nftables.Set{Table: t, Name: n + "in" + v, IsMap: true, Concatenation: true, KeyType: keyType, DataType: inData,
+					Comment: "translated tuple (reply view) : socket address . port"}
+			}
+			sets := []*nftables.Set{p.out, p.in}
+			if p.counted() {
+				p.pass = &nftables.Set{Table: t, Name: n + "pass" + v, Concatenation: true, KeyType: keyType,
+					Comment: "socket tuples decided untranslated"}
+				sets = append(sets, p.pass)
+			}
+			for _, s := range sets {
+				s.Counter = p.counted() // idleness is read from the counters
+				if err := c.AddSet(s, nil); err != nil {
+					return fmt.Errorf("add set %s: %w", s.Name, err)
+				}
 			}
 		}
 	}
@@ -238,17 +294,6 @@ func (d *Datapath) build(first, total uint16, native bool) error {
 			queueTo(first, total, native, false),
 		}})
 	}
-	if d.userspace {
-		for i := range d.fams {
-			f := &d.fams[i]
-			c.AddRule(&nftables.Rule{Table: t, Chain: out, Exprs: append(tcpOf(f), append(loadTuple(f, f.saddr, 0, f.daddr, 2),
-				&expr.Lookup{SourceRegister: 8, SetName: f.out.Name, SetID: f.out.ID},
-				queueTo(first, total, native, false))...)})
-			c.AddRule(&nftables.Rule{Table: t, Chain: pre, Exprs: append(tcpOf(f), append(loadTuple(f, f.daddr, 2, f.saddr, 0),
-				&expr.Lookup{SourceRegister: 8, SetName: f.in.Name, SetID: f.in.ID},
-				queueTo(first, total, native, false))...)})
-		}
-	}
 	if native {
 		d.QueueMethod = "nft queue"
 	} else {
@@ -257,31 +302,71 @@ func (d *Datapath) build(first, total uint16, native bool) error {
 	return c.Flush()
 }
 
-// translationRules adds the kernel datapath's rules, one per family and
-// direction. They are built by hand (elements.go): an IPv6 address write
-// must fix the TCP checksum's pseudo-header sum without an IP header
+// flowRules adds the per-flow rules after the ones build made: the kernel
+// datapath's translation rules or the userspace datapath's selectors, then
+// for UDP and ICMP echo the cached "untranslated" decisions and the queueing
+// of new flows. They are built by hand (elements.go): an IPv6 address write
+// must fix the transport checksum's pseudo-header sum without an IP header
 // checksum to fix (csum_flags without csum_type), which google/nftables
 // cannot express.
-func (d *Datapath) translationRules() error {
+func (d *Datapath) flowRules(first, total uint16, native bool) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	var rules []ruleMsg
 	for i := range d.fams {
 		f := &d.fams[i]
-		regs := uint32(f.addrLen / 4)
-		data := 8 + 2*regs + 2 // first register after the key
-		// Outbound: socket tuple -> new source, port, mark.
-		out := exprs(append(tcpOf(f), append(loadTuple(f, f.saddr, 0, f.daddr, 2),
-			&expr.Lookup{SourceRegister: 8, DestRegister: data, IsDestRegSet: true, SetName: f.out.Name})...)...)
-		out = append(out, addrWrite(f, f.saddr, data))
-		out = append(out, exprs(writePort(0, data+regs),
-			&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: data + regs + 1})...)
-		// Inbound: reply to the translated tuple -> the socket's address and port.
-		in := exprs(append(tcpOf(f), append(loadTuple(f, f.daddr, 2, f.saddr, 0),
-			&expr.Lookup{SourceRegister: 8, DestRegister: data, IsDestRegSet: true, SetName: f.in.Name})...)...)
-		in = append(in, addrWrite(f, f.daddr, data))
-		in = append(in, exprs(writePort(2, data+regs))...)
-		rules = append(rules, ruleMsg{chain: "output", exprs: out}, ruleMsg{chain: "prerouting", exprs: in})
+		for j := range f.protos {
+			p := &f.protos[j]
+			outKey := loadTuple(f, f.saddr, p.sport, f.daddr, p.dport)
+			inKey := loadTuple(f, f.daddr, p.dport, f.saddr, p.sport)
+			if d.userspace {
+				rules = append(rules,
+					ruleMsg{chain: "output", exprs: exprs(append(append(protoOf(f, p, 0), outKey...),
+						&expr.Lookup{SourceRegister: 8, SetName: p.out.Name},
+						queueTo(first, total, native, false))...)},
+					ruleMsg{chain: "prerouting", exprs: exprs(append(append(protoOf(f, p, 1), inKey...),
+						&expr.Lookup{SourceRegister: 8, SetName: p.in.Name},
+						queueTo(first, total, native, false))...)})
+				continue
+			}
+			regs := uint32(f.addrLen / 4)
+			data := 8 + 2*regs + 2 // first register after the key
+			// Outbound: socket tuple -> new source, port, mark. An echo
+			// keeps its identifier.
+			out := exprs(append(append(protoOf(f, p, 0), outKey...),
+				&expr.Lookup{SourceRegister: 8, DestRegister: data, IsDestRegSet: true, SetName: p.out.Name})...)
+			out = append(out, addrWrite(f, f.saddr, data))
+			if !p.isEcho() {
+				out = append(out, exprs(writePort(p, p.sport, data+regs))...)
+			}
+			out = append(out, exprs(&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: data + regs + 1},
+				&expr.Verdict{Kind: expr.VerdictAccept})...)
+			// Inbound: reply to the translated tuple -> the socket's address and port.
+			in := exprs(append(append(protoOf(f, p, 1), inKey...),
+				&expr.Lookup{SourceRegister: 8, DestRegister: data, IsDestRegSet: true, SetName: p.in.Name})...)
+			in = append(in, addrWrite(f, f.daddr, data))
+			if !p.isEcho() {
+				in = append(in, exprs(writePort(p, p.dport, data+regs))...)
+			}
+			rules = append(rules, ruleMsg{chain: "output", exprs: out}, ruleMsg{chain: "prerouting", exprs: in})
+		}
+	}
+	// UDP and ICMP echo have no SYN: the first packet of every tuple not
+	// yet decided goes to the daemon, which caches its decision. Queues are
+	// picked by address hash, so one flow's packets meet one worker.
+	for i := range d.fams {
+		f := &d.fams[i]
+		for j := range f.protos {
+			p := &f.protos[j]
+			if p.pass == nil {
+				continue
+			}
+			rules = append(rules,
+				ruleMsg{chain: "output", exprs: exprs(append(append(protoOf(f, p, 0), loadTuple(f, f.saddr, p.sport, f.daddr, p.dport)...),
+					&expr.Lookup{SourceRegister: 8, SetName: p.pass.Name},
+					&expr.Verdict{Kind: expr.VerdictAccept})...)},
+				ruleMsg{chain: "output", exprs: exprs(append(protoOf(f, p, 0), queueTo(first, total, native, false))...)})
+		}
 	}
 	return d.elems.addRules(rules)
 }
@@ -299,14 +384,21 @@ func exprs(es ...expr.Any) [][]byte {
 	return out
 }
 
-// tcpOf matches TCP of one family in an inet chain.
-func tcpOf(f *family) []expr.Any {
-	return []expr.Any{
+// protoOf matches one family's protocol in an inet chain; for ICMP, the
+// echo request (dir 0, outbound) or reply (dir 1, inbound).
+func protoOf(f *family, p *proto, dir int) []expr.Any {
+	m := []expr.Any{
 		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{f.nfproto}},
 		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{p.num}},
 	}
+	if p.isEcho() {
+		m = append(m,
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{p.echo[dir]}})
+	}
+	return m
 }
 
 // loadTuple loads address at a1 . port at p1 . address at a2 . port at p2
@@ -359,10 +451,10 @@ func queueTo(first, total uint16, native, byCPU bool) expr.Any {
 	return &expr.Target{Name: "NFQUEUE", Rev: 3, Info: &info}
 }
 
-// writePort sets a TCP port, fixing the TCP checksum.
-func writePort(off, reg uint32) expr.Any {
+// writePort sets a TCP or UDP port, fixing the transport checksum.
+func writePort(p *proto, off, reg uint32) expr.Any {
 	return &expr.Payload{OperationType: expr.PayloadWrite, SourceRegister: reg, Base: expr.PayloadBaseTransportHeader,
-		Offset: off, Len: 2, CsumType: expr.CsumTypeInet, CsumOffset: 16}
+		Offset: off, Len: 2, CsumType: expr.CsumTypeInet, CsumOffset: p.csum}
 }
 
 // Op is one change to the flow maps.
@@ -388,26 +480,38 @@ func ops(es []Entry, del bool) []Op {
 // ErrFamily is returned for entries that mix address families.
 var ErrFamily = errors.New("a flow's addresses must all be IPv4 or all IPv6")
 
+// ErrProtocol is returned for entries of a protocol the table has no sets
+// for: TCP, UDP and ICMP or ICMPv6 echo (by family) are handled, and only
+// UDP and echo flows may pass untranslated.
+var ErrProtocol = errors.New("unsupported flow protocol")
+
 // Apply makes the changes in order, in one transaction: all or none.
 func (d *Datapath) Apply(changes []Op) error {
 	if len(changes) == 0 {
 		return nil
 	}
-	for _, c := range changes {
+	for i := range changes {
+		c := &changes[i].Entry
 		v4 := c.Src.Addr().Is4()
+		if c.Pass {
+			c.NewSrc = c.Src
+		}
 		if c.Dst.Addr().Is4() != v4 || c.NewSrc.Addr().Is4() != v4 {
 			return ErrFamily
+		}
+		if p := d.proto(c); p == nil || (c.Pass && p.pass == nil) {
+			return fmt.Errorf("%w: protocol %d, pass %v", ErrProtocol, c.Proto, c.Pass)
 		}
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if err := d.elems.transact(changes, d.family); err != nil {
+	if err := d.elems.transact(changes, d.proto); err != nil {
 		return fmt.Errorf("apply %d flow changes: %w", len(changes), err)
 	}
 	return nil
 }
 
-// Entries lists the translated flows installed in the kernel maps (the
+// Entries lists the flows installed in the kernel maps and pass sets (the
 // kernel datapath; the userspace datapath's sets hold keys only).
 func (d *Datapath) Entries() ([]Entry, error) {
 	if d.userspace {
@@ -418,30 +522,93 @@ func (d *Datapath) Entries() ([]Entry, error) {
 	var out []Entry
 	for i := range d.fams {
 		f := &d.fams[i]
-		els, err := d.conn.GetSetElements(f.out)
-		if err != nil {
-			return nil, fmt.Errorf("list set %s: %w", f.out.Name, err)
-		}
 		ap := f.addrLen + 4 // address, then port padded to a register
-		for _, el := range els {
-			if len(el.Key) != 2*ap || len(el.Val) != ap+4 {
-				return nil, fmt.Errorf("set %s: element of unexpected size %d:%d", f.out.Name, len(el.Key), len(el.Val))
+		for j := range f.protos {
+			p := &f.protos[j]
+			for _, s := range []*nftables.Set{p.out, p.pass} {
+				if s == nil {
+					continue
+				}
+				els, err := d.conn.GetSetElements(s)
+				if err != nil {
+					return nil, fmt.Errorf("list set %s: %w", s.Name, err)
+				}
+				for _, el := range els {
+					if len(el.Key) != 2*ap || (s == p.out && len(el.Val) != ap+4) {
+						return nil, fmt.Errorf("set %s: element of unexpected size %d:%d", s.Name, len(el.Key), len(el.Val))
+					}
+					e := Entry{Proto: p.num, Src: parseAddrPort(el.Key[:ap]), Dst: parseAddrPort(el.Key[ap:])}
+					if s == p.pass {
+						e.Pass, e.NewSrc = true, e.Src
+					} else {
+						e.NewSrc, e.Mark = parseAddrPort(el.Val[:ap]), binary.NativeEndian.Uint32(el.Val[ap:])
+					}
+					out = append(out, e)
+				}
 			}
-			out = append(out, Entry{
-				Src:    parseAddrPort(el.Key[:ap]),
-				Dst:    parseAddrPort(el.Key[ap:]),
-				NewSrc: parseAddrPort(el.Val[:ap]),
-				Mark:   binary.NativeEndian.Uint32(el.Val[ap:]),
-			})
 		}
 	}
 	return out, nil
 }
 
-// Sets returns the names of the per-flow sets or maps: IPv4 outbound,
-// inbound, IPv6 outbound, inbound.
+// Use is the packet count of one UDP or echo flow's element.
+type Use struct {
+	Proto    uint8
+	Reply    bool           // the inbound element: Src is the wire's source (the reply's destination)
+	Src, Dst netip.AddrPort // as in the element's key
+	Packets  uint64
+}
+
+// Uses lists the packet counts of every UDP and echo element, translated
+// or passed, for idle timeouts.
+func (d *Datapath) Uses() ([]Use, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var out []Use
+	for i := range d.fams {
+		f := &d.fams[i]
+		ap := f.addrLen + 4
+		for j := range f.protos {
+			p := &f.protos[j]
+			if !p.counted() {
+				continue
+			}
+			for _, s := range []*nftables.Set{p.out, p.in, p.pass} {
+				els, err := d.conn.GetSetElements(s)
+				if err != nil {
+					return nil, fmt.Errorf("list set %s: %w", s.Name, err)
+				}
+				for _, el := range els {
+					if len(el.Key) != 2*ap {
+						return nil, fmt.Errorf("set %s: key of unexpected size %d", s.Name, len(el.Key))
+					}
+					u := Use{Proto: p.num, Reply: s == p.in, Src: parseAddrPort(el.Key[:ap]), Dst: parseAddrPort(el.Key[ap:])}
+					if el.Counter != nil {
+						u.Packets = el.Counter.Packets
+					}
+					out = append(out, u)
+				}
+			}
+		}
+	}
+	return out, nil
+}
+
+// Sets returns the names of the per-flow sets or maps: for each family
+// (IPv4, then IPv6) and protocol (tcp, udp, icmp), outbound and inbound,
+// then the pass set if the protocol has one.
 func (d *Datapath) Sets() []string {
-	return []string{d.fams[0].out.Name, d.fams[0].in.Name, d.fams[1].out.Name, d.fams[1].in.Name}
+	var names []string
+	for i := range d.fams {
+		for j := range d.fams[i].protos {
+			p := &d.fams[i].protos[j]
+			names = append(names, p.out.Name, p.in.Name)
+			if p.pass != nil {
+				names = append(names, p.pass.Name)
+			}
+		}
+	}
+	return names
 }
 
 func parseAddrPort(b []byte) netip.AddrPort {

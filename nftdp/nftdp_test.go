@@ -1,6 +1,7 @@
 package nftdp
 
 import (
+	"errors"
 	"net/netip"
 	"slices"
 	"strings"
@@ -28,7 +29,7 @@ func TestInstallAddDeleteRemove(t *testing.T) {
 	for _, want := range []string{
 		"type route hook output priority mangle + 10",
 		"type filter hook prerouting priority raw",
-		"map out4", "map in4",
+		"map tcp_out4", "map tcp_in4", "map udp_out6", "map icmp_in6", "set udp_pass4", "set icmp_pass6",
 		"queue num 7-8",                                     // nft queue or xt NFQUEUE, fanned out over two queues
 		"icmp type 3", "icmp type 11-12", "icmpv6 type 1-4", // errors to readdress
 	} {
@@ -41,9 +42,9 @@ func TestInstallAddDeleteRemove(t *testing.T) {
 	}
 
 	entries := []Entry{
-		{Src: ap("198.51.100.2:40312"), Dst: ap("192.0.2.80:80"), NewSrc: ap("203.0.113.2:40312"), Mark: 100},
-		{Src: ap("198.51.100.2:40313"), Dst: ap("192.0.2.80:80"), NewSrc: ap("203.0.113.2:51000"), Mark: 0x12345678},
-		{Src: ap("[2001:db8:a::2]:40314"), Dst: ap("[2001:db8:80::80]:443"), NewSrc: ap("[2001:db8:b::2]:40314"), Mark: 100},
+		{Proto: 6, Src: ap("198.51.100.2:40312"), Dst: ap("192.0.2.80:80"), NewSrc: ap("203.0.113.2:40312"), Mark: 100},
+		{Proto: 6, Src: ap("198.51.100.2:40313"), Dst: ap("192.0.2.80:80"), NewSrc: ap("203.0.113.2:51000"), Mark: 0x12345678},
+		{Proto: 6, Src: ap("[2001:db8:a::2]:40314"), Dst: ap("[2001:db8:80::80]:443"), NewSrc: ap("[2001:db8:b::2]:40314"), Mark: 100},
 	}
 	if err := d.Add(entries...); err != nil {
 		t.Fatal(err)
@@ -56,7 +57,7 @@ func TestInstallAddDeleteRemove(t *testing.T) {
 	if !slices.Equal(got, entries) {
 		t.Fatalf("Entries() = %+v\nwant %+v", got, entries)
 	}
-	in, err := ns.Run("nft", "list", "map", "inet", TableName, "in4")
+	in, err := ns.Run("nft", "list", "map", "inet", TableName, "tcp_in4")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -64,7 +65,7 @@ func TestInstallAddDeleteRemove(t *testing.T) {
 	if !strings.Contains(in, "203.0.113.2 . 51000 . 192.0.2.80 . 80 : 198.51.100.2 . 40313") {
 		t.Errorf("in4 lacks the reply element:\n%s", in)
 	}
-	in6, err := ns.Run("nft", "list", "map", "inet", TableName, "in6")
+	in6, err := ns.Run("nft", "list", "map", "inet", TableName, "tcp_in6")
 	if err != nil || !strings.Contains(in6, "2001:db8:b::2 . 40314 . 2001:db8:80::80 . 443 : 2001:db8:a::2 . 40314") {
 		t.Errorf("in6 lacks the reply element (err %v):\n%s", err, in6)
 	}
@@ -126,7 +127,7 @@ func TestUserspaceSets(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer d.Remove()
-	e := Entry{Src: ap("198.51.100.2:40312"), Dst: ap("192.0.2.80:80"), NewSrc: ap("203.0.113.2:40312"), Mark: 100}
+	e := Entry{Proto: 6, Src: ap("198.51.100.2:40312"), Dst: ap("192.0.2.80:80"), NewSrc: ap("203.0.113.2:40312"), Mark: 100}
 	if err := d.Add(e); err != nil {
 		t.Fatal(err)
 	}
@@ -145,10 +146,76 @@ func TestUserspaceSets(t *testing.T) {
 			t.Errorf("listing lacks %q:\n%s", want, listing)
 		}
 	}
-	if strings.Count(listing, "queue num 0") != 8 || strings.Contains(listing, "map ") {
-		t.Errorf("want eight queue rules (SYN; outbound and inbound for each family; three for ICMP errors) and no maps:\n%s", listing)
+	// SYN; three for ICMP errors; outbound and inbound selectors for each
+	// family and protocol; new UDP and echo flows for each family.
+	if n := strings.Count(listing, "queue num 0"); n != 1+3+12+4 || strings.Contains(listing, "map ") {
+		t.Errorf("want 20 queue rules, found %d, and no maps:\n%s", n, listing)
 	}
 	if err := d.Delete(e); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// UDP and echo flows, translated and passed, both families: the elements
+// land in their protocol's sets, come back from Entries, and count packets
+// for Uses.
+func TestDatagramEntries(t *testing.T) {
+	ns := worldtest.NS(t)
+	var d *Datapath
+	if err := ns.Do(func() (err error) { d, err = Install(0, 1, false); return err }); err != nil {
+		t.Fatal(err)
+	}
+	defer d.Remove()
+	entries := []Entry{
+		{Proto: 17, Src: ap("198.51.100.2:5353"), Dst: ap("192.0.2.53:53"), NewSrc: ap("203.0.113.2:5353"), Mark: 100},
+		{Proto: 17, Src: ap("198.51.100.2:5354"), Dst: ap("192.0.2.53:53"), NewSrc: ap("198.51.100.2:5354"), Pass: true},
+		{Proto: 1, Src: ap("198.51.100.2:77"), Dst: ap("192.0.2.80:77"), NewSrc: ap("203.0.113.2:77"), Mark: 100},
+		{Proto: 58, Src: ap("[2001:db8:a::2]:78"), Dst: ap("[2001:db8:80::80]:78"), NewSrc: ap("[2001:db8:b::2]:78"), Mark: 100},
+		{Proto: 58, Src: ap("[2001:db8:a::2]:79"), Dst: ap("[2001:db8:80::80]:79"), NewSrc: ap("[2001:db8:a::2]:79"), Pass: true},
+	}
+	if err := d.Add(entries...); err != nil {
+		t.Fatal(err)
+	}
+	got, err := d.Entries()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sortEntries(got)
+	want := slices.Clone(entries)
+	sortEntries(want)
+	if !slices.Equal(got, want) {
+		t.Fatalf("Entries() = %+v\nwant %+v", got, want)
+	}
+	for set, elem := range map[string]string{
+		"udp_in4":    "203.0.113.2 . 5353 . 192.0.2.53 . 53 : 198.51.100.2 . 5353",
+		"udp_pass4":  "198.51.100.2 . 5354 . 192.0.2.53 . 53",
+		"icmp_in4":   "203.0.113.2 . 77 . 192.0.2.80 . 77 : 198.51.100.2 . 77",
+		"icmp_pass6": "2001:db8:a::2 . 79 . 2001:db8:80::80 . 79",
+	} {
+		kind := "map"
+		if strings.Contains(set, "pass") {
+			kind = "set"
+		}
+		l, err := ns.Run("nft", "list", kind, "inet", TableName, set)
+		// nft prints an element's counter between its key and its data.
+		if bare := strings.ReplaceAll(l, " counter packets 0 bytes 0", ""); err != nil || !strings.Contains(bare, elem) || bare == l {
+			t.Errorf("%s lacks %q with a counter (err %v):\n%s", set, elem, err, l)
+		}
+	}
+	uses, err := d.Uses()
+	if err != nil || len(uses) != 3*2+2 { // three translations, both ways; two passes
+		t.Fatalf("Uses() = %+v, %v", uses, err)
+	}
+	if err := d.Apply([]Op{{Entry: Entry{Proto: 132, Src: ap("198.51.100.2:1"), Dst: ap("192.0.2.1:1"), NewSrc: ap("203.0.113.2:1")}}}); !errors.Is(err, ErrProtocol) {
+		t.Errorf("SCTP entry: %v, want ErrProtocol", err)
+	}
+	if err := d.Apply([]Op{{Entry: Entry{Proto: 6, Src: ap("198.51.100.2:1"), Dst: ap("192.0.2.1:1"), Pass: true}}}); !errors.Is(err, ErrProtocol) {
+		t.Errorf("TCP pass entry: %v, want ErrProtocol", err)
+	}
+	if err := d.Delete(entries...); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := d.Entries(); len(got) != 0 {
+		t.Fatalf("after Delete: %+v", got)
 	}
 }
