@@ -47,6 +47,9 @@ type worker struct {
 
 	held  [maxHeld]heldSYN // rewritten SYNs waiting for their elements
 	nheld int
+	// passed: the batch cached a decision not to translate, whose
+	// element must go in at its end even with no packet held for it.
+	passed bool
 }
 
 // heldSYN is a rewritten first packet (a SYN, a datagram, an echo request)
@@ -182,6 +185,7 @@ func (w *worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 		// Routing already gets it right: cache that, so the tuple's later
 		// packets pass in the kernel.
 		f.Pass, f.NewSrc = true, t.Src
+		w.passed = true
 		if !w.admitAs(f, want) {
 			d.log.Debug("tuple already decided by another worker", "proto", protoName(t.Proto), "src", t.Src, "dst", t.Dst)
 		}
@@ -448,9 +452,10 @@ func (w *worker) hold(p *queue.Packet, t *rewrite.Packet, f *flow.Flow) {
 // endBatch runs before the queue sends its batch of verdicts: install the
 // batch's elements in one transaction, then release its SYNs.
 func (w *worker) endBatch() {
-	if w.nheld == 0 {
+	if w.nheld == 0 && !w.passed {
 		return
 	}
+	w.passed = false
 	w.d.inst.flush()
 	for i := 0; i < w.nheld; i++ {
 		h := &w.held[i]

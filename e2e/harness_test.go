@@ -68,6 +68,7 @@ const configHead = `[daemon]
 queue = 0
 control_socket = %q
 gc_interval = "200ms"
+idle_timeout = "2s"
 datapath = %q
 
 [[uplink]]
@@ -180,7 +181,7 @@ func (e *env) flowSets() []string {
 func (e *env) elements(name string) int {
 	e.t.Helper()
 	kind := "map"
-	if e.dp == "userspace" {
+	if e.dp == "userspace" || strings.Contains(name, "_pass") {
 		kind = "set"
 	}
 	out, err := e.w.Host.Run("nft", "-j", "list", kind, "inet", "rerouted", name)

@@ -42,6 +42,7 @@ type World struct {
 	logf    func(string, ...any)
 	mu      sync.Mutex
 	servers map[uint16]*Server
+	closers []func() // other servers' Close
 }
 
 // ISP is one provider: its namespace and its customer-facing counters.
@@ -70,6 +71,10 @@ func New(prefix string, logf func(string, ...any)) (w *World, err error) {
 		if *p.ns, err = NewNS(prefix + "-" + p.role); err != nil {
 			return w, err
 		}
+	}
+	// Ping sockets (unprivileged ICMP echo) for every group on the host.
+	if err = w.Host.Sysctl("net.ipv4.ping_group_range=0 2147483647"); err != nil {
+		return w, err
 	}
 	w.A = &ISP{Customer: netip.MustParsePrefix("198.51.100.0/24"), Customer6: prefixA6}
 	w.B = &ISP{Customer: netip.MustParsePrefix("203.0.113.0/24"), Customer6: prefixB6}
@@ -201,7 +206,12 @@ func (w *World) Close() error {
 		s.Close()
 	}
 	w.servers = nil
+	closers := w.closers
+	w.closers = nil
 	w.mu.Unlock()
+	for _, c := range closers {
+		c()
+	}
 	for _, ns := range []*NS{w.Host, w.Net, nsOf(w.A), nsOf(w.B)} {
 		if ns != nil {
 			errs = append(errs, ns.Delete())

@@ -1,0 +1,313 @@
+package e2e
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/rerouted/rerouted/networld"
+)
+
+// hostMarkDatagrams marks UDP to the given ports and ICMP/ICMPv6 echo
+// requests for ISP B, with the host's own nft rule.
+func (e *env) hostMarkDatagrams(ports ...uint16) {
+	e.t.Helper()
+	var ps []string
+	for _, p := range ports {
+		ps = append(ps, strconv.Itoa(int(p)))
+	}
+	err := e.w.Host.Nft(fmt.Sprintf(`table inet hostmark {
+	chain output {
+		type route hook output priority mangle; policy accept;
+		udp dport { %s } meta mark set %d
+		icmp type echo-request meta mark set %d
+		icmpv6 type echo-request meta mark set %d
+	}
+}
+`, strings.Join(ps, ", "), networld.MarkB, networld.MarkB, networld.MarkB))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+// queued is the number of packets the host has queued to userspace so far,
+// over all queues (/proc/net/netfilter/nfnetlink_queue: id_sequence).
+func (e *env) queued() uint64 {
+	e.t.Helper()
+	out, err := e.w.Host.Run("cat", "/proc/net/netfilter/nfnetlink_queue")
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	var n uint64
+	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 8 {
+			e.t.Fatalf("nfnetlink_queue line %q", line)
+		}
+		v, err := strconv.ParseUint(f[7], 10, 64)
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		n += v
+	}
+	return n
+}
+
+// udpFlows counts the daemon's translated UDP flows.
+func (e *env) udpFlows() int {
+	n := 0
+	for _, f := range e.flows() {
+		if f.Proto == "udp" {
+			n++
+		}
+	}
+	return n
+}
+
+// UDP request/response via ISP B: connected, unconnected from a wildcard
+// and from an address-bound socket, IPv4 and IPv6, decided by a host mark
+// and by a TOML rule. After the first datagram the kernel holds the
+// decision: no further packet of the tuple reaches userspace with the
+// kernel datapath, translated or not. Flows end with their socket, or when
+// idle; an ICMP error about a translated datagram reaches its socket.
+func TestUDPRequestResponse(t *testing.T) {
+	datapaths(t, func(t *testing.T, dp string) {
+		e := newEnv(t, dp, `
+[[rule]]
+name = "mdns-rule"
+uplink = "isp-b"
+protocol = "udp"
+dport = [5353]
+`)
+		for _, port := range []uint16{53, 123, 5353} {
+			if _, err := e.w.ServeUDP(port); err != nil {
+				t.Fatal(err)
+			}
+		}
+		e.hostMarkDatagrams(53, 9)
+		server := func(a netip.Addr, port uint16) netip.AddrPort { return netip.AddrPortFrom(a, port) }
+
+		// Without rerouted the marked datagram leaves ISP B with ISP A's
+		// address and is dropped.
+		dropped := e.counter(e.w.B, "foreign")
+		c, err := e.w.UDPSocket(server(networld.ServerAddr, 53), true, netip.AddrPort{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if peer, err := networld.AskUDP(c, server(networld.ServerAddr, 53), "q", time.Second); err == nil {
+			t.Fatalf("marked datagram answered without rerouted (server saw %v)", peer)
+		}
+		c.Close()
+		if e.counter(e.w.B, "foreign") == dropped {
+			t.Fatal("ISP B's drop counter did not rise for the untranslated datagram")
+		}
+
+		e.start()
+		dropped = e.counter(e.w.B, "foreign")
+		cases := []struct {
+			name    string
+			dst     netip.AddrPort
+			connect bool
+			bind    netip.AddrPort
+			want    netip.Addr
+			rule    string
+		}{
+			{"connected", server(networld.ServerAddr, 53), true, netip.AddrPort{}, networld.HostB, "host mark"},
+			{"connected IPv6", server(networld.Server6, 53), true, netip.AddrPort{}, networld.HostB6, "host mark"},
+			{"unconnected", server(networld.ServerAddr, 53), false, netip.AddrPort{}, networld.HostB, "host mark"},
+			{"unconnected IPv6", server(networld.Server6, 53), false, netip.AddrPort{}, networld.HostB6, "host mark"},
+			{"address-bound", server(networld.ServerAddr, 53), false, netip.AddrPortFrom(networld.HostA, 0), networld.HostB, "host mark"},
+			{"TOML rule", server(networld.ServerAddr, 5353), false, netip.AddrPort{}, networld.HostB, "mdns-rule"},
+			{"unmatched", server(networld.ServerAddr, 123), false, netip.AddrPort{}, networld.HostA, ""},
+			{"unmatched IPv6", server(networld.Server6, 123), true, netip.AddrPort{}, networld.HostA6, ""},
+		}
+		socks := map[string]*net.UDPConn{}
+		for _, c := range cases {
+			s, err := e.w.UDPSocket(c.dst, c.connect, c.bind)
+			if err != nil {
+				t.Fatalf("%s: %v", c.name, err)
+			}
+			defer s.Close()
+			socks[c.name] = s
+			var first netip.AddrPort
+			for i := 0; i < 3; i++ {
+				peer, err := networld.AskUDP(s, c.dst, fmt.Sprintf("%s %d", c.name, i), 2*time.Second)
+				if err != nil || peer.Addr() != c.want {
+					t.Fatalf("%s, datagram %d: server saw %v (err %v), want %v", c.name, i, peer, err, c.want)
+				}
+				if i == 0 {
+					first = peer
+				} else if peer != first {
+					t.Fatalf("%s: the server saw %v, then %v: the translation changed", c.name, first, peer)
+				}
+			}
+			// The decision is the kernel's now: twenty more exchanges
+			// queue nothing, unless every packet of a translated flow
+			// goes through the daemon (the userspace datapath).
+			before := e.queued()
+			for i := 0; i < 20; i++ {
+				if _, err := networld.AskUDP(s, c.dst, "again", 2*time.Second); err != nil {
+					t.Fatalf("%s: %v", c.name, err)
+				}
+			}
+			if n := e.queued() - before; n != 0 && (dp == "kernel" || c.rule == "") {
+				t.Errorf("%s: %d packets reached userspace after the decision", c.name, n)
+			}
+			if c.rule != "" {
+				local := s.LocalAddr().(*net.UDPAddr).AddrPort()
+				line := fmt.Sprintf(`udp src=%s dst=%s sport=%d dport=%d mark=100 => src=%s sport=%d dev=hb uid=0 pid=`,
+					map[bool]netip.Addr{true: networld.HostA6, false: networld.HostA}[c.want.Is6()], c.dst.Addr(), local.Port(), c.dst.Port(), c.want, first.Port())
+				if _, err := e.d.WaitFor("[NEW] "+line, time.Second); err != nil {
+					t.Errorf("%s: %v", c.name, err)
+				}
+				if _, err := e.d.WaitFor(fmt.Sprintf(`rule=%q`, c.rule), time.Second); err != nil {
+					t.Errorf("%s: %v", c.name, err)
+				}
+			}
+		}
+		if n := e.counter(e.w.B, "foreign"); n != dropped {
+			t.Errorf("ISP B dropped %d packets with a foreign source", n-dropped)
+		}
+		if n := e.udpFlows(); n != 6 {
+			t.Errorf("%d translated UDP flows listed, want 6: %+v", n, e.flows())
+		}
+
+		// An ICMP error about a translated datagram (port 9 is closed)
+		// reaches the connected socket as ECONNREFUSED.
+		closed := server(networld.ServerAddr, 9)
+		s, err := e.w.UDPSocket(closed, true, netip.AddrPort{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := networld.AskUDP(s, closed, "anyone?", 2*time.Second); !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Errorf("datagram to a closed port: %v, want ECONNREFUSED", err)
+		}
+		s.Close()
+
+		// Lifetimes. A closed connected socket's flow goes at the next
+		// sweep; the others stay while used, and go when idle (2s here).
+		socks["connected"].Close()
+		eventually(t, 3*time.Second, "the closed socket's flow to go", func() bool {
+			for _, f := range e.flows() {
+				if f.Proto == "udp" && f.Original.Dst == networld.ServerAddr && f.Original.Dport == 53 && f.Original.Src == networld.HostA && socks["unconnected"].LocalAddr().(*net.UDPAddr).Port != int(f.Original.Sport) && socks["address-bound"].LocalAddr().(*net.UDPAddr).Port != int(f.Original.Sport) {
+					return false
+				}
+			}
+			return true
+		})
+		busy := socks["unconnected"]
+		for end := time.Now().Add(3 * time.Second); time.Now().Before(end); time.Sleep(300 * time.Millisecond) {
+			if _, err := networld.AskUDP(busy, server(networld.ServerAddr, 53), "busy", 2*time.Second); err != nil {
+				t.Fatal(err)
+			}
+		}
+		local := busy.LocalAddr().(*net.UDPAddr).AddrPort()
+		flows := e.flows()
+		if len(flows) != 1 || flows[0].Original.Sport != local.Port() {
+			t.Fatalf("after 3s, want only the busy socket's flow (sport %d); have %+v", local.Port(), flows)
+		}
+		eventually(t, 5*time.Second, "every UDP flow to end when idle", func() bool { return e.udpFlows() == 0 })
+		for _, set := range []string{"udp_%s4", "udp_%s6", "udp_pass4", "udp_pass6"} {
+			name := set
+			if strings.Contains(set, "%s") {
+				name = fmt.Sprintf(set, map[string]string{"kernel": "out", "userspace": "uout"}[dp])
+			}
+			if n := e.elements(name); n != 0 {
+				t.Errorf("%s still holds %d elements", name, n)
+			}
+		}
+	})
+}
+
+// Ping marked for ISP B by a host rule, IPv4 and IPv6, from a ping socket
+// and from a raw socket: the server sees ISP B's address, the replies come
+// back, and the flows end when idle (ping sockets are not in sock_diag).
+func TestPingViaISPB(t *testing.T) {
+	datapaths(t, func(t *testing.T, dp string) {
+		e := newEnv(t, dp, "")
+		e.hostMarkDatagrams(53)
+		// The server counts the echo requests it receives from ISP B's
+		// addresses.
+		if err := e.w.Net.Nft(fmt.Sprintf(`table inet seen {
+	counter b4 {}
+	counter b6 {}
+	chain input {
+		type filter hook input priority 0; policy accept;
+		icmp type echo-request ip saddr %s counter name b4
+		icmpv6 type echo-request ip6 saddr %s counter name b6
+	}
+}
+`, networld.HostB, networld.HostB6)); err != nil {
+			t.Fatal(err)
+		}
+		seen := func(name string) uint64 {
+			out, err := e.w.Net.Run("nft", "list", "counter", "inet", "seen", name)
+			if err != nil {
+				t.Fatal(err)
+			}
+			m := regexp.MustCompile(`packets (\d+)`).FindStringSubmatch(out)
+			if m == nil {
+				t.Fatalf("no count in %q", out)
+			}
+			n, _ := strconv.ParseUint(m[1], 10, 64)
+			return n
+		}
+
+		dropped := e.counter(e.w.B, "foreign")
+		if _, err := e.w.Ping(networld.ServerAddr, networld.PingRaw, 999, time.Second); err == nil {
+			t.Fatal("marked ping answered without rerouted")
+		}
+		if e.counter(e.w.B, "foreign") == dropped {
+			t.Fatal("ISP B's drop counter did not rise for the untranslated echo")
+		}
+
+		e.start()
+		dropped = e.counter(e.w.B, "foreign")
+		for i, c := range []struct {
+			dst     netip.Addr
+			kind    string
+			counter string
+			src     netip.Addr
+			want    netip.Addr
+		}{
+			{networld.ServerAddr, networld.PingSocket, "b4", networld.HostA, networld.HostB},
+			{networld.ServerAddr, networld.PingRaw, "b4", networld.HostA, networld.HostB},
+			{networld.Server6, networld.PingSocket, "b6", networld.HostA6, networld.HostB6},
+			{networld.Server6, networld.PingRaw, "b6", networld.HostA6, networld.HostB6},
+		} {
+			before := seen(c.counter)
+			id, err := e.w.Ping(c.dst, c.kind, uint16(4000+i), 2*time.Second)
+			if err != nil {
+				t.Fatalf("%s to %s: %v", c.kind, c.dst, err)
+			}
+			if n := seen(c.counter) - before; n != 1 {
+				t.Errorf("%s to %s: the server saw %d echo requests from %s, want 1", c.kind, c.dst, n, c.want)
+			}
+			proto := "icmp"
+			if c.dst.Is6() {
+				proto = "icmpv6"
+			}
+			line := fmt.Sprintf(`[NEW] %s src=%s dst=%s id=%d mark=100 => src=%s dev=hb uid=0 rule="host mark"`, proto, c.src, c.dst, id, c.want)
+			if _, err := e.d.WaitFor(line, time.Second); err != nil {
+				t.Errorf("%s to %s: %v", c.kind, c.dst, err)
+			}
+			// The same identifier again: the cached translation.
+			if c.kind == networld.PingRaw {
+				if _, err := e.w.Ping(c.dst, c.kind, id, 2*time.Second); err != nil {
+					t.Fatalf("%s to %s, again: %v", c.kind, c.dst, err)
+				}
+			}
+		}
+		if n := e.counter(e.w.B, "foreign"); n != dropped {
+			t.Errorf("ISP B dropped %d packets with a foreign source", n-dropped)
+		}
+		eventually(t, 5*time.Second, "the echo flows to end when idle", func() bool { return len(e.flows()) == 0 })
+	})
+}
