@@ -311,3 +311,47 @@ func TestPingViaISPB(t *testing.T) {
 		eventually(t, 5*time.Second, "the echo flows to end when idle", func() bool { return len(e.flows()) == 0 })
 	})
 }
+
+// IPv4 UDP may go without a checksum (zero), as tunnels often do: a
+// translated flow's datagrams keep none, both ways, instead of getting a
+// wrong one the receiver would drop.
+func TestUDPWithoutChecksum(t *testing.T) {
+	datapaths(t, func(t *testing.T, dp string) {
+		e := newEnv(t, dp, "")
+		srv, err := e.w.ServeUDP(4789)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := srv.NoChecksum(); err != nil {
+			t.Fatal(err)
+		}
+		e.hostMarkDatagrams(4789)
+		// ISP B counts the datagrams it forwards without a checksum.
+		if err := e.w.B.Nft("table inet zc {\n\tcounter none {}\n\tchain count {\n\t\ttype filter hook forward priority 0; policy accept;\n\t\tudp checksum 0 counter name none\n\t}\n}\n"); err != nil {
+			t.Fatal(err)
+		}
+		e.start()
+		dst := netip.AddrPortFrom(networld.ServerAddr, 4789)
+		c, err := e.w.UDPSocket(dst, true, netip.AddrPort{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if err := networld.NoChecksum(c); err != nil {
+			t.Fatal(err)
+		}
+		for i := 0; i < 3; i++ {
+			peer, err := networld.AskUDP(c, dst, fmt.Sprint("no checksum ", i), 2*time.Second)
+			if err != nil || peer.Addr() != networld.HostB {
+				t.Fatalf("datagram %d: server saw %v, err %v; want %v", i, peer, err, networld.HostB)
+			}
+		}
+		out, err := e.w.B.Run("nft", "list", "counter", "inet", "zc", "none")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if m := regexp.MustCompile(`packets (\d+)`).FindStringSubmatch(out); m == nil || m[1] != "6" {
+			t.Errorf("ISP B forwarded %v datagrams without a checksum, want 6 (three each way): %s", m, out)
+		}
+	})
+}

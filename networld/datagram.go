@@ -225,3 +225,27 @@ func (w *World) Ping(dst netip.Addr, kind string, id uint16, timeout time.Durati
 	}
 	return id, fmt.Errorf("echo reply from %s: timed out", dst)
 }
+
+// NoChecksum makes c send its IPv4 datagrams without a UDP checksum
+// (SO_NO_CHECK), as tunnels often do.
+func NoChecksum(c *net.UDPConn) error {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_NO_CHECK, 1) }); err != nil {
+		return err
+	}
+	return serr
+}
+
+// NoChecksum makes the server answer without UDP checksums (IPv4).
+func (s *UDPServer) NoChecksum() error {
+	for _, c := range s.conns {
+		if err := NoChecksum(c); err != nil {
+			return err
+		}
+	}
+	return nil
+}

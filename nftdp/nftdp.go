@@ -331,24 +331,47 @@ func (d *Datapath) flowRules(first, total uint16, native bool) error {
 			}
 			regs := uint32(f.addrLen / 4)
 			data := 8 + 2*regs + 2 // first register after the key
-			// Outbound: socket tuple -> new source, port, mark. An echo
-			// keeps its identifier.
-			out := exprs(append(append(protoOf(f, p, 0), outKey...),
-				&expr.Lookup{SourceRegister: 8, DestRegister: data, IsDestRegSet: true, SetName: p.out.Name})...)
-			out = append(out, addrWrite(f, f.saddr, data))
-			if !p.isEcho() {
-				out = append(out, exprs(writePort(p, p.sport, data+regs))...)
+			// An IPv4 UDP datagram may carry no checksum (zero), which a
+			// port write fixing the checksum would turn into a wrong one:
+			// such datagrams get their own rules, whose port write leaves
+			// the checksum alone.
+			variants := []*expr.Cmp{nil}
+			if p.num == unix.IPPROTO_UDP && f.nfproto == unix.NFPROTO_IPV4 {
+				variants = []*expr.Cmp{
+					{Op: expr.CmpOpNeq, Register: 1, Data: []byte{0, 0}},
+					{Op: expr.CmpOpEq, Register: 1, Data: []byte{0, 0}},
+				}
 			}
-			out = append(out, exprs(&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: data + regs + 1},
-				&expr.Verdict{Kind: expr.VerdictAccept})...)
-			// Inbound: reply to the translated tuple -> the socket's address and port.
-			in := exprs(append(append(protoOf(f, p, 1), inKey...),
-				&expr.Lookup{SourceRegister: 8, DestRegister: data, IsDestRegSet: true, SetName: p.in.Name})...)
-			in = append(in, addrWrite(f, f.daddr, data))
-			if !p.isEcho() {
-				in = append(in, exprs(writePort(p, p.dport, data+regs))...)
+			for _, v := range variants {
+				match := func(dir int) []expr.Any {
+					m := protoOf(f, p, dir)
+					if v != nil {
+						m = append(m, &expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: p.csum, Len: 2}, v)
+					}
+					return m
+				}
+				fix := v == nil || v.Op == expr.CmpOpNeq
+				// Outbound: socket tuple -> new source, port, mark. An
+				// echo keeps its identifier.
+				out := exprs(append(append(match(0), outKey...),
+					&expr.Lookup{SourceRegister: 8, DestRegister: data, IsDestRegSet: true, SetName: p.out.Name})...)
+				out = append(out, addrWrite(f, f.saddr, data))
+				if !p.isEcho() {
+					out = append(out, exprs(writePort(p, p.sport, data+regs, fix))...)
+				}
+				out = append(out, exprs(&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: data + regs + 1},
+					&expr.Verdict{Kind: expr.VerdictAccept})...)
+				// Inbound: reply to the translated tuple -> the socket's
+				// address and port.
+				in := exprs(append(append(match(1), inKey...),
+					&expr.Lookup{SourceRegister: 8, DestRegister: data, IsDestRegSet: true, SetName: p.in.Name})...)
+				in = append(in, addrWrite(f, f.daddr, data))
+				if !p.isEcho() {
+					in = append(in, exprs(writePort(p, p.dport, data+regs, fix))...)
+				}
+				in = append(in, exprs(&expr.Verdict{Kind: expr.VerdictAccept})...)
+				rules = append(rules, ruleMsg{chain: "output", exprs: out}, ruleMsg{chain: "prerouting", exprs: in})
 			}
-			rules = append(rules, ruleMsg{chain: "output", exprs: out}, ruleMsg{chain: "prerouting", exprs: in})
 		}
 	}
 	// UDP and ICMP echo have no SYN: the first packet of every tuple not
@@ -451,10 +474,14 @@ func queueTo(first, total uint16, native, byCPU bool) expr.Any {
 	return &expr.Target{Name: "NFQUEUE", Rev: 3, Info: &info}
 }
 
-// writePort sets a TCP or UDP port, fixing the transport checksum.
-func writePort(p *proto, off, reg uint32) expr.Any {
-	return &expr.Payload{OperationType: expr.PayloadWrite, SourceRegister: reg, Base: expr.PayloadBaseTransportHeader,
-		Offset: off, Len: 2, CsumType: expr.CsumTypeInet, CsumOffset: p.csum}
+// writePort sets a TCP or UDP port, fixing the transport checksum if fix.
+func writePort(p *proto, off, reg uint32, fix bool) expr.Any {
+	w := &expr.Payload{OperationType: expr.PayloadWrite, SourceRegister: reg, Base: expr.PayloadBaseTransportHeader,
+		Offset: off, Len: 2}
+	if fix {
+		w.CsumType, w.CsumOffset = expr.CsumTypeInet, p.csum
+	}
+	return w
 }
 
 // Op is one change to the flow maps.
