@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -30,6 +31,17 @@ interface = "hb"
 name = "alt-http via isp-b"
 uplink = "isp-b"
 dport = [8080]
+
+[[rule]]
+name = "dns via isp-b"
+uplink = "isp-b"
+protocol = "udp"
+dport = [53]
+
+[[rule]]
+name = "ping via isp-b"
+uplink = "isp-b"
+protocol = "icmp"
 `
 
 func cmdDemo(args []string) int {
@@ -73,8 +85,11 @@ func demo(out io.Writer) (err error) {
 			return err
 		}
 	}
+	if _, err := w.ServeUDP(53); err != nil {
+		return err
+	}
 	say("   host routes: default via ISP A (%s); fwmark %d and 'from %s' use table %d via ISP B", networld.HostA, networld.MarkB, networld.HostB, networld.TabB)
-	say("   servers on %s ports 80, 8080, 443", networld.ServerAddr)
+	say("   servers on %s: TCP ports 80, 8080, 443; UDP port 53; it answers ping", networld.ServerAddr)
 
 	step("The problem: the host marks port 80 traffic for ISP B, as in the seed article")
 	markRule := "table inet hostmark {\n\tchain output {\n\t\ttype route hook output priority mangle; policy accept;\n\t\ttcp dport 80 meta mark set 100\n\t}\n}\n"
@@ -158,6 +173,28 @@ func demo(out io.Writer) (err error) {
 		return err
 	}
 	say("   the server saw %s", peer)
+
+	step("UDP and ping by TOML rules: the first datagram decides, the kernel does the rest")
+	dns := netip.AddrPortFrom(networld.ServerAddr, 53)
+	u, err := w.UDPSocket(dns, false, netip.AddrPort{})
+	if err != nil {
+		return err
+	}
+	for i := 0; i < 3; i++ {
+		peer, err := networld.AskUDP(u, dns, "query", 3*time.Second)
+		if err != nil {
+			u.Close()
+			return fmt.Errorf("udp to %s: %w", dns, err)
+		}
+		say("   datagram %d from an unconnected socket: the server saw %s", i+1, peer)
+	}
+	u.Close()
+	id, err := w.Ping(networld.ServerAddr, networld.PingSocket, 0, 3*time.Second)
+	if err != nil {
+		return fmt.Errorf("ping %s: %w", networld.ServerAddr, err)
+	}
+	say("   ping %s (identifier %d): answered", networld.ServerAddr, id)
+	time.Sleep(100 * time.Millisecond)
 
 	step("Stopping rerouted (SIGTERM): it removes its table and control socket")
 	say("   (the port 80 flow is still in TIME_WAIT, which keeps its entries for 60 s)")
