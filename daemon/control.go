@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"golang.org/x/sys/unix"
 	"net"
 	"net/netip"
 	"os"
@@ -121,6 +122,13 @@ func (d *Daemon) serveControl(ctx context.Context, ln net.Listener) {
 func (d *Daemon) answer(c net.Conn) {
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(60 * time.Second))
+	// The socket file is 0600, but its mode is only as good as whoever
+	// may change it: the peer's credentials decide.
+	if uid, err := peerUID(c); err != nil || uid != 0 {
+		d.log.Warn("control socket: refused a client that is not root", "uid", uid, "err", err)
+		json.NewEncoder(c).Encode(FlowsReply{Error: "permission denied: the control socket answers root only"})
+		return
+	}
 	var req request
 	line, err := bufio.NewReader(c).ReadBytes('\n')
 	if err == nil {
@@ -161,6 +169,28 @@ func (d *Daemon) writeFlows(c net.Conn) error {
 	}
 	w.WriteString("]}\n")
 	return w.Flush()
+}
+
+// peerUID returns the uid of the process at the other end of a unix socket
+// (SO_PEERCRED).
+func peerUID(c net.Conn) (int64, error) {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return -1, fmt.Errorf("not a unix socket: %T", c)
+	}
+	rc, err := uc.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	var cred *unix.Ucred
+	var cerr error
+	if err := rc.Control(func(fd uintptr) { cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) }); err != nil {
+		return -1, err
+	}
+	if cerr != nil {
+		return -1, fmt.Errorf("SO_PEERCRED: %w", cerr)
+	}
+	return int64(cred.Uid), nil
 }
 
 // QueryFlows asks the daemon listening on path for its flows.
