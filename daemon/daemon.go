@@ -46,6 +46,10 @@ type Options struct {
 	Log    *slog.Logger
 	Events io.Writer       // one line per translated flow created or removed; nil for none
 	Reload <-chan struct{} // each receive reloads the configuration file (SIGHUP)
+	// Notify, if set, is told the daemon's state in systemd's words:
+	// "READY=1" once new flows are translated, "RELOADING=1" and
+	// "READY=1" around a reload, "STOPPING=1" when removal begins.
+	Notify func(state string)
 }
 
 // Daemon is one running instance.
@@ -56,6 +60,7 @@ type Daemon struct {
 	dp     *nftdp.Datapath
 	flows  *flow.Table
 	inst   *installer
+	notify func(state string)
 	mu     sync.Mutex // a flow table change and its kernel change are one step
 
 	userspace      bool          // every packet of a translated flow goes through the workers
@@ -92,7 +97,10 @@ func Run(ctx context.Context, o Options) (err error) {
 	// The heap is mostly long-lived flow state: collect at 50% growth
 	// rather than 100%, a little CPU for a third less memory.
 	debug.SetGCPercent(50)
-	d := &Daemon{log: o.Log, flows: flow.NewTable(), userspace: cfg.Daemon.Datapath == "userspace"}
+	d := &Daemon{log: o.Log, flows: flow.NewTable(), userspace: cfg.Daemon.Datapath == "userspace", notify: o.Notify}
+	if d.notify == nil {
+		d.notify = func(string) {}
+	}
 	d.cfg.Store(cfg)
 	d.inst = newInstaller(d)
 	if o.Events != nil {
@@ -175,7 +183,9 @@ func Run(ctx context.Context, o Options) (err error) {
 	d.log.Info("ready", "config", cfg.File, "queue", cfg.Daemon.Queue, "queues", nq, "queue_method", d.dp.QueueMethod, "datapath", cfg.Daemon.Datapath,
 		"table", "inet "+nftdp.TableName, "honor_marks", cfg.Daemon.HonorMarks, "uplinks", len(cfg.Uplinks),
 		"rules", len(cfg.Rules), "control_socket", cfg.Daemon.ControlSocket)
+	d.notify("READY=1")
 	<-ctx.Done()
+	d.notify("STOPPING=1")
 	d.log.Info("stopping", "syns", d.stats.syns.Load(), "datagram_flows", d.stats.datagrams.Load(), "idle_ended", d.stats.idle.Load(),
 		"translated", d.stats.translated.Load(),
 		"retransmitted_syns", d.stats.retrans.Load(),
@@ -250,28 +260,43 @@ func (d *Daemon) reloadLoop(ctx context.Context, reload <-chan struct{}) {
 			return
 		case <-reload:
 		}
-		old := d.cfg.Load()
-		cfg, err := policy.Load(old.File)
-		if err == nil {
-			err = checkUplinks(cfg)
-		}
-		if err != nil {
-			var es policy.Errors
-			if errors.As(err, &es) {
-				for _, e := range es {
-					d.log.Error("reload: " + e.Error())
-				}
-			}
-			d.log.Error("reload rejected; the current policy stays in force", "config", old.File, "err", err)
-			continue
-		}
-		if cfg.Daemon != old.Daemon {
-			d.log.Warn("reload: [daemon] settings take effect at the next start", "config", cfg.File)
-			cfg.Daemon = old.Daemon
-		}
-		d.cfg.Store(cfg)
-		d.log.Info("reloaded", "config", cfg.File, "uplinks", len(cfg.Uplinks), "rules", len(cfg.Rules))
+		d.notify(fmt.Sprintf("RELOADING=1\nMONOTONIC_USEC=%d", monotonicUsec()))
+		d.reload()
+		d.notify("READY=1")
 	}
+}
+
+// monotonicUsec is CLOCK_MONOTONIC in microseconds, which systemd wants
+// with RELOADING=1.
+func monotonicUsec() int64 {
+	var ts unix.Timespec
+	unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	return ts.Nano() / 1000
+}
+
+// reload replaces the policy from the configuration file, or keeps it.
+func (d *Daemon) reload() {
+	old := d.cfg.Load()
+	cfg, err := policy.Load(old.File)
+	if err == nil {
+		err = checkUplinks(cfg)
+	}
+	if err != nil {
+		var es policy.Errors
+		if errors.As(err, &es) {
+			for _, e := range es {
+				d.log.Error("reload: " + e.Error())
+			}
+		}
+		d.log.Error("reload rejected; the current policy stays in force", "config", old.File, "err", err)
+		return
+	}
+	if cfg.Daemon != old.Daemon {
+		d.log.Warn("reload: [daemon] settings take effect at the next start", "config", cfg.File)
+		cfg.Daemon = old.Daemon
+	}
+	d.cfg.Store(cfg)
+	d.log.Info("reloaded", "config", cfg.File, "uplinks", len(cfg.Uplinks), "rules", len(cfg.Rules))
 }
 
 // localPortRange reads the ephemeral port range new source ports are drawn

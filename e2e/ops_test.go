@@ -1,7 +1,13 @@
 package e2e
 
 import (
+	"net"
 	"os"
+	"regexp"
+	"syscall"
+	"time"
+
+	"github.com/rerouted/rerouted/networld"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -51,5 +57,64 @@ func TestControlSocketRefusesNonRoot(t *testing.T) {
 	}
 	if got := e.flows(); got == nil { // root still gets an answer
 		t.Fatal("root's listing failed")
+	}
+}
+
+// Under systemd (Type=notify) the daemon says READY=1 once its table is
+// installed and its queues bound, and STOPPING=1 when it starts removing
+// them; its log lines carry syslog priorities for the journal, and no time
+// of their own.
+func TestSystemdNotifyAndJournal(t *testing.T) {
+	e := newEnv(t, "kernel", webRule)
+	path := filepath.Join(publicDir(t), "notify")
+	l, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	next := func() string {
+		t.Helper()
+		l.SetReadDeadline(time.Now().Add(10 * time.Second))
+		buf := make([]byte, 4096)
+		n, err := l.Read(buf)
+		if err != nil {
+			t.Fatalf("no notification: %v", err)
+		}
+		return string(buf[:n])
+	}
+	d, err := e.w.StartDaemonEnv(bin, e.cfg, []string{"NOTIFY_SOCKET=" + path, "JOURNAL_STREAM=8:12345"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Kill()
+	if got := next(); got != "READY=1" {
+		t.Fatalf("first notification %q, want READY=1", got)
+	}
+	// Ready means translated: the table is there and a marked
+	// connection is translated at once.
+	if peer, err := e.w.Fetch(80, 3*time.Second); err != nil || peer.Addr() != networld.HostB {
+		t.Fatalf("right after READY=1: server saw %v, err %v", peer, err)
+	}
+	d.Signal(syscall.SIGHUP)
+	if got := next(); !strings.HasPrefix(got, "RELOADING=1\nMONOTONIC_USEC=") {
+		t.Errorf("on SIGHUP: %q, want RELOADING=1 with MONOTONIC_USEC", got)
+	}
+	if got := next(); got != "READY=1" {
+		t.Errorf("after the reload: %q, want READY=1", got)
+	}
+	d.Signal(syscall.SIGTERM)
+	if got := next(); got != "STOPPING=1" {
+		t.Errorf("on SIGTERM: %q, want STOPPING=1", got)
+	}
+	if err := d.Wait(10 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(d.Output(), "\n") {
+		if !regexp.MustCompile(`^<[3467]>level=`).MatchString(line) || strings.Contains(line, "time=") {
+			t.Errorf("log line not for the journal: %q", line)
+		}
+	}
+	if !strings.Contains(d.Output(), "<6>level=INFO msg=ready") {
+		t.Errorf("no ready line with priority 6:\n%s", d.Output())
 	}
 }

@@ -130,7 +130,7 @@ func cmdRun(args []string) int {
 	if debug {
 		level, events = slog.LevelDebug, os.Stdout
 	}
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	log := newLogger(os.Stderr, level)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	hup := make(chan os.Signal, 1)
@@ -144,7 +144,12 @@ func cmdRun(args []string) int {
 			}
 		}
 	}()
-	if err := daemon.Run(ctx, daemon.Options{Config: cfg, Log: log, Events: events, Reload: reload}); err != nil {
+	notify := func(state string) {
+		if err := sdNotify(state); err != nil {
+			log.Warn("systemd notification", "state", state, "err", err)
+		}
+	}
+	if err := daemon.Run(ctx, daemon.Options{Config: cfg, Log: log, Events: events, Reload: reload, Notify: notify}); err != nil {
 		log.Error("rerouted failed", "err", err)
 		return exitFailure
 	}
