@@ -6,7 +6,7 @@ STATICCHECK := $(shell $(GO) env GOPATH)/bin/staticcheck
 # command:package pairs the tests and the demo need (the daemon itself needs none)
 TOOLS       := ip:iproute2 nsenter:util-linux ethtool:ethtool ss:iproute2 sysctl:procps nft:nftables iptables:iptables conntrack:conntrack
 
-.PHONY: all build deps demo test lint unit e2e
+.PHONY: all build deps demo test lint unit e2e fuzz
 
 all: build
 
@@ -33,6 +33,13 @@ lint: deps
 	$(STATICCHECK) ./...
 
 # Every test, unit and end-to-end, under the race detector (the daemon the
-# end-to-end tests run is built with -race too).
+# end-to-end tests run is built with -race too), then a short run of each
+# fuzz target (FUZZTIME each; longer: make fuzz FUZZTIME=10m).
 test: lint
 	$(GO) test -race -count=1 -timeout 8m ./...
+	$(MAKE) --no-print-directory fuzz
+
+FUZZTIME ?= 10s
+fuzz:
+	$(GO) test -run '^$$' -fuzz '^FuzzRewrite$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 1s ./rewrite
+	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 1s ./policy

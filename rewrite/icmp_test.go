@@ -13,7 +13,7 @@ import (
 
 // icmpError builds the error a router at from sends to quote's source,
 // quoting the first n bytes of quote, with gopacket's checksums.
-func icmpError(t *testing.T, from netip.Addr, quote []byte, n int) []byte {
+func icmpError(t testing.TB, from netip.Addr, quote []byte, n int) []byte {
 	to := netip.AddrFrom4([4]byte(quote[12:16]))
 	if quote[0]>>4 == 6 {
 		to = netip.AddrFrom16([16]byte(quote[8:24]))
