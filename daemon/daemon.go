@@ -122,6 +122,13 @@ func Run(ctx context.Context, o Options) (err error) {
 	var wg sync.WaitGroup
 	undo = append(undo, func() error { stop(); wg.Wait(); return nil })
 
+	// Managed uplinks' routing first: the table's rules rely on it.
+	routing, err := installUplinks(cfg, d.log)
+	if err != nil {
+		return err
+	}
+	undo = append(undo, routing.remove)
+
 	watched, err := watchRouting(runCtx, &d.routing)
 	if err != nil {
 		return err

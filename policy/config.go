@@ -41,11 +41,19 @@ type Daemon struct {
 }
 
 // Uplink is one [[uplink]]: a fwmark whose routing table leads out of it.
+// With Table and a gateway it is managed: rerouted installs the table's
+// default route and the ip rules that lead to it, and removes them on exit.
 type Uplink struct {
 	Name      string
 	Mark      uint32
-	Interface string // optional; checked at start
+	Interface string     // optional; checked at start; required when managed
+	Gateway   netip.Addr // IPv4 default gateway (managed)
+	Gateway6  netip.Addr // IPv6 default gateway (managed)
+	Table     uint32     // routing table (managed)
 }
+
+// Managed reports whether rerouted installs the uplink's routing.
+func (u *Uplink) Managed() bool { return u.Table != 0 }
 
 // Defaults applied to keys the file leaves out.
 const (
@@ -237,9 +245,43 @@ func (p *parser) uplink(path string, t map[string]any) *Uplink {
 				continue
 			}
 			u.Interface = s
+		case "gateway", "gateway6":
+			s, _ := t[k].(string)
+			a, err := netip.ParseAddr(s)
+			switch {
+			case err != nil || a.Zone() != "":
+				p.errorf(kp, "%s must be an IP address, like \"203.0.113.1\"", k)
+			case k == "gateway" && !a.Is4():
+				p.errorf(kp, "gateway must be an IPv4 address (use gateway6 for IPv6)")
+			case k == "gateway6" && !a.Is6():
+				p.errorf(kp, "gateway6 must be an IPv6 address")
+			case k == "gateway":
+				u.Gateway = a
+			default:
+				u.Gateway6 = a
+			}
+		case "table":
+			if n, ok := p.integer(kp, t[k], 1, 0xffffffff); ok {
+				if n == 253 || n == 254 || n == 255 {
+					p.errorf(kp, "table %d is the kernel's own (default, main, local); pick another", n)
+					continue
+				}
+				u.Table = uint32(n)
+			}
 		default:
 			p.errorf(kp, "unknown key %q in [[uplink]]", k)
 		}
+	}
+	_, hasTable := t["table"]
+	_, gw := t["gateway"]
+	_, gw6 := t["gateway6"]
+	switch {
+	case hasTable && !gw && !gw6:
+		p.errorf(path, "a managed [[uplink]] needs gateway or gateway6 with its table")
+	case (gw || gw6) && !hasTable:
+		p.errorf(path, "a managed [[uplink]] needs a table for its gateway")
+	case hasTable && u.Interface == "":
+		p.errorf(path, "a managed [[uplink]] needs its interface")
 	}
 	if _, ok := t["name"]; !ok {
 		p.errorf(path, "[[uplink]] needs a name")
@@ -429,7 +471,12 @@ func lookupID(kind, name string) (uint32, error) {
 func (p *parser) link(cfg *Config) {
 	byName := map[string]*Uplink{}
 	byMark := map[uint32]string{}
+	byTable := map[uint32]string{}
 	for i, u := range cfg.Uplinks {
+		if other, dup := byTable[u.Table]; dup && u.Table != 0 {
+			p.errorf(fmt.Sprintf("uplink.%d.table", i), "uplinks %q and %q share table %d", other, u.Name, u.Table)
+		}
+		byTable[u.Table] = u.Name
 		path := fmt.Sprintf("uplink.%d", i)
 		if u.Name == "" {
 			continue

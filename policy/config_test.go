@@ -125,6 +125,11 @@ func TestParseErrors(t *testing.T) {
 		{"type", "[daemon]\nhonor_marks = \"yes\"\n", "bad.toml:2:1: honor_marks must be true or false"},
 		{"datapath", "[daemon]\ndatapath = \"ebpf\"\n", "bad.toml:2:1: datapath must be \"kernel\" or \"userspace\""},
 		{"queues", "[daemon]\nqueues = 0\n", "bad.toml:2:1: queues 0 is out of range 1-64"},
+		{"gateway without table", "[[uplink]]\nname = \"b\"\nmark = 1\ninterface = \"hb\"\ngateway = \"203.0.113.1\"\n", "bad.toml:1:1: a managed [[uplink]] needs a table"},
+		{"table without gateway", "[[uplink]]\nname = \"b\"\nmark = 1\ninterface = \"hb\"\ntable = 100\n", "bad.toml:1:1: a managed [[uplink]] needs gateway or gateway6"},
+		{"managed without interface", "[[uplink]]\nname = \"b\"\nmark = 1\ntable = 100\ngateway = \"203.0.113.1\"\n", "bad.toml:1:1: a managed [[uplink]] needs its interface"},
+		{"gateway family", "[[uplink]]\nname = \"b\"\nmark = 1\ninterface = \"hb\"\ntable = 100\ngateway = \"2001:db8::1\"\n", "bad.toml:6:1: gateway must be an IPv4 address"},
+		{"main table", "[[uplink]]\nname = \"b\"\nmark = 1\ninterface = \"hb\"\ntable = 254\ngateway = \"203.0.113.1\"\n", "bad.toml:5:1: table 254 is the kernel's own"},
 		{"idle timeout", "[daemon]\nidle_timeout = \"10ms\"\n", "bad.toml:2:1: idle_timeout must be a duration between 1s and 24h"},
 	}
 	for _, c := range cases {

@@ -1,0 +1,199 @@
+package daemon
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+
+	"github.com/rerouted/rerouted/policy"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// Managed uplinks. For an [[uplink]] with a table and a gateway, rerouted
+// installs, for each family that has a gateway:
+//
+//	ip route add default via GATEWAY dev INTERFACE table TABLE
+//	ip rule add fwmark MARK lookup TABLE pref 1000
+//	ip rule add from ADDRESS lookup TABLE pref 1001    (each address on INTERFACE)
+//
+// The "from" rules answer connections that arrived on the uplink through
+// it (seed 004's second pitfall). Everything is tagged with protocol
+// RouteProtocol, so what a crashed run left is recognised as rerouted's;
+// what an operator configured the same way is left alone, both at start and
+// at exit. On exit rerouted removes exactly what it installed.
+
+// RouteProtocol tags rerouted's routes and rules (rtm_protocol, FRA_PROTOCOL;
+// `ip route show proto 114`, `ip rule show protocol 114`).
+const RouteProtocol = 114
+
+// Rule priorities: before the main table (32766).
+const (
+	markRulePriority = 1000
+	fromRulePriority = 1001
+)
+
+// uplinkRouting is what rerouted installed for its managed uplinks.
+type uplinkRouting struct {
+	h      *netlink.Handle
+	log    *slog.Logger
+	routes []netlink.Route
+	rules  []netlink.Rule
+}
+
+// installUplinks installs the routing of every managed uplink. On error it
+// removes what it installed.
+func installUplinks(cfg *policy.Config, log *slog.Logger) (*uplinkRouting, error) {
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, fmt.Errorf("rtnetlink: %w", err)
+	}
+	u := &uplinkRouting{h: h, log: log}
+	for _, up := range cfg.Uplinks {
+		if !up.Managed() {
+			continue
+		}
+		if err := u.install(up); err != nil {
+			return nil, errors.Join(fmt.Errorf("uplink %q: %w", up.Name, err), u.remove())
+		}
+	}
+	return u, nil
+}
+
+func (u *uplinkRouting) install(up *policy.Uplink) error {
+	link, err := u.h.LinkByName(up.Interface)
+	if err != nil {
+		return fmt.Errorf("interface %q: %w", up.Interface, err)
+	}
+	for _, fam := range []struct {
+		family int
+		gw     netip.Addr
+	}{{unix.AF_INET, up.Gateway}, {unix.AF_INET6, up.Gateway6}} {
+		if !fam.gw.IsValid() {
+			continue
+		}
+		if err := u.route(netlink.Route{LinkIndex: link.Attrs().Index, Gw: net.IP(fam.gw.AsSlice()), Table: int(up.Table),
+			Family: fam.family, Protocol: RouteProtocol}); err != nil {
+			return err
+		}
+		if err := u.rule(netlink.Rule{Family: fam.family, Mark: up.Mark, Table: int(up.Table), Priority: markRulePriority}); err != nil {
+			return err
+		}
+		addrs, err := u.h.AddrList(link, fam.family)
+		if err != nil {
+			return fmt.Errorf("addresses of %s: %w", up.Interface, err)
+		}
+		for _, a := range addrs {
+			if !a.IP.IsGlobalUnicast() {
+				continue
+			}
+			bits := 32
+			if fam.family == unix.AF_INET6 {
+				bits = 128
+			}
+			src := &net.IPNet{IP: a.IP, Mask: net.CIDRMask(bits, bits)}
+			if err := u.rule(netlink.Rule{Family: fam.family, Src: src, Table: int(up.Table), Priority: fromRulePriority}); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// route adds the table's default route unless it is there already: left by
+// a crashed run (rerouted's protocol: adopted, removed on exit) or the
+// operator's (left alone). A different default route in the table is an
+// error: rerouted does not take over a table someone else manages.
+func (u *uplinkRouting) route(r netlink.Route) error {
+	existing, err := u.h.RouteListFiltered(r.Family, &netlink.Route{Table: r.Table}, netlink.RT_FILTER_TABLE)
+	if err != nil {
+		return fmt.Errorf("list table %d: %w", r.Table, err)
+	}
+	for _, e := range existing {
+		if e.Dst != nil && !e.Dst.IP.IsUnspecified() {
+			continue // not a default route
+		}
+		if e.Gw.Equal(r.Gw) && e.LinkIndex == r.LinkIndex {
+			if e.Protocol == RouteProtocol {
+				u.routes = append(u.routes, e)
+			}
+			return nil
+		}
+		return fmt.Errorf("table %d already has a default route via %v: remove it or let rerouted manage another table", r.Table, e.Gw)
+	}
+	if err := u.h.RouteAdd(&r); err != nil {
+		return fmt.Errorf("add default route via %v table %d: %w", r.Gw, r.Table, err)
+	}
+	u.routes = append(u.routes, r)
+	u.log.Info("uplink route added", "table", r.Table, "gateway", r.Gw.String(), "link_index", r.LinkIndex)
+	return nil
+}
+
+// rule adds an ip rule unless an identical one is there (see route).
+func (u *uplinkRouting) rule(r netlink.Rule) error {
+	r.Protocol = RouteProtocol
+	existing, err := u.h.RuleListFiltered(r.Family, &netlink.Rule{Table: r.Table}, netlink.RT_FILTER_TABLE)
+	if err != nil {
+		return fmt.Errorf("list rules: %w", err)
+	}
+	for _, e := range existing {
+		if e.Mark == r.Mark && sameNet(e.Src, r.Src) && e.Dst == nil && e.IifName == "" && e.OifName == "" && !e.Invert {
+			if e.Protocol == RouteProtocol {
+				u.rules = append(u.rules, e)
+			}
+			return nil
+		}
+	}
+	add := netlink.NewRule()
+	add.Family, add.Mark, add.Src, add.Table, add.Priority, add.Protocol = r.Family, r.Mark, r.Src, r.Table, r.Priority, r.Protocol
+	if err := u.h.RuleAdd(add); err != nil {
+		return fmt.Errorf("add rule %v: %w", ruleString(add), err)
+	}
+	u.rules = append(u.rules, *add)
+	u.log.Info("uplink rule added", "rule", ruleString(add))
+	return nil
+}
+
+func sameNet(a, b *net.IPNet) bool {
+	if a == nil || b == nil {
+		return a == nil && b == nil
+	}
+	return a.String() == b.String()
+}
+
+func ruleString(r *netlink.Rule) string {
+	from := "all"
+	if r.Src != nil {
+		from = r.Src.String()
+	}
+	s := fmt.Sprintf("from %s", from)
+	if r.Mark != 0 {
+		s += fmt.Sprintf(" fwmark %#x", r.Mark)
+	}
+	return s + fmt.Sprintf(" lookup %d pref %d", r.Table, r.Priority)
+}
+
+// remove deletes what install added, rules first, and closes the socket.
+func (u *uplinkRouting) remove() error {
+	var errs []error
+	for i := len(u.rules) - 1; i >= 0; i-- {
+		r := u.rules[i]
+		if err := u.h.RuleDel(&r); err != nil && !errors.Is(err, unix.ENOENT) {
+			errs = append(errs, fmt.Errorf("remove rule %s: %w", ruleString(&r), err))
+		}
+	}
+	for i := len(u.routes) - 1; i >= 0; i-- {
+		r := u.routes[i]
+		if err := u.h.RouteDel(&r); err != nil && !errors.Is(err, unix.ESRCH) {
+			errs = append(errs, fmt.Errorf("remove default route table %d: %w", r.Table, err))
+		}
+	}
+	if n := len(u.rules) + len(u.routes); n > 0 {
+		u.log.Info("uplink routing removed", "rules", len(u.rules), "routes", len(u.routes))
+	}
+	u.rules, u.routes = nil, nil
+	u.h.Close()
+	return errors.Join(errs...)
+}

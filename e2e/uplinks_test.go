@@ -1,0 +1,155 @@
+package e2e
+
+import (
+	"bufio"
+	"fmt"
+	"net"
+	"os"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/rerouted/rerouted/networld"
+)
+
+const managedUplink = `
+[[uplink]]
+name = "isp-b"
+mark = 100
+interface = "hb"
+gateway = "203.0.113.1"
+gateway6 = "2001:db8:b::1"
+table = 100
+`
+
+// Managed uplinks: with gateway and table set, rerouted installs ISP B's
+// default route in its table, the fwmark rule, and "from <ISP B address>"
+// rules, IPv4 and IPv6; connections that arrive on ISP B are answered
+// through it; on exit exactly that is removed (an operator's rule stays),
+// and after a crash the next run adopts what the last one left.
+func TestManagedUplinks(t *testing.T) {
+	e := newEnv(t, "kernel", webRule)
+	// The world's own routing for ISP B goes: rerouted is to make it.
+	for _, cmd := range [][]string{
+		{"rule", "del", "fwmark", "100", "table", "100"}, {"rule", "del", "from", "203.0.113.2", "table", "100"},
+		{"route", "flush", "table", "100"},
+		{"-6", "rule", "del", "fwmark", "100", "table", "100"}, {"-6", "rule", "del", "from", "2001:db8:b::2", "table", "100"},
+		{"-6", "route", "flush", "table", "100"},
+		{"rule", "add", "from", "192.0.2.99", "lookup", "200", "pref", "500"}, // the operator's, unrelated
+	} {
+		if _, err := e.w.Host.Run("ip", cmd...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The uplink section replaces the harness's unmanaged one.
+	head := strings.Replace(fmt.Sprintf(configHead, e.sock, e.dp), "[[uplink]]\nname = \"isp-b\"\nmark = 100\ninterface = \"hb\"\n", managedUplink, 1)
+	if err := writeFile(e.cfg, head+webRule); err != nil {
+		t.Fatal(err)
+	}
+
+	// A server on the host, on ISP B's address, and a client on the internet.
+	ln, err := listenOnHost(e, "203.0.113.2:7000")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	inbound := func() error {
+		var c net.Conn
+		err := e.w.Net.Do(func() (err error) {
+			c, err = net.DialTimeout("tcp", "203.0.113.2:7000", 1500*time.Millisecond)
+			return err
+		})
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(2 * time.Second))
+		_, err = bufio.NewReader(c).ReadString('\n')
+		return err
+	}
+	if err := inbound(); err == nil {
+		t.Fatal("a connection to ISP B's address was answered with no from-rule: the world does not show the pitfall")
+	}
+
+	rules := func(family string) string {
+		out, err := e.w.Host.Run("ip", family, "rule", "show")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return out
+	}
+	check := func(want bool) {
+		t.Helper()
+		for _, c := range []struct{ family, rule string }{
+			{"-4", "1000:\tfrom all fwmark 0x64 lookup 100 proto 114"},
+			{"-4", "1001:\tfrom 203.0.113.2 lookup 100 proto 114"},
+			{"-6", "1000:\tfrom all fwmark 0x64 lookup 100 proto 114"},
+			{"-6", "1001:\tfrom 2001:db8:b::2 lookup 100 proto 114"},
+		} {
+			if got := strings.Contains(rules(c.family), c.rule); got != want {
+				t.Errorf("ip %s rule has %q: %v, want %v:\n%s", c.family, c.rule, got, want, rules(c.family))
+			}
+		}
+		for _, c := range []struct{ family, route string }{
+			{"-4", "default via 203.0.113.1 dev hb proto 114"}, {"-6", "default via 2001:db8:b::1 dev hb proto 114"},
+		} {
+			out, _ := e.w.Host.Run("ip", c.family, "route", "show", "table", "100")
+			if got := strings.Contains(out, c.route); got != want {
+				t.Errorf("ip %s route show table 100 has %q: %v, want %v:\n%s", c.family, c.route, got, want, out)
+			}
+		}
+		if !strings.Contains(rules("-4"), "500:\tfrom 192.0.2.99 lookup 200") {
+			t.Errorf("the operator's rule is gone:\n%s", rules("-4"))
+		}
+	}
+
+	d := e.start()
+	check(true)
+	for _, dst := range []struct{ o networld.DialOptions }{{networld.DialOptions{Port: 80}}, {networld.DialOptions{Dst: networld.Server6, Port: 80}}} {
+		peer, err := e.w.FetchFrom(dst.o)
+		if err != nil || (peer.Addr() != networld.HostB && peer.Addr() != networld.HostB6) {
+			t.Fatalf("to %v: server saw %v, err %v; want ISP B's address", dst.o.Dst, peer, err)
+		}
+	}
+	if err := inbound(); err != nil {
+		t.Errorf("a connection to ISP B's address was not answered through ISP B: %v", err)
+	}
+
+	// A crash leaves the routing (existing flows keep working); the next
+	// run adopts it and removes it on exit.
+	d.Kill()
+	check(true)
+	d = e.start()
+	d.Signal(syscall.SIGTERM)
+	if err := d.Wait(10 * time.Second); err != nil {
+		t.Fatalf("%v\n%s", err, d.Output())
+	}
+	check(false)
+}
+
+func writeFile(path, s string) error { return os.WriteFile(path, []byte(s), 0o600) }
+
+// listenOnHost listens on addr in the host namespace and greets every
+// connection with a line.
+func listenOnHost(e *env, addr string) (net.Listener, error) {
+	var ln net.Listener
+	err := e.w.Host.Do(func() (err error) {
+		ln, err = net.Listen("tcp", addr)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			fmt.Fprintln(c, "hello from the host")
+			c.Close()
+		}
+	}()
+	return ln, nil
+}
