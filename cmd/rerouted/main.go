@@ -3,6 +3,7 @@
 //
 //	rerouted run --config FILE [--debug]     run the daemon in the foreground
 //	rerouted check --config FILE             validate a configuration
+//	rerouted doctor --config FILE            check the host for what breaks multi-ISP setups
 //	rerouted flows --config FILE [--json]    list the running daemon's flows
 //	rerouted explain --config FILE --pid PID --dst ADDR:PORT
 //	                                         which rule a new connection would match, and why
@@ -29,6 +30,7 @@ import (
 const usage = `usage:
   rerouted run --config FILE [--debug]     run the daemon in the foreground
   rerouted check --config FILE             validate a configuration (exit 2 if invalid)
+  rerouted doctor --config FILE            check the host for what breaks multi-ISP setups (exit 1 if any)
   rerouted flows --config FILE [--json]    list the running daemon's translated flows
   rerouted explain --config FILE --pid PID --dst ADDR:PORT [--protocol tcp]
                                            which rule a new connection from PID would match, and why
@@ -55,6 +57,8 @@ func main() {
 		code = cmdRun(args)
 	case "check":
 		code = cmdCheck(args)
+	case "doctor":
+		code = cmdDoctor(args)
 	case "flows":
 		code = cmdFlows(args)
 	case "explain":

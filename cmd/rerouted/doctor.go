@@ -1,0 +1,36 @@
+package main
+
+import (
+	"flag"
+	"fmt"
+	"os"
+
+	"github.com/rerouted/rerouted/daemon"
+	"github.com/rerouted/rerouted/doctor"
+)
+
+// cmdDoctor checks the host for what breaks multi-ISP setups. Exit 0: no
+// problem found; 1: problems, each with its fix; 2: bad configuration.
+func cmdDoctor(args []string) int {
+	var file string
+	flags("doctor", args, func(fs *flag.FlagSet) {
+		fs.StringVar(&file, "config", "", "configuration file")
+	})
+	cfg, code := loadConfig(file)
+	if cfg == nil {
+		return code
+	}
+	_, err := daemon.QueryFlows(cfg.Daemon.ControlSocket)
+	r, err := doctor.Check(cfg, doctor.Options{DaemonRunning: err == nil})
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "rerouted doctor: %v\n", err)
+		return exitFailure
+	}
+	r.Print(os.Stdout)
+	if len(r.Findings) > 0 {
+		fmt.Printf("\n%d problem(s) found\n", len(r.Findings))
+		return exitFailure
+	}
+	fmt.Println("\nno problem found")
+	return exitOK
+}

@@ -1,0 +1,292 @@
+// Package doctor checks a host for what breaks multi-ISP setups and
+// rerouted's translation, and says how to fix each problem: strict
+// reverse-path filtering on an uplink, a mark without an ip rule or with an
+// empty table, no rule answering an uplink's address through it, a
+// MASQUERADE or SNAT on an uplink, and missing NFQUEUE or nftables support.
+package doctor
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
+	"github.com/rerouted/rerouted/policy"
+	"github.com/rerouted/rerouted/queue"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// Finding is one problem and its fix.
+type Finding struct {
+	Problem string
+	Fix     string
+}
+
+// Report is the outcome of a check: what is fine and what is not.
+type Report struct {
+	OK       []string
+	Findings []Finding
+}
+
+func (r *Report) ok(format string, a ...any) { r.OK = append(r.OK, fmt.Sprintf(format, a...)) }
+
+func (r *Report) problem(fix, format string, a ...any) {
+	r.Findings = append(r.Findings, Finding{Problem: fmt.Sprintf(format, a...), Fix: fix})
+}
+
+// Options adjust a check.
+type Options struct {
+	// DaemonRunning: rerouted holds the queues, so binding them is not
+	// tried (it would fail).
+	DaemonRunning bool
+	// ProcSys is where /proc/sys is; tests may point elsewhere.
+	ProcSys string
+}
+
+// Check inspects the host (the caller's network namespace) for cfg.
+func Check(cfg *policy.Config, o Options) (*Report, error) {
+	if o.ProcSys == "" {
+		o.ProcSys = "/proc/sys"
+	}
+	r := &Report{}
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, fmt.Errorf("rtnetlink: %w", err)
+	}
+	defer h.Close()
+
+	checkNetfilter(r, cfg, o)
+	rules, err := h.RuleList(unix.AF_INET)
+	if err != nil {
+		return nil, fmt.Errorf("list ip rules: %w", err)
+	}
+	for _, u := range cfg.Uplinks {
+		checkUplink(r, h, rules, u, o)
+	}
+	if err := checkNAT(r, cfg); err != nil {
+		r.problem("check that nf_tables is available (modprobe nf_tables)", "cannot read the nftables ruleset: %v", err)
+	}
+	return r, nil
+}
+
+// checkNetfilter: nftables answers, and the queues can be bound.
+func checkNetfilter(r *Report, cfg *policy.Config, o Options) {
+	c, err := nftables.New()
+	if err == nil {
+		_, err = c.ListTables()
+		c.CloseLasting()
+	}
+	if err != nil {
+		r.problem("load nf_tables (modprobe nf_tables) or use a kernel built with CONFIG_NF_TABLES",
+			"nftables does not answer: %v", err)
+	} else {
+		r.ok("nftables answers")
+	}
+	if o.DaemonRunning {
+		r.ok("rerouted is running and holds its queues")
+		return
+	}
+	first, n := cfg.Daemon.Queue, uint16(cfg.Daemon.Queues)
+	for i := uint16(0); i < n; i++ {
+		q, err := queue.Open(first+i, queue.Options{Rcvbuf: 64 << 10})
+		if err != nil {
+			fix := "load nfnetlink_queue (modprobe nfnetlink_queue) or use a kernel with CONFIG_NETFILTER_NETLINK_QUEUE"
+			if errors.Is(err, unix.EBUSY) || errors.Is(err, unix.EEXIST) {
+				fix = fmt.Sprintf("another program holds NFQUEUE %d: set [daemon] queue to a free number", first+i)
+			}
+			r.problem(fix, "NFQUEUE %d cannot be bound: %v", first+i, err)
+			return
+		}
+		q.Close()
+	}
+	r.ok("NFQUEUE %d-%d can be bound", first, first+n-1)
+}
+
+func checkUplink(r *Report, h *netlink.Handle, rules []netlink.Rule, u *policy.Uplink, o Options) {
+	if u.Interface == "" {
+		r.ok("uplink %q: no interface set, so its reverse-path filter and address rules are not checked", u.Name)
+	} else if link, err := h.LinkByName(u.Interface); err != nil {
+		r.problem(fmt.Sprintf("fix interface = %q in the configuration", u.Interface), "uplink %q: interface %q does not exist", u.Name, u.Interface)
+		return
+	} else {
+		checkRPFilter(r, u, o)
+		if !u.Managed() {
+			checkFromRules(r, h, rules, u, link)
+		}
+	}
+	if u.Managed() {
+		r.ok("uplink %q: rerouted installs its route and rules (table %d)", u.Name, u.Table)
+		return
+	}
+	var table int
+	for _, ru := range rules {
+		if ru.Mark == u.Mark && ru.Table != 0 && !ru.Invert {
+			table = ru.Table
+			break
+		}
+	}
+	if table == 0 {
+		r.problem(fmt.Sprintf("ip rule add fwmark %d lookup <its table> (or set gateway and table on the uplink and let rerouted do it)", u.Mark),
+			"uplink %q: no ip rule sends fwmark %d to a routing table, so marked traffic follows the main table", u.Name, u.Mark)
+		return
+	}
+	routes, err := h.RouteListFiltered(unix.AF_INET, &netlink.Route{Table: table}, netlink.RT_FILTER_TABLE)
+	if err != nil || len(routes) == 0 {
+		r.problem(fmt.Sprintf("ip route add default via <gateway> dev <interface> table %d", table),
+			"uplink %q: fwmark %d leads to table %d, which has no routes", u.Name, u.Mark, table)
+		return
+	}
+	r.ok("uplink %q: fwmark %d leads to table %d (%d routes)", u.Name, u.Mark, table, len(routes))
+}
+
+// checkRPFilter: strict reverse-path filtering on an uplink drops the
+// replies of translated flows (their destination is restored before the
+// routing decision, and the socket's address routes through another
+// uplink). The effective value is the larger of "all" and the interface's.
+func checkRPFilter(r *Report, u *policy.Uplink, o Options) {
+	read := func(dev string) int {
+		b, err := os.ReadFile(fmt.Sprintf("%s/net/ipv4/conf/%s/rp_filter", o.ProcSys, dev))
+		if err != nil {
+			return -1
+		}
+		n, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+		return n
+	}
+	all, dev := read("all"), read(u.Interface)
+	if max(all, dev) == 1 {
+		r.problem(fmt.Sprintf("sysctl -w net.ipv4.conf.all.rp_filter=2 net.ipv4.conf.%s.rp_filter=2 (loose), and the same in /etc/sysctl.d", u.Interface),
+			"uplink %q: strict reverse-path filtering on %s (all=%d, %s=%d) drops the replies of flows translated to it", u.Name, u.Interface, all, u.Interface, dev)
+		return
+	}
+	r.ok("uplink %q: rp_filter on %s is not strict (all=%d, %s=%d)", u.Name, u.Interface, all, u.Interface, dev)
+}
+
+// checkFromRules: connections that arrive on an uplink must be answered
+// through it (seed 004's second pitfall): a "from <address> lookup <table>"
+// rule for each of its IPv4 addresses.
+func checkFromRules(r *Report, h *netlink.Handle, rules []netlink.Rule, u *policy.Uplink, link netlink.Link) {
+	addrs, err := h.AddrList(link, unix.AF_INET)
+	if err != nil {
+		return
+	}
+	for _, a := range addrs {
+		if !a.IP.IsGlobalUnicast() {
+			continue
+		}
+		found := false
+		for _, ru := range rules {
+			if ru.Src != nil && ru.Src.IP.Equal(a.IP) && ru.Table != 0 && ru.Table != unix.RT_TABLE_MAIN {
+				found = true
+			}
+		}
+		if !found {
+			r.problem(fmt.Sprintf("ip rule add from %s lookup <the uplink's table> (or let rerouted manage the uplink)", a.IP),
+				"uplink %q: no ip rule answers connections to %s through %s; replies leave by the default route with a foreign source", u.Name, a.IP, u.Interface)
+		}
+	}
+}
+
+// checkNAT looks for MASQUERADE and SNAT in nat postrouting chains that
+// apply to an uplink's interface (or to every interface). Conntrack NAT
+// rewrites the reply tuple of a translated flow, whose replies then no longer
+// match it.
+func checkNAT(r *Report, cfg *policy.Config) error {
+	c, err := nftables.New()
+	if err != nil {
+		return err
+	}
+	defer c.CloseLasting()
+	chains, err := c.ListChains()
+	if err != nil {
+		return err
+	}
+	found := false
+	for _, ch := range chains {
+		if ch.Type != nftables.ChainTypeNAT || ch.Hooknum == nil || *ch.Hooknum != *nftables.ChainHookPostrouting {
+			continue
+		}
+		rules, err := c.GetRules(ch.Table, ch)
+		if err != nil {
+			return fmt.Errorf("rules of %s %s: %w", ch.Table.Name, ch.Name, err)
+		}
+		for _, ru := range rules {
+			kind, oif := natOf(ru.Exprs)
+			if kind == "" {
+				continue
+			}
+			for _, u := range cfg.Uplinks {
+				if oif != "" && u.Interface != "" && !strings.HasPrefix(u.Interface, oif) {
+					continue
+				}
+				where := "every interface"
+				if oif != "" {
+					where = u.Interface
+				}
+				found = true
+				r.problem("remove it: rerouted gives the uplink's address to the flows routed there, without conntrack",
+					"uplink %q: %s in table %s chain %s applies to %s; conntrack NAT rewrites the reply tuple of translated flows", u.Name, kind, familyName(ch.Table.Family)+" "+ch.Table.Name, ch.Name, where)
+			}
+		}
+	}
+	if !found {
+		r.ok("no MASQUERADE or SNAT applies to an uplink")
+	}
+	return nil
+}
+
+// natOf reports whether a rule masquerades or source-NATs, and the output
+// interface name (or prefix) it is limited to, "" for none.
+func natOf(es []expr.Any) (kind, oif string) {
+	oifReg := uint32(0)
+	for _, e := range es {
+		switch e := e.(type) {
+		case *expr.Meta:
+			if e.Key == expr.MetaKeyOIFNAME {
+				oifReg = e.Register
+			}
+		case *expr.Cmp:
+			if oifReg != 0 && e.Register == oifReg && e.Op == expr.CmpOpEq {
+				oif = string(bytes.TrimRight(e.Data, "\x00"))
+			}
+		case *expr.Masq:
+			kind = "MASQUERADE"
+		case *expr.NAT:
+			if e.Type == expr.NATTypeSourceNAT {
+				kind = "SNAT"
+			}
+		case *expr.Target: // iptables-nft
+			if e.Name == "MASQUERADE" || e.Name == "SNAT" {
+				kind = e.Name
+			}
+		}
+	}
+	return kind, oif
+}
+
+func familyName(f nftables.TableFamily) string {
+	switch f {
+	case nftables.TableFamilyIPv4:
+		return "ip"
+	case nftables.TableFamilyIPv6:
+		return "ip6"
+	case nftables.TableFamilyINet:
+		return "inet"
+	}
+	return strconv.Itoa(int(f))
+}
+
+// Print writes the report for a person.
+func (r *Report) Print(w io.Writer) {
+	for _, s := range r.OK {
+		fmt.Fprintf(w, "ok       %s\n", s)
+	}
+	for _, f := range r.Findings {
+		fmt.Fprintf(w, "PROBLEM  %s\n         fix: %s\n", f.Problem, f.Fix)
+	}
+}

@@ -1,0 +1,88 @@
+package e2e
+
+import (
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+)
+
+// doctor runs rerouted doctor in the host namespace and returns its output
+// and exit code.
+func (e *env) doctor() (string, int) {
+	e.t.Helper()
+	cmd := e.w.Host.Command(bin, "doctor", "--config", e.cfg)
+	out, err := cmd.CombinedOutput()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		e.t.Fatal(err)
+	}
+	return string(out), code
+}
+
+// doctor on a healthy host exits 0; on a broken one it names each problem
+// with its fix and exits 1.
+func TestDoctor(t *testing.T) {
+	e := newEnv(t, "kernel", webRule)
+	out, code := e.doctor()
+	if code != 0 || !strings.Contains(out, "no problem found") {
+		t.Fatalf("healthy host: exit %d:\n%s", code, out)
+	}
+	for _, want := range []string{"ok       nftables answers", "ok       NFQUEUE 0-", `fwmark 100 leads to table 100`, "no MASQUERADE or SNAT"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("healthy host: no %q in:\n%s", want, out)
+		}
+	}
+
+	// Break it three ways.
+	if err := e.w.Host.Sysctl("net.ipv4.conf.hb.rp_filter=1"); err != nil {
+		t.Fatal(err)
+	}
+	// (What the finding claims: strict filtering kills translated flows.)
+	d := e.start()
+	if peer, err := e.w.Fetch(80, 1500*time.Millisecond); err == nil {
+		t.Errorf("with strict rp_filter on hb a translated connection worked (server saw %v)", peer)
+	}
+	d.Kill()
+	if _, err := e.w.Host.Run("ip", "rule", "del", "fwmark", "100", "table", "100"); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.w.Host.Nft("table ip nat {\n\tchain post {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\toifname \"hb\" masquerade\n\t}\n}\n"); err != nil {
+		t.Fatal(err)
+	}
+	out, code = e.doctor()
+	if code != 1 {
+		t.Errorf("broken host: exit %d, want 1:\n%s", code, out)
+	}
+	for _, want := range []string{
+		"PROBLEM  uplink \"isp-b\": strict reverse-path filtering on hb",
+		"fix: sysctl -w net.ipv4.conf.all.rp_filter=2 net.ipv4.conf.hb.rp_filter=2",
+		"PROBLEM  uplink \"isp-b\": no ip rule sends fwmark 100 to a routing table",
+		"fix: ip rule add fwmark 100 lookup",
+		"PROBLEM  uplink \"isp-b\": MASQUERADE in table ip nat chain post applies to hb",
+		"3 problem(s) found",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("broken host: no %q in:\n%s", want, out)
+		}
+	}
+
+	// A rule to an empty table, and no rule for ISP B's address.
+	for _, cmd := range [][]string{{"rule", "add", "fwmark", "100", "table", "100"}, {"route", "flush", "table", "100"},
+		{"rule", "del", "from", "203.0.113.2", "table", "100"}} {
+		if _, err := e.w.Host.Run("ip", cmd...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	out, _ = e.doctor()
+	for _, want := range []string{
+		"PROBLEM  uplink \"isp-b\": fwmark 100 leads to table 100, which has no routes",
+		"PROBLEM  uplink \"isp-b\": no ip rule answers connections to 203.0.113.2 through hb",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("no %q in:\n%s", want, out)
+		}
+	}
+}
