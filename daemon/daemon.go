@@ -46,6 +46,12 @@ type Options struct {
 	Log    *slog.Logger
 	Events io.Writer       // one line per translated flow created or removed; nil for none
 	Reload <-chan struct{} // each receive reloads the configuration file (SIGHUP)
+	// Detach, when it receives, stops the daemon for a restart: it exits
+	// leaving its table, its flows' elements and its uplinks' routing in
+	// place (translated flows keep working, new ones pass untranslated
+	// through the queue's bypass), and the next start adopts them. Run
+	// then returns ErrDetached.
+	Detach <-chan struct{}
 	// Notify, if set, is told the daemon's state in systemd's words:
 	// "READY=1" once new flows are translated, "RELOADING=1" and
 	// "READY=1" around a reload, "STOPPING=1" when removal begins.
@@ -81,6 +87,10 @@ type stats struct {
 	forwarded  atomic.Uint64 // userspace datapath: packets rewritten after the SYN
 	bytes      atomic.Uint64 // userspace datapath: their bytes
 }
+
+// ErrDetached is returned by Run when it stopped for a restart (Detach),
+// leaving the kernel state for the next start.
+var ErrDetached = errors.New("detached for a restart: translations left in place for the next start")
 
 // Each NFQUEUE socket's buffer: bursts of new connections must not overflow
 // it (DESIGN-NOTES: a large SO_RCVBUFFORCE fixed drops), nor, with the
@@ -127,7 +137,14 @@ func Run(ctx context.Context, o Options) (err error) {
 	if err != nil {
 		return err
 	}
-	undo = append(undo, routing.remove)
+	var detached bool // set before the undo list runs: keep the kernel state
+	undo = append(undo, func() error {
+		if detached {
+			routing.h.Close()
+			return nil
+		}
+		return routing.remove()
+	})
 
 	watched, err := watchRouting(runCtx, &d.routing)
 	if err != nil {
@@ -164,10 +181,19 @@ func Run(ctx context.Context, o Options) (err error) {
 	}
 	undo = append(undo, func() error {
 		n := d.flows.Len()
+		if detached {
+			d.log.Info("left the table for the next start", "table", "inet "+nftdp.TableName, "flows", n)
+			return d.dp.Close()
+		}
 		err := d.dp.Remove()
 		d.log.Info("removed table", "table", "inet "+nftdp.TableName, "flows", n)
 		return err
 	})
+	if d.dp.Adopted {
+		if err := d.adopt(sweepDiag); err != nil {
+			return err
+		}
+	}
 
 	wg.Add(4)
 	go func() { defer wg.Done(); d.inst.run(runCtx) }()
@@ -191,13 +217,79 @@ func Run(ctx context.Context, o Options) (err error) {
 		"table", "inet "+nftdp.TableName, "honor_marks", cfg.Daemon.HonorMarks, "uplinks", len(cfg.Uplinks),
 		"rules", len(cfg.Rules), "control_socket", cfg.Daemon.ControlSocket)
 	d.notify("READY=1")
-	<-ctx.Done()
+	select {
+	case <-ctx.Done():
+	case <-o.Detach:
+		detached = true
+		stop() // as a done ctx would: every goroutine ends before teardown
+	}
 	d.notify("STOPPING=1")
 	d.log.Info("stopping", "syns", d.stats.syns.Load(), "datagram_flows", d.stats.datagrams.Load(), "idle_ended", d.stats.idle.Load(),
 		"translated", d.stats.translated.Load(),
 		"retransmitted_syns", d.stats.retrans.Load(),
 		"dropped", d.stats.dropped.Load(), "icmp_errors", d.stats.icmpErrors.Load(), "forwarded", d.stats.forwarded.Load(),
 		"forwarded_bytes", d.stats.bytes.Load(), "flows", d.flows.Len())
+	if detached {
+		return ErrDetached
+	}
+	return nil
+}
+
+// adopt takes over the flows whose elements an earlier run left in the
+// table: each keeps its translation while its socket lives (TCP and UDP,
+// found again by sock_diag) or, with no socket to follow, until idle.
+// Elements whose socket is gone are removed.
+func (d *Daemon) adopt(diag *sockdiag.Conn) error {
+	entries, err := d.dp.Entries()
+	if err != nil {
+		return fmt.Errorf("adopt flows: %w", err)
+	}
+	rt, err := newRouter(&d.routing)
+	if err != nil {
+		return err
+	}
+	defer rt.close()
+	now := time.Now()
+	var gone []nftdp.Entry
+	adopted := 0
+	for _, e := range entries {
+		f := &flow.Flow{Key: flow.Key{Proto: e.Proto, Src: e.Src, Dst: e.Dst}, NewSrc: e.NewSrc, Mark: e.Mark, Pass: e.Pass,
+			Rule: "adopted", Start: now, UsedAt: now}
+		if e.Proto == unix.IPPROTO_TCP || e.Proto == unix.IPPROTO_UDP {
+			var so sockdiag.Socket
+			err := diag.Lookup(e.Proto, e.Src, e.Dst, &so)
+			if errors.Is(err, sockdiag.ErrNotFound) {
+				gone = append(gone, e)
+				continue
+			}
+			if err != nil {
+				return fmt.Errorf("adopt flows: socket lookup: %w", err)
+			}
+			f.Cookie, f.UID, f.Inode = so.Cookie, so.UID, so.Inode
+		}
+		if !e.Pass {
+			if r, err := rt.lookup(e.Dst.Addr(), e.Mark, f.UID, f.Cookie != 0); err == nil {
+				f.Dev = r.Dev
+				if li, err := rt.link(r.DevIdx); f.Dev == "" && err == nil {
+					f.Dev = li.name
+				}
+			}
+		}
+		if !d.flows.Reserve(f) {
+			gone = append(gone, e) // two elements claim one tuple: keep the first
+			continue
+		}
+		adopted++
+		if !f.Pass {
+			d.events.write("ADOPT", f)
+		}
+	}
+	if len(gone) > 0 {
+		if err := d.dp.Delete(gone...); err != nil {
+			return fmt.Errorf("adopt flows: remove %d whose socket is gone: %w", len(gone), err)
+		}
+	}
+	d.log.Info("adopted the flows an earlier run left", "flows", adopted, "removed", len(gone))
 	return nil
 }
 

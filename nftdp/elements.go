@@ -25,6 +25,7 @@ const (
 	nfnlBatchEnd     = 0x11
 	nfnlSubsysNFT    = 10
 	nftMsgNewRule    = 6
+	nftMsgDelRule    = 8
 	nftMsgNewSetElem = 12
 	nftMsgDelSetElem = 14
 	attrRuleTable    = 1 // NFTA_RULE_TABLE
@@ -142,10 +143,25 @@ type ruleMsg struct {
 	exprs [][]byte // each an expression's NFTA_EXPR_NAME and NFTA_EXPR_DATA
 }
 
-// addRules appends rules in one transaction.
-func (c *elemConn) addRules(rules []ruleMsg) error {
+// addRules appends rules in one transaction; with flush, the chains the
+// rules go to are emptied first, in the same transaction.
+func (c *elemConn) addRules(rules []ruleMsg, flush bool) error {
 	b := c.header(c.wbuf[:0], nfnlBatchBegin, unix.NLM_F_REQUEST, unix.AF_UNSPEC, nfnlSubsysNFT)
 	var last uint32
+	if flush {
+		done := map[string]bool{}
+		for _, r := range rules {
+			if done[r.chain] {
+				continue
+			}
+			done[r.chain] = true
+			start := len(b)
+			b = c.header(b, nfnlSubsysNFT<<8|nftMsgDelRule, unix.NLM_F_REQUEST, unix.NFPROTO_INET, 0)
+			b = strAttr(b, attrRuleTable, TableName)
+			b = strAttr(b, attrRuleChain, r.chain)
+			binary.NativeEndian.PutUint32(b[start:], uint32(len(b)-start))
+		}
+	}
 	for i, r := range rules {
 		flags := uint16(unix.NLM_F_REQUEST | unix.NLM_F_CREATE | unix.NLM_F_APPEND)
 		if i == len(rules)-1 {

@@ -85,8 +85,9 @@ type Datapath struct {
 	// QueueMethod says how packets reach the queue: "nft queue" or, on
 	// kernels without nft_queue, "xt NFQUEUE" through nft_compat.
 	QueueMethod string
-	// Replaced is true when a table left by an earlier run was removed.
-	Replaced bool
+	// Replaced is true when a table left by an earlier run was removed,
+	// Adopted when it was kept with its flows' elements.
+	Replaced, Adopted bool
 }
 
 // family is one address family's part of the table.
@@ -133,10 +134,16 @@ func (d *Datapath) proto(e *Entry) *proto {
 	return nil
 }
 
-// Install creates rerouted's table, replacing one left by an earlier run, in
-// the caller's network namespace. Packets are queued to queues first ..
-// first+total-1. With userspace, every packet of a translated flow is
-// queued instead of rewritten in the kernel.
+// Install creates rerouted's table in the caller's network namespace.
+// Packets are queued to queues first .. first+total-1. With userspace,
+// every packet of a translated flow is queued instead of rewritten in the
+// kernel.
+//
+// A table an earlier run left (a crash, or a stop for a restart) is adopted
+// when it is the kernel datapath's and has every set this version uses: its
+// rules are replaced in one transaction, its elements stay, and Adopted is
+// set; the caller takes the flows over (Entries). Any other table is
+// replaced (Replaced).
 func Install(first, total uint16, userspace bool) (*Datapath, error) {
 	conn, err := nftables.New(nftables.AsLasting())
 	if err != nil {
@@ -155,31 +162,76 @@ func Install(first, total uint16, userspace bool) (*Datapath, error) {
 	}
 	d.fams[0].nfproto, d.fams[0].addrLen, d.fams[0].saddr, d.fams[0].daddr = unix.NFPROTO_IPV4, 4, 12, 16
 	d.fams[1].nfproto, d.fams[1].addrLen, d.fams[1].saddr, d.fams[1].daddr = unix.NFPROTO_IPV6, 16, 8, 24
+	if err := d.defineSets(); err != nil {
+		conn.CloseLasting()
+		return nil, err
+	}
 	if d.elems, err = openElemConn(); err != nil {
 		conn.CloseLasting()
 		return nil, err
 	}
 	if t, err := conn.ListTableOfFamily(TableName, nftables.TableFamilyINet); err == nil && t != nil {
-		conn.DelTable(d.table)
-		if err := conn.Flush(); err != nil {
-			d.closeSockets()
-			return nil, fmt.Errorf("remove stale table inet %s: %w", TableName, err)
+		d.Adopted = !userspace && d.hasOurSets()
+		if d.Adopted {
+			err = d.install(first, total)
 		}
-		d.Replaced = true
-	}
-	if err := d.build(first, total, true); err != nil {
-		// Kernels built without CONFIG_NFT_QUEUE reject the native
-		// statement; the xtables target through nft_compat does the same.
-		if err2 := d.build(first, total, false); err2 != nil {
-			d.closeSockets()
-			return nil, fmt.Errorf("install table inet %s: with nft queue: %v; with xt NFQUEUE: %w", TableName, err, err2)
+		if !d.Adopted || err != nil {
+			d.Adopted = false
+			conn.DelTable(d.table)
+			if err := conn.Flush(); err != nil {
+				d.closeSockets()
+				return nil, fmt.Errorf("remove stale table inet %s: %w", TableName, err)
+			}
+			d.Replaced = true
 		}
 	}
-	if err := d.flowRules(first, total, d.QueueMethod == "nft queue"); err != nil {
-		d.Remove()
-		return nil, fmt.Errorf("install table inet %s: %w", TableName, err)
+	if !d.Adopted {
+		if err := d.install(first, total); err != nil {
+			d.Remove()
+			return nil, fmt.Errorf("install table inet %s: %w", TableName, err)
+		}
 	}
 	return d, nil
+}
+
+// install creates the table, sets and chains (or finds them), then sets
+// every rule in one transaction that first empties both chains: adopting a
+// table swaps its rules atomically and keeps its elements. Kernels built
+// without CONFIG_NFT_QUEUE reject the native queue statement; the xtables
+// target through nft_compat does the same job.
+func (d *Datapath) install(first, total uint16) error {
+	if err := d.build(); err != nil {
+		return err
+	}
+	errNative := d.elems.addRules(d.rules(first, total, true), true)
+	if errNative == nil {
+		d.QueueMethod = "nft queue"
+		return nil
+	}
+	if err := d.elems.addRules(d.rules(first, total, false), true); err != nil {
+		return fmt.Errorf("rules with nft queue: %v; with xt NFQUEUE: %w", errNative, err)
+	}
+	d.QueueMethod = "xt NFQUEUE"
+	return nil
+}
+
+// hasOurSets reports whether the existing table has every set this version
+// would create.
+func (d *Datapath) hasOurSets() bool {
+	sets, err := d.conn.GetSets(d.table)
+	if err != nil {
+		return false
+	}
+	have := map[string]bool{}
+	for _, s := range sets {
+		have[s.Name] = true
+	}
+	for _, n := range d.Sets() {
+		if !have[n] {
+			return false
+		}
+	}
+	return true
 }
 
 // Remove deletes the table and everything in it, and closes the sockets.
@@ -209,14 +261,9 @@ func (d *Datapath) closeSockets() error {
 	return errors.Join(d.conn.CloseLasting(), d.elems.close())
 }
 
-// build creates the table, its sets or maps, chains, and the rules the
-// library can express; the kernel datapath's translation rules follow
-// (translationRules).
-func (d *Datapath) build(first, total uint16, native bool) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	c, t := d.conn, d.table
-	c.AddTable(t)
+// defineSets names and types the per-flow sets or maps of the datapath.
+func (d *Datapath) defineSets() error {
+	t := d.table
 	for i, addrType := range []nftables.SetDatatype{nftables.TypeIPAddr, nftables.TypeIP6Addr} {
 		f, v := &d.fams[i], fmt.Sprint(4+2*i) // "4", "6"
 		keyType, err := nftables.ConcatSetType(addrType, nftables.TypeInetService, addrType, nftables.TypeInetService)
@@ -239,40 +286,63 @@ func (d *Datapath) build(first, total uint16, native bool) error {
 				p.in = &nftables.Set{Table: t, Name: n + "in" + v, IsMap: true, Concatenation: true, KeyType: keyType, DataType: inData,
 					Comment: "translated tuple (reply view) : socket address . port"}
 			}
-			sets := []*nftables.Set{p.out, p.in}
 			if p.counted() {
 				p.pass = &nftables.Set{Table: t, Name: n + "pass" + v, Concatenation: true, KeyType: keyType,
 					Comment: "socket tuples decided untranslated"}
-				sets = append(sets, p.pass)
 			}
-			for _, s := range sets {
-				s.Counter = p.counted() // idleness is read from the counters
+			for _, s := range []*nftables.Set{p.out, p.in, p.pass} {
+				if s != nil {
+					s.Counter = p.counted() // idleness is read from the counters
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// build creates the table, its sets or maps and its chains, or finds them
+// as they are: an existing table keeps its elements.
+func (d *Datapath) build() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	c, t := d.conn, d.table
+	c.AddTable(t)
+	for i := range d.fams {
+		for j := range d.fams[i].protos {
+			p := &d.fams[i].protos[j]
+			for _, s := range []*nftables.Set{p.out, p.in, p.pass} {
+				if s == nil {
+					continue
+				}
 				if err := c.AddSet(s, nil); err != nil {
 					return fmt.Errorf("add set %s: %w", s.Name, err)
 				}
 			}
 		}
 	}
-
 	policy := nftables.ChainPolicyAccept
-	out := c.AddChain(&nftables.Chain{Name: "output", Table: t, Type: nftables.ChainTypeRoute,
+	c.AddChain(&nftables.Chain{Name: "output", Table: t, Type: nftables.ChainTypeRoute,
 		Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityRef(OutputPriority), Policy: &policy})
-	pre := c.AddChain(&nftables.Chain{Name: "prerouting", Table: t, Type: nftables.ChainTypeFilter,
+	c.AddChain(&nftables.Chain{Name: "prerouting", Table: t, Type: nftables.ChainTypeFilter,
 		Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityRef(PreroutingPriority), Policy: &policy})
+	return c.Flush()
+}
 
+// rules returns every rule of both chains, in order.
+func (d *Datapath) rules(first, total uint16, native bool) []ruleMsg {
 	// Loopback traffic never leaves the host: leave it alone.
-	c.AddRule(&nftables.Rule{Table: t, Chain: out, Exprs: []expr.Any{
+	rules := []ruleMsg{{chain: "output", exprs: exprs(
 		&expr.Meta{Key: expr.MetaKeyOIFTYPE, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint16(unix.ARPHRD_LOOPBACK)},
 		&expr.Verdict{Kind: expr.VerdictAccept},
-	}})
+	)}}
 	// Every SYN, either family, goes to the daemon, translated flows'
 	// retransmissions too: the daemon checks that the socket is still the
 	// one it translated.
-	c.AddRule(&nftables.Rule{Table: t, Chain: out, Exprs: append([]expr.Any{
+	rules = append(rules, ruleMsg{chain: "output", exprs: exprs(append([]expr.Any{
 		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
-	}, append(tcpFlags(0x17, 0x02), queueTo(first, total, native, true))...)})
+	}, append(tcpFlags(0x17, 0x02), queueTo(first, total, native, true))...)...)})
 	// ICMP errors (destination unreachable, fragmentation needed or packet
 	// too big, time exceeded, parameter problem) go to the daemon, which
 	// readdresses those that quote a translated flow. They are rare; path
@@ -284,7 +354,7 @@ func (d *Datapath) build(first, total uint16, native bool) error {
 		{unix.NFPROTO_IPV4, unix.IPPROTO_ICMP, 11, 12},
 		{unix.NFPROTO_IPV6, unix.IPPROTO_ICMPV6, 1, 4},
 	} {
-		c.AddRule(&nftables.Rule{Table: t, Chain: pre, Exprs: []expr.Any{
+		rules = append(rules, ruleMsg{chain: "prerouting", exprs: exprs(
 			&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{r.nfproto}},
 			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
@@ -292,26 +362,18 @@ func (d *Datapath) build(first, total uint16, native bool) error {
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1},
 			&expr.Range{Op: expr.CmpOpEq, Register: 1, FromData: []byte{r.lo}, ToData: []byte{r.hi}},
 			queueTo(first, total, native, false),
-		}})
+		)})
 	}
-	if native {
-		d.QueueMethod = "nft queue"
-	} else {
-		d.QueueMethod = "xt NFQUEUE"
-	}
-	return c.Flush()
+	return append(rules, d.flowRules(first, total, native)...)
 }
 
-// flowRules adds the per-flow rules after the ones build made: the kernel
-// datapath's translation rules or the userspace datapath's selectors, then
-// for UDP and ICMP echo the cached "untranslated" decisions and the queueing
-// of new flows. They are built by hand (elements.go): an IPv6 address write
-// must fix the transport checksum's pseudo-header sum without an IP header
-// checksum to fix (csum_flags without csum_type), which google/nftables
-// cannot express.
-func (d *Datapath) flowRules(first, total uint16, native bool) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+// flowRules returns the per-flow rules: the kernel datapath's translation
+// rules or the userspace datapath's selectors, then for UDP and ICMP echo
+// the cached "untranslated" decisions and the queueing of new flows. All
+// rules are sent by hand (elements.go): an IPv6 address write must fix the
+// transport checksum's pseudo-header sum without an IP header checksum to
+// fix (csum_flags without csum_type), which google/nftables cannot express.
+func (d *Datapath) flowRules(first, total uint16, native bool) []ruleMsg {
 	var rules []ruleMsg
 	for i := range d.fams {
 		f := &d.fams[i]
@@ -391,7 +453,7 @@ func (d *Datapath) flowRules(first, total uint16, native bool) error {
 				ruleMsg{chain: "output", exprs: exprs(append(protoOf(f, p, 0), queueTo(first, total, native, false))...)})
 		}
 	}
-	return d.elems.addRules(rules)
+	return rules
 }
 
 // exprs marshals library expressions for a hand-built rule.

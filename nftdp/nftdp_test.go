@@ -93,15 +93,33 @@ func TestInstallAddDeleteRemove(t *testing.T) {
 		t.Fatalf("a failed transaction left %+v", got)
 	}
 
-	// A second Install (a restart after a crash) replaces the stale table.
+	// A second Install (a restart) adopts the table: its elements stay,
+	// its rules are replaced (here: one queue instead of two).
+	d.Close()
 	var d2 *Datapath
 	if err := ns.Do(func() (err error) { d2, err = Install(7, 1, false); return err }); err != nil {
 		t.Fatal(err)
 	}
-	if !d2.Replaced {
-		t.Error("second Install did not report replacing the stale table")
+	if !d2.Adopted || d2.Replaced {
+		t.Errorf("second Install: adopted %v, replaced %v; want adopted", d2.Adopted, d2.Replaced)
 	}
-	d.Close()
+	if got, _ := d2.Entries(); len(got) != 1 || got[0] != reused {
+		t.Fatalf("adopted table holds %+v, want %+v", got, reused)
+	}
+	if l, _ := ns.Run("nft", "list", "chain", "inet", TableName, "output"); strings.Count(l, "queue num 7 ") == 0 || strings.Contains(l, "7-8") || strings.Count(l, "tcp flags") != 1 {
+		t.Errorf("adopted table's rules not replaced exactly once:\n%s", l)
+	}
+	// The userspace datapath cannot take kernel translations over: it
+	// replaces the table.
+	d2.Close()
+	var d3 *Datapath
+	if err := ns.Do(func() (err error) { d3, err = Install(7, 1, true); return err }); err != nil {
+		t.Fatal(err)
+	}
+	if !d3.Replaced || d3.Adopted {
+		t.Errorf("userspace Install over a kernel table: adopted %v, replaced %v; want replaced", d3.Adopted, d3.Replaced)
+	}
+	d2 = d3
 	if err := d2.Remove(); err != nil {
 		t.Fatal(err)
 	}

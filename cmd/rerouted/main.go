@@ -42,7 +42,8 @@ const usage = `usage:
 const (
 	exitOK      = 0
 	exitFailure = 1
-	exitUsage   = 2 // bad command line or invalid configuration
+	exitUsage   = 2  // bad command line or invalid configuration
+	exitRestart = 75 // stopped by SIGUSR2 for a restart (EX_TEMPFAIL; the unit restarts on it)
 )
 
 func main() {
@@ -139,6 +140,11 @@ func cmdRun(args []string) int {
 	defer stop()
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
+	// SIGUSR2: stop for a restart, leaving translations in place (exit 75).
+	usr2 := make(chan os.Signal, 1)
+	signal.Notify(usr2, syscall.SIGUSR2)
+	detach := make(chan struct{})
+	go func() { <-usr2; close(detach) }()
 	reload := make(chan struct{}, 1)
 	go func() {
 		for range hup {
@@ -153,7 +159,12 @@ func cmdRun(args []string) int {
 			log.Warn("systemd notification", "state", state, "err", err)
 		}
 	}
-	if err := daemon.Run(ctx, daemon.Options{Config: cfg, Log: log, Events: events, Reload: reload, Notify: notify}); err != nil {
+	err := daemon.Run(ctx, daemon.Options{Config: cfg, Log: log, Events: events, Reload: reload, Notify: notify, Detach: detach})
+	if errors.Is(err, daemon.ErrDetached) {
+		log.Info("stopped for a restart; the next start adopts the flows")
+		return exitRestart
+	}
+	if err != nil {
 		log.Error("rerouted failed", "err", err)
 		return exitFailure
 	}
