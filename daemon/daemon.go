@@ -60,14 +60,15 @@ type Options struct {
 
 // Daemon is one running instance.
 type Daemon struct {
-	cfg    atomic.Pointer[policy.Config] // swapped whole on reload
-	log    *slog.Logger
-	events *eventWriter
-	dp     *nftdp.Datapath
-	flows  *flow.Table
-	inst   *installer
-	notify func(state string)
-	mu     sync.Mutex // a flow table change and its kernel change are one step
+	cfg     atomic.Pointer[policy.Config] // swapped whole on reload
+	log     *slog.Logger
+	events  *eventWriter
+	dp      *nftdp.Datapath
+	flows   *flow.Table
+	inst    *installer
+	metrics *metrics
+	notify  func(state string)
+	mu      sync.Mutex // a flow table change and its kernel change are one step
 
 	userspace      bool          // every packet of a translated flow goes through the workers
 	routing        atomic.Uint64 // bumped on every routing change: route caches are stale
@@ -86,7 +87,25 @@ type stats struct {
 	icmpErrors atomic.Uint64 // ICMP errors readdressed to a translated flow's socket
 	forwarded  atomic.Uint64 // userspace datapath: packets rewritten after the SYN
 	bytes      atomic.Uint64 // userspace datapath: their bytes
+	errors     [errKinds]atomic.Uint64
 }
+
+// errKind names what went wrong, for the errors metric.
+type errKind int
+
+const (
+	errVerdict      errKind = iota // a verdict could not be sent
+	errSocketLookup                // sock_diag failed (not: no such socket)
+	errNoRoute                     // a marked flow had no route: left untranslated
+	errNoPort                      // no free source port: the first packet dropped
+	errInstall                     // the kernel refused a flow's elements
+	errRemove                      // the kernel refused to remove a flow's elements
+	errQueueReceive                // reading the queue failed
+	errSweep                       // a socket dump or counter read failed: nothing removed that round
+	errKinds
+)
+
+var errKindNames = [errKinds]string{"verdict", "socket_lookup", "no_route", "no_free_port", "install", "remove", "nfqueue_receive", "sweep"}
 
 // ErrDetached is returned by Run when it stopped for a restart (Detach),
 // leaving the kernel state for the next start.
@@ -113,6 +132,7 @@ func Run(ctx context.Context, o Options) (err error) {
 	}
 	d.cfg.Store(cfg)
 	d.inst = newInstaller(d)
+	d.metrics = newMetrics(d)
 	if o.Events != nil {
 		d.events = &eventWriter{w: o.Events}
 	}
@@ -195,6 +215,20 @@ func Run(ctx context.Context, o Options) (err error) {
 		}
 	}
 
+	if addr := cfg.Daemon.MetricsListen; addr != "" {
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			return fmt.Errorf("metrics_listen: %w", err)
+		}
+		undo = append(undo, func() error {
+			if err := ln.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
+				return err
+			}
+			return nil
+		})
+		wg.Add(1)
+		go func() { defer wg.Done(); d.serveMetrics(runCtx, ln) }()
+	}
 	wg.Add(4)
 	go func() { defer wg.Done(); d.inst.run(runCtx) }()
 	go func() { defer wg.Done(); d.sweepLoop(runCtx, sweepDiag) }()
@@ -209,13 +243,16 @@ func Run(ctx context.Context, o Options) (err error) {
 			return err
 		}
 		undo = append(undo, closeWorker)
-		if err := wk.q.Start(runCtx, wk.handle, wk.endBatch, func(err error) { d.log.Error("nfqueue receive", "queue", wk.q.Num, "err", err) }); err != nil {
+		if err := wk.q.Start(runCtx, wk.handle, wk.endBatch, func(err error) {
+			d.stats.errors[errQueueReceive].Add(1)
+			d.log.Error("nfqueue receive", "queue", wk.q.Num, "err", err)
+		}); err != nil {
 			return err
 		}
 	}
 	d.log.Info("ready", "config", cfg.File, "queue", cfg.Daemon.Queue, "queues", nq, "queue_method", d.dp.QueueMethod, "datapath", cfg.Daemon.Datapath,
 		"table", "inet "+nftdp.TableName, "honor_marks", cfg.Daemon.HonorMarks, "uplinks", len(cfg.Uplinks),
-		"rules", len(cfg.Rules), "control_socket", cfg.Daemon.ControlSocket)
+		"rules", len(cfg.Rules), "control_socket", cfg.Daemon.ControlSocket, "metrics_listen", cfg.Daemon.MetricsListen)
 	d.notify("READY=1")
 	select {
 	case <-ctx.Done():
@@ -474,6 +511,7 @@ func (d *Daemon) sweep(diag *sockdiag.Conn, udp map[uint64]struct{}) {
 	}
 	if err != nil {
 		// An incomplete dump must not be taken as "sockets gone".
+		d.stats.errors[errSweep].Add(1)
 		d.log.Error("socket dump failed; no flow removed this round", "err", err)
 		return
 	}
@@ -492,6 +530,7 @@ func (d *Daemon) sweep(diag *sockdiag.Conn, udp map[uint64]struct{}) {
 		case err == nil && so.Cookie == f.Cookie:
 			continue // alive: the dump missed it
 		case err != nil && !errors.Is(err, sockdiag.ErrNotFound):
+			d.stats.errors[errSocketLookup].Add(1)
 			d.log.Error("socket lookup", "src", f.Src, "dst", f.Dst, "err", err)
 			continue
 		}
@@ -507,6 +546,7 @@ func (d *Daemon) sweep(diag *sockdiag.Conn, udp map[uint64]struct{}) {
 func (d *Daemon) expireIdle(now time.Time, timeout time.Duration) {
 	uses, err := d.dp.Uses()
 	if err != nil {
+		d.stats.errors[errSweep].Add(1)
 		d.log.Error("read flow packet counters; no flow ended by idleness this round", "err", err)
 		return
 	}

@@ -130,9 +130,11 @@ func (in *installer) apply() {
 func (in *installer) failed(op flowOp, err error) {
 	f := op.f
 	if op.del {
+		in.d.stats.errors[errRemove].Add(1)
 		in.d.log.Error("remove flow from kernel", "src", f.Src, "dst", f.Dst, "err", err)
 		return
 	}
+	in.d.stats.errors[errInstall].Add(1)
 	in.d.log.Error("install flow in kernel", "src", f.Src, "dst", f.Dst, "new_src", f.NewSrc, "err", err)
 	in.d.flows.Remove(f)
 }

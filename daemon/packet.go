@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"errors"
+	"github.com/prometheus/client_golang/prometheus"
 	"math/rand/v2"
 	"net/netip"
 	"time"
@@ -50,6 +51,8 @@ type worker struct {
 	// passed: the batch cached a decision not to translate, whose
 	// element must go in at its end even with no packet held for it.
 	passed bool
+
+	ruleCounters map[string]prometheus.Counter // decisions by rule (metrics.go)
 }
 
 // heldSYN is a rewritten first packet (a SYN, a datagram, an echo request)
@@ -111,6 +114,7 @@ func (w *worker) forward(p *queue.Packet, t *rewrite.Packet) {
 		rewrite.SetSource(p.Payload, t, f.NewSrc)
 		rewrite.Checksum(p.Payload, t)
 		if err := w.q.AcceptModified(p.ID, f.Mark, p.Payload); err != nil {
+			d.stats.errors[errVerdict].Add(1)
 			d.log.Error("verdict", "id", p.ID, "err", err)
 		}
 		return
@@ -123,6 +127,7 @@ func (w *worker) forward(p *queue.Packet, t *rewrite.Packet) {
 	rewrite.SetDestination(p.Payload, t, f.Src)
 	rewrite.Checksum(p.Payload, t)
 	if err := w.q.AcceptPacket(p.ID, p.Payload); err != nil {
+		d.stats.errors[errVerdict].Add(1)
 		d.log.Error("verdict", "id", p.ID, "err", err)
 	}
 }
@@ -134,6 +139,7 @@ func (w *worker) forward(p *queue.Packet, t *rewrite.Packet) {
 // userspace datapath, always): they follow the decision, in order.
 func (w *worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 	d := w.d
+	start := time.Now()
 	key := flow.Key{Proto: t.Proto, Src: t.Src, Dst: t.Dst}
 
 	// 1. The socket, for UDP: its cookie tells this socket from a later
@@ -143,6 +149,7 @@ func (w *worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 	var sock sockdiag.Socket
 	if t.Proto == rewrite.UDP {
 		if err := w.diag.Lookup(unix.IPPROTO_UDP, t.Src, t.Dst, &sock); err != nil && !errors.Is(err, sockdiag.ErrNotFound) {
+			d.stats.errors[errSocketLookup].Add(1)
 			d.log.Error("socket lookup", "proto", "udp", "src", t.Src, "dst", t.Dst, "err", err)
 		}
 	}
@@ -165,12 +172,14 @@ func (w *worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 	if dst := t.Dst.Addr(); !dst.IsMulticast() && !dst.IsLinkLocalUnicast() && dst != netip.AddrFrom4([4]byte{255, 255, 255, 255}) {
 		mark, ruleName = w.decide(d.cfg.Load(), &sock, p, t)
 	}
+	w.decided(ruleName, start)
 
 	// 3. The route, and the source it prefers.
 	rt := route{Src: t.Src.Addr(), DevIdx: int(p.OutDev)}
 	if mark != 0 {
 		var err error
 		if rt, err = w.routes.lookup(t.Dst.Addr(), mark, sock.UID, true); err != nil {
+			d.stats.errors[errNoRoute].Add(1)
 			d.log.Warn("no route for marked flow; leaving it untranslated", "proto", protoName(t.Proto), "src", t.Src, "dst", t.Dst, "mark", mark, "err", err)
 			rt, mark = route{Src: t.Src.Addr(), DevIdx: int(p.OutDev)}, p.Mark
 		}
@@ -212,6 +221,7 @@ func (w *worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 		ok = w.admit(f, want, t.Dst, sock.Cookie, onWire)
 	}
 	if !ok {
+		d.stats.errors[errNoPort].Add(1)
 		d.log.Error("no free source port for translation; dropping the datagram", "proto", protoName(t.Proto), "src", t.Src, "dst", t.Dst, "new_src", rt.Src)
 		w.drop(p)
 		return
@@ -235,6 +245,7 @@ func (w *worker) follow(p *queue.Packet, t *rewrite.Packet, f *flow.Flow) {
 		rewrite.SetSource(p.Payload, t, f.NewSrc)
 		rewrite.Checksum(p.Payload, t)
 		if err := w.q.AcceptModified(p.ID, f.Mark, p.Payload); err != nil {
+			w.d.stats.errors[errVerdict].Add(1)
 			w.d.log.Error("verdict", "id", p.ID, "err", err)
 		}
 	}
@@ -243,6 +254,7 @@ func (w *worker) follow(p *queue.Packet, t *rewrite.Packet, f *flow.Flow) {
 // syn decides a new connection and releases its SYN.
 func (w *worker) syn(p *queue.Packet, t *rewrite.Packet) {
 	d := w.d
+	start := time.Now()
 	key := flow.Key{Proto: unix.IPPROTO_TCP, Src: t.Src, Dst: t.Dst}
 
 	// 1. The socket. Its cookie tells a retransmitted SYN from a new socket
@@ -250,6 +262,7 @@ func (w *worker) syn(p *queue.Packet, t *rewrite.Packet) {
 	var sock sockdiag.Socket
 	if err := w.diag.Lookup(unix.IPPROTO_TCP, t.Src, t.Dst, &sock); err != nil {
 		if !errors.Is(err, sockdiag.ErrNotFound) {
+			d.stats.errors[errSocketLookup].Add(1)
 			d.log.Error("socket lookup", "src", t.Src, "dst", t.Dst, "err", err)
 		}
 		// No socket (a raw socket's SYN, or one closed already): nothing
@@ -270,12 +283,14 @@ func (w *worker) syn(p *queue.Packet, t *rewrite.Packet) {
 
 	// 2. The mark: the host's own, else the first matching rule's.
 	mark, ruleName := w.decide(d.cfg.Load(), &sock, p, t)
+	w.decided(ruleName, start)
 
 	// 3. The route that mark leads to, and its preferred source.
 	rt := route{Src: t.Src.Addr(), DevIdx: int(p.OutDev)}
 	if mark != 0 {
 		var err error
 		if rt, err = w.routes.lookup(t.Dst.Addr(), mark, sock.UID, true); err != nil {
+			d.stats.errors[errNoRoute].Add(1)
 			d.log.Warn("no route for marked flow; leaving it untranslated", "src", t.Src, "dst", t.Dst, "mark", mark, "err", err)
 			w.accept(p)
 			return
@@ -309,6 +324,7 @@ func (w *worker) syn(p *queue.Packet, t *rewrite.Packet) {
 	// wire by a real socket or another translation. The flow table takes
 	// it atomically, and its kernel elements are queued, in table order.
 	if !w.admit(f, want, t.Dst, sock.Cookie, onWire) {
+		d.stats.errors[errNoPort].Add(1)
 		d.log.Error("no free source port for translation; dropping SYN (the socket will retry)", "src", t.Src, "dst", t.Dst, "new_src", rt.Src)
 		w.drop(p)
 		return
@@ -333,6 +349,7 @@ func (w *worker) icmpError(p *queue.Packet, e *rewrite.ICMPError) {
 	w.d.stats.icmpErrors.Add(1)
 	w.d.log.Debug("icmp error readdressed", "type", e.Type, "code", e.Code, "proto", protoName(f.Proto), "wire", f.NewSrc, "socket", f.Src, "dst", f.Dst)
 	if err := w.q.AcceptPacket(p.ID, p.Payload); err != nil {
+		w.d.stats.errors[errVerdict].Add(1)
 		w.d.log.Error("verdict", "id", p.ID, "err", err)
 	}
 }
@@ -474,12 +491,14 @@ func (w *worker) release(id uint32, f *flow.Flow, pkt []byte) {
 		return
 	}
 	if err := w.q.AcceptModified(id, f.Mark, pkt); err != nil {
+		w.d.stats.errors[errVerdict].Add(1)
 		w.d.log.Error("verdict", "id", id, "err", err)
 	}
 }
 
 func (w *worker) accept(p *queue.Packet) {
 	if err := w.q.Accept(p.ID); err != nil {
+		w.d.stats.errors[errVerdict].Add(1)
 		w.d.log.Error("verdict", "id", p.ID, "err", err)
 	}
 }
@@ -489,6 +508,7 @@ func (w *worker) drop(p *queue.Packet) { w.dropID(p.ID) }
 func (w *worker) dropID(id uint32) {
 	w.d.stats.dropped.Add(1)
 	if err := w.q.Drop(id); err != nil {
+		w.d.stats.errors[errVerdict].Add(1)
 		w.d.log.Error("verdict", "id", id, "err", err)
 	}
 }

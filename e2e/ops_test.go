@@ -1,7 +1,12 @@
 package e2e
 
 import (
+	"bufio"
+	"fmt"
+	"io"
 	"net"
+	"net/http"
+	"net/netip"
 	"os"
 	"regexp"
 	"syscall"
@@ -116,5 +121,76 @@ func TestSystemdNotifyAndJournal(t *testing.T) {
 	}
 	if !strings.Contains(d.Output(), "<6>level=INFO msg=ready") {
 		t.Errorf("no ready line with priority 6:\n%s", d.Output())
+	}
+}
+
+// Prometheus metrics on metrics_listen: flows by uplink and protocol,
+// decisions by rule, the decision latency histogram, the kernel's queue
+// counters, errors by kind, and the Go runtime's.
+func TestMetrics(t *testing.T) {
+	e := newEnv(t, "kernel", webRule)
+	cfg := strings.Replace(fmt.Sprintf(configHead, e.sock, e.dp), "[daemon]\n", "[daemon]\nmetrics_listen = \"127.0.0.1:9477\"\n", 1)
+	if err := os.WriteFile(e.cfg, []byte(cfg+webRule), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.w.ServeUDP(53); err != nil {
+		t.Fatal(err)
+	}
+	e.hostMarkDatagrams(53)
+	e.start()
+	c, err := e.w.Dial(networld.DialOptions{Port: 80})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := e.w.Fetch(8080, 3*time.Second); err != nil { // no rule: the normal route
+		t.Fatal(err)
+	}
+	dns := netip.AddrPortFrom(networld.ServerAddr, 53)
+	u, err := e.w.UDPSocket(dns, true, netip.AddrPort{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Close()
+	if _, err := networld.AskUDP(u, dns, "q", 2*time.Second); err != nil {
+		t.Fatal(err)
+	}
+
+	// The connection is made on a thread inside the host namespace (an
+	// http.Client would dial from another thread, outside it).
+	var conn net.Conn
+	if err := e.w.Host.Do(func() (err error) { conn, err = net.DialTimeout("tcp", "127.0.0.1:9477", 3*time.Second); return err }); err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(5 * time.Second))
+	fmt.Fprint(conn, "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("GET /metrics: %s, %v", resp.Status, err)
+	}
+	body := string(b)
+	for _, want := range []string{
+		`rerouted_flows{proto="tcp",uplink="isp-b"} 1`,
+		`rerouted_flows{proto="udp",uplink="isp-b"} 1`,
+		`rerouted_decisions_total{rule="web"} 1`,
+		`rerouted_decisions_total{rule="none"} 1`,
+		`rerouted_decisions_total{rule="host mark"} 1`,
+		`rerouted_decision_seconds_count 3`,
+		`rerouted_queue_drops_total{queue="0",reason="queue_full"} 0`,
+		`rerouted_errors_total{kind="install"} 0`,
+		`rerouted_translated_total 2`,
+		"go_goroutines ",
+	} {
+		if !strings.Contains(body, want) {
+			t.Errorf("metrics lack %q", want)
+		}
+	}
+	if t.Failed() {
+		t.Logf("metrics:\n%s", body)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/user"
@@ -38,6 +39,7 @@ type Daemon struct {
 	Datapath      string        // "kernel" (nft maps) or "userspace" (every packet through the daemon)
 	Queues        int           // NFQUEUE queues from Queue on, for the userspace datapath's workers
 	IdleTimeout   time.Duration // UDP and ICMP echo flows end after this long without a packet
+	MetricsListen string        // host:port for Prometheus metrics; "" for none
 }
 
 // Uplink is one [[uplink]]: a fwmark whose routing table leads out of it.
@@ -213,6 +215,13 @@ func (p *parser) daemon(d *Daemon, v any) {
 				continue
 			}
 			d.GCInterval = dur
+		case "metrics_listen":
+			s, _ := t[k].(string)
+			if _, port, err := net.SplitHostPort(s); err != nil || port == "" {
+				p.errorf(path, "metrics_listen must be host:port, like \"127.0.0.1:9477\"")
+				continue
+			}
+			d.MetricsListen = s
 		case "idle_timeout":
 			s, _ := t[k].(string)
 			dur, err := time.ParseDuration(s)

@@ -1,0 +1,184 @@
+package daemon
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/rerouted/rerouted/flow"
+)
+
+// metrics are the daemon's Prometheus metrics. Counters the packet path
+// already keeps (stats) are read at scrape time; flows are counted from the
+// table at scrape time; decisions are counted and timed as they happen.
+type metrics struct {
+	reg       *prometheus.Registry
+	decisions *prometheus.CounterVec // by rule
+	latency   prometheus.Histogram   // first packet in, verdict decided
+}
+
+func newMetrics(d *Daemon) *metrics {
+	m := &metrics{
+		reg: prometheus.NewRegistry(),
+		decisions: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rerouted_decisions_total",
+			Help: "New flows decided, by the rule that decided them (\"host mark\", or \"none\": the normal route)."}, []string{"rule"}),
+		latency: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "rerouted_decision_seconds",
+			Help:    "Time from a new flow's first packet reaching the daemon to its decision (socket, owner, policy, route, port).",
+			Buckets: prometheus.ExponentialBuckets(5e-6, 2.5, 12)}),
+	}
+	m.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		m.decisions, m.latency, &flowCollector{d: d}, &queueCollector{d: d})
+	for _, c := range []struct {
+		name, help string
+		v          func() uint64
+	}{
+		{"rerouted_syns_total", "TCP SYNs decided.", d.stats.syns.Load},
+		{"rerouted_datagram_flows_total", "UDP and echo flows decided.", d.stats.datagrams.Load},
+		{"rerouted_translated_total", "New flows translated.", d.stats.translated.Load},
+		{"rerouted_retransmitted_syns_total", "Retransmitted SYNs of translated flows.", d.stats.retrans.Load},
+		{"rerouted_dropped_packets_total", "Packets the daemon dropped (their sockets retry).", d.stats.dropped.Load},
+		{"rerouted_icmp_errors_readdressed_total", "ICMP errors readdressed to a translated flow's socket.", d.stats.icmpErrors.Load},
+		{"rerouted_idle_ended_total", "UDP and echo flows ended by idleness.", d.stats.idle.Load},
+		{"rerouted_forwarded_packets_total", "Userspace datapath: packets rewritten after the first.", d.stats.forwarded.Load},
+		{"rerouted_forwarded_bytes_total", "Userspace datapath: their bytes.", d.stats.bytes.Load},
+	} {
+		v := c.v
+		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: c.name, Help: c.help}, func() float64 { return float64(v()) }))
+	}
+	for k := errKind(0); k < errKinds; k++ {
+		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "rerouted_errors_total",
+			Help: "Errors, by kind.", ConstLabels: prometheus.Labels{"kind": errKindNames[k]}},
+			func() float64 { return float64(d.stats.errors[k].Load()) }))
+	}
+	return m
+}
+
+// decided records one decision. Each worker keeps its own counter per rule
+// name, so the packet path neither locks nor allocates after the first
+// decision by a rule.
+func (w *worker) decided(rule string, start time.Time) {
+	m := w.d.metrics
+	m.latency.Observe(time.Since(start).Seconds())
+	if rule == "" {
+		rule = "none"
+	}
+	c, ok := w.ruleCounters[rule]
+	if !ok {
+		if w.ruleCounters == nil {
+			w.ruleCounters = map[string]prometheus.Counter{}
+		}
+		c = m.decisions.WithLabelValues(rule)
+		w.ruleCounters[rule] = c
+	}
+	c.Inc()
+}
+
+// serveMetrics serves /metrics on addr until ctx is done.
+func (d *Daemon) serveMetrics(ctx context.Context, ln net.Listener) {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(d.metrics.reg, promhttp.HandlerOpts{ErrorLog: slogPrinter{d}}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		<-ctx.Done()
+		srv.Close()
+	}()
+	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		d.log.Error("metrics server", "err", err)
+	}
+}
+
+type slogPrinter struct{ d *Daemon }
+
+func (p slogPrinter) Println(v ...any) { p.d.log.Error("metrics", "err", fmt.Sprint(v...)) }
+
+var (
+	flowsDesc  = prometheus.NewDesc("rerouted_flows", "Translated flows, by uplink and protocol.", []string{"uplink", "proto"}, nil)
+	passesDesc = prometheus.NewDesc("rerouted_passes", "UDP and echo tuples decided untranslated, cached in the kernel.", []string{"proto"}, nil)
+)
+
+// flowCollector counts the flow table at scrape time.
+type flowCollector struct{ d *Daemon }
+
+func (c *flowCollector) Describe(ch chan<- *prometheus.Desc) { ch <- flowsDesc; ch <- passesDesc }
+
+func (c *flowCollector) Collect(ch chan<- prometheus.Metric) {
+	names := map[uint32]string{}
+	for _, u := range c.d.cfg.Load().Uplinks {
+		names[u.Mark] = u.Name
+	}
+	type key struct{ uplink, proto string }
+	flows, passes := map[key]int{}, map[string]int{}
+	for _, f := range c.d.flows.Snapshot() {
+		if f.Pass {
+			passes[protoName(f.Proto)]++
+			continue
+		}
+		flows[key{uplinkName(names, f), protoName(f.Proto)}]++
+	}
+	for k, n := range flows {
+		ch <- prometheus.MustNewConstMetric(flowsDesc, prometheus.GaugeValue, float64(n), k.uplink, k.proto)
+	}
+	for p, n := range passes {
+		ch <- prometheus.MustNewConstMetric(passesDesc, prometheus.GaugeValue, float64(n), p)
+	}
+}
+
+func uplinkName(names map[uint32]string, f *flow.Flow) string {
+	if n, ok := names[f.Mark]; ok {
+		return n
+	}
+	if f.Mark == 0 {
+		return "default"
+	}
+	return "mark-" + strconv.FormatUint(uint64(f.Mark), 10)
+}
+
+var (
+	queuePacketsDesc = prometheus.NewDesc("rerouted_queue_packets_total", "Packets the kernel queued to the daemon.", []string{"queue"}, nil)
+	queueDropsDesc   = prometheus.NewDesc("rerouted_queue_drops_total",
+		"Packets the kernel could not queue: the queue was full (reason queue_full) or the socket buffer was (reason socket_full).", []string{"queue", "reason"}, nil)
+)
+
+// queueCollector reads the kernel's per-queue counters
+// (/proc/net/netfilter/nfnetlink_queue) for the daemon's queues.
+type queueCollector struct{ d *Daemon }
+
+func (c *queueCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- queuePacketsDesc
+	ch <- queueDropsDesc
+}
+
+func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
+	f, err := os.Open("/proc/net/netfilter/nfnetlink_queue")
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	dc := c.d.cfg.Load().Daemon
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		// queue peer_portid queue_total copy_mode copy_range queue_dropped user_dropped id_sequence 1
+		fs := strings.Fields(sc.Text())
+		if len(fs) < 8 {
+			continue
+		}
+		n, err := strconv.Atoi(fs[0])
+		if err != nil || n < int(dc.Queue) || n >= int(dc.Queue)+dc.Queues {
+			continue
+		}
+		val := func(i int) float64 { v, _ := strconv.ParseFloat(fs[i], 64); return v }
+		ch <- prometheus.MustNewConstMetric(queuePacketsDesc, prometheus.CounterValue, val(7), fs[0])
+		ch <- prometheus.MustNewConstMetric(queueDropsDesc, prometheus.CounterValue, val(5), fs[0], "queue_full")
+		ch <- prometheus.MustNewConstMetric(queueDropsDesc, prometheus.CounterValue, val(6), fs[0], "socket_full")
+	}
+}
