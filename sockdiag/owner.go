@@ -3,6 +3,7 @@ package sockdiag
 import (
 	"bufio"
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -12,6 +13,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Process identifies the process that owns a socket.
@@ -39,13 +42,16 @@ type Owners struct {
 	CgroupRoot string // the cgroup v2 mount; "" when there is none
 
 	inodePID map[uint32]int
+	lastFD   map[int]int32 // pid → descriptor of the socket last found in it
 	procs    map[int]procEntry
 	recent   map[uint32][]int // uid → pids that recently owned sockets, newest first
 	cgPaths  map[uint64]string
 	lastWalk time.Time
 
-	buf  []byte
-	link [64]byte
+	buf   []byte
+	link  [64]byte
+	dents [16 << 10]byte // getdents buffer
+	fds   []int32        // a process's descriptors, as listed
 }
 
 type procEntry struct {
@@ -58,13 +64,14 @@ const (
 	maxInodeCache = 4096
 	maxProcCache  = 4096
 	recentPerUID  = 8
+	newestFDs     = 8 // descriptors looked at first in each recent owner
 	minWalkGap    = 100 * time.Millisecond
 )
 
 // NewOwners finds the cgroup v2 mount (the unified hierarchy, also on
 // hybrid hosts where it is mounted at /sys/fs/cgroup/unified).
 func NewOwners() *Owners {
-	o := &Owners{proc: "/proc", inodePID: map[uint32]int{}, procs: map[int]procEntry{},
+	o := &Owners{proc: "/proc", inodePID: map[uint32]int{}, lastFD: map[int]int32{}, procs: map[int]procEntry{},
 		recent: map[uint32][]int{}, cgPaths: map[uint64]string{}, buf: make([]byte, 4096)}
 	o.CgroupRoot, _ = Cgroup2Mount("/proc/self/mountinfo")
 	return o
@@ -122,7 +129,7 @@ func (o *Owners) Process(inode, uid uint32, cg uint64) (Process, bool) {
 	if inode == 0 {
 		return Process{}, false // TIME_WAIT or no socket: no file, no process
 	}
-	if pid, ok := o.inodePID[inode]; ok && o.holds(pid, inode) {
+	if pid, ok := o.inodePID[inode]; ok && o.holds(pid, inode, 0) {
 		return o.describe(pid)
 	}
 	pid := o.find(inode, uid, cg)
@@ -142,13 +149,21 @@ func (o *Owners) Process(inode, uid uint32, cg uint64) (Process, bool) {
 }
 
 func (o *Owners) find(inode, uid uint32, cg uint64) int {
+	// A new socket is nearly always its process's highest descriptor:
+	// first look only there in every recent owner, so that one process
+	// holding thousands of sockets does not cost a full scan for another's.
+	for _, pid := range o.recent[uid] {
+		if o.holds(pid, inode, newestFDs) {
+			return pid
+		}
+	}
 	tried := map[int]bool{}
 	try := func(pid int) bool {
 		if tried[pid] {
 			return false
 		}
 		tried[pid] = true
-		return o.holds(pid, inode)
+		return o.holds(pid, inode, 0)
 	}
 	for _, pid := range o.recent[uid] {
 		if try(pid) {
@@ -196,27 +211,83 @@ func (o *Owners) ownerUID(pid int) uint32 {
 	return st.Uid
 }
 
-// holds reports whether process pid has a file descriptor for the socket.
-func (o *Owners) holds(pid int, inode uint32) bool {
+// holds reports whether process pid has a file descriptor for the socket,
+// among its limit highest descriptors (0: all).
+//
+// The kernel gives a new socket the lowest free descriptor, which in a
+// process that holds many sockets is nearly always its highest: the
+// descriptors are listed (one getdents pass, no allocation), then read from
+// the highest down. A process with 10,000 sockets costs a few readlinks per
+// new socket instead of thousands.
+func (o *Owners) holds(pid int, inode uint32, limit int) bool {
 	dir := o.proc + "/" + strconv.Itoa(pid) + "/fd"
-	d, err := os.Open(dir)
+	dfd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return false
 	}
-	defer d.Close()
+	defer unix.Close(dfd)
 	want := "socket:[" + strconv.FormatUint(uint64(inode), 10) + "]"
-	for {
-		names, err := d.Readdirnames(256)
-		for _, n := range names {
-			l, lerr := syscall.Readlink(dir+"/"+n, o.link[:])
-			if lerr == nil && string(o.link[:l]) == want {
+	is := func(fd int32) bool {
+		l, err := unix.Readlinkat(dfd, strconv.Itoa(int(fd)), o.link[:])
+		if err != nil || string(o.link[:l]) != want {
+			return false
+		}
+		if len(o.lastFD) >= maxProcCache {
+			clear(o.lastFD)
+		}
+		o.lastFD[pid] = fd
+		return true
+	}
+	// Listing a directory of thousands of descriptors is what costs (the
+	// kernel makes a dentry for each): look around the descriptor where
+	// this process's last socket was found first.
+	if h, ok := o.lastFD[pid]; ok && limit > 0 {
+		for d := int32(1); d <= int32(limit); d++ {
+			if is(h+d) || (h-d+1 >= 0 && is(h-d+1)) {
 				return true
 			}
 		}
-		if err != nil {
-			return false
+		return false
+	}
+	o.fds = o.fds[:0]
+	for {
+		n, err := unix.Getdents(dfd, o.dents[:])
+		if err != nil || n <= 0 {
+			break
+		}
+		for b := o.dents[:n]; len(b) >= 19; {
+			reclen := int(binary.NativeEndian.Uint16(b[16:18]))
+			if reclen < 19 || reclen > len(b) {
+				break
+			}
+			name := b[19:reclen]
+			fd, ok := 0, len(name) > 0 && name[0] != 0
+			for _, c := range name {
+				if c == 0 {
+					break
+				}
+				if c < '0' || c > '9' {
+					ok = false
+					break
+				}
+				fd = fd*10 + int(c-'0')
+			}
+			if ok {
+				o.fds = append(o.fds, int32(fd))
+			}
+			b = b[reclen:]
 		}
 	}
+	last := 0
+	if limit > 0 {
+		last = max(0, len(o.fds)-limit)
+	}
+	for i := len(o.fds) - 1; i >= last; i-- {
+		if is(o.fds[i]) {
+			return true
+		}
+	}
+	return false
 }
 
 // describe returns pid's comm and exe, from the cache while the process is
@@ -350,6 +421,7 @@ func (o *Owners) ForgetSockets() { clear(o.inodePID) }
 // ForgetAll drops every cache (benchmarks).
 func (o *Owners) ForgetAll() {
 	clear(o.inodePID)
+	clear(o.lastFD)
 	clear(o.procs)
 	clear(o.recent)
 }
