@@ -4,7 +4,7 @@
 GO          ?= go
 STATICCHECK := $(shell $(GO) env GOPATH)/bin/staticcheck
 # command:package pairs the tests and the demo need (the daemon itself needs none)
-TOOLS       := ip:iproute2 nsenter:util-linux ethtool:ethtool ss:iproute2 sysctl:procps nft:nftables iptables:iptables conntrack:conntrack
+TOOLS       := systemd-analyze:systemd ip:iproute2 nsenter:util-linux ethtool:ethtool ss:iproute2 sysctl:procps nft:nftables iptables:iptables conntrack:conntrack
 
 .PHONY: all build deps demo test lint unit e2e fuzz
 
