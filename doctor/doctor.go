@@ -97,8 +97,10 @@ func checkNetfilter(r *Report, cfg *policy.Config, o Options) {
 		q, err := queue.Open(first+i, queue.Options{Rcvbuf: 64 << 10})
 		if err != nil {
 			fix := "load nfnetlink_queue (modprobe nfnetlink_queue) or use a kernel with CONFIG_NETFILTER_NETLINK_QUEUE"
-			if errors.Is(err, unix.EBUSY) || errors.Is(err, unix.EEXIST) {
-				fix = fmt.Sprintf("another program holds NFQUEUE %d: set [daemon] queue to a free number", first+i)
+			if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EBUSY) {
+				// The kernel answers EPERM for a queue bound by another
+				// socket (and for a caller without CAP_NET_ADMIN).
+				fix = fmt.Sprintf("another program holds NFQUEUE %d (see /proc/net/netfilter/nfnetlink_queue): set [daemon] queue to a free number; or run doctor as root", first+i)
 			}
 			r.problem(fix, "NFQUEUE %d cannot be bound: %v", first+i, err)
 			return

@@ -36,6 +36,19 @@ func TestDoctor(t *testing.T) {
 		}
 	}
 
+	// A queue another program holds (here: a daemon with another control
+	// socket, which doctor cannot reach) cannot be bound.
+	other := newEnvIn(t, e, "kernel")
+	other.start()
+	out, code = e.doctor()
+	if code != 1 || !strings.Contains(out, "PROBLEM  NFQUEUE 0 cannot be bound") || !strings.Contains(out, "another program holds NFQUEUE 0") {
+		t.Errorf("queue held by another program: exit %d:\n%s", code, out)
+	}
+	other.d.Kill()
+	if _, err := e.w.Host.Run("nft", "delete", "table", "inet", "rerouted"); err != nil {
+		t.Fatal(err)
+	}
+
 	// Break it three ways.
 	if err := e.w.Host.Sysctl("net.ipv4.conf.hb.rp_filter=1"); err != nil {
 		t.Fatal(err)

@@ -229,3 +229,14 @@ func tables(t *testing.T, ns *networld.NS) string {
 	}
 	return strings.TrimSpace(out)
 }
+
+// newEnvIn is a second daemon environment in e's world: its own directory,
+// configuration and control socket.
+func newEnvIn(t *testing.T, e *env, dp string) *env {
+	t.Helper()
+	o := &env{t: t, dp: dp, w: e.w, dir: t.TempDir()}
+	o.sock = filepath.Join(o.dir, "rerouted.sock")
+	o.cfg = filepath.Join(o.dir, "rerouted.toml")
+	o.writeConfig("")
+	return o
+}
