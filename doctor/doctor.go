@@ -62,9 +62,11 @@ func Check(cfg *policy.Config, o Options) (*Report, error) {
 	defer h.Close()
 
 	checkNetfilter(r, cfg, o)
-	rules, err := h.RuleList(unix.AF_INET)
-	if err != nil {
-		return nil, fmt.Errorf("list ip rules: %w", err)
+	rules := map[int][]netlink.Rule{}
+	for _, f := range []int{unix.AF_INET, unix.AF_INET6} {
+		if rules[f], err = h.RuleList(f); err != nil {
+			return nil, fmt.Errorf("list ip rules: %w", err)
+		}
 	}
 	for _, u := range cfg.Uplinks {
 		checkUplink(r, h, rules, u, o)
@@ -110,22 +112,51 @@ func checkNetfilter(r *Report, cfg *policy.Config, o Options) {
 	r.ok("NFQUEUE %d-%d can be bound", first, first+n-1)
 }
 
-func checkUplink(r *Report, h *netlink.Handle, rules []netlink.Rule, u *policy.Uplink, o Options) {
+func checkUplink(r *Report, h *netlink.Handle, rules map[int][]netlink.Rule, u *policy.Uplink, o Options) {
+	var link netlink.Link
 	if u.Interface == "" {
 		r.ok("uplink %q: no interface set, so its reverse-path filter and address rules are not checked", u.Name)
-	} else if link, err := h.LinkByName(u.Interface); err != nil {
-		r.problem(fmt.Sprintf("fix interface = %q in the configuration", u.Interface), "uplink %q: interface %q does not exist", u.Name, u.Interface)
-		return
 	} else {
-		checkRPFilter(r, u, o)
-		if !u.Managed() {
-			checkFromRules(r, h, rules, u, link)
+		var err error
+		if link, err = h.LinkByName(u.Interface); err != nil {
+			r.problem(fmt.Sprintf("fix interface = %q in the configuration", u.Interface), "uplink %q: interface %q does not exist", u.Name, u.Interface)
+			return
 		}
+		checkRPFilter(r, u, o)
 	}
 	if u.Managed() {
 		r.ok("uplink %q: rerouted installs its route and rules (table %d)", u.Name, u.Table)
 		return
 	}
+	for _, fam := range []struct {
+		family int
+		ip     string // the ip command's flag, for the fixes
+	}{{unix.AF_INET, "ip"}, {unix.AF_INET6, "ip -6"}} {
+		// IPv6 is checked where the uplink has IPv6 addresses.
+		var addrs []netlink.Addr
+		if link != nil {
+			all, err := h.AddrList(link, fam.family)
+			if err != nil {
+				r.problem("check the interface", "uplink %q: addresses of %s: %v", u.Name, u.Interface, err)
+				continue
+			}
+			for _, a := range all {
+				if a.IP.IsGlobalUnicast() {
+					addrs = append(addrs, a)
+				}
+			}
+		}
+		if fam.family == unix.AF_INET6 && len(addrs) == 0 {
+			continue
+		}
+		checkMarkRoute(r, h, rules[fam.family], u, fam.family, fam.ip)
+		checkFromRules(r, rules[fam.family], u, addrs, fam.ip)
+	}
+}
+
+// checkMarkRoute: the uplink's mark leads to a table, and the table has
+// routes.
+func checkMarkRoute(r *Report, h *netlink.Handle, rules []netlink.Rule, u *policy.Uplink, family int, ip string) {
 	var table int
 	for _, ru := range rules {
 		if ru.Mark == u.Mark && ru.Table != 0 && !ru.Invert {
@@ -134,17 +165,17 @@ func checkUplink(r *Report, h *netlink.Handle, rules []netlink.Rule, u *policy.U
 		}
 	}
 	if table == 0 {
-		r.problem(fmt.Sprintf("ip rule add fwmark %d lookup <its table> (or set gateway and table on the uplink and let rerouted do it)", u.Mark),
-			"uplink %q: no ip rule sends fwmark %d to a routing table, so marked traffic follows the main table", u.Name, u.Mark)
+		r.problem(fmt.Sprintf("%s rule add fwmark %d lookup <its table> (or set gateway and table on the uplink and let rerouted do it)", ip, u.Mark),
+			"uplink %q: no %s rule sends fwmark %d to a routing table, so marked traffic follows the main table", u.Name, ip, u.Mark)
 		return
 	}
-	routes, err := h.RouteListFiltered(unix.AF_INET, &netlink.Route{Table: table}, netlink.RT_FILTER_TABLE)
+	routes, err := h.RouteListFiltered(family, &netlink.Route{Table: table}, netlink.RT_FILTER_TABLE)
 	if err != nil || len(routes) == 0 {
-		r.problem(fmt.Sprintf("ip route add default via <gateway> dev <interface> table %d", table),
-			"uplink %q: fwmark %d leads to table %d, which has no routes", u.Name, u.Mark, table)
+		r.problem(fmt.Sprintf("%s route add default via <gateway> dev <interface> table %d", ip, table),
+			"uplink %q: fwmark %d leads to %s table %d, which has no routes", u.Name, u.Mark, ip, table)
 		return
 	}
-	r.ok("uplink %q: fwmark %d leads to table %d (%d routes)", u.Name, u.Mark, table, len(routes))
+	r.ok("uplink %q: fwmark %d leads to %s table %d (%d routes)", u.Name, u.Mark, ip, table, len(routes))
 }
 
 // checkRPFilter: strict reverse-path filtering on an uplink drops the
@@ -171,16 +202,9 @@ func checkRPFilter(r *Report, u *policy.Uplink, o Options) {
 
 // checkFromRules: connections that arrive on an uplink must be answered
 // through it (seed 004's second pitfall): a "from <address> lookup <table>"
-// rule for each of its IPv4 addresses.
-func checkFromRules(r *Report, h *netlink.Handle, rules []netlink.Rule, u *policy.Uplink, link netlink.Link) {
-	addrs, err := h.AddrList(link, unix.AF_INET)
-	if err != nil {
-		return
-	}
+// rule for each of its addresses.
+func checkFromRules(r *Report, rules []netlink.Rule, u *policy.Uplink, addrs []netlink.Addr, ip string) {
 	for _, a := range addrs {
-		if !a.IP.IsGlobalUnicast() {
-			continue
-		}
 		found := false
 		for _, ru := range rules {
 			if ru.Src != nil && ru.Src.IP.Equal(a.IP) && ru.Table != 0 && ru.Table != unix.RT_TABLE_MAIN {
@@ -188,8 +212,8 @@ func checkFromRules(r *Report, h *netlink.Handle, rules []netlink.Rule, u *polic
 			}
 		}
 		if !found {
-			r.problem(fmt.Sprintf("ip rule add from %s lookup <the uplink's table> (or let rerouted manage the uplink)", a.IP),
-				"uplink %q: no ip rule answers connections to %s through %s; replies leave by the default route with a foreign source", u.Name, a.IP, u.Interface)
+			r.problem(fmt.Sprintf("%s rule add from %s lookup <the uplink's table> (or let rerouted manage the uplink)", ip, a.IP),
+				"uplink %q: no %s rule answers connections to %s through %s; replies leave by the default route with a foreign source", u.Name, ip, a.IP, u.Interface)
 		}
 	}
 }

@@ -24,6 +24,10 @@ func TestDemo(t *testing.T) {
 		`rule="alt-http via isp-b"`,
 		"[DESTROY] tcp",
 		"the server saw 198.51.100.2:",
+		`dport=53 mark=100 => src=203.0.113.2`, // UDP by a protocol = "udp" rule
+		"from an unconnected socket: the server saw 203.0.113.2:",
+		`rule="ping via isp-b"`, // ping by a protocol = "icmp" rule
+		"): answered",
 		`msg="removed table"`,
 	} {
 		if !strings.Contains(string(out), want) {

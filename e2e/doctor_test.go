@@ -30,7 +30,8 @@ func TestDoctor(t *testing.T) {
 	if code != 0 || !strings.Contains(out, "no problem found") {
 		t.Fatalf("healthy host: exit %d:\n%s", code, out)
 	}
-	for _, want := range []string{"ok       nftables answers", "ok       NFQUEUE 0-", `fwmark 100 leads to table 100`, "no MASQUERADE or SNAT"} {
+	for _, want := range []string{"ok       nftables answers", "ok       NFQUEUE 0-", `fwmark 100 leads to ip table 100`,
+		`fwmark 100 leads to ip -6 table 100`, "no MASQUERADE or SNAT"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("healthy host: no %q in:\n%s", want, out)
 		}
@@ -59,8 +60,10 @@ func TestDoctor(t *testing.T) {
 		t.Errorf("with strict rp_filter on hb a translated connection worked (server saw %v)", peer)
 	}
 	d.Kill()
-	if _, err := e.w.Host.Run("ip", "rule", "del", "fwmark", "100", "table", "100"); err != nil {
-		t.Fatal(err)
+	for _, family := range []string{"-4", "-6"} {
+		if _, err := e.w.Host.Run("ip", family, "rule", "del", "fwmark", "100", "table", "100"); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if err := e.w.Host.Nft("table ip nat {\n\tchain post {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\toifname \"hb\" masquerade\n\t}\n}\n"); err != nil {
 		t.Fatal(err)
@@ -73,9 +76,10 @@ func TestDoctor(t *testing.T) {
 		"PROBLEM  uplink \"isp-b\": strict reverse-path filtering on hb",
 		"fix: sysctl -w net.ipv4.conf.all.rp_filter=2 net.ipv4.conf.hb.rp_filter=2",
 		"PROBLEM  uplink \"isp-b\": no ip rule sends fwmark 100 to a routing table",
+		"PROBLEM  uplink \"isp-b\": no ip -6 rule sends fwmark 100 to a routing table",
 		"fix: ip rule add fwmark 100 lookup",
 		"PROBLEM  uplink \"isp-b\": MASQUERADE in table ip nat chain post applies to hb",
-		"3 problem(s) found",
+		"4 problem(s) found",
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("broken host: no %q in:\n%s", want, out)
@@ -91,7 +95,7 @@ func TestDoctor(t *testing.T) {
 	}
 	out, _ = e.doctor()
 	for _, want := range []string{
-		"PROBLEM  uplink \"isp-b\": fwmark 100 leads to table 100, which has no routes",
+		"PROBLEM  uplink \"isp-b\": fwmark 100 leads to ip table 100, which has no routes",
 		"PROBLEM  uplink \"isp-b\": no ip rule answers connections to 203.0.113.2 through hb",
 	} {
 		if !strings.Contains(out, want) {
