@@ -175,14 +175,9 @@ func (w *worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 	w.decided(ruleName, start)
 
 	// 3. The route, and the source it prefers.
-	rt := route{Src: t.Src.Addr(), DevIdx: int(p.OutDev)}
-	if mark != 0 {
-		var err error
-		if rt, err = w.routes.lookup(t.Dst.Addr(), mark, sock.UID, true); err != nil {
-			d.stats.errors[errNoRoute].Add(1)
-			d.log.Warn("no route for marked flow; leaving it untranslated", "proto", protoName(t.Proto), "src", t.Src, "dst", t.Dst, "mark", mark, "err", err)
-			rt, mark = route{Src: t.Src.Addr(), DevIdx: int(p.OutDev)}, p.Mark
-		}
+	rt, ok := w.route(p, t, mark, sock.UID)
+	if !ok {
+		rt, mark = route{Src: t.Src.Addr(), DevIdx: int(p.OutDev)}, p.Mark
 	}
 	want := netip.AddrPortFrom(rt.Src, t.Src.Port())
 	onWire := d.flows.OnWire(flow.Key{Proto: t.Proto, Src: want, Dst: t.Dst})
@@ -214,7 +209,6 @@ func (w *worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 		}
 	}
 	w.describeOwner(f)
-	var ok bool
 	if echo {
 		ok = w.admitAs(f, want)
 	} else {
@@ -286,15 +280,10 @@ func (w *worker) syn(p *queue.Packet, t *rewrite.Packet) {
 	w.decided(ruleName, start)
 
 	// 3. The route that mark leads to, and its preferred source.
-	rt := route{Src: t.Src.Addr(), DevIdx: int(p.OutDev)}
-	if mark != 0 {
-		var err error
-		if rt, err = w.routes.lookup(t.Dst.Addr(), mark, sock.UID, true); err != nil {
-			d.stats.errors[errNoRoute].Add(1)
-			d.log.Warn("no route for marked flow; leaving it untranslated", "src", t.Src, "dst", t.Dst, "mark", mark, "err", err)
-			w.accept(p)
-			return
-		}
+	rt, ok := w.route(p, t, mark, sock.UID)
+	if !ok {
+		w.accept(p)
+		return
 	}
 	want := netip.AddrPortFrom(rt.Src, t.Src.Port())
 	onWire := d.flows.OnWire(flow.Key{Proto: unix.IPPROTO_TCP, Src: want, Dst: t.Dst})
@@ -334,6 +323,22 @@ func (w *worker) syn(p *queue.Packet, t *rewrite.Packet) {
 
 	// 6. The SYN itself, rewritten, goes out once its elements are in.
 	w.hold(p, t, f)
+}
+
+// route returns the route a new flow's mark leads to, and its preferred
+// source: the packet's own for mark 0. A marked flow with no route is left
+// untranslated (false).
+func (w *worker) route(p *queue.Packet, t *rewrite.Packet, mark, uid uint32) (route, bool) {
+	if mark == 0 {
+		return route{Src: t.Src.Addr(), DevIdx: int(p.OutDev)}, true
+	}
+	rt, err := w.routes.lookup(t.Dst.Addr(), mark, uid, true)
+	if err != nil {
+		w.d.stats.errors[errNoRoute].Add(1)
+		w.d.log.Warn("no route for marked flow; leaving it untranslated", "proto", protoName(t.Proto), "src", t.Src, "dst", t.Dst, "mark", mark, "err", err)
+		return route{}, false
+	}
+	return rt, true
 }
 
 // icmpError readdresses an ICMP error about a translated flow to its socket:

@@ -30,7 +30,6 @@ func TestMalformedPacketsNeverPanic(t *testing.T) {
 		seeds = append(seeds, udp, ping,
 			icmpError(t, netip.MustParseAddr(c[2]), udp, 548), icmpError(t, netip.MustParseAddr(c[2]), ping, 548))
 	}
-	newSrc4, newSrc6 := netip.MustParseAddrPort("203.0.113.2:1"), netip.MustParseAddrPort("[2001:db8:b::2]:1")
 	for i := 0; i < 200000; i++ {
 		b := append([]byte(nil), seeds[r.Intn(len(seeds))]...)
 		switch r.Intn(4) {
@@ -55,25 +54,7 @@ func TestMalformedPacketsNeverPanic(t *testing.T) {
 					t.Fatalf("packet %x: panic %v", b, v)
 				}
 			}()
-			var tc Packet
-			if Parse(b, &tc) == nil {
-				ns := newSrc4
-				if tc.Src.Addr().Is6() {
-					ns = newSrc6
-				}
-				SetSource(b, &tc, ns)
-				SetDestination(b, &tc, ns)
-				ClampMSS(b, &tc, 1200)
-				Checksum(b, &tc)
-			}
-			var e ICMPError
-			if ParseICMPError(b, &e) == nil {
-				ns := newSrc4
-				if e.Src.Addr().Is6() {
-					ns = newSrc6
-				}
-				TranslateICMPError(b, &e, ns)
-			}
+			exercise(t, b)
 		}()
 	}
 }
