@@ -136,11 +136,17 @@ func (w *worker) forward(p *queue.Packet, t *rewrite.Packet) {
 // whose tuple the kernel has no decision for, and caches the decision in
 // the kernel: a translation, or a pass. Datagrams of a tuple already
 // decided come here only while its elements are on their way (and with the
-// userspace datapath, always): they follow the decision, in order.
+// userspace datapath, always): they follow the decision, in order, with no
+// lookup. (A new socket on a tuple whose socket just closed is caught by
+// the kernel's cached decision too, until the next sweep removes it.)
 func (w *worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 	d := w.d
-	start := time.Now()
 	key := flow.Key{Proto: t.Proto, Src: t.Src, Dst: t.Dst}
+	if f := d.flows.Get(key); f != nil {
+		w.follow(p, t, f)
+		return
+	}
+	start := time.Now()
 
 	// 1. The socket, for UDP: its cookie tells this socket from a later
 	// one on the tuple, and its end ends the flow. Ping sockets are not in
@@ -155,13 +161,6 @@ func (w *worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 	}
 	if sock.Cookie == 0 {
 		sock.UID = p.UID // the queue reports the sending socket's owner
-	}
-	if f := d.flows.Get(key); f != nil {
-		if f.Cookie == sock.Cookie {
-			w.follow(p, t, f)
-			return
-		}
-		d.forget(f) // a new socket on the tuple: decide afresh
 	}
 	d.stats.datagrams.Add(1)
 
