@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"golang.org/x/sys/unix"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -122,17 +123,19 @@ func (d *Daemon) serveControl(ctx context.Context, ln net.Listener) {
 func (d *Daemon) answer(c net.Conn) {
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(60 * time.Second))
-	// The socket file is 0600, but its mode is only as good as whoever
-	// may change it: the peer's credentials decide.
-	if uid, err := peerUID(c); err != nil || uid != 0 {
-		d.log.Warn("control socket: refused a client that is not root", "uid", uid, "err", err)
-		json.NewEncoder(c).Encode(FlowsReply{Error: "permission denied: the control socket answers root only"})
-		return
-	}
 	var req request
-	line, err := bufio.NewReader(c).ReadBytes('\n')
+	line, err := bufio.NewReader(io.LimitReader(c, 4096)).ReadBytes('\n')
 	if err == nil {
 		err = json.Unmarshal(line, &req)
+	}
+	// The socket file is 0600, but its mode is only as good as whoever
+	// may change it: the peer's credentials decide. (The request is read
+	// first, so that the refusal is the answer the client reads, not a
+	// broken pipe on its write.)
+	if uid, cerr := peerUID(c); cerr != nil || uid != 0 {
+		d.log.Warn("control socket: refused a client that is not root", "uid", uid, "err", cerr)
+		json.NewEncoder(c).Encode(FlowsReply{Error: "permission denied: the control socket answers root only"})
+		return
 	}
 	switch {
 	case err != nil:
