@@ -66,6 +66,14 @@ func TestRestartAdoptsFlows(t *testing.T) {
 	ask("before the restart")
 
 	for round, stop := range []string{"SIGUSR2", "SIGKILL"} {
+		// In the second round a translated connection dies while no
+		// daemon runs: the next one must remove its elements.
+		var doomed *net.TCPConn
+		if round == 1 {
+			if doomed, err = e.w.Dial(networld.DialOptions{Port: 80}); err != nil {
+				t.Fatal(err)
+			}
+		}
 		if stop == "SIGUSR2" {
 			d.Signal(syscall.SIGUSR2)
 			var ee *exec.ExitError
@@ -78,15 +86,23 @@ func TestRestartAdoptsFlows(t *testing.T) {
 		if !strings.Contains(tables(t, e.w.Host), "inet rerouted") {
 			t.Fatalf("%s: the table is gone", stop)
 		}
+		if doomed != nil {
+			doomed.SetLinger(0) // closes with a RST: no TIME_WAIT keeps the socket
+			doomed.Close()
+		}
 		// No daemon: the kernel still translates both flows.
 		send()
 		ask("with no daemon after " + stop)
 
 		d = e.start()
-		// Round 1 also adopts round 0's new connection, in TIME_WAIT.
+		// Round 1 also adopts round 0's new connection, in TIME_WAIT, and
+		// removes the one that died.
 		line, err := d.WaitFor("adopted the flows an earlier run left", 5*time.Second)
-		if err != nil || !strings.Contains(line, fmt.Sprintf("flows=%d removed=0", 2+round)) {
+		if err != nil || !strings.Contains(line, fmt.Sprintf("flows=%d removed=%d", 2+round, round)) {
 			t.Fatalf("round %d: %q, %v", round, line, err)
+		}
+		if n := e.elements("tcp_out4"); n != 1+round {
+			t.Errorf("round %d: %d TCP elements after adoption, want %d", round, n, 1+round)
 		}
 		if _, err := d.WaitFor(fmt.Sprintf("[ADOPT] tcp src=198.51.100.2 dst=192.0.2.80 sport=%d dport=80 mark=100 => src=203.0.113.2 sport=%d dev=hb", local.Port(), peer.Port()), time.Second); err != nil {
 			t.Error(err)
