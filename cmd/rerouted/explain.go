@@ -23,8 +23,12 @@ func cmdExplain(args []string) int {
 		fs.StringVar(&file, "config", "", "configuration file")
 		fs.IntVar(&pid, "pid", 0, "process that would open the connection")
 		fs.StringVar(&dst, "dst", "", "destination ADDR:PORT ([ADDR]:PORT for IPv6)")
-		fs.StringVar(&proto, "protocol", "tcp", "protocol")
+		fs.StringVar(&proto, "protocol", "tcp", "tcp, udp or icmp (ping; --dst's port is then ignored)")
 	})
+	if proto != "tcp" && proto != "udp" && proto != "icmp" {
+		fmt.Fprintf(os.Stderr, "rerouted explain: --protocol %q: want tcp, udp or icmp\n", proto)
+		return exitUsage
+	}
 	cfg, code := loadConfig(file)
 	if cfg == nil {
 		return code

@@ -32,7 +32,7 @@ const usage = `usage:
   rerouted check --config FILE             validate a configuration (exit 2 if invalid)
   rerouted doctor --config FILE            check the host for what breaks multi-ISP setups (exit 1 if any)
   rerouted flows --config FILE [--json]    list the running daemon's translated flows
-  rerouted explain --config FILE --pid PID --dst ADDR:PORT [--protocol tcp]
+  rerouted explain --config FILE --pid PID --dst ADDR:PORT [--protocol tcp|udp|icmp]
                                            which rule a new connection from PID would match, and why
   rerouted demo                            show the problem and the fix in network namespaces
   rerouted bench [--record BENCHMARKS.md]  measure rerouted against the limit and MASQUERADE
