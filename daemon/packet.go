@@ -46,7 +46,7 @@ type worker struct {
 	owner  sockOwner   // the socket being decided
 	query  policy.Flow // the flow being decided (reused: no allocation)
 
-	held  [maxHeld]heldSYN // rewritten SYNs waiting for their elements
+	held  [maxHeld]heldPacket // rewritten first packets waiting for their elements
 	nheld int
 	// passed: the batch cached a decision not to translate, whose
 	// element must go in at its end even with no packet held for it.
@@ -55,16 +55,16 @@ type worker struct {
 	ruleCounters map[string]prometheus.Counter // decisions by rule (metrics.go)
 }
 
-// heldSYN is a rewritten first packet (a SYN, a datagram, an echo request)
+// heldPacket is a rewritten first packet (a SYN, a datagram, an echo request)
 // waiting for the batch's transaction. Its bytes stay in the queue's buffer
 // until the batch ends.
-type heldSYN struct {
+type heldPacket struct {
 	id  uint32
 	f   *flow.Flow
 	pkt []byte
 }
 
-// maxHeld bounds the SYNs held in one batch.
+// maxHeld bounds the first packets held in one batch.
 const maxHeld = 128
 
 // What an MSS leaves out of the MTU: the IP and TCP headers.
@@ -453,25 +453,26 @@ func (w *worker) noOtherSocket(proto uint8, src, dst netip.AddrPort, cookie uint
 	return err == nil && s.Cookie == cookie
 }
 
-// hold rewrites a flow's SYN and keeps it until the batch's elements are
-// installed (see endBatch).
+// hold rewrites a flow's first packet (a SYN: with its MSS clamped) and
+// keeps it until the batch's elements are installed (see endBatch).
 func (w *worker) hold(p *queue.Packet, t *rewrite.Packet, f *flow.Flow) {
 	rewrite.SetSource(p.Payload, t, f.NewSrc)
 	if f.MSS != 0 {
 		rewrite.ClampMSS(p.Payload, t, f.MSS)
 	}
 	rewrite.Checksum(p.Payload, t)
-	if w.nheld == maxHeld { // rare: more SYNs than a batch holds
+	if w.nheld == maxHeld { // rare: more first packets than a batch holds
 		w.d.inst.flush()
 		w.release(p.ID, f, p.Payload)
 		return
 	}
-	w.held[w.nheld] = heldSYN{id: p.ID, f: f, pkt: p.Payload}
+	w.held[w.nheld] = heldPacket{id: p.ID, f: f, pkt: p.Payload}
 	w.nheld++
 }
 
 // endBatch runs before the queue sends its batch of verdicts: install the
-// batch's elements in one transaction, then release its SYNs.
+// batch's elements in one transaction (the passes' too), then release its
+// held packets, in the order they came.
 func (w *worker) endBatch() {
 	if w.nheld == 0 && !w.passed {
 		return
@@ -481,14 +482,15 @@ func (w *worker) endBatch() {
 	for i := 0; i < w.nheld; i++ {
 		h := &w.held[i]
 		w.release(h.id, h.f, h.pkt)
-		*h = heldSYN{}
+		*h = heldPacket{}
 	}
 	w.nheld = 0
 }
 
-// release lets a rewritten SYN go with its flow's mark; the kernel routes it
-// again because its source and mark changed. A flow whose elements could
-// not be installed has left the table: its SYN is dropped.
+// release lets a rewritten packet go with its flow's mark; the kernel routes
+// it again because its source and mark changed. A flow whose elements could
+// not be installed has left the table: its packet is dropped (the socket
+// retransmits a SYN; a lost datagram is UDP's to handle).
 func (w *worker) release(id uint32, f *flow.Flow, pkt []byte) {
 	if w.d.flows.Get(f.Key) != f {
 		w.dropID(id)
