@@ -1,6 +1,8 @@
 // Package daemon is rerouted's daemon: it receives the first packet of every
-// new locally originated TCP connection, decides its uplink, installs the
-// flow's translation in the kernel, and removes it when the socket is gone.
+// new locally originated flow (a TCP connection, a UDP or ICMP echo tuple),
+// decides its uplink, installs the flow's translation (or, for UDP and
+// echo, the decision not to translate) in the kernel, and removes it when
+// the socket is gone or the flow idle.
 //
 // Goroutines and what each owns:
 //   - one worker per queue runs the packet path (packet.go); it owns its
@@ -9,9 +11,14 @@
 //   - the installer applies flow changes to the kernel maps, in order, a
 //     transaction per burst (install.go); the Datapath owns the nftables
 //     socket;
-//   - the sweeper owns a sock_diag socket for dumps;
+//   - the sweeper owns a sock_diag socket for dumps (it adopts an earlier
+//     run's flows with it before it starts);
 //   - the routing watcher owns an rtnetlink notification socket;
-//   - the control server answers `rerouted flows`.
+//   - the control server answers `rerouted flows`; the metrics server,
+//     /metrics (metrics.go).
+//
+// Managed uplinks' routes and rules are installed before anything else and
+// removed after everything else, on their own rtnetlink socket (uplinks.go).
 //
 // d.mu makes each flow table change and its kernel change one step, so the
 // kernel sees them in table order.
