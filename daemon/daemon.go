@@ -200,7 +200,7 @@ func Run(ctx context.Context, o Options) (err error) {
 	})
 
 	nq := uint16(cfg.Daemon.Queues)
-	if d.dp, err = nftdp.Install(cfg.Daemon.Queue, nq, d.userspace); err != nil {
+	if d.dp, err = nftdp.Install(cfg.Daemon.Queue, nq, d.userspace, cfg.Daemon.IdleTimeout); err != nil {
 		return err
 	}
 	if d.dp.Replaced {

@@ -355,3 +355,63 @@ func TestUDPWithoutChecksum(t *testing.T) {
 		}
 	})
 }
+
+// A UDP server on the host answers a peer from the address the peer asked,
+// through the way it came, even when a rule matches the peer as a
+// destination: the tuple the peer opened is learned in the kernel, so the
+// answers pass untranslated and never reach the daemon.
+func TestUDPServerOnHostAnswersAsAsked(t *testing.T) {
+	datapaths(t, func(t *testing.T, dp string) {
+		e := newEnv(t, dp, `
+[[rule]]
+name = "everything to the server's network via isp-b"
+uplink = "isp-b"
+dst = ["192.0.2.0/24"]
+`)
+		// An echo server on the host, all addresses.
+		var srv *net.UDPConn
+		if err := e.w.Host.Do(func() (err error) { srv, err = net.ListenUDP("udp4", &net.UDPAddr{Port: 5300}); return err }); err != nil {
+			t.Fatal(err)
+		}
+		defer srv.Close()
+		go func() {
+			buf := make([]byte, 2048)
+			for {
+				n, peer, err := srv.ReadFromUDPAddrPort(buf)
+				if err != nil {
+					return
+				}
+				srv.WriteToUDPAddrPort(buf[:n], peer)
+			}
+		}()
+		e.start()
+		// The client on the internet asks the host at ISP A's address, with
+		// a connected socket: an answer from any other address is dropped.
+		var c *net.UDPConn
+		if err := e.w.Net.Do(func() (err error) {
+			c, err = net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(netip.AddrPortFrom(networld.HostA, 5300)))
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		before := e.queued()
+		buf := make([]byte, 64)
+		for i := 0; i < 5; i++ {
+			c.SetDeadline(time.Now().Add(2 * time.Second))
+			if _, err := c.Write([]byte(fmt.Sprint("query ", i))); err != nil {
+				t.Fatal(err)
+			}
+			n, err := c.Read(buf)
+			if err != nil || string(buf[:n]) != fmt.Sprint("query ", i) {
+				t.Fatalf("answer %d: %q, %v (an answer from another address never reaches the connected socket)", i, buf[:n], err)
+			}
+		}
+		if n := e.queued() - before; n != 0 {
+			t.Errorf("%d of the server's answers went to the daemon", n)
+		}
+		if n := e.udpFlows(); n != 0 {
+			t.Errorf("the server's answers became %d translated flows", n)
+		}
+	})
+}

@@ -9,6 +9,7 @@
 //	map P_outF { addr . port . addr . port : addr . port . mark }   socket tuple -> wire source, mark
 //	map P_inF  { addr . port . addr . port : addr . port }          reply to the wire tuple -> socket
 //	set P_passF { addr . port . addr . port }                       udp, icmp: decided, not translated
+//	set udp_seenF { addr . port . addr . port }                     udp: opened by a peer, learned (timeout)
 //
 // An echo's identifier stands for both ports. UDP and ICMP elements count
 // their packets: a flow with no socket to end it (an unconnected UDP socket
@@ -19,10 +20,12 @@
 //	    tcp flags & (fin|syn|rst|ack) == syn  queue (CPU fanout, bypass)
 //	    P: socket tuple in @P_outF  ->  saddr, sport, mark; accept
 //	    udp, icmp echo request: socket tuple in @P_passF  accept
+//	    udp: socket tuple in @udp_seenF  accept
 //	    udp, icmp echo request: queue (address hash, bypass)    the first packet of a new flow }
 //	chain prerouting { type filter hook prerouting priority raw;
 //	    icmp / icmpv6 errors  queue
-//	    P: reply tuple in @P_inF  ->  daddr, dport }
+//	    P: reply tuple in @P_inF  ->  daddr, dport; accept
+//	    udp, fib daddr type local: update @udp_seenF { local tuple } }
 //
 // With the userspace datapath the maps are replaced by key-only sets,
 // P_uoutF and P_uinF, whose rules queue every packet of a translated flow to
@@ -45,6 +48,7 @@ import (
 	"fmt"
 	"net/netip"
 	"sync"
+	"time"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
@@ -55,6 +59,9 @@ import (
 
 // TableName is the name of rerouted's inet table. Nothing else is touched.
 const TableName = "rerouted"
+
+// seenSetSize bounds each family's set of UDP tuples peers opened.
+const seenSetSize = 65536
 
 // Priorities of the base chains.
 const (
@@ -82,6 +89,7 @@ type Datapath struct {
 	table     *nftables.Table
 	fams      [2]family // IPv4, IPv6
 	userspace bool
+	seenFor   time.Duration // lifetime of a learned UDP tuple after its last inbound packet
 	// QueueMethod says how packets reach the queue: "nft queue" or, on
 	// kernels without nft_queue, "xt NFQUEUE" through nft_compat.
 	QueueMethod string
@@ -107,6 +115,7 @@ type proto struct {
 	echo         [2]byte // ICMP: the echo request and reply types
 	out, in      *nftables.Set
 	pass         *nftables.Set // UDP and ICMP: tuples decided untranslated
+	seen         *nftables.Set // UDP: tuples a peer opened (a local server's), learned in the kernel
 }
 
 func (p *proto) isEcho() bool { return p.num == unix.IPPROTO_ICMP || p.num == unix.IPPROTO_ICMPV6 }
@@ -144,12 +153,18 @@ func (d *Datapath) proto(e *Entry) *proto {
 // rules are replaced in one transaction, its elements stay, and Adopted is
 // set; the caller takes the flows over (Entries). Any other table is
 // replaced (Replaced).
-func Install(first, total uint16, userspace bool) (*Datapath, error) {
+//
+// seen is how long a UDP tuple a peer opened stays known after its last
+// inbound packet (0: two minutes); see flowRules.
+func Install(first, total uint16, userspace bool, seen time.Duration) (*Datapath, error) {
+	if seen <= 0 {
+		seen = 2 * time.Minute
+	}
 	conn, err := nftables.New(nftables.AsLasting())
 	if err != nil {
 		return nil, fmt.Errorf("nftables netlink: %w", err)
 	}
-	d := &Datapath{conn: conn, table: &nftables.Table{Name: TableName, Family: nftables.TableFamilyINet}, userspace: userspace}
+	d := &Datapath{conn: conn, table: &nftables.Table{Name: TableName, Family: nftables.TableFamilyINet}, userspace: userspace, seenFor: seen}
 	for i, icmp := range []proto{
 		{num: unix.IPPROTO_ICMP, name: "icmp", sport: 4, dport: 4, csum: 2, echo: [2]byte{8, 0}},
 		{num: unix.IPPROTO_ICMPV6, name: "icmp", sport: 4, dport: 4, csum: 2, echo: [2]byte{128, 129}},
@@ -290,6 +305,13 @@ func (d *Datapath) defineSets() error {
 				p.pass = &nftables.Set{Table: t, Name: n + "pass" + v, Concatenation: true, KeyType: keyType,
 					Comment: "socket tuples decided untranslated"}
 			}
+			if p.num == unix.IPPROTO_UDP {
+				// Bounded: a peer spraying source ports fills it, and then
+				// replies are decided by the daemon as before.
+				p.seen = &nftables.Set{Table: t, Name: n + "seen" + v, Concatenation: true, KeyType: keyType,
+					Dynamic: true, HasTimeout: true, Timeout: d.seenFor, Size: seenSetSize,
+					Comment: "local tuples a peer opened: replies pass untranslated"}
+			}
 			for _, s := range []*nftables.Set{p.out, p.in, p.pass} {
 				if s != nil {
 					s.Counter = p.counted() // idleness is read from the counters
@@ -310,7 +332,7 @@ func (d *Datapath) build() error {
 	for i := range d.fams {
 		for j := range d.fams[i].protos {
 			p := &d.fams[i].protos[j]
-			for _, s := range []*nftables.Set{p.out, p.in, p.pass} {
+			for _, s := range []*nftables.Set{p.out, p.in, p.pass, p.seen} {
 				if s == nil {
 					continue
 				}
@@ -439,6 +461,12 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []ruleMsg {
 	// UDP and ICMP echo have no SYN: the first packet of every tuple not
 	// yet decided goes to the daemon, which caches its decision. Queues are
 	// picked by address hash, so one flow's packets meet one worker.
+	//
+	// A UDP tuple a peer opened (a datagram to a local address that no
+	// translation claimed: a query to a server on this host) is learned in
+	// the kernel, refreshed by every inbound datagram, so the server's
+	// answers pass as they are: they must come from the address the peer
+	// asked, whatever a rule says, and need no trip to the daemon.
 	for i := range d.fams {
 		f := &d.fams[i]
 		for j := range f.protos {
@@ -446,11 +474,22 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []ruleMsg {
 			if p.pass == nil {
 				continue
 			}
-			rules = append(rules,
-				ruleMsg{chain: "output", exprs: exprs(append(append(protoOf(f, p, 0), loadTuple(f, f.saddr, p.sport, f.daddr, p.dport)...),
-					&expr.Lookup{SourceRegister: 8, SetName: p.pass.Name},
-					&expr.Verdict{Kind: expr.VerdictAccept})...)},
-				ruleMsg{chain: "output", exprs: exprs(append(protoOf(f, p, 0), queueTo(first, total, native, false))...)})
+			sockTuple := loadTuple(f, f.saddr, p.sport, f.daddr, p.dport)
+			rules = append(rules, ruleMsg{chain: "output", exprs: exprs(append(append(protoOf(f, p, 0), sockTuple...),
+				&expr.Lookup{SourceRegister: 8, SetName: p.pass.Name},
+				&expr.Verdict{Kind: expr.VerdictAccept})...)})
+			if p.seen != nil {
+				rules = append(rules,
+					ruleMsg{chain: "output", exprs: exprs(append(append(protoOf(f, p, 0), sockTuple...),
+						&expr.Lookup{SourceRegister: 8, SetName: p.seen.Name},
+						&expr.Verdict{Kind: expr.VerdictAccept})...)},
+					ruleMsg{chain: "prerouting", exprs: exprs(append(append(append(protoOf(f, p, 1),
+						&expr.Fib{Register: 1, FlagDADDR: true, ResultADDRTYPE: true},
+						&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)}),
+						loadTuple(f, f.daddr, p.dport, f.saddr, p.sport)...),
+						&expr.Dynset{SrcRegKey: 8, SetName: p.seen.Name, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: d.seenFor})...)})
+			}
+			rules = append(rules, ruleMsg{chain: "output", exprs: exprs(append(protoOf(f, p, 0), queueTo(first, total, native, false))...)})
 		}
 	}
 	return rules
@@ -685,15 +724,17 @@ func (d *Datapath) Uses() ([]Use, error) {
 
 // Sets returns the names of the per-flow sets or maps: for each family
 // (IPv4, then IPv6) and protocol (tcp, udp, icmp), outbound and inbound,
-// then the pass set if the protocol has one.
+// then the pass set and the learned set if the protocol has them.
 func (d *Datapath) Sets() []string {
 	var names []string
 	for i := range d.fams {
 		for j := range d.fams[i].protos {
 			p := &d.fams[i].protos[j]
 			names = append(names, p.out.Name, p.in.Name)
-			if p.pass != nil {
-				names = append(names, p.pass.Name)
+			for _, s := range []*nftables.Set{p.pass, p.seen} {
+				if s != nil {
+					names = append(names, s.Name)
+				}
 			}
 		}
 	}

@@ -18,7 +18,7 @@ func TestInstallAddDeleteRemove(t *testing.T) {
 	}
 
 	var d *Datapath
-	if err := ns.Do(func() (err error) { d, err = Install(7, 2, false); return err }); err != nil {
+	if err := ns.Do(func() (err error) { d, err = Install(7, 2, false, 0); return err }); err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("queue method: %s", d.QueueMethod)
@@ -97,7 +97,7 @@ func TestInstallAddDeleteRemove(t *testing.T) {
 	// its rules are replaced (here: one queue instead of two).
 	d.Close()
 	var d2 *Datapath
-	if err := ns.Do(func() (err error) { d2, err = Install(7, 1, false); return err }); err != nil {
+	if err := ns.Do(func() (err error) { d2, err = Install(7, 1, false, 0); return err }); err != nil {
 		t.Fatal(err)
 	}
 	if !d2.Adopted || d2.Replaced {
@@ -113,7 +113,7 @@ func TestInstallAddDeleteRemove(t *testing.T) {
 	// replaces the table.
 	d2.Close()
 	var d3 *Datapath
-	if err := ns.Do(func() (err error) { d3, err = Install(7, 1, true); return err }); err != nil {
+	if err := ns.Do(func() (err error) { d3, err = Install(7, 1, true, 0); return err }); err != nil {
 		t.Fatal(err)
 	}
 	if !d3.Replaced || d3.Adopted {
@@ -141,7 +141,7 @@ func sortEntries(es []Entry) {
 func TestUserspaceSets(t *testing.T) {
 	ns := worldtest.NS(t)
 	var d *Datapath
-	if err := ns.Do(func() (err error) { d, err = Install(0, 1, true); return err }); err != nil {
+	if err := ns.Do(func() (err error) { d, err = Install(0, 1, true, 0); return err }); err != nil {
 		t.Fatal(err)
 	}
 	defer d.Remove()
@@ -180,7 +180,7 @@ func TestUserspaceSets(t *testing.T) {
 func TestDatagramEntries(t *testing.T) {
 	ns := worldtest.NS(t)
 	var d *Datapath
-	if err := ns.Do(func() (err error) { d, err = Install(0, 1, false); return err }); err != nil {
+	if err := ns.Do(func() (err error) { d, err = Install(0, 1, false, 0); return err }); err != nil {
 		t.Fatal(err)
 	}
 	defer d.Remove()
