@@ -67,15 +67,16 @@ type Options struct {
 
 // Daemon is one running instance.
 type Daemon struct {
-	cfg     atomic.Pointer[policy.Config] // swapped whole on reload
-	log     *slog.Logger
-	events  *eventWriter
-	dp      *nftdp.Datapath
-	flows   *flow.Table
-	inst    *installer
-	metrics *metrics
-	notify  func(state string)
-	mu      sync.Mutex // a flow table change and its kernel change are one step
+	cfg      atomic.Pointer[policy.Config] // swapped whole on reload
+	log      *slog.Logger
+	events   *eventWriter
+	dp       *nftdp.Datapath
+	flows    *flow.Table
+	inst     *installer
+	metrics  *metrics
+	suspects map[*flow.Flow]struct{} // flows whose socket the last sweep found gone (sweeper only)
+	notify   func(state string)
+	mu       sync.Mutex // a flow table change and its kernel change are one step
 
 	userspace      bool          // every packet of a translated flow goes through the workers
 	routing        atomic.Uint64 // bumped on every routing change: route caches are stale
@@ -522,9 +523,14 @@ func (d *Daemon) sweep(diag *sockdiag.Conn, udp map[uint64]struct{}) {
 		d.log.Error("socket dump failed; no flow removed this round", "err", err)
 		return
 	}
-	// The dump only nominates: an exact lookup, which is atomic, confirms
-	// each socket is really gone.
+	// The dump only nominates: an exact lookup confirms each socket is
+	// gone, in two sweeps running. One is not enough: a connection moving
+	// to TIME_WAIT was once missed by both the dump and the lookup (seen
+	// once in many thousands, age 100 ms), and removing a TIME_WAIT
+	// socket's translation early resets its peer.
 	var so sockdiag.Socket
+	suspects := make(map[*flow.Flow]struct{}, len(d.suspects))
+	defer func() { d.suspects = suspects }()
 	for _, f := range s.End() {
 		if f.Cookie == 0 {
 			continue // no socket to follow: idleness ends it
@@ -539,6 +545,10 @@ func (d *Daemon) sweep(diag *sockdiag.Conn, udp map[uint64]struct{}) {
 		case err != nil && !errors.Is(err, sockdiag.ErrNotFound):
 			d.stats.errors[errSocketLookup].Add(1)
 			d.log.Error("socket lookup", "src", f.Src, "dst", f.Dst, "err", err)
+			continue
+		}
+		if _, again := d.suspects[f]; !again {
+			suspects[f] = struct{}{}
 			continue
 		}
 		d.log.Debug("socket gone", "proto", protoName(f.Proto), "src", f.Src, "dst", f.Dst, "cookie", f.Cookie,
