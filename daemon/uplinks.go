@@ -59,7 +59,60 @@ func installUplinks(cfg *policy.Config, log *slog.Logger) (*uplinkRouting, error
 			return nil, errors.Join(fmt.Errorf("uplink %q: %w", up.Name, err), u.remove())
 		}
 	}
+	if err := u.removeStale(); err != nil {
+		return nil, errors.Join(err, u.remove())
+	}
 	return u, nil
+}
+
+// removeStale deletes routes and rules tagged as rerouted's that this
+// configuration no longer asks for: what a run that crashed, or stopped
+// for a restart, installed for an uplink since changed or removed.
+func (u *uplinkRouting) removeStale() error {
+	for _, family := range []int{unix.AF_INET, unix.AF_INET6} {
+		// (RuleListFiltered ignores RT_FILTER_PROTOCOL: the protocol is
+		// checked here, or every rule of the host would go.)
+		rules, err := u.h.RuleList(family)
+		if err != nil {
+			return fmt.Errorf("list rules: %w", err)
+		}
+	rules:
+		for _, r := range rules {
+			if r.Protocol != RouteProtocol {
+				continue
+			}
+			for _, ours := range u.rules {
+				if r.Priority == ours.Priority && r.Mark == ours.Mark && r.Table == ours.Table && sameNet(r.Src, ours.Src) {
+					continue rules
+				}
+			}
+			if err := u.h.RuleDel(&r); err != nil && !errors.Is(err, unix.ENOENT) {
+				return fmt.Errorf("remove stale rule %s: %w", ruleString(&r), err)
+			}
+			u.log.Info("removed a stale uplink rule of an earlier run", "rule", ruleString(&r))
+		}
+		routes, err := u.h.RouteListFiltered(family, &netlink.Route{Protocol: RouteProtocol, Table: unix.RT_TABLE_UNSPEC},
+			netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
+		if err != nil {
+			return fmt.Errorf("list routes: %w", err)
+		}
+	routes:
+		for _, r := range routes {
+			if r.Protocol != RouteProtocol {
+				continue
+			}
+			for _, ours := range u.routes {
+				if r.Table == ours.Table && r.Gw.Equal(ours.Gw) && r.LinkIndex == ours.LinkIndex {
+					continue routes
+				}
+			}
+			if err := u.h.RouteDel(&r); err != nil && !errors.Is(err, unix.ESRCH) {
+				return fmt.Errorf("remove stale route table %d: %w", r.Table, err)
+			}
+			u.log.Info("removed a stale uplink route of an earlier run", "table", r.Table, "gateway", r.Gw.String())
+		}
+	}
+	return nil
 }
 
 func (u *uplinkRouting) install(up *policy.Uplink) error {

@@ -18,27 +18,28 @@ type holder struct {
 	stdin io.WriteCloser
 }
 
-func (e *env) hold(n int, addrs string) *holder {
-	e.t.Helper()
+// hold starts a holder of n connections and waits until they are open. It
+// may run on any goroutine: it reports failure as an error.
+func (e *env) hold(n int, addrs string) (*holder, error) {
 	cmd := e.w.Host.Command(client, "-connect", addrs, "-many", fmt.Sprint(n), "-timeout", "10s")
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
-		e.t.Fatal(err)
+		return nil, err
 	}
 	out, err := cmd.StdoutPipe()
 	if err != nil {
-		e.t.Fatal(err)
+		return nil, err
 	}
 	if err := cmd.Start(); err != nil {
-		e.t.Fatal(err)
+		return nil, err
 	}
 	h := &holder{cmd: cmd, stdin: stdin}
 	e.t.Cleanup(h.close)
 	line, err := bufio.NewReader(out).ReadString('\n')
 	if strings.TrimSpace(line) != fmt.Sprintf("open %d", n) {
-		e.t.Fatalf("holder printed %q (err %v)", line, err)
+		return nil, fmt.Errorf("holder of %d printed %q (err %v)", n, line, err)
 	}
-	return h
+	return h, nil
 }
 
 func (h *holder) close() {
@@ -76,11 +77,19 @@ func TestSoak10kFlows(t *testing.T) {
 	}
 
 	// Two processes at once, 5,000 connections each.
-	done := make(chan *holder, 2)
-	for i := 0; i < 2; i++ {
-		go func() { done <- e.hold(5000, "192.0.2.80:80") }()
+	type held struct {
+		h   *holder
+		err error
 	}
-	a, b := <-done, <-done
+	done := make(chan held, 2)
+	for i := 0; i < 2; i++ {
+		go func() { h, err := e.hold(5000, "192.0.2.80:80"); done <- held{h, err} }()
+	}
+	r1, r2 := <-done, <-done
+	if r1.err != nil || r2.err != nil {
+		t.Fatalf("opening 10,000 connections: %v; %v", r1.err, r2.err)
+	}
+	a, b := r1.h, r2.h
 	step("10,000 connections open")
 	if n := flows(); n != 10000 {
 		t.Fatalf("%d flows with 10,000 connections open", n)
@@ -93,7 +102,10 @@ func TestSoak10kFlows(t *testing.T) {
 	// ones open.
 	closed := make(chan struct{})
 	go func() { a.close(); close(closed) }()
-	c := e.hold(5000, "192.0.2.80:80")
+	c, err := e.hold(5000, "192.0.2.80:80")
+	if err != nil {
+		t.Fatal(err)
+	}
 	<-closed
 	step("churned")
 	if _, err := e.w.Host.Run("ss", "-K", "state", "time-wait", "dst", "192.0.2.80"); err != nil {

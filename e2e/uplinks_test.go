@@ -121,9 +121,31 @@ func TestManagedUplinks(t *testing.T) {
 	d.Kill()
 	check(true)
 	d = e.start()
+	if _, err := d.WaitFor("uplink rule added", 0); err == nil {
+		t.Error("the run after the crash added rules again instead of adopting them")
+	}
+	// Crash again, and move the uplink to table 101: the next run removes
+	// what the last one installed for table 100.
+	d.Kill()
+	if err := writeFile(e.cfg, strings.Replace(head, "table = 100", "table = 101", 1)+webRule); err != nil {
+		t.Fatal(err)
+	}
+	d = e.start()
+	check(false)
+	if !strings.Contains(rules("-4"), "1000:\tfrom all fwmark 0x64 lookup 101 proto 114") {
+		t.Errorf("no fwmark rule for table 101:\n%s", rules("-4"))
+	}
 	d.Signal(syscall.SIGTERM)
 	if err := d.Wait(10 * time.Second); err != nil {
 		t.Fatalf("%v\n%s", err, d.Output())
+	}
+	for _, family := range []string{"-4", "-6"} {
+		if out := rules(family); strings.Contains(out, "proto 114") {
+			t.Errorf("ip %s rules of rerouted's left after exit:\n%s", family, out)
+		}
+		if out, _ := e.w.Host.Run("ip", family, "route", "show", "table", "all"); strings.Contains(out, "proto 114") {
+			t.Errorf("ip %s routes of rerouted's left after exit:\n%s", family, out)
+		}
 	}
 	check(false)
 }
