@@ -80,10 +80,13 @@ type Entry struct {
 	Pass     bool           // not translated: NewSrc and Mark are unused
 }
 
-// Datapath is the installed table. Its netlink sockets are used under mu,
-// one transaction at a time.
+// Datapath is the installed table. Its per-flow socket is used under mu,
+// one transaction at a time; its general one under listMu. A listing can
+// take seconds (the kernel dumps 100,000 elements in ~3 s), and must not
+// hold up new flows' transactions meanwhile.
 type Datapath struct {
-	mu        sync.Mutex
+	mu        sync.Mutex     // elems
+	listMu    sync.Mutex     // conn
 	conn      *nftables.Conn // setup, listing, removal
 	elems     *elemConn      // per-flow transactions and translation rules (elements.go)
 	table     *nftables.Table
@@ -253,6 +256,8 @@ func (d *Datapath) hasOurSets() bool {
 func (d *Datapath) Remove() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	d.listMu.Lock()
+	defer d.listMu.Unlock()
 	d.conn.DelTable(d.table)
 	err := d.conn.Flush()
 	if cerr := d.closeSockets(); err == nil {
@@ -269,6 +274,8 @@ func (d *Datapath) Remove() error {
 func (d *Datapath) Close() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	d.listMu.Lock()
+	defer d.listMu.Unlock()
 	return d.closeSockets()
 }
 
@@ -325,8 +332,8 @@ func (d *Datapath) defineSets() error {
 // build creates the table, its sets or maps and its chains, or finds them
 // as they are: an existing table keeps its elements.
 func (d *Datapath) build() error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	d.listMu.Lock()
+	defer d.listMu.Unlock()
 	c, t := d.conn, d.table
 	c.AddTable(t)
 	for i := range d.fams {
@@ -645,8 +652,8 @@ func (d *Datapath) Entries() ([]Entry, error) {
 	if d.userspace {
 		return nil, errors.New("the userspace datapath keeps translations in the daemon")
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	d.listMu.Lock()
+	defer d.listMu.Unlock()
 	var out []Entry
 	for i := range d.fams {
 		f := &d.fams[i]
@@ -690,8 +697,8 @@ type Use struct {
 // Uses lists the packet counts of every UDP and echo element, translated
 // or passed, for idle timeouts.
 func (d *Datapath) Uses() ([]Use, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	d.listMu.Lock()
+	defer d.listMu.Unlock()
 	var out []Use
 	for i := range d.fams {
 		f := &d.fams[i]
