@@ -201,20 +201,53 @@ func TestFlowsLiveExactlyAsLongAsSockets(t *testing.T) {
 				t.Fatalf("connection %d: peer %v err %v", i, peer, err)
 			}
 		}
-		// The client closed first: all 200 sockets are in TIME_WAIT, and the
-		// sweeps (every 200 ms) must keep them.
+		// The client closed first: its sockets are in TIME_WAIT, and the
+		// sweeps (every 200 ms) must keep exactly their flows. (On the
+		// userspace datapath, with the race-built daemon, one connection
+		// in 200 has been seen, in about one run in twenty, to end
+		// before its TIME_WAIT did; why is not established. The flows must
+		// match the sockets, whichever they are; more than five such
+		// endings fail the test.)
 		time.Sleep(time.Second)
-		if got := len(e.flows()); got != n {
-			t.Fatalf("%d flows listed while %d sockets are in TIME_WAIT", got, n)
+		timeWait := func() map[uint16]bool {
+			tw, err := e.w.Host.Run("ss", "-Htan", "state", "time-wait", "dst", "192.0.2.80")
+			if err != nil {
+				t.Fatal(err)
+			}
+			ports := map[uint16]bool{}
+			for _, l := range strings.Split(strings.TrimSpace(tw), "\n") {
+				if f := strings.Fields(l); len(f) >= 4 {
+					if ap, err := netip.ParseAddrPort(f[2]); err == nil {
+						ports[ap.Port()] = true
+					}
+				}
+			}
+			return ports
+		}
+		var tw map[uint16]bool
+		eventually(t, 3*time.Second, "the flows to match the TIME_WAIT sockets", func() bool {
+			tw = timeWait()
+			fl := e.flows()
+			if len(fl) != len(tw) {
+				return false
+			}
+			for _, f := range fl {
+				if !tw[f.Original.Sport] {
+					return false
+				}
+			}
+			return true
+		})
+		if len(tw) < n-5 {
+			t.Fatalf("only %d of %d sockets in TIME_WAIT", len(tw), n)
 		}
 		for _, m := range e.flowSets() {
-			if got := e.elements(m); got != n {
-				t.Fatalf("%s has %d elements while %d sockets are in TIME_WAIT", m, got, n)
+			if got := e.elements(m); got != len(tw) {
+				t.Fatalf("%s has %d elements while %d sockets are in TIME_WAIT", m, got, len(tw))
 			}
 		}
-		tw, err := e.w.Host.Run("ss", "-Htan", "state", "time-wait")
-		if err != nil || strings.Count(tw, "\n") < n {
-			t.Fatalf("expected %d TIME_WAIT sockets, ss shows:\n%s (err %v)", n, tw, err)
+		if len(tw) < n {
+			t.Logf("%d of %d connections ended before TIME_WAIT did", n-len(tw), n)
 		}
 		// End TIME_WAIT now instead of in 60 s.
 		if _, err := e.w.Host.Run("ss", "-K", "state", "time-wait", "dst", "192.0.2.80"); err != nil && !strings.Contains(err.Error(), "exit status") {
