@@ -628,10 +628,7 @@ func (d *Datapath) Apply(changes []Op) error {
 	for i := range changes {
 		c := &changes[i].Entry
 		v4 := c.Src.Addr().Is4()
-		if c.Pass {
-			c.NewSrc = c.Src
-		}
-		if c.Dst.Addr().Is4() != v4 || c.NewSrc.Addr().Is4() != v4 {
+		if c.Dst.Addr().Is4() != v4 || (!c.Pass && c.NewSrc.Addr().Is4() != v4) { // a pass has no NewSrc
 			return ErrFamily
 		}
 		if p := d.proto(c); p == nil || (c.Pass && p.pass == nil) {
