@@ -10,9 +10,6 @@ import (
 	"io"
 	"net"
 	"net/netip"
-	"os"
-	"path/filepath"
-	"syscall"
 	"time"
 
 	"github.com/rerouted/rerouted/flow"
@@ -76,34 +73,6 @@ func (fi FlowInfo) String() string {
 	return fmt.Sprintf("%s src=%s dst=%s sport=%d dport=%d src=%s dst=%s sport=%d dport=%d mark=%d dev=%s uid=%d rule=%q age=%.0fs",
 		fi.Proto, fi.Original.Src, fi.Original.Dst, fi.Original.Sport, fi.Original.Dport,
 		fi.Reply.Src, fi.Reply.Dst, fi.Reply.Sport, fi.Reply.Dport, fi.Mark, fi.Dev, fi.UID, fi.Rule, fi.AgeSeconds)
-}
-
-// listenControl creates the control socket, readable by root only. A socket
-// file that no daemon answers on is stale and replaced; one that answers
-// belongs to a running daemon, and starting a second is an error.
-func listenControl(path string) (net.Listener, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return nil, fmt.Errorf("control socket directory: %w", err)
-	}
-	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-		c.Close()
-		return nil, fmt.Errorf("control socket %s: another rerouted is running", path)
-	}
-	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("remove stale control socket: %w", err)
-	}
-	old := syscall.Umask(0o177) // the socket is created 0600, never wider
-	ln, err := net.Listen("unix", path)
-	syscall.Umask(old)
-	if err != nil {
-		return nil, fmt.Errorf("control socket: %w", err)
-	}
-	ln.(*net.UnixListener).SetUnlinkOnClose(false) // Run removes it, once
-	if err := os.Chmod(path, 0o600); err != nil {
-		ln.Close()
-		return nil, fmt.Errorf("control socket: %w", err)
-	}
-	return ln, nil
 }
 
 func (d *Daemon) serveControl(ctx context.Context, ln net.Listener) {

@@ -40,6 +40,7 @@ import (
 	"time"
 
 	"github.com/rerouted/rerouted/flow"
+	"github.com/rerouted/rerouted/internal/instance"
 	"github.com/rerouted/rerouted/nftdp"
 	"github.com/rerouted/rerouted/policy"
 	"github.com/rerouted/rerouted/queue"
@@ -110,10 +111,11 @@ const (
 	errRemove                      // the kernel refused to remove a flow's elements
 	errQueueReceive                // reading the queue failed
 	errSweep                       // a socket dump or counter read failed: nothing removed that round
+	errRepair                      // the table could not be checked or put back
 	errKinds
 )
 
-var errKindNames = [errKinds]string{"verdict", "socket_lookup", "no_route", "no_free_port", "install", "remove", "nfqueue_receive", "sweep"}
+var errKindNames = [errKinds]string{"verdict", "socket_lookup", "no_route", "no_free_port", "install", "remove", "nfqueue_receive", "sweep", "repair"}
 
 // ErrDetached is returned by Run when it stopped for a restart (Detach),
 // leaving the kernel state for the next start.
@@ -150,12 +152,19 @@ func Run(ctx context.Context, o Options) (err error) {
 	if d.portLo, d.portHi, err = localPortRange(); err != nil {
 		return err
 	}
+	// One daemon per table, before anything is touched: a second one
+	// must leave the first one's table, queues and routing alone.
+	lock, err := instance.Acquire(nftdp.TableName)
+	if err != nil {
+		return err
+	}
 	var undo []func() error // teardown, run in reverse
 	defer func() {
 		for i := len(undo) - 1; i >= 0; i-- {
 			err = errors.Join(err, undo[i]())
 		}
 	}()
+	undo = append(undo, lock.Release)
 	runCtx, stop := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	undo = append(undo, func() error { stop(); wg.Wait(); return nil })
@@ -185,7 +194,7 @@ func Run(ctx context.Context, o Options) (err error) {
 	}
 	undo = append(undo, sweepDiag.Close)
 
-	ctl, err := listenControl(cfg.Daemon.ControlSocket)
+	ctl, err := instance.ListenControl(cfg.Daemon.ControlSocket, d.log)
 	if err != nil {
 		return err
 	}
@@ -222,6 +231,15 @@ func Run(ctx context.Context, o Options) (err error) {
 			return err
 		}
 	}
+	// From here on, what others do to the table is put back. The guard
+	// stops before the table is removed, or it would put it back.
+	mon, err := d.dp.Monitor()
+	if err != nil {
+		return err
+	}
+	guarded := make(chan struct{})
+	go func() { defer close(guarded); d.guardTable(runCtx, mon) }()
+	undo = append(undo, func() error { stop(); <-guarded; return mon.Close() })
 
 	if addr := cfg.Daemon.MetricsListen; addr != "" {
 		ln, err := net.Listen("tcp", addr)

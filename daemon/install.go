@@ -129,6 +129,10 @@ func (in *installer) apply() {
 // retransmission is decided again.
 func (in *installer) failed(op flowOp, err error) {
 	f := op.f
+	if op.del && benignRemoval(err) {
+		in.d.log.Debug("flow's elements were gone already", "src", f.Src, "dst", f.Dst)
+		return
+	}
 	if op.del {
 		in.d.stats.errors[errRemove].Add(1)
 		in.d.log.Error("remove flow from kernel", "src", f.Src, "dst", f.Dst, "err", err)

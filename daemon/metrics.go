@@ -25,6 +25,7 @@ type metrics struct {
 	reg       *prometheus.Registry
 	decisions *prometheus.CounterVec // by rule
 	latency   prometheus.Histogram   // first packet in, verdict decided
+	repairs   *prometheus.CounterVec // by what was put back
 }
 
 func newMetrics(d *Daemon) *metrics {
@@ -35,9 +36,11 @@ func newMetrics(d *Daemon) *metrics {
 		latency: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "rerouted_decision_seconds",
 			Help:    "Time from a new flow's first packet reaching the daemon to its decision (socket, owner, policy, route, port).",
 			Buckets: prometheus.ExponentialBuckets(5e-6, 2.5, 12)}),
+		repairs: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rerouted_repairs_total",
+			Help: "Repairs of rerouted's state after another program changed it: its nft table (what: table, chain, set, rule, element, foreign, check) or managed routing (route, ip_rule)."}, []string{"what"}),
 	}
 	m.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		m.decisions, m.latency, &flowCollector{d: d}, &queueCollector{d: d})
+		m.decisions, m.latency, m.repairs, &flowCollector{d: d}, &queueCollector{d: d})
 	for _, c := range []struct {
 		name, help string
 		v          func() uint64

@@ -93,6 +93,8 @@ type Datapath struct {
 	fams      [2]family // IPv4, IPv6
 	userspace bool
 	seenFor   time.Duration // lifetime of a learned UDP tuple after its last inbound packet
+	first     uint16        // the queues, first..first+total-1
+	total     uint16
 	// QueueMethod says how packets reach the queue: "nft queue" or, on
 	// kernels without nft_queue, "xt NFQUEUE" through nft_compat.
 	QueueMethod string
@@ -167,7 +169,8 @@ func Install(first, total uint16, userspace bool, seen time.Duration) (*Datapath
 	if err != nil {
 		return nil, fmt.Errorf("nftables netlink: %w", err)
 	}
-	d := &Datapath{conn: conn, table: &nftables.Table{Name: TableName, Family: nftables.TableFamilyINet}, userspace: userspace, seenFor: seen}
+	d := &Datapath{conn: conn, table: &nftables.Table{Name: TableName, Family: nftables.TableFamilyINet}, userspace: userspace, seenFor: seen,
+		first: first, total: total}
 	for i, icmp := range []proto{
 		{num: unix.IPPROTO_ICMP, name: "icmp", sport: 4, dport: 4, csum: 2, echo: [2]byte{8, 0}},
 		{num: unix.IPPROTO_ICMPV6, name: "icmp", sport: 4, dport: 4, csum: 2, echo: [2]byte{128, 129}},
@@ -231,6 +234,71 @@ func (d *Datapath) install(first, total uint16) error {
 	}
 	d.QueueMethod = "xt NFQUEUE"
 	return nil
+}
+
+// Repair puts back what others removed from the table: the table, its sets
+// and its chains are created where missing (what is left keeps its
+// elements), and every rule is set again in one transaction that first
+// empties both chains, which also drops rules others added. Elements of the
+// sets others deleted are the caller's to add again.
+func (d *Datapath) Repair() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if err := d.build(); err != nil {
+		return fmt.Errorf("repair table inet %s: %w", TableName, err)
+	}
+	if err := d.elems.addRules(d.rules(d.first, d.total, d.QueueMethod == "nft queue"), true); err != nil {
+		return fmt.Errorf("repair table inet %s: rules: %w", TableName, err)
+	}
+	return nil
+}
+
+// Missing lists what of the table is not as this daemon installed it: the
+// table, a set, a chain, or a chain whose rule count differs. It reads no
+// elements; it is how the daemon checks its table when notifications were
+// lost.
+func (d *Datapath) Missing() ([]string, error) {
+	d.listMu.Lock()
+	defer d.listMu.Unlock()
+	t, err := d.conn.ListTableOfFamily(TableName, nftables.TableFamilyINet)
+	if err != nil || t == nil {
+		if errors.Is(err, unix.ENOENT) || t == nil {
+			return []string{"table"}, nil
+		}
+		return nil, fmt.Errorf("list table inet %s: %w", TableName, err)
+	}
+	var missing []string
+	sets, err := d.conn.GetSets(d.table)
+	if err != nil {
+		return nil, fmt.Errorf("list sets: %w", err)
+	}
+	have := map[string]bool{}
+	for _, s := range sets {
+		have[s.Name] = true
+	}
+	for _, n := range d.Sets() {
+		if !have[n] {
+			missing = append(missing, "set "+n)
+		}
+	}
+	want := map[string]int{}
+	for _, r := range d.rules(d.first, d.total, true) {
+		want[r.chain]++
+	}
+	for _, chain := range []string{"output", "prerouting"} {
+		rules, err := d.conn.GetRules(d.table, &nftables.Chain{Name: chain, Table: d.table})
+		if err != nil {
+			if errors.Is(err, unix.ENOENT) {
+				missing = append(missing, "chain "+chain)
+				continue
+			}
+			return nil, fmt.Errorf("list rules of chain %s: %w", chain, err)
+		}
+		if len(rules) != want[chain] {
+			missing = append(missing, fmt.Sprintf("rules of chain %s (%d of %d)", chain, len(rules), want[chain]))
+		}
+	}
+	return missing, nil
 }
 
 // hasOurSets reports whether the existing table has every set this version
