@@ -5,6 +5,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/rerouted/rerouted/queue"
 )
 
 // doctor runs rerouted doctor in the host namespace and returns its output
@@ -37,16 +39,24 @@ func TestDoctor(t *testing.T) {
 		}
 	}
 
-	// A queue another program holds (here: a daemon with another control
-	// socket, which doctor cannot reach) cannot be bound.
-	other := newEnvIn(t, e, "kernel")
-	other.start()
+	// A queue another program holds (here: the test, through a socket
+	// bound inside the host namespace) cannot be bound.
+	var q *queue.Queue
+	if err := e.w.Host.Do(func() (err error) { q, err = queue.Open(0, queue.Options{}); return err }); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if q != nil { // the test failed before closing it
+			q.Close()
+		}
+	})
 	out, code = e.doctor()
 	if code != 1 || !strings.Contains(out, "PROBLEM  NFQUEUE 0 cannot be bound") || !strings.Contains(out, "another program holds NFQUEUE 0") {
 		t.Errorf("queue held by another program: exit %d:\n%s", code, out)
 	}
-	other.d.Kill()
-	if _, err := e.w.Host.Run("nft", "delete", "table", "inet", "rerouted"); err != nil {
+	err := q.Close()
+	q = nil
+	if err != nil {
 		t.Fatal(err)
 	}
 
