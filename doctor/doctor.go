@@ -2,7 +2,8 @@
 // rerouted's translation, and says how to fix each problem: strict
 // reverse-path filtering on an uplink, a mark without an ip rule or with an
 // empty table, no rule answering an uplink's address through it, a
-// MASQUERADE or SNAT on an uplink, and missing NFQUEUE or nftables support.
+// MASQUERADE or SNAT on an uplink (in nftables, iptables-nft included, or in
+// iptables-legacy), and missing NFQUEUE or nftables support.
 package doctor
 
 import (
@@ -47,12 +48,17 @@ type Options struct {
 	DaemonRunning bool
 	// ProcSys is where /proc/sys is; tests may point elsewhere.
 	ProcSys string
+	// ProcNet is where /proc/net is; tests may point elsewhere.
+	ProcNet string
 }
 
 // Check inspects the host (the caller's network namespace) for cfg.
 func Check(cfg *policy.Config, o Options) (*Report, error) {
 	if o.ProcSys == "" {
 		o.ProcSys = "/proc/sys"
+	}
+	if o.ProcNet == "" {
+		o.ProcNet = "/proc/net"
 	}
 	r := &Report{}
 	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
@@ -74,6 +80,7 @@ func Check(cfg *policy.Config, o Options) (*Report, error) {
 	if err := checkNAT(r, cfg); err != nil {
 		r.problem("check that nf_tables is available (modprobe nf_tables)", "cannot read the nftables ruleset: %v", err)
 	}
+	checkLegacyNAT(r, cfg, o)
 	return r, nil
 }
 
@@ -247,12 +254,9 @@ func checkNAT(r *Report, cfg *policy.Config) error {
 				continue
 			}
 			for _, u := range cfg.Uplinks {
-				if oif != "" && u.Interface != "" && !strings.HasPrefix(u.Interface, oif) {
+				where, applies := natWhere(u, oif)
+				if !applies {
 					continue
-				}
-				where := "every interface"
-				if oif != "" {
-					where = u.Interface
 				}
 				found = true
 				r.problem("remove it: rerouted gives the uplink's address to the flows routed there, without conntrack",
@@ -267,8 +271,8 @@ func checkNAT(r *Report, cfg *policy.Config) error {
 }
 
 // natOf reports whether a rule masquerades or source-NATs, and the output
-// interface name (or prefix) it is limited to, "" for none.
-func natOf(es []expr.Any) (kind, oif string) {
+// interface conditions it is limited to (none: every interface).
+func natOf(es []expr.Any) (kind string, oif []ifMatch) {
 	oifReg := uint32(0)
 	for _, e := range es {
 		switch e := e.(type) {
@@ -277,8 +281,14 @@ func natOf(es []expr.Any) (kind, oif string) {
 				oifReg = e.Register
 			}
 		case *expr.Cmp:
-			if oifReg != 0 && e.Register == oifReg && e.Op == expr.CmpOpEq {
-				oif = string(bytes.TrimRight(e.Data, "\x00"))
+			if oifReg != 0 && e.Register == oifReg && (e.Op == expr.CmpOpEq || e.Op == expr.CmpOpNeq) {
+				// A name compared with its NUL (nft pads it to
+				// IFNAMSIZ, iptables-nft adds one) is exact; without
+				// one it is a prefix ("eth*", "eth+").
+				m := ifMatch{name: string(bytes.TrimRight(e.Data, "\x00")), neg: e.Op == expr.CmpOpNeq}
+				m.prefix = bytes.IndexByte(e.Data, 0) < 0
+				oif = append(oif, m)
+				oifReg = 0
 			}
 		case *expr.Masq:
 			kind = "MASQUERADE"
@@ -293,6 +303,56 @@ func natOf(es []expr.Any) (kind, oif string) {
 		}
 	}
 	return kind, oif
+}
+
+// ifMatch is a NAT rule's condition on the output interface: a name, or a
+// prefix (iptables' "eth+", nft's "eth*"), maybe negated.
+type ifMatch struct {
+	name   string
+	prefix bool
+	neg    bool
+}
+
+func (m ifMatch) matches(iface string) bool {
+	ok := iface == m.name || (m.prefix && strings.HasPrefix(iface, m.name))
+	return ok != m.neg
+}
+
+func (m ifMatch) String() string {
+	s := m.name
+	if m.prefix {
+		s += "+"
+	}
+	if m.neg {
+		return "every interface but " + s
+	}
+	return s
+}
+
+// natWhere says whether a NAT rule limited to the output interfaces oif
+// (all of them must match) applies to uplink u, and where, in words.
+func natWhere(u *policy.Uplink, oif []ifMatch) (where string, applies bool) {
+	if len(oif) == 0 {
+		if u.Interface == "" {
+			return "every interface", true
+		}
+		return "every interface, " + u.Interface + " included", true
+	}
+	if u.Interface == "" {
+		// Nothing to compare with: say where it applies and let the
+		// operator judge.
+		s := make([]string, len(oif))
+		for i, m := range oif {
+			s[i] = m.String()
+		}
+		return strings.Join(s, " and ") + ", which may be the uplink's (it has no interface set)", true
+	}
+	for _, m := range oif {
+		if !m.matches(u.Interface) {
+			return "", false
+		}
+	}
+	return u.Interface, true
 }
 
 func familyName(f nftables.TableFamily) string {

@@ -33,7 +33,7 @@ func TestDoctor(t *testing.T) {
 		t.Fatalf("healthy host: exit %d:\n%s", code, out)
 	}
 	for _, want := range []string{"ok       nftables answers", "ok       NFQUEUE 0-", `fwmark 100 leads to ip table 100`,
-		`fwmark 100 leads to ip -6 table 100`, "no MASQUERADE or SNAT"} {
+		`fwmark 100 leads to ip -6 table 100`, "no MASQUERADE or SNAT", "ok       no iptables-legacy nat table is in use"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("healthy host: no %q in:\n%s", want, out)
 		}
@@ -58,6 +58,37 @@ func TestDoctor(t *testing.T) {
 	q = nil
 	if err != nil {
 		t.Fatal(err)
+	}
+
+	// A MASQUERADE in iptables-legacy, which nftables does not show.
+	legacy := func(op string, rule ...string) {
+		t.Helper()
+		if _, err := e.w.Host.Run("iptables-legacy", append([]string{"-t", "nat", op, "POSTROUTING"}, rule...)...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, c := range []struct {
+		rule  []string
+		where string
+	}{{[]string{"-o", "hb", "-j", "MASQUERADE"}, "hb"}, {[]string{"-j", "MASQUERADE"}, "every interface, hb included"}} {
+		spec := strings.Join(c.rule, " ")
+		legacy("-A", c.rule...)
+		out, code = e.doctor()
+		for _, want := range []string{
+			"PROBLEM  uplink \"isp-b\": iptables-legacy MASQUERADE in nat chain POSTROUTING (" + spec + ") applies to " + c.where + ";",
+			"fix: remove it: iptables-legacy -t nat -D POSTROUTING " + spec + " (and from the rules restored at boot)",
+			"1 problem(s) found",
+		} {
+			if code != 1 || !strings.Contains(out, want) {
+				t.Errorf("legacy %s: exit %d, want 1 and %q in:\n%s", spec, code, want, out)
+			}
+		}
+		legacy("-D", c.rule...)
+	}
+	legacy("-A", "-o", "ha", "-j", "MASQUERADE") // ISP A's, not an uplink's
+	out, code = e.doctor()
+	if code != 0 || !strings.Contains(out, "ok       no iptables-legacy MASQUERADE or SNAT applies to an uplink") {
+		t.Errorf("legacy rules removed: exit %d:\n%s", code, out)
 	}
 
 	// Break it three ways.
