@@ -41,6 +41,7 @@ import (
 
 	"github.com/rerouted/rerouted/flow"
 	"github.com/rerouted/rerouted/internal/instance"
+	"github.com/rerouted/rerouted/internal/uplink"
 	"github.com/rerouted/rerouted/nftdp"
 	"github.com/rerouted/rerouted/policy"
 	"github.com/rerouted/rerouted/queue"
@@ -170,24 +171,27 @@ func Run(ctx context.Context, o Options) (err error) {
 	undo = append(undo, func() error { stop(); wg.Wait(); return nil })
 
 	// Managed uplinks' routing first: the table's rules rely on it.
-	routing, err := installUplinks(cfg, d.log)
+	routing, err := uplink.Install(cfg, d.log)
 	if err != nil {
 		return err
 	}
 	var detached bool // set before the undo list runs: keep the kernel state
 	undo = append(undo, func() error {
 		if detached {
-			routing.h.Close()
+			routing.Close()
 			return nil
 		}
-		return routing.remove()
+		return routing.Remove()
 	})
 
-	watched, err := watchRouting(runCtx, &d.routing)
+	changed := make(chan struct{}, 1) // a routing change: check the managed routing
+	watched, err := watchRouting(runCtx, &d.routing, changed)
 	if err != nil {
 		return err
 	}
 	undo = append(undo, func() error { stop(); <-watched; return nil })
+	wg.Add(1)
+	go func() { defer wg.Done(); d.keepRouting(runCtx, routing, changed) }()
 	sweepDiag, err := sockdiag.Open()
 	if err != nil {
 		return err

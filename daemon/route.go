@@ -6,8 +6,11 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"strings"
 	"sync/atomic"
 	"time"
+
+	"github.com/rerouted/rerouted/internal/uplink"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -124,9 +127,10 @@ const routingGroups = unix.RTMGRP_LINK | unix.RTMGRP_IPV4_IFADDR | unix.RTMGRP_I
 	unix.RTMGRP_IPV6_IFADDR | unix.RTMGRP_IPV6_ROUTE | 1<<(unix.RTNLGRP_IPV6_RULE-1)
 
 // watchRouting subscribes to routing changes and, until ctx is done, bumps
-// changes for every message, and for lost messages (ENOBUFS) too. It
-// returns once subscribed, so that no change after it returns is missed.
-func watchRouting(ctx context.Context, changes *atomic.Uint64) (done <-chan struct{}, err error) {
+// changes for every message, and for lost messages (ENOBUFS) too, and
+// signals kick (without blocking). It returns once subscribed, so that no
+// change after it returns is missed.
+func watchRouting(ctx context.Context, changes *atomic.Uint64, kick chan<- struct{}) (done <-chan struct{}, err error) {
 	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_ROUTE)
 	if err != nil {
 		return nil, fmt.Errorf("rtnetlink notifications: %w", err)
@@ -152,11 +156,66 @@ func watchRouting(ctx context.Context, changes *atomic.Uint64) (done <-chan stru
 			case err == nil, errors.Is(err, unix.ENOBUFS):
 				changes.Add(1)
 			case errors.Is(err, unix.EAGAIN), errors.Is(err, unix.EINTR):
+				continue
 			default:
 				changes.Add(1)
 				time.Sleep(100 * time.Millisecond)
 			}
+			select {
+			case kick <- struct{}{}:
+			default:
+			}
 		}
 	}()
 	return ch, nil
+}
+
+// keepRouting puts back managed uplinks' routes and rules that were
+// removed behind rerouted's back, after each burst of routing changes: the
+// kernel drops a table's default route when its link goes down, and
+// network managers delete rules they do not know. What cannot go back yet
+// (a link still down) is tried again at the next change, such as the link
+// coming up.
+func (d *Daemon) keepRouting(ctx context.Context, r *uplink.Routing, changed <-chan struct{}) {
+	waiting := map[string]bool{} // pending items already logged
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-changed:
+		}
+		// Let a burst (a link going down takes its routes and addresses)
+		// settle: one check for all of it.
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(50 * time.Millisecond):
+		}
+		select {
+		case <-changed:
+		default:
+		}
+		restored, pending, err := r.Ensure()
+		if err != nil {
+			d.stats.errors[errRepair].Add(1)
+			d.log.Error("check managed uplink routing", "err", err)
+		}
+		for _, what := range restored {
+			kind := "route"
+			if strings.HasPrefix(what, "rule ") {
+				kind = "ip_rule"
+			}
+			d.metrics.repairs.WithLabelValues(kind).Inc()
+			d.log.Warn("managed uplink routing was removed; put it back", "what", what)
+			delete(waiting, what)
+		}
+		now := map[string]bool{}
+		for _, p := range pending {
+			now[p] = true
+			if !waiting[p] {
+				d.log.Warn("managed uplink routing is missing and cannot be put back yet; retrying at the next routing change", "what", p)
+			}
+		}
+		waiting = now
+	}
 }

@@ -175,3 +175,81 @@ func listenOnHost(e *env, addr string) (net.Listener, error) {
 	}()
 	return ln, nil
 }
+
+// Managed routing that the world takes away comes back: a rule an
+// operator's tool deletes, and the default route the kernel drops when
+// ISP B's link goes down (it comes back when the link does). Meanwhile
+// and afterwards rule-matched connections are counted on the wire: none
+// leaves through ISP A once the routing is back.
+func TestManagedRoutingRepaired(t *testing.T) {
+	e := newEnv(t, "kernel", "")
+	for _, cmd := range [][]string{
+		{"rule", "del", "fwmark", "100", "table", "100"}, {"rule", "del", "from", "203.0.113.2", "table", "100"},
+		{"route", "flush", "table", "100"},
+		{"-6", "rule", "del", "fwmark", "100", "table", "100"}, {"-6", "rule", "del", "from", "2001:db8:b::2", "table", "100"},
+		{"-6", "route", "flush", "table", "100"},
+	} {
+		if _, err := e.w.Host.Run("ip", cmd...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	head := strings.Replace(fmt.Sprintf(configHead, e.sock, e.dp), "[[uplink]]\nname = \"isp-b\"\nmark = 100\ninterface = \"hb\"\n", managedUplink, 1)
+	head = strings.Replace(head, "[daemon]\n", "[daemon]\nmetrics_listen = \"127.0.0.1:9477\"\n", 1)
+	if err := writeFile(e.cfg, head+webRule); err != nil {
+		t.Fatal(err)
+	}
+	e.start()
+	viaB := func(what string) {
+		t.Helper()
+		if peer, err := e.w.Fetch(80, 3*time.Second); err != nil || peer.Addr() != networld.HostB {
+			t.Fatalf("%s: server saw %v, err %v", what, peer, err)
+		}
+	}
+	viaB("at start")
+	has := func(args ...string) bool {
+		out, err := e.w.Host.Run("ip", args...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.Contains(out, "lookup 100") || strings.Contains(out, "default via")
+	}
+
+	// 1. Someone deletes the fwmark rule.
+	if _, err := e.w.Host.Run("ip", "rule", "del", "fwmark", "100", "table", "100", "pref", "1000"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, time.Second, "the fwmark rule back", func() bool { return has("rule", "show", "fwmark", "100") })
+	if _, err := e.d.WaitFor(`managed uplink routing was removed; put it back" what="rule from all fwmark 0x64 lookup 100 pref 1000"`, time.Second); err != nil {
+		t.Error(err)
+	}
+	viaB("after the rule came back")
+
+	// 2. ISP B's link goes down and comes back: the kernel removes the
+	// table's default route, which rerouted can only put back once the
+	// link is up again.
+	synA := e.counter(e.w.A, "syn")
+	if _, err := e.w.Host.Run("ip", "link", "set", "hb", "down"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, time.Second, "the kernel to drop table 100's default route", func() bool { return !has("route", "show", "table", "100") })
+	if _, err := e.d.WaitFor("managed uplink routing is missing and cannot be put back yet", 2*time.Second); err != nil {
+		t.Error(err)
+	}
+	if _, err := e.w.Host.Run("ip", "link", "set", "hb", "up"); err != nil {
+		t.Fatal(err)
+	}
+	up := time.Now()
+	eventually(t, time.Second, "table 100's default route back", func() bool { return has("route", "show", "table", "100") })
+	t.Logf("default route back %v after the link came up", time.Since(up).Round(time.Millisecond))
+	for i := 0; i < 20; i++ {
+		viaB(fmt.Sprintf("connection %d after the link came back", i))
+	}
+	if n := e.counter(e.w.A, "syn") - synA; n != 0 {
+		t.Errorf("%d SYNs left through ISP A", n)
+	}
+	for _, what := range []string{"ip_rule", "route"} {
+		if n := e.metric(fmt.Sprintf(`rerouted_repairs_total{what=%q}`, what)); n < 1 {
+			t.Errorf("rerouted_repairs_total{what=%q} = %v", what, n)
+		}
+	}
+}

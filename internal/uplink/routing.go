@@ -1,4 +1,8 @@
-package daemon
+// Package uplink manages what the host's routing needs for each uplink
+// rerouted manages, and keeps it there while the world moves: a route the
+// kernel removed when the link went down, or a rule an operator's tool
+// deleted, is put back.
+package uplink
 
 import (
 	"errors"
@@ -35,32 +39,32 @@ const (
 	fromRulePriority = 1001
 )
 
-// uplinkRouting is what rerouted installed for its managed uplinks.
-type uplinkRouting struct {
+// Routing is what rerouted installed for its managed uplinks.
+type Routing struct {
 	h      *netlink.Handle
 	log    *slog.Logger
 	routes []netlink.Route
 	rules  []netlink.Rule
 }
 
-// installUplinks installs the routing of every managed uplink. On error it
+// Install installs the routing of every managed uplink. On error it
 // removes what it installed.
-func installUplinks(cfg *policy.Config, log *slog.Logger) (*uplinkRouting, error) {
+func Install(cfg *policy.Config, log *slog.Logger) (*Routing, error) {
 	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
 		return nil, fmt.Errorf("rtnetlink: %w", err)
 	}
-	u := &uplinkRouting{h: h, log: log}
+	u := &Routing{h: h, log: log}
 	for _, up := range cfg.Uplinks {
 		if !up.Managed() {
 			continue
 		}
 		if err := u.install(up); err != nil {
-			return nil, errors.Join(fmt.Errorf("uplink %q: %w", up.Name, err), u.remove())
+			return nil, errors.Join(fmt.Errorf("uplink %q: %w", up.Name, err), u.Remove())
 		}
 	}
 	if err := u.removeStale(); err != nil {
-		return nil, errors.Join(err, u.remove())
+		return nil, errors.Join(err, u.Remove())
 	}
 	return u, nil
 }
@@ -68,7 +72,7 @@ func installUplinks(cfg *policy.Config, log *slog.Logger) (*uplinkRouting, error
 // removeStale deletes routes and rules tagged as rerouted's that this
 // configuration no longer asks for: what a run that crashed, or stopped
 // for a restart, installed for an uplink since changed or removed.
-func (u *uplinkRouting) removeStale() error {
+func (u *Routing) removeStale() error {
 	for _, family := range []int{unix.AF_INET, unix.AF_INET6} {
 		// (RuleListFiltered ignores RT_FILTER_PROTOCOL: the protocol is
 		// checked here, or every rule of the host would go.)
@@ -115,7 +119,7 @@ func (u *uplinkRouting) removeStale() error {
 	return nil
 }
 
-func (u *uplinkRouting) install(up *policy.Uplink) error {
+func (u *Routing) install(up *policy.Uplink) error {
 	link, err := u.h.LinkByName(up.Interface)
 	if err != nil {
 		return fmt.Errorf("interface %q: %w", up.Interface, err)
@@ -159,7 +163,7 @@ func (u *uplinkRouting) install(up *policy.Uplink) error {
 // a crashed run (rerouted's protocol: adopted, removed on exit) or the
 // operator's (left alone). A different default route in the table is an
 // error: rerouted does not take over a table someone else manages.
-func (u *uplinkRouting) route(r netlink.Route) error {
+func (u *Routing) route(r netlink.Route) error {
 	existing, err := u.h.RouteListFiltered(r.Family, &netlink.Route{Table: r.Table}, netlink.RT_FILTER_TABLE)
 	if err != nil {
 		return fmt.Errorf("list table %d: %w", r.Table, err)
@@ -185,7 +189,7 @@ func (u *uplinkRouting) route(r netlink.Route) error {
 }
 
 // rule adds an ip rule unless an identical one is there (see route).
-func (u *uplinkRouting) rule(r netlink.Rule) error {
+func (u *Routing) rule(r netlink.Rule) error {
 	r.Protocol = RouteProtocol
 	existing, err := u.h.RuleListFiltered(r.Family, &netlink.Rule{Table: r.Table}, netlink.RT_FILTER_TABLE)
 	if err != nil {
@@ -228,8 +232,8 @@ func ruleString(r *netlink.Rule) string {
 	return s + fmt.Sprintf(" lookup %d pref %d", r.Table, r.Priority)
 }
 
-// remove deletes what install added, rules first, and closes the socket.
-func (u *uplinkRouting) remove() error {
+// Remove deletes what Install added, rules first, and closes the socket.
+func (u *Routing) Remove() error {
 	var errs []error
 	for i := len(u.rules) - 1; i >= 0; i-- {
 		r := u.rules[i]
@@ -249,4 +253,78 @@ func (u *uplinkRouting) remove() error {
 	u.rules, u.routes = nil, nil
 	u.h.Close()
 	return errors.Join(errs...)
+}
+
+// Close closes the socket and leaves the routing in place (a stop for a
+// restart: the next start adopts it).
+func (u *Routing) Close() { u.h.Close() }
+
+// Ensure puts back what was removed behind rerouted's back: a default
+// route the kernel dropped when its link went down or lost its address, a
+// rule someone deleted. What cannot go back yet (the link is still down)
+// is returned in pending; it is tried again at the next call. The caller
+// calls it on every routing change; it is cheap when nothing is missing.
+func (u *Routing) Ensure() (restored, pending []string, err error) {
+	for _, family := range []int{unix.AF_INET, unix.AF_INET6} {
+		var rules []netlink.Rule
+		for i := range u.rules {
+			r := &u.rules[i]
+			if r.Family != family {
+				continue
+			}
+			if rules == nil {
+				if rules, err = u.h.RuleList(family); err != nil {
+					return restored, pending, fmt.Errorf("list rules: %w", err)
+				}
+			}
+			if hasRule(rules, r) {
+				continue
+			}
+			add := netlink.NewRule()
+			add.Family, add.Mark, add.Src, add.Table, add.Priority, add.Protocol = r.Family, r.Mark, r.Src, r.Table, r.Priority, RouteProtocol
+			if err := u.h.RuleAdd(add); err != nil && !errors.Is(err, unix.EEXIST) {
+				pending = append(pending, "rule "+ruleString(r)+": "+err.Error())
+				continue
+			}
+			restored = append(restored, "rule "+ruleString(r))
+		}
+		for i := range u.routes {
+			r := &u.routes[i]
+			if r.Family != family {
+				continue
+			}
+			have, err := u.h.RouteListFiltered(family, &netlink.Route{Table: r.Table}, netlink.RT_FILTER_TABLE)
+			if err != nil {
+				return restored, pending, fmt.Errorf("list table %d: %w", r.Table, err)
+			}
+			if hasDefault(have, r) {
+				continue
+			}
+			add := *r
+			if err := u.h.RouteAdd(&add); err != nil && !errors.Is(err, unix.EEXIST) {
+				pending = append(pending, fmt.Sprintf("default route via %v table %d: %v", r.Gw, r.Table, err))
+				continue
+			}
+			restored = append(restored, fmt.Sprintf("default route via %v table %d", r.Gw, r.Table))
+		}
+	}
+	return restored, pending, nil
+}
+
+func hasRule(rules []netlink.Rule, r *netlink.Rule) bool {
+	for _, e := range rules {
+		if e.Priority == r.Priority && e.Mark == r.Mark && e.Table == r.Table && sameNet(e.Src, r.Src) {
+			return true
+		}
+	}
+	return false
+}
+
+func hasDefault(routes []netlink.Route, r *netlink.Route) bool {
+	for _, e := range routes {
+		if (e.Dst == nil || e.Dst.IP.IsUnspecified()) && e.Gw.Equal(r.Gw) && e.LinkIndex == r.LinkIndex {
+			return true
+		}
+	}
+	return false
 }
