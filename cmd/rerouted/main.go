@@ -3,6 +3,8 @@
 //
 //	rerouted run --config FILE [--debug]     run the daemon in the foreground
 //	rerouted check --config FILE             validate a configuration
+//	                                         (both refuse a file users other than root can
+//	                                         change, unless --insecure-config)
 //	rerouted doctor --config FILE            check the host for what breaks multi-ISP setups
 //	rerouted flows --config FILE [--json]    list the running daemon's flows
 //	rerouted explain --config FILE --pid PID --dst ADDR:PORT
@@ -21,6 +23,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/rerouted/rerouted/daemon"
@@ -30,6 +33,8 @@ import (
 const usage = `usage:
   rerouted run --config FILE [--debug]     run the daemon in the foreground
   rerouted check --config FILE             validate a configuration (exit 2 if invalid)
+                                           run and check refuse a file users other than root
+                                           can change, unless given --insecure-config
   rerouted doctor --config FILE            check the host for what breaks multi-ISP setups (exit 1 if any)
   rerouted flows --config FILE [--json]    list the running daemon's translated flows
   rerouted explain --config FILE --pid PID --dst ADDR:PORT [--protocol tcp|udp|icmp]
@@ -109,22 +114,52 @@ func loadConfig(file string) (*policy.Config, int) {
 	return cfg, exitOK
 }
 
+// insecureWarning words a CheckFileSecurity error for a warning: its fix,
+// without the advice to pass --insecure-config, which was.
+func insecureWarning(err error) string {
+	var ie *policy.InsecureFileError
+	if errors.As(err, &ie) {
+		return ie.Problem() + "; fix: " + strings.Join(ie.Fixes, " && ")
+	}
+	return err.Error()
+}
+
+// insecureConfigFlag defines --insecure-config.
+func insecureConfigFlag(fs *flag.FlagSet, v *bool) {
+	fs.BoolVar(v, "insecure-config", false, "use a configuration file that users other than root can change (not root's, or writable by others, or in such a directory)")
+}
+
 func cmdCheck(args []string) int {
 	var file string
-	flags("check", args, func(fs *flag.FlagSet) { fs.StringVar(&file, "config", "", "configuration file") })
+	var insecure bool
+	flags("check", args, func(fs *flag.FlagSet) {
+		fs.StringVar(&file, "config", "", "configuration file")
+		insecureConfigFlag(fs, &insecure)
+	})
 	cfg, code := loadConfig(file)
-	if cfg != nil {
-		fmt.Printf("%s: ok (%d uplinks, %d rules)\n", file, len(cfg.Uplinks), len(cfg.Rules))
+	if cfg == nil {
+		return code
 	}
-	return code
+	// The daemon runs as root: a file another user can change would route
+	// as that user says. run refuses it; so does check, to say so first.
+	if err := policy.CheckFileSecurity(file); err != nil {
+		if !insecure {
+			fmt.Fprintf(os.Stderr, "rerouted: %v\n", err)
+			return exitUsage
+		}
+		fmt.Fprintf(os.Stderr, "rerouted: WARNING: using it anyway (--insecure-config): %s\n", insecureWarning(err))
+	}
+	fmt.Printf("%s: ok (%d uplinks, %d rules)\n", file, len(cfg.Uplinks), len(cfg.Rules))
+	return exitOK
 }
 
 func cmdRun(args []string) int {
 	var file string
-	var debug bool
+	var debug, insecure bool
 	flags("run", args, func(fs *flag.FlagSet) {
 		fs.StringVar(&file, "config", "", "configuration file")
 		fs.BoolVar(&debug, "debug", false, "print a line for every flow translated or removed, and debug logs")
+		insecureConfigFlag(fs, &insecure)
 	})
 	cfg, code := loadConfig(file)
 	if cfg == nil {
@@ -136,6 +171,15 @@ func cmdRun(args []string) int {
 		level, events = slog.LevelDebug, os.Stdout
 	}
 	log := newLogger(os.Stderr, level)
+	// Before anything is installed: a root daemon must not take its rules
+	// from a file another user can change.
+	if err := policy.CheckFileSecurity(file); err != nil {
+		if !insecure {
+			log.Error("refusing to run with a configuration file users other than root can change", "err", err)
+			return exitUsage
+		}
+		log.Warn("WARNING: running with a configuration file users other than root can change (--insecure-config)", "err", insecureWarning(err))
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	hup := make(chan os.Signal, 1)
