@@ -3,7 +3,8 @@
 // reverse-path filtering on an uplink, a mark without an ip rule or with an
 // empty table, no rule answering an uplink's address through it, a
 // MASQUERADE or SNAT on an uplink (in nftables, iptables-nft included, or in
-// iptables-legacy), and missing NFQUEUE or nftables support.
+// iptables-legacy), missing NFQUEUE or nftables support, and a configuration
+// file users other than root can change.
 package doctor
 
 import (
@@ -61,6 +62,7 @@ func Check(cfg *policy.Config, o Options) (*Report, error) {
 		o.ProcNet = "/proc/net"
 	}
 	r := &Report{}
+	checkConfigFile(r, cfg.File)
 	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
 		return nil, fmt.Errorf("rtnetlink: %w", err)
@@ -82,6 +84,24 @@ func Check(cfg *policy.Config, o Options) (*Report, error) {
 	}
 	checkLegacyNAT(r, cfg, o)
 	return r, nil
+}
+
+// checkConfigFile: rerouted run refuses a configuration file users other
+// than root can change (unless --insecure-config).
+func checkConfigFile(r *Report, file string) {
+	if file == "" { // a configuration not read from a file
+		return
+	}
+	err := policy.CheckFileSecurity(file)
+	var ie *policy.InsecureFileError
+	switch {
+	case errors.As(err, &ie):
+		r.problem(ie.Fix(), "%s", ie.Problem())
+	case err != nil:
+		r.problem("check the path, or run doctor as root", "%v", err)
+	default:
+		r.ok("configuration file %s: only root can change it", file)
+	}
 }
 
 // checkNetfilter: nftables answers, and the queues can be bound.
