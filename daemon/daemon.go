@@ -94,6 +94,7 @@ type stats struct {
 	translated atomic.Uint64 // new flows translated
 	retrans    atomic.Uint64 // retransmitted SYNs of translated flows
 	dropped    atomic.Uint64 // packets dropped (the socket retries)
+	service    atomic.Uint64 // UDP flows from a local service's socket: only owner rules applied
 	icmpErrors atomic.Uint64 // ICMP errors readdressed to a translated flow's socket
 	forwarded  atomic.Uint64 // userspace datapath: packets rewritten after the SYN
 	bytes      atomic.Uint64 // userspace datapath: their bytes

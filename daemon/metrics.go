@@ -50,6 +50,7 @@ func newMetrics(d *Daemon) *metrics {
 		{"rerouted_translated_total", "New flows translated.", d.stats.translated.Load},
 		{"rerouted_retransmitted_syns_total", "Retransmitted SYNs of translated flows.", d.stats.retrans.Load},
 		{"rerouted_dropped_packets_total", "Packets the daemon dropped (their sockets retry).", d.stats.dropped.Load},
+		{"rerouted_service_datagram_flows_total", "UDP flows from a local service's socket (unconnected, bound outside the ephemeral ports) that reached the daemon: decided by owner rules only.", d.stats.service.Load},
 		{"rerouted_icmp_errors_readdressed_total", "ICMP errors readdressed to a translated flow's socket.", d.stats.icmpErrors.Load},
 		{"rerouted_idle_ended_total", "UDP and echo flows ended by idleness.", d.stats.idle.Load},
 		{"rerouted_forwarded_packets_total", "Userspace datapath: packets rewritten after the first.", d.stats.forwarded.Load},

@@ -169,7 +169,16 @@ func (w *worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 	var mark uint32
 	var ruleName string
 	if dst := t.Dst.Addr(); !dst.IsMulticast() && !dst.IsLinkLocalUnicast() && dst != netip.AddrFrom4([4]byte{255, 255, 255, 255}) {
-		mark, ruleName = w.decide(d.cfg.Load(), &sock, p, t)
+		// A local service's socket (unconnected, on a port of its own) may
+		// be answering a client whose tuple the kernel could not learn
+		// (see policy.DecideService).
+		remote := sock.Remote.Addr()
+		service := t.Proto == rewrite.UDP && sock.Cookie != 0 && (!remote.IsValid() || remote.IsUnspecified()) &&
+			(t.Src.Port() < d.portLo || t.Src.Port() > d.portHi)
+		if service {
+			d.stats.service.Add(1)
+		}
+		mark, ruleName = w.decide(d.cfg.Load(), &sock, p, t, service)
 	}
 	w.decided(ruleName, start)
 
@@ -275,7 +284,7 @@ func (w *worker) syn(p *queue.Packet, t *rewrite.Packet) {
 	}
 
 	// 2. The mark: the host's own, else the first matching rule's.
-	mark, ruleName := w.decide(d.cfg.Load(), &sock, p, t)
+	mark, ruleName := w.decide(d.cfg.Load(), &sock, p, t, false)
 	w.decided(ruleName, start)
 
 	// 3. The route that mark leads to, and its preferred source.
@@ -361,8 +370,9 @@ func (w *worker) icmpError(p *queue.Packet, e *rewrite.ICMPError) {
 // decide returns the mark a new flow must carry and what decided it: the
 // mark the host's own rules set (with honor_marks), else the first matching
 // rule's; mark 0 means the normal route. The owner (process, cgroup) is
-// looked up only if a rule needs it.
-func (w *worker) decide(cfg *policy.Config, sock *sockdiag.Socket, p *queue.Packet, t *rewrite.Packet) (uint32, string) {
+// looked up only if a rule needs it. For a local service's datagram only
+// rules that name the socket's owner apply.
+func (w *worker) decide(cfg *policy.Config, sock *sockdiag.Socket, p *queue.Packet, t *rewrite.Packet, service bool) (uint32, string) {
 	w.owner.reset(sock)
 	if cfg.Daemon.HonorMarks && p.Mark != 0 {
 		return p.Mark, "host mark"
@@ -375,7 +385,12 @@ func (w *worker) decide(cfg *policy.Config, sock *sockdiag.Socket, p *queue.Pack
 		proto = "icmp"
 	}
 	w.query = policy.Flow{Protocol: proto, Dst: t.Dst, UID: sock.UID, GID: p.GID, HasUID: sock.Cookie != 0 || p.HasUID, Owner: &w.owner}
-	r := cfg.Decide(&w.query)
+	var r *policy.Rule
+	if service {
+		r = cfg.DecideService(&w.query)
+	} else {
+		r = cfg.Decide(&w.query)
+	}
 	switch {
 	case r == nil:
 		return 0, ""

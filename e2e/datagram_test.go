@@ -1,10 +1,12 @@
 package e2e
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"regexp"
 	"strconv"
 	"strings"
@@ -414,4 +416,115 @@ dst = ["192.0.2.0/24"]
 			t.Errorf("the server's answers became %d translated flows", n)
 		}
 	})
+}
+
+// A flood of spoofed datagrams from the internet fills the set of tuples
+// the kernel learns for the host's UDP services. A legitimate client's
+// tuple then is not learned, and its answers reach the daemon as new
+// flows: they must still leave from the address the client asked. A
+// local service's socket is decided by rules that name its owner only,
+// never by one that names only destinations.
+func TestUDPServerAnswersAsAskedUnderFlood(t *testing.T) {
+	e := newEnv(t, "kernel", `
+[[rule]]
+name = "everything to the server's network via isp-b"
+uplink = "isp-b"
+dst = ["192.0.2.0/24"]
+`)
+	var srv *net.UDPConn
+	if err := e.w.Host.Do(func() (err error) { srv, err = net.ListenUDP("udp4", &net.UDPAddr{Port: 5300}); return err }); err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	// Learned tuples live as long as idle_timeout: long enough here for
+	// the flood to fill the set.
+	cfg, err := os.ReadFile(e.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(e.cfg, []byte(strings.Replace(string(cfg), `idle_timeout = "2s"`, `idle_timeout = "60s"`, 1)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	client := netip.AddrPortFrom(networld.ServerAddr, 40000)
+	go func() { // answers the legitimate client only: the flood needs no answers to fill the set
+		buf := make([]byte, 2048)
+		for {
+			n, peer, err := srv.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			if peer == client {
+				srv.WriteToUDPAddrPort(buf[:n], peer)
+			}
+		}
+	}()
+	e.start()
+
+	// 200,000 datagrams to the service from random sources of the
+	// internet's range, random ports.
+	err = e.w.Net.Do(func() error {
+		fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_RAW, syscall.IPPROTO_RAW)
+		if err != nil {
+			return err
+		}
+		defer syscall.Close(fd)
+		pkt := make([]byte, 28+4)
+		dst := networld.HostA.As4()
+		to := &syscall.SockaddrInet4{Addr: dst}
+		x := uint32(12345)
+		for i := 0; i < 200000; i++ {
+			x = x*1664525 + 1013904223
+			pkt[0], pkt[8], pkt[9] = 0x45, 64, syscall.IPPROTO_UDP
+			binary.BigEndian.PutUint16(pkt[2:], uint16(len(pkt)))
+			copy(pkt[12:], []byte{192, 0, 2, byte(x >> 24)})
+			copy(pkt[16:], dst[:])
+			binary.BigEndian.PutUint16(pkt[20:], uint16(1024+x%60000))
+			binary.BigEndian.PutUint16(pkt[22:], 5300)
+			binary.BigEndian.PutUint16(pkt[24:], 12)
+			binary.BigEndian.PutUint16(pkt[26:], 0) // no checksum
+			if err := syscall.Sendto(fd, pkt, 0, to); err != nil {
+				return fmt.Errorf("datagram %d: %w", i, err)
+			}
+			if i%64 == 63 { // as fast as the veth backlogs take them
+				time.Sleep(time.Millisecond)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := e.w.Host.Run("nft", "list", "set", "inet", "rerouted", "udp_seen4")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(out, " . ") / 3; n < 60000 {
+		t.Fatalf("the flood left %d tuples in udp_seen4: not full, the test shows nothing", n)
+	}
+
+	var c *net.UDPConn
+	if err := e.w.Net.Do(func() (err error) {
+		c, err = net.DialUDP("udp4", net.UDPAddrFromAddrPort(client), net.UDPAddrFromAddrPort(netip.AddrPortFrom(networld.HostA, 5300)))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	buf := make([]byte, 64)
+	got := 0
+	for i := 0; i < 20; i++ {
+		c.SetDeadline(time.Now().Add(time.Second))
+		if _, err := c.Write([]byte(fmt.Sprint("query ", i))); err != nil {
+			t.Fatal(err)
+		}
+		if n, err := c.Read(buf); err == nil && string(buf[:n]) == fmt.Sprint("query ", i) {
+			got++
+		}
+	}
+	if got != 20 {
+		t.Errorf("%d of 20 answers came from the address asked", got)
+	}
+	if n := e.udpFlows(); n != 0 {
+		t.Errorf("the service's answers became %d translated flows", n)
+	}
 }
