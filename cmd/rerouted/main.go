@@ -27,6 +27,7 @@ import (
 	"syscall"
 
 	"github.com/rerouted/rerouted/daemon"
+	"github.com/rerouted/rerouted/internal/instance"
 	"github.com/rerouted/rerouted/policy"
 )
 
@@ -207,6 +208,11 @@ func cmdRun(args []string) int {
 	if errors.Is(err, daemon.ErrDetached) {
 		log.Info("stopped for a restart; the next start adopts the flows")
 		return exitRestart
+	}
+	if errors.Is(err, instance.ErrRunning) || errors.Is(err, instance.ErrInsecure) {
+		// Refused before touching anything: as for a bad configuration.
+		log.Error("rerouted refused to start; nothing was changed", "err", err)
+		return exitUsage
 	}
 	if err != nil {
 		log.Error("rerouted failed", "err", err)
