@@ -96,8 +96,9 @@ func Load(file string) (*Config, error) {
 
 // Parse validates a configuration held in memory; file names it in errors.
 func Parse(file string, src []byte) (*Config, error) {
+	text := string(src) // one copy for both readers of a possibly big file
 	var raw map[string]any
-	if _, err := toml.Decode(string(src), &raw); err != nil {
+	if _, err := toml.Decode(text, &raw); err != nil {
 		var pe toml.ParseError
 		if errors.As(err, &pe) {
 			line, col := lineCol(src, pe.Position.Start)
@@ -105,7 +106,7 @@ func Parse(file string, src []byte) (*Config, error) {
 		}
 		return nil, Errors{{File: file, Line: 1, Col: 1, Msg: err.Error()}}
 	}
-	p := &parser{file: file, pos: locate(src)}
+	p := &parser{file: file, pos: locate(text)}
 	cfg := p.config(raw)
 	if len(p.errs) > 0 {
 		sort.SliceStable(p.errs, func(i, j int) bool {
@@ -337,7 +338,8 @@ func (p *parser) rule(path string, t map[string]any) *Rule {
 			}
 			continue
 		case "dst":
-			var ps []netip.Prefix
+			// Straight into the trie: no second copy of a long list.
+			set := &prefixSet{}
 			for _, s := range p.strings(kp, v) {
 				pfx, err := netip.ParsePrefix(s)
 				if err != nil {
@@ -352,9 +354,9 @@ func (p *parser) rule(path string, t map[string]any) *Rule {
 					p.errorf(kp, "%s %q has host bits set (did you mean %s?)", k, s, pfx.Masked())
 					continue
 				}
-				ps = append(ps, pfx)
+				set.add(pfx)
 			}
-			c = condDst(ps)
+			c = condDst(set)
 		case "dport":
 			c = condDport(p.ports(kp, v))
 		case "uid", "gid":
@@ -574,8 +576,9 @@ func (p *parser) integer(path string, v any, lo, hi int64) (int64, bool) {
 }
 
 func (p *parser) strings(path string, v any) []string {
-	var out []string
-	for _, x := range list(v) {
+	l := list(v)
+	out := make([]string, 0, len(l))
+	for _, x := range l {
 		s, ok := x.(string)
 		if !ok {
 			p.errorf(path, "%s takes strings", lastElem(path))

@@ -160,7 +160,10 @@ type cond struct {
 	key  string // as written, e.g. "not_dst"
 	neg  bool
 	cost int
-	list string // the values as written, for explanations
+	list string // the values as written (a long dst list cut short), for explanations
+	// in, when set, replaces list when the flow's value is in it: a long
+	// list names the entry that holds the value instead.
+	in func(f *Flow) string
 	// test answers for the positive key; ok=false when the flow lacks
 	// what the key needs (no socket, no process): then the condition
 	// fails whether negated or not.
@@ -180,7 +183,11 @@ func (c *cond) why(f *Flow) string {
 	case !ok:
 		return fmt.Sprintf("%s: the connection has no %s", c.key, c.value(f))
 	case c.neg && m:
-		return fmt.Sprintf("%s: %s is in %s", c.key, c.value(f), c.list)
+		list := c.list
+		if c.in != nil {
+			list = c.in(f)
+		}
+		return fmt.Sprintf("%s: %s is in %s", c.key, c.value(f), list)
 	default:
 		return fmt.Sprintf("%s: %s is not in %s", c.key, c.value(f), c.list)
 	}
@@ -193,17 +200,10 @@ func condProtocol(ps []string) cond {
 		test: func(f *Flow) (bool, bool) { return containsStr(ps, f.Protocol), true }}
 }
 
-func condDst(ps []netip.Prefix) cond {
-	return cond{key: "dst", list: listOf(ps), value: func(f *Flow) string { return f.Dst.Addr().String() },
-		test: func(f *Flow) (bool, bool) {
-			a := f.Dst.Addr().Unmap()
-			for _, p := range ps {
-				if p.Contains(a) {
-					return true, true
-				}
-			}
-			return false, true
-		}}
+func condDst(s *prefixSet) cond {
+	return cond{key: "dst", list: s.String(), value: func(f *Flow) string { return f.Dst.Addr().String() },
+		in:   func(f *Flow) string { return s.in(f.Dst.Addr().Unmap()) },
+		test: func(f *Flow) (bool, bool) { return s.contains(f.Dst.Addr().Unmap()), true }}
 }
 
 func condDport(rs []PortRange) cond {

@@ -27,14 +27,17 @@ func (ps positions) of(path string) (int, int) {
 // locate indexes the table headers and keys of a syntactically valid file. It
 // understands what rerouted's configuration uses: [table], [[array]], key =
 // value, comments and values spanning several lines.
-func locate(src []byte) positions {
+func locate(src string) positions {
 	ps := positions{}
 	count := map[string]int{}
 	table := ""
 	depth := 0           // open brackets of a value spanning lines
 	inMultiline := false // inside a """ or ''' string
-	for i, line := range strings.Split(string(src), "\n") {
-		lineNo := i + 1
+	lineNo := 0
+	// Line by line without a slice of them all: a generated list can have
+	// hundreds of thousands.
+	for line := range strings.SplitSeq(src, "\n") {
+		lineNo++
 		if inMultiline {
 			if strings.Count(line, `"""`)%2 == 1 || strings.Count(line, "'''")%2 == 1 {
 				inMultiline = false
