@@ -65,6 +65,10 @@ type Options struct {
 	// "READY=1" once new flows are translated, "RELOADING=1" and
 	// "READY=1" around a reload, "STOPPING=1" when removal begins.
 	Notify func(state string)
+	// InsecureConfig accepts a configuration file that users other than
+	// root can change (--insecure-config); otherwise a reload refuses it,
+	// as the start did.
+	InsecureConfig bool
 }
 
 // Daemon is one running instance.
@@ -78,6 +82,7 @@ type Daemon struct {
 	metrics  *metrics
 	suspects map[*flow.Flow]struct{} // flows whose socket the last sweep found gone (sweeper only)
 	notify   func(state string)
+	insecure bool // InsecureConfig
 	mu       sync.Mutex // a flow table change and its kernel change are one step
 
 	userspace      bool          // every packet of a translated flow goes through the workers
@@ -138,7 +143,8 @@ func Run(ctx context.Context, o Options) (err error) {
 	// The heap is mostly long-lived flow state: collect at 50% growth
 	// rather than 100%, a little CPU for a third less memory.
 	debug.SetGCPercent(50)
-	d := &Daemon{log: o.Log, flows: flow.NewTable(), userspace: cfg.Daemon.Datapath == "userspace", notify: o.Notify}
+	d := &Daemon{log: o.Log, flows: flow.NewTable(), userspace: cfg.Daemon.Datapath == "userspace", notify: o.Notify,
+		insecure: o.InsecureConfig}
 	if d.notify == nil {
 		d.notify = func(string) {}
 	}
@@ -444,6 +450,13 @@ func monotonicUsec() int64 {
 // reload replaces the policy from the configuration file, or keeps it.
 func (d *Daemon) reload() {
 	old := d.cfg.Load()
+	if !d.insecure {
+		// Someone may have loosened the file since the start.
+		if err := policy.CheckFileSecurity(old.File); err != nil {
+			d.log.Error("reload rejected; the current policy stays in force", "config", old.File, "err", err)
+			return
+		}
+	}
 	cfg, err := policy.Load(old.File)
 	if err == nil {
 		err = checkUplinks(cfg)

@@ -74,7 +74,7 @@ func decideOnce(w *worker, cfg *policy.Config, local, remote netip.AddrPort) (st
 	if err := w.diag.Lookup(unix.IPPROTO_TCP, local, remote, &sock); err != nil {
 		return "", err
 	}
-	_, rule := w.decide(cfg, &sock, &queue.Packet{}, &rewrite.Packet{Proto: rewrite.TCP, Src: local, Dst: remote})
+	_, rule := w.decide(cfg, &sock, &queue.Packet{}, &rewrite.Packet{Proto: rewrite.TCP, Src: local, Dst: remote}, false)
 	return rule, nil
 }
 

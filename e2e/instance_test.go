@@ -215,3 +215,22 @@ func TestControlSocketPath(t *testing.T) {
 		t.Fatal("no answer after replacing the stale socket")
 	}
 }
+
+// A configuration file loosened after the start (another user may now
+// have written it) is refused at the next reload, as it would be at a
+// start: the running policy stays.
+func TestReloadRefusesInsecureConfig(t *testing.T) {
+	e := newEnv(t, "kernel", webRule)
+	e.start()
+	e.writeConfig("") // no rule: port 80 would follow the normal route
+	if err := os.Chmod(e.cfg, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	e.d.Signal(syscall.SIGHUP)
+	if _, err := e.d.WaitFor("reload rejected; the current policy stays in force", 3*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if peer, err := e.w.Fetch(80, 3*time.Second); err != nil || peer.Addr() != networld.HostB {
+		t.Errorf("after the refused reload: server saw %v, err %v", peer, err)
+	}
+}

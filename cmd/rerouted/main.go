@@ -204,7 +204,8 @@ func cmdRun(args []string) int {
 			log.Warn("systemd notification", "state", state, "err", err)
 		}
 	}
-	err := daemon.Run(ctx, daemon.Options{Config: cfg, Log: log, Events: events, Reload: reload, Notify: notify, Detach: detach})
+	err := daemon.Run(ctx, daemon.Options{Config: cfg, Log: log, Events: events, Reload: reload, Notify: notify, Detach: detach,
+		InsecureConfig: insecure})
 	if errors.Is(err, daemon.ErrDetached) {
 		log.Info("stopped for a restart; the next start adopts the flows")
 		return exitRestart
