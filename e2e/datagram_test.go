@@ -460,45 +460,65 @@ dst = ["192.0.2.0/24"]
 	}()
 	e.start()
 
-	// 200,000 datagrams to the service from random sources of the
-	// internet's range, random ports.
-	err = e.w.Net.Do(func() error {
-		fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_RAW, syscall.IPPROTO_RAW)
+	// Datagrams to the service from random ports of one source, or of
+	// random sources of the internet's range.
+	flood := func(n int, oneSource bool) {
+		t.Helper()
+		err := e.w.Net.Do(func() error {
+			fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_RAW, syscall.IPPROTO_RAW)
+			if err != nil {
+				return err
+			}
+			defer syscall.Close(fd)
+			pkt := make([]byte, 28+4)
+			dst := networld.HostA.As4()
+			to := &syscall.SockaddrInet4{Addr: dst}
+			x := uint32(12345)
+			for i := 0; i < n; i++ {
+				x = x*1664525 + 1013904223
+				pkt[0], pkt[8], pkt[9] = 0x45, 64, syscall.IPPROTO_UDP
+				binary.BigEndian.PutUint16(pkt[2:], uint16(len(pkt)))
+				src := byte(x >> 24)
+				if oneSource {
+					src = 66
+				}
+				copy(pkt[12:], []byte{192, 0, 2, src})
+				copy(pkt[16:], dst[:])
+				binary.BigEndian.PutUint16(pkt[20:], uint16(1024+x%60000))
+				binary.BigEndian.PutUint16(pkt[22:], 5300)
+				binary.BigEndian.PutUint16(pkt[24:], 12)
+				binary.BigEndian.PutUint16(pkt[26:], 0) // no checksum
+				if err := syscall.Sendto(fd, pkt, 0, to); err != nil {
+					return fmt.Errorf("datagram %d: %w", i, err)
+				}
+				if i%64 == 63 { // as fast as the veth backlogs take them
+					time.Sleep(time.Millisecond)
+				}
+			}
+			return nil
+		})
 		if err != nil {
-			return err
+			t.Fatal(err)
 		}
-		defer syscall.Close(fd)
-		pkt := make([]byte, 28+4)
-		dst := networld.HostA.As4()
-		to := &syscall.SockaddrInet4{Addr: dst}
-		x := uint32(12345)
-		for i := 0; i < 200000; i++ {
-			x = x*1664525 + 1013904223
-			pkt[0], pkt[8], pkt[9] = 0x45, 64, syscall.IPPROTO_UDP
-			binary.BigEndian.PutUint16(pkt[2:], uint16(len(pkt)))
-			copy(pkt[12:], []byte{192, 0, 2, byte(x >> 24)})
-			copy(pkt[16:], dst[:])
-			binary.BigEndian.PutUint16(pkt[20:], uint16(1024+x%60000))
-			binary.BigEndian.PutUint16(pkt[22:], 5300)
-			binary.BigEndian.PutUint16(pkt[24:], 12)
-			binary.BigEndian.PutUint16(pkt[26:], 0) // no checksum
-			if err := syscall.Sendto(fd, pkt, 0, to); err != nil {
-				return fmt.Errorf("datagram %d: %w", i, err)
-			}
-			if i%64 == 63 { // as fast as the veth backlogs take them
-				time.Sleep(time.Millisecond)
-			}
+	}
+	learned := func() int {
+		t.Helper()
+		out, err := e.w.Host.Run("nft", "list", "set", "inet", "rerouted", "udp_seen4")
+		if err != nil {
+			t.Fatal(err)
 		}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
+		return strings.Count(out, " . ") / 3
 	}
-	out, err := e.w.Host.Run("nft", "list", "set", "inet", "rerouted", "udp_seen4")
-	if err != nil {
-		t.Fatal(err)
+
+	// One source spraying ports learns no more than its budget.
+	start := time.Now()
+	flood(20000, true)
+	if n, most := learned(), 1024+int(256*(time.Since(start).Seconds()+1)); n > most {
+		t.Errorf("one source added %d tuples in %v; its budget is %d", n, time.Since(start).Round(time.Millisecond), most)
 	}
-	if n := strings.Count(out, " . ") / 3; n < 60000 {
+	// 200,000 from many sources fill the set.
+	flood(200000, false)
+	if n := learned(); n < 60000 {
 		t.Fatalf("the flood left %d tuples in udp_seen4: not full, the test shows nothing", n)
 	}
 

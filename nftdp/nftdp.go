@@ -63,6 +63,18 @@ const TableName = "rerouted"
 // seenSetSize bounds each family's set of UDP tuples peers opened.
 const seenSetSize = 65536
 
+// What one remote source (an IPv4 address, an IPv6 /64) may add to the
+// learned UDP tuples: a flood of new tuples from one source must not
+// crowd out everyone else's. A source over its budget is not learned;
+// its answers go through the daemon, which still sends them from the
+// address asked (policy.DecideService), only slower.
+const (
+	learnRate  = 256  // new tuples per second
+	learnBurst = 1024 // at once
+	meterFor   = 10 * time.Second
+	meterSize  = 65536
+)
+
 // Priorities of the base chains.
 const (
 	OutputPriority     = -150 + 10 // NF_IP_PRI_MANGLE + 10: after the host's mark rules
@@ -121,6 +133,7 @@ type proto struct {
 	out, in      *nftables.Set
 	pass         *nftables.Set // UDP and ICMP: tuples decided untranslated
 	seen         *nftables.Set // UDP: tuples a peer opened (a local server's), learned in the kernel
+	meter        *nftables.Set // UDP: each remote source's budget of new learned tuples
 }
 
 func (p *proto) isEcho() bool { return p.num == unix.IPPROTO_ICMP || p.num == unix.IPPROTO_ICMPV6 }
@@ -312,9 +325,16 @@ func (d *Datapath) hasOurSets() bool {
 	for _, s := range sets {
 		have[s.Name] = true
 	}
-	for _, n := range d.Sets() {
-		if !have[n] {
-			return false
+	// Only the sets that hold flows: the others (learned tuples, meters)
+	// are created where missing and may start empty.
+	for i := range d.fams {
+		for j := range d.fams[i].protos {
+			p := &d.fams[i].protos[j]
+			for _, s := range []*nftables.Set{p.out, p.in, p.pass} {
+				if s != nil && !have[s.Name] {
+					return false
+				}
+			}
 		}
 	}
 	return true
@@ -387,6 +407,16 @@ func (d *Datapath) defineSets() error {
 					Dynamic: true, HasTimeout: true, Timeout: d.seenFor, Size: seenSetSize,
 					Comment: "local tuples a peer opened: replies pass untranslated"}
 			}
+			if p.num == unix.IPPROTO_UDP {
+				key := nftables.TypeIPAddr
+				if i == 1 {
+					key = nftables.TypeIP6Addr
+					key.Bytes = 8 // the source's /64
+				}
+				p.meter = &nftables.Set{Table: t, Name: n + "meter" + v, KeyType: key,
+					Dynamic: true, HasTimeout: true, Timeout: meterFor, Size: meterSize,
+					Comment: "each remote source's budget of new learned tuples"}
+			}
 			for _, s := range []*nftables.Set{p.out, p.in, p.pass} {
 				if s != nil {
 					s.Counter = p.counted() // idleness is read from the counters
@@ -407,7 +437,7 @@ func (d *Datapath) build() error {
 	for i := range d.fams {
 		for j := range d.fams[i].protos {
 			p := &d.fams[i].protos[j]
-			for _, s := range []*nftables.Set{p.out, p.in, p.pass, p.seen} {
+			for _, s := range []*nftables.Set{p.out, p.in, p.pass, p.seen, p.meter} {
 				if s == nil {
 					continue
 				}
@@ -550,6 +580,10 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []ruleMsg {
 				continue
 			}
 			sockTuple := loadTuple(f, f.saddr, p.sport, f.daddr, p.dport)
+			toLocal := []expr.Any{
+				&expr.Fib{Register: 1, FlagDADDR: true, ResultADDRTYPE: true},
+				&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)},
+			}
 			rules = append(rules, ruleMsg{chain: "output", exprs: exprs(append(append(protoOf(f, p, 0), sockTuple...),
 				&expr.Lookup{SourceRegister: 8, SetName: p.pass.Name},
 				&expr.Verdict{Kind: expr.VerdictAccept})...)})
@@ -558,9 +592,17 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []ruleMsg {
 					ruleMsg{chain: "output", exprs: exprs(append(append(protoOf(f, p, 0), sockTuple...),
 						&expr.Lookup{SourceRegister: 8, SetName: p.seen.Name},
 						&expr.Verdict{Kind: expr.VerdictAccept})...)},
-					ruleMsg{chain: "prerouting", exprs: exprs(append(append(append(protoOf(f, p, 1),
-						&expr.Fib{Register: 1, FlagDADDR: true, ResultADDRTYPE: true},
-						&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)}),
+					// Known tuples are refreshed; a new one is learned
+					// within its source's budget.
+					ruleMsg{chain: "prerouting", exprs: exprs(append(append(append(protoOf(f, p, 1), toLocal...),
+						loadTuple(f, f.daddr, p.dport, f.saddr, p.sport)...),
+						&expr.Lookup{SourceRegister: 8, SetName: p.seen.Name},
+						&expr.Dynset{SrcRegKey: 8, SetName: p.seen.Name, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: d.seenFor},
+						&expr.Verdict{Kind: expr.VerdictAccept})...)},
+					ruleMsg{chain: "prerouting", exprs: exprs(append(append(append(append(protoOf(f, p, 1), toLocal...),
+						&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: f.saddr, Len: p.meter.KeyType.Bytes},
+						&expr.Dynset{SrcRegKey: 1, SetName: p.meter.Name, Operation: unix.NFT_DYNSET_OP_ADD, Timeout: meterFor,
+							Exprs: []expr.Any{&expr.Limit{Type: expr.LimitTypePkts, Rate: learnRate, Unit: expr.LimitTimeSecond, Burst: learnBurst}}}),
 						loadTuple(f, f.daddr, p.dport, f.saddr, p.sport)...),
 						&expr.Dynset{SrcRegKey: 8, SetName: p.seen.Name, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: d.seenFor})...)})
 			}
@@ -803,7 +845,7 @@ func (d *Datapath) Sets() []string {
 		for j := range d.fams[i].protos {
 			p := &d.fams[i].protos[j]
 			names = append(names, p.out.Name, p.in.Name)
-			for _, s := range []*nftables.Set{p.pass, p.seen} {
+			for _, s := range []*nftables.Set{p.pass, p.seen, p.meter} {
 				if s != nil {
 					names = append(names, s.Name)
 				}
