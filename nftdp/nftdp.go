@@ -10,6 +10,7 @@
 //	map P_inF  { addr . port . addr . port : addr . port }          reply to the wire tuple -> socket
 //	set P_passF { addr . port . addr . port }                       udp, icmp: decided, not translated
 //	set udp_seenF { addr . port . addr . port }                     udp: opened by a peer, learned (timeout)
+//	set udp_meterF { source address (IPv6: its /64) }              udp: each peer's budget of new learned tuples
 //
 // An echo's identifier stands for both ports. UDP and ICMP elements count
 // their packets: a flow with no socket to end it (an unconnected UDP socket
@@ -25,7 +26,9 @@
 //	chain prerouting { type filter hook prerouting priority raw;
 //	    icmp / icmpv6 errors  queue
 //	    P: reply tuple in @P_inF  ->  daddr, dport; accept
-//	    udp, fib daddr type local: update @udp_seenF { local tuple } }
+//	    udp, fib daddr type local, local tuple in @udp_seenF: update @udp_seenF { local tuple }; accept
+//	    udp, fib daddr type local: add @udp_meterF { saddr limit rate 256/second burst 1024 packets }
+//	                               update @udp_seenF { local tuple } }
 //
 // With the userspace datapath the maps are replaced by key-only sets,
 // P_uoutF and P_uinF, whose rules queue every packet of a translated flow to
@@ -836,9 +839,10 @@ func (d *Datapath) Uses() ([]Use, error) {
 	return out, nil
 }
 
-// Sets returns the names of the per-flow sets or maps: for each family
+// Sets returns the names of the table's sets and maps: for each family
 // (IPv4, then IPv6) and protocol (tcp, udp, icmp), outbound and inbound,
-// then the pass set and the learned set if the protocol has them.
+// then the pass set, the learned set and the meter if the protocol has
+// them.
 func (d *Datapath) Sets() []string {
 	var names []string
 	for i := range d.fams {
