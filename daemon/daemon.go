@@ -82,7 +82,7 @@ type Daemon struct {
 	metrics  *metrics
 	suspects map[*flow.Flow]struct{} // flows whose socket the last sweep found gone (sweeper only)
 	notify   func(state string)
-	insecure bool // InsecureConfig
+	insecure bool       // InsecureConfig
 	mu       sync.Mutex // a flow table change and its kernel change are one step
 
 	userspace      bool          // every packet of a translated flow goes through the workers

@@ -76,8 +76,14 @@ func Acquire(table string) (*Lock, error) {
 			f.Close()
 			continue
 		}
-		if err := f.Truncate(0); err == nil {
+		// The holder's pid, for the refusal a second daemon prints.
+		err = f.Truncate(0)
+		if err == nil {
 			_, err = f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
+		}
+		if err != nil {
+			f.Close()
+			return nil, fmt.Errorf("lock %s: write pid: %w", path, err)
 		}
 		return &Lock{f: f, path: path}, nil
 	}
