@@ -197,8 +197,19 @@ func Run(ctx context.Context, o Options) (err error) {
 		return err
 	}
 	undo = append(undo, func() error { stop(); <-watched; return nil })
-	wg.Add(1)
-	go func() { defer wg.Done(); d.keepRouting(runCtx, routing, changed) }()
+	moveDiag, err := sockdiag.Open()
+	if err != nil {
+		return err
+	}
+	undo = append(undo, moveDiag.Close)
+	moveRoutes, err := newRouter(&d.routing)
+	if err != nil {
+		return err
+	}
+	undo = append(undo, func() error { moveRoutes.close(); return nil })
+	kept := make(chan struct{})
+	go func() { defer close(kept); d.keepRouting(runCtx, routing, moveDiag, moveRoutes, changed) }()
+	undo = append(undo, func() error { stop(); <-kept; return nil }) // before its sockets close
 	sweepDiag, err := sockdiag.Open()
 	if err != nil {
 		return err

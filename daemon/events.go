@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"io"
+	"net/netip"
 	"strconv"
 	"sync"
 	"time"
@@ -105,4 +106,26 @@ func protoName(p uint8) string {
 		return "icmpv6"
 	}
 	return strconv.Itoa(int(p))
+}
+
+// move prints a flow moved off an address that went away:
+//
+//	[MOVE] udp src=198.51.100.2 dst=192.0.2.80 sport=5000 dport=53 mark=100 => src=203.0.113.2 ... how=redecided next_src=203.0.113.3
+func (e *eventWriter) move(f *flow.Flow, how string, next netip.Addr) {
+	if e == nil {
+		return
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	b := append(e.buf[:0], "[MOVE] "...)
+	b = appendFlow(b, f)
+	b = append(b, " how="...)
+	b = append(b, how...)
+	if next.IsValid() {
+		b = append(b, " next_src="...)
+		b = next.AppendTo(b)
+	}
+	b = append(b, '\n')
+	e.buf = b
+	e.w.Write(b)
 }

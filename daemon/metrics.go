@@ -26,6 +26,7 @@ type metrics struct {
 	decisions *prometheus.CounterVec // by rule
 	latency   prometheus.Histogram   // first packet in, verdict decided
 	repairs   *prometheus.CounterVec // by what was put back
+	moved     *prometheus.CounterVec // flows whose source address went away, by uplink and how
 }
 
 func newMetrics(d *Daemon) *metrics {
@@ -38,9 +39,11 @@ func newMetrics(d *Daemon) *metrics {
 			Buckets: prometheus.ExponentialBuckets(5e-6, 2.5, 12)}),
 		repairs: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rerouted_repairs_total",
 			Help: "Repairs of rerouted's state after another program changed it: its nft table (what: table, chain, set, rule, element, foreign, check) or managed routing (route, ip_rule)."}, []string{"what"}),
+		moved: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rerouted_flows_moved_total",
+			Help: "Flows whose source address went away: UDP and ping flows redecided with the uplink's new address, TCP connections reset (or, with reset_tcp = false, their translation removed)."}, []string{"uplink", "how"}),
 	}
 	m.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		m.decisions, m.latency, m.repairs, &flowCollector{d: d}, &queueCollector{d: d})
+		m.decisions, m.latency, m.repairs, m.moved, &flowCollector{d: d}, &queueCollector{d: d})
 	for _, c := range []struct {
 		name, help string
 		v          func() uint64
@@ -59,6 +62,15 @@ func newMetrics(d *Daemon) *metrics {
 		v := c.v
 		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: c.name, Help: c.help}, func() float64 { return float64(v()) }))
 	}
+	m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "rerouted_stale_source_drops_total",
+		Help: "Translated packets dropped in the kernel because their new source was no longer the host's (an uplink renumbered)."},
+		func() float64 {
+			n, err := d.dp.StaleDrops()
+			if err != nil {
+				d.log.Error("metrics: read the stale-source counter", "err", err)
+			}
+			return float64(n)
+		}))
 	for k := errKind(0); k < errKinds; k++ {
 		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "rerouted_errors_total",
 			Help: "Errors, by kind.", ConstLabels: prometheus.Labels{"kind": errKindNames[k]}},

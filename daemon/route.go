@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/rerouted/rerouted/internal/uplink"
+	"github.com/rerouted/rerouted/sockdiag"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -176,7 +177,9 @@ func watchRouting(ctx context.Context, changes *atomic.Uint64, kick chan<- struc
 // network managers delete rules they do not know. What cannot go back yet
 // (a link still down) is tried again at the next change, such as the link
 // coming up.
-func (d *Daemon) keepRouting(ctx context.Context, r *uplink.Routing, changed <-chan struct{}) {
+//
+// It owns r's socket, diag and rt while it runs.
+func (d *Daemon) keepRouting(ctx context.Context, r *uplink.Routing, diag *sockdiag.Conn, rt *router, changed <-chan struct{}) {
 	waiting := map[string]bool{} // pending items already logged
 	for {
 		select {
@@ -189,7 +192,7 @@ func (d *Daemon) keepRouting(ctx context.Context, r *uplink.Routing, changed <-c
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(50 * time.Millisecond):
+		case <-time.After(20 * time.Millisecond):
 		}
 		select {
 		case <-changed:
@@ -217,5 +220,6 @@ func (d *Daemon) keepRouting(ctx context.Context, r *uplink.Routing, changed <-c
 			}
 		}
 		waiting = now
+		d.moveStale(r, diag, rt)
 	}
 }

@@ -78,6 +78,11 @@ const (
 	meterSize  = 65536
 )
 
+// StaleMark flags, for an instant, a translated packet whose new source
+// is no longer one of the host's addresses: the output chain drops it
+// (and counts it) instead of letting it leave. Nothing else uses it.
+const StaleMark = 0x72720001
+
 // Priorities of the base chains.
 const (
 	OutputPriority     = -150 + 10 // NF_IP_PRI_MANGLE + 10: after the host's mark rules
@@ -162,6 +167,31 @@ func (d *Datapath) proto(e *Entry) *proto {
 		}
 	}
 	return nil
+}
+
+// StaleDrops is how many translated packets were dropped because their new
+// source was no longer the host's (the kernel datapath's guard rule).
+func (d *Datapath) StaleDrops() (uint64, error) {
+	d.listMu.Lock()
+	defer d.listMu.Unlock()
+	rules, err := d.conn.GetRules(d.table, &nftables.Chain{Name: "output", Table: d.table})
+	if err != nil {
+		return 0, fmt.Errorf("list rules of chain output: %w", err)
+	}
+	for _, r := range rules {
+		var flagged bool
+		for _, e := range r.Exprs {
+			switch e := e.(type) {
+			case *expr.Cmp:
+				flagged = flagged || binaryutil.NativeEndian.Uint32(append(e.Data, 0, 0, 0, 0)[:4]) == StaleMark
+			case *expr.Counter:
+				if flagged {
+					return e.Packets, nil
+				}
+			}
+		}
+	}
+	return 0, nil
 }
 
 // Install creates rerouted's table in the caller's network namespace.
@@ -548,6 +578,15 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []ruleMsg {
 				out := exprs(append(append(match(0), outKey...),
 					&expr.Lookup{SourceRegister: 8, DestRegister: data, IsDestRegSet: true, SetName: p.out.Name})...)
 				out = append(out, addrWrite(f, f.saddr, data))
+				// The new source must still be the host's: an address
+				// that went away (renumbering) must not reach the wire.
+				// Such a packet stops here, flagged, and the rule after
+				// the translation rules drops it.
+				out = append(out, exprs(
+					&expr.Immediate{Register: 1, Data: binaryutil.NativeEndian.PutUint32(StaleMark)},
+					&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
+					&expr.Fib{Register: 1, FlagSADDR: true, ResultADDRTYPE: true},
+					&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)})...)
 				if !p.isEcho() {
 					out = append(out, exprs(writePort(p, p.sport, data+regs, fix))...)
 				}
@@ -565,6 +604,13 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []ruleMsg {
 				rules = append(rules, ruleMsg{chain: "output", exprs: out}, ruleMsg{chain: "prerouting", exprs: in})
 			}
 		}
+	}
+	if !d.userspace {
+		rules = append(rules, ruleMsg{chain: "output", exprs: exprs(
+			&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(StaleMark)},
+			&expr.Counter{},
+			&expr.Verdict{Kind: expr.VerdictDrop})})
 	}
 	// UDP and ICMP echo have no SYN: the first packet of every tuple not
 	// yet decided goes to the daemon, which caches its decision. Queues are

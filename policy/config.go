@@ -52,6 +52,10 @@ type Uplink struct {
 	Gateway   netip.Addr // IPv4 default gateway (managed)
 	Gateway6  netip.Addr // IPv6 default gateway (managed)
 	Table     uint32     // routing table (managed)
+	// KeepTCP: when the uplink's address a translated TCP connection uses
+	// goes away, only remove its translation (reset_tcp = false) instead
+	// of closing the socket so that the application learns at once.
+	KeepTCP bool
 }
 
 // Managed reports whether rerouted installs the uplink's routing.
@@ -244,6 +248,13 @@ func (p *parser) uplink(path string, t map[string]any) *Uplink {
 		switch k {
 		case "name":
 			u.Name = p.name(kp, t[k])
+		case "reset_tcp":
+			b, ok := t[k].(bool)
+			if !ok {
+				p.errorf(kp, "reset_tcp must be true or false")
+				continue
+			}
+			u.KeepTCP = !b
 		case "mark":
 			if n, ok := p.integer(kp, t[k], 1, 0xffffffff); ok {
 				u.Mark = uint32(n)

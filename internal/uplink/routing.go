@@ -328,3 +328,18 @@ func hasDefault(routes []netlink.Route, r *netlink.Route) bool {
 	}
 	return false
 }
+
+// LocalAddrs returns every address the host has now, on any interface.
+func (u *Routing) LocalAddrs() (map[netip.Addr]bool, error) {
+	addrs, err := u.h.AddrList(nil, netlink.FAMILY_ALL)
+	if err != nil {
+		return nil, fmt.Errorf("list addresses: %w", err)
+	}
+	out := make(map[netip.Addr]bool, len(addrs))
+	for _, a := range addrs {
+		if ip, ok := netip.AddrFromSlice(a.IP); ok {
+			out[ip.Unmap()] = true
+		}
+	}
+	return out, nil
+}
