@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/rerouted/rerouted/flow"
+	"github.com/rerouted/rerouted/internal/uplink"
 )
 
 // The control protocol: a client connects to the unix socket, writes one JSON
@@ -111,6 +112,8 @@ func (d *Daemon) answer(c net.Conn) {
 		err = json.NewEncoder(c).Encode(FlowsReply{Error: "bad request: " + err.Error()})
 	case req.Cmd == "flows":
 		err = d.writeFlows(c)
+	case req.Cmd == "uplinks":
+		err = json.NewEncoder(c).Encode(d.uplinksReply())
 	default:
 		err = json.NewEncoder(c).Encode(FlowsReply{Error: fmt.Sprintf("unknown command %q", req.Cmd)})
 	}
@@ -167,21 +170,80 @@ func peerUID(c net.Conn) (int64, error) {
 
 // QueryFlows asks the daemon listening on path for its flows.
 func QueryFlows(path string) ([]FlowInfo, error) {
-	c, err := net.DialTimeout("unix", path, 3*time.Second)
-	if err != nil {
-		return nil, fmt.Errorf("is rerouted running? %w", err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
-	if err := json.NewEncoder(c).Encode(request{Cmd: "flows"}); err != nil {
-		return nil, fmt.Errorf("control socket: %w", err)
-	}
 	var reply FlowsReply
-	if err := json.NewDecoder(c).Decode(&reply); err != nil {
-		return nil, fmt.Errorf("control socket reply: %w", err)
+	if err := query(path, "flows", &reply); err != nil {
+		return nil, err
 	}
 	if reply.Error != "" {
 		return nil, errors.New(reply.Error)
 	}
 	return reply.Flows, nil
+}
+
+// UplinksReply is the answer to "uplinks", and what `rerouted uplinks
+// --json` prints.
+type UplinksReply struct {
+	Uplinks []UplinkInfo `json:"uplinks"`
+	Error   string       `json:"error,omitempty"`
+}
+
+// UplinkInfo is one uplink's state in one family, with its live flows.
+type UplinkInfo struct {
+	uplink.Status
+	Flows int `json:"flows"`
+}
+
+func (d *Daemon) uplinksReply() UplinksReply {
+	cfg := d.cfg.Load()
+	type key struct {
+		mark uint32
+		v6   bool
+	}
+	flows := map[key]int{}
+	for _, f := range d.flows.Snapshot() {
+		if !f.Pass {
+			flows[key{f.Mark, f.Dst.Addr().Is6()}]++
+		}
+	}
+	var r UplinksReply
+	for _, st := range d.uplinks.List() {
+		var mark uint32
+		if u := cfg.UplinkByName(st.Uplink); u != nil {
+			mark = u.Mark
+		}
+		r.Uplinks = append(r.Uplinks, UplinkInfo{Status: st, Flows: flows[key{mark, st.Family == "ipv6"}]})
+	}
+	if r.Uplinks == nil {
+		r.Uplinks = []UplinkInfo{}
+	}
+	return r
+}
+
+// QueryUplinks asks the daemon listening on path for its uplinks' states.
+func QueryUplinks(path string) ([]UplinkInfo, error) {
+	var reply UplinksReply
+	if err := query(path, "uplinks", &reply); err != nil {
+		return nil, err
+	}
+	if reply.Error != "" {
+		return nil, errors.New(reply.Error)
+	}
+	return reply.Uplinks, nil
+}
+
+// query sends one request and decodes its answer into reply.
+func query(path, cmd string, reply any) error {
+	c, err := net.DialTimeout("unix", path, 3*time.Second)
+	if err != nil {
+		return fmt.Errorf("is rerouted running? %w", err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if err := json.NewEncoder(c).Encode(request{Cmd: cmd}); err != nil {
+		return fmt.Errorf("control socket: %w", err)
+	}
+	if err := json.NewDecoder(c).Decode(reply); err != nil {
+		return fmt.Errorf("control socket reply: %w", err)
+	}
+	return nil
 }

@@ -73,17 +73,21 @@ type Options struct {
 
 // Daemon is one running instance.
 type Daemon struct {
-	cfg      atomic.Pointer[policy.Config] // swapped whole on reload
-	log      *slog.Logger
-	events   *eventWriter
-	dp       *nftdp.Datapath
-	flows    *flow.Table
-	inst     *installer
-	metrics  *metrics
-	suspects map[*flow.Flow]struct{} // flows whose socket the last sweep found gone (sweeper only)
-	notify   func(state string)
-	insecure bool       // InsecureConfig
-	mu       sync.Mutex // a flow table change and its kernel change are one step
+	cfg     atomic.Pointer[policy.Config] // swapped whole on reload
+	log     *slog.Logger
+	events  *eventWriter
+	dp      *nftdp.Datapath
+	flows   *flow.Table
+	uplinks uplink.States // each uplink's state, per family
+	// routingChanged wakes the routing keeper (keepRouting), as a routing
+	// change does.
+	routingChanged chan<- struct{}
+	inst           *installer
+	metrics        *metrics
+	suspects       map[*flow.Flow]struct{} // flows whose socket the last sweep found gone (sweeper only)
+	notify         func(state string)
+	insecure       bool       // InsecureConfig
+	mu             sync.Mutex // a flow table change and its kernel change are one step
 
 	userspace      bool          // every packet of a translated flow goes through the workers
 	routing        atomic.Uint64 // bumped on every routing change: route caches are stale
@@ -99,6 +103,7 @@ type stats struct {
 	translated atomic.Uint64 // new flows translated
 	retrans    atomic.Uint64 // retransmitted SYNs of translated flows
 	dropped    atomic.Uint64 // packets dropped (the socket retries)
+	refused    atomic.Uint64 // flows refused: their rule's uplinks were down, on_down = "drop"
 	service    atomic.Uint64 // UDP flows from a local service's socket: only owner rules applied
 	icmpErrors atomic.Uint64 // ICMP errors readdressed to a translated flow's socket
 	forwarded  atomic.Uint64 // userspace datapath: packets rewritten after the SYN
@@ -191,7 +196,17 @@ func Run(ctx context.Context, o Options) (err error) {
 		return routing.Remove()
 	})
 
-	changed := make(chan struct{}, 1) // a routing change: check the managed routing
+	// Every uplink's state, before the first flow is decided.
+	if _, err := routing.UpdateStates(&d.uplinks, cfg.Uplinks, time.Now()); err != nil {
+		return err
+	}
+	for _, st := range d.uplinks.List() {
+		if !st.Up {
+			d.log.Warn("uplink is down at start", "uplink", st.Uplink, "family", st.Family, "why", st.Why)
+		}
+	}
+	changed := make(chan struct{}, 1) // a routing change: check the managed routing, states and flows
+	d.routingChanged = changed
 	watched, err := watchRouting(runCtx, &d.routing, changed)
 	if err != nil {
 		return err
@@ -487,6 +502,10 @@ func (d *Daemon) reload() {
 		cfg.Daemon = old.Daemon
 	}
 	d.cfg.Store(cfg)
+	select { // the uplinks may have changed: their states
+	case d.routingChanged <- struct{}{}:
+	default:
+	}
 	d.log.Info("reloaded", "config", cfg.File, "uplinks", len(cfg.Uplinks), "rules", len(cfg.Rules))
 }
 

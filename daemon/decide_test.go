@@ -74,7 +74,7 @@ func decideOnce(w *worker, cfg *policy.Config, local, remote netip.AddrPort) (st
 	if err := w.diag.Lookup(unix.IPPROTO_TCP, local, remote, &sock); err != nil {
 		return "", err
 	}
-	_, rule := w.decide(cfg, &sock, &queue.Packet{}, &rewrite.Packet{Proto: rewrite.TCP, Src: local, Dst: remote}, false)
+	_, rule, _ := w.decide(cfg, &sock, &queue.Packet{}, &rewrite.Packet{Proto: rewrite.TCP, Src: local, Dst: remote}, false)
 	return rule, nil
 }
 
@@ -84,7 +84,7 @@ func newDecider(tb testing.TB) *worker {
 		tb.Fatal(err)
 	}
 	tb.Cleanup(func() { diag.Close() })
-	w := &worker{diag: diag}
+	w := &worker{d: &Daemon{}, diag: diag}
 	w.owner.owners = sockdiag.NewOwners()
 	return w
 }

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/rerouted/rerouted/flow"
+	"github.com/rerouted/rerouted/internal/uplink"
+	"github.com/rerouted/rerouted/rewrite"
 )
 
 // eventWriter prints one line per flow event, in the spirit of conntrack -E:
@@ -124,6 +126,56 @@ func (e *eventWriter) move(f *flow.Flow, how string, next netip.Addr) {
 	if next.IsValid() {
 		b = append(b, " next_src="...)
 		b = next.AppendTo(b)
+	}
+	b = append(b, '\n')
+	e.buf = b
+	e.w.Write(b)
+}
+
+// refused prints a flow refused because its rule's uplinks are down:
+//
+//	[REFUSED] tcp src=198.51.100.2 dst=192.0.2.80 sport=40312 dport=80 rule="web": every uplink of the rule is down
+func (e *eventWriter) refused(t *rewrite.Packet, rule string) {
+	if e == nil {
+		return
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	b := append(e.buf[:0], "[REFUSED] "...)
+	b = append(b, protoName(t.Proto)...)
+	b = append(b, " src="...)
+	b = t.Src.Addr().AppendTo(b)
+	b = append(b, " dst="...)
+	b = t.Dst.Addr().AppendTo(b)
+	b = append(b, " sport="...)
+	b = strconv.AppendUint(b, uint64(t.Src.Port()), 10)
+	b = append(b, " dport="...)
+	b = strconv.AppendUint(b, uint64(t.Dst.Port()), 10)
+	b = append(b, " rule="...)
+	b = strconv.AppendQuote(b, rule)
+	b = append(b, ": every uplink of the rule is down\n"...)
+	e.buf = b
+	e.w.Write(b)
+}
+
+// uplink prints an uplink's transition:
+//
+//	[UPLINK] isp-b ipv4 down: link hb is down
+func (e *eventWriter) uplink(st uplink.Status) {
+	if e == nil {
+		return
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	b := append(e.buf[:0], "[UPLINK] "...)
+	b = append(b, st.Uplink...)
+	b = append(b, ' ')
+	b = append(b, st.Family...)
+	if st.Up {
+		b = append(b, " up"...)
+	} else {
+		b = append(b, " down: "...)
+		b = append(b, st.Why...)
 	}
 	b = append(b, '\n')
 	e.buf = b

@@ -22,11 +22,12 @@ import (
 // already keeps (stats) are read at scrape time; flows are counted from the
 // table at scrape time; decisions are counted and timed as they happen.
 type metrics struct {
-	reg       *prometheus.Registry
-	decisions *prometheus.CounterVec // by rule
-	latency   prometheus.Histogram   // first packet in, verdict decided
-	repairs   *prometheus.CounterVec // by what was put back
-	moved     *prometheus.CounterVec // flows whose source address went away, by uplink and how
+	reg         *prometheus.Registry
+	decisions   *prometheus.CounterVec // by rule
+	latency     prometheus.Histogram   // first packet in, verdict decided
+	repairs     *prometheus.CounterVec // by what was put back
+	moved       *prometheus.CounterVec // flows whose source address went away, by uplink and how
+	transitions *prometheus.CounterVec // uplink state changes
 }
 
 func newMetrics(d *Daemon) *metrics {
@@ -41,9 +42,11 @@ func newMetrics(d *Daemon) *metrics {
 			Help: "Repairs of rerouted's state after another program changed it: its nft table (what: table, chain, set, rule, element, foreign, check) or managed routing (route, ip_rule)."}, []string{"what"}),
 		moved: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rerouted_flows_moved_total",
 			Help: "Flows whose source address went away: UDP and ping flows redecided with the uplink's new address, TCP connections reset (or, with reset_tcp = false, their translation removed)."}, []string{"uplink", "how"}),
+		transitions: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rerouted_uplink_transitions_total",
+			Help: "Uplink state changes (up to down or back), by uplink and family."}, []string{"uplink", "family"}),
 	}
 	m.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		m.decisions, m.latency, m.repairs, m.moved, &flowCollector{d: d}, &queueCollector{d: d})
+		m.decisions, m.latency, m.repairs, m.moved, m.transitions, &uplinkCollector{d: d}, &flowCollector{d: d}, &queueCollector{d: d})
 	for _, c := range []struct {
 		name, help string
 		v          func() uint64
@@ -54,6 +57,7 @@ func newMetrics(d *Daemon) *metrics {
 		{"rerouted_retransmitted_syns_total", "Retransmitted SYNs of translated flows.", d.stats.retrans.Load},
 		{"rerouted_dropped_packets_total", "Packets the daemon dropped (their sockets retry).", d.stats.dropped.Load},
 		{"rerouted_service_datagram_flows_total", "UDP flows from a local service's socket (unconnected, bound outside the ephemeral ports) that reached the daemon: decided by owner rules only.", d.stats.service.Load},
+		{"rerouted_refused_total", "New flows refused because every uplink of their rule was down (on_down = \"drop\").", d.stats.refused.Load},
 		{"rerouted_icmp_errors_readdressed_total", "ICMP errors readdressed to a translated flow's socket.", d.stats.icmpErrors.Load},
 		{"rerouted_idle_ended_total", "UDP and echo flows ended by idleness.", d.stats.idle.Load},
 		{"rerouted_forwarded_packets_total", "Userspace datapath: packets rewritten after the first.", d.stats.forwarded.Load},
@@ -196,5 +200,22 @@ func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(queuePacketsDesc, prometheus.CounterValue, val(7), fs[0])
 		ch <- prometheus.MustNewConstMetric(queueDropsDesc, prometheus.CounterValue, val(5), fs[0], "queue_full")
 		ch <- prometheus.MustNewConstMetric(queueDropsDesc, prometheus.CounterValue, val(6), fs[0], "socket_full")
+	}
+}
+
+var uplinkUpDesc = prometheus.NewDesc("rerouted_uplink_up", "1 if the uplink is up for the family (link, address, route), else 0.", []string{"uplink", "family"}, nil)
+
+// uplinkCollector reports the uplinks' states at scrape time.
+type uplinkCollector struct{ d *Daemon }
+
+func (c *uplinkCollector) Describe(ch chan<- *prometheus.Desc) { ch <- uplinkUpDesc }
+
+func (c *uplinkCollector) Collect(ch chan<- prometheus.Metric) {
+	for _, st := range c.d.uplinks.List() {
+		v := 0.0
+		if st.Up {
+			v = 1
+		}
+		ch <- prometheus.MustNewConstMetric(uplinkUpDesc, prometheus.GaugeValue, v, st.Uplink, st.Family)
 	}
 }

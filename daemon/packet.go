@@ -178,7 +178,13 @@ func (w *worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 		if service {
 			d.stats.service.Add(1)
 		}
-		mark, ruleName = w.decide(d.cfg.Load(), &sock, p, t, service)
+		var refuse bool
+		mark, ruleName, refuse = w.decide(d.cfg.Load(), &sock, p, t, service)
+		if refuse {
+			w.decided(ruleName, start)
+			w.refuse(p, t, ruleName, nil)
+			return
+		}
 	}
 	w.decided(ruleName, start)
 
@@ -284,8 +290,12 @@ func (w *worker) syn(p *queue.Packet, t *rewrite.Packet) {
 	}
 
 	// 2. The mark: the host's own, else the first matching rule's.
-	mark, ruleName := w.decide(d.cfg.Load(), &sock, p, t, false)
+	mark, ruleName, refuse := w.decide(d.cfg.Load(), &sock, p, t, false)
 	w.decided(ruleName, start)
+	if refuse {
+		w.refuse(p, t, ruleName, &sock)
+		return
+	}
 
 	// 3. The route that mark leads to, and its preferred source.
 	rt, ok := w.route(p, t, mark, sock.UID)
@@ -372,10 +382,24 @@ func (w *worker) icmpError(p *queue.Packet, e *rewrite.ICMPError) {
 // rule's; mark 0 means the normal route. The owner (process, cgroup) is
 // looked up only if a rule needs it. For a local service's datagram only
 // rules that name the socket's owner apply.
-func (w *worker) decide(cfg *policy.Config, sock *sockdiag.Socket, p *queue.Packet, t *rewrite.Packet, service bool) (uint32, string) {
+//
+// An uplink that is down is not chosen: a rule takes the first of its
+// uplinks that is up, else the host's routing or, with on_down = "drop",
+// refuses the flow (refuse); a host mark for a down uplink goes to its
+// fallback. A flow decided so keeps that path for its life: its mark is
+// pinned in its element, even when its packets carry the host's mark.
+func (w *worker) decide(cfg *policy.Config, sock *sockdiag.Socket, p *queue.Packet, t *rewrite.Packet, service bool) (mark uint32, rule string, refuse bool) {
 	w.owner.reset(sock)
+	v6 := t.Dst.Addr().Is6()
 	if cfg.Daemon.HonorMarks && p.Mark != 0 {
-		return p.Mark, "host mark"
+		u := cfg.UplinkByMark(p.Mark)
+		if u == nil || w.d.uplinks.Up(u.Mark, v6) {
+			return p.Mark, "host mark", false
+		}
+		if f := u.Fallback; f != nil && w.d.uplinks.Up(f.Mark, v6) {
+			return f.Mark, "host mark, fallback", false
+		}
+		return 0, "host mark, fallback", false
 	}
 	proto := "tcp"
 	switch t.Proto {
@@ -393,11 +417,38 @@ func (w *worker) decide(cfg *policy.Config, sock *sockdiag.Socket, p *queue.Pack
 	}
 	switch {
 	case r == nil:
-		return 0, ""
+		return 0, "", false
 	case r.Action.Kind == policy.ActDefault: // pinned to the normal route
-		return 0, r.Name
+		return 0, r.Name, false
+	case r.Action.Kind == policy.ActMark:
+		return r.Action.Mark, r.Name, false
 	}
-	return r.Action.Mark, r.Name
+	for _, c := range r.Action.Choices {
+		if c.Uplink == nil {
+			return 0, r.Name, false // "default"
+		}
+		if w.d.uplinks.Up(c.Uplink.Mark, v6) {
+			return c.Uplink.Mark, r.Name, false
+		}
+	}
+	return 0, r.Name, r.Action.DropWhenDown
+}
+
+// refuse drops the first packet of a flow whose rule's uplinks are all
+// down and that says on_down = "drop". A TCP socket is closed at once
+// (SOCK_DESTROY), so that connect() fails instead of retrying for minutes.
+func (w *worker) refuse(p *queue.Packet, t *rewrite.Packet, rule string, sock *sockdiag.Socket) {
+	d := w.d
+	d.stats.refused.Add(1)
+	if sock != nil && sock.Cookie != 0 {
+		if err := w.diag.Destroy(t.Src, t.Dst, sock.Cookie); err != nil && !errors.Is(err, sockdiag.ErrNotFound) {
+			d.stats.errors[errSocketLookup].Add(1)
+			d.log.Error("refuse a connection: close its socket", "src", t.Src, "dst", t.Dst, "err", err)
+		}
+	}
+	d.log.Debug("refused: every uplink of the rule is down (on_down = \"drop\")", "proto", protoName(t.Proto), "src", t.Src, "dst", t.Dst, "rule", rule)
+	d.events.refused(t, rule)
+	w.drop(p)
 }
 
 // describeOwner records on f the owner the decision looked up, and with

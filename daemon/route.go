@@ -221,5 +221,25 @@ func (d *Daemon) keepRouting(ctx context.Context, r *uplink.Routing, diag *sockd
 		}
 		waiting = now
 		d.moveStale(r, diag, rt)
+		transitions, err := r.UpdateStates(&d.uplinks, d.cfg.Load().Uplinks, time.Now())
+		if err != nil {
+			d.stats.errors[errRepair].Add(1)
+			d.log.Error("read uplink states", "err", err)
+		}
+		for _, tr := range transitions {
+			d.uplinkChanged(tr.Status)
+		}
 	}
+}
+
+// uplinkChanged tells of an uplink's transition: a WARNING, the debug
+// stream, the metrics.
+func (d *Daemon) uplinkChanged(st uplink.Status) {
+	d.metrics.transitions.WithLabelValues(st.Uplink, st.Family).Inc()
+	d.events.uplink(st)
+	if st.Up {
+		d.log.Warn("uplink is up", "uplink", st.Uplink, "family", st.Family)
+		return
+	}
+	d.log.Warn("uplink is down: rules choose their next uplink, host marks their fallback", "uplink", st.Uplink, "family", st.Family, "why", st.Why)
 }

@@ -52,6 +52,11 @@ type Uplink struct {
 	Gateway   netip.Addr // IPv4 default gateway (managed)
 	Gateway6  netip.Addr // IPv6 default gateway (managed)
 	Table     uint32     // routing table (managed)
+	// Fallback is where traffic the host marked for this uplink goes while
+	// it is down: another uplink, or nil for the host's own routing
+	// ("default"), untranslated. FallbackName is as written.
+	Fallback     *Uplink
+	FallbackName string
 	// KeepTCP: when the uplink's address a translated TCP connection uses
 	// goes away, only remove its translation (reset_tcp = false) instead
 	// of closing the socket so that the application learns at once.
@@ -248,6 +253,13 @@ func (p *parser) uplink(path string, t map[string]any) *Uplink {
 		switch k {
 		case "name":
 			u.Name = p.name(kp, t[k])
+		case "fallback":
+			n, ok := t[k].(string)
+			if !ok || n == "" {
+				p.errorf(kp, "fallback must be the name of another [[uplink]], or \"default\"")
+				continue
+			}
+			u.FallbackName = n
 		case "reset_tcp":
 			b, ok := t[k].(bool)
 			if !ok {
@@ -332,15 +344,56 @@ func (p *parser) rule(path string, t map[string]any) *Rule {
 			r.Name = p.name(kp, v)
 			continue
 		case "uplink":
-			s, ok := v.(string)
-			if !ok || s == "" {
-				p.errorf(kp, "uplink must be the name of an [[uplink]], or \"default\"")
+			// A name, or a list of names in order of preference.
+			var names []string
+			switch v := v.(type) {
+			case string:
+				names = []string{v}
+			case []any:
+				names = p.strings(kp, v)
+				if len(names) == 0 {
+					p.errorf(kp, "uplink must name at least one [[uplink]], or \"default\"")
+					continue
+				}
+			default:
+				p.errorf(kp, "uplink must be the name of an [[uplink]], \"default\", or a list of them")
 				continue
 			}
-			if s == "default" {
-				r.Action = Action{Kind: ActDefault, UplinkName: s}
-			} else {
-				r.Action = Action{Kind: ActUplink, UplinkName: s}
+			bad := false
+			for i, n := range names {
+				if n == "" {
+					p.errorf(kp, "uplink must be the name of an [[uplink]], or \"default\"")
+					bad = true
+				}
+				for _, m := range names[:i] {
+					if m == n {
+						p.errorf(kp, "uplink %q is listed twice", n)
+						bad = true
+					}
+				}
+			}
+			if bad {
+				continue
+			}
+			if names[0] == "default" {
+				r.Action = Action{Kind: ActDefault, UplinkName: "default"}
+				if len(names) > 1 {
+					p.errorf(kp, "\"default\" is always up: the uplinks after it would never be chosen")
+				}
+				continue
+			}
+			r.Action = Action{Kind: ActUplink, UplinkName: names[0]}
+			for _, n := range names {
+				r.Action.Choices = append(r.Action.Choices, Choice{Name: n})
+			}
+			continue
+		case "on_down":
+			switch v {
+			case "default":
+			case "drop":
+				r.dropWhenDown = true
+			default:
+				p.errorf(kp, "on_down must be \"default\" (the host's routing) or \"drop\"")
 			}
 			continue
 		case "mark":
@@ -446,6 +499,10 @@ func (p *parser) rule(path string, t map[string]any) *Rule {
 	sort.SliceStable(r.conds, func(i, j int) bool { return r.conds[i].cost < r.conds[j].cost })
 	_, hasUplink := t["uplink"]
 	_, hasMark := t["mark"]
+	if _, ok := t["on_down"]; ok && r.Action.Kind != ActUplink {
+		p.errorf(path+".on_down", "on_down goes with uplink = \"NAME\" or a list of uplinks")
+	}
+	r.Action.DropWhenDown = r.dropWhenDown
 	switch {
 	case hasUplink && hasMark:
 		p.errorf(path+".mark", "a rule takes uplink or mark, not both")
@@ -525,18 +582,45 @@ func (p *parser) link(cfg *Config) {
 		if r.Action.Kind != ActUplink || r.Action.UplinkName == "" {
 			continue
 		}
-		u, ok := byName[r.Action.UplinkName]
-		if !ok {
-			names := make([]string, 0, len(byName))
-			for n := range byName {
-				names = append(names, fmt.Sprintf("%q", n))
+		for j := range r.Action.Choices {
+			c := &r.Action.Choices[j]
+			if c.Name == "default" {
+				continue
 			}
-			sort.Strings(names)
-			p.errorf(path+".uplink", "unknown uplink %q (defined: %s, or \"default\")", r.Action.UplinkName, strings.Join(names, ", "))
+			u, ok := byName[c.Name]
+			if !ok {
+				p.errorf(path+".uplink", "unknown uplink %q (defined: %s, or \"default\")", c.Name, definedUplinks(byName))
+				continue
+			}
+			c.Uplink = u
+		}
+		if u := r.Action.Choices[0].Uplink; u != nil {
+			r.Action.Uplink, r.Action.Mark = u, u.Mark
+		}
+	}
+	for i, u := range cfg.Uplinks {
+		if u.FallbackName == "" || u.FallbackName == "default" {
 			continue
 		}
-		r.Action.Uplink, r.Action.Mark = u, u.Mark
+		f, ok := byName[u.FallbackName]
+		switch {
+		case !ok:
+			p.errorf(fmt.Sprintf("uplink.%d.fallback", i), "unknown uplink %q (defined: %s, or \"default\")", u.FallbackName, definedUplinks(byName))
+		case f == u:
+			p.errorf(fmt.Sprintf("uplink.%d.fallback", i), "an uplink cannot be its own fallback")
+		default:
+			u.Fallback = f
+		}
 	}
+}
+
+func definedUplinks(byName map[string]*Uplink) string {
+	names := make([]string, 0, len(byName))
+	for n := range byName {
+		names = append(names, fmt.Sprintf("%q", n))
+	}
+	sort.Strings(names)
+	return strings.Join(names, ", ")
 }
 
 // --- typed value helpers ---

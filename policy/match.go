@@ -14,6 +14,8 @@ type Rule struct {
 	Action Action
 	conds  []cond // cheap ones first: see cost
 	line   int
+
+	dropWhenDown bool // on_down = "drop", as parsed
 }
 
 // Line is where the rule's [[rule]] header is written.
@@ -34,9 +36,22 @@ const (
 // Action is what a matching rule does.
 type Action struct {
 	Kind       ActionKind
-	Uplink     *Uplink // ActUplink
-	UplinkName string  // as written
-	Mark       uint32  // ActUplink (the uplink's) and ActMark
+	Uplink     *Uplink // ActUplink: the first choice
+	UplinkName string  // as written (the first choice)
+	Mark       uint32  // ActUplink (the first choice's) and ActMark
+	// Choices, for ActUplink: the uplinks in order of preference; the
+	// first that is up takes the flow. A nil Uplink is "default", the
+	// host's own routing, which is always up.
+	Choices []Choice
+	// DropWhenDown: when none of the choices is up, the flow is refused
+	// (on_down = "drop") rather than left to the host's routing.
+	DropWhenDown bool
+}
+
+// Choice is one uplink of a rule's list, or "default" (Uplink nil).
+type Choice struct {
+	Name   string
+	Uplink *Uplink
 }
 
 func (a Action) String() string {
@@ -45,6 +60,13 @@ func (a Action) String() string {
 		return `uplink "default" (no translation)`
 	case ActMark:
 		return fmt.Sprintf("mark %d", a.Mark)
+	}
+	if len(a.Choices) > 1 {
+		names := make([]string, len(a.Choices))
+		for i, c := range a.Choices {
+			names[i] = strconv.Quote(c.Name)
+		}
+		return "the first up of uplink [" + strings.Join(names, ", ") + "]"
 	}
 	return fmt.Sprintf("uplink %q (mark %d)", a.UplinkName, a.Mark)
 }
@@ -135,6 +157,16 @@ func (c *Config) needs(cost int) bool {
 		}
 	}
 	return false
+}
+
+// UplinkByName returns the uplink named name, or nil.
+func (c *Config) UplinkByName(name string) *Uplink {
+	for _, u := range c.Uplinks {
+		if u.Name == name {
+			return u
+		}
+	}
+	return nil
 }
 
 // UplinkByMark returns the uplink that uses mark, or nil.

@@ -7,6 +7,7 @@
 //	                                         change, unless --insecure-config)
 //	rerouted doctor --config FILE            check the host for what breaks multi-ISP setups
 //	rerouted flows --config FILE [--json]    list the running daemon's flows
+//	rerouted uplinks --config FILE [--json]  each uplink's state, per family
 //	rerouted explain --config FILE --pid PID --dst ADDR:PORT
 //	                                         which rule a new connection would match, and why
 //	rerouted demo                            show the problem and the fix in namespaces
@@ -38,6 +39,7 @@ const usage = `usage:
                                            can change, unless given --insecure-config
   rerouted doctor --config FILE            check the host for what breaks multi-ISP setups (exit 1 if any)
   rerouted flows --config FILE [--json]    list the running daemon's translated flows
+  rerouted uplinks --config FILE [--json]  each uplink's state per family (up/down, since, why), addresses, flows
   rerouted explain --config FILE --pid PID --dst ADDR:PORT [--protocol tcp|udp|icmp]
                                            which rule a new connection from PID would match, and why
   rerouted demo                            show the problem and the fix in network namespaces
@@ -68,6 +70,8 @@ func main() {
 		code = cmdDoctor(args)
 	case "flows":
 		code = cmdFlows(args)
+	case "uplinks":
+		code = cmdUplinks(args)
 	case "explain":
 		code = cmdExplain(args)
 	case "demo":
@@ -251,5 +255,36 @@ func cmdFlows(args []string) int {
 		fmt.Println(f)
 	}
 	fmt.Fprintf(os.Stderr, "rerouted: %d flows\n", len(flows))
+	return exitOK
+}
+
+func cmdUplinks(args []string) int {
+	var file string
+	var asJSON bool
+	flags("uplinks", args, func(fs *flag.FlagSet) {
+		fs.StringVar(&file, "config", "", "configuration file (for the control socket's path)")
+		fs.BoolVar(&asJSON, "json", false, `print {"uplinks": [...]}`)
+	})
+	cfg, code := loadConfig(file)
+	if cfg == nil {
+		return code
+	}
+	ups, err := daemon.QueryUplinks(cfg.Daemon.ControlSocket)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "rerouted: %v\n", err)
+		return exitFailure
+	}
+	if asJSON {
+		enc := json.NewEncoder(os.Stdout)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(daemon.UplinksReply{Uplinks: ups}); err != nil {
+			fmt.Fprintf(os.Stderr, "rerouted: %v\n", err)
+			return exitFailure
+		}
+		return exitOK
+	}
+	for _, u := range ups {
+		fmt.Printf("%s flows %d\n", u.Status, u.Flows)
+	}
 	return exitOK
 }

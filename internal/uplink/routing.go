@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"time"
 
 	"github.com/rerouted/rerouted/policy"
 	"github.com/vishvananda/netlink"
@@ -342,4 +343,9 @@ func (u *Routing) LocalAddrs() (map[netip.Addr]bool, error) {
 		}
 	}
 	return out, nil
+}
+
+// UpdateStates reads every uplink's state on this socket (see States.Update).
+func (u *Routing) UpdateStates(s *States, uplinks []*policy.Uplink, now time.Time) ([]Transition, error) {
+	return s.Update(u.h, uplinks, now)
 }

@@ -1,0 +1,175 @@
+package e2e
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/rerouted/rerouted/daemon"
+	"github.com/rerouted/rerouted/networld"
+)
+
+// uplinks lists the daemon's uplink states through the CLI.
+func (e *env) uplinks() map[string]daemon.UplinkInfo {
+	e.t.Helper()
+	out, err := exec.Command(bin, "uplinks", "--config", e.cfg, "--json").Output()
+	if err != nil {
+		e.t.Fatalf("rerouted uplinks --json: %v", err)
+	}
+	var reply daemon.UplinksReply
+	if err := json.Unmarshal(out, &reply); err != nil {
+		e.t.Fatalf("rerouted uplinks --json printed %q: %v", out, err)
+	}
+	m := map[string]daemon.UplinkInfo{}
+	for _, u := range reply.Uplinks {
+		m[u.Uplink+"/"+u.Family] = u
+	}
+	return m
+}
+
+const failoverRules = `
+[[rule]]
+name = "web, failing over"
+uplink = ["isp-b", "default"]
+dport = [80]
+
+[[rule]]
+name = "api, only via isp-b"
+uplink = "isp-b"
+on_down = "drop"
+dport = [8080]
+`
+
+// ISP B's link goes down and comes back. Meanwhile a rule with a list
+// takes the next uplink (here the host's routing), a rule with on_down =
+// "drop" refuses at once, and a connection made during the outage keeps
+// the path it took when ISP B returns; new ones go via ISP B again within
+// a second. `rerouted uplinks`, the log, the debug stream and the metrics
+// tell it.
+func TestUplinkFlap(t *testing.T) {
+	e := newEnv(t, "kernel", "")
+	e.withMetrics(failoverRules)
+	e.start()
+	via := func(port uint16, want string) {
+		t.Helper()
+		peer, err := e.w.Fetch(port, 3*time.Second)
+		if err != nil || peer.Addr().String() != want {
+			t.Fatalf("port %d: server saw %v, err %v; want %s", port, peer, err, want)
+		}
+	}
+	via(80, networld.HostB.String())
+	via(8080, networld.HostB.String())
+	if u := e.uplinks()["isp-b/ipv4"]; !u.Up || u.Dev != "hb" {
+		t.Fatalf("isp-b at start: %+v", u)
+	}
+
+	if _, err := e.w.Host.Run("ip", "link", "set", "hb", "down"); err != nil {
+		t.Fatal(err)
+	}
+	down := time.Now()
+	eventually(t, time.Second, "isp-b down in `rerouted uplinks`", func() bool { return !e.uplinks()["isp-b/ipv4"].Up })
+	t.Logf("isp-b seen down after %v", time.Since(down).Round(time.Millisecond))
+	if u := e.uplinks()["isp-b/ipv4"]; u.Why != "link hb is down" {
+		t.Errorf("why: %q", u.Why)
+	}
+	via(80, networld.HostA.String()) // the next in the list: the host's routing
+	start := time.Now()
+	if _, err := e.w.Fetch(8080, 3*time.Second); err == nil || time.Since(start) > time.Second {
+		t.Errorf("on_down = drop: connection err %v after %v; want a refusal at once", err, time.Since(start))
+	}
+	// A connection made during the outage.
+	during, err := e.w.Dial(networld.DialOptions{Port: 80})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer during.Close()
+	r := bufio.NewReader(during)
+	if peer, err := networld.Greeting(r); err != nil || peer.Addr() != networld.HostA {
+		t.Fatalf("during the outage: server saw %v, err %v", peer, err)
+	}
+
+	// Back: the link, and the table's route (as the host's network
+	// configuration puts it back; a managed uplink's rerouted does).
+	if _, err := e.w.Host.Run("ip", "link", "set", "hb", "up"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.w.Host.Run("ip", "route", "replace", "default", "via", networld.GwB.String(), "dev", "hb", "table", "100"); err != nil {
+		t.Fatal(err)
+	}
+	back := time.Now()
+	eventually(t, time.Second, "isp-b up", func() bool { return e.uplinks()["isp-b/ipv4"].Up })
+	t.Logf("isp-b seen up after %v", time.Since(back).Round(time.Millisecond))
+	via(80, networld.HostB.String())
+	via(8080, networld.HostB.String())
+	// The connection made during the outage carries on as it began.
+	fmt.Fprint(during, "after")
+	during.CloseWrite()
+	if line, err := r.ReadString('\n'); err != nil || !strings.HasPrefix(line, "5 ") {
+		t.Errorf("the connection made during the outage: %q, %v", line, err)
+	}
+
+	for _, want := range []string{"[UPLINK] isp-b ipv4 down: link hb is down", "[UPLINK] isp-b ipv4 up",
+		`msg="uplink is down: rules choose their next uplink, host marks their fallback" uplink=isp-b family=ipv4`,
+		`msg="uplink is up" uplink=isp-b family=ipv4`, `[REFUSED] tcp`} {
+		if _, err := e.d.WaitFor(want, time.Second); err != nil {
+			t.Error(err)
+		}
+	}
+	if n := e.metric(`rerouted_uplink_transitions_total{family="ipv4",uplink="isp-b"}`); n < 2 {
+		t.Errorf("transitions: %v", n)
+	}
+	if n := e.metric(`rerouted_uplink_up{family="ipv4",uplink="isp-b"}`); n != 1 {
+		t.Errorf("rerouted_uplink_up: %v", n)
+	}
+	if n := e.metric(`rerouted_refused_total`); n < 1 {
+		t.Errorf("rerouted_refused_total: %v", n)
+	}
+}
+
+// A connection the host marks for ISP B while ISP B is down leaves through
+// the host's routing (ISP A) and keeps that path when ISP B returns, though
+// every one of its packets still carries the mark: its element pins mark 0.
+// Without that, its packets would follow the mark out ISP B with ISP A's
+// address, and ISP B would drop them.
+func TestHostMarkedFlowKeepsItsPath(t *testing.T) {
+	e := newEnv(t, "kernel", "")
+	e.hostMark("nft", 80)
+	e.start()
+	if _, err := e.w.Host.Run("ip", "link", "set", "hb", "down"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, time.Second, "isp-b down", func() bool { return !e.uplinks()["isp-b/ipv4"].Up })
+	c, err := e.w.Dial(networld.DialOptions{Port: 80})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	r := bufio.NewReader(c)
+	if peer, err := networld.Greeting(r); err != nil || peer.Addr() != networld.HostA {
+		t.Fatalf("during the outage: server saw %v, err %v", peer, err)
+	}
+	if _, err := e.w.Host.Run("ip", "link", "set", "hb", "up"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.w.Host.Run("ip", "route", "replace", "default", "via", networld.GwB.String(), "dev", "hb", "table", "100"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, time.Second, "isp-b up", func() bool { return e.uplinks()["isp-b/ipv4"].Up })
+	foreign := e.counter(e.w.B, "foreign")
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	fmt.Fprint(c, strings.Repeat("x", 100000))
+	c.CloseWrite()
+	if line, err := r.ReadString('\n'); err != nil || !strings.HasPrefix(line, "100000 ") {
+		t.Errorf("after ISP B came back: %q, %v", line, err)
+	}
+	if n := e.counter(e.w.B, "foreign") - foreign; n != 0 {
+		t.Errorf("ISP B dropped %d packets with ISP A's address", n)
+	}
+	if peer, err := e.w.Fetch(80, 3*time.Second); err != nil || peer.Addr() != networld.HostB {
+		t.Errorf("a new marked connection: server saw %v, err %v", peer, err)
+	}
+}

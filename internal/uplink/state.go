@@ -1,0 +1,180 @@
+package uplink
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"sort"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/rerouted/rerouted/policy"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// An uplink is up, per address family, when its link is up, it has an
+// address of that family, and a route marked with its mark leaves through
+// its interface. (Health probes, where configured, add their verdict.)
+// Link and address events act at once: the daemon calls Update on every
+// burst of routing changes.
+
+// Status is one uplink's state in one address family.
+type Status struct {
+	Uplink string       `json:"uplink"`
+	Family string       `json:"family"` // "ipv4" or "ipv6"
+	Up     bool         `json:"up"`
+	Since  time.Time    `json:"since"`
+	Why    string       `json:"why,omitempty"` // why it is down
+	Addrs  []netip.Addr `json:"addresses"`
+	Dev    string       `json:"dev,omitempty"` // where its marked route leads
+}
+
+// Transition is a change of an uplink's state.
+type Transition struct{ Status }
+
+// States is the state of every uplink, read by the packet path without a
+// lock or an allocation.
+type States struct {
+	snap atomic.Pointer[snapshot]
+}
+
+type snapshot struct {
+	byMark map[uint32]*[2]Status // [0] IPv4, [1] IPv6
+	list   []Status
+}
+
+// Up reports whether the uplink with mark is up for the family of an
+// address (v6). Marks that are no configured uplink's are always up: the
+// daemon knows nothing of them.
+func (s *States) Up(mark uint32, v6 bool) bool {
+	sn := s.snap.Load()
+	if sn == nil {
+		return true
+	}
+	st, ok := sn.byMark[mark]
+	if !ok {
+		return true
+	}
+	if v6 {
+		return st[1].Up
+	}
+	return st[0].Up
+}
+
+// List returns every uplink's state, by name then family.
+func (s *States) List() []Status {
+	sn := s.snap.Load()
+	if sn == nil {
+		return nil
+	}
+	return append([]Status(nil), sn.list...)
+}
+
+// Probe destinations for the marked route: any address only the default
+// route covers will do; these are documentation addresses, never sent to.
+var routeProbe = [2]netip.Addr{netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("2001:db8::1")}
+
+// Update reads the uplinks' state from the kernel and returns the
+// transitions since the last call (none on the first: it only reports the
+// initial state as the list).
+func (s *States) Update(h *netlink.Handle, uplinks []*policy.Uplink, now time.Time) ([]Transition, error) {
+	old := s.snap.Load()
+	sn := &snapshot{byMark: make(map[uint32]*[2]Status, len(uplinks))}
+	var out []Transition
+	for _, u := range uplinks {
+		var st [2]Status
+		for fi, family := range []int{unix.AF_INET, unix.AF_INET6} {
+			cur, err := check(h, u, family, fi)
+			if err != nil {
+				return nil, fmt.Errorf("uplink %q: %w", u.Name, err)
+			}
+			cur.Uplink, cur.Family, cur.Since = u.Name, [2]string{"ipv4", "ipv6"}[fi], now
+			if old != nil {
+				if prev, ok := old.byMark[u.Mark]; ok && prev[fi].Uplink == u.Name {
+					if prev[fi].Up == cur.Up {
+						cur.Since = prev[fi].Since
+					} else {
+						out = append(out, Transition{cur})
+					}
+				}
+			}
+			st[fi] = cur
+		}
+		sn.byMark[u.Mark] = &st
+		sn.list = append(sn.list, st[0], st[1])
+	}
+	sort.SliceStable(sn.list, func(i, j int) bool { return sn.list[i].Uplink < sn.list[j].Uplink })
+	s.snap.Store(sn)
+	return out, nil
+}
+
+// check reads one uplink's state in one family.
+func check(h *netlink.Handle, u *policy.Uplink, family, fi int) (Status, error) {
+	var st Status
+	var link netlink.Link
+	if u.Interface != "" {
+		l, err := h.LinkByName(u.Interface)
+		if err != nil {
+			st.Why = fmt.Sprintf("interface %s: %v", u.Interface, err)
+			return st, nil
+		}
+		link = l
+		a := l.Attrs()
+		if a.Flags&net.FlagUp == 0 || (a.OperState != netlink.OperUp && a.OperState != netlink.OperUnknown) {
+			st.Why = fmt.Sprintf("link %s is down", u.Interface)
+			return st, nil
+		}
+		addrs, err := h.AddrList(l, family)
+		if err != nil {
+			return st, fmt.Errorf("addresses of %s: %w", u.Interface, err)
+		}
+		for _, a := range addrs {
+			if ip, ok := netip.AddrFromSlice(a.IP); ok && a.IP.IsGlobalUnicast() {
+				st.Addrs = append(st.Addrs, ip.Unmap())
+			}
+		}
+		if len(st.Addrs) == 0 {
+			st.Why = fmt.Sprintf("no %s address on %s", [2]string{"IPv4", "IPv6"}[fi], u.Interface)
+			return st, nil
+		}
+	}
+	rs, err := h.RouteGetWithOptions(net.IP(routeProbe[fi].AsSlice()), &netlink.RouteGetOptions{Mark: u.Mark})
+	if err != nil || len(rs) == 0 {
+		st.Why = fmt.Sprintf("no route with mark %d", u.Mark)
+		return st, nil
+	}
+	if l, err := h.LinkByIndex(rs[0].LinkIndex); err == nil {
+		st.Dev = l.Attrs().Name
+	}
+	if link != nil && rs[0].LinkIndex != link.Attrs().Index {
+		st.Why = fmt.Sprintf("the route with mark %d leads out %s, not %s (no route in its table?)", u.Mark, st.Dev, u.Interface)
+		return st, nil
+	}
+	st.Up = true
+	return st, nil
+}
+
+// String is the state as a line: "isp-b ipv4 up since 12:00:01 (203.0.113.2, via hb)".
+func (st Status) String() string {
+	state := "up"
+	if !st.Up {
+		state = "DOWN"
+	}
+	addrs := make([]string, len(st.Addrs))
+	for i, a := range st.Addrs {
+		addrs[i] = a.String()
+	}
+	s := fmt.Sprintf("%-12s %s %-4s since %s", st.Uplink, st.Family, state, st.Since.Format(time.RFC3339))
+	if len(addrs) > 0 {
+		s += " addresses " + strings.Join(addrs, ",")
+	}
+	if st.Dev != "" {
+		s += " dev " + st.Dev
+	}
+	if st.Why != "" {
+		s += ": " + st.Why
+	}
+	return s
+}
