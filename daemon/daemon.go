@@ -222,6 +222,19 @@ func Run(ctx context.Context, o Options) (err error) {
 		return err
 	}
 	undo = append(undo, func() error { moveRoutes.close(); return nil })
+	for _, u := range cfg.Uplinks {
+		if u.Health != nil {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				uplink.RunProbes(runCtx, u, &d.uplinks, func(ts []uplink.Transition) {
+					for _, tr := range ts {
+						d.uplinkChanged(tr.Status)
+					}
+				})
+			}()
+		}
+	}
 	kept := make(chan struct{})
 	go func() { defer close(kept); d.keepRouting(runCtx, routing, moveDiag, moveRoutes, changed) }()
 	undo = append(undo, func() error { stop(); <-kept; return nil }) // before its sockets close

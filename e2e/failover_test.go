@@ -173,3 +173,86 @@ func TestHostMarkedFlowKeepsItsPath(t *testing.T) {
 		t.Errorf("a new marked connection: server saw %v, err %v", peer, err)
 	}
 }
+
+// ISP B goes dark upstream: its link stays up, it forwards nothing. The
+// uplink's probes notice within down_after rounds, a rule with a list
+// moves new connections to the next uplink, and back once up_after rounds
+// answer again. The probes leave through ISP B with its address, are never
+// queued to the daemon, and stop with it.
+func TestUpstreamFailure(t *testing.T) {
+	e := newEnv(t, "kernel", "")
+	cfg := strings.Replace(fmt.Sprintf(configHead, e.sock, e.dp), "[daemon]\n", "[daemon]\nmetrics_listen = \"127.0.0.1:9477\"\n", 1) + `
+[uplink.health]
+targets = ["192.0.2.80", "tcp:192.0.2.80:80"]
+interval = "200ms"
+timeout = "150ms"
+down_after = 3
+up_after = 2
+` + failoverRules
+	if err := writeFile(e.cfg, cfg); err != nil {
+		t.Fatal(err)
+	}
+	e.start()
+	eventually(t, 2*time.Second, "probes answered", func() bool { u := e.uplinks()["isp-b/ipv4"]; return u.Probed && u.RTT > 0 })
+	if u := e.uplinks()["isp-b/ipv6"]; u.Probed {
+		t.Errorf("ipv6 has no targets but is probed: %+v", u)
+	}
+	// Probes alone for a second: through ISP B, with its address, and
+	// never through the queue.
+	queued, fwdA, fwdB, foreignB := e.queued(), e.counter(e.w.A, "forwarded"), e.counter(e.w.B, "forwarded"), e.counter(e.w.B, "foreign")
+	time.Sleep(time.Second)
+	if n := e.queued() - queued; n != 0 {
+		t.Errorf("%d probe packets were queued to the daemon", n)
+	}
+	if n := e.counter(e.w.B, "forwarded") - fwdB; n < 8 {
+		t.Errorf("ISP B forwarded %d probe packets in a second (5 rounds of 2)", n)
+	}
+	if n := e.counter(e.w.A, "forwarded") - fwdA; n != 0 {
+		t.Errorf("ISP A forwarded %d packets: probes left the wrong way", n)
+	}
+	if n := e.counter(e.w.B, "foreign") - foreignB; n != 0 {
+		t.Errorf("ISP B dropped %d probe packets with a foreign source", n)
+	}
+
+	// Dark.
+	if err := e.w.B.Nft("table inet dark {\n\tchain forward {\n\t\ttype filter hook forward priority -200; policy drop;\n\t}\n}\n"); err != nil {
+		t.Fatal(err)
+	}
+	dark := time.Now()
+	eventually(t, 3*200*time.Millisecond+time.Second, "isp-b down", func() bool { return !e.uplinks()["isp-b/ipv4"].Up })
+	t.Logf("isp-b down %v after it went dark", time.Since(dark).Round(time.Millisecond))
+	if peer, err := e.w.Fetch(80, 3*time.Second); err != nil || peer.Addr() != networld.HostA {
+		t.Errorf("during the outage: server saw %v, err %v", peer, err)
+	}
+	if u := e.uplinks()["isp-b/ipv4"]; !strings.Contains(u.Why, "rounds without an answer") || !strings.Contains(u.Why, "tcp:192.0.2.80:80") {
+		t.Errorf("why: %q", u.Why)
+	}
+	if _, err := e.w.B.Run("nft", "delete", "table", "inet", "dark"); err != nil {
+		t.Fatal(err)
+	}
+	light := time.Now()
+	eventually(t, 2*200*time.Millisecond+time.Second, "isp-b up", func() bool { return e.uplinks()["isp-b/ipv4"].Up })
+	t.Logf("isp-b up %v after it answered again", time.Since(light).Round(time.Millisecond))
+	if peer, err := e.w.Fetch(80, 3*time.Second); err != nil || peer.Addr() != networld.HostB {
+		t.Errorf("after the outage: server saw %v, err %v", peer, err)
+	}
+	for _, want := range []string{"[UPLINK] isp-b ipv4 down: 3 rounds without an answer", "[UPLINK] isp-b ipv4 up",
+		`msg="uplink is down: rules choose their next uplink, host marks their fallback" uplink=isp-b family=ipv4 why="3 rounds without an answer`} {
+		if _, err := e.d.WaitFor(want, time.Second); err != nil {
+			t.Error(err)
+		}
+	}
+	if n := e.metric(`rerouted_uplink_transitions_total{family="ipv4",uplink="isp-b"}`); n != 2 {
+		t.Errorf("transitions: %v", n)
+	}
+
+	// The probes stop with the daemon.
+	if err := e.d.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	fwdB = e.counter(e.w.B, "forwarded")
+	time.Sleep(500 * time.Millisecond)
+	if n := e.counter(e.w.B, "forwarded") - fwdB; n != 0 {
+		t.Errorf("%d packets through ISP B after the daemon stopped", n)
+	}
+}

@@ -83,6 +83,12 @@ const (
 // (and counts it) instead of letting it leave. Nothing else uses it.
 const StaleMark = 0x72720001
 
+// ProbePriority is the socket priority (SO_PRIORITY) of the daemon's own
+// health probes: the output chain lets such packets through first, so that
+// they are never queued or translated. (Its low bits put them in the
+// default qdisc's best-effort band.)
+const ProbePriority = 0x72720000
+
 // Priorities of the base chains.
 const (
 	OutputPriority     = -150 + 10 // NF_IP_PRI_MANGLE + 10: after the host's mark rules
@@ -490,10 +496,15 @@ func (d *Datapath) build() error {
 
 // rules returns every rule of both chains, in order.
 func (d *Datapath) rules(first, total uint16, native bool) []ruleMsg {
-	// Loopback traffic never leaves the host: leave it alone.
+	// Loopback traffic never leaves the host, and the daemon's health
+	// probes choose their uplink themselves: leave them alone.
 	rules := []ruleMsg{{chain: "output", exprs: exprs(
 		&expr.Meta{Key: expr.MetaKeyOIFTYPE, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint16(unix.ARPHRD_LOOPBACK)},
+		&expr.Verdict{Kind: expr.VerdictAccept},
+	)}, {chain: "output", exprs: exprs(
+		&expr.Meta{Key: expr.MetaKeyPRIORITY, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(ProbePriority)},
 		&expr.Verdict{Kind: expr.VerdictAccept},
 	)}}
 	// Every SYN, either family, goes to the daemon, translated flows'

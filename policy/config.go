@@ -52,6 +52,7 @@ type Uplink struct {
 	Gateway   netip.Addr // IPv4 default gateway (managed)
 	Gateway6  netip.Addr // IPv6 default gateway (managed)
 	Table     uint32     // routing table (managed)
+	Health    *Health    // [uplink.health]; nil: no probes
 	// Fallback is where traffic the host marked for this uplink goes while
 	// it is down: another uplink, or nil for the host's own routing
 	// ("default"), untranslated. FallbackName is as written.
@@ -253,6 +254,8 @@ func (p *parser) uplink(path string, t map[string]any) *Uplink {
 		switch k {
 		case "name":
 			u.Name = p.name(kp, t[k])
+		case "health":
+			u.Health = p.health(kp, t[k])
 		case "fallback":
 			n, ok := t[k].(string)
 			if !ok || n == "" {

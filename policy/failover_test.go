@@ -3,6 +3,7 @@ package policy
 import (
 	"strings"
 	"testing"
+	"time"
 )
 
 const twoUplinks = `
@@ -53,5 +54,39 @@ func TestUplinkListErrors(t *testing.T) {
 	_, err := Parse("t.toml", []byte("[[uplink]]\nname = \"b\"\nmark = 1\nfallback = \"c\"\n"))
 	if err == nil || !strings.Contains(err.Error(), `t.toml:4:1: unknown uplink "c"`) {
 		t.Errorf("unknown fallback: %v", err)
+	}
+}
+
+func TestHealth(t *testing.T) {
+	cfg, err := Parse("t.toml", []byte(`
+[[uplink]]
+name = "isp-b"
+mark = 100
+[uplink.health]
+targets = ["192.0.2.53", "2001:db8::53", "tcp:192.0.2.80:443", "tcp:[2001:db8::80]:443"]
+interval = "500ms"
+timeout = "200ms"
+down_after = 2
+up_after = 1
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := cfg.Uplinks[0].Health
+	if h == nil || len(h.Targets) != 4 || !h.Targets[2].TCP || h.Targets[3].Addr.String() != "[2001:db8::80]:443" ||
+		h.Interval != 500*time.Millisecond || h.DownAfter != 2 || h.UpAfter != 1 {
+		t.Fatalf("health %+v", h)
+	}
+	for _, c := range []struct{ body, want string }{
+		{`targets = ["example.org"]`, `t.toml:6:1: target "example.org" is not an address`},
+		{`targets = ["tcp:192.0.2.80"]`, `want tcp:ADDRESS:PORT`},
+		{"targets = [\"192.0.2.1\"]\ninterval = \"50ms\"", `t.toml:7:1: interval must be a duration between 100ms and 1h`},
+		{"targets = [\"192.0.2.1\"]\ndown_after = 0", `down_after`},
+		{`interval = "1s"`, `[uplink.health] needs targets`},
+	} {
+		_, err := Parse("t.toml", []byte("\n[[uplink]]\nname = \"isp-b\"\nmark = 100\n[uplink.health]\n"+c.body+"\n"))
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: %v, want %q", c.body, err, c.want)
+		}
 	}
 }

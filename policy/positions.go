@@ -59,6 +59,11 @@ func locate(src string) positions {
 			ps[table] = [2]int{lineNo, col}
 		case trimmed[0] == '[':
 			table = headerName(trimmed[1:], "]")
+			// A subtable of the latest [[array]] table, like
+			// [uplink.health] after an [[uplink]], belongs to it.
+			if first, rest, ok := strings.Cut(table, "."); ok && count[first] > 0 {
+				table = fmt.Sprintf("%s.%d.%s", first, count[first]-1, rest)
+			}
 			ps[table] = [2]int{lineNo, col}
 		default:
 			eq := strings.IndexByte(trimmed, '=')

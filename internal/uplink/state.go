@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"sort"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -20,7 +21,7 @@ import (
 // Link and address events act at once: the daemon calls Update on every
 // burst of routing changes.
 
-// Status is one uplink's state in one address family.
+// Status is one uplink's state in one family.
 type Status struct {
 	Uplink string       `json:"uplink"`
 	Family string       `json:"family"` // "ipv4" or "ipv6"
@@ -29,19 +30,38 @@ type Status struct {
 	Why    string       `json:"why,omitempty"` // why it is down
 	Addrs  []netip.Addr `json:"addresses"`
 	Dev    string       `json:"dev,omitempty"` // where its marked route leads
+	// Probes, with [uplink.health] targets of the family: the last
+	// round's best round-trip time and the share of the last rounds
+	// in which every target failed.
+	Probed bool          `json:"probed"`
+	RTT    time.Duration `json:"rtt_ns,omitempty"`
+	Loss   float64       `json:"loss"`
 }
 
 // Transition is a change of an uplink's state.
 type Transition struct{ Status }
 
-// States is the state of every uplink, read by the packet path without a
-// lock or an allocation.
+// States is the state of every uplink: what the kernel says of its link,
+// addresses and route (Update), and what its probes say (SetProbe). The
+// packet path reads it without a lock or an allocation.
 type States struct {
-	snap atomic.Pointer[snapshot]
+	mu      sync.Mutex
+	uplinks []*policy.Uplink
+	base    map[uint32]*[2]Status // by mark; [0] IPv4, [1] IPv6
+	probes  map[uint32]*[2]probeVerdict
+	snap    atomic.Pointer[snapshot]
+}
+
+type probeVerdict struct {
+	set  bool // the prober has a verdict
+	ok   bool
+	why  string
+	rtt  time.Duration
+	loss float64
 }
 
 type snapshot struct {
-	byMark map[uint32]*[2]Status // [0] IPv4, [1] IPv6
+	byMark map[uint32]*[2]Status
 	list   []Status
 }
 
@@ -63,6 +83,22 @@ func (s *States) Up(mark uint32, v6 bool) bool {
 	return st[0].Up
 }
 
+// Get returns the state of the uplink with mark in one family.
+func (s *States) Get(mark uint32, v6 bool) (Status, bool) {
+	sn := s.snap.Load()
+	if sn == nil {
+		return Status{}, false
+	}
+	st, ok := sn.byMark[mark]
+	if !ok {
+		return Status{}, false
+	}
+	if v6 {
+		return st[1], true
+	}
+	return st[0], true
+}
+
 // List returns every uplink's state, by name then family.
 func (s *States) List() []Status {
 	sn := s.snap.Load()
@@ -76,13 +112,10 @@ func (s *States) List() []Status {
 // route covers will do; these are documentation addresses, never sent to.
 var routeProbe = [2]netip.Addr{netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("2001:db8::1")}
 
-// Update reads the uplinks' state from the kernel and returns the
-// transitions since the last call (none on the first: it only reports the
-// initial state as the list).
+// Update reads the uplinks' link, address and route state from the kernel
+// and returns the transitions it makes.
 func (s *States) Update(h *netlink.Handle, uplinks []*policy.Uplink, now time.Time) ([]Transition, error) {
-	old := s.snap.Load()
-	sn := &snapshot{byMark: make(map[uint32]*[2]Status, len(uplinks))}
-	var out []Transition
+	base := make(map[uint32]*[2]Status, len(uplinks))
 	for _, u := range uplinks {
 		var st [2]Status
 		for fi, family := range []int{unix.AF_INET, unix.AF_INET6} {
@@ -90,24 +123,75 @@ func (s *States) Update(h *netlink.Handle, uplinks []*policy.Uplink, now time.Ti
 			if err != nil {
 				return nil, fmt.Errorf("uplink %q: %w", u.Name, err)
 			}
-			cur.Uplink, cur.Family, cur.Since = u.Name, [2]string{"ipv4", "ipv6"}[fi], now
+			cur.Uplink, cur.Family = u.Name, [2]string{"ipv4", "ipv6"}[fi]
+			st[fi] = cur
+		}
+		base[u.Mark] = &st
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.uplinks, s.base = uplinks, base
+	return s.publish(now), nil
+}
+
+// SetProbe records a prober's verdict on the uplink with mark, in one
+// family, and returns the transitions it makes.
+func (s *States) SetProbe(mark uint32, v6 bool, ok bool, why string, rtt time.Duration, loss float64, now time.Time) []Transition {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.probes == nil {
+		s.probes = map[uint32]*[2]probeVerdict{}
+	}
+	pv := s.probes[mark]
+	if pv == nil {
+		pv = &[2]probeVerdict{}
+		s.probes[mark] = pv
+	}
+	fi := 0
+	if v6 {
+		fi = 1
+	}
+	pv[fi] = probeVerdict{set: true, ok: ok, why: why, rtt: rtt, loss: loss}
+	return s.publish(now)
+}
+
+// publish combines the kernel's and the probes' verdicts into a new
+// snapshot, and returns what changed. Call with mu held.
+func (s *States) publish(now time.Time) []Transition {
+	old := s.snap.Load()
+	sn := &snapshot{byMark: make(map[uint32]*[2]Status, len(s.uplinks))}
+	var out []Transition
+	for _, u := range s.uplinks {
+		b, ok := s.base[u.Mark]
+		if !ok {
+			continue
+		}
+		st := *b
+		for fi := range st {
+			cur := &st[fi]
+			if pv := s.probes[u.Mark]; pv != nil && pv[fi].set {
+				cur.Probed, cur.RTT, cur.Loss = true, pv[fi].rtt, pv[fi].loss
+				if cur.Up && !pv[fi].ok {
+					cur.Up, cur.Why = false, pv[fi].why
+				}
+			}
+			cur.Since = now
 			if old != nil {
 				if prev, ok := old.byMark[u.Mark]; ok && prev[fi].Uplink == u.Name {
 					if prev[fi].Up == cur.Up {
 						cur.Since = prev[fi].Since
 					} else {
-						out = append(out, Transition{cur})
+						out = append(out, Transition{*cur})
 					}
 				}
 			}
-			st[fi] = cur
 		}
 		sn.byMark[u.Mark] = &st
 		sn.list = append(sn.list, st[0], st[1])
 	}
 	sort.SliceStable(sn.list, func(i, j int) bool { return sn.list[i].Uplink < sn.list[j].Uplink })
 	s.snap.Store(sn)
-	return out, nil
+	return out
 }
 
 // check reads one uplink's state in one family.
@@ -172,6 +256,9 @@ func (st Status) String() string {
 	}
 	if st.Dev != "" {
 		s += " dev " + st.Dev
+	}
+	if st.Probed {
+		s += fmt.Sprintf(" probes rtt %s loss %.0f%%", st.RTT.Round(10*time.Microsecond), 100*st.Loss)
 	}
 	if st.Why != "" {
 		s += ": " + st.Why
