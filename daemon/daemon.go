@@ -79,6 +79,7 @@ type Daemon struct {
 	dp      *nftdp.Datapath
 	flows   *flow.Table
 	uplinks uplink.States // each uplink's state, per family
+	sticky  stickies      // balance rules' sticky choices
 	// routingChanged wakes the routing keeper (keepRouting), as a routing
 	// change does.
 	routingChanged chan<- struct{}
@@ -563,6 +564,7 @@ func (d *Daemon) sweepLoop(ctx context.Context, diag *sockdiag.Conn) {
 			continue
 		}
 		d.sweep(diag, udp)
+		d.expireSticky(time.Now())
 		// Idleness is read from the kernel's packet counters, a listing of
 		// every UDP and echo element: often enough to end flows within an
 		// eighth of the timeout of it, and at most a tenth of the time (the

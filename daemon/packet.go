@@ -423,6 +423,12 @@ func (w *worker) decide(cfg *policy.Config, sock *sockdiag.Socket, p *queue.Pack
 	case r.Action.Kind == policy.ActMark:
 		return r.Action.Mark, r.Name, false
 	}
+	if r.Action.Kind == policy.ActBalance {
+		if m, ok := w.d.balance(r, sock.UID, t.Dst.Addr(), v6); ok {
+			return m, r.Name, false
+		}
+		return 0, r.Name, r.Action.DropWhenDown
+	}
 	for _, c := range r.Action.Choices {
 		if c.Uplink == nil {
 			return 0, r.Name, false // "default"

@@ -256,3 +256,100 @@ up_after = 2
 		t.Errorf("%d packets through ISP B after the daemon stopped", n)
 	}
 }
+
+// balance spreads new connections over ISP A and ISP B by weight (3:1),
+// sends all to the one left when the other is down, and with sticky =
+// "destination" keeps a user's connections to one destination on one
+// uplink. Balancing over ISP A needs an uplink for it: a managed one makes
+// its table and rules.
+func TestBalance(t *testing.T) {
+	e := newEnv(t, "kernel", "")
+	cfg := fmt.Sprintf(configHead, e.sock, e.dp) + `
+[[uplink]]
+name = "isp-a"
+mark = 200
+interface = "ha"
+gateway = "198.51.100.1"
+table = 200
+
+[[rule]]
+name = "web, balanced"
+balance = { "isp-a" = 3, "isp-b" = 1 }
+dport = [80]
+
+[[rule]]
+name = "api, sticky"
+balance = { "isp-a" = 1, "isp-b" = 1 }
+sticky = "destination"
+dport = [8080]
+`
+	if err := writeFile(e.cfg, cfg); err != nil {
+		t.Fatal(err)
+	}
+	e.start()
+	count := func(port uint16, n int) (a, b int) {
+		t.Helper()
+		for i := 0; i < n; i++ {
+			peer, err := e.w.Fetch(port, 3*time.Second)
+			switch {
+			case err != nil:
+				t.Fatalf("connection %d: %v", i, err)
+			case peer.Addr() == networld.HostA:
+				a++
+			case peer.Addr() == networld.HostB:
+				b++
+			default:
+				t.Fatalf("connection %d from %v", i, peer)
+			}
+		}
+		return a, b
+	}
+	// Connections that live through what follows.
+	var longPeers []string
+	for i := 0; i < 10; i++ {
+		c, err := e.w.Dial(networld.DialOptions{Port: 80})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		r := bufio.NewReader(c)
+		peer, err := networld.Greeting(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		longPeers = append(longPeers, peer.Addr().String())
+		defer func() {
+			fmt.Fprint(c, "end")
+			c.CloseWrite()
+			if line, err := r.ReadString('\n'); err != nil || !strings.HasPrefix(line, "3 ") {
+				t.Errorf("a long connection via %s: %q, %v", peer.Addr(), line, err)
+			}
+		}()
+	}
+
+	a, b := count(80, 800)
+	share := float64(a) / 800
+	t.Logf("800 connections: %d via ISP A, %d via ISP B (%.1f%% via A, weight 75%%); long ones via %v", a, b, 100*share, longPeers)
+	if share < 0.70 || share > 0.80 {
+		t.Errorf("ISP A took %.1f%% of the connections; want 75%% ± 5", 100*share)
+	}
+
+	if a, b := count(8080, 20); a != 0 && b != 0 {
+		t.Errorf("sticky: a user's 20 connections to one destination went %d via ISP A and %d via ISP B", a, b)
+	}
+
+	if _, err := e.w.Host.Run("ip", "link", "set", "hb", "down"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, time.Second, "isp-b down", func() bool { return !e.uplinks()["isp-b/ipv4"].Up })
+	if a, b := count(80, 100); b != 0 {
+		t.Errorf("with ISP B down, %d of 100 connections went via ISP B (%d via A)", b, a)
+	}
+	if _, err := e.w.Host.Run("ip", "link", "set", "hb", "up"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.w.Host.Run("ip", "route", "replace", "default", "via", networld.GwB.String(), "dev", "hb", "table", "100"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, time.Second, "isp-b up", func() bool { return e.uplinks()["isp-b/ipv4"].Up })
+}

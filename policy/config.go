@@ -72,6 +72,7 @@ const (
 	DefaultControlSocket = "/run/rerouted/rerouted.sock"
 	DefaultGCInterval    = 2 * time.Second
 	DefaultIdleTimeout   = 120 * time.Second
+	DefaultStickyFor     = 10 * time.Minute
 )
 
 // Error is one problem in a configuration file.
@@ -390,6 +391,41 @@ func (p *parser) rule(path string, t map[string]any) *Rule {
 				r.Action.Choices = append(r.Action.Choices, Choice{Name: n})
 			}
 			continue
+		case "balance":
+			t, ok := v.(map[string]any)
+			if !ok || len(t) == 0 {
+				p.errorf(kp, "balance must be a table of uplinks and weights, like { \"isp-a\" = 3, \"isp-b\" = 1 }")
+				continue
+			}
+			r.Action = Action{Kind: ActBalance}
+			for _, n := range sortedKeys(t) {
+				w, ok := p.integer(kp+"."+n, t[n], 1, 1000000)
+				if !ok {
+					continue
+				}
+				r.Action.Choices = append(r.Action.Choices, Choice{Name: n})
+				r.Action.Weights = append(r.Action.Weights, int(w))
+			}
+			if len(r.Action.Choices) > 0 {
+				r.Action.UplinkName = r.Action.Choices[0].Name
+			}
+			continue
+		case "sticky":
+			if v != "destination" {
+				p.errorf(kp, "sticky must be \"destination\": a user's flows to one destination keep one uplink")
+				continue
+			}
+			r.sticky = true
+			continue
+		case "sticky_for":
+			str, _ := v.(string)
+			d, err := time.ParseDuration(str)
+			if err != nil || d < time.Second || d > 24*time.Hour {
+				p.errorf(kp, "sticky_for must be a duration between 1s and 24h, like \"10m\"")
+				continue
+			}
+			r.stickyFor = d
+			continue
 		case "on_down":
 			switch v {
 			case "default":
@@ -502,15 +538,31 @@ func (p *parser) rule(path string, t map[string]any) *Rule {
 	sort.SliceStable(r.conds, func(i, j int) bool { return r.conds[i].cost < r.conds[j].cost })
 	_, hasUplink := t["uplink"]
 	_, hasMark := t["mark"]
-	if _, ok := t["on_down"]; ok && r.Action.Kind != ActUplink {
-		p.errorf(path+".on_down", "on_down goes with uplink = \"NAME\" or a list of uplinks")
+	if _, ok := t["on_down"]; ok && r.Action.Kind != ActUplink && r.Action.Kind != ActBalance {
+		p.errorf(path+".on_down", "on_down goes with uplink = \"NAME\", a list of uplinks, or balance")
 	}
 	r.Action.DropWhenDown = r.dropWhenDown
+	_, hasBalance := t["balance"]
+	if hasBalance {
+		r.Action.Sticky, r.Action.StickyFor = r.sticky, r.stickyFor
+		if r.Action.StickyFor == 0 {
+			r.Action.StickyFor = DefaultStickyFor
+		}
+	}
+	if _, ok := t["sticky_for"]; ok && !r.sticky {
+		p.errorf(path+".sticky_for", "sticky_for goes with sticky = \"destination\"")
+	}
+	if r.sticky && !hasBalance {
+		p.errorf(path+".sticky", "sticky goes with balance")
+	}
+	if hasBalance && (t["uplink"] != nil || t["mark"] != nil) {
+		p.errorf(path+".balance", "a rule takes one of uplink, balance or mark")
+	}
 	switch {
 	case hasUplink && hasMark:
 		p.errorf(path+".mark", "a rule takes uplink or mark, not both")
-	case !hasUplink && !hasMark:
-		p.errorf(path, "[[rule]] needs an action: uplink = \"NAME\", uplink = \"default\" or mark = N")
+	case !hasUplink && !hasMark && !hasBalance:
+		p.errorf(path, "[[rule]] needs an action: uplink = \"NAME\", uplink = \"default\", balance = { ... } or mark = N")
 	}
 	if r.Name == "" {
 		r.Name = fmt.Sprintf("rule@%d", r.line)
@@ -582,7 +634,7 @@ func (p *parser) link(cfg *Config) {
 			p.errorf(path+".name", "rule name %q is used twice", r.Name)
 		}
 		seen[r.Name] = true
-		if r.Action.Kind != ActUplink || r.Action.UplinkName == "" {
+		if (r.Action.Kind != ActUplink && r.Action.Kind != ActBalance) || r.Action.UplinkName == "" {
 			continue
 		}
 		for j := range r.Action.Choices {

@@ -6,6 +6,7 @@ import (
 	"path"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // Rule is one [[rule]]: conditions that must all hold, and an action.
@@ -15,7 +16,9 @@ type Rule struct {
 	conds  []cond // cheap ones first: see cost
 	line   int
 
-	dropWhenDown bool // on_down = "drop", as parsed
+	dropWhenDown bool          // on_down = "drop", as parsed
+	sticky       bool          // sticky = "destination", as parsed
+	stickyFor    time.Duration // as parsed
 }
 
 // Line is where the rule's [[rule]] header is written.
@@ -31,6 +34,9 @@ const (
 	ActDefault
 	// ActMark routes the flow with a bare fwmark: Action.Mark.
 	ActMark
+	// ActBalance spreads new flows over Choices by Weights; each keeps
+	// the uplink it got for life.
+	ActBalance
 )
 
 // Action is what a matching rule does.
@@ -46,6 +52,12 @@ type Action struct {
 	// DropWhenDown: when none of the choices is up, the flow is refused
 	// (on_down = "drop") rather than left to the host's routing.
 	DropWhenDown bool
+	// Weights, for ActBalance: one per choice, > 0.
+	Weights []int
+	// Sticky, for ActBalance: a user's new flows to one destination take
+	// the uplink its last one took, for StickyFor after that one.
+	Sticky    bool
+	StickyFor time.Duration
 }
 
 // Choice is one uplink of a rule's list, or "default" (Uplink nil).
@@ -60,6 +72,16 @@ func (a Action) String() string {
 		return `uplink "default" (no translation)`
 	case ActMark:
 		return fmt.Sprintf("mark %d", a.Mark)
+	case ActBalance:
+		parts := make([]string, len(a.Choices))
+		for i, c := range a.Choices {
+			parts[i] = fmt.Sprintf("%q = %d", c.Name, a.Weights[i])
+		}
+		s := "balance { " + strings.Join(parts, ", ") + " }"
+		if a.Sticky {
+			s += fmt.Sprintf(", sticky by destination for %s", a.StickyFor)
+		}
+		return s
 	}
 	if len(a.Choices) > 1 {
 		names := make([]string, len(a.Choices))
