@@ -253,3 +253,97 @@ func TestManagedRoutingRepaired(t *testing.T) {
 		}
 	}
 }
+
+// A managed uplink on a DHCP-like interface: gateway = "auto" takes the
+// gateway from the default route the interface's client installs, and
+// follows it when it changes; the "from ADDRESS" rules follow the
+// interface's addresses when it is renumbered, so connections to the new
+// address are answered through the uplink.
+func TestManagedUplinkFollowsItsInterface(t *testing.T) {
+	e := newEnv(t, "kernel", webRule)
+	for _, cmd := range [][]string{
+		{"rule", "del", "fwmark", "100", "table", "100"}, {"rule", "del", "from", "203.0.113.2", "table", "100"},
+		{"route", "flush", "table", "100"},
+		// What a DHCP client installs: a default route on hb, a worse
+		// one than the host's main one.
+		{"route", "add", "default", "via", "203.0.113.1", "dev", "hb", "metric", "1000"},
+	} {
+		if _, err := e.w.Host.Run("ip", cmd...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := e.w.Host.Sysctl("net.ipv4.conf.hb.promote_secondaries=1"); err != nil {
+		t.Fatal(err)
+	}
+	head := strings.Replace(fmt.Sprintf(configHead, e.sock, e.dp), "[[uplink]]\nname = \"isp-b\"\nmark = 100\ninterface = \"hb\"\n",
+		"[[uplink]]\nname = \"isp-b\"\nmark = 100\ninterface = \"hb\"\ngateway = \"auto\"\ntable = 100\n", 1)
+	if err := writeFile(e.cfg, head+webRule); err != nil {
+		t.Fatal(err)
+	}
+	e.start()
+	show := func(args ...string) string {
+		t.Helper()
+		out, err := e.w.Host.Run("ip", args...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return out
+	}
+	if out := show("route", "show", "table", "100"); !strings.Contains(out, "default via 203.0.113.1 dev hb proto 114") {
+		t.Fatalf("table 100:\n%s", out)
+	}
+	if peer, err := e.w.Fetch(80, 3*time.Second); err != nil || peer.Addr() != networld.HostB {
+		t.Fatalf("server saw %v, err %v", peer, err)
+	}
+
+	// Renumbered.
+	if _, err := e.w.Host.Run("ip", "addr", "add", "203.0.113.3/24", "dev", "hb"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.w.Host.Run("ip", "addr", "del", "203.0.113.2/24", "dev", "hb"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, time.Second, "the from rules to follow", func() bool {
+		out := show("rule", "show", "table", "100")
+		return strings.Contains(out, "from 203.0.113.3 lookup 100") && !strings.Contains(out, "from 203.0.113.2 ")
+	})
+	ln, err := listenOnHost(e, "203.0.113.3:7000")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var c net.Conn
+	if err := e.w.Net.Do(func() (err error) { c, err = net.DialTimeout("tcp", "203.0.113.3:7000", 2*time.Second); return err }); err != nil {
+		t.Fatalf("a connection to the new address is not answered through ISP B: %v", err)
+	}
+	c.Close()
+	if peer, err := e.w.Fetch(80, 3*time.Second); err != nil || peer.Addr() != hostB3 {
+		t.Errorf("after renumbering: server saw %v, err %v", peer, err)
+	}
+
+	// A new gateway: ISP B's router answers at .254 too, and the client
+	// moves its route there.
+	if _, err := e.w.B.Run("ip", "addr", "add", "203.0.113.254/24", "dev", "cust"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.w.Host.Run("ip", "route", "replace", "default", "via", "203.0.113.254", "dev", "hb", "metric", "1000"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, time.Second, "table 100 to follow the gateway", func() bool {
+		return strings.Contains(show("route", "show", "table", "100"), "default via 203.0.113.254 dev hb proto 114")
+	})
+	if peer, err := e.w.Fetch(80, 3*time.Second); err != nil || peer.Addr() != hostB3 {
+		t.Errorf("after the gateway moved: server saw %v, err %v", peer, err)
+	}
+
+	// On exit, what it installed goes, whatever it became.
+	if err := e.d.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if out := show("route", "show", "table", "100"); strings.TrimSpace(out) != "" {
+		t.Errorf("table 100 after exit:\n%s", out)
+	}
+	if out := show("rule", "show", "table", "100"); strings.TrimSpace(out) != "" {
+		t.Errorf("rules left:\n%s", out)
+	}
+}

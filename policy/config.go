@@ -51,8 +51,11 @@ type Uplink struct {
 	Interface string     // optional; checked at start; required when managed
 	Gateway   netip.Addr // IPv4 default gateway (managed)
 	Gateway6  netip.Addr // IPv6 default gateway (managed)
-	Table     uint32     // routing table (managed)
-	Health    *Health    // [uplink.health]; nil: no probes
+	// GatewayAuto: gateway (IPv4, [0]) or gateway6 ([1]) is "auto", the
+	// default route the interface's DHCP or RA client installs.
+	GatewayAuto [2]bool
+	Table       uint32  // routing table (managed)
+	Health      *Health // [uplink.health]; nil: no probes
 	// Fallback is where traffic the host marked for this uplink goes while
 	// it is down: another uplink, or nil for the host's own routing
 	// ("default"), untranslated. FallbackName is as written.
@@ -284,10 +287,16 @@ func (p *parser) uplink(path string, t map[string]any) *Uplink {
 			u.Interface = s
 		case "gateway", "gateway6":
 			s, _ := t[k].(string)
+			if s == "auto" {
+				// Whatever default route the interface's DHCP or RA
+				// client installs.
+				u.GatewayAuto[map[string]int{"gateway": 0, "gateway6": 1}[k]] = true
+				continue
+			}
 			a, err := netip.ParseAddr(s)
 			switch {
 			case err != nil || a.Zone() != "":
-				p.errorf(kp, "%s must be an IP address, like \"203.0.113.1\"", k)
+				p.errorf(kp, "%s must be an IP address, like \"203.0.113.1\", or \"auto\"", k)
 			case k == "gateway" && !a.Is4():
 				p.errorf(kp, "gateway must be an IPv4 address (use gateway6 for IPv6)")
 			case k == "gateway6" && !a.Is6():

@@ -42,10 +42,11 @@ const (
 
 // Routing is what rerouted installed for its managed uplinks.
 type Routing struct {
-	h      *netlink.Handle
-	log    *slog.Logger
-	routes []netlink.Route
-	rules  []netlink.Rule
+	h       *netlink.Handle
+	log     *slog.Logger
+	managed []*policy.Uplink
+	routes  []netlink.Route
+	rules   []netlink.Rule
 }
 
 // Install installs the routing of every managed uplink. On error it
@@ -60,6 +61,7 @@ func Install(cfg *policy.Config, log *slog.Logger) (*Routing, error) {
 		if !up.Managed() {
 			continue
 		}
+		u.managed = append(u.managed, up)
 		if err := u.install(up); err != nil {
 			return nil, errors.Join(fmt.Errorf("uplink %q: %w", up.Name, err), u.Remove())
 		}
@@ -125,16 +127,25 @@ func (u *Routing) install(up *policy.Uplink) error {
 	if err != nil {
 		return fmt.Errorf("interface %q: %w", up.Interface, err)
 	}
-	for _, fam := range []struct {
+	for fi, fam := range []struct {
 		family int
 		gw     netip.Addr
 	}{{unix.AF_INET, up.Gateway}, {unix.AF_INET6, up.Gateway6}} {
-		if !fam.gw.IsValid() {
+		if !fam.gw.IsValid() && !up.GatewayAuto[fi] {
 			continue
 		}
-		if err := u.route(netlink.Route{LinkIndex: link.Attrs().Index, Gw: net.IP(fam.gw.AsSlice()), Table: int(up.Table),
-			Family: fam.family, Protocol: RouteProtocol}); err != nil {
-			return err
+		gw := fam.gw
+		if up.GatewayAuto[fi] {
+			if gw = u.autoGateway(link, fam.family, up.Table); !gw.IsValid() {
+				u.log.Warn("uplink's gateway is \"auto\" and its interface has no default route yet; its table stays empty until one comes",
+					"uplink", up.Name, "interface", up.Interface, "family", [2]string{"ipv4", "ipv6"}[fi])
+			}
+		}
+		if gw.IsValid() {
+			if err := u.route(netlink.Route{LinkIndex: link.Attrs().Index, Gw: net.IP(gw.AsSlice()), Table: int(up.Table),
+				Family: fam.family, Protocol: RouteProtocol}); err != nil {
+				return err
+			}
 		}
 		if err := u.rule(netlink.Rule{Family: fam.family, Mark: up.Mark, Table: int(up.Table), Priority: markRulePriority}); err != nil {
 			return err
@@ -266,6 +277,9 @@ func (u *Routing) Close() { u.h.Close() }
 // is returned in pending; it is tried again at the next call. The caller
 // calls it on every routing change; it is cheap when nothing is missing.
 func (u *Routing) Ensure() (restored, pending []string, err error) {
+	if err := u.follow(); err != nil {
+		return nil, nil, err
+	}
 	for _, family := range []int{unix.AF_INET, unix.AF_INET6} {
 		var rules []netlink.Rule
 		for i := range u.rules {
@@ -348,4 +362,109 @@ func (u *Routing) LocalAddrs() (map[netip.Addr]bool, error) {
 // UpdateStates reads every uplink's state on this socket (see States.Update).
 func (u *Routing) UpdateStates(s *States, uplinks []*policy.Uplink, now time.Time) ([]Transition, error) {
 	return s.Update(u.h, uplinks, now)
+}
+
+// autoGateway finds the gateway of the default route the interface's
+// DHCP or RA client installed (outside table, which is rerouted's own), the
+// one with the lowest metric; invalid if there is none.
+func (u *Routing) autoGateway(link netlink.Link, family int, table uint32) netip.Addr {
+	routes, err := u.h.RouteListFiltered(family, &netlink.Route{LinkIndex: link.Attrs().Index, Table: unix.RT_TABLE_UNSPEC},
+		netlink.RT_FILTER_OIF|netlink.RT_FILTER_TABLE)
+	if err != nil {
+		return netip.Addr{}
+	}
+	var best netip.Addr
+	metric := -1
+	for _, r := range routes {
+		if (r.Dst != nil && !r.Dst.IP.IsUnspecified()) || r.Gw == nil || r.Table == int(table) || r.Protocol == RouteProtocol {
+			continue
+		}
+		if gw, ok := netip.AddrFromSlice(r.Gw); ok && (metric < 0 || r.Priority < metric) {
+			best, metric = gw.Unmap(), r.Priority
+		}
+	}
+	return best
+}
+
+// follow keeps managed uplinks' routing in step with their interfaces:
+// a "from ADDRESS" rule for each address the interface has now (an
+// address that went gets its rule removed), and with gateway = "auto" the
+// table's default route via the gateway the interface's client installed
+// last. What it changes is logged; it is not a repair.
+func (u *Routing) follow() error {
+	for _, up := range u.managed {
+		link, err := u.h.LinkByName(up.Interface)
+		if err != nil {
+			continue // gone for now: nothing to follow
+		}
+		for fi, family := range []int{unix.AF_INET, unix.AF_INET6} {
+			if !up.GatewayAuto[fi] && !([2]netip.Addr{up.Gateway, up.Gateway6}[fi]).IsValid() {
+				continue
+			}
+			addrs, err := u.h.AddrList(link, family)
+			if err != nil {
+				return fmt.Errorf("addresses of %s: %w", up.Interface, err)
+			}
+			want := map[string]bool{}
+			bits := [2]int{32, 128}[fi]
+			for _, a := range addrs {
+				if a.IP.IsGlobalUnicast() {
+					src := &net.IPNet{IP: a.IP, Mask: net.CIDRMask(bits, bits)}
+					want[src.String()] = true
+					if !u.hasOwnRule(src, up.Table) {
+						if err := u.rule(netlink.Rule{Family: family, Src: src, Table: int(up.Table), Priority: fromRulePriority}); err != nil {
+							return err
+						}
+					}
+				}
+			}
+			kept := u.rules[:0]
+			for _, r := range u.rules {
+				if r.Family == family && r.Table == int(up.Table) && r.Priority == fromRulePriority && r.Src != nil && !want[r.Src.String()] {
+					if err := u.h.RuleDel(&r); err != nil && !errors.Is(err, unix.ENOENT) {
+						return fmt.Errorf("remove rule %s: %w", ruleString(&r), err)
+					}
+					u.log.Info("uplink rule removed: its address went", "rule", ruleString(&r))
+					continue
+				}
+				kept = append(kept, r)
+			}
+			u.rules = kept
+			if !up.GatewayAuto[fi] {
+				continue
+			}
+			gw := u.autoGateway(link, family, up.Table)
+			for i, r := range u.routes {
+				if r.Family != family || r.Table != int(up.Table) {
+					continue
+				}
+				if gw.IsValid() && !r.Gw.Equal(gw.AsSlice()) {
+					nr := r
+					nr.Gw = net.IP(gw.AsSlice())
+					if err := u.h.RouteReplace(&nr); err != nil {
+						return fmt.Errorf("follow the gateway of %s to %s: %w", up.Interface, gw, err)
+					}
+					u.routes[i] = nr
+					u.log.Info("uplink route follows its interface's gateway", "table", r.Table, "gateway", gw.String(), "was", r.Gw.String())
+				}
+				gw = netip.Addr{} // handled
+			}
+			if gw.IsValid() { // first seen now
+				if err := u.route(netlink.Route{LinkIndex: link.Attrs().Index, Gw: net.IP(gw.AsSlice()), Table: int(up.Table),
+					Family: family, Protocol: RouteProtocol}); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	return nil
+}
+
+func (u *Routing) hasOwnRule(src *net.IPNet, table uint32) bool {
+	for _, r := range u.rules {
+		if r.Table == int(table) && r.Priority == fromRulePriority && sameNet(r.Src, src) {
+			return true
+		}
+	}
+	return false
 }
