@@ -203,12 +203,20 @@ func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
-var uplinkUpDesc = prometheus.NewDesc("rerouted_uplink_up", "1 if the uplink is up for the family (link, address, route), else 0.", []string{"uplink", "family"}, nil)
+var (
+	uplinkUpDesc  = prometheus.NewDesc("rerouted_uplink_up", "1 if the uplink is up for the family (link, address, route, probes), else 0.", []string{"uplink", "family"}, nil)
+	probeRTTDesc  = prometheus.NewDesc("rerouted_uplink_probe_rtt_seconds", "The last probe round's best round-trip time through the uplink ([uplink.health]).", []string{"uplink", "family"}, nil)
+	probeLossDesc = prometheus.NewDesc("rerouted_uplink_probe_loss_ratio", "The share of the last 10 probe rounds in which every target failed.", []string{"uplink", "family"}, nil)
+)
 
 // uplinkCollector reports the uplinks' states at scrape time.
 type uplinkCollector struct{ d *Daemon }
 
-func (c *uplinkCollector) Describe(ch chan<- *prometheus.Desc) { ch <- uplinkUpDesc }
+func (c *uplinkCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- uplinkUpDesc
+	ch <- probeRTTDesc
+	ch <- probeLossDesc
+}
 
 func (c *uplinkCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, st := range c.d.uplinks.List() {
@@ -217,5 +225,9 @@ func (c *uplinkCollector) Collect(ch chan<- prometheus.Metric) {
 			v = 1
 		}
 		ch <- prometheus.MustNewConstMetric(uplinkUpDesc, prometheus.GaugeValue, v, st.Uplink, st.Family)
+		if st.Probed {
+			ch <- prometheus.MustNewConstMetric(probeRTTDesc, prometheus.GaugeValue, st.RTT.Seconds(), st.Uplink, st.Family)
+			ch <- prometheus.MustNewConstMetric(probeLossDesc, prometheus.GaugeValue, st.Loss, st.Uplink, st.Family)
+		}
 	}
 }

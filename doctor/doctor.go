@@ -15,9 +15,11 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
+	"github.com/rerouted/rerouted/internal/uplink"
 	"github.com/rerouted/rerouted/policy"
 	"github.com/rerouted/rerouted/queue"
 	"github.com/vishvananda/netlink"
@@ -78,6 +80,9 @@ func Check(cfg *policy.Config, o Options) (*Report, error) {
 	}
 	for _, u := range cfg.Uplinks {
 		checkUplink(r, h, rules, u, o)
+	}
+	if err := checkUplinkStates(r, h, cfg); err != nil {
+		return nil, err
 	}
 	if err := checkNAT(r, cfg); err != nil {
 		r.problem("check that nf_tables is available (modprobe nf_tables)", "cannot read the nftables ruleset: %v", err)
@@ -395,4 +400,27 @@ func (r *Report) Print(w io.Writer) {
 	for _, f := range r.Findings {
 		fmt.Fprintf(w, "PROBLEM  %s\n         fix: %s\n", f.Problem, f.Fix)
 	}
+}
+
+// checkUplinkStates reports uplinks that are down now, as the daemon would
+// see them: a link down, no address, or a marked route that leads
+// elsewhere. (Health probes are the running daemon's: `rerouted uplinks`.)
+// A family the uplink has no address of at all is not a problem: it
+// simply does not carry that family.
+func checkUplinkStates(r *Report, h *netlink.Handle, cfg *policy.Config) error {
+	var states uplink.States
+	if _, err := states.Update(h, cfg.Uplinks, time.Now()); err != nil {
+		return fmt.Errorf("uplink states: %w", err)
+	}
+	for _, st := range states.List() {
+		switch {
+		case st.Up:
+			r.ok("uplink %q is up for %s (route via %s)", st.Uplink, st.Family, st.Dev)
+		case st.Family == "ipv6" && strings.HasPrefix(st.Why, "no IPv6 address"):
+		default:
+			r.problem("rules that name it take their next uplink (or on_down) until it is back; check the link, its address and its routing table",
+				"uplink %q is down for %s: %s", st.Uplink, st.Family, st.Why)
+		}
+	}
+	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"encoding/json"
 	"fmt"
+	"os"
 	"os/exec"
 	"strings"
 	"testing"
@@ -77,6 +78,14 @@ func TestUplinkFlap(t *testing.T) {
 		t.Errorf("why: %q", u.Why)
 	}
 	via(80, networld.HostA.String()) // the next in the list: the host's routing
+	out, _ := exec.Command(bin, "explain", "--config", e.cfg, "--pid", fmt.Sprint(os.Getpid()), "--dst", "192.0.2.80:80").CombinedOutput()
+	if !strings.Contains(string(out), `"isp-b": DOWN since`) || !strings.Contains(string(out), "(the rule's first choice is down)") ||
+		!strings.Contains(string(out), "=> now: default") {
+		t.Errorf("explain during the outage:\n%s", out)
+	}
+	if out, code := e.doctor(); code != 1 || !strings.Contains(out, `uplink "isp-b" is down for ipv4: link hb is down`) {
+		t.Errorf("doctor during the outage: exit %d:\n%s", code, out)
+	}
 	start := time.Now()
 	if _, err := e.w.Fetch(8080, 3*time.Second); err == nil || time.Since(start) > time.Second {
 		t.Errorf("on_down = drop: connection err %v after %v; want a refusal at once", err, time.Since(start))

@@ -8,7 +8,9 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
+	"github.com/rerouted/rerouted/daemon"
 	"github.com/rerouted/rerouted/policy"
 	"github.com/rerouted/rerouted/sockdiag"
 )
@@ -100,6 +102,7 @@ func explain(w io.Writer, cfg *policy.Config, f *policy.Flow) {
 			continue
 		}
 		fmt.Fprintf(w, "  rule %q (%s:%d): MATCH\n\n=> %s\n", r.Name, cfg.File, r.Line(), r.Action)
+		explainUplinks(w, cfg, r, f.Dst.Addr().Is6())
 		return
 	}
 	fmt.Fprintf(w, "\n=> no rule matches: the connection follows the host's routing")
@@ -107,4 +110,55 @@ func explain(w io.Writer, cfg *policy.Config, f *policy.Flow) {
 		fmt.Fprintf(w, ", and a mark the host's own rules set on it is honoured")
 	}
 	fmt.Fprintln(w)
+}
+
+// explainUplinks says, for a rule that picks among uplinks, which of them
+// the running daemon sees up now, and so which one a connection would get.
+func explainUplinks(w io.Writer, cfg *policy.Config, r *policy.Rule, v6 bool) {
+	a := r.Action
+	if a.Kind != policy.ActUplink && a.Kind != policy.ActBalance {
+		return
+	}
+	ups, err := daemon.QueryUplinks(cfg.Daemon.ControlSocket)
+	if err != nil {
+		fmt.Fprintf(w, "   (uplink states unknown: %v)\n", err)
+		return
+	}
+	family := "ipv4"
+	if v6 {
+		family = "ipv6"
+	}
+	state := map[string]daemon.UplinkInfo{}
+	for _, u := range ups {
+		if u.Family == family {
+			state[u.Uplink] = u
+		}
+	}
+	var upNames []string
+	for i, c := range a.Choices {
+		st, known := state[c.Name]
+		switch {
+		case c.Uplink == nil:
+			fmt.Fprintf(w, "   %q: the host's routing, always up\n", c.Name)
+			upNames = append(upNames, c.Name)
+		case !known || st.Up:
+			fmt.Fprintf(w, "   %q: up\n", c.Name)
+			upNames = append(upNames, c.Name)
+		default:
+			fmt.Fprintf(w, "   %q: DOWN since %s: %s\n", c.Name, st.Since.Format(time.RFC3339), st.Why)
+			if i == 0 && a.Kind == policy.ActUplink {
+				fmt.Fprintf(w, "   (the rule's first choice is down)\n")
+			}
+		}
+	}
+	switch {
+	case len(upNames) == 0 && a.DropWhenDown:
+		fmt.Fprintln(w, "=> now: every uplink of the rule is down: the connection is refused (on_down = \"drop\")")
+	case len(upNames) == 0:
+		fmt.Fprintln(w, "=> now: every uplink of the rule is down: the connection follows the host's routing (on_down = \"default\")")
+	case a.Kind == policy.ActBalance:
+		fmt.Fprintf(w, "=> now: one of %s, by weight\n", strings.Join(upNames, ", "))
+	default:
+		fmt.Fprintf(w, "=> now: %s\n", upNames[0])
+	}
 }
