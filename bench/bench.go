@@ -34,6 +34,23 @@ type Options struct {
 	// HoldCommand runs networld.HoldMany in a process of its own (flags
 	// -connect and -many are appended), for the scale measurement.
 	HoldCommand []string
+	// Paths names the paths to measure; empty: limit, masquerade and both
+	// datapaths (see Paths).
+	Paths []string
+}
+
+// Paths lists the paths a run can measure, and whether each is measured by
+// default.
+var Paths = []struct {
+	Name, About string
+	Default     bool
+}{
+	{"limit", "the socket binds ISP B's address itself", true},
+	{"masquerade", "the host's mark rule and MASQUERADE on ISP B", true},
+	{"rerouted-kernel", "the host's mark rule, rerouted with the kernel datapath", true},
+	{"rerouted-userspace", "the host's mark rule, rerouted with the userspace datapath", true},
+	{"rerouted-rule", "no mark rule: a rerouted rule sends the traffic via ISP B (kernel datapath)", false},
+	{"rerouted-balanced", "a rule balances over ISP A and ISP B (1:1), both managed and health-checked every second", false},
 }
 
 // Ports of the benchmark servers.
@@ -93,11 +110,24 @@ func Run(o Options) ([]Result, *ScaleResult, error) {
 		return nil, nil, err
 	}
 
-	paths := []path{
-		{"limit", setupLimit},
-		{"masquerade", setupMasquerade},
-		{"rerouted-kernel", b.setupRerouted("kernel")},
-		{"rerouted-userspace", b.setupRerouted("userspace")},
+	all := map[string]func(*run) (func() error, networld.DialOptions, error){
+		"limit":              setupLimit,
+		"masquerade":         setupMasquerade,
+		"rerouted-kernel":    b.setupRerouted("kernel", "", true),
+		"rerouted-userspace": b.setupRerouted("userspace", "", true),
+		"rerouted-rule":      b.setupRerouted("kernel", ruleViaB, false),
+		"rerouted-balanced":  b.setupRerouted("kernel", balanced, false),
+	}
+	var paths []path
+	for _, p := range Paths {
+		if (len(o.Paths) == 0 && p.Default) || slices.Contains(o.Paths, p.Name) {
+			paths = append(paths, path{p.Name, all[p.Name]})
+		}
+	}
+	for _, n := range o.Paths {
+		if all[n] == nil {
+			return nil, nil, fmt.Errorf("no path %q", n)
+		}
 	}
 	samples := make([][]Result, len(paths))
 	for round := 1; round <= o.Rounds; round++ {
@@ -188,15 +218,55 @@ func setupMasquerade(b *run) (func() error, networld.DialOptions, error) {
 	return undo, networld.DialOptions{}, nil
 }
 
-func (b *run) setupRerouted(datapath string) func(*run) (func() error, networld.DialOptions, error) {
+// ruleViaB sends the benchmark's ports via ISP B by a rule, not a mark.
+const ruleViaB = `
+[[rule]]
+name = "bench"
+uplink = "isp-b"
+dport = [5001, 5002, 5003]
+`
+
+// balanced spreads the benchmark's connections over ISP A and ISP B, both
+// probed every second.
+const balanced = `
+[uplink.health]
+targets = ["192.0.2.80", "tcp:192.0.2.80:5003"]
+interval = "1s"
+timeout = "500ms"
+
+[[uplink]]
+name = "isp-a"
+mark = 200
+interface = "ha"
+gateway = "198.51.100.1"
+table = 200
+[uplink.health]
+targets = ["192.0.2.80", "tcp:192.0.2.80:5003"]
+interval = "1s"
+timeout = "500ms"
+
+[[rule]]
+name = "bench"
+balance = { "isp-a" = 1, "isp-b" = 1 }
+dport = [5001, 5002, 5003]
+`
+
+// setupRerouted runs the daemon with the given datapath, extra
+// configuration after ISP B's [[uplink]], and with or without the host's
+// mark rule.
+func (b *run) setupRerouted(datapath, extra string, mark bool) func(*run) (func() error, networld.DialOptions, error) {
 	return func(*run) (func() error, networld.DialOptions, error) {
 		cfg := filepath.Join(b.dir, "rerouted-"+datapath+".toml")
 		src := fmt.Sprintf("[daemon]\ncontrol_socket = %q\ndatapath = %q\n\n[[uplink]]\nname = \"isp-b\"\nmark = 100\ninterface = \"hb\"\n",
-			filepath.Join(b.dir, datapath+".sock"), datapath)
+			filepath.Join(b.dir, datapath+".sock"), datapath) + extra
 		if err := os.WriteFile(cfg, []byte(src), 0o600); err != nil {
 			return nil, networld.DialOptions{}, err
 		}
-		if err := b.w.Host.Nft(markRule); err != nil {
+		rules := "table inet benchmark {\n}\n" // emptied on undo either way
+		if mark {
+			rules = markRule
+		}
+		if err := b.w.Host.Nft(rules); err != nil {
 			return nil, networld.DialOptions{}, err
 		}
 		d, err := b.w.StartDaemon(b.o.Bin, cfg, nil)

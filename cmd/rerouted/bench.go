@@ -24,6 +24,7 @@ func cmdBench(args []string) int {
 		fs.IntVar(&o.Parallel, "parallel", 8, "concurrent connections for the parallel rate")
 		fs.IntVar(&o.Scale, "scale", 100000, "live flows for the scale measurement (0 skips it)")
 		fs.StringVar(&record, "record", "", "also write the table and the machine into this Markdown file (e.g. BENCHMARKS.md)")
+		fs.Func("paths", pathsHelp(), func(v string) error { o.Paths = strings.Split(v, ","); return nil })
 	})
 	if os.Geteuid() != 0 {
 		fmt.Fprintln(os.Stderr, "rerouted bench builds network namespaces and needs root")
@@ -47,8 +48,8 @@ func cmdBench(args []string) int {
 	}
 	if record != "" {
 		var sec bytes.Buffer
-		fmt.Fprintf(&sec, "Measured by `rerouted bench --rounds %d --bulk %s --conns %d --parallel %d --scale %d` on %s.\n",
-			o.Rounds, o.BulkTime, o.Conns, o.Parallel, o.Scale, machine)
+		fmt.Fprintf(&sec, "Measured by `rerouted bench --rounds %d --bulk %s --conns %d --parallel %d --scale %d%s` on %s.\n",
+			o.Rounds, o.BulkTime, o.Conns, o.Parallel, o.Scale, pathsFlag(o.Paths), machine)
 		bench.Table(&sec, results)
 		if scale != nil {
 			bench.ScaleTable(&sec, *scale)
@@ -76,4 +77,24 @@ func cmdBenchClient(args []string) int {
 		return exitFailure
 	}
 	return exitOK
+}
+
+func pathsHelp() string {
+	var b strings.Builder
+	b.WriteString("comma-separated paths to measure (default: those marked *):")
+	for _, p := range bench.Paths {
+		mark := " "
+		if p.Default {
+			mark = "*"
+		}
+		fmt.Fprintf(&b, "\n  %s %s: %s", mark, p.Name, p.About)
+	}
+	return b.String()
+}
+
+func pathsFlag(paths []string) string {
+	if len(paths) == 0 {
+		return ""
+	}
+	return " --paths " + strings.Join(paths, ",")
 }
