@@ -36,7 +36,7 @@ lint: deps
 # end-to-end tests run is built with -race too), then a short run of each
 # fuzz target (FUZZTIME inputs each; longer: make fuzz FUZZTIME=50000000x).
 test: lint
-	$(GO) test -race -count=1 -timeout 8m ./...
+	$(GO) test -race -count=1 -timeout 15m ./...
 	$(MAKE) --no-print-directory fuzz
 
 # A count, not a duration: with a duration Go 1.26's fuzz coordinator can

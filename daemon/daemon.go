@@ -261,7 +261,7 @@ func Run(ctx context.Context, o Options) (err error) {
 	})
 
 	nq := uint16(cfg.Daemon.Queues)
-	if d.dp, err = nftdp.Install(cfg.Daemon.Queue, nq, d.userspace, cfg.Daemon.IdleTimeout); err != nil {
+	if d.dp, err = nftdp.Install(cfg.Daemon.Queue, nq, d.userspace, cfg.Daemon.IdleTimeout, nftdp.FilterOf(cfg)); err != nil {
 		return err
 	}
 	if d.dp.Replaced {
@@ -515,7 +515,24 @@ func (d *Daemon) reload() {
 		d.log.Warn("reload: [daemon] settings take effect at the next start", "config", cfg.File)
 		cfg.Daemon = old.Daemon
 	}
+	// The kernel's prefilter and the policy change together: first a
+	// filter that queues what either policy concerns, then the policy,
+	// then the new policy's own filter. No packet the new policy
+	// concerns slips past the queue meanwhile.
+	oldFilter, newFilter := nftdp.FilterOf(old), nftdp.FilterOf(cfg)
+	if err := d.dp.SetFilter(nftdp.Union(oldFilter, newFilter)); err != nil {
+		d.stats.errors[errInstall].Add(1)
+		d.log.Error("reload rejected: the kernel refused the new prefilter; the current policy stays in force", "config", cfg.File, "err", err)
+		if err := d.dp.SetFilter(oldFilter); err != nil {
+			d.log.Error("restore the prefilter", "err", err)
+		}
+		return
+	}
 	d.cfg.Store(cfg)
+	if err := d.dp.SetFilter(newFilter); err != nil {
+		d.stats.errors[errInstall].Add(1)
+		d.log.Error("reload: the kernel refused the new prefilter; the union of both stays, so more reaches the daemon than needs to", "err", err)
+	}
 	select { // the uplinks may have changed: their states
 	case d.routingChanged <- struct{}{}:
 	default:

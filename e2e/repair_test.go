@@ -212,7 +212,7 @@ func TestTableRepair(t *testing.T) {
 				}
 				eventually(t, time.Second, "the table back with its rules", func() bool {
 					out, err := e.w.Host.Run("nft", "list", "chain", "inet", "rerouted", "output")
-					return err == nil && (strings.Contains(out, "queue") || strings.Contains(out, "NFQUEUE"))
+					return err == nil && strings.Contains(out, "jump filter_syn")
 				})
 				back := time.Since(damaged)
 				time.Sleep(time.Second)

@@ -143,18 +143,14 @@ type ruleMsg struct {
 	exprs [][]byte // each an expression's NFTA_EXPR_NAME and NFTA_EXPR_DATA
 }
 
-// addRules appends rules in one transaction; with flush, the chains the
-// rules go to are emptied first, in the same transaction.
-func (c *elemConn) addRules(rules []ruleMsg, flush bool) error {
+// addRules empties the chains flush names and appends rules, in one
+// transaction.
+func (c *elemConn) addRules(rules []ruleMsg, flush []string) error {
 	b := c.header(c.wbuf[:0], nfnlBatchBegin, unix.NLM_F_REQUEST, unix.AF_UNSPEC, nfnlSubsysNFT)
 	var last uint32
-	if flush {
-		done := map[string]bool{}
-		for _, r := range rules {
-			if done[r.chain] {
-				continue
-			}
-			done[r.chain] = true
+	{
+		for _, chain := range flush {
+			r := ruleMsg{chain: chain}
 			start := len(b)
 			b = c.header(b, nfnlSubsysNFT<<8|nftMsgDelRule, unix.NLM_F_REQUEST, unix.NFPROTO_INET, 0)
 			b = strAttr(b, attrRuleTable, TableName)

@@ -63,8 +63,8 @@ func (d *Damage) String() string {
 // path nothing but the notification the kernel builds for each element.
 type Monitor struct {
 	c      *netlink.Conn
-	ours   uint32
-	damage *Damage // being collected, until its transaction's NEWGEN
+	ours   [2]uint32 // the datapath's own ports: per-flow and general
+	damage *Damage   // being collected, until its transaction's NEWGEN
 }
 
 // Monitor subscribes to nftables notifications. Call it before anything
@@ -74,13 +74,15 @@ func (d *Datapath) Monitor() (*Monitor, error) {
 	if err != nil {
 		return nil, fmt.Errorf("nftables notifications: %w", err)
 	}
-	m := &Monitor{c: c, ours: d.elems.portID()}
-	// Our own element transactions are the bulk of the notifications:
-	// drop them in the kernel. nlmsg_pid is in host byte order; a BPF word
-	// load reads network order.
+	m := &Monitor{c: c, ours: [2]uint32{d.elems.portID(), d.connPort}}
+	// The datapath's own changes, the per-flow transactions above all,
+	// are the bulk of the notifications: drop them in the kernel.
+	// nlmsg_pid is in host byte order; a BPF word load reads network
+	// order.
 	filter, err := bpf.Assemble([]bpf.Instruction{
 		bpf.LoadAbsolute{Off: 12, Size: 4},
-		bpf.JumpIf{Cond: bpf.JumpEqual, Val: swap32(m.ours), SkipFalse: 1},
+		bpf.JumpIf{Cond: bpf.JumpEqual, Val: swap32(m.ours[0]), SkipTrue: 1},
+		bpf.JumpIf{Cond: bpf.JumpEqual, Val: swap32(m.ours[1]), SkipFalse: 1},
 		bpf.RetConstant{Val: 0},
 		bpf.RetConstant{Val: 0xffffffff},
 	})
@@ -143,7 +145,7 @@ func (m *Monitor) Next() (*Damage, error) {
 // note records one notification; at the end of a transaction that damaged
 // the table (its NEWGEN), it returns the damage.
 func (m *Monitor) note(msg netlink.Message) *Damage {
-	if uint16(msg.Header.Type)>>8 != nfnlSubsysNFT || msg.Header.PID == m.ours {
+	if uint16(msg.Header.Type)>>8 != nfnlSubsysNFT || msg.Header.PID == m.ours[0] || msg.Header.PID == m.ours[1] {
 		return nil
 	}
 	typ := uint16(msg.Header.Type) & 0xff

@@ -50,6 +50,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"strings"
 	"sync"
 	"time"
 
@@ -57,6 +58,7 @@ import (
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
 	"github.com/google/nftables/xt"
+	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -119,8 +121,15 @@ type Datapath struct {
 	fams      [2]family // IPv4, IPv6
 	userspace bool
 	seenFor   time.Duration // lifetime of a learned UDP tuple after its last inbound packet
+	connPort  uint32        // conn's netlink port
 	first     uint16        // the queues, first..first+total-1
 	total     uint16
+	// The prefilter (prefilter.go): the policy it holds, its generation,
+	// its sets, and how many rules each chain has with it.
+	filter     Filter
+	gen        int
+	filterSets []*nftables.Set
+	ruleCount  map[string]int
 	// QueueMethod says how packets reach the queue: "nft queue" or, on
 	// kernels without nft_queue, "xt NFQUEUE" through nft_compat.
 	QueueMethod string
@@ -213,16 +222,22 @@ func (d *Datapath) StaleDrops() (uint64, error) {
 //
 // seen is how long a UDP tuple a peer opened stays known after its last
 // inbound packet (0: two minutes); see flowRules.
-func Install(first, total uint16, userspace bool, seen time.Duration) (*Datapath, error) {
+func Install(first, total uint16, userspace bool, seen time.Duration, filter Filter) (*Datapath, error) {
 	if seen <= 0 {
 		seen = 2 * time.Minute
 	}
-	conn, err := nftables.New(nftables.AsLasting())
+	// The general socket's port, so that the monitor knows this
+	// datapath's own changes (building, repairing, the prefilter's sets).
+	var connPort uint32
+	conn, err := nftables.New(nftables.AsLasting(), nftables.WithSockOptions(func(c *netlink.Conn) error {
+		connPort = c.PID()
+		return nil
+	}))
 	if err != nil {
 		return nil, fmt.Errorf("nftables netlink: %w", err)
 	}
 	d := &Datapath{conn: conn, table: &nftables.Table{Name: TableName, Family: nftables.TableFamilyINet}, userspace: userspace, seenFor: seen,
-		first: first, total: total}
+		first: first, total: total, filter: filter, connPort: connPort}
 	for i, icmp := range []proto{
 		{num: unix.IPPROTO_ICMP, name: "icmp", sport: 4, dport: 4, csum: 2, echo: [2]byte{8, 0}},
 		{num: unix.IPPROTO_ICMPV6, name: "icmp", sport: 4, dport: 4, csum: 2, echo: [2]byte{128, 129}},
@@ -276,16 +291,41 @@ func (d *Datapath) install(first, total uint16) error {
 	if err := d.build(); err != nil {
 		return err
 	}
-	errNative := d.elems.addRules(d.rules(first, total, true), true)
-	if errNative == nil {
-		d.QueueMethod = "nft queue"
-		return nil
+	// Generations start at a number of this run's own: an adopted table
+	// may hold an earlier run's prefilter sets.
+	d.gen = int(time.Now().UnixNano()/1e3%1e6) * 100
+	d.QueueMethod = "nft queue"
+	errNative := d.applyFilter()
+	if errNative != nil {
+		d.QueueMethod = "xt NFQUEUE"
+		if err := d.applyFilter(); err != nil {
+			return fmt.Errorf("rules with nft queue: %v; with xt NFQUEUE: %w", errNative, err)
+		}
 	}
-	if err := d.elems.addRules(d.rules(first, total, false), true); err != nil {
-		return fmt.Errorf("rules with nft queue: %v; with xt NFQUEUE: %w", errNative, err)
-	}
-	d.QueueMethod = "xt NFQUEUE"
+	d.dropStaleFilterSets()
 	return nil
+}
+
+// dropStaleFilterSets removes prefilter sets an earlier run left in an
+// adopted table.
+func (d *Datapath) dropStaleFilterSets() {
+	d.listMu.Lock()
+	sets, err := d.conn.GetSets(d.table)
+	d.listMu.Unlock()
+	if err != nil {
+		return
+	}
+	ours := map[string]bool{}
+	for _, s := range d.filterSets {
+		ours[s.Name] = true
+	}
+	var stale []*nftables.Set
+	for _, s := range sets {
+		if strings.HasPrefix(s.Name, "f") && strings.Contains(s.Name, "_r") && !ours[s.Name] {
+			stale = append(stale, s)
+		}
+	}
+	d.dropSets(stale)
 }
 
 // Repair puts back what others removed from the table: the table, its sets
@@ -299,8 +339,8 @@ func (d *Datapath) Repair() error {
 	if err := d.build(); err != nil {
 		return fmt.Errorf("repair table inet %s: %w", TableName, err)
 	}
-	if err := d.elems.addRules(d.rules(d.first, d.total, d.QueueMethod == "nft queue"), true); err != nil {
-		return fmt.Errorf("repair table inet %s: rules: %w", TableName, err)
+	if err := d.applyFilter(); err != nil {
+		return fmt.Errorf("repair table inet %s: %w", TableName, err)
 	}
 	return nil
 }
@@ -333,11 +373,15 @@ func (d *Datapath) Missing() ([]string, error) {
 			missing = append(missing, "set "+n)
 		}
 	}
-	want := map[string]int{}
-	for _, r := range d.rules(d.first, d.total, true) {
-		want[r.chain]++
+	d.mu.Lock()
+	want := d.ruleCount
+	for _, s := range d.filterSets {
+		if !have[s.Name] {
+			missing = append(missing, "set "+s.Name)
+		}
 	}
-	for _, chain := range []string{"output", "prerouting"} {
+	d.mu.Unlock()
+	for _, chain := range []string{"output", "prerouting", filterSYN, filterNew} {
 		rules, err := d.conn.GetRules(d.table, &nftables.Chain{Name: chain, Table: d.table})
 		if err != nil {
 			if errors.Is(err, unix.ENOENT) {
@@ -491,6 +535,8 @@ func (d *Datapath) build() error {
 		Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityRef(OutputPriority), Policy: &policy})
 	c.AddChain(&nftables.Chain{Name: "prerouting", Table: t, Type: nftables.ChainTypeFilter,
 		Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityRef(PreroutingPriority), Policy: &policy})
+	c.AddChain(&nftables.Chain{Name: filterSYN, Table: t})
+	c.AddChain(&nftables.Chain{Name: filterNew, Table: t})
 	return c.Flush()
 }
 
@@ -513,7 +559,7 @@ func (d *Datapath) rules(first, total uint16, native bool) []ruleMsg {
 	rules = append(rules, ruleMsg{chain: "output", exprs: exprs(append([]expr.Any{
 		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
-	}, append(tcpFlags(0x17, 0x02), queueTo(first, total, native, true))...)...)})
+	}, append(tcpFlags(0x17, 0x02), &expr.Verdict{Kind: expr.VerdictJump, Chain: filterSYN})...)...)})
 	// ICMP errors (destination unreachable, fragmentation needed or packet
 	// too big, time exceeded, parameter problem) go to the daemon, which
 	// readdresses those that quote a translated flow. They are rare; path
@@ -666,7 +712,7 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []ruleMsg {
 						loadTuple(f, f.daddr, p.dport, f.saddr, p.sport)...),
 						&expr.Dynset{SrcRegKey: 8, SetName: p.seen.Name, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: d.seenFor})...)})
 			}
-			rules = append(rules, ruleMsg{chain: "output", exprs: exprs(append(protoOf(f, p, 0), queueTo(first, total, native, false))...)})
+			rules = append(rules, ruleMsg{chain: "output", exprs: exprs(append(protoOf(f, p, 0), &expr.Verdict{Kind: expr.VerdictJump, Chain: filterNew})...)})
 		}
 	}
 	return rules

@@ -18,7 +18,7 @@ func TestInstallAddDeleteRemove(t *testing.T) {
 	}
 
 	var d *Datapath
-	if err := ns.Do(func() (err error) { d, err = Install(7, 2, false, 0); return err }); err != nil {
+	if err := ns.Do(func() (err error) { d, err = Install(7, 2, false, 0, Filter{HonorMarks: true}); return err }); err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("queue method: %s", d.QueueMethod)
@@ -97,7 +97,7 @@ func TestInstallAddDeleteRemove(t *testing.T) {
 	// its rules are replaced (here: one queue instead of two).
 	d.Close()
 	var d2 *Datapath
-	if err := ns.Do(func() (err error) { d2, err = Install(7, 1, false, 0); return err }); err != nil {
+	if err := ns.Do(func() (err error) { d2, err = Install(7, 1, false, 0, Filter{HonorMarks: true}); return err }); err != nil {
 		t.Fatal(err)
 	}
 	if !d2.Adopted || d2.Replaced {
@@ -106,14 +106,14 @@ func TestInstallAddDeleteRemove(t *testing.T) {
 	if got, _ := d2.Entries(); len(got) != 1 || got[0] != reused {
 		t.Fatalf("adopted table holds %+v, want %+v", got, reused)
 	}
-	if l, _ := ns.Run("nft", "list", "chain", "inet", TableName, "output"); strings.Count(l, "queue num 7 ") == 0 || strings.Contains(l, "7-8") || strings.Count(l, "tcp flags") != 1 {
+	if l, _ := ns.Run("nft", "list", "table", "inet", TableName); strings.Count(l, "queue num 7 ") == 0 || strings.Contains(l, "7-8") || strings.Count(l, "tcp flags") != 1 {
 		t.Errorf("adopted table's rules not replaced exactly once:\n%s", l)
 	}
 	// The userspace datapath cannot take kernel translations over: it
 	// replaces the table.
 	d2.Close()
 	var d3 *Datapath
-	if err := ns.Do(func() (err error) { d3, err = Install(7, 1, true, 0); return err }); err != nil {
+	if err := ns.Do(func() (err error) { d3, err = Install(7, 1, true, 0, Filter{HonorMarks: true}); return err }); err != nil {
 		t.Fatal(err)
 	}
 	if !d3.Replaced || d3.Adopted {
@@ -141,7 +141,7 @@ func sortEntries(es []Entry) {
 func TestUserspaceSets(t *testing.T) {
 	ns := worldtest.NS(t)
 	var d *Datapath
-	if err := ns.Do(func() (err error) { d, err = Install(0, 1, true, 0); return err }); err != nil {
+	if err := ns.Do(func() (err error) { d, err = Install(0, 1, true, 0, Filter{HonorMarks: true}); return err }); err != nil {
 		t.Fatal(err)
 	}
 	defer d.Remove()
@@ -164,10 +164,15 @@ func TestUserspaceSets(t *testing.T) {
 			t.Errorf("listing lacks %q:\n%s", want, listing)
 		}
 	}
-	// SYN; three for ICMP errors; outbound and inbound selectors for each
-	// family and protocol; new UDP and echo flows for each family.
-	if n := strings.Count(listing, "queue num 0"); n != 1+3+12+4 || strings.Contains(listing, "map ") {
-		t.Errorf("want 20 queue rules, found %d, and no maps:\n%s", n, listing)
+	// Three for ICMP errors; outbound and inbound selectors for each
+	// family and protocol; the prefilter's marked SYNs and marked new UDP
+	// and echo flows (its chains are jumped to: one jump for SYNs, one
+	// for each family's UDP and echo).
+	if n := strings.Count(listing, "queue num 0"); n != 3+12+2 || strings.Contains(listing, "map ") {
+		t.Errorf("want 17 queue rules, found %d, and no maps:\n%s", n, listing)
+	}
+	if n, m := strings.Count(listing, "jump filter_syn"), strings.Count(listing, "jump filter_new"); n != 1 || m != 4 {
+		t.Errorf("want 1 jump to filter_syn and 4 to filter_new, found %d and %d:\n%s", n, m, listing)
 	}
 	if err := d.Delete(e); err != nil {
 		t.Fatal(err)
@@ -180,7 +185,7 @@ func TestUserspaceSets(t *testing.T) {
 func TestDatagramEntries(t *testing.T) {
 	ns := worldtest.NS(t)
 	var d *Datapath
-	if err := ns.Do(func() (err error) { d, err = Install(0, 1, false, 0); return err }); err != nil {
+	if err := ns.Do(func() (err error) { d, err = Install(0, 1, false, 0, Filter{HonorMarks: true}); return err }); err != nil {
 		t.Fatal(err)
 	}
 	defer d.Remove()

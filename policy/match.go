@@ -224,6 +224,10 @@ type cond struct {
 	test func(f *Flow) (match, ok bool)
 	// value describes the flow's value for this key, for explanations.
 	value func(f *Flow) string
+	// kv is the key's values, typed, for the kernel's prefilter
+	// (KernelRule): []string protocols, *prefixSet, []PortRange or
+	// []uint32 ids.
+	kv any
 }
 
 func (c *cond) holds(f *Flow) bool {
@@ -250,18 +254,18 @@ func (c *cond) why(f *Flow) string {
 // --- condition constructors, one per key ---
 
 func condProtocol(ps []string) cond {
-	return cond{key: "protocol", list: listOf(ps), value: func(f *Flow) string { return f.Protocol },
+	return cond{key: "protocol", kv: ps, list: listOf(ps), value: func(f *Flow) string { return f.Protocol },
 		test: func(f *Flow) (bool, bool) { return containsStr(ps, f.Protocol), true }}
 }
 
 func condDst(s *prefixSet) cond {
-	return cond{key: "dst", list: s.String(), value: func(f *Flow) string { return f.Dst.Addr().String() },
+	return cond{key: "dst", kv: s, list: s.String(), value: func(f *Flow) string { return f.Dst.Addr().String() },
 		in:   func(f *Flow) string { return s.in(f.Dst.Addr().Unmap()) },
 		test: func(f *Flow) (bool, bool) { return s.contains(f.Dst.Addr().Unmap()), true }}
 }
 
 func condDport(rs []PortRange) cond {
-	return cond{key: "dport", list: listOf(rs), value: func(f *Flow) string {
+	return cond{key: "dport", kv: rs, list: listOf(rs), value: func(f *Flow) string {
 		if f.Protocol == "icmp" {
 			return "no port (icmp)"
 		}
@@ -282,7 +286,7 @@ func condDport(rs []PortRange) cond {
 }
 
 func condUID(key string, us []uint32) cond {
-	return cond{key: key, list: listOf(us), value: func(f *Flow) string {
+	return cond{key: key, kv: us, list: listOf(us), value: func(f *Flow) string {
 		if !f.HasUID {
 			return "owning socket"
 		}
@@ -291,7 +295,7 @@ func condUID(key string, us []uint32) cond {
 }
 
 func condGID(key string, gs []uint32) cond {
-	return cond{key: key, list: listOf(gs), value: func(f *Flow) string {
+	return cond{key: key, kv: gs, list: listOf(gs), value: func(f *Flow) string {
 		if !f.HasUID {
 			return "owning socket"
 		}

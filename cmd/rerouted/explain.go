@@ -95,7 +95,16 @@ func explain(w io.Writer, cfg *policy.Config, f *policy.Flow) {
 	p, _ := f.Owner.Process()
 	cg, _ := f.Owner.Cgroup()
 	fmt.Fprintf(w, "process %d %q (%s) uid %d gid %d cgroup /%s\n", p.PID, p.Comm, p.Exe, f.UID, f.GID, cg)
-	fmt.Fprintf(w, "new %s connection to %s\n\n", f.Protocol, f.Dst)
+	fmt.Fprintf(w, "new %s connection to %s\n", f.Protocol, f.Dst)
+	if queued, why := cfg.Prefiltered(f); queued {
+		fmt.Fprintf(w, "the kernel sends its first packet to rerouted: %s\n\n", why)
+	} else {
+		fmt.Fprintf(w, "the kernel does not send it to rerouted at all: %s", why)
+		if cfg.Daemon.HonorMarks {
+			fmt.Fprintf(w, " (unless the host's own rules mark it)")
+		}
+		fmt.Fprintf(w, "\n\n")
+	}
 	for _, r := range cfg.Rules {
 		if why := r.Explain(f); why != "" {
 			fmt.Fprintf(w, "  rule %q (%s:%d): no match: %s\n", r.Name, cfg.File, r.Line(), why)

@@ -1,0 +1,168 @@
+package e2e
+
+import (
+	"fmt"
+	"net/netip"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/rerouted/rerouted/networld"
+)
+
+// Only what the policy concerns reaches the daemon. With one rule for TCP
+// 8080 (and host marks honoured): 1,000 connections to 8081 and 1,000
+// fresh-socket UDP exchanges queue nothing and leave no element; 8080 and
+// host-marked traffic are still translated; a uid rule lets other users'
+// connections through unqueued; and a reload that adds a rule for 8081
+// makes 8081 translated at once, with no connection slipping through
+// while a loop keeps connecting.
+func TestPrefilter(t *testing.T) {
+	datapaths(t, func(t *testing.T, dp string) {
+		e := newEnv(t, dp, `
+[[rule]]
+name = "api"
+uplink = "isp-b"
+protocol = "tcp"
+dport = [8080]
+
+[[rule]]
+name = "only uid 4321"
+uplink = "isp-b"
+uid = 4321
+dport = [8082]
+`)
+		for _, port := range []uint16{8081, 8082} {
+			if _, err := e.w.Serve(port); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if _, err := e.w.ServeUDP(53); err != nil {
+			t.Fatal(err)
+		}
+		e.hostMark("nft", 80)
+		e.start()
+
+		before := e.queued()
+		for i := 0; i < 1000; i++ {
+			if peer, err := e.w.Fetch(8081, 3*time.Second); err != nil || peer.Addr() != networld.HostA {
+				t.Fatalf("8081, connection %d: server saw %v, err %v", i, peer, err)
+			}
+		}
+		dns := netip.AddrPortFrom(networld.ServerAddr, 53)
+		for i := 0; i < 1000; i++ {
+			u, err := e.w.UDPSocket(dns, true, netip.AddrPort{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			p, err := networld.AskUDP(u, dns, "q", 2*time.Second)
+			u.Close()
+			if err != nil || p.Addr() != networld.HostA {
+				t.Fatalf("udp exchange %d: server saw %v, err %v", i, p, err)
+			}
+		}
+		// Root's connections to the uid rule's port are not queued either.
+		for i := 0; i < 50; i++ {
+			if peer, err := e.w.Fetch(8082, 3*time.Second); err != nil || peer.Addr() != networld.HostA {
+				t.Fatalf("8082 as root: server saw %v, err %v", peer, err)
+			}
+		}
+		if n := e.queued() - before; n != 0 {
+			t.Errorf("traffic no rule concerns queued %d packets", n)
+		}
+		if n := len(e.flows()); n != 0 {
+			t.Errorf("%d flows for traffic no rule concerns", n)
+		}
+		if dp == "kernel" {
+			if n := e.elements("udp_pass4"); n != 0 {
+				t.Errorf("%d pass elements", n)
+			}
+		}
+		// What the policy concerns still is: the rule, the host's mark,
+		// and the uid rule for its user.
+		for _, port := range []uint16{8080, 80} {
+			if peer, err := e.w.Fetch(port, 3*time.Second); err != nil || peer.Addr() != networld.HostB {
+				t.Errorf("port %d: server saw %v, err %v", port, peer, err)
+			}
+		}
+		prog := program(t, filepath.Join(publicDir(t), "bin"), "client4321")
+		if peer := e.connect(prog, 8082, runOpts{uid: 4321}); peer.Addr() != networld.HostB {
+			t.Errorf("8082 as uid 4321: server saw %v", peer)
+		}
+		if out, err := e.w.Host.Run("nft", "list", "chain", "inet", "rerouted", "filter_syn"); err != nil ||
+			!strings.Contains(out, "th dport @f") || !strings.Contains(out, "meta skuid @f") {
+			t.Errorf("filter_syn does not read as the policy (%v):\n%s", err, out)
+		}
+
+		// A reload adds a rule for 8081 while a loop connects to it.
+		type result struct {
+			start time.Time
+			peer  netip.Addr
+		}
+		var mu sync.Mutex
+		var results []result
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				start := time.Now()
+				peer, err := e.w.Fetch(8081, 3*time.Second)
+				if err != nil {
+					t.Errorf("8081 during the reload: %v", err)
+					return
+				}
+				mu.Lock()
+				results = append(results, result{start, peer.Addr()})
+				mu.Unlock()
+			}
+		}()
+		time.Sleep(200 * time.Millisecond)
+		e.writeConfig(`
+[[rule]]
+name = "api"
+uplink = "isp-b"
+protocol = "tcp"
+dport = [8080, 8081]
+`)
+		e.d.Signal(syscall.SIGHUP)
+		line, err := e.d.WaitFor("msg=reloaded", 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		reloaded := time.Now()
+		time.Sleep(300 * time.Millisecond)
+		close(stop)
+		wg.Wait()
+		var late, lateUntranslated int
+		for _, r := range results {
+			if r.start.After(reloaded) {
+				late++
+				if r.peer != networld.HostB {
+					lateUntranslated++
+				}
+			}
+		}
+		if late == 0 || lateUntranslated != 0 {
+			t.Errorf("of %d connections to 8081 started after %q, %d left untranslated", late, line, lateUntranslated)
+		}
+		t.Logf("%s: %d connections during the reload, %d after it, all of those translated", dp, len(results), late)
+		if peer, err := e.w.Fetch(8081, 3*time.Second); err != nil || peer.Addr() != networld.HostB {
+			t.Errorf("8081 after the reload: server saw %v, err %v", peer, err)
+		}
+		if out, _ := e.w.Host.Run("nft", "list", "table", "inet", "rerouted"); strings.Count(out, "set f") != 1 {
+			t.Errorf("the previous prefilter's sets were not removed:\n%s", out)
+		}
+	})
+}
+
+var _ = fmt.Sprint

@@ -1,0 +1,281 @@
+package nftdp
+
+import (
+	"encoding/binary"
+	"fmt"
+	
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"github.com/rerouted/rerouted/policy"
+	"golang.org/x/sys/unix"
+)
+
+// The prefilter: a new flow's first packet (a TCP SYN, a UDP datagram or an
+// echo request the kernel has no decision for) goes to the daemon only if
+// the policy may concern it. Two chains hold the policy as nftables can
+// test it in the output hook, rule by rule in the file's order:
+//
+//	chain filter_syn {                 jumped to for every TCP SYN
+//	    meta mark != 0  queue          (with honor_marks)
+//	    <rule 1's protocol, destination, port, uid, gid>  queue
+//	    <an uplink = "default" rule whose keys the kernel tests all>  return
+//	    ...                            and what no rule may match returns
+//	}
+//	chain filter_new { the same for UDP and echo requests, queued by
+//	    address hash }
+//
+// Keys the kernel cannot test here (process, exe, cgroup) count as "may
+// match": the daemon decides. Destination lists, ports and ids live in
+// sets named after the rule (f<generation>_r<n>_dst4 ...), a new
+// generation for each policy: a reload installs the new sets, swaps the
+// chains' rules in one transaction, then deletes the old sets.
+
+// Filter is the policy as the prefilter sees it.
+type Filter struct {
+	Rules      []policy.KernelRule
+	HonorMarks bool
+}
+
+// FilterOf is cfg's filter.
+func FilterOf(cfg *policy.Config) Filter {
+	return Filter{Rules: cfg.KernelRules(), HonorMarks: cfg.Daemon.HonorMarks}
+}
+
+// Union queues what either filter queues: while a reload swaps policies,
+// a packet that either policy concerns reaches the daemon.
+func Union(a, b Filter) Filter {
+	u := Filter{HonorMarks: a.HonorMarks || b.HonorMarks}
+	for _, f := range []Filter{a, b} {
+		for _, r := range f.Rules {
+			if r.Queue { // exemptions dropped: the union only queues more
+				u.Rules = append(u.Rules, r)
+			}
+		}
+	}
+	return u
+}
+
+// Chains of the prefilter.
+const (
+	filterSYN = "filter_syn"
+	filterNew = "filter_new"
+)
+
+// compiled is one generation of the prefilter: its sets (with their
+// elements) and its rules.
+type compiled struct {
+	sets  []*nftables.Set
+	elems map[*nftables.Set][]nftables.SetElement
+	rules []ruleMsg
+}
+
+// compile turns a filter into sets and rules for both chains.
+func (d *Datapath) compile(f Filter, gen int, native bool) compiled {
+	c := compiled{elems: map[*nftables.Set][]nftables.SetElement{}}
+	set := func(name string, key nftables.SetDatatype, interval bool, elems []nftables.SetElement) string {
+		s := &nftables.Set{Table: d.table, Name: fmt.Sprintf("f%d_%s", gen, name), KeyType: key, Interval: interval, Constant: true}
+		c.sets = append(c.sets, s)
+		c.elems[s] = elems
+		return s.Name
+	}
+	for _, chain := range []string{filterSYN, filterNew} {
+		verdict := queueTo(d.first, d.total, native, chain == filterSYN)
+		if f.HonorMarks {
+			c.rules = append(c.rules, ruleMsg{chain: chain, exprs: exprs(
+				&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+				&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{0, 0, 0, 0}},
+				verdict)})
+		}
+		protos := []string{"tcp"}
+		if chain == filterNew {
+			protos = []string{"udp", "icmp"}
+		}
+		for i, r := range f.Rules {
+			if !r.Queue && !r.Exact {
+				continue // it may or may not exempt: the rules after decide
+			}
+			for fi := range d.fams {
+				fam := &d.fams[fi]
+				for _, proto := range protos {
+					if r.Protocols != nil && !contains(r.Protocols, proto) {
+						continue
+					}
+					m := []expr.Any{
+						&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+						&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{fam.nfproto}},
+					}
+					if chain == filterNew {
+						num := byte(unix.IPPROTO_UDP)
+						if proto == "icmp" {
+							num = fam.protos[2].num
+						}
+						m = append(m, &expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+							&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{num}})
+					}
+					name := fmt.Sprintf("r%d_", i)
+					v := fmt.Sprint(4 + 2*fi)
+					ok := true
+					for _, a := range []struct {
+						k   policy.KernelAddrs
+						neg bool
+						n   string
+					}{{r.Dst, false, "dst"}, {r.NotDst, true, "not_dst"}} {
+						if !a.k.Set || a.k.Big[fi] {
+							continue // no key, or may match
+						}
+						rs := a.k.Ranges[fi]
+						if len(rs) == 0 {
+							if !a.neg {
+								ok = false // nothing of this family is in it
+							}
+							continue
+						}
+						key := nftables.TypeIPAddr
+						if fi == 1 {
+							key = nftables.TypeIP6Addr
+						}
+						sn := set(name+a.n+v, key, true, addrElems(rs))
+						m = append(m, &expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: fam.daddr, Len: uint32(fam.addrLen)},
+							&expr.Lookup{SourceRegister: 1, SetName: sn, Invert: a.neg})
+					}
+					for _, p := range []struct {
+						rs  []policy.PortRange
+						neg bool
+						n   string
+					}{{r.Dports, false, "dport"}, {r.NotDports, true, "not_dport"}} {
+						switch {
+						case p.rs == nil:
+						case proto == "icmp" && !p.neg:
+							ok = false // an echo has no port
+						case proto == "icmp":
+						default:
+							sn := set(name+p.n, nftables.TypeInetService, true, portElems(p.rs))
+							m = append(m, &expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+								&expr.Lookup{SourceRegister: 1, SetName: sn, Invert: p.neg})
+						}
+					}
+					for _, id := range []struct {
+						ids []uint32
+						neg bool
+						key expr.MetaKey
+						n   string
+						typ nftables.SetDatatype
+					}{{r.UIDs, false, expr.MetaKeySKUID, "uid", nftables.TypeUID}, {r.NotUIDs, true, expr.MetaKeySKUID, "not_uid", nftables.TypeUID},
+						{r.GIDs, false, expr.MetaKeySKGID, "gid", nftables.TypeGID}, {r.NotGIDs, true, expr.MetaKeySKGID, "not_gid", nftables.TypeGID}} {
+						if id.ids == nil {
+							continue
+						}
+						var els []nftables.SetElement
+						for _, x := range id.ids {
+							els = append(els, nftables.SetElement{Key: binaryutil.NativeEndian.PutUint32(x)})
+						}
+						sn := set(name+id.n, id.typ, false, els)
+						m = append(m, &expr.Meta{Key: id.key, Register: 1},
+							&expr.Lookup{SourceRegister: 1, SetName: sn, Invert: id.neg})
+					}
+					if !ok {
+						continue
+					}
+					if r.Queue {
+						m = append(m, verdict)
+					} else {
+						m = append(m, &expr.Verdict{Kind: expr.VerdictReturn})
+					}
+					c.rules = append(c.rules, ruleMsg{chain: chain, exprs: exprs(m...)})
+				}
+			}
+		}
+	}
+	// Sets are per chain pass above; the same rule's sets would be made
+	// twice (filter_syn, filter_new): keep one of each name.
+	seen := map[string]bool{}
+	sets := c.sets[:0]
+	for _, s := range c.sets {
+		if !seen[s.Name] {
+			seen[s.Name] = true
+			sets = append(sets, s)
+		}
+	}
+	c.sets = sets
+	return c
+}
+
+// addrElems are an interval set's elements for ranges: each range's first
+// address, then the address after its last as an interval end (none after
+// the family's last address).
+func addrElems(rs []policy.AddrRange) []nftables.SetElement {
+	var els []nftables.SetElement
+	for _, r := range rs {
+		els = append(els, nftables.SetElement{Key: r.First.AsSlice()})
+		if next := r.Last.Next(); next.IsValid() {
+			els = append(els, nftables.SetElement{Key: next.AsSlice(), IntervalEnd: true})
+		}
+	}
+	return els
+}
+
+func portElems(rs []policy.PortRange) []nftables.SetElement {
+	var els []nftables.SetElement
+	for _, r := range rs {
+		els = append(els, nftables.SetElement{Key: binary.BigEndian.AppendUint16(nil, r.Lo)})
+		if r.Hi < 0xffff {
+			els = append(els, nftables.SetElement{Key: binary.BigEndian.AppendUint16(nil, r.Hi+1), IntervalEnd: true})
+		}
+	}
+	return els
+}
+
+// SetFilter makes f the prefilter: its sets go in first, then both chains'
+// rules are swapped with the rest of the table's in one transaction, then
+// the previous generation's sets go.
+func (d *Datapath) SetFilter(f Filter) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.filter = f
+	return d.applyFilter()
+}
+
+// applyFilter installs a new generation of d.filter and every rule of the
+// table. Call with mu held.
+func (d *Datapath) applyFilter() error {
+	native := d.QueueMethod != "xt NFQUEUE"
+	d.gen++
+	c := d.compile(d.filter, d.gen, native)
+	d.listMu.Lock()
+	for _, s := range c.sets {
+		if err := d.conn.AddSet(s, c.elems[s]); err != nil {
+			d.listMu.Unlock()
+			return fmt.Errorf("prefilter set %s: %w", s.Name, err)
+		}
+	}
+	err := d.conn.Flush()
+	d.listMu.Unlock()
+	if err != nil {
+		return fmt.Errorf("prefilter sets: %w", err)
+	}
+	rules := append(d.rules(d.first, d.total, native), c.rules...)
+	if err := d.elems.addRules(rules, []string{"output", "prerouting", filterSYN, filterNew}); err != nil {
+		d.dropSets(c.sets)
+		return fmt.Errorf("rules: %w", err)
+	}
+	d.ruleCount = map[string]int{}
+	for _, r := range rules {
+		d.ruleCount[r.chain]++
+	}
+	old := d.filterSets
+	d.filterSets = c.sets
+	d.dropSets(old)
+	return nil
+}
+
+// dropSets deletes sets no rule refers to any more, one by one: one that
+// is gone already (a repair after a flush) must not keep the others.
+func (d *Datapath) dropSets(sets []*nftables.Set) {
+	d.listMu.Lock()
+	defer d.listMu.Unlock()
+	for _, s := range sets {
+		d.conn.DelSet(s)
+		d.conn.Flush() // an error: gone already, or referenced still; left for the next repair
+	}
+}
