@@ -91,6 +91,7 @@ type Daemon struct {
 	mu             sync.Mutex // a flow table change and its kernel change are one step
 
 	userspace      bool          // every packet of a translated flow goes through the workers
+	failClosed     bool          // on_failure = "closed"
 	routing        atomic.Uint64 // bumped on every routing change: route caches are stale
 	portLo, portHi uint16
 	stats          stats
@@ -98,17 +99,18 @@ type Daemon struct {
 
 // stats counts what the packet path did, for the logs (and metrics).
 type stats struct {
-	syns       atomic.Uint64 // SYNs decided
-	datagrams  atomic.Uint64 // UDP and echo flows decided
-	idle       atomic.Uint64 // UDP and echo flows ended by idleness
-	translated atomic.Uint64 // new flows translated
-	retrans    atomic.Uint64 // retransmitted SYNs of translated flows
-	dropped    atomic.Uint64 // packets dropped (the socket retries)
-	refused    atomic.Uint64 // flows refused: their rule's uplinks were down, on_down = "drop"
-	service    atomic.Uint64 // UDP flows from a local service's socket: only owner rules applied
-	icmpErrors atomic.Uint64 // ICMP errors readdressed to a translated flow's socket
-	forwarded  atomic.Uint64 // userspace datapath: packets rewritten after the SYN
-	bytes      atomic.Uint64 // userspace datapath: their bytes
+	syns       atomic.Uint64              // SYNs decided
+	datagrams  atomic.Uint64              // UDP and echo flows decided
+	idle       atomic.Uint64              // UDP and echo flows ended by idleness
+	translated atomic.Uint64              // new flows translated
+	retrans    atomic.Uint64              // retransmitted SYNs of translated flows
+	dropped    atomic.Uint64              // packets dropped (the socket retries)
+	refused    atomic.Uint64              // flows refused: their rule's uplinks were down, on_down = "drop"
+	failed     [failReasons]atomic.Uint64 // new flows that could not be decided as the policy says
+	service    atomic.Uint64              // UDP flows from a local service's socket: only owner rules applied
+	icmpErrors atomic.Uint64              // ICMP errors readdressed to a translated flow's socket
+	forwarded  atomic.Uint64              // userspace datapath: packets rewritten after the SYN
+	bytes      atomic.Uint64              // userspace datapath: their bytes
 	errors     [errKinds]atomic.Uint64
 }
 
@@ -150,7 +152,7 @@ func Run(ctx context.Context, o Options) (err error) {
 	// rather than 100%, a little CPU for a third less memory.
 	debug.SetGCPercent(50)
 	d := &Daemon{log: o.Log, flows: flow.NewTable(), userspace: cfg.Daemon.Datapath == "userspace", notify: o.Notify,
-		insecure: o.InsecureConfig}
+		insecure: o.InsecureConfig, failClosed: cfg.Daemon.FailClosed}
 	if d.notify == nil {
 		d.notify = func(string) {}
 	}
@@ -418,11 +420,11 @@ func (d *Daemon) newWorker(num uint16) (*worker, func() error, error) {
 		w.diag.Close()
 		return nil, nil, err
 	}
-	o := queue.Options{Rcvbuf: queueRcvbuf}
+	o := queue.Options{Rcvbuf: queueRcvbuf, FailClosed: d.failClosed}
 	if d.userspace {
 		// GSO packets whole: a 64 KB segment is one packet to rewrite, not
 		// 45 (the kernel segments it after the verdict).
-		o = queue.Options{Rcvbuf: queueRcvbufUserspace, GSO: true}
+		o.Rcvbuf, o.GSO = queueRcvbufUserspace, true
 	}
 	if w.q, err = queue.Open(num, o); err != nil {
 		w.diag.Close()

@@ -75,6 +75,21 @@ func newMetrics(d *Daemon) *metrics {
 			}
 			return float64(n)
 		}))
+	mode := "open"
+	if d.failClosed {
+		mode = "closed"
+	}
+	for r := failReason(0); r < failReasons; r++ {
+		name := "rerouted_failed_" + mode + "_total"
+		help := "New flows the policy concerns that could not be decided as it says and left untranslated (on_failure = \"open\"), by reason."
+		if mode == "closed" || r == failNoPort {
+			name = "rerouted_failed_closed_total"
+			help = "New flows the policy concerns that could not be decided as it says and were dropped (on_failure = \"closed\", or no free port), by reason."
+		}
+		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help,
+			ConstLabels: prometheus.Labels{"reason": failReasonNames[r]}},
+			func() float64 { return float64(d.stats.failed[r].Load()) }))
+	}
 	for k := errKind(0); k < errKinds; k++ {
 		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "rerouted_errors_total",
 			Help: "Errors, by kind.", ConstLabels: prometheus.Labels{"kind": errKindNames[k]}},

@@ -191,6 +191,11 @@ func (w *worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 	// 3. The route, and the source it prefers.
 	rt, ok := w.route(p, t, mark, sock.UID)
 	if !ok {
+		if w.d.failClosed {
+			w.fail(p, t, failNoRoute)
+			return
+		}
+		w.d.stats.failed[failNoRoute].Add(1) // cached as a pass: counted once per flow
 		rt, mark = route{Src: t.Src.Addr(), DevIdx: int(p.OutDev)}, p.Mark
 	}
 	want := netip.AddrPortFrom(rt.Src, t.Src.Port())
@@ -275,7 +280,11 @@ func (w *worker) syn(p *queue.Packet, t *rewrite.Packet) {
 		}
 		// No socket (a raw socket's SYN, or one closed already): nothing
 		// could tell us when the flow ends, so it is not translated.
-		w.accept(p)
+		reason := failNoSocket
+		if !errors.Is(err, sockdiag.ErrNotFound) {
+			reason = failSocketLookup
+		}
+		w.fail(p, t, reason)
 		return
 	}
 	if f := d.flows.Get(key); f != nil {
@@ -300,7 +309,7 @@ func (w *worker) syn(p *queue.Packet, t *rewrite.Packet) {
 	// 3. The route that mark leads to, and its preferred source.
 	rt, ok := w.route(p, t, mark, sock.UID)
 	if !ok {
-		w.accept(p)
+		w.fail(p, t, failNoRoute)
 		return
 	}
 	want := netip.AddrPortFrom(rt.Src, t.Src.Port())
@@ -332,6 +341,7 @@ func (w *worker) syn(p *queue.Packet, t *rewrite.Packet) {
 	// it atomically, and its kernel elements are queued, in table order.
 	if !w.admit(f, want, t.Dst, sock.Cookie, onWire) {
 		d.stats.errors[errNoPort].Add(1)
+		d.stats.failed[failNoPort].Add(1)
 		d.log.Error("no free source port for translation; dropping SYN (the socket will retry)", "src", t.Src, "dst", t.Dst, "new_src", rt.Src)
 		w.drop(p)
 		return
@@ -353,7 +363,7 @@ func (w *worker) route(p *queue.Packet, t *rewrite.Packet, mark, uid uint32) (ro
 	rt, err := w.routes.lookup(t.Dst.Addr(), mark, uid, true)
 	if err != nil {
 		w.d.stats.errors[errNoRoute].Add(1)
-		w.d.log.Warn("no route for marked flow; leaving it untranslated", "proto", protoName(t.Proto), "src", t.Src, "dst", t.Dst, "mark", mark, "err", err)
+		w.d.log.Warn("no route for marked flow", "proto", protoName(t.Proto), "src", t.Src, "dst", t.Dst, "mark", mark, "err", err)
 		return route{}, false
 	}
 	return rt, true
@@ -589,4 +599,35 @@ func (w *worker) dropID(id uint32) {
 		w.d.stats.errors[errVerdict].Add(1)
 		w.d.log.Error("verdict", "id", id, "err", err)
 	}
+}
+
+// Why a flow the policy concerns could not be handled as it says.
+type failReason int
+
+const (
+	failNoSocket     failReason = iota // no socket owns the packet (a raw socket's SYN)
+	failSocketLookup                   // sock_diag failed
+	failNoRoute                        // the mark's route does not exist
+	failNoPort                         // no free source port (always dropped)
+	failReasons
+)
+
+var failReasonNames = [failReasons]string{"no_socket", "socket_lookup", "no_route", "no_free_port"}
+
+// fail handles a first packet whose flow cannot be decided as the policy
+// says: with on_failure = "open" it leaves as the host's routing sends it,
+// with "closed" it is dropped (the socket retries). Either way it is
+// counted and logged.
+func (w *worker) fail(p *queue.Packet, t *rewrite.Packet, reason failReason) {
+	d := w.d
+	d.stats.failed[reason].Add(1)
+	if d.failClosed {
+		d.log.Warn("cannot decide a new flow; dropped (on_failure = \"closed\")", "proto", protoName(t.Proto), "src", t.Src, "dst", t.Dst,
+			"mark", p.Mark, "reason", failReasonNames[reason])
+		w.drop(p)
+		return
+	}
+	d.log.Debug("cannot decide a new flow; it leaves untranslated (on_failure = \"open\")", "proto", protoName(t.Proto), "src", t.Src, "dst", t.Dst,
+		"mark", p.Mark, "reason", failReasonNames[reason])
+	w.accept(p)
 }

@@ -3,6 +3,7 @@ package e2e
 import (
 	"fmt"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -166,3 +167,117 @@ dport = [8080, 8081]
 }
 
 var _ = fmt.Sprint
+
+// on_failure = "closed": while no daemon runs (it was killed), traffic the
+// policy concerns (a rule's TCP and UDP, a host-marked connection) never
+// leaves through ISP A; it waits, and completes through ISP B once a new
+// daemon runs. Traffic no rule concerns works throughout.
+func TestFailClosed(t *testing.T) {
+	e := newEnv(t, "kernel", "")
+	e.writeConfig(webRule + `
+[[rule]]
+name = "dns"
+uplink = "isp-b"
+protocol = "udp"
+dport = [53]
+`)
+	cfg, err := os.ReadFile(e.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := writeFile(e.cfg, strings.Replace(string(cfg), "[daemon]\n", "[daemon]\non_failure = \"closed\"\n", 1)); err != nil {
+		t.Fatal(err)
+	}
+	udp, err := e.w.ServeUDP(53)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv80, err := e.w.Serve(80)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv8081, err := e.w.Serve(8081)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.hostMark("nft", 8081)
+	e.start()
+	if peer, err := e.w.Fetch(80, 3*time.Second); err != nil || peer.Addr() != networld.HostB {
+		t.Fatalf("before: server saw %v, err %v", peer, err)
+	}
+
+	e.d.Kill()
+	killed := time.Now()
+	type result struct {
+		peer netip.AddrPort
+		err  error
+		at   time.Time
+	}
+	pending := map[uint16]chan result{}
+	for _, port := range []uint16{80, 8081} {
+		ch := make(chan result, 1)
+		pending[port] = ch
+		go func() {
+			peer, err := e.w.Fetch(port, 15*time.Second)
+			ch <- result{peer, err, time.Now()}
+		}()
+	}
+	dns := netip.AddrPortFrom(networld.ServerAddr, 53)
+	u, err := e.w.UDPSocket(dns, true, netip.AddrPort{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Close()
+	udpDone := make(chan result, 1)
+	go func() {
+		for {
+			p, err := networld.AskUDP(u, dns, "q", 300*time.Millisecond)
+			if err == nil {
+				udpDone <- result{p, nil, time.Now()}
+				return
+			}
+		}
+	}()
+	// Unconcerned traffic meanwhile.
+	if peer, err := e.w.Fetch(8080, 3*time.Second); err != nil || peer.Addr() != networld.HostA {
+		t.Errorf("unconcerned traffic while no daemon runs: server saw %v, err %v", peer, err)
+	}
+	time.Sleep(1500 * time.Millisecond)
+	for port, ch := range pending {
+		select {
+		case r := <-ch:
+			t.Fatalf("port %d completed while no daemon ran: %v, %v", port, r.peer, r.err)
+		default:
+		}
+	}
+	select {
+	case r := <-udpDone:
+		t.Fatalf("udp answered while no daemon ran: %v", r.peer)
+	default:
+	}
+
+	e.start()
+	restarted := time.Now()
+	for port, ch := range pending {
+		r := <-ch
+		if r.err != nil || r.peer.Addr() != networld.HostB {
+			t.Errorf("port %d after the restart: server saw %v, err %v", port, r.peer, r.err)
+		}
+		t.Logf("port %d connected %v after the kill, %v after the restart", port, r.at.Sub(killed).Round(time.Millisecond), r.at.Sub(restarted).Round(time.Millisecond))
+	}
+	select {
+	case r := <-udpDone:
+		if r.peer.Addr() != networld.HostB {
+			t.Errorf("udp after the restart: server saw %v", r.peer)
+		}
+	case <-time.After(5 * time.Second):
+		t.Error("udp never answered after the restart")
+	}
+	for name, peers := range map[string][]netip.AddrPort{"80": srv80.Peers(), "8081": srv8081.Peers(), "udp 53": udp.Peers()} {
+		for _, p := range peers {
+			if p.Addr() == networld.HostA {
+				t.Errorf("server %s saw %v: concerned traffic left through ISP A", name, p)
+			}
+		}
+	}
+}

@@ -578,7 +578,7 @@ func (d *Datapath) rules(first, total uint16, native bool) []ruleMsg {
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{r.proto}},
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1},
 			&expr.Range{Op: expr.CmpOpEq, Register: 1, FromData: []byte{r.lo}, ToData: []byte{r.hi}},
-			queueTo(first, total, native, false),
+			queueTo(first, total, native, false, true), // about any traffic: never held back
 		)})
 	}
 	return append(rules, d.flowRules(first, total, native)...)
@@ -602,10 +602,10 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []ruleMsg {
 				rules = append(rules,
 					ruleMsg{chain: "output", exprs: exprs(append(append(protoOf(f, p, 0), outKey...),
 						&expr.Lookup{SourceRegister: 8, SetName: p.out.Name},
-						queueTo(first, total, native, false))...)},
+						queueTo(first, total, native, false, !d.filter.FailClosed))...)},
 					ruleMsg{chain: "prerouting", exprs: exprs(append(append(protoOf(f, p, 1), inKey...),
 						&expr.Lookup{SourceRegister: 8, SetName: p.in.Name},
-						queueTo(first, total, native, false))...)})
+						queueTo(first, total, native, false, !d.filter.FailClosed))...)})
 				continue
 			}
 			regs := uint32(f.addrLen / 4)
@@ -769,17 +769,21 @@ func tcpFlags(mask, want byte) []expr.Any {
 	}
 }
 
-// queueTo queues to first..first+total-1 with bypass: without a daemon the
-// packet goes on as if the rule were not there. With byCPU the queue is the
+// queueTo queues to first..first+total-1; with bypass, without a daemon the
+// packet goes on as if the rule were not there (fail-open), else it is
+// dropped (fail-closed). With byCPU the queue is the
 // packet's CPU's; else a hash of the address pair picks it, the same for
 // every packet between two hosts in either direction. A flow whose every
 // packet is queued must use the hash: packets of one flow arrive on either
 // CPU, and two workers would reinject them out of order (seen: a duplicate
 // segment to a TIME_WAIT socket, the peer's RST, the TIME_WAIT killed).
-func queueTo(first, total uint16, native, byCPU bool) expr.Any {
+func queueTo(first, total uint16, native, byCPU, bypass bool) expr.Any {
 	fanout := total > 1 && byCPU
 	if native {
-		flag := expr.QueueFlagBypass
+		flag := expr.QueueFlag(0)
+		if bypass {
+			flag |= expr.QueueFlagBypass
+		}
 		if fanout {
 			flag |= expr.QueueFlagFanout
 		}
@@ -790,7 +794,10 @@ func queueTo(first, total uint16, native, byCPU bool) expr.Any {
 	info := make(xt.Unknown, 8)
 	binary.NativeEndian.PutUint16(info[0:], first)
 	binary.NativeEndian.PutUint16(info[2:], total)
-	flags := uint16(1)
+	flags := uint16(0)
+	if bypass {
+		flags |= 1
+	}
 	if fanout {
 		flags |= 2
 	}

@@ -3,7 +3,7 @@ package nftdp
 import (
 	"encoding/binary"
 	"fmt"
-	
+
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
@@ -35,17 +35,20 @@ import (
 type Filter struct {
 	Rules      []policy.KernelRule
 	HonorMarks bool
+	// FailClosed: its queue verdicts have no bypass: without a daemon,
+	// what it queues is dropped rather than let through untranslated.
+	FailClosed bool
 }
 
 // FilterOf is cfg's filter.
 func FilterOf(cfg *policy.Config) Filter {
-	return Filter{Rules: cfg.KernelRules(), HonorMarks: cfg.Daemon.HonorMarks}
+	return Filter{Rules: cfg.KernelRules(), HonorMarks: cfg.Daemon.HonorMarks, FailClosed: cfg.Daemon.FailClosed}
 }
 
 // Union queues what either filter queues: while a reload swaps policies,
 // a packet that either policy concerns reaches the daemon.
 func Union(a, b Filter) Filter {
-	u := Filter{HonorMarks: a.HonorMarks || b.HonorMarks}
+	u := Filter{HonorMarks: a.HonorMarks || b.HonorMarks, FailClosed: b.FailClosed}
 	for _, f := range []Filter{a, b} {
 		for _, r := range f.Rules {
 			if r.Queue { // exemptions dropped: the union only queues more
@@ -80,7 +83,7 @@ func (d *Datapath) compile(f Filter, gen int, native bool) compiled {
 		return s.Name
 	}
 	for _, chain := range []string{filterSYN, filterNew} {
-		verdict := queueTo(d.first, d.total, native, chain == filterSYN)
+		verdict := queueTo(d.first, d.total, native, chain == filterSYN, !f.FailClosed)
 		if f.HonorMarks {
 			c.rules = append(c.rules, ruleMsg{chain: chain, exprs: exprs(
 				&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},

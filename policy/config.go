@@ -40,6 +40,10 @@ type Daemon struct {
 	Queues        int           // NFQUEUE queues from Queue on, for the userspace datapath's workers
 	IdleTimeout   time.Duration // UDP and ICMP echo flows end after this long without a packet
 	MetricsListen string        // host:port for Prometheus metrics; "" for none
+	// FailClosed (on_failure = "closed"): traffic the policy concerns is
+	// dropped, never sent untranslated, when it cannot be decided: no
+	// daemon, a full queue, a failed lookup.
+	FailClosed bool
 }
 
 // Uplink is one [[uplink]]: a fwmark whose routing table leads out of it.
@@ -230,6 +234,14 @@ func (p *parser) daemon(d *Daemon, v any) {
 				continue
 			}
 			d.GCInterval = dur
+		case "on_failure":
+			switch t[k] {
+			case "open":
+			case "closed":
+				d.FailClosed = true
+			default:
+				p.errorf(path, "on_failure must be \"open\" (what cannot be translated leaves as the host's routing sends it) or \"closed\" (it is dropped)")
+			}
 		case "metrics_listen":
 			s, _ := t[k].(string)
 			if _, port, err := net.SplitHostPort(s); err != nil || port == "" {

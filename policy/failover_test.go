@@ -90,3 +90,13 @@ up_after = 1
 		}
 	}
 }
+
+func TestOnFailure(t *testing.T) {
+	cfg, err := Parse("t.toml", []byte("[daemon]\non_failure = \"closed\"\n"))
+	if err != nil || !cfg.Daemon.FailClosed {
+		t.Fatalf("closed: %v %+v", err, cfg)
+	}
+	if _, err := Parse("t.toml", []byte("[daemon]\non_failure = \"shut\"\n")); err == nil || !strings.Contains(err.Error(), `t.toml:2:1: on_failure must be "open"`) {
+		t.Errorf("bad value: %v", err)
+	}
+}

@@ -53,6 +53,9 @@ type Options struct {
 	Rcvbuf int  // socket receive buffer in bytes (SO_RCVBUFFORCE)
 	GSO    bool // accept GSO packets whole, with partial checksums
 	MaxLen uint32
+	// FailClosed: when the queue is full the kernel drops the packet
+	// instead of letting it through as if not queued (fail-open).
+	FailClosed bool
 }
 
 // Queue is one bound NFQUEUE.
@@ -168,6 +171,9 @@ func Open(num uint16, o Options) (*Queue, error) {
 	params := binary.BigEndian.AppendUint32(nil, maxLen)
 	params = append(params, copyPacket)
 	flags := uint32(flagFailOpen | flagUIDGID)
+	if o.FailClosed {
+		flags &^= flagFailOpen
+	}
 	if o.GSO {
 		flags |= flagGSO
 	}
@@ -175,7 +181,7 @@ func Open(num uint16, o Options) (*Queue, error) {
 	b := attr(cfgCmd, []byte{cmdBind, 0, 0, 0})
 	b = append(b, attr(cfgParams, params)...)
 	b = append(b, attr(cfgQueueMax, binary.BigEndian.AppendUint32(nil, 4096))...)
-	b = append(b, attr(cfgMask, binary.BigEndian.AppendUint32(nil, flags))...)
+	b = append(b, attr(cfgMask, binary.BigEndian.AppendUint32(nil, flagFailOpen|flagUIDGID|flagGSO))...)
 	b = append(b, attr(cfgFlags, binary.BigEndian.AppendUint32(nil, flags))...)
 	if err := q.config(b); err != nil {
 		return fail("bind (is another program using this queue?)", err)
