@@ -257,7 +257,7 @@ dport = [5001, 5002, 5003]
 func (b *run) setupRerouted(datapath, extra string, mark bool) func(*run) (func() error, networld.DialOptions, error) {
 	return func(*run) (func() error, networld.DialOptions, error) {
 		cfg := filepath.Join(b.dir, "rerouted-"+datapath+".toml")
-		src := fmt.Sprintf("[daemon]\ncontrol_socket = %q\ndatapath = %q\n\n[[uplink]]\nname = \"isp-b\"\nmark = 100\ninterface = \"hb\"\n",
+		src := fmt.Sprintf("[daemon]\nnew_flows_per_uid = 0 # the bench measures one user's rate\ncontrol_socket = %q\ndatapath = %q\n\n[[uplink]]\nname = \"isp-b\"\nmark = 100\ninterface = \"hb\"\n",
 			filepath.Join(b.dir, datapath+".sock"), datapath) + extra
 		if err := os.WriteFile(cfg, []byte(src), 0o600); err != nil {
 			return nil, networld.DialOptions{}, err

@@ -86,6 +86,7 @@ type Daemon struct {
 	inst           *installer
 	metrics        *metrics
 	suspects       map[*flow.Flow]struct{} // flows whose socket the last sweep found gone (sweeper only)
+	overSeen       map[uint32]uint64       // each uid's over-budget count last reported (sweeper only)
 	notify         func(state string)
 	insecure       bool       // InsecureConfig
 	mu             sync.Mutex // a flow table change and its kernel change are one step
@@ -107,6 +108,8 @@ type stats struct {
 	dropped    atomic.Uint64              // packets dropped (the socket retries)
 	refused    atomic.Uint64              // flows refused: their rule's uplinks were down, on_down = "drop"
 	failed     [failReasons]atomic.Uint64 // new flows that could not be decided as the policy says
+	received   atomic.Uint64              // first packets received through the prefilter's queue rules
+	queueFull  atomic.Uint64              // what the kernel's queue let through unseen: offered - received, latched
 	service    atomic.Uint64              // UDP flows from a local service's socket: only owner rules applied
 	icmpErrors atomic.Uint64              // ICMP errors readdressed to a translated flow's socket
 	forwarded  atomic.Uint64              // userspace datapath: packets rewritten after the SYN
@@ -584,6 +587,7 @@ func (d *Daemon) sweepLoop(ctx context.Context, diag *sockdiag.Conn) {
 		}
 		d.sweep(diag, udp)
 		d.expireSticky(time.Now())
+		d.reportOverBudget()
 		// Idleness is read from the kernel's packet counters, a listing of
 		// every UDP and echo element: often enough to end flows within an
 		// eighth of the timeout of it, and at most a tenth of the time (the
@@ -708,4 +712,29 @@ func errString(err error) string {
 
 func entry(f *flow.Flow) nftdp.Entry {
 	return nftdp.Entry{Proto: f.Proto, Src: f.Src, Dst: f.Dst, NewSrc: f.NewSrc, Mark: f.Mark, Pass: f.Pass}
+}
+
+// reportOverBudget logs, at WARNING, each user whose new flows went past
+// its budget since the last sweep: they failed open (or closed).
+func (d *Daemon) reportOverBudget() {
+	over, err := d.dp.OverBudget()
+	if err != nil {
+		d.stats.errors[errSweep].Add(1)
+		d.log.Error("read the per-user budget's counts", "err", err)
+		return
+	}
+	if d.overSeen == nil {
+		d.overSeen = map[uint32]uint64{}
+	}
+	how := "left untranslated (on_failure = \"open\")"
+	if d.failClosed {
+		how = "dropped (on_failure = \"closed\")"
+	}
+	for uid, n := range over {
+		if n > d.overSeen[uid] {
+			d.log.Warn("a user opened new flows faster than its budget; the rest were "+how, "uid", uid,
+				"over_budget", n-d.overSeen[uid], "total", n, "budget_per_second", d.cfg.Load().Daemon.NewFlowsPerUID)
+			d.overSeen[uid] = n
+		}
+	}
 }

@@ -46,7 +46,7 @@ func newMetrics(d *Daemon) *metrics {
 			Help: "Uplink state changes (up to down or back), by uplink and family."}, []string{"uplink", "family"}),
 	}
 	m.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		m.decisions, m.latency, m.repairs, m.moved, m.transitions, &uplinkCollector{d: d}, &flowCollector{d: d}, &queueCollector{d: d})
+		m.decisions, m.latency, m.repairs, m.moved, m.transitions, &uplinkCollector{d: d}, &budgetCollector{d: d}, &flowCollector{d: d}, &queueCollector{d: d})
 	for _, c := range []struct {
 		name, help string
 		v          func() uint64
@@ -81,15 +81,39 @@ func newMetrics(d *Daemon) *metrics {
 	}
 	for r := failReason(0); r < failReasons; r++ {
 		name := "rerouted_failed_" + mode + "_total"
-		help := "New flows the policy concerns that could not be decided as it says and left untranslated (on_failure = \"open\"), by reason."
+		help := "New flows the policy concerns that could not be decided as it says, by reason."
 		if mode == "closed" || r == failNoPort {
 			name = "rerouted_failed_closed_total"
-			help = "New flows the policy concerns that could not be decided as it says and were dropped (on_failure = \"closed\", or no free port), by reason."
 		}
 		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help,
 			ConstLabels: prometheus.Labels{"reason": failReasonNames[r]}},
 			func() float64 { return float64(d.stats.failed[r].Load()) }))
 	}
+	// The kernel fails open silently when the queue (or the socket's
+	// buffer) is full: what the prefilter offered the queue and the
+	// daemon never received. Exact when no burst is in flight; latched so
+	// that it never goes down.
+	queueFullName := "rerouted_failed_open_total"
+	if d.failClosed {
+		queueFullName = "rerouted_failed_closed_total"
+	}
+	m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: queueFullName,
+		Help: "New flows the policy concerns that could not be decided as it says, by reason.", ConstLabels: prometheus.Labels{"reason": "queue_full"}},
+		func() float64 {
+			offered, err := d.dp.Offered()
+			if err != nil {
+				d.log.Error("metrics: read the queue rules' counters", "err", err)
+			}
+			if got := d.stats.received.Load(); offered > got {
+				for {
+					old := d.stats.queueFull.Load()
+					if offered-got <= old || d.stats.queueFull.CompareAndSwap(old, offered-got) {
+						break
+					}
+				}
+			}
+			return float64(d.stats.queueFull.Load())
+		}))
 	for k := errKind(0); k < errKinds; k++ {
 		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "rerouted_errors_total",
 			Help: "Errors, by kind.", ConstLabels: prometheus.Labels{"kind": errKindNames[k]}},
@@ -244,5 +268,24 @@ func (c *uplinkCollector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(probeRTTDesc, prometheus.GaugeValue, st.RTT.Seconds(), st.Uplink, st.Family)
 			ch <- prometheus.MustNewConstMetric(probeLossDesc, prometheus.GaugeValue, st.Loss, st.Uplink, st.Family)
 		}
+	}
+}
+
+var overBudgetDesc = prometheus.NewDesc("rerouted_uid_over_budget_total",
+	"New flows of a user past its budget (new_flows_per_uid), which failed open (or closed), by uid.", []string{"uid"}, nil)
+
+// budgetCollector reads the kernel's per-uid counts at scrape time.
+type budgetCollector struct{ d *Daemon }
+
+func (c *budgetCollector) Describe(ch chan<- *prometheus.Desc) { ch <- overBudgetDesc }
+
+func (c *budgetCollector) Collect(ch chan<- prometheus.Metric) {
+	over, err := c.d.dp.OverBudget()
+	if err != nil {
+		c.d.log.Error("metrics: read the per-user budget's counts", "err", err)
+		return
+	}
+	for uid, n := range over {
+		ch <- prometheus.MustNewConstMetric(overBudgetDesc, prometheus.CounterValue, float64(n), strconv.FormatUint(uint64(uid), 10))
 	}
 }

@@ -88,6 +88,7 @@ func (w *worker) handle(p *queue.Packet) {
 	switch {
 	case t.Proto == rewrite.TCP && t.Flags&(rewrite.SYN|rewrite.ACK|rewrite.FIN|rewrite.RST) == rewrite.SYN && out:
 		w.d.stats.syns.Add(1)
+		w.d.stats.received.Add(1)
 		w.syn(p, &t)
 	case t.Proto != rewrite.TCP && out && (t.Proto == rewrite.UDP || t.Flags == rewrite.EchoRequest4 || t.Flags == rewrite.EchoRequest6):
 		w.datagram(p, &t)
@@ -142,7 +143,11 @@ func (w *worker) forward(p *queue.Packet, t *rewrite.Packet) {
 func (w *worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 	d := w.d
 	key := flow.Key{Proto: t.Proto, Src: t.Src, Dst: t.Dst}
-	if f := d.flows.Get(key); f != nil {
+	f := d.flows.Get(key)
+	if f == nil || !d.userspace {
+		d.stats.received.Add(1) // through the prefilter (not a userspace selector)
+	}
+	if f != nil {
 		w.follow(p, t, f)
 		return
 	}
@@ -200,7 +205,7 @@ func (w *worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 	}
 	want := netip.AddrPortFrom(rt.Src, t.Src.Port())
 	onWire := d.flows.OnWire(flow.Key{Proto: t.Proto, Src: want, Dst: t.Dst})
-	f := &flow.Flow{Key: key, Mark: mark, Rule: ruleName, UID: sock.UID, Cookie: sock.Cookie, Inode: sock.Inode,
+	f = &flow.Flow{Key: key, Mark: mark, Rule: ruleName, UID: sock.UID, Cookie: sock.Cookie, Inode: sock.Inode,
 		Start: time.Now(), Dev: rt.Dev}
 	f.UsedAt = f.Start
 	echo := t.Proto != rewrite.UDP

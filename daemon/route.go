@@ -220,7 +220,7 @@ func (d *Daemon) keepRouting(ctx context.Context, r *uplink.Routing, diag *sockd
 			}
 		}
 		waiting = now
-		d.moveStale(r, diag, rt)
+		// The states first: new flows choose by them.
 		transitions, err := r.UpdateStates(&d.uplinks, d.cfg.Load().Uplinks, time.Now())
 		if err != nil {
 			d.stats.errors[errRepair].Add(1)
@@ -229,6 +229,7 @@ func (d *Daemon) keepRouting(ctx context.Context, r *uplink.Routing, diag *sockd
 		for _, tr := range transitions {
 			d.uplinkChanged(tr.Status)
 		}
+		d.moveStale(r, diag, rt)
 	}
 }
 

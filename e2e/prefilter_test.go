@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -279,5 +280,162 @@ dport = [53]
 				t.Errorf("server %s saw %v: concerned traffic left through ISP A", name, p)
 			}
 		}
+	}
+}
+
+// A local user floods the queue with new flows the policy concerns: a
+// burst of 10,000 datagrams from 256 sockets, and 4 × 5,000 connections
+// started and abandoned to a filtered port. Meanwhile root makes 3,000
+// rule-matched TCP connections and 3,000 UDP exchanges: none of root's
+// leaves untranslated, with on_failure "open" or "closed". The flooder's
+// excess is counted against its uid alone, and with "open" what ISP A saw
+// of the flood is exactly that count.
+func TestLocalFlood(t *testing.T) {
+	for _, mode := range []string{"open", "closed"} {
+		t.Run(mode, func(t *testing.T) {
+			e := newEnv(t, "kernel", "")
+			e.withMetrics(webRule + `
+[[rule]]
+name = "dns"
+uplink = "isp-b"
+protocol = "udp"
+dport = [53, 5353]
+
+[[rule]]
+name = "discard"
+uplink = "isp-b"
+protocol = "tcp"
+dport = [9]
+`)
+			cfg, err := os.ReadFile(e.cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// Root makes about 1,300 new flows a second here: a budget
+			// above that, far below the floods.
+			if err := writeFile(e.cfg, strings.Replace(string(cfg), "[daemon]\n", fmt.Sprintf("[daemon]\non_failure = %q\nnew_flows_per_uid = 3000\n", mode), 1)); err != nil {
+				t.Fatal(err)
+			}
+			// Root asks port 53; the flood goes to 5353, a socket of its
+			// own, so that its answers cannot crowd out root's.
+			for _, port := range []uint16{53, 5353} {
+				if _, err := e.w.ServeUDP(port); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// Port 9 is filtered on the internet; ISP A counts what the
+			// host sends it of the flood.
+			if err := e.w.Net.Nft("table inet filtered {\n\tchain input {\n\t\ttype filter hook input priority 0; policy accept;\n\t\ttcp dport 9 drop\n\t}\n}\n"); err != nil {
+				t.Fatal(err)
+			}
+			if err := e.w.A.Nft(`table inet flood {
+	counter syn9 {}
+	counter udp53 {}
+	chain forward {
+		type filter hook forward priority -10; policy accept;
+		iifname "cust" tcp dport 9 tcp flags & (syn | ack) == syn counter name "syn9"
+		iifname "cust" udp dport 5353 counter name "udp53"
+	}
+}
+`); err != nil {
+				t.Fatal(err)
+			}
+			e.start()
+
+			prog := program(t, filepath.Join(publicDir(t), "bin"), "flooder")
+			flooders := make(chan error, 5)
+			run := func(uid string, args ...string) {
+				cmd := exec.Command("nsenter", append([]string{"--net=/run/netns/" + e.w.Host.Name, "--setuid", uid, "--setgid", uid, "--", prog}, args...)...)
+				out, err := cmd.CombinedOutput()
+				if err != nil {
+					err = fmt.Errorf("%v: %s", err, out)
+				}
+				flooders <- err
+			}
+			// Two users: 4322 floods datagrams, 4321 connections.
+			go run("4322", "-connect", "192.0.2.80:5353", "-flood-udp", "10000")
+			for i := 0; i < 4; i++ {
+				go run("4321", "-connect", "192.0.2.80:9", "-flood-connect", "5000")
+			}
+
+			var wrongTCP, wrongUDP, failedTCP, failedUDP int
+			dns := netip.AddrPortFrom(networld.ServerAddr, 53)
+			for i := 0; i < 3000; i++ {
+				peer, err := e.w.Fetch(80, 5*time.Second)
+				switch {
+				case err != nil:
+					failedTCP++
+				case peer.Addr() != networld.HostB:
+					wrongTCP++
+				}
+				u, err := e.w.UDPSocket(dns, true, netip.AddrPort{})
+				if err != nil {
+					t.Fatal(err)
+				}
+				p, err := networld.AskUDP(u, dns, "q", 2*time.Second)
+				u.Close()
+				switch {
+				case err != nil:
+					failedUDP++
+				case p.Addr() != networld.HostB:
+					wrongUDP++
+				}
+			}
+			for i := 0; i < 5; i++ {
+				if err := <-flooders; err != nil {
+					t.Fatal(err)
+				}
+			}
+			if wrongTCP+wrongUDP > 0 {
+				t.Errorf("root's flows that left untranslated: %d TCP, %d UDP", wrongTCP, wrongUDP)
+			}
+			if failedTCP+failedUDP > 0 {
+				t.Errorf("root's flows that failed: %d TCP, %d UDP", failedTCP, failedUDP)
+			}
+			time.Sleep(500 * time.Millisecond)
+			over := e.metric(`rerouted_uid_over_budget_total{uid="4321"}`)
+			overUDP := e.metric(`rerouted_uid_over_budget_total{uid="4322"}`)
+			if over <= 0 {
+				t.Errorf("the connection flood's excess was not counted: uid 4321 %v", over)
+			}
+			overUDP = max(0, overUDP) // datagrams of a decided tuple need no queue: it may stay within its budget
+			if root := e.metric(`rerouted_uid_over_budget_total{uid="0"}`); root != -1 {
+				t.Errorf("root was counted over its budget: %v", root)
+			}
+			counter := func(name string) uint64 {
+				t.Helper()
+				out, err := e.w.A.Run("nft", "list", "counter", "inet", "flood", name)
+				if err != nil {
+					t.Fatal(err)
+				}
+				var v uint64
+				fmt.Sscanf(out[strings.Index(out, "packets ")+len("packets "):], "%d", &v)
+				return v
+			}
+			// Each SYN is a flow: ISP A saw exactly the flows that failed
+			// open, over the budget or in the daemon (their sockets were
+			// closed before it could look them up), or in a full queue.
+			failedOpen := 0.0
+			for _, r := range []string{"no_socket", "socket_lookup", "no_route", "queue_full"} {
+				failedOpen += max(0, e.metric(fmt.Sprintf(`rerouted_failed_open_total{reason=%q}`, r)))
+			}
+			syns, datagrams := counter("syn9"), counter("udp53")
+			t.Logf("%s: over budget: uid 4321 %v connections, uid 4322 %v datagrams; %v more failed open in the daemon; ISP A saw %d SYNs and %d datagrams of the floods",
+				mode, over, overUDP, failedOpen, syns, datagrams)
+			switch {
+			case mode == "open" && float64(syns) != over+failedOpen:
+				t.Errorf("ISP A saw %d SYNs of the flood; the counters say %v over budget + %v failed open", syns, over, failedOpen)
+			case mode == "open" && float64(datagrams) < overUDP:
+				// A datagram past the budget leaves untranslated, and its
+				// answer teaches the kernel the tuple (udp_seen): the rest
+				// of that socket's datagrams follow it, uncounted per packet.
+				t.Errorf("ISP A saw %d datagrams of the flood, fewer than the %v over budget", datagrams, overUDP)
+			case mode == "closed" && syns+datagrams != 0:
+				t.Errorf("on_failure = closed, yet ISP A saw %d SYNs and %d datagrams of the floods", syns, datagrams)
+			}
+			if _, err := e.d.WaitFor(`msg="a user opened new flows faster than its budget`, 3*time.Second); err != nil {
+				t.Error(err)
+			}
+		})
 	}
 }

@@ -241,6 +241,7 @@ func TestManagedRoutingRepaired(t *testing.T) {
 	up := time.Now()
 	eventually(t, time.Second, "table 100's default route back", func() bool { return has("route", "show", "table", "100") })
 	t.Logf("default route back %v after the link came up", time.Since(up).Round(time.Millisecond))
+	eventually(t, time.Second, "isp-b up again", func() bool { return e.uplinks()["isp-b/ipv4"].Up })
 	for i := 0; i < 20; i++ {
 		viaB(fmt.Sprintf("connection %d after the link came back", i))
 	}

@@ -130,6 +130,9 @@ type Datapath struct {
 	gen        int
 	filterSets []*nftables.Set
 	ruleCount  map[string]int
+	// offeredBefore is what the queue rules this generation replaced had
+	// counted (under listMu).
+	offeredBefore uint64
 	// QueueMethod says how packets reach the queue: "nft queue" or, on
 	// kernels without nft_queue, "xt NFQUEUE" through nft_compat.
 	QueueMethod string
@@ -381,7 +384,7 @@ func (d *Datapath) Missing() ([]string, error) {
 		}
 	}
 	d.mu.Unlock()
-	for _, chain := range []string{"output", "prerouting", filterSYN, filterNew} {
+	for _, chain := range []string{"output", "prerouting", filterSYN, filterNew, enqueueSYN, enqueueNew} {
 		rules, err := d.conn.GetRules(d.table, &nftables.Chain{Name: chain, Table: d.table})
 		if err != nil {
 			if errors.Is(err, unix.ENOENT) {
@@ -537,6 +540,18 @@ func (d *Datapath) build() error {
 		Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityRef(PreroutingPriority), Policy: &policy})
 	c.AddChain(&nftables.Chain{Name: filterSYN, Table: t})
 	c.AddChain(&nftables.Chain{Name: filterNew, Table: t})
+	c.AddChain(&nftables.Chain{Name: enqueueSYN, Table: t})
+	c.AddChain(&nftables.Chain{Name: enqueueNew, Table: t})
+	for _, s := range []*nftables.Set{
+		{Table: t, Name: uidMeter, KeyType: nftables.TypeUID, Dynamic: true, HasTimeout: true, Timeout: 10 * time.Second, Size: 65536,
+			Comment: "each uid's rate of new flows to the daemon"},
+		{Table: t, Name: uidOver, KeyType: nftables.TypeUID, Dynamic: true, Size: 65536,
+			Comment: "each uid's new flows over its budget, counted"},
+	} {
+		if err := c.AddSet(s, nil); err != nil {
+			return fmt.Errorf("add set %s: %w", s.Name, err)
+		}
+	}
 	return c.Flush()
 }
 

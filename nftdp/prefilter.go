@@ -3,6 +3,7 @@ package nftdp
 import (
 	"encoding/binary"
 	"fmt"
+	"time"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
@@ -38,17 +39,22 @@ type Filter struct {
 	// FailClosed: its queue verdicts have no bypass: without a daemon,
 	// what it queues is dropped rather than let through untranslated.
 	FailClosed bool
+	// UIDRate: each user (socket uid) may send this many new flows a
+	// second to the daemon (twice as many at once); the rest fail open,
+	// or closed, and are counted against that user. 0: no budget.
+	UIDRate int
 }
 
 // FilterOf is cfg's filter.
 func FilterOf(cfg *policy.Config) Filter {
-	return Filter{Rules: cfg.KernelRules(), HonorMarks: cfg.Daemon.HonorMarks, FailClosed: cfg.Daemon.FailClosed}
+	return Filter{Rules: cfg.KernelRules(), HonorMarks: cfg.Daemon.HonorMarks, FailClosed: cfg.Daemon.FailClosed,
+		UIDRate: cfg.Daemon.NewFlowsPerUID}
 }
 
 // Union queues what either filter queues: while a reload swaps policies,
 // a packet that either policy concerns reaches the daemon.
 func Union(a, b Filter) Filter {
-	u := Filter{HonorMarks: a.HonorMarks || b.HonorMarks, FailClosed: b.FailClosed}
+	u := Filter{HonorMarks: a.HonorMarks || b.HonorMarks, FailClosed: b.FailClosed, UIDRate: b.UIDRate}
 	for _, f := range []Filter{a, b} {
 		for _, r := range f.Rules {
 			if r.Queue { // exemptions dropped: the union only queues more
@@ -61,8 +67,16 @@ func Union(a, b Filter) Filter {
 
 // Chains of the prefilter.
 const (
-	filterSYN = "filter_syn"
-	filterNew = "filter_new"
+	filterSYN  = "filter_syn"
+	filterNew  = "filter_new"
+	enqueueSYN = "enqueue_syn" // each user's budget, then the queue
+	enqueueNew = "enqueue_new"
+)
+
+// Sets of the per-user budget.
+const (
+	uidMeter = "uid_meter" // each uid's rate of new flows
+	uidOver  = "uid_over"  // each uid's new flows over its budget, counted
 )
 
 // compiled is one generation of the prefilter: its sets (with their
@@ -83,7 +97,33 @@ func (d *Datapath) compile(f Filter, gen int, native bool) compiled {
 		return s.Name
 	}
 	for _, chain := range []string{filterSYN, filterNew} {
-		verdict := queueTo(d.first, d.total, native, chain == filterSYN, !f.FailClosed)
+		enqueue := enqueueSYN
+		if chain == filterNew {
+			enqueue = enqueueNew
+		}
+		// The queue, behind each user's budget: a user over it fails
+		// open (or closed) on its own flows only, counted in uid_over.
+		var budget []expr.Any
+		if f.UIDRate > 0 {
+			over := expr.Any(&expr.Verdict{Kind: expr.VerdictAccept})
+			if f.FailClosed {
+				over = &expr.Verdict{Kind: expr.VerdictDrop}
+			}
+			budget = []expr.Any{
+				&expr.Meta{Key: expr.MetaKeySKUID, Register: 1},
+				&expr.Dynset{SrcRegKey: 1, SetName: uidMeter, Operation: unix.NFT_DYNSET_OP_ADD, Timeout: 10 * time.Second,
+					Exprs: []expr.Any{&expr.Limit{Type: expr.LimitTypePkts, Rate: uint64(f.UIDRate), Over: true, Unit: expr.LimitTimeSecond,
+						Burst: uint32(2 * f.UIDRate)}}},
+				&expr.Dynset{SrcRegKey: 1, SetName: uidOver, Operation: unix.NFT_DYNSET_OP_ADD, Exprs: []expr.Any{&expr.Counter{}}},
+				over,
+			}
+			c.rules = append(c.rules, ruleMsg{chain: enqueue, exprs: exprs(budget...)})
+		}
+		// Counted: what the queue is offered, against what the daemon
+		// receives, shows the kernel's silent fail-open (a full queue).
+		c.rules = append(c.rules, ruleMsg{chain: enqueue, exprs: exprs(&expr.Counter{},
+			queueTo(d.first, d.total, native, chain == filterSYN, !f.FailClosed))})
+		verdict := &expr.Verdict{Kind: expr.VerdictJump, Chain: enqueue}
 		if f.HonorMarks {
 			c.rules = append(c.rules, ruleMsg{chain: chain, exprs: exprs(
 				&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
@@ -258,7 +298,12 @@ func (d *Datapath) applyFilter() error {
 		return fmt.Errorf("prefilter sets: %w", err)
 	}
 	rules := append(d.rules(d.first, d.total, native), c.rules...)
-	if err := d.elems.addRules(rules, []string{"output", "prerouting", filterSYN, filterNew}); err != nil {
+	d.listMu.Lock()
+	if n, err := d.offeredNow(); err == nil { // the replaced rules' counts go on
+		d.offeredBefore += n
+	}
+	d.listMu.Unlock()
+	if err := d.elems.addRules(rules, []string{"output", "prerouting", filterSYN, filterNew, enqueueSYN, enqueueNew}); err != nil {
 		d.dropSets(c.sets)
 		return fmt.Errorf("rules: %w", err)
 	}
@@ -272,6 +317,35 @@ func (d *Datapath) applyFilter() error {
 	return nil
 }
 
+// Offered is how many packets the prefilter has offered to the queue since
+// the datapath was installed (counters of the rules in force, and of those
+// they replaced).
+func (d *Datapath) Offered() (uint64, error) {
+	d.listMu.Lock()
+	defer d.listMu.Unlock()
+	n, err := d.offeredNow()
+	return d.offeredBefore + n, err
+}
+
+// offeredNow sums the queue rules' counters. Call with listMu held.
+func (d *Datapath) offeredNow() (uint64, error) {
+	var n uint64
+	for _, chain := range []string{enqueueSYN, enqueueNew} {
+		rules, err := d.conn.GetRules(d.table, &nftables.Chain{Name: chain, Table: d.table})
+		if err != nil {
+			return 0, fmt.Errorf("list rules of chain %s: %w", chain, err)
+		}
+		for _, r := range rules {
+			if len(r.Exprs) > 0 {
+				if c, ok := r.Exprs[0].(*expr.Counter); ok {
+					n += c.Packets
+				}
+			}
+		}
+	}
+	return n, nil
+}
+
 // dropSets deletes sets no rule refers to any more, one by one: one that
 // is gone already (a repair after a flush) must not keep the others.
 func (d *Datapath) dropSets(sets []*nftables.Set) {
@@ -281,4 +355,22 @@ func (d *Datapath) dropSets(sets []*nftables.Set) {
 		d.conn.DelSet(s)
 		d.conn.Flush() // an error: gone already, or referenced still; left for the next repair
 	}
+}
+
+// OverBudget lists, per uid, how many new flows went past the per-user
+// budget (failed open, or closed) since the daemon started.
+func (d *Datapath) OverBudget() (map[uint32]uint64, error) {
+	d.listMu.Lock()
+	defer d.listMu.Unlock()
+	els, err := d.conn.GetSetElements(&nftables.Set{Table: d.table, Name: uidOver, KeyType: nftables.TypeUID})
+	if err != nil {
+		return nil, fmt.Errorf("list set %s: %w", uidOver, err)
+	}
+	out := make(map[uint32]uint64, len(els))
+	for _, el := range els {
+		if len(el.Key) == 4 && el.Counter != nil {
+			out[binaryutil.NativeEndian.Uint32(el.Key)] = el.Counter.Packets
+		}
+	}
+	return out, nil
 }

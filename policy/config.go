@@ -44,6 +44,10 @@ type Daemon struct {
 	// dropped, never sent untranslated, when it cannot be decided: no
 	// daemon, a full queue, a failed lookup.
 	FailClosed bool
+	// NewFlowsPerUID: each user's budget of new flows a second that go
+	// to the daemon (twice that at once); past it that user's new flows
+	// fail open (or closed). 0: no budget.
+	NewFlowsPerUID int
 }
 
 // Uplink is one [[uplink]]: a fwmark whose routing table leads out of it.
@@ -80,6 +84,10 @@ const (
 	DefaultGCInterval    = 2 * time.Second
 	DefaultIdleTimeout   = 120 * time.Second
 	DefaultStickyFor     = 10 * time.Minute
+	// DefaultNewFlowsPerUID is per user: its burst (twice as many) stays
+	// well below what fills a queue (queue.QueueLen, 16,384 packets),
+	// even when every flow of the burst meets on one queue.
+	DefaultNewFlowsPerUID = 1000
 )
 
 // Error is one problem in a configuration file.
@@ -158,12 +166,13 @@ func (p *parser) errorf(path string, format string, args ...any) {
 
 func (p *parser) config(raw map[string]any) *Config {
 	cfg := &Config{File: p.file, Daemon: Daemon{
-		HonorMarks:    true,
-		ControlSocket: DefaultControlSocket,
-		GCInterval:    DefaultGCInterval,
-		IdleTimeout:   DefaultIdleTimeout,
-		Datapath:      "kernel",
-		Queues:        runtime.NumCPU(),
+		HonorMarks:     true,
+		ControlSocket:  DefaultControlSocket,
+		GCInterval:     DefaultGCInterval,
+		IdleTimeout:    DefaultIdleTimeout,
+		Datapath:       "kernel",
+		Queues:         runtime.NumCPU(),
+		NewFlowsPerUID: DefaultNewFlowsPerUID,
 	}}
 	for _, k := range sortedKeys(raw) {
 		v := raw[k]
@@ -234,6 +243,10 @@ func (p *parser) daemon(d *Daemon, v any) {
 				continue
 			}
 			d.GCInterval = dur
+		case "new_flows_per_uid":
+			if n, ok := p.integer(path, t[k], 0, 10000000); ok {
+				d.NewFlowsPerUID = int(n)
+			}
 		case "on_failure":
 			switch t[k] {
 			case "open":

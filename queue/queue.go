@@ -48,6 +48,10 @@ const (
 	HookLocalOut   = 3
 )
 
+// QueueLen is how many packets the kernel holds for a queue before it
+// fails open (or drops them): a burst of first packets fits.
+const QueueLen = 16384
+
 // Options for Open.
 type Options struct {
 	Rcvbuf int  // socket receive buffer in bytes (SO_RCVBUFFORCE)
@@ -180,7 +184,7 @@ func Open(num uint16, o Options) (*Queue, error) {
 	// One message: the kernel binds, then applies the settings.
 	b := attr(cfgCmd, []byte{cmdBind, 0, 0, 0})
 	b = append(b, attr(cfgParams, params)...)
-	b = append(b, attr(cfgQueueMax, binary.BigEndian.AppendUint32(nil, 4096))...)
+	b = append(b, attr(cfgQueueMax, binary.BigEndian.AppendUint32(nil, QueueLen))...)
 	b = append(b, attr(cfgMask, binary.BigEndian.AppendUint32(nil, flagFailOpen|flagUIDGID|flagGSO))...)
 	b = append(b, attr(cfgFlags, binary.BigEndian.AppendUint32(nil, flags))...)
 	if err := q.config(b); err != nil {

@@ -18,12 +18,14 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/rerouted/rerouted/networld"
+	"golang.org/x/sys/unix"
 )
 
 func main() {
@@ -32,7 +34,16 @@ func main() {
 	hold := flag.Bool("hold", false, "print the peer, then wait for stdin to close before sending")
 	timeout := flag.Duration("timeout", 3*time.Second, "connect timeout")
 	many := flag.Int("many", 0, "open this many connections and hold them until stdin closes")
+	floodUDP := flag.Int("flood-udp", 0, "send this many datagrams to -connect, round robin over 256 sockets, as fast as possible")
+	floodSYN := flag.Int("flood-connect", 0, "start this many connections to -connect, closing each at once (one SYN each)")
 	flag.Parse()
+	if *floodUDP > 0 || *floodSYN > 0 {
+		if err := flood(*addr, *floodUDP, *floodSYN); err != nil {
+			fmt.Println("error:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if *many > 0 {
 		if err := networld.HoldMany(strings.Split(*addr, ","), *many, *timeout, os.Stdin, os.Stdout); err != nil {
 			fmt.Println("error:", err)
@@ -82,3 +93,37 @@ func run(addr string, send int64, hold bool, timeout time.Duration) error {
 type zeros struct{}
 
 func (zeros) Read(p []byte) (int, error) { clear(p); return len(p), nil }
+
+// flood is a local user's flood of new flows: datagrams from many sockets,
+// and connections started and abandoned at once.
+func flood(addr string, datagrams, connects int) error {
+	dst, err := netip.ParseAddrPort(addr)
+	if err != nil {
+		return err
+	}
+	if datagrams > 0 {
+		var socks []*net.UDPConn
+		for i := 0; i < 256; i++ {
+			c, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(dst))
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			socks = append(socks, c)
+		}
+		for i := 0; i < datagrams; i++ {
+			socks[i%len(socks)].Write([]byte("flood")) // a full buffer drops it: so be it
+		}
+	}
+	sa := &unix.SockaddrInet4{Addr: dst.Addr().As4(), Port: int(dst.Port())}
+	for i := 0; i < connects; i++ {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_NONBLOCK, 0)
+		if err != nil {
+			return err
+		}
+		unix.Connect(fd, sa) // EINPROGRESS: the SYN is on its way
+		unix.Close(fd)
+	}
+	fmt.Printf("flooded datagrams=%d connects=%d\n", datagrams, connects)
+	return nil
+}
