@@ -14,7 +14,9 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"time"
@@ -37,6 +39,18 @@ type Options struct {
 	// Paths names the paths to measure; empty: limit, masquerade and both
 	// datapaths (see Paths).
 	Paths []string
+	// Untouched adds the untouched-traffic measurement.
+	Untouched bool
+	// BusyCommand, if set, runs for the whole measurement: a process that
+	// keeps every CPU busy at normal priority, as on a production host.
+	BusyCommand []string
+}
+
+// Report is what a run measured.
+type Report struct {
+	Results   []Result
+	Scale     *ScaleResult
+	Untouched *UntouchedResult
 }
 
 // Paths lists the paths a run can measure, and whether each is measured by
@@ -89,25 +103,33 @@ type run struct {
 
 // Run builds a world, measures every path, prints the table and returns
 // the results, and the scale measurement if asked for.
-func Run(o Options) ([]Result, *ScaleResult, error) {
+func Run(o Options) (*Report, error) {
 	dir, err := os.MkdirTemp("", "rerouted-bench-")
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	defer os.RemoveAll(dir)
 	logf := func(f string, a ...any) { fmt.Fprintf(o.Out, f+"\n", a...) }
 	w, err := networld.New(fmt.Sprintf("rrbench%d", os.Getpid()), logf)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	defer w.Close()
 	b := &run{o: o, w: w, dir: dir, logf: logf}
 	if err := b.servers(); err != nil {
-		return nil, nil, err
+		return nil, err
+	}
+	if len(o.BusyCommand) > 0 {
+		busy := exec.Command(o.BusyCommand[0], o.BusyCommand[1:]...)
+		if err := busy.Start(); err != nil {
+			return nil, fmt.Errorf("busy host: %w", err)
+		}
+		defer func() { busy.Process.Kill(); busy.Wait() }()
+		logf("busy host: %d threads spinning at normal priority (pid %d)", runtime.NumCPU(), busy.Process.Pid)
 	}
 	// Many short connections: let the host reuse TIME_WAIT ports.
 	if err := w.Host.Sysctl("net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=1024 65000"); err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 
 	all := map[string]func(*run) (func() error, networld.DialOptions, error){
@@ -126,7 +148,7 @@ func Run(o Options) ([]Result, *ScaleResult, error) {
 	}
 	for _, n := range o.Paths {
 		if all[n] == nil {
-			return nil, nil, fmt.Errorf("no path %q", n)
+			return nil, fmt.Errorf("no path %q", n)
 		}
 	}
 	samples := make([][]Result, len(paths))
@@ -149,16 +171,26 @@ func Run(o Options) ([]Result, *ScaleResult, error) {
 		results[i] = median(samples[i])
 	}
 	Table(o.Out, results)
+	rep := &Report{Results: results}
+	if o.Untouched {
+		logf("\nuntouched traffic")
+		u, err := b.untouched()
+		if err != nil {
+			return rep, fmt.Errorf("untouched traffic: %w", err)
+		}
+		UntouchedTable(o.Out, u)
+		rep.Untouched = &u
+	}
 	if o.Scale > 0 {
 		logf("\nscale: %d live flows through rerouted-kernel", o.Scale)
 		s, err := b.scale(o.Scale)
 		if err != nil {
-			return results, nil, fmt.Errorf("scale: %w", err)
+			return rep, fmt.Errorf("scale: %w", err)
 		}
 		ScaleTable(o.Out, s)
-		return results, &s, nil
+		rep.Scale = &s
 	}
-	return results, nil, nil
+	return rep, nil
 }
 
 func (b *run) servers() error {

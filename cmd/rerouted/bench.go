@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime"
 	"strings"
 	"time"
 
@@ -17,6 +18,7 @@ import (
 func cmdBench(args []string) int {
 	o := bench.Options{Out: os.Stdout}
 	var record string
+	var busy bool
 	flags("bench", args, func(fs *flag.FlagSet) {
 		fs.IntVar(&o.Rounds, "rounds", 3, "measurements of each path (alternating); figures are medians")
 		fs.DurationVar(&o.BulkTime, "bulk", 3*time.Second, "duration of each bulk transfer")
@@ -25,6 +27,8 @@ func cmdBench(args []string) int {
 		fs.IntVar(&o.Scale, "scale", 100000, "live flows for the scale measurement (0 skips it)")
 		fs.StringVar(&record, "record", "", "also write the table and the machine into this Markdown file (e.g. BENCHMARKS.md)")
 		fs.Func("paths", pathsHelp(), func(v string) error { o.Paths = strings.Split(v, ","); return nil })
+		fs.BoolVar(&o.Untouched, "untouched", true, "also measure traffic no rule concerns, without and with rerouted")
+		fs.BoolVar(&busy, "busy", false, "keep every CPU busy at normal priority during the whole run, as on a production host")
 	})
 	if os.Geteuid() != 0 {
 		fmt.Fprintln(os.Stderr, "rerouted bench builds network namespaces and needs root")
@@ -37,22 +41,32 @@ func cmdBench(args []string) int {
 	}
 	o.Bin = bin
 	o.HoldCommand = []string{bin, "bench-client"}
+	if busy {
+		o.BusyCommand = []string{bin, "bench-busy"}
+	}
 	var table bytes.Buffer
 	o.Out = io.MultiWriter(os.Stdout, &table)
 	machine := bench.Machine()
 	fmt.Printf("machine: %s\n", machine)
-	results, scale, err := bench.Run(o)
+	rep, err := bench.Run(o)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "rerouted bench: %v\n", err)
 		return exitFailure
 	}
 	if record != "" {
 		var sec bytes.Buffer
+		extra := pathsFlag(o.Paths)
+		if busy {
+			extra += " --busy"
+		}
 		fmt.Fprintf(&sec, "Measured by `rerouted bench --rounds %d --bulk %s --conns %d --parallel %d --scale %d%s` on %s.\n",
-			o.Rounds, o.BulkTime, o.Conns, o.Parallel, o.Scale, pathsFlag(o.Paths), machine)
-		bench.Table(&sec, results)
-		if scale != nil {
-			bench.ScaleTable(&sec, *scale)
+			o.Rounds, o.BulkTime, o.Conns, o.Parallel, o.Scale, extra, machine)
+		bench.Table(&sec, rep.Results)
+		if rep.Untouched != nil {
+			bench.UntouchedTable(&sec, *rep.Untouched)
+		}
+		if rep.Scale != nil {
+			bench.ScaleTable(&sec, *rep.Scale)
 		}
 		if err := bench.Record(record, sec.String()); err != nil {
 			fmt.Fprintf(os.Stderr, "rerouted bench: %v\n", err)
@@ -97,4 +111,19 @@ func pathsFlag(paths []string) string {
 		return ""
 	}
 	return " --paths " + strings.Join(paths, ",")
+}
+
+// cmdBenchBusy keeps every CPU busy until it is killed: the bench's busy
+// host. Not for operators.
+func cmdBenchBusy([]string) int {
+	for i := 0; i < runtime.NumCPU(); i++ {
+		go func() {
+			runtime.LockOSThread()
+			x := uint64(1)
+			for x != 0 { // spins: that is the point
+				x = x*6364136223846793005 + 1442695040888963407
+			}
+		}()
+	}
+	select {}
 }

@@ -80,6 +80,8 @@ func main() {
 		code = cmdBench(args)
 	case "bench-client": // the bench's helper process
 		code = cmdBenchClient(args)
+	case "bench-busy": // the bench's busy host
+		code = cmdBenchBusy(args)
 	case "-h", "--help", "help":
 		fmt.Print(usage)
 	default:
