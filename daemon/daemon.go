@@ -32,6 +32,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"reflect"
 	"runtime/debug"
 	"strconv"
 	"strings"
@@ -316,6 +317,10 @@ func Run(ctx context.Context, o Options) (err error) {
 	go func() { defer wg.Done(); d.sweepLoop(runCtx, sweepDiag) }()
 	go func() { defer wg.Done(); d.serveControl(runCtx, ctl) }()
 	go func() { defer wg.Done(); d.reloadLoop(runCtx, o.Reload) }()
+	// Teardown stops these goroutines (and the probes, and the metrics
+	// server) before it closes anything they use: the table, the sockets,
+	// the routing.
+	undo = append(undo, func() error { stop(); wg.Wait(); return nil })
 
 	// Workers last: binding a queue is what makes new connections ours, so
 	// "ready" means they are translated, not passed by the queue's bypass.
@@ -520,6 +525,20 @@ func (d *Daemon) reload() {
 		d.log.Warn("reload: [daemon] settings take effect at the next start", "config", cfg.File)
 		cfg.Daemon = old.Daemon
 	}
+	// Probes and managed routing are set up at the start; rules and
+	// uplinks' marks and fallbacks change now.
+	for _, u := range cfg.Uplinks {
+		o := old.UplinkByName(u.Name)
+		switch {
+		case o == nil && (u.Health != nil || u.Managed()):
+			d.log.Warn("reload: a new uplink's [uplink.health] and managed routing take effect at the next start", "uplink", u.Name)
+		case o == nil:
+		case !reflect.DeepEqual(o.Health, u.Health):
+			d.log.Warn("reload: [uplink.health] changes take effect at the next start", "uplink", u.Name)
+		case o.Interface != u.Interface || o.Gateway != u.Gateway || o.Gateway6 != u.Gateway6 || o.GatewayAuto != u.GatewayAuto || o.Table != u.Table:
+			d.log.Warn("reload: managed routing changes take effect at the next start", "uplink", u.Name)
+		}
+	}
 	// The kernel's prefilter and the policy change together: first a
 	// filter that queues what either policy concerns, then the policy,
 	// then the new policy's own filter. No packet the new policy
@@ -711,7 +730,10 @@ func errString(err error) string {
 }
 
 func entry(f *flow.Flow) nftdp.Entry {
-	return nftdp.Entry{Proto: f.Proto, Src: f.Src, Dst: f.Dst, NewSrc: f.NewSrc, Mark: f.Mark, Pass: f.Pass}
+	if f.Pass { // a pass element is the tuple alone: as the kernel lists it
+		return nftdp.Entry{Proto: f.Proto, Src: f.Src, Dst: f.Dst, NewSrc: f.Src, Pass: true}
+	}
+	return nftdp.Entry{Proto: f.Proto, Src: f.Src, Dst: f.Dst, NewSrc: f.NewSrc, Mark: f.Mark}
 }
 
 // reportOverBudget logs, at WARNING, each user whose new flows went past

@@ -162,6 +162,10 @@ func (w *worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 		if err := w.diag.Lookup(unix.IPPROTO_UDP, t.Src, t.Dst, &sock); err != nil && !errors.Is(err, sockdiag.ErrNotFound) {
 			d.stats.errors[errSocketLookup].Add(1)
 			d.log.Error("socket lookup", "proto", "udp", "src", t.Src, "dst", t.Dst, "err", err)
+			if d.failClosed {
+				w.fail(p, t, failSocketLookup)
+				return
+			}
 		}
 	}
 	if sock.Cookie == 0 {
@@ -223,8 +227,8 @@ func (w *worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 	if echo && onWire {
 		// An echo keeps its identifier, and another flow has it on the wire
 		// to the same peer: replies could not be told apart.
-		d.log.Warn("echo identifier in use on the wire; leaving it untranslated", "src", t.Src, "dst", t.Dst, "new_src", want)
-		w.accept(p)
+		d.log.Warn("echo identifier in use on the wire: cannot translate", "src", t.Src, "dst", t.Dst, "new_src", want)
+		w.fail(p, t, failEchoID)
 		return
 	}
 	if f.Dev == "" {
@@ -240,6 +244,7 @@ func (w *worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 	}
 	if !ok {
 		d.stats.errors[errNoPort].Add(1)
+		d.stats.failed[failNoPort].Add(1)
 		d.log.Error("no free source port for translation; dropping the datagram", "proto", protoName(t.Proto), "src", t.Src, "dst", t.Dst, "new_src", rt.Src)
 		w.drop(p)
 		return
@@ -362,9 +367,11 @@ func (w *worker) syn(p *queue.Packet, t *rewrite.Packet) {
 // source: the packet's own for mark 0. A marked flow with no route is left
 // untranslated (false).
 func (w *worker) route(p *queue.Packet, t *rewrite.Packet, mark, uid uint32) (route, bool) {
-	if mark == 0 {
+	if mark == 0 && p.Mark == 0 {
 		return route{Src: t.Src.Addr(), DevIdx: int(p.OutDev)}, true
 	}
+	// (A host-marked flow moved to the host's routing, its uplink being
+	// down, asks it too: its socket's source was chosen for the mark.)
 	rt, err := w.routes.lookup(t.Dst.Addr(), mark, uid, true)
 	if err != nil {
 		w.d.stats.errors[errNoRoute].Add(1)
@@ -614,10 +621,11 @@ const (
 	failSocketLookup                   // sock_diag failed
 	failNoRoute                        // the mark's route does not exist
 	failNoPort                         // no free source port (always dropped)
+	failEchoID                         // an echo's identifier is on the wire already, to the same peer
 	failReasons
 )
 
-var failReasonNames = [failReasons]string{"no_socket", "socket_lookup", "no_route", "no_free_port"}
+var failReasonNames = [failReasons]string{"no_socket", "socket_lookup", "no_route", "no_free_port", "echo_id_in_use"}
 
 // fail handles a first packet whose flow cannot be decided as the policy
 // says: with on_failure = "open" it leaves as the host's routing sends it,

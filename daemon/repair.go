@@ -31,6 +31,9 @@ func (d *Daemon) guardTable(ctx context.Context, m *nftdp.Monitor) {
 	defer stop()
 	for {
 		m.SetDeadline(time.Now().Add(tableCheckEvery))
+		if ctx.Err() != nil { // stopped while the deadline was being set
+			return
+		}
 		dmg, err := m.Next()
 		if ctx.Err() != nil {
 			return
@@ -52,7 +55,13 @@ func (d *Daemon) guardTable(ctx context.Context, m *nftdp.Monitor) {
 				d.log.Error("check table", "table", "inet "+nftdp.TableName, "err", err)
 				continue
 			}
-			if len(missing) == 0 && !dmg.Overflow {
+			if len(missing) == 0 {
+				if dmg.Overflow {
+					// Lost notifications, nothing missing: another
+					// program's busy ruleset. Put every flow's elements
+					// back in case some of them were deleted, and no more.
+					d.restoreElements()
+				}
 				continue
 			}
 			dmg.Lost = append(dmg.Lost, missing...)
@@ -77,8 +86,41 @@ func (d *Daemon) repairTable(dmg *nftdp.Damage) {
 			"table", "inet "+nftdp.TableName, "damage", dmg.String(), "err", err)
 		return
 	}
+	restored, failed := d.addAll()
+	removed := 0
+	if dmg.Foreign && !d.userspace {
+		removed = d.removeForeign()
+	}
+
+	for _, what := range repairKinds(dmg) {
+		d.metrics.repairs.WithLabelValues(what).Inc()
+	}
+	by := dmg.By
+	if by == "" {
+		by = "unknown (found by a check)"
+	}
+	d.log.Warn("another program changed rerouted's table; repaired it",
+		"table", "inet "+nftdp.TableName, "damage", dmg.String(), "by", by,
+		"unprotected_for", time.Since(dmg.At).Round(100*time.Microsecond),
+		"flows_restored", restored, "flows_failed", failed, "foreign_elements_removed", removed)
+}
+
+// restoreElements adds every flow's elements again, where they may have
+// been deleted unseen.
+func (d *Daemon) restoreElements() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.inst.flushMu.Lock()
+	defer d.inst.flushMu.Unlock()
+	restored, failed := d.addAll()
+	d.log.Info("nftables notifications were lost (another program's busy ruleset); the table is whole, flows' elements re-added",
+		"flows", restored, "failed", failed)
+}
+
+// addAll adds every flow's elements (again); elements that are there stay.
+// Call with d.mu and the installer's flushMu held.
+func (d *Daemon) addAll() (restored, failed int) {
 	flows := d.flows.Snapshot()
-	restored, failed := 0, 0
 	changes := make([]nftdp.Op, 0, maxBatch)
 	apply := func() {
 		if err := d.dp.Apply(changes); err != nil {
@@ -99,23 +141,7 @@ func (d *Daemon) repairTable(dmg *nftdp.Damage) {
 		}
 	}
 	apply()
-	restored = len(flows) - failed
-	removed := 0
-	if dmg.Foreign && !d.userspace {
-		removed = d.removeForeign()
-	}
-
-	for _, what := range repairKinds(dmg) {
-		d.metrics.repairs.WithLabelValues(what).Inc()
-	}
-	by := dmg.By
-	if by == "" {
-		by = "unknown (found by a check)"
-	}
-	d.log.Warn("another program changed rerouted's table; repaired it",
-		"table", "inet "+nftdp.TableName, "damage", dmg.String(), "by", by,
-		"unprotected_for", time.Since(dmg.At).Round(100*time.Microsecond),
-		"flows_restored", restored, "flows_failed", failed, "foreign_elements_removed", removed)
+	return len(flows) - failed, failed
 }
 
 // removeForeign deletes elements of the kernel datapath's sets that no flow

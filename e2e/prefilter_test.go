@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"fmt"
+	"math"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -423,7 +424,9 @@ dport = [9]
 			t.Logf("%s: over budget: uid 4321 %v connections, uid 4322 %v datagrams; %v more failed open in the daemon; ISP A saw %d SYNs and %d datagrams of the floods",
 				mode, over, overUDP, failedOpen, syns, datagrams)
 			switch {
-			case mode == "open" && float64(syns) != over+failedOpen:
+			case mode == "open" && math.Abs(float64(syns)-(over+failedOpen)) > max(20, 0.005*(over+failedOpen)):
+				// (A burst of 20,000 SYNs can lose a few in the veth's
+				// queue on the way to ISP A: a tolerance of 0.5%.)
 				t.Errorf("ISP A saw %d SYNs of the flood; the counters say %v over budget + %v failed open", syns, over, failedOpen)
 			case mode == "open" && float64(datagrams) < overUDP:
 				// A datagram past the budget leaves untranslated, and its

@@ -353,6 +353,12 @@ func (d *Datapath) Repair() error {
 // elements; it is how the daemon checks its table when notifications were
 // lost.
 func (d *Datapath) Missing() ([]string, error) {
+	// What this datapath installed last, read first: mu before listMu,
+	// the order every other path takes them in.
+	d.mu.Lock()
+	want := d.ruleCount
+	filterSets := d.filterSets
+	d.mu.Unlock()
 	d.listMu.Lock()
 	defer d.listMu.Unlock()
 	t, err := d.conn.ListTableOfFamily(TableName, nftables.TableFamilyINet)
@@ -376,14 +382,11 @@ func (d *Datapath) Missing() ([]string, error) {
 			missing = append(missing, "set "+n)
 		}
 	}
-	d.mu.Lock()
-	want := d.ruleCount
-	for _, s := range d.filterSets {
+	for _, s := range filterSets {
 		if !have[s.Name] {
 			missing = append(missing, "set "+s.Name)
 		}
 	}
-	d.mu.Unlock()
 	for _, chain := range []string{"output", "prerouting", filterSYN, filterNew, enqueueSYN, enqueueNew} {
 		rules, err := d.conn.GetRules(d.table, &nftables.Chain{Name: chain, Table: d.table})
 		if err != nil {
@@ -722,7 +725,7 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []ruleMsg {
 						&expr.Verdict{Kind: expr.VerdictAccept})...)},
 					ruleMsg{chain: "prerouting", exprs: exprs(append(append(append(append(protoOf(f, p, 1), toLocal...),
 						&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: f.saddr, Len: p.meter.KeyType.Bytes},
-						&expr.Dynset{SrcRegKey: 1, SetName: p.meter.Name, Operation: unix.NFT_DYNSET_OP_ADD, Timeout: meterFor,
+						&expr.Dynset{SrcRegKey: 1, SetName: p.meter.Name, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: meterFor,
 							Exprs: []expr.Any{&expr.Limit{Type: expr.LimitTypePkts, Rate: learnRate, Unit: expr.LimitTimeSecond, Burst: learnBurst}}}),
 						loadTuple(f, f.daddr, p.dport, f.saddr, p.sport)...),
 						&expr.Dynset{SrcRegKey: 8, SetName: p.seen.Name, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: d.seenFor})...)})

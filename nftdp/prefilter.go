@@ -105,13 +105,16 @@ func (d *Datapath) compile(f Filter, gen int, native bool) compiled {
 		// open (or closed) on its own flows only, counted in uid_over.
 		var budget []expr.Any
 		if f.UIDRate > 0 {
-			over := expr.Any(&expr.Verdict{Kind: expr.VerdictAccept})
+			// Fail-open is a return: the packet goes on through the
+			// output chain, so that a retransmitted SYN of a flow
+			// already translated still meets its translation.
+			over := expr.Any(&expr.Verdict{Kind: expr.VerdictReturn})
 			if f.FailClosed {
 				over = &expr.Verdict{Kind: expr.VerdictDrop}
 			}
 			budget = []expr.Any{
 				&expr.Meta{Key: expr.MetaKeySKUID, Register: 1},
-				&expr.Dynset{SrcRegKey: 1, SetName: uidMeter, Operation: unix.NFT_DYNSET_OP_ADD, Timeout: 10 * time.Second,
+				&expr.Dynset{SrcRegKey: 1, SetName: uidMeter, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: 10 * time.Second,
 					Exprs: []expr.Any{&expr.Limit{Type: expr.LimitTypePkts, Rate: uint64(f.UIDRate), Over: true, Unit: expr.LimitTimeSecond,
 						Burst: uint32(2 * f.UIDRate)}}},
 				&expr.Dynset{SrcRegKey: 1, SetName: uidOver, Operation: unix.NFT_DYNSET_OP_ADD, Exprs: []expr.Any{&expr.Counter{}}},
@@ -123,7 +126,9 @@ func (d *Datapath) compile(f Filter, gen int, native bool) compiled {
 		// receives, shows the kernel's silent fail-open (a full queue).
 		c.rules = append(c.rules, ruleMsg{chain: enqueue, exprs: exprs(&expr.Counter{},
 			queueTo(d.first, d.total, native, chain == filterSYN, !f.FailClosed))})
-		verdict := &expr.Verdict{Kind: expr.VerdictJump, Chain: enqueue}
+		// goto, not jump: a return from the enqueue chain goes back to
+		// the output chain, past the filter.
+		verdict := &expr.Verdict{Kind: expr.VerdictGoto, Chain: enqueue}
 		if f.HonorMarks {
 			c.rules = append(c.rules, ruleMsg{chain: chain, exprs: exprs(
 				&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
@@ -299,7 +304,7 @@ func (d *Datapath) applyFilter() error {
 	}
 	rules := append(d.rules(d.first, d.total, native), c.rules...)
 	d.listMu.Lock()
-	if n, err := d.offeredNow(); err == nil { // the replaced rules' counts go on
+	if n, err := d.offeredNow(); err == nil && d.ruleCount != nil { // the replaced rules' counts go on (not an earlier run's)
 		d.offeredBefore += n
 	}
 	d.listMu.Unlock()

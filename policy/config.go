@@ -354,6 +354,9 @@ func (p *parser) uplink(path string, t map[string]any) *Uplink {
 	case hasTable && u.Interface == "":
 		p.errorf(path, "a managed [[uplink]] needs its interface")
 	}
+	if _, ok := t["health"]; ok && u.Interface == "" {
+		p.errorf(path+".health", "an [[uplink]] with [uplink.health] needs its interface: probes are sent from its addresses")
+	}
 	if _, ok := t["name"]; !ok {
 		p.errorf(path, "[[uplink]] needs a name")
 	}

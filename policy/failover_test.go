@@ -62,6 +62,7 @@ func TestHealth(t *testing.T) {
 [[uplink]]
 name = "isp-b"
 mark = 100
+interface = "eth1"
 [uplink.health]
 targets = ["192.0.2.53", "2001:db8::53", "tcp:192.0.2.80:443", "tcp:[2001:db8::80]:443"]
 interval = "500ms"
@@ -85,6 +86,9 @@ up_after = 1
 		{`interval = "1s"`, `[uplink.health] needs targets`},
 	} {
 		_, err := Parse("t.toml", []byte("\n[[uplink]]\nname = \"isp-b\"\nmark = 100\n[uplink.health]\n"+c.body+"\n"))
+		if err == nil || !strings.Contains(err.Error(), "needs its interface") {
+			t.Errorf("%s: %v, want the interface required", c.body, err)
+		}
 		if err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%s: %v, want %q", c.body, err, c.want)
 		}

@@ -2,6 +2,7 @@ package policy
 
 import (
 	"net/netip"
+	"slices"
 	"strings"
 )
 
@@ -69,10 +70,11 @@ func (c *Config) KernelRules() []KernelRule {
 					k.Exact = false
 				}
 			case "dport":
+				// Merged: a kernel interval set refuses overlaps.
 				if cd.neg {
-					k.NotDports = cd.kv.([]PortRange)
+					k.NotDports = mergePorts(cd.kv.([]PortRange))
 				} else {
-					k.Dports = cd.kv.([]PortRange)
+					k.Dports = mergePorts(cd.kv.([]PortRange))
 				}
 			case "uid", "user":
 				if cd.neg {
@@ -172,3 +174,18 @@ func (c *Config) Prefiltered(f *Flow) (queued bool, why string) {
 }
 
 func strconvQuote(s string) string { return `"` + strings.ReplaceAll(s, `"`, `\"`) + `"` }
+
+// mergePorts sorts port ranges and merges those that overlap or touch.
+func mergePorts(rs []PortRange) []PortRange {
+	s := slices.Clone(rs)
+	slices.SortFunc(s, func(a, b PortRange) int { return int(a.Lo) - int(b.Lo) })
+	var out []PortRange
+	for _, r := range s {
+		if n := len(out); n > 0 && int(r.Lo) <= int(out[n-1].Hi)+1 {
+			out[n-1].Hi = max(out[n-1].Hi, r.Hi)
+			continue
+		}
+		out = append(out, r)
+	}
+	return out
+}

@@ -106,3 +106,10 @@ protocol = "udp"
 		}
 	}
 }
+
+func TestMergePorts(t *testing.T) {
+	got := fmt.Sprint(mergePorts([]PortRange{{85, 85}, {80, 90}, {91, 95}, {100, 100}, {1, 2}}))
+	if want := "[1-2 80-95 100]"; got != want {
+		t.Errorf("merged %s, want %s", got, want)
+	}
+}
