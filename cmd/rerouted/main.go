@@ -229,49 +229,32 @@ func cmdRun(args []string) int {
 }
 
 func cmdFlows(args []string) int {
-	var file string
-	var asJSON bool
-	flags("flows", args, func(fs *flag.FlagSet) {
-		fs.StringVar(&file, "config", "", "configuration file (for the control socket's path)")
-		fs.BoolVar(&asJSON, "json", false, `print {"flows": [...]}`)
-	})
-	cfg, code := loadConfig(file)
-	if cfg == nil {
-		return code
-	}
-	flows, err := daemon.QueryFlows(cfg.Daemon.ControlSocket)
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "rerouted: %v\n", err)
-		return exitFailure
-	}
-	if asJSON {
-		enc := json.NewEncoder(os.Stdout)
-		enc.SetIndent("", "  ")
-		if err := enc.Encode(daemon.FlowsReply{Flows: flows}); err != nil {
-			fmt.Fprintf(os.Stderr, "rerouted: %v\n", err)
-			return exitFailure
-		}
-		return exitOK
-	}
-	for _, f := range flows {
-		fmt.Println(f)
-	}
-	fmt.Fprintf(os.Stderr, "rerouted: %d flows\n", len(flows))
-	return exitOK
+	return listCmd("flows", args, daemon.QueryFlows,
+		func(fs []daemon.FlowInfo) any { return daemon.FlowsReply{Flows: fs} },
+		func(f daemon.FlowInfo) string { return f.String() }, "flows")
 }
 
 func cmdUplinks(args []string) int {
+	return listCmd("uplinks", args, daemon.QueryUplinks,
+		func(us []daemon.UplinkInfo) any { return daemon.UplinksReply{Uplinks: us} },
+		func(u daemon.UplinkInfo) string { return fmt.Sprintf("%s flows %d", u.Status, u.Flows) }, "")
+}
+
+// listCmd asks the running daemon for a list (through the control socket
+// the configuration names) and prints it, a line each or as JSON; count,
+// if set, says on standard error how many there were.
+func listCmd[T any](name string, args []string, ask func(string) ([]T, error), reply func([]T) any, line func(T) string, count string) int {
 	var file string
 	var asJSON bool
-	flags("uplinks", args, func(fs *flag.FlagSet) {
+	flags(name, args, func(fs *flag.FlagSet) {
 		fs.StringVar(&file, "config", "", "configuration file (for the control socket's path)")
-		fs.BoolVar(&asJSON, "json", false, `print {"uplinks": [...]}`)
+		fs.BoolVar(&asJSON, "json", false, fmt.Sprintf(`print {%q: [...]}`, name))
 	})
 	cfg, code := loadConfig(file)
 	if cfg == nil {
 		return code
 	}
-	ups, err := daemon.QueryUplinks(cfg.Daemon.ControlSocket)
+	items, err := ask(cfg.Daemon.ControlSocket)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "rerouted: %v\n", err)
 		return exitFailure
@@ -279,14 +262,17 @@ func cmdUplinks(args []string) int {
 	if asJSON {
 		enc := json.NewEncoder(os.Stdout)
 		enc.SetIndent("", "  ")
-		if err := enc.Encode(daemon.UplinksReply{Uplinks: ups}); err != nil {
+		if err := enc.Encode(reply(items)); err != nil {
 			fmt.Fprintf(os.Stderr, "rerouted: %v\n", err)
 			return exitFailure
 		}
 		return exitOK
 	}
-	for _, u := range ups {
-		fmt.Printf("%s flows %d\n", u.Status, u.Flows)
+	for _, it := range items {
+		fmt.Println(line(it))
+	}
+	if count != "" {
+		fmt.Fprintf(os.Stderr, "rerouted: %d %s\n", len(items), count)
 	}
 	return exitOK
 }
