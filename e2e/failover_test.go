@@ -68,9 +68,7 @@ func TestUplinkFlap(t *testing.T) {
 		t.Fatalf("isp-b at start: %+v", u)
 	}
 
-	if _, err := e.w.Host.Run("ip", "link", "set", "hb", "down"); err != nil {
-		t.Fatal(err)
-	}
+	e.linkB(false)
 	down := time.Now()
 	eventually(t, time.Second, "isp-b down in `rerouted uplinks`", func() bool { return !e.uplinks()["isp-b/ipv4"].Up })
 	t.Logf("isp-b seen down after %v", time.Since(down).Round(time.Millisecond))
@@ -103,12 +101,7 @@ func TestUplinkFlap(t *testing.T) {
 
 	// Back: the link, and the table's route (as the host's network
 	// configuration puts it back; a managed uplink's rerouted does).
-	if _, err := e.w.Host.Run("ip", "link", "set", "hb", "up"); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := e.w.Host.Run("ip", "route", "replace", "default", "via", networld.GwB.String(), "dev", "hb", "table", "100"); err != nil {
-		t.Fatal(err)
-	}
+	e.linkB(true)
 	back := time.Now()
 	eventually(t, time.Second, "isp-b up", func() bool { return e.uplinks()["isp-b/ipv4"].Up })
 	t.Logf("isp-b seen up after %v", time.Since(back).Round(time.Millisecond))
@@ -148,9 +141,7 @@ func TestHostMarkedFlowKeepsItsPath(t *testing.T) {
 	e := newEnv(t, "kernel", "")
 	e.hostMark("nft", 80)
 	e.start()
-	if _, err := e.w.Host.Run("ip", "link", "set", "hb", "down"); err != nil {
-		t.Fatal(err)
-	}
+	e.linkB(false)
 	eventually(t, time.Second, "isp-b down", func() bool { return !e.uplinks()["isp-b/ipv4"].Up })
 	c, err := e.w.Dial(networld.DialOptions{Port: 80})
 	if err != nil {
@@ -161,12 +152,7 @@ func TestHostMarkedFlowKeepsItsPath(t *testing.T) {
 	if peer, err := networld.Greeting(r); err != nil || peer.Addr() != networld.HostA {
 		t.Fatalf("during the outage: server saw %v, err %v", peer, err)
 	}
-	if _, err := e.w.Host.Run("ip", "link", "set", "hb", "up"); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := e.w.Host.Run("ip", "route", "replace", "default", "via", networld.GwB.String(), "dev", "hb", "table", "100"); err != nil {
-		t.Fatal(err)
-	}
+	e.linkB(true)
 	eventually(t, time.Second, "isp-b up", func() bool { return e.uplinks()["isp-b/ipv4"].Up })
 	foreign := e.counter(e.w.B, "foreign")
 	c.SetDeadline(time.Now().Add(5 * time.Second))
@@ -347,18 +333,30 @@ dport = [8080]
 		t.Errorf("sticky: a user's 20 connections to one destination went %d via ISP A and %d via ISP B", a, b)
 	}
 
-	if _, err := e.w.Host.Run("ip", "link", "set", "hb", "down"); err != nil {
-		t.Fatal(err)
-	}
+	e.linkB(false)
 	eventually(t, time.Second, "isp-b down", func() bool { return !e.uplinks()["isp-b/ipv4"].Up })
 	if a, b := count(80, 100); b != 0 {
 		t.Errorf("with ISP B down, %d of 100 connections went via ISP B (%d via A)", b, a)
 	}
+	e.linkB(true)
+	eventually(t, time.Second, "isp-b up", func() bool { return e.uplinks()["isp-b/ipv4"].Up })
+}
+
+// linkB takes ISP B's link down, or brings it back with its table's route,
+// as the host's network configuration puts it back (the kernel drops a
+// table's routes with the link; a managed uplink's rerouted restores them).
+func (e *env) linkB(up bool) {
+	e.t.Helper()
+	if !up {
+		if _, err := e.w.Host.Run("ip", "link", "set", "hb", "down"); err != nil {
+			e.t.Fatal(err)
+		}
+		return
+	}
 	if _, err := e.w.Host.Run("ip", "link", "set", "hb", "up"); err != nil {
-		t.Fatal(err)
+		e.t.Fatal(err)
 	}
 	if _, err := e.w.Host.Run("ip", "route", "replace", "default", "via", networld.GwB.String(), "dev", "hb", "table", "100"); err != nil {
-		t.Fatal(err)
+		e.t.Fatal(err)
 	}
-	eventually(t, time.Second, "isp-b up", func() bool { return e.uplinks()["isp-b/ipv4"].Up })
 }

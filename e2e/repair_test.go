@@ -30,9 +30,9 @@ protocol = "udp"
 dport = [53]
 `
 
-// metric scrapes the daemon's /metrics (metrics_listen in the host
-// namespace) and returns the value of one series, or -1 if absent.
-func (e *env) metric(series string) float64 {
+// metrics scrapes the daemon's /metrics (metrics_listen in the host
+// namespace; the connection is made on a thread inside it).
+func (e *env) metrics() string {
 	e.t.Helper()
 	var conn net.Conn
 	if err := e.w.Host.Do(func() (err error) { conn, err = net.DialTimeout("tcp", "127.0.0.1:9477", 3*time.Second); return err }); err != nil {
@@ -46,10 +46,16 @@ func (e *env) metric(series string) float64 {
 		e.t.Fatal(err)
 	}
 	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		e.t.Fatal(err)
+	if err != nil || resp.StatusCode != 200 {
+		e.t.Fatalf("GET /metrics: %s, %v", resp.Status, err)
 	}
-	for _, line := range strings.Split(string(b), "\n") {
+	return string(b)
+}
+
+// metric returns the value of one series of /metrics, or -1 if absent.
+func (e *env) metric(series string) float64 {
+	e.t.Helper()
+	for _, line := range strings.Split(e.metrics(), "\n") {
 		if v, ok := strings.CutPrefix(line, series+" "); ok {
 			f, err := strconv.ParseFloat(v, 64)
 			if err != nil {
