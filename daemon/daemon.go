@@ -270,6 +270,10 @@ func Run(ctx context.Context, o Options) (err error) {
 	if d.dp, err = nftdp.Install(cfg.Daemon.Queue, nq, d.userspace, cfg.Daemon.IdleTimeout, nftdp.FilterOf(cfg)); err != nil {
 		return err
 	}
+	if d.dp.DefragErr != nil {
+		d.log.Warn("the kernel cannot reassemble IP fragments for rerouted: a datagram of a translated flow that arrives in fragments is lost",
+			"err", d.dp.DefragErr)
+	}
 	if d.dp.Replaced {
 		d.log.Warn("removed a table left by an earlier run; its flows are no longer translated", "table", "inet "+nftdp.TableName)
 	}

@@ -139,6 +139,9 @@ type Datapath struct {
 	// Replaced is true when a table left by an earlier run was removed,
 	// Adopted when it was kept with its flows' elements.
 	Replaced, Adopted bool
+	// DefragErr is why the kernel could not be asked to reassemble
+	// fragments (nil: it does; see defragRule).
+	DefragErr error
 }
 
 // family is one address family's part of the table.
@@ -297,6 +300,11 @@ func (d *Datapath) install(first, total uint16) error {
 	// Generations start at a number of this run's own: an adopted table
 	// may hold an earlier run's prefilter sets.
 	d.gen = int(time.Now().UnixNano()/1e3%1e6) * 100
+	// Appended after the chain's rules, where it cannot change anything
+	// before the transaction below replaces them all.
+	if d.DefragErr = d.elems.addRules([]ruleMsg{defragRule()}, nil); d.DefragErr != nil {
+		d.DefragErr = fmt.Errorf("%w (is the nft_tproxy module available?)", d.DefragErr)
+	}
 	d.QueueMethod = "nft queue"
 	errNative := d.applyFilter()
 	if errNative != nil {
@@ -582,6 +590,9 @@ func (d *Datapath) rules(first, total uint16, native bool) []ruleMsg {
 	// too big, time exceeded, parameter problem) go to the daemon, which
 	// readdresses those that quote a translated flow. They are rare; path
 	// MTU discovery needs them. Ones the host sends itself come in on lo.
+	if d.DefragErr == nil {
+		rules = append(rules, defragRule())
+	}
 	for _, r := range []struct {
 		nfproto, proto, lo, hi byte
 	}{
@@ -600,6 +611,29 @@ func (d *Datapath) rules(first, total uint16, native bool) []ruleMsg {
 		)})
 	}
 	return append(rules, d.flowRules(first, total, native)...)
+}
+
+// defragRule makes the kernel reassemble IP fragments before the
+// prerouting chain, without connection tracking. A translated flow needs
+// it: only a datagram's first fragment carries the ports its element is
+// found by, so without reassembly the reply's first fragment would be
+// readdressed to the socket and the others not, and the datagram never
+// completes. Reassembly (nf_defrag_ipv4/ipv6, priority -400) is what
+// conntrack enables too; here a transparent-proxy expression enables it,
+// for both families of the namespace, for as long as the rule exists. The
+// rule itself never matches: a packet is not IPv4 and IPv6 at once. (A
+// locally sent datagram larger than the MTU needs nothing: it crosses the
+// output hook whole and is fragmented after the translation.)
+func defragRule() ruleMsg {
+	return ruleMsg{chain: "prerouting", exprs: exprs(
+		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.NFPROTO_IPV4}},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.NFPROTO_IPV6}},
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_UDP}},
+		&expr.Immediate{Register: 1, Data: binaryutil.BigEndian.PutUint16(9)},
+		&expr.TProxy{Family: unix.NFPROTO_UNSPEC, TableFamily: unix.NFPROTO_INET, RegPort: 1},
+	)}
 }
 
 // flowRules returns the per-flow rules: the kernel datapath's translation
