@@ -106,6 +106,7 @@ type stats struct {
 	idle       atomic.Uint64              // UDP and echo flows ended by idleness
 	translated atomic.Uint64              // new flows translated
 	retrans    atomic.Uint64              // retransmitted SYNs of translated flows
+	rawSYNs    atomic.Uint64              // SYNs no TCP socket owns (raw sockets): decided without an owner
 	dropped    atomic.Uint64              // packets dropped (the socket retries)
 	refused    atomic.Uint64              // flows refused: their rule's uplinks were down, on_down = "drop"
 	failed     [failReasons]atomic.Uint64 // new flows that could not be decided as the policy says

@@ -93,7 +93,11 @@ func appendFlow(b []byte, f *flow.Flow) []byte {
 		b = append(b, o.Cgroup...)
 	}
 	b = append(b, " rule="...)
-	return strconv.AppendQuote(b, f.Rule)
+	b = strconv.AppendQuote(b, f.Rule)
+	if f.Proto == 6 && f.Cookie == 0 {
+		b = append(b, " socket=none ends=idle"...) // a raw socket's SYN
+	}
+	return b
 }
 
 func protoName(p uint8) string {

@@ -54,6 +54,7 @@ func newMetrics(d *Daemon) *metrics {
 		{"rerouted_syns_total", "TCP SYNs decided.", d.stats.syns.Load},
 		{"rerouted_datagram_flows_total", "UDP and echo flows decided.", d.stats.datagrams.Load},
 		{"rerouted_translated_total", "New flows translated.", d.stats.translated.Load},
+		{"rerouted_raw_syns_total", "SYNs no TCP socket owns (sent on raw sockets: traceroute -T, SYN scans): decided by the rules without owner keys; their flows end by idleness.", d.stats.rawSYNs.Load},
 		{"rerouted_retransmitted_syns_total", "Retransmitted SYNs of translated flows.", d.stats.retrans.Load},
 		{"rerouted_dropped_packets_total", "Packets the daemon dropped (their sockets retry).", d.stats.dropped.Load},
 		{"rerouted_service_datagram_flows_total", "UDP flows from a local service's socket (unconnected, bound outside the ephemeral ports) that reached the daemon: decided by owner rules only.", d.stats.service.Load},

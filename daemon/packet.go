@@ -287,15 +287,15 @@ func (w *worker) syn(p *queue.Packet, t *rewrite.Packet) {
 		if !errors.Is(err, sockdiag.ErrNotFound) {
 			d.stats.errors[errSocketLookup].Add(1)
 			d.log.Error("socket lookup", "src", t.Src, "dst", t.Dst, "err", err)
+			w.fail(p, t, failSocketLookup)
+			return
 		}
-		// No socket (a raw socket's SYN, or one closed already): nothing
-		// could tell us when the flow ends, so it is not translated.
-		reason := failNoSocket
-		if !errors.Is(err, sockdiag.ErrNotFound) {
-			reason = failSocketLookup
-		}
-		w.fail(p, t, reason)
-		return
+		// No TCP socket: a raw socket's SYN (traceroute -T, a SYN scan,
+		// hping3), or one whose socket closed already. It is decided as
+		// a datagram is: by the rules that need no socket owner, and its
+		// flow ends by idleness (Cookie 0).
+		sock = sockdiag.Socket{UID: p.UID}
+		d.stats.rawSYNs.Add(1)
 	}
 	if f := d.flows.Get(key); f != nil {
 		if f.Cookie == sock.Cookie {
@@ -332,6 +332,7 @@ func (w *worker) syn(p *queue.Packet, t *rewrite.Packet) {
 	// 4. The flow.
 	f := &flow.Flow{Key: key, Mark: mark, Rule: ruleName, UID: sock.UID, Cookie: sock.Cookie, Inode: sock.Inode,
 		Start: time.Now(), Dev: rt.Dev}
+	f.UsedAt = f.Start // a raw socket's flow ends this long after its first SYN (its packets are not counted)
 	headers := tcpIPv4Headers
 	if t.Src.Addr().Is6() {
 		headers = tcpIPv6Headers
@@ -617,15 +618,14 @@ func (w *worker) dropID(id uint32) {
 type failReason int
 
 const (
-	failNoSocket     failReason = iota // no socket owns the packet (a raw socket's SYN)
-	failSocketLookup                   // sock_diag failed
+	failSocketLookup failReason = iota // sock_diag failed
 	failNoRoute                        // the mark's route does not exist
 	failNoPort                         // no free source port (always dropped)
 	failEchoID                         // an echo's identifier is on the wire already, to the same peer
 	failReasons
 )
 
-var failReasonNames = [failReasons]string{"no_socket", "socket_lookup", "no_route", "no_free_port", "echo_id_in_use"}
+var failReasonNames = [failReasons]string{"socket_lookup", "no_route", "no_free_port", "echo_id_in_use"}
 
 // fail handles a first packet whose flow cannot be decided as the policy
 // says: with on_failure = "open" it leaves as the host's routing sends it,

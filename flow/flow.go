@@ -48,8 +48,9 @@ type Flow struct {
 	UsedAt time.Time
 }
 
-// Idles reports whether the flow can end by idleness: UDP and echo flows.
-func (f *Flow) Idles() bool { return f.Proto != 6 }
+// Idles reports whether the flow ends by idleness: UDP and echo flows,
+// and TCP flows with no socket to follow (a raw socket's SYN).
+func (f *Flow) Idles() bool { return f.Proto != 6 || f.Cookie == 0 }
 
 // Owner is the process and cgroup behind a flow's socket, as far as known.
 type Owner struct {
