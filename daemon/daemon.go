@@ -54,8 +54,10 @@ import (
 type Options struct {
 	Config *policy.Config
 	Log    *slog.Logger
-	Events io.Writer       // one line per translated flow created or removed; nil for none
-	Reload <-chan struct{} // each receive reloads the configuration file (SIGHUP)
+	Events io.Writer // the debug stream: one line per flow event; nil for none
+	// EventKinds selects the debug stream's lines (0: all of them).
+	EventKinds EventKinds
+	Reload     <-chan struct{} // each receive reloads the configuration file (SIGHUP)
 	// Detach, when it receives, stops the daemon for a restart: it exits
 	// leaving its table, its flows' elements and its uplinks' routing in
 	// place (translated flows keep working, new ones pass untranslated
@@ -165,7 +167,11 @@ func Run(ctx context.Context, o Options) (err error) {
 	d.inst = newInstaller(d)
 	d.metrics = newMetrics(d)
 	if o.Events != nil {
-		d.events = &eventWriter{w: o.Events}
+		kinds := o.EventKinds
+		if kinds == 0 {
+			kinds = EventAll
+		}
+		d.events = &eventWriter{w: o.Events, kinds: kinds}
 	}
 	if err := checkUplinks(cfg); err != nil {
 		return err

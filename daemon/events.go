@@ -1,9 +1,11 @@
 package daemon
 
 import (
+	"fmt"
 	"io"
 	"net/netip"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -25,15 +27,77 @@ import (
 //
 //	[NEW] icmp src=198.51.100.2 dst=192.0.2.80 id=4242 mark=100 => src=203.0.113.2 dev=hb uid=0 rule="host mark"
 //
-// A nil *eventWriter prints nothing.
+// A flow the daemon decided to leave alone gets one line, with why:
+//
+//	[PASS] tcp src=198.51.100.2 dst=192.0.2.80 sport=40314 dport=8081 mark=0 uid=1000 pid=4243 comm="curl" exe=/usr/bin/curl rule="" reason="no rule matched"
+//
+// A nil *eventWriter prints nothing; kinds selects what a non-nil one
+// prints.
 type eventWriter struct {
-	mu  sync.Mutex
-	w   io.Writer
-	buf []byte
+	kinds EventKinds
+	mu    sync.Mutex
+	w     io.Writer
+	buf   []byte
 }
 
+// EventKinds selects the lines of the debug stream (--debug=new,pass,...).
+type EventKinds uint16
+
+// The kinds of debug-stream line.
+const (
+	EventNew     EventKinds = 1 << iota // [NEW] and [ADOPT]: a flow translated, or adopted at start
+	EventDestroy                        // [DESTROY]: a translation ended
+	EventPass                           // [PASS]: a new flow left alone, and why
+	EventMove                           // [MOVE]: a flow moved off an address that went away
+	EventRefused                        // [REFUSED]: a flow refused, its rule's uplinks all down
+	EventUplink                         // [UPLINK]: an uplink went down or came up
+	EventLog                            // the daemon's DEBUG log lines
+	EventAll     = EventNew | EventDestroy | EventPass | EventMove | EventRefused | EventUplink | EventLog
+)
+
+var eventKindNames = []struct {
+	name string
+	kind EventKinds
+}{{"new", EventNew}, {"destroy", EventDestroy}, {"pass", EventPass}, {"move", EventMove},
+	{"refused", EventRefused}, {"uplink", EventUplink}, {"log", EventLog}}
+
+// ParseEventKinds reads a comma-separated list of event kinds ("new,pass");
+// "all" or "true" is every kind.
+func ParseEventKinds(s string) (EventKinds, error) {
+	var k EventKinds
+	for _, name := range strings.Split(s, ",") {
+		name = strings.TrimSpace(name)
+		if name == "all" || name == "true" {
+			k |= EventAll
+			continue
+		}
+		found := false
+		for _, n := range eventKindNames {
+			if n.name == name {
+				k |= n.kind
+				found = true
+			}
+		}
+		if !found {
+			var names []string
+			for _, n := range eventKindNames {
+				names = append(names, n.name)
+			}
+			return 0, fmt.Errorf("unknown debug event kind %q (known: %s, all)", name, strings.Join(names, ", "))
+		}
+	}
+	return k, nil
+}
+
+// on reports whether lines of kind k are printed.
+func (e *eventWriter) on(k EventKinds) bool { return e != nil && e.kinds&k != 0 }
+
 func (e *eventWriter) write(kind string, f *flow.Flow) {
-	if e == nil {
+	k := EventNew
+	if kind == "DESTROY" {
+		k = EventDestroy
+	}
+	if !e.on(k) {
 		return
 	}
 	e.mu.Lock()
@@ -51,8 +115,46 @@ func (e *eventWriter) write(kind string, f *flow.Flow) {
 	e.w.Write(b)
 }
 
+// pass prints a new flow the daemon leaves alone, once (a flow whose
+// decision the kernel caches, or a connection's SYN), with why. f holds
+// the socket's tuple, the mark the packet keeps, the owner as far as known
+// and the rule that matched, if any.
+func (e *eventWriter) pass(f *flow.Flow, reason string) {
+	if !e.on(EventPass) {
+		return
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	b := append(e.buf[:0], "[PASS] "...)
+	b = appendTuple(b, f)
+	b = appendOwner(b, f)
+	b = append(b, " reason="...)
+	b = strconv.AppendQuote(b, reason)
+	b = append(b, '\n')
+	e.buf = b
+	e.w.Write(b)
+}
+
 // appendFlow formats the part of a flow line shared by events and listings.
 func appendFlow(b []byte, f *flow.Flow) []byte {
+	b = appendTuple(b, f)
+	b = append(b, " => src="...)
+	b = f.NewSrc.Addr().AppendTo(b)
+	if f.Proto != 1 && f.Proto != 58 {
+		b = append(b, " sport="...)
+		b = strconv.AppendUint(b, uint64(f.NewSrc.Port()), 10)
+	}
+	b = append(b, " dev="...)
+	b = append(b, f.Dev...)
+	b = appendOwner(b, f)
+	if f.Proto == 6 && f.Cookie == 0 {
+		b = append(b, " socket=none ends=idle"...) // a raw socket's SYN
+	}
+	return b
+}
+
+// appendTuple formats a flow's socket tuple and mark.
+func appendTuple(b []byte, f *flow.Flow) []byte {
 	b = append(b, protoName(f.Proto)...)
 	b = append(b, " src="...)
 	b = f.Src.Addr().AppendTo(b)
@@ -69,15 +171,11 @@ func appendFlow(b []byte, f *flow.Flow) []byte {
 		b = strconv.AppendUint(b, uint64(f.Dst.Port()), 10)
 	}
 	b = append(b, " mark="...)
-	b = strconv.AppendUint(b, uint64(f.Mark), 10)
-	b = append(b, " => src="...)
-	b = f.NewSrc.Addr().AppendTo(b)
-	if !echo {
-		b = append(b, " sport="...)
-		b = strconv.AppendUint(b, uint64(f.NewSrc.Port()), 10)
-	}
-	b = append(b, " dev="...)
-	b = append(b, f.Dev...)
+	return strconv.AppendUint(b, uint64(f.Mark), 10)
+}
+
+// appendOwner formats a flow's owner, as far as known, and its rule.
+func appendOwner(b []byte, f *flow.Flow) []byte {
 	b = append(b, " uid="...)
 	b = strconv.AppendUint(b, uint64(f.UID), 10)
 	if o := f.Owner; o != nil && o.PID != 0 {
@@ -93,11 +191,7 @@ func appendFlow(b []byte, f *flow.Flow) []byte {
 		b = append(b, o.Cgroup...)
 	}
 	b = append(b, " rule="...)
-	b = strconv.AppendQuote(b, f.Rule)
-	if f.Proto == 6 && f.Cookie == 0 {
-		b = append(b, " socket=none ends=idle"...) // a raw socket's SYN
-	}
-	return b
+	return strconv.AppendQuote(b, f.Rule)
 }
 
 func protoName(p uint8) string {
@@ -118,7 +212,7 @@ func protoName(p uint8) string {
 //
 //	[MOVE] udp src=198.51.100.2 dst=192.0.2.80 sport=5000 dport=53 mark=100 => src=203.0.113.2 ... how=redecided next_src=203.0.113.3
 func (e *eventWriter) move(f *flow.Flow, how string, next netip.Addr) {
-	if e == nil {
+	if !e.on(EventMove) {
 		return
 	}
 	e.mu.Lock()
@@ -140,7 +234,7 @@ func (e *eventWriter) move(f *flow.Flow, how string, next netip.Addr) {
 //
 //	[REFUSED] tcp src=198.51.100.2 dst=192.0.2.80 sport=40312 dport=80 rule="web": every uplink of the rule is down
 func (e *eventWriter) refused(t *rewrite.Packet, rule string) {
-	if e == nil {
+	if !e.on(EventRefused) {
 		return
 	}
 	e.mu.Lock()
@@ -166,7 +260,7 @@ func (e *eventWriter) refused(t *rewrite.Packet, rule string) {
 //
 //	[UPLINK] isp-b ipv4 down: link hb is down
 func (e *eventWriter) uplink(st uplink.Status) {
-	if e == nil {
+	if !e.on(EventUplink) {
 		return
 	}
 	e.mu.Lock()

@@ -220,6 +220,9 @@ func (w *worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 		w.passed = true
 		if !w.admitAs(f, want) {
 			d.log.Debug("tuple already decided by another worker", "proto", protoName(t.Proto), "src", t.Src, "dst", t.Dst)
+		} else if d.events.on(EventPass) {
+			w.describeOwner(f)
+			d.events.pass(f, passReason(ruleName, mark))
 		}
 		w.accept(p)
 		return
@@ -326,6 +329,11 @@ func (w *worker) syn(p *queue.Packet, t *rewrite.Packet) {
 	onWire := d.flows.OnWire(flow.Key{Proto: unix.IPPROTO_TCP, Src: want, Dst: t.Dst})
 	if rt.Src == t.Src.Addr() && mark == p.Mark && !onWire {
 		w.accept(p) // routing already gets it right: costs nothing from now on
+		if d.events.on(EventPass) {
+			f := flow.Flow{Key: key, Mark: mark, Rule: ruleName, UID: sock.UID, NewSrc: t.Src}
+			w.describeOwner(&f)
+			d.events.pass(&f, passReason(ruleName, mark))
+		}
 		return
 	}
 
@@ -362,6 +370,18 @@ func (w *worker) syn(p *queue.Packet, t *rewrite.Packet) {
 
 	// 6. The SYN itself, rewritten, goes out once its elements are in.
 	w.hold(p, t, f)
+}
+
+// passReason says why a new flow needs no translation: its socket's source
+// already is the one its route prefers.
+func passReason(rule string, mark uint32) string {
+	switch {
+	case rule == "":
+		return "no rule matched"
+	case mark == 0:
+		return "decided for the host's own routing, which already uses the socket's source"
+	}
+	return "the socket's source already is the uplink's address"
 }
 
 // route returns the route a new flow's mark leads to, and its preferred
@@ -485,12 +505,13 @@ func (w *worker) refuse(p *queue.Packet, t *rewrite.Packet, rule string, sock *s
 func (w *worker) describeOwner(f *flow.Flow) {
 	o := &w.owner
 	var fo flow.Owner
-	if w.d.events != nil || o.procDone {
+	debug := w.d.events.on(EventNew | EventPass)
+	if debug || o.procDone {
 		if p, ok := o.Process(); ok {
 			fo.PID, fo.Comm, fo.Exe = p.PID, p.Comm, p.Exe
 		}
 	}
-	if w.d.events != nil || o.cgDone {
+	if debug || o.cgDone {
 		if cg, ok := o.Cgroup(); ok {
 			fo.Cgroup = "/" + cg
 		}
@@ -642,5 +663,9 @@ func (w *worker) fail(p *queue.Packet, t *rewrite.Packet, reason failReason) {
 	}
 	d.log.Debug("cannot decide a new flow; it leaves untranslated (on_failure = \"open\")", "proto", protoName(t.Proto), "src", t.Src, "dst", t.Dst,
 		"mark", p.Mark, "reason", failReasonNames[reason])
+	if d.events.on(EventPass) {
+		d.events.pass(&flow.Flow{Key: flow.Key{Proto: t.Proto, Src: t.Src, Dst: t.Dst}, Mark: p.Mark, UID: p.UID},
+			"failed open: "+failReasonNames[reason])
+	}
 	w.accept(p)
 }

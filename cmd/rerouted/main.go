@@ -160,12 +160,30 @@ func cmdCheck(args []string) int {
 	return exitOK
 }
 
+// debugFlag is --debug (every kind of event, and debug logs) or
+// --debug=KIND,... (those kinds only).
+type debugFlag struct{ kinds daemon.EventKinds }
+
+func (d *debugFlag) String() string { return "" }
+func (d *debugFlag) Set(s string) error {
+	k, err := daemon.ParseEventKinds(s)
+	d.kinds = k
+	return err
+}
+
 func cmdRun(args []string) int {
 	var file string
-	var debug, insecure bool
+	var debug debugFlag
+	var insecure bool
+	for i, a := range args { // a bare --debug means every kind
+		if a == "--debug" || a == "-debug" {
+			args[i] = "--debug=all"
+		}
+	}
 	flags("run", args, func(fs *flag.FlagSet) {
 		fs.StringVar(&file, "config", "", "configuration file")
-		fs.BoolVar(&debug, "debug", false, "print a line for every flow translated or removed, and debug logs")
+		fs.Var(&debug, "debug", "print the debug stream on standard output: every event, and debug logs; or only some kinds:\n"+
+			"--debug=new,destroy,pass,move,refused,uplink,log (log: the DEBUG log lines)")
 		insecureConfigFlag(fs, &insecure)
 	})
 	cfg, code := loadConfig(file)
@@ -174,8 +192,11 @@ func cmdRun(args []string) int {
 	}
 	level := slog.LevelInfo
 	var events io.Writer
-	if debug {
-		level, events = slog.LevelDebug, os.Stdout
+	if debug.kinds != 0 {
+		events = os.Stdout
+	}
+	if debug.kinds&daemon.EventLog != 0 {
+		level = slog.LevelDebug
 	}
 	log := newLogger(os.Stderr, level)
 	// Before anything is installed: a root daemon must not take its rules
@@ -210,7 +231,7 @@ func cmdRun(args []string) int {
 			log.Warn("systemd notification", "state", state, "err", err)
 		}
 	}
-	err := daemon.Run(ctx, daemon.Options{Config: cfg, Log: log, Events: events, Reload: reload, Notify: notify, Detach: detach,
+	err := daemon.Run(ctx, daemon.Options{Config: cfg, Log: log, Events: events, EventKinds: debug.kinds, Reload: reload, Notify: notify, Detach: detach,
 		InsecureConfig: insecure})
 	if errors.Is(err, daemon.ErrDetached) {
 		log.Info("stopped for a restart; the next start adopts the flows")
