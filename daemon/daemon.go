@@ -106,6 +106,7 @@ type stats struct {
 	syns       atomic.Uint64              // SYNs decided
 	datagrams  atomic.Uint64              // UDP and echo flows decided
 	idle       atomic.Uint64              // UDP and echo flows ended by idleness
+	udpClosed  atomic.Uint64              // UDP flows ended when the kernel announced their socket's end
 	translated atomic.Uint64              // new flows translated
 	retrans    atomic.Uint64              // retransmitted SYNs of translated flows
 	rawSYNs    atomic.Uint64              // SYNs no TCP socket owns (raw sockets): decided without an owner
@@ -134,10 +135,11 @@ const (
 	errQueueReceive                // reading the queue failed
 	errSweep                       // a socket dump or counter read failed: nothing removed that round
 	errRepair                      // the table could not be checked or put back
+	errCloseEvents                 // the kernel's announcements of UDP sockets' ends were lost
 	errKinds
 )
 
-var errKindNames = [errKinds]string{"verdict", "socket_lookup", "no_route", "no_free_port", "install", "remove", "nfqueue_receive", "sweep", "repair"}
+var errKindNames = [errKinds]string{"verdict", "socket_lookup", "no_route", "no_free_port", "install", "remove", "nfqueue_receive", "sweep", "repair", "udp_close_events"}
 
 // ErrDetached is returned by Run when it stopped for a restart (Detach),
 // leaving the kernel state for the next start.
@@ -309,6 +311,18 @@ func Run(ctx context.Context, o Options) (err error) {
 	go func() { defer close(guarded); d.guardTable(runCtx, mon) }()
 	undo = append(undo, func() error { stop(); <-guarded; return mon.Close() })
 
+	// The kernel announces each UDP socket it destroys: its flows end at
+	// once, so that a new socket on the same tuple is decided afresh
+	// rather than inheriting the old decision until the sweeps notice.
+	if closes, err := sockdiag.WatchUDPDestroyed(); err != nil {
+		d.log.Warn("UDP sockets' ends are noticed by the sweep only (a new socket on a closed one's tuple keeps its decision for up to two sweeps)", "err", err)
+	} else {
+		var closing atomic.Bool
+		watched := make(chan struct{})
+		go func() { defer close(watched); d.watchUDPCloses(closes, &closing) }()
+		undo = append(undo, func() error { closing.Store(true); err := closes.Close(); <-watched; return err })
+	}
+
 	if addr := cfg.Daemon.MetricsListen; addr != "" {
 		ln, err := net.Listen("tcp", addr)
 		if err != nil {
@@ -456,6 +470,33 @@ func (d *Daemon) newWorker(num uint16) (*worker, func() error, error) {
 		w.routes.close()
 		return errors.Join(err, w.diag.Close())
 	}, nil
+}
+
+// watchUDPCloses ends the flows of each UDP socket the kernel destroys,
+// until closing is set and the subscription closed.
+func (d *Daemon) watchUDPCloses(w *sockdiag.Destroyed, closing *atomic.Bool) {
+	ended := func(s *sockdiag.Socket) {
+		for _, f := range d.flows.ByCookie(s.Cookie) {
+			d.stats.udpClosed.Add(1)
+			d.log.Debug("socket closed", "proto", "udp", "src", f.Src, "dst", f.Dst, "cookie", f.Cookie)
+			d.forget(f)
+		}
+	}
+	for {
+		err := w.Receive(ended)
+		switch {
+		case err == nil:
+		case closing.Load():
+			return
+		case errors.Is(err, sockdiag.ErrLost):
+			d.stats.errors[errCloseEvents].Add(1)
+			d.log.Warn("UDP socket ends were lost (too many at once); the sweep ends their flows", "err", err)
+		default:
+			d.stats.errors[errCloseEvents].Add(1)
+			d.log.Error("UDP socket ends: no longer received; the sweep ends their flows", "err", err)
+			return
+		}
+	}
 }
 
 // forget removes a flow from the table and, in order, from the kernel.

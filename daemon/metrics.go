@@ -60,6 +60,7 @@ func newMetrics(d *Daemon) *metrics {
 		{"rerouted_service_datagram_flows_total", "UDP flows from a local service's socket (unconnected, bound outside the ephemeral ports) that reached the daemon: decided by owner rules only.", d.stats.service.Load},
 		{"rerouted_refused_total", "New flows refused because every uplink of their rule was down (on_down = \"drop\").", d.stats.refused.Load},
 		{"rerouted_icmp_errors_readdressed_total", "ICMP errors readdressed to a translated flow's socket.", d.stats.icmpErrors.Load},
+		{"rerouted_udp_socket_closed_total", "UDP flows ended as the kernel announced their socket's end.", d.stats.udpClosed.Load},
 		{"rerouted_idle_ended_total", "UDP and echo flows ended by idleness.", d.stats.idle.Load},
 		{"rerouted_forwarded_packets_total", "Userspace datapath: packets rewritten after the first.", d.stats.forwarded.Load},
 		{"rerouted_forwarded_bytes_total", "Userspace datapath: their bytes.", d.stats.bytes.Load},

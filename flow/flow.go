@@ -68,7 +68,10 @@ type Table struct {
 	mu     sync.Mutex
 	bySock map[packed]*Flow
 	byWire map[packed]*Flow
-	gen    uint64
+	// byCookie indexes UDP flows by their socket's cookie: an unconnected
+	// socket has a flow per peer, all of which end with it.
+	byCookie map[uint64][]*Flow
+	gen      uint64
 }
 
 // packed is a Key without pointers, for the maps: 40 bytes instead of 72,
@@ -88,7 +91,7 @@ func pack(k Key) packed {
 
 // NewTable returns an empty table.
 func NewTable() *Table {
-	return &Table{bySock: map[packed]*Flow{}, byWire: map[packed]*Flow{}}
+	return &Table{bySock: map[packed]*Flow{}, byWire: map[packed]*Flow{}, byCookie: map[uint64][]*Flow{}}
 }
 
 // Get returns the flow of a socket tuple, or nil.
@@ -124,16 +127,17 @@ func (t *Table) Reserve(f *Flow) bool {
 	f.seen = t.gen
 	t.bySock[ks] = f
 	t.byWire[kw] = f
+	if f.Proto == 17 && f.Cookie != 0 {
+		t.byCookie[f.Cookie] = append(t.byCookie[f.Cookie], f)
+	}
 	return true
 }
 
-// Insert adds f. A flow with the same socket tuple must have been removed.
-func (t *Table) Insert(f *Flow) {
+// ByCookie returns the UDP flows of the socket with cookie.
+func (t *Table) ByCookie(cookie uint64) []*Flow {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	f.seen = t.gen
-	t.bySock[pack(f.Key)] = f
-	t.byWire[pack(f.Wire())] = f
+	return append([]*Flow(nil), t.byCookie[cookie]...)
 }
 
 // Remove deletes f and reports whether it was still in the table.
@@ -151,6 +155,21 @@ func (t *Table) remove(f *Flow) bool {
 	delete(t.bySock, ks)
 	if t.byWire[kw] == f {
 		delete(t.byWire, kw)
+	}
+	if fs, ok := t.byCookie[f.Cookie]; ok && f.Proto == 17 {
+		for i, g := range fs {
+			if g == f {
+				fs[i] = fs[len(fs)-1]
+				fs[len(fs)-1] = nil
+				fs = fs[:len(fs)-1]
+				break
+			}
+		}
+		if len(fs) == 0 {
+			delete(t.byCookie, f.Cookie)
+		} else {
+			t.byCookie[f.Cookie] = fs
+		}
 	}
 	return true
 }
