@@ -44,7 +44,11 @@ func udpFrom(t *testing.T, w *networld.World, src, dst netip.AddrPort, mark int)
 		}
 		var cerr error
 		if err := rc.Control(func(fd uintptr) {
-			cerr = unix.Connect(int(fd), &unix.SockaddrInet4{Port: int(dst.Port()), Addr: dst.Addr().As4()})
+			if dst.Addr().Is4() {
+				cerr = unix.Connect(int(fd), &unix.SockaddrInet4{Port: int(dst.Port()), Addr: dst.Addr().As4()})
+			} else {
+				cerr = unix.Connect(int(fd), &unix.SockaddrInet6{Port: int(dst.Port()), Addr: dst.Addr().As16()})
+			}
 		}); err != nil {
 			return err
 		}
@@ -76,33 +80,38 @@ func TestUDPTupleReuse(t *testing.T) {
 			t.Fatal(err)
 		}
 		e.start()
-		server := netip.AddrPortFrom(networld.ServerAddr, 53)
-		old := 0
-		const rounds = 20
-		for i := 0; i < rounds; i++ {
-			src := netip.AddrPortFrom(networld.HostA, uint16(42000+i))
-			c := udpFrom(t, e.w, src, server, networld.MarkB)
-			if peer, err := networld.AskUDP(c, server, "marked", 2*time.Second); err != nil || peer.Addr() != networld.HostB {
-				t.Fatalf("round %d: the marked socket's datagram: server saw %v, err %v", i, peer, err)
+		for _, fam := range []struct {
+			name                 string
+			server, hostA, hostB netip.Addr
+		}{{"IPv4", networld.ServerAddr, networld.HostA, networld.HostB}, {"IPv6", networld.Server6, networld.HostA6, networld.HostB6}} {
+			server := netip.AddrPortFrom(fam.server, 53)
+			old := 0
+			const rounds = 20
+			for i := 0; i < rounds; i++ {
+				src := netip.AddrPortFrom(fam.hostA, uint16(42000+i))
+				c := udpFrom(t, e.w, src, server, networld.MarkB)
+				if peer, err := networld.AskUDP(c, server, "marked", 2*time.Second); err != nil || peer.Addr() != fam.hostB {
+					t.Fatalf("%s round %d: the marked socket's datagram: server saw %v, err %v", fam.name, i, peer, err)
+				}
+				c.Close()
+				// Give the kernel's announcement a moment: it comes after
+				// an RCU grace period, from a work queue.
+				time.Sleep(20 * time.Millisecond)
+				c = udpFrom(t, e.w, src, server, 0)
+				peer, err := networld.AskUDP(c, server, "unmarked", 2*time.Second)
+				c.Close()
+				switch {
+				case err != nil:
+					t.Errorf("%s round %d: the new socket's datagram: %v", fam.name, i, err)
+				case peer.Addr() == fam.hostB:
+					old++
+				case peer != src:
+					t.Errorf("%s round %d: the new socket's datagram: server saw %v, want %v", fam.name, i, peer, src)
+				}
 			}
-			c.Close()
-			// Give the kernel's announcement a moment: it comes after an
-			// RCU grace period, from a work queue.
-			time.Sleep(20 * time.Millisecond)
-			c = udpFrom(t, e.w, src, server, 0)
-			peer, err := networld.AskUDP(c, server, "unmarked", 2*time.Second)
-			c.Close()
-			switch {
-			case err != nil:
-				t.Errorf("round %d: the new socket's datagram: %v", i, err)
-			case peer.Addr() == networld.HostB:
-				old++
-			case peer != src:
-				t.Errorf("round %d: the new socket's datagram: server saw %v, want %v", i, peer, src)
+			if old != 0 {
+				t.Errorf("%s: %d of %d new sockets inherited the closed socket's translation", fam.name, old, rounds)
 			}
-		}
-		if old != 0 {
-			t.Errorf("%d of %d new sockets inherited the closed socket's translation", old, rounds)
 		}
 		if _, err := e.d.WaitFor(`msg="socket closed" proto=udp`, time.Second); err != nil {
 			t.Error(err)
