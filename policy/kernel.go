@@ -32,13 +32,20 @@ type KernelRule struct {
 	Dports, NotDports []PortRange
 	// UIDs, NotUIDs, GIDs, NotGIDs: the socket's owner; nil for none.
 	UIDs, NotUIDs, GIDs, NotGIDs []uint32
+	// The keys the prefilter cannot test, for the connect-time engine
+	// (which can test some): Processes and Cgroups as written; Other
+	// says the rule has a key neither can test (exe, or a negated
+	// process or cgroup key).
+	Processes, Cgroups []string
+	Other              bool
 }
 
 // KernelAddrs is an address list as ranges, per family.
 type KernelAddrs struct {
-	Set    bool           // the key is given
-	Ranges [2][]AddrRange // [0] IPv4, [1] IPv6, sorted, disjoint, not adjacent
-	Big    [2]bool        // too many ranges for a kernel set: counts as "may match"
+	Set      bool           // the key is given
+	Prefixes []netip.Prefix // the list as prefixes, both families
+	Ranges   [2][]AddrRange // [0] IPv4, [1] IPv6, sorted, disjoint, not adjacent
+	Big      [2]bool        // too many ranges for a kernel set: counts as "may match"
 }
 
 // AddrRange is an inclusive range of addresses.
@@ -88,8 +95,23 @@ func (c *Config) KernelRules() []KernelRule {
 				} else {
 					k.GIDs = cd.kv.([]uint32)
 				}
-			default: // process, exe, cgroup: the daemon's to test
+			case "process":
 				k.Exact = false
+				if cd.neg {
+					k.Other = true
+				} else {
+					k.Processes = cd.kv.([]string)
+				}
+			case "cgroup":
+				k.Exact = false
+				if cd.neg {
+					k.Other = true
+				} else {
+					k.Cgroups = cd.kv.([]string)
+				}
+			default: // exe: the daemon's to test
+				k.Exact = false
+				k.Other = true
 			}
 		}
 		out = append(out, k)
@@ -105,6 +127,10 @@ func kernelAddrs(s *prefixSet) KernelAddrs {
 	for fi, all := range [2]func(yield func(netip.Prefix) bool){s.trie.AllSorted4(), s.trie.AllSorted6()} {
 		var rs []AddrRange
 		for p := range all {
+			k.Prefixes = append(k.Prefixes, p)
+			if k.Big[fi] {
+				continue // the prefixes go on: the connect-time engine takes any number
+			}
 			first := p.Masked().Addr()
 			last := lastAddr(p)
 			if n := len(rs); n > 0 {
@@ -122,7 +148,6 @@ func kernelAddrs(s *prefixSet) KernelAddrs {
 			if len(rs) > MaxKernelRanges {
 				k.Big[fi] = true
 				rs = nil
-				break
 			}
 		}
 		k.Ranges[fi] = rs

@@ -305,7 +305,7 @@ func condGID(key string, gs []uint32) cond {
 
 // condProcess matches the process's comm or the base name of its exe.
 func condProcess(names []string) cond {
-	return cond{key: "process", cost: costProcess, list: listOf(names),
+	return cond{key: "process", cost: costProcess, kv: names, list: listOf(names),
 		value: func(f *Flow) string {
 			p, ok := process(f)
 			if !ok {
@@ -350,7 +350,7 @@ func condExe(paths []string) cond {
 // components only: "system.slice" matches "system.slice/x.service" but not
 // "system.slice2".
 func condCgroup(prefixes []string) cond {
-	return cond{key: "cgroup", cost: costCgroup, list: listOf(prefixes),
+	return cond{key: "cgroup", cost: costCgroup, kv: prefixes, list: listOf(prefixes),
 		value: func(f *Flow) string {
 			cg, ok := cgroup(f)
 			if !ok {
