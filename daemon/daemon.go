@@ -79,6 +79,7 @@ type Daemon struct {
 	cfg     atomic.Pointer[policy.Config] // swapped whole on reload
 	log     *slog.Logger
 	events  *eventWriter
+	steer   *steering // connect-time steering; nil when off
 	dp      *nftdp.Datapath
 	flows   *flow.Table
 	uplinks uplink.States // each uplink's state, per family
@@ -310,6 +311,14 @@ func Run(ctx context.Context, o Options) (err error) {
 	guarded := make(chan struct{})
 	go func() { defer close(guarded); d.guardTable(runCtx, mon) }()
 	undo = append(undo, func() error { stop(); <-guarded; return mon.Close() })
+
+	if cfg.Daemon.Steering == "connect" {
+		if err := d.startSteering(cfg); err != nil {
+			d.log.Warn("connect-time steering is not available: every new flow is decided at the queue", "err", err)
+		} else {
+			undo = append(undo, func() error { return d.stopSteering(detached) })
+		}
+	}
 
 	// The kernel announces each UDP socket it destroys: its flows end at
 	// once, so that a new socket on the same tuple is decided afresh
@@ -605,6 +614,7 @@ func (d *Daemon) reload() {
 		return
 	}
 	d.cfg.Store(cfg)
+	d.applySteering(cfg)
 	if err := d.dp.SetFilter(newFilter); err != nil {
 		d.stats.errors[errInstall].Add(1)
 		d.log.Error("reload: the kernel refused the new prefilter; the union of both stays, so more reaches the daemon than needs to", "err", err)

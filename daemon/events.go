@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/rerouted/rerouted/flow"
+	"github.com/rerouted/rerouted/internal/connect"
 	"github.com/rerouted/rerouted/internal/uplink"
 	"github.com/rerouted/rerouted/rewrite"
 )
@@ -52,14 +53,15 @@ const (
 	EventRefused                        // [REFUSED]: a flow refused, its rule's uplinks all down
 	EventUplink                         // [UPLINK]: an uplink went down or came up
 	EventLog                            // the daemon's DEBUG log lines
-	EventAll     = EventNew | EventDestroy | EventPass | EventMove | EventRefused | EventUplink | EventLog
+	EventBind                           // [BIND]: a socket bound to its uplink at connect() (steering = "connect")
+	EventAll     = EventNew | EventDestroy | EventPass | EventMove | EventRefused | EventUplink | EventLog | EventBind
 )
 
 var eventKindNames = []struct {
 	name string
 	kind EventKinds
 }{{"new", EventNew}, {"destroy", EventDestroy}, {"pass", EventPass}, {"move", EventMove},
-	{"refused", EventRefused}, {"uplink", EventUplink}, {"log", EventLog}}
+	{"refused", EventRefused}, {"uplink", EventUplink}, {"log", EventLog}, {"bind", EventBind}}
 
 // ParseEventKinds reads a comma-separated list of event kinds ("new,pass");
 // "all" or "true" is every kind.
@@ -252,6 +254,52 @@ func (e *eventWriter) refused(t *rewrite.Packet, rule string) {
 	b = append(b, " rule="...)
 	b = strconv.AppendQuote(b, rule)
 	b = append(b, ": every uplink of the rule is down\n"...)
+	e.buf = b
+	e.w.Write(b)
+}
+
+// bind prints a socket the connect-time program bound to its uplink, or a
+// connect() it refused:
+//
+//	[BIND] tcp dst=192.0.2.80 dport=8080 => src=203.0.113.2 uplink=isp-b uid=1000 pid=4242 comm="curl" rule="web"
+//	[REFUSED] tcp dst=192.0.2.80 dport=8080 uid=1000 pid=4242 comm="curl" rule="api": every uplink of the rule is down (at connect)
+func (e *eventWriter) bind(ev connect.Event, rule, up string, src netip.Addr) {
+	k := EventBind
+	if ev.Refused {
+		k = EventRefused
+	}
+	if !e.on(k) {
+		return
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	b := append(e.buf[:0], "[BIND] "...)
+	if ev.Refused {
+		b = append(e.buf[:0], "[REFUSED] "...)
+	}
+	b = append(b, ev.Proto...)
+	b = append(b, " dst="...)
+	b = ev.Dst.Addr().AppendTo(b)
+	b = append(b, " dport="...)
+	b = strconv.AppendUint(b, uint64(ev.Dst.Port()), 10)
+	if !ev.Refused {
+		b = append(b, " => src="...)
+		b = src.AppendTo(b)
+		b = append(b, " uplink="...)
+		b = append(b, up...)
+	}
+	b = append(b, " uid="...)
+	b = strconv.AppendUint(b, uint64(ev.UID), 10)
+	b = append(b, " pid="...)
+	b = strconv.AppendUint(b, uint64(ev.PID), 10)
+	b = append(b, " comm="...)
+	b = strconv.AppendQuote(b, ev.Comm)
+	b = append(b, " rule="...)
+	b = strconv.AppendQuote(b, rule)
+	if ev.Refused {
+		b = append(b, ": every uplink of the rule is down (at connect)"...)
+	}
+	b = append(b, '\n')
 	e.buf = b
 	e.w.Write(b)
 }

@@ -46,7 +46,7 @@ func newMetrics(d *Daemon) *metrics {
 			Help: "Uplink state changes (up to down or back), by uplink and family."}, []string{"uplink", "family"}),
 	}
 	m.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		m.decisions, m.latency, m.repairs, m.moved, m.transitions, &uplinkCollector{d: d}, &budgetCollector{d: d}, &flowCollector{d: d}, &queueCollector{d: d})
+		m.decisions, m.latency, m.repairs, m.moved, m.transitions, &uplinkCollector{d: d}, &budgetCollector{d: d}, &flowCollector{d: d}, &queueCollector{d: d}, steeringCollector{d: d})
 	for _, c := range []struct {
 		name, help string
 		v          func() uint64

@@ -139,6 +139,9 @@ type Datapath struct {
 	// Replaced is true when a table left by an earlier run was removed,
 	// Adopted when it was kept with its flows' elements.
 	Replaced, Adopted bool
+	// steered: the addresses and marks of the uplinks sockets are bound
+	// to at connect() (under mu).
+	steered []Steered
 	// DefragErr is why the kernel could not be asked to reassemble
 	// fragments (nil: it does; see defragRule).
 	DefragErr error
@@ -579,6 +582,23 @@ func (d *Datapath) rules(first, total uint16, native bool) []ruleMsg {
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(ProbePriority)},
 		&expr.Verdict{Kind: expr.VerdictAccept},
 	)}}
+	// A socket steered at connect() is on its uplink's address with its
+	// mark: nothing to decide or translate.
+	for _, st := range d.steered {
+		fam, off, a := byte(unix.NFPROTO_IPV4), uint32(12), st.Addr.AsSlice()
+		if st.Addr.Is6() {
+			fam, off = unix.NFPROTO_IPV6, 8
+		}
+		rules = append(rules, ruleMsg{chain: "output", exprs: exprs(
+			&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{fam}},
+			&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(st.Mark)},
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: uint32(len(a))},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: a},
+			&expr.Verdict{Kind: expr.VerdictAccept},
+		)})
+	}
 	// Every SYN, either family, goes to the daemon, translated flows'
 	// retransmissions too: the daemon checks that the socket is still the
 	// one it translated.

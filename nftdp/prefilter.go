@@ -3,6 +3,8 @@ package nftdp
 import (
 	"encoding/binary"
 	"fmt"
+	"net/netip"
+	"slices"
 	"time"
 
 	"github.com/google/nftables"
@@ -63,6 +65,25 @@ func Union(a, b Filter) Filter {
 		}
 	}
 	return u
+}
+
+// Steered is an uplink sockets are bound to at connect(): their packets
+// carry its mark and its address.
+type Steered struct {
+	Mark uint32
+	Addr netip.Addr
+}
+
+// SetSteered lets the packets of sockets steered at connect() pass the
+// output chain without a decision: they are on their uplink already.
+func (d *Datapath) SetSteered(s []Steered) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if slices.Equal(s, d.steered) {
+		return nil
+	}
+	d.steered = slices.Clone(s)
+	return d.applyFilter()
 }
 
 // Chains of the prefilter.

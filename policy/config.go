@@ -44,6 +44,10 @@ type Daemon struct {
 	// dropped, never sent untranslated, when it cannot be decided: no
 	// daemon, a full queue, a failed lookup.
 	FailClosed bool
+	// Steering: "queue" decides each new flow at its first packet, in the
+	// daemon; "connect" decides the rules it can at connect(), in a
+	// cgroup BPF program that binds the socket to its uplink's address.
+	Steering string
 	// NewFlowsPerUID: each user's budget of new flows a second that go
 	// to the daemon (twice that at once); past it that user's new flows
 	// fail open (or closed). 0: no budget.
@@ -171,6 +175,7 @@ func (p *parser) config(raw map[string]any) *Config {
 		GCInterval:     DefaultGCInterval,
 		IdleTimeout:    DefaultIdleTimeout,
 		Datapath:       "kernel",
+		Steering:       "queue",
 		Queues:         runtime.NumCPU(),
 		NewFlowsPerUID: DefaultNewFlowsPerUID,
 	}}
@@ -246,6 +251,13 @@ func (p *parser) daemon(d *Daemon, v any) {
 		case "new_flows_per_uid":
 			if n, ok := p.integer(path, t[k], 0, 10000000); ok {
 				d.NewFlowsPerUID = int(n)
+			}
+		case "steering":
+			switch t[k] {
+			case "queue", "connect":
+				d.Steering = t[k].(string)
+			default:
+				p.errorf(path, "steering must be \"connect\" (rules decided at connect(): the socket is bound to its uplink's address) or \"queue\" (every new flow's first packet goes to the daemon)")
 			}
 		case "on_failure":
 			switch t[k] {

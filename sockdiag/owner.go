@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"io/fs"
 	"os"
@@ -79,7 +78,11 @@ func NewOwners() *Owners {
 
 // Cgroup2Mount returns the mount point of the cgroup v2 hierarchy listed in
 // a mountinfo file.
-func Cgroup2Mount(mountinfo string) (string, error) {
+func Cgroup2Mount(mountinfo string) (string, error) { return FindMount(mountinfo, "cgroup2") }
+
+// FindMount returns where the first file system of type fstype is mounted,
+// as mountinfo (/proc/self/mountinfo) lists it.
+func FindMount(mountinfo, fstype string) (string, error) {
 	f, err := os.Open(mountinfo)
 	if err != nil {
 		return "", err
@@ -92,7 +95,7 @@ func Cgroup2Mount(mountinfo string) (string, error) {
 		if !ok {
 			continue
 		}
-		if fs := strings.Fields(post); len(fs) > 0 && fs[0] == "cgroup2" {
+		if fs := strings.Fields(post); len(fs) > 0 && fs[0] == fstype {
 			if f := strings.Fields(pre); len(f) >= 5 {
 				return unescapeMount(f[4]), nil
 			}
@@ -101,7 +104,7 @@ func Cgroup2Mount(mountinfo string) (string, error) {
 	if err := sc.Err(); err != nil {
 		return "", err
 	}
-	return "", errors.New("no cgroup2 mount")
+	return "", fmt.Errorf("no %s mount", fstype)
 }
 
 // unescapeMount undoes mountinfo's octal escapes (\040 for a space).

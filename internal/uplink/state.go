@@ -30,6 +30,9 @@ type Status struct {
 	Why    string       `json:"why,omitempty"` // why it is down
 	Addrs  []netip.Addr `json:"addresses"`
 	Dev    string       `json:"dev,omitempty"` // where its marked route leads
+	// Src is the source address its marked route prefers: what sockets
+	// steered to it at connect() are bound to.
+	Src netip.Addr `json:"src,omitempty"`
 	// Probes, with [uplink.health] targets of the family: the last
 	// round's best round-trip time and the share of the last rounds
 	// in which every target failed.
@@ -231,6 +234,9 @@ func check(h *netlink.Handle, u *policy.Uplink, family, fi int) (Status, error) 
 	}
 	if l, err := h.LinkByIndex(rs[0].LinkIndex); err == nil {
 		st.Dev = l.Attrs().Name
+	}
+	if src, ok := netip.AddrFromSlice(rs[0].Src); ok {
+		st.Src = src.Unmap()
 	}
 	if link != nil && rs[0].LinkIndex != link.Attrs().Index {
 		st.Why = fmt.Sprintf("the route with mark %d leads out %s, not %s (no route in its table?)", u.Mark, st.Dev, u.Interface)

@@ -1,0 +1,202 @@
+package daemon
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"syscall"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/rerouted/rerouted/internal/connect"
+	"github.com/rerouted/rerouted/nftdp"
+	"github.com/rerouted/rerouted/policy"
+	"github.com/rerouted/rerouted/sockdiag"
+)
+
+// Connect-time steering ([daemon] steering = "connect"): the rules the
+// kernel can decide at connect() are compiled into a cgroup BPF program's
+// maps (internal/connect), which binds a socket a rule sends via an uplink
+// to that uplink's address, with its mark. Such a socket's packets pass the
+// table's output chain without a decision (nftdp.SetSteered). The rest, host
+// marks among them, go the queue's way as before.
+
+// steering is the engine and what it was last told.
+type steering struct {
+	e       *connect.Engine
+	mu      sync.Mutex
+	uplinks []connect.Uplink // as last published, by the image's uplink index
+}
+
+// startSteering loads and attaches the program, and installs cfg's image.
+func (d *Daemon) startSteering(cfg *policy.Config) error {
+	root, err := sockdiag.Cgroup2Mount("/proc/self/mountinfo")
+	if err != nil {
+		return fmt.Errorf("%w: %v", connect.ErrUnsupported, err)
+	}
+	im, err := connect.Compile(cfg, root)
+	if err != nil {
+		return err
+	}
+	// Pinned under bpffs, when it is mounted, so that a restart (SIGUSR2,
+	// or a crash) leaves the program deciding.
+	pin := ""
+	if bpffs, err := sockdiag.FindMount("/proc/self/mountinfo", "bpf"); err == nil {
+		var st os.FileInfo
+		if st, err = os.Stat("/proc/self/ns/net"); err == nil {
+			pin = filepath.Join(bpffs, "rerouted", "netns-"+strconv.FormatUint(inode(st), 10))
+		}
+	}
+	e, err := connect.Open(root, pin)
+	if err != nil {
+		return err
+	}
+	d.steer = &steering{e: e}
+	if err := e.Apply(im); err != nil {
+		e.Detach()
+		d.steer = nil
+		return err
+	}
+	if err := d.publishSteering(); err != nil {
+		e.Detach()
+		d.steer = nil
+		return err
+	}
+	go func() {
+		if err := e.Events(d.steered); err != nil {
+			d.log.Error("connect steering: its events are no longer read", "err", err)
+		}
+	}()
+	d.log.Info("connect-time steering: rules the kernel can decide bind their sockets at connect()", "cgroup", root, "pinned", pin,
+		"adopted", e.Adopted)
+	return nil
+}
+
+// stopSteering detaches the program, or with keep leaves it pinned and
+// deciding for the next run.
+func (d *Daemon) stopSteering(keep bool) error {
+	if d.steer == nil {
+		return nil
+	}
+	if keep {
+		return d.steer.e.Close()
+	}
+	return d.steer.e.Detach()
+}
+
+// applySteering installs a reloaded policy's image.
+func (d *Daemon) applySteering(cfg *policy.Config) {
+	if d.steer == nil {
+		return
+	}
+	root, _ := sockdiag.Cgroup2Mount("/proc/self/mountinfo")
+	im, err := connect.Compile(cfg, root)
+	if err == nil {
+		err = d.steer.e.Apply(im)
+	}
+	if err == nil {
+		err = d.publishSteering()
+	}
+	if err != nil {
+		d.stats.errors[errInstall].Add(1)
+		d.log.Error("reload: connect steering keeps the earlier policy's rules", "err", err)
+	}
+}
+
+// publishSteering tells the program the uplinks' states and addresses, and
+// the table which sockets are on their uplink already.
+func (d *Daemon) publishSteering() error {
+	s := d.steer
+	if s == nil {
+		return nil
+	}
+	cfg := d.cfg.Load()
+	us := make([]connect.Uplink, len(cfg.Uplinks))
+	var pass []nftdp.Steered
+	for i, u := range cfg.Uplinks {
+		us[i].Mark = u.Mark
+		for fi, v6 := range []bool{false, true} {
+			st, ok := d.uplinks.Get(u.Mark, v6)
+			if !ok || !st.Src.IsValid() {
+				continue
+			}
+			if fi == 0 {
+				us[i].Up4, us[i].Addr4 = st.Up, st.Src
+			} else {
+				us[i].Up6, us[i].Addr6 = st.Up, st.Src
+			}
+			pass = append(pass, nftdp.Steered{Mark: u.Mark, Addr: st.Src})
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := d.dp.SetSteered(pass); err != nil {
+		return fmt.Errorf("connect steering: the table's pass for steered sockets: %w", err)
+	}
+	if err := s.e.SetUplinks(us); err != nil {
+		return err
+	}
+	s.uplinks = us
+	return nil
+}
+
+func inode(fi os.FileInfo) uint64 {
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		return st.Ino
+	}
+	return 0
+}
+
+// steered prints the program's event.
+func (d *Daemon) steered(ev connect.Event) {
+	s := d.steer
+	im := s.e.Image()
+	rule, up := "?", ""
+	if im != nil && ev.Rule < len(im.Rules) {
+		rule = im.Rules[ev.Rule].Name
+	}
+	var src netip.Addr
+	s.mu.Lock()
+	if ev.Uplink < len(s.uplinks) {
+		u := s.uplinks[ev.Uplink]
+		src = u.Addr4
+		if ev.Dst.Addr().Is6() {
+			src = u.Addr6
+		}
+	}
+	s.mu.Unlock()
+	if im != nil && ev.Uplink < len(im.Uplinks) {
+		up = im.Uplinks[ev.Uplink]
+	}
+	d.events.bind(ev, rule, up, src)
+}
+
+// steeringCollector reports the program's counts.
+type steeringCollector struct{ d *Daemon }
+
+var steeringDesc = prometheus.NewDesc("rerouted_connect_decisions_total",
+	"connect() calls the connect-time program decided, by result: steered (bound to an uplink), default (left to the host's routing), refused (on_down = \"drop\"), stopped (a rule only the daemon can decide: left to the queue), bind_failed (bound already: left to the queue), no_match.",
+	[]string{"result"}, nil)
+
+func (c steeringCollector) Describe(ch chan<- *prometheus.Desc) { ch <- steeringDesc }
+
+func (c steeringCollector) Collect(ch chan<- prometheus.Metric) {
+	s := c.d.steer
+	if s == nil {
+		return
+	}
+	st, err := s.e.Stats()
+	if err != nil {
+		c.d.log.Error("metrics: connect steering counts", "err", err)
+		return
+	}
+	for _, v := range []struct {
+		result string
+		n      uint64
+	}{{"steered", st.Steered}, {"default", st.Default}, {"refused", st.Refused}, {"stopped", st.Stopped},
+		{"bind_failed", st.BindFailed}, {"no_match", st.NoMatch}} {
+		ch <- prometheus.MustNewConstMetric(steeringDesc, prometheus.CounterValue, float64(v.n), v.result)
+	}
+}

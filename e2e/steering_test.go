@@ -1,0 +1,169 @@
+package e2e
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/rerouted/rerouted/networld"
+)
+
+const steeringRules = `
+[[rule]]
+name = "web-b"
+uplink = "isp-b"
+protocol = "tcp"
+dport = [8080]
+
+[[rule]]
+name = "dns-b"
+uplink = "isp-b"
+protocol = "udp"
+dport = [5353]
+
+[[rule]]
+name = "by-exe"
+uplink = "isp-b"
+exe = ["/tmp/no-such-program", %q]
+dport = [8082]
+
+[[rule]]
+name = "api-only-b"
+uplink = "isp-b"
+on_down = "drop"
+dport = [8083]
+`
+
+// With steering = "connect", a socket a rule sends via ISP B is bound to
+// ISP B's address inside connect(): the application's own getsockname()
+// shows it, the server sees it, and nothing is queued or translated. A
+// rule only the daemon can decide (an exe key) is left to the queue's way.
+// When ISP B goes down, the kernel program follows: the rule falls back
+// to the host's routing, or refuses the connection (on_down = "drop").
+func TestConnectSteering(t *testing.T) {
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rules := fmt.Sprintf(steeringRules, self)
+	e := newEnv(t, "kernel", rules)
+	cfg := strings.Replace(fmt.Sprintf(configHead, e.sock, e.dp), "[daemon]\n", "[daemon]\nsteering = \"connect\"\nmetrics_listen = \"127.0.0.1:9477\"\n", 1)
+	e.writeRaw(cfg + rules)
+	for _, port := range []uint16{8082, 8083} {
+		if _, err := e.w.Serve(port); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := e.w.ServeUDP(5353); err != nil {
+		t.Fatal(err)
+	}
+	e.start()
+	if _, err := e.d.WaitFor("connect-time steering: rules the kernel can decide", time.Second); err != nil {
+		t.Fatal(err)
+	}
+
+	// dial connects and returns the socket's own address and the one the
+	// server saw.
+	dial := func(dst netip.Addr, port uint16) (local, seen netip.AddrPort, err error) {
+		c, err := e.w.Dial(networld.DialOptions{Dst: dst, Port: port})
+		if err != nil {
+			return local, seen, err
+		}
+		defer c.Close()
+		local = c.LocalAddr().(*net.TCPAddr).AddrPort()
+		seen, _, err = networld.Exchange(c, 0)
+		return netip.AddrPortFrom(local.Addr().Unmap(), local.Port()), seen, err
+	}
+	queued := e.queued()
+	for _, c := range []struct {
+		dst, want netip.Addr
+	}{{networld.ServerAddr, networld.HostB}, {networld.Server6, networld.HostB6}} {
+		local, seen, err := dial(c.dst, 8080)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if local.Addr() != c.want || seen != local {
+			t.Errorf("to %v:8080: the socket is on %v, the server saw %v; want both on %v", c.dst, local, seen, c.want)
+		}
+		line := fmt.Sprintf("[BIND] tcp dst=%s dport=8080 => src=%s uplink=isp-b uid=0 pid=", c.dst, c.want)
+		if _, err := e.d.WaitFor(line, time.Second); err != nil {
+			t.Error(err)
+		}
+	}
+	// Connected UDP too.
+	s, err := e.w.UDPSocket(netip.AddrPortFrom(networld.ServerAddr, 5353), true, netip.AddrPort{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if local := s.LocalAddr().(*net.UDPAddr).AddrPort(); local.Addr().Unmap() != networld.HostB {
+		t.Errorf("connected UDP socket to :5353 is on %v, want %v", local, networld.HostB)
+	}
+	if peer, err := networld.AskUDP(s, netip.AddrPortFrom(networld.ServerAddr, 5353), "q", 2*time.Second); err != nil || peer.Addr() != networld.HostB {
+		t.Errorf("UDP to :5353: server saw %v, err %v", peer, err)
+	}
+	s.Close()
+	// A connection no rule concerns is left alone.
+	if local, seen, err := dial(networld.ServerAddr, 80); err != nil || local.Addr() != networld.HostA || seen != local {
+		t.Errorf("to :80: on %v, server saw %v, err %v; want ISP A's address", local, seen, err)
+	}
+	if n := e.queued() - queued; n != 0 {
+		t.Errorf("%d packets were queued to the daemon for steered and untouched connections, want 0", n)
+	}
+	for _, f := range e.flows() {
+		t.Errorf("a flow was translated: %+v", f)
+	}
+
+	// The exe rule is the daemon's: the socket stays on ISP A's address
+	// and the queue's way translates it.
+	if local, seen, err := dial(networld.ServerAddr, 8082); err != nil || local.Addr() != networld.HostA || seen.Addr() != networld.HostB {
+		t.Errorf("to :8082 (exe rule): on %v, server saw %v, err %v; want translated from ISP A's address to ISP B's", local, seen, err)
+	}
+	if v := e.metric(`rerouted_connect_decisions_total{result="steered"}`); v != 3 {
+		t.Errorf("steered connects: %v, want 3", v)
+	}
+	if v := e.metric(`rerouted_connect_decisions_total{result="stopped"}`); v != 1 {
+		t.Errorf("connects left to the queue: %v, want 1", v)
+	}
+
+	// ISP B goes down: web-b falls back to the host's routing (ISP A),
+	// api-only-b refuses at connect().
+	e.linkB(false)
+	eventually(t, 3*time.Second, "ISP B to be down", func() bool { return !e.uplinks()["isp-b/ipv4"].Up })
+	if local, seen, err := dial(networld.ServerAddr, 8080); err != nil || local.Addr() != networld.HostA || seen != local {
+		t.Errorf("to :8080 with ISP B down: on %v, server saw %v, err %v; want ISP A, untranslated", local, seen, err)
+	}
+	if _, _, err := dial(networld.ServerAddr, 8083); !errors.Is(err, syscall.EPERM) {
+		t.Errorf("to :8083 (on_down = drop) with ISP B down: %v, want EPERM", err)
+	}
+	if _, err := e.d.WaitFor(`[REFUSED] tcp dst=192.0.2.80 dport=8083`, time.Second); err != nil {
+		t.Error(err)
+	}
+	e.linkB(true)
+	eventually(t, 3*time.Second, "ISP B to be up", func() bool { return e.uplinks()["isp-b/ipv4"].Up })
+	if local, seen, err := dial(networld.ServerAddr, 8083); err != nil || local.Addr() != networld.HostB || seen != local {
+		t.Errorf("to :8083 with ISP B back: on %v, server saw %v, err %v", local, seen, err)
+	}
+
+	// SIGTERM detaches the program: a socket connecting after it is left
+	// alone (without rerouted, :8080 leaves ISP A with ISP A's address).
+	if err := e.d.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if local, _, err := dial(networld.ServerAddr, 8080); err != nil || local.Addr() != networld.HostA {
+		t.Errorf("after the daemon stopped: on %v, err %v; want ISP A's address (the program detached)", local, err)
+	}
+}
+
+// writeRaw writes the configuration file as given.
+func (e *env) writeRaw(cfg string) {
+	e.t.Helper()
+	if err := os.WriteFile(e.cfg, []byte(cfg), 0o600); err != nil {
+		e.t.Fatal(err)
+	}
+}
