@@ -68,6 +68,7 @@ var Paths = []struct {
 	{"rerouted-rule", "no mark rule: a rerouted rule sends the traffic via ISP B (kernel datapath)", false},
 	{"rerouted-balanced", "a rule balances over ISP A and ISP B (1:1), both managed and health-checked every second", false},
 	{"rerouted-kernel-nice", "as rerouted-kernel, with the daemon at nice -10 (the example unit's Nice=)", false},
+	{"rerouted-connect", "as rerouted-rule, decided at connect() (steering = \"connect\"): the socket is bound to ISP B's address", false},
 }
 
 // Ports of the benchmark servers.
@@ -143,6 +144,7 @@ func Run(o Options) (*Report, error) {
 		"rerouted-userspace": b.setupRerouted("userspace", "", true),
 		"rerouted-rule":      b.setupRerouted("kernel", ruleViaB, false),
 		"rerouted-balanced":  b.setupRerouted("kernel", balanced, false),
+		"rerouted-connect":   b.setupReroutedWith("kernel", "steering = \"connect\"\n", ruleViaB, false),
 		"rerouted-kernel-nice": func(b *run) (func() error, networld.DialOptions, error) {
 			b.nice = -10
 			defer func() { b.nice = 0 }()
@@ -296,9 +298,14 @@ dport = [5001, 5002, 5003]
 // configuration after ISP B's [[uplink]], and with or without the host's
 // mark rule.
 func (b *run) setupRerouted(datapath, extra string, mark bool) func(*run) (func() error, networld.DialOptions, error) {
+	return b.setupReroutedWith(datapath, "", extra, mark)
+}
+
+// setupReroutedWith is setupRerouted with more [daemon] settings.
+func (b *run) setupReroutedWith(datapath, daemonExtra, extra string, mark bool) func(*run) (func() error, networld.DialOptions, error) {
 	return func(*run) (func() error, networld.DialOptions, error) {
 		cfg := filepath.Join(b.dir, "rerouted-"+datapath+".toml")
-		src := fmt.Sprintf("[daemon]\nnew_flows_per_uid = 0 # the bench measures one user's rate\ncontrol_socket = %q\ndatapath = %q\n\n[[uplink]]\nname = \"isp-b\"\nmark = 100\ninterface = \"hb\"\n",
+		src := fmt.Sprintf("[daemon]\nnew_flows_per_uid = 0 # the bench measures one user's rate\n"+daemonExtra+"control_socket = %q\ndatapath = %q\n\n[[uplink]]\nname = \"isp-b\"\nmark = 100\ninterface = \"hb\"\n",
 			filepath.Join(b.dir, datapath+".sock"), datapath) + extra
 		if err := os.WriteFile(cfg, []byte(src), 0o600); err != nil {
 			return nil, networld.DialOptions{}, err
