@@ -6,8 +6,11 @@
 // The table (inet family). For each protocol P (tcp, udp, icmp: ICMP echo
 // for IPv4, ICMPv6 echo for IPv6) and family F (4, 6):
 //
-//	map P_outF { addr . port . addr . port : addr . port . mark }   socket tuple -> wire source, mark
-//	map P_inF  { addr . port . addr . port : addr . port }          reply to the wire tuple -> socket
+//	map P_outF   { addr . port . addr . port : addr }   socket tuple -> wire source address
+//	map P_sportF { addr . port . addr . port : port }   socket tuple -> wire source port (not echo)
+//	map P_markF  { addr . port . addr . port : mark }   socket tuple -> mark
+//	map P_inF    { addr . port . addr . port : addr }   reply to the wire tuple -> socket address
+//	map P_dportF { addr . port . addr . port : port }   reply to the wire tuple -> socket port (not echo)
 //	set P_passF { addr . port . addr . port }                       udp, icmp: decided, not translated
 //	set udp_seenF { addr . port . addr . port }                     udp: opened by a peer, learned (timeout)
 //	set udp_meterF { source address (IPv6: its /64) }              udp: each peer's budget of new learned tuples
@@ -19,13 +22,13 @@
 //	chain output { type route hook output priority mangle + 10;
 //	    meta oiftype loopback accept
 //	    tcp flags & (fin|syn|rst|ack) == syn  queue (CPU fanout, bypass)
-//	    P: socket tuple in @P_outF  ->  saddr, sport, mark; accept
+//	    P: socket tuple in @P_outF, @P_sportF, @P_markF  ->  saddr, sport, mark; accept
 //	    udp, icmp echo request: socket tuple in @P_passF  accept
 //	    udp: socket tuple in @udp_seenF  accept
 //	    udp, icmp echo request: queue (address hash, bypass)    the first packet of a new flow }
 //	chain prerouting { type filter hook prerouting priority raw;
 //	    icmp / icmpv6 errors  queue
-//	    P: reply tuple in @P_inF  ->  daddr, dport; accept
+//	    P: reply tuple in @P_inF, @P_dportF  ->  daddr, dport; accept
 //	    udp, fib daddr type local, local tuple in @udp_seenF: update @udp_seenF { local tuple }; accept
 //	    udp, fib daddr type local: add @udp_meterF { saddr limit rate 256/second burst 1024 packets }
 //	                               update @udp_seenF { local tuple } }
@@ -34,10 +37,13 @@
 // P_uoutF and P_uinF, whose rules queue every packet of a translated flow to
 // the daemon, which rewrites it.
 //
-// Each translation rule does one lookup whose data (a concatenation) lands in
-// registers, then writes the fields from those registers; so no write can
-// change what a later lookup sees. nft's payload writes fix the IP and
-// transport checksums, offloaded ones included.
+// Each translation rule looks every field up first, each from its own map
+// into registers of its own, then writes the fields from those registers; so
+// no write can change what a later lookup sees. (One lookup of a
+// concatenation would do, but nft prints a write only from a register a
+// lookup of its own filled, and `nft list ruleset` printed errors.) nft's
+// payload writes fix the IP and transport checksums, offloaded ones
+// included.
 //
 // Hooks: outbound translation runs after the host's own mark rules (mangle)
 // and after conntrack, inbound before conntrack (raw): conntrack sees only the
