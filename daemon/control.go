@@ -235,7 +235,7 @@ func QueryUplinks(path string) ([]UplinkInfo, error) {
 func query(path, cmd string, reply any) error {
 	c, err := net.DialTimeout("unix", path, 3*time.Second)
 	if err != nil {
-		return fmt.Errorf("is rerouted running? %w", err)
+		return dialError(path, err)
 	}
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(10 * time.Second))
@@ -246,4 +246,14 @@ func query(path, cmd string, reply any) error {
 		return fmt.Errorf("control socket reply: %w", err)
 	}
 	return nil
+}
+
+// dialError words a failure to reach the control socket: a caller the
+// socket's permissions keep out needs root; otherwise the daemon may not be
+// running.
+func dialError(path string, err error) error {
+	if errors.Is(err, unix.EACCES) || errors.Is(err, unix.EPERM) {
+		return fmt.Errorf("%s: permission denied: the control socket answers root only (run it as root, e.g. with sudo)", path)
+	}
+	return fmt.Errorf("is rerouted running? %w", err)
 }

@@ -78,17 +78,86 @@ func Check(cfg *policy.Config, o Options) (*Report, error) {
 			return nil, fmt.Errorf("list ip rules: %w", err)
 		}
 	}
-	for _, u := range cfg.Uplinks {
+	ups := resolveInterfaces(r, h, rules, cfg.Uplinks)
+	for _, u := range ups {
 		checkUplink(r, h, rules, u, o)
 	}
 	if err := checkUplinkStates(r, h, cfg); err != nil {
 		return nil, err
 	}
-	if err := checkNAT(r, cfg); err != nil {
+	if err := checkNAT(r, ups); err != nil {
 		r.problem("check that nf_tables is available (modprobe nf_tables)", "cannot read the nftables ruleset: %v", err)
 	}
-	checkLegacyNAT(r, cfg, o)
+	checkLegacyNAT(r, ups, o)
 	return r, nil
+}
+
+// resolveInterfaces returns the uplinks as the checks see them: one without
+// an interface set takes the interface of the default route in the table
+// its mark leads to, so that its reverse-path filter, address rules and NAT
+// are checked all the same.
+func resolveInterfaces(r *Report, h *netlink.Handle, rules map[int][]netlink.Rule, uplinks []*policy.Uplink) []*policy.Uplink {
+	out := make([]*policy.Uplink, len(uplinks))
+	for i, u := range uplinks {
+		out[i] = u
+		if u.Interface != "" {
+			continue
+		}
+		dev, table, ip := interfaceOfTable(h, rules, u.Mark)
+		if dev == "" {
+			r.ok("uplink %q: no interface set, and no default route in a table its mark leads to names one, so its reverse-path filter and address rules are not checked", u.Name)
+			continue
+		}
+		r.ok("uplink %q: no interface set; checked as %s, where the default route of %s table %d leaves", u.Name, dev, ip, table)
+		c := *u
+		c.Interface = dev
+		out[i] = &c
+	}
+	return out
+}
+
+// interfaceOfTable finds the interface of the default route in the table
+// fwmark mark leads to, IPv4's first, then IPv6's.
+func interfaceOfTable(h *netlink.Handle, rules map[int][]netlink.Rule, mark uint32) (dev string, table int, ip string) {
+	for _, fam := range []struct {
+		family int
+		ip     string
+	}{{unix.AF_INET, "ip"}, {unix.AF_INET6, "ip -6"}} {
+		t := markTable(rules[fam.family], mark)
+		if t == 0 {
+			continue
+		}
+		routes, err := h.RouteListFiltered(fam.family, &netlink.Route{Table: t}, netlink.RT_FILTER_TABLE)
+		if err != nil {
+			continue
+		}
+		for _, rt := range routes {
+			if rt.Dst != nil {
+				if ones, _ := rt.Dst.Mask.Size(); ones != 0 {
+					continue
+				}
+			}
+			index := rt.LinkIndex
+			if index == 0 && len(rt.MultiPath) > 0 {
+				index = rt.MultiPath[0].LinkIndex
+			}
+			if link, err := h.LinkByIndex(index); err == nil {
+				return link.Attrs().Name, t, fam.ip
+			}
+		}
+	}
+	return "", 0, ""
+}
+
+// markTable is the table the first ip rule for fwmark mark leads to; 0 if
+// none does.
+func markTable(rules []netlink.Rule, mark uint32) int {
+	for _, ru := range rules {
+		if ru.Mark == mark && ru.Table != 0 && !ru.Invert {
+			return ru.Table
+		}
+	}
+	return 0
 }
 
 // checkConfigFile: rerouted run refuses a configuration file users other
@@ -146,9 +215,7 @@ func checkNetfilter(r *Report, cfg *policy.Config, o Options) {
 
 func checkUplink(r *Report, h *netlink.Handle, rules map[int][]netlink.Rule, u *policy.Uplink, o Options) {
 	var link netlink.Link
-	if u.Interface == "" {
-		r.ok("uplink %q: no interface set, so its reverse-path filter and address rules are not checked", u.Name)
-	} else {
+	if u.Interface != "" {
 		var err error
 		if link, err = h.LinkByName(u.Interface); err != nil {
 			r.problem(fmt.Sprintf("fix interface = %q in the configuration", u.Interface), "uplink %q: interface %q does not exist", u.Name, u.Interface)
@@ -189,13 +256,7 @@ func checkUplink(r *Report, h *netlink.Handle, rules map[int][]netlink.Rule, u *
 // checkMarkRoute: the uplink's mark leads to a table, and the table has
 // routes.
 func checkMarkRoute(r *Report, h *netlink.Handle, rules []netlink.Rule, u *policy.Uplink, family int, ip string) {
-	var table int
-	for _, ru := range rules {
-		if ru.Mark == u.Mark && ru.Table != 0 && !ru.Invert {
-			table = ru.Table
-			break
-		}
-	}
+	table := markTable(rules, u.Mark)
 	if table == 0 {
 		r.problem(fmt.Sprintf("%s rule add fwmark %d lookup <its table> (or set gateway and table on the uplink and let rerouted do it)", ip, u.Mark),
 			"uplink %q: no %s rule sends fwmark %d to a routing table, so marked traffic follows the main table", u.Name, ip, u.Mark)
@@ -237,16 +298,19 @@ func checkRPFilter(r *Report, u *policy.Uplink, o Options) {
 // rule for each of its addresses.
 func checkFromRules(r *Report, rules []netlink.Rule, u *policy.Uplink, addrs []netlink.Addr, ip string) {
 	for _, a := range addrs {
-		found := false
+		table := 0
 		for _, ru := range rules {
 			if ru.Src != nil && ru.Src.IP.Equal(a.IP) && ru.Table != 0 && ru.Table != unix.RT_TABLE_MAIN {
-				found = true
+				table = ru.Table
+				break
 			}
 		}
-		if !found {
+		if table == 0 {
 			r.problem(fmt.Sprintf("%s rule add from %s lookup <the uplink's table> (or let rerouted manage the uplink)", ip, a.IP),
 				"uplink %q: no %s rule answers connections to %s through %s; replies leave by the default route with a foreign source", u.Name, ip, a.IP, u.Interface)
+			continue
 		}
+		r.ok("uplink %q: %s rule from %s lookup %d answers connections to it through %s", u.Name, ip, a.IP, table, u.Interface)
 	}
 }
 
@@ -254,7 +318,7 @@ func checkFromRules(r *Report, rules []netlink.Rule, u *policy.Uplink, addrs []n
 // apply to an uplink's interface (or to every interface). Conntrack NAT
 // rewrites the reply tuple of a translated flow, whose replies then no longer
 // match it.
-func checkNAT(r *Report, cfg *policy.Config) error {
+func checkNAT(r *Report, uplinks []*policy.Uplink) error {
 	c, err := nftables.New()
 	if err != nil {
 		return err
@@ -278,7 +342,7 @@ func checkNAT(r *Report, cfg *policy.Config) error {
 			if kind == "" {
 				continue
 			}
-			for _, u := range cfg.Uplinks {
+			for _, u := range uplinks {
 				where, applies := natWhere(u, oif)
 				if !applies {
 					continue

@@ -44,7 +44,7 @@ var lookTool = func(name string) string {
 // checkLegacyNAT looks for MASQUERADE and SNAT in iptables-legacy's nat
 // tables that apply to an uplink's interface. Only a table the kernel has
 // in use is read: listing it would otherwise create it.
-func checkLegacyNAT(r *Report, cfg *policy.Config, o Options) {
+func checkLegacyNAT(r *Report, uplinks []*policy.Uplink, o Options) {
 	found, inUse := false, false
 	for _, fam := range legacyFamilies {
 		names := filepath.Join(o.ProcNet, fam.names)
@@ -70,7 +70,7 @@ func checkLegacyNAT(r *Report, cfg *policy.Config, o Options) {
 			r.problem("run doctor as root", "cannot read %s's nat table: %s -t nat: %v: %s", fam.cmd, bin, err, bytes.TrimSpace(stderr.Bytes()))
 			continue
 		}
-		for _, u := range cfg.Uplinks {
+		for _, u := range uplinks {
 			seen := map[string]bool{}
 			for _, n := range parseLegacyNAT(string(out)) {
 				where, applies := natWhere(u, n.oif)

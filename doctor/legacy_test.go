@@ -115,7 +115,7 @@ func legacyWorld(t *testing.T, names4, names6 string, tools map[string]string) O
 func legacyReport(t *testing.T, o Options, uplinks ...*policy.Uplink) string {
 	t.Helper()
 	r := &Report{}
-	checkLegacyNAT(r, &policy.Config{Uplinks: uplinks}, o)
+	checkLegacyNAT(r, uplinks, o)
 	var b strings.Builder
 	r.Print(&b)
 	return b.String()

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"os"
 	"os/exec"
 	"strings"
 	"testing"
@@ -33,6 +34,8 @@ func TestDoctor(t *testing.T) {
 		t.Fatalf("healthy host: exit %d:\n%s", code, out)
 	}
 	for _, want := range []string{"ok       nftables answers", "ok       NFQUEUE 0-", `fwmark 100 leads to ip table 100`,
+		`ok       uplink "isp-b": ip rule from 203.0.113.2 lookup 100 answers connections to it through hb`,
+		`ok       uplink "isp-b": ip -6 rule from 2001:db8:b::2 lookup 100 answers connections to it through hb`,
 		`fwmark 100 leads to ip -6 table 100`, "no MASQUERADE or SNAT", "ok       no iptables-legacy nat table is in use",
 		"ok       configuration file " + e.cfg + ": only root can change it"} {
 		if !strings.Contains(out, want) {
@@ -147,5 +150,49 @@ func TestDoctor(t *testing.T) {
 		if !strings.Contains(out, want) {
 			t.Errorf("no %q in:\n%s", want, out)
 		}
+	}
+}
+
+// An uplink without interface = is checked through the interface its
+// table's default route leaves by: its reverse-path filter (the larger of
+// "all" and the interface's), its address rules, and NAT on it, including
+// a MASQUERADE that names no interface.
+func TestDoctorFindsUplinkInterface(t *testing.T) {
+	e := newEnv(t, "kernel", webRule)
+	cfg, err := os.ReadFile(e.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := writeFile(e.cfg, strings.Replace(string(cfg), "interface = \"hb\"\n", "", 1)); err != nil {
+		t.Fatal(err)
+	}
+	out, code := e.doctor()
+	for _, want := range []string{
+		`ok       uplink "isp-b": no interface set; checked as hb, where the default route of ip table 100 leaves`,
+		`ok       uplink "isp-b": rp_filter on hb is not strict (all=`,
+		`ok       uplink "isp-b": ip rule from 203.0.113.2 lookup 100 answers connections to it through hb`,
+	} {
+		if code != 0 || !strings.Contains(out, want) {
+			t.Errorf("exit %d, want 0 and %q in:\n%s", code, want, out)
+		}
+	}
+	// Strict filtering for all interfaces overrides hb's loose setting.
+	if err := e.w.Host.Sysctl("net.ipv4.conf.hb.rp_filter=0", "net.ipv4.conf.all.rp_filter=1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.w.Host.Nft("table ip nat {\n\tchain post {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\tmasquerade\n\t}\n}\n"); err != nil {
+		t.Fatal(err)
+	}
+	out, code = e.doctor()
+	for _, want := range []string{
+		`PROBLEM  uplink "isp-b": strict reverse-path filtering on hb (all=1, hb=0)`,
+		`PROBLEM  uplink "isp-b": MASQUERADE in table ip nat chain post applies to every interface, hb included; conntrack NAT`,
+	} {
+		if code != 1 || !strings.Contains(out, want) {
+			t.Errorf("exit %d, want 1 and %q in:\n%s", code, want, out)
+		}
+	}
+	if strings.Contains(out, "applies to ;") {
+		t.Errorf("a finding names no place:\n%s", out)
 	}
 }

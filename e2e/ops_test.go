@@ -42,14 +42,22 @@ func TestControlSocketRefusesNonRoot(t *testing.T) {
 	if fi, err := os.Stat(e.sock); err != nil || fi.Mode().Perm() != 0o600 {
 		t.Fatalf("control socket mode %v, err %v; want 0600", fi.Mode(), err)
 	}
-	if err := os.Chmod(e.sock, 0o666); err != nil { // an operator's mistake
-		t.Fatal(err)
-	}
 	prog := filepath.Join(pub, "rerouted")
 	if b, err := os.ReadFile(bin); err != nil || os.WriteFile(prog, b, 0o755) != nil {
 		t.Fatalf("copy the binary: %v", err)
 	}
+	// The socket's mode keeps the user out: the user is told root is
+	// needed, not asked whether rerouted runs.
 	out, err := exec.Command("setpriv", "--reuid", "4321", "--regid", "4321", "--clear-groups", "--",
+		prog, "flows", "--config", e.cfg).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), e.sock+": permission denied: the control socket answers root only (run it as root") ||
+		strings.Contains(string(out), "is rerouted running") {
+		t.Errorf("uid 4321, socket mode 0600: rerouted flows printed %q, err %v; want root is needed", out, err)
+	}
+	if err := os.Chmod(e.sock, 0o666); err != nil { // an operator's mistake
+		t.Fatal(err)
+	}
+	out, err = exec.Command("setpriv", "--reuid", "4321", "--regid", "4321", "--clear-groups", "--",
 		prog, "flows", "--config", e.cfg).CombinedOutput()
 	if err == nil || !strings.Contains(string(out), "permission denied: the control socket answers root only") {
 		t.Fatalf("uid 4321: rerouted flows printed %q, err %v; want a refusal", out, err)

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 
 	"github.com/google/nftables"
+	"github.com/google/nftables/userdata"
 	"golang.org/x/sys/unix"
 )
 
@@ -47,6 +48,7 @@ const (
 	attrElemKey      = 1 // NFTA_SET_ELEM_KEY
 	attrElemData     = 2 // NFTA_SET_ELEM_DATA
 	attrDataValue    = 1 // NFTA_DATA_VALUE
+	attrSetFieldLen  = 1 // NFTA_SET_FIELD_LEN
 	nlaNested        = 0x8000
 )
 
@@ -84,9 +86,17 @@ func (c *elemConn) transact(changes []Op, protoOf func(*Entry) *proto) error {
 		for j < len(changes) && changes[j].Delete == del && changes[j].Pass == pass && protoOf(&changes[j].Entry) == p {
 			j++
 		}
-		sets := [2]*nftables.Set{p.out, p.in}
+		// The sets to write, by role: outbound keys are the socket's
+		// tuple, inbound ones the reply's view of the wire tuple.
+		sets := p.flowSets()
 		if pass {
-			sets = [2]*nftables.Set{p.pass}
+			sets = [6]*nftables.Set{5: p.pass}
+		} else {
+			sets[5] = nil
+		}
+		lastSet := len(sets) - 1
+		for lastSet > 0 && sets[lastSet] == nil {
+			lastSet--
 		}
 		typ := uint16(nftMsgNewSetElem)
 		flags := uint16(unix.NLM_F_REQUEST | unix.NLM_F_CREATE)
@@ -98,7 +108,7 @@ func (c *elemConn) transact(changes []Op, protoOf func(*Entry) *proto) error {
 				continue
 			}
 			ack := uint16(0)
-			if j == len(changes) && (k == 1 || pass) {
+			if j == len(changes) && k == lastSet {
 				ack = unix.NLM_F_ACK // the batch's last message
 			}
 			start := len(b)
@@ -112,16 +122,27 @@ func (c *elemConn) transact(changes []Op, protoOf func(*Entry) *proto) error {
 				e := len(b)
 				b = append(b, 0, 0, 0, 0)
 				var key [40]byte
-				var val [24]byte
+				var val [16]byte
 				var kl, vl int
-				if set != p.in {
+				if k < 3 || k == 5 { // outbound and pass: the socket's tuple
 					kl = putTuple(key[:], ch.Src, ch.Dst)
-					vl = putAddrPort(val[:], ch.NewSrc)
-					binary.NativeEndian.PutUint32(val[vl:], ch.Mark)
-					vl += 4
 				} else {
 					kl = putTuple(key[:], ch.NewSrc, ch.Dst)
-					vl = putAddrPort(val[:], ch.Src)
+				}
+				switch k {
+				case 0: // out: the new source address
+					vl = putAddr(val[:], ch.NewSrc.Addr())
+				case 1: // outPort
+					vl = 2
+					binary.BigEndian.PutUint16(val[:], ch.NewSrc.Port())
+				case 2: // outMark
+					vl = 4
+					binary.NativeEndian.PutUint32(val[:], ch.Mark)
+				case 3: // in: the socket's address
+					vl = putAddr(val[:], ch.Src.Addr())
+				case 4: // inPort
+					vl = 2
+					binary.BigEndian.PutUint16(val[:], ch.Src.Port())
 				}
 				b = dataAttr(b, attrElemKey, key[:kl])
 				if !del && set.IsMap {
@@ -177,6 +198,58 @@ func (c *elemConn) addRules(rules []ruleMsg, flush []string) error {
 			closeAttr(b, el, attrListElem|nlaNested)
 		}
 		closeAttr(b, list, attrRuleExprs|nlaNested)
+		binary.NativeEndian.PutUint32(b[start:], uint32(len(b)-start))
+	}
+	return c.send(b, last)
+}
+
+// addHostDataMaps creates maps whose data is in host byte order (marks),
+// or finds them as they are, in one transaction. Their userdata says so,
+// as nft's own does, so that nft prints their values right.
+func (c *elemConn) addHostDataMaps(maps []*nftables.Set) error {
+	be := func(v uint32) []byte { return binary.BigEndian.AppendUint32(nil, v) }
+	b := c.header(c.wbuf[:0], nfnlBatchBegin, unix.NLM_F_REQUEST, unix.AF_UNSPEC, nfnlSubsysNFT)
+	var last uint32
+	for i, m := range maps {
+		flags := uint16(unix.NLM_F_REQUEST | unix.NLM_F_CREATE)
+		if i == len(maps)-1 {
+			flags |= unix.NLM_F_ACK
+		}
+		start := len(b)
+		b = c.header(b, nfnlSubsysNFT<<8|unix.NFT_MSG_NEWSET, flags, unix.NFPROTO_INET, 0)
+		last = c.seq
+		setFlags := uint32(unix.NFT_SET_MAP)
+		if m.Concatenation {
+			setFlags |= nftables.NFT_SET_CONCAT
+		}
+		b = strAttr(b, unix.NFTA_SET_TABLE, TableName)
+		b = strAttr(b, unix.NFTA_SET_NAME, m.Name)
+		b = attrBytes(b, unix.NFTA_SET_FLAGS, be(setFlags))
+		b = attrBytes(b, unix.NFTA_SET_KEY_TYPE, be(m.KeyType.GetNFTMagic()))
+		b = attrBytes(b, unix.NFTA_SET_KEY_LEN, be(m.KeyType.Bytes))
+		b = attrBytes(b, unix.NFTA_SET_DATA_TYPE, be(m.DataType.GetNFTMagic()))
+		b = attrBytes(b, unix.NFTA_SET_DATA_LEN, be(m.DataType.Bytes))
+		b = attrBytes(b, unix.NFTA_SET_ID, be(uint32(0x7272_0000+i)))
+		if m.Concatenation {
+			// The key's fields' lengths, as nft gives them.
+			desc := len(b)
+			b = append(b, 0, 0, 0, 0)
+			concat := len(b)
+			b = append(b, 0, 0, 0, 0)
+			for _, t := range nftables.ConcatSetTypeElements(m.KeyType) {
+				el := len(b)
+				b = append(b, 0, 0, 0, 0)
+				b = attrBytes(b, attrSetFieldLen, be(t.Bytes))
+				closeAttr(b, el, unix.NFTA_LIST_ELEM|nlaNested)
+			}
+			closeAttr(b, concat, nftables.NFTA_SET_DESC_CONCAT|nlaNested)
+			closeAttr(b, desc, unix.NFTA_SET_DESC|nlaNested)
+		}
+		ud := userdata.AppendUint32(nil, userdata.NFTNL_UDATA_SET_DATABYTEORDER, 1) // nft's BYTEORDER_HOST_ENDIAN
+		if m.Comment != "" {
+			ud = userdata.AppendString(ud, userdata.NFTNL_UDATA_SET_COMMENT, m.Comment)
+		}
+		b = attrBytes(b, unix.NFTA_SET_USERDATA, ud)
 		binary.NativeEndian.PutUint32(b[start:], uint32(len(b)-start))
 	}
 	return c.send(b, last)
@@ -298,6 +371,16 @@ func pad(b []byte) []byte {
 func putTuple(dst []byte, a, b netip.AddrPort) int {
 	n := putAddrPort(dst, a)
 	return n + putAddrPort(dst[n:], b)
+}
+
+// putAddr writes an address and returns its length.
+func putAddr(dst []byte, a netip.Addr) int {
+	if a.Is4() {
+		a4 := a.As4()
+		return copy(dst, a4[:])
+	}
+	a16 := a.As16()
+	return copy(dst, a16[:])
 }
 
 func putAddrPort(dst []byte, ap netip.AddrPort) int {

@@ -6,8 +6,11 @@
 // The table (inet family). For each protocol P (tcp, udp, icmp: ICMP echo
 // for IPv4, ICMPv6 echo for IPv6) and family F (4, 6):
 //
-//	map P_outF { addr . port . addr . port : addr . port . mark }   socket tuple -> wire source, mark
-//	map P_inF  { addr . port . addr . port : addr . port }          reply to the wire tuple -> socket
+//	map P_outF   { addr . port . addr . port : addr }   socket tuple -> wire source address
+//	map P_sportF { addr . port . addr . port : port }   socket tuple -> wire source port (not echo)
+//	map P_markF  { addr . port . addr . port : mark }   socket tuple -> mark
+//	map P_inF    { addr . port . addr . port : addr }   reply to the wire tuple -> socket address
+//	map P_dportF { addr . port . addr . port : port }   reply to the wire tuple -> socket port (not echo)
 //	set P_passF { addr . port . addr . port }                       udp, icmp: decided, not translated
 //	set udp_seenF { addr . port . addr . port }                     udp: opened by a peer, learned (timeout)
 //	set udp_meterF { source address (IPv6: its /64) }              udp: each peer's budget of new learned tuples
@@ -19,13 +22,13 @@
 //	chain output { type route hook output priority mangle + 10;
 //	    meta oiftype loopback accept
 //	    tcp flags & (fin|syn|rst|ack) == syn  queue (CPU fanout, bypass)
-//	    P: socket tuple in @P_outF  ->  saddr, sport, mark; accept
+//	    P: socket tuple in @P_outF, @P_sportF, @P_markF  ->  saddr, sport, mark; accept
 //	    udp, icmp echo request: socket tuple in @P_passF  accept
 //	    udp: socket tuple in @udp_seenF  accept
 //	    udp, icmp echo request: queue (address hash, bypass)    the first packet of a new flow }
 //	chain prerouting { type filter hook prerouting priority raw;
 //	    icmp / icmpv6 errors  queue
-//	    P: reply tuple in @P_inF  ->  daddr, dport; accept
+//	    P: reply tuple in @P_inF, @P_dportF  ->  daddr, dport; accept
 //	    udp, fib daddr type local, local tuple in @udp_seenF: update @udp_seenF { local tuple }; accept
 //	    udp, fib daddr type local: add @udp_meterF { saddr limit rate 256/second burst 1024 packets }
 //	                               update @udp_seenF { local tuple } }
@@ -34,10 +37,13 @@
 // P_uoutF and P_uinF, whose rules queue every packet of a translated flow to
 // the daemon, which rewrites it.
 //
-// Each translation rule does one lookup whose data (a concatenation) lands in
-// registers, then writes the fields from those registers; so no write can
-// change what a later lookup sees. nft's payload writes fix the IP and
-// transport checksums, offloaded ones included.
+// Each translation rule looks every field up first, each from its own map
+// into registers of its own, then writes the fields from those registers; so
+// no write can change what a later lookup sees. (One lookup of a
+// concatenation would do, but nft prints a write only from a register a
+// lookup of its own filled, and `nft list ruleset` printed errors.) nft's
+// payload writes fix the IP and transport checksums, offloaded ones
+// included.
 //
 // Hooks: outbound translation runs after the host's own mark rules (mangle)
 // and after conntrack, inbound before conntrack (raw): conntrack sees only the
@@ -157,12 +163,15 @@ type family struct {
 
 // proto is one transport protocol's part of a family's table.
 type proto struct {
-	num          byte    // IP protocol number
-	name         string  // in set names: "tcp", "udp", "icmp"
-	sport, dport uint32  // offsets of the ports; an echo's identifier is both
-	csum         uint32  // offset of the transport checksum
-	echo         [2]byte // ICMP: the echo request and reply types
-	out, in      *nftables.Set
+	num          byte          // IP protocol number
+	name         string        // in set names: "tcp", "udp", "icmp"
+	sport, dport uint32        // offsets of the ports; an echo's identifier is both
+	csum         uint32        // offset of the transport checksum
+	echo         [2]byte       // ICMP: the echo request and reply types
+	out, in      *nftables.Set // kernel datapath: tuple -> source, destination address; userspace: the keys
+	outPort      *nftables.Set // kernel datapath: socket tuple -> new source port (not for echo)
+	outMark      *nftables.Set // kernel datapath: socket tuple -> mark
+	inPort       *nftables.Set // kernel datapath: reply tuple -> the socket's port (not for echo)
 	pass         *nftables.Set // UDP and ICMP: tuples decided untranslated
 	seen         *nftables.Set // UDP: tuples a peer opened (a local server's), learned in the kernel
 	meter        *nftables.Set // UDP: each remote source's budget of new learned tuples
@@ -173,6 +182,14 @@ func (p *proto) isEcho() bool { return p.num == unix.IPPROTO_ICMP || p.num == un
 // counted reports whether the protocol's elements count packets: those
 // whose flows can end by idleness.
 func (p *proto) counted() bool { return p.num != unix.IPPROTO_TCP }
+
+// flowSets are the sets or maps that hold the protocol's flows, in the
+// order a transaction writes them: outbound (source address, port, mark),
+// inbound (address, port), then the untranslated ones; nil where the
+// protocol or datapath has none.
+func (p *proto) flowSets() [6]*nftables.Set {
+	return [6]*nftables.Set{p.out, p.outPort, p.outMark, p.in, p.inPort, p.pass}
+}
 
 func (d *Datapath) family(a netip.Addr) *family {
 	if a.Is4() {
@@ -430,7 +447,7 @@ func (d *Datapath) hasOurSets() bool {
 	for i := range d.fams {
 		for j := range d.fams[i].protos {
 			p := &d.fams[i].protos[j]
-			for _, s := range []*nftables.Set{p.out, p.in, p.pass} {
+			for _, s := range p.flowSets() {
 				if s != nil && !have[s.Name] {
 					return false
 				}
@@ -480,8 +497,6 @@ func (d *Datapath) defineSets() error {
 		if err != nil {
 			return err
 		}
-		outData, _ := nftables.ConcatSetType(addrType, nftables.TypeInetService, nftables.TypeMark)
-		inData, _ := nftables.ConcatSetType(addrType, nftables.TypeInetService)
 		for j := range f.protos {
 			p := &f.protos[j]
 			n := p.name + "_"
@@ -491,10 +506,20 @@ func (d *Datapath) defineSets() error {
 				p.in = &nftables.Set{Table: t, Name: n + "uin" + v, Concatenation: true, KeyType: keyType,
 					Comment: "translated tuples (reply view): every packet to the daemon"}
 			} else {
-				p.out = &nftables.Set{Table: t, Name: n + "out" + v, IsMap: true, Concatenation: true, KeyType: keyType, DataType: outData,
-					Comment: "socket tuple : translated source . port . mark"}
-				p.in = &nftables.Set{Table: t, Name: n + "in" + v, IsMap: true, Concatenation: true, KeyType: keyType, DataType: inData,
-					Comment: "translated tuple (reply view) : socket address . port"}
+				// One map per field written: nft lists a write only
+				// from a lookup of its own (see flowRules).
+				p.out = &nftables.Set{Table: t, Name: n + "out" + v, IsMap: true, Concatenation: true, KeyType: keyType, DataType: addrType,
+					Comment: "socket tuple : translated source address"}
+				p.outMark = &nftables.Set{Table: t, Name: n + "mark" + v, IsMap: true, Concatenation: true, KeyType: keyType, DataType: nftables.TypeMark,
+					Comment: "socket tuple : mark"}
+				p.in = &nftables.Set{Table: t, Name: n + "in" + v, IsMap: true, Concatenation: true, KeyType: keyType, DataType: addrType,
+					Comment: "translated tuple (reply view) : socket address"}
+				if !p.isEcho() {
+					p.outPort = &nftables.Set{Table: t, Name: n + "sport" + v, IsMap: true, Concatenation: true, KeyType: keyType, DataType: nftables.TypeInetService,
+						Comment: "socket tuple : translated source port"}
+					p.inPort = &nftables.Set{Table: t, Name: n + "dport" + v, IsMap: true, Concatenation: true, KeyType: keyType, DataType: nftables.TypeInetService,
+						Comment: "translated tuple (reply view) : socket port"}
+				}
 			}
 			if p.counted() {
 				p.pass = &nftables.Set{Table: t, Name: n + "pass" + v, Concatenation: true, KeyType: keyType,
@@ -537,9 +562,10 @@ func (d *Datapath) build() error {
 	for i := range d.fams {
 		for j := range d.fams[i].protos {
 			p := &d.fams[i].protos[j]
-			for _, s := range []*nftables.Set{p.out, p.in, p.pass, p.seen, p.meter} {
-				if s == nil {
-					continue
+			fs := p.flowSets()
+			for _, s := range append(fs[:], p.seen, p.meter) {
+				if s == nil || s == p.outMark {
+					continue // the marks' maps: below
 				}
 				if err := c.AddSet(s, nil); err != nil {
 					return fmt.Errorf("add set %s: %w", s.Name, err)
@@ -557,16 +583,36 @@ func (d *Datapath) build() error {
 	c.AddChain(&nftables.Chain{Name: enqueueSYN, Table: t})
 	c.AddChain(&nftables.Chain{Name: enqueueNew, Table: t})
 	for _, s := range []*nftables.Set{
-		{Table: t, Name: uidMeter, KeyType: nftables.TypeUID, Dynamic: true, HasTimeout: true, Timeout: 10 * time.Second, Size: 65536,
+		{Table: t, Name: uidMeter, KeyType: nftables.TypeUID, KeyByteOrder: binaryutil.NativeEndian, Dynamic: true, HasTimeout: true, Timeout: 10 * time.Second, Size: 65536,
 			Comment: "each uid's rate of new flows to the daemon"},
-		{Table: t, Name: uidOver, KeyType: nftables.TypeUID, Dynamic: true, Size: 65536,
+		{Table: t, Name: uidOver, KeyType: nftables.TypeUID, KeyByteOrder: binaryutil.NativeEndian, Dynamic: true, Size: 65536,
 			Comment: "each uid's new flows over its budget, counted"},
 	} {
 		if err := c.AddSet(s, nil); err != nil {
 			return fmt.Errorf("add set %s: %w", s.Name, err)
 		}
 	}
-	return c.Flush()
+	if err := c.Flush(); err != nil {
+		return err
+	}
+	// google/nftables cannot say that a map's data (a mark) is in host
+	// order, and nft then prints every mark byte-swapped: these maps are
+	// made by hand.
+	var marks []*nftables.Set
+	for i := range d.fams {
+		for j := range d.fams[i].protos {
+			if m := d.fams[i].protos[j].outMark; m != nil {
+				marks = append(marks, m)
+			}
+		}
+	}
+	if len(marks) == 0 {
+		return nil
+	}
+	if err := d.elems.addHostDataMaps(marks); err != nil {
+		return fmt.Errorf("add maps of marks: %w", err)
+	}
+	return nil
 }
 
 // rules returns every rule of both chains, in order.
@@ -680,8 +726,11 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []ruleMsg {
 						queueTo(first, total, native, false, !d.filter.FailClosed))...)})
 				continue
 			}
+			// Registers: the key from 8 on, then the lookups' results:
+			// address, port, mark (IPv6: 8-17, 18-21, 22, 23).
 			regs := uint32(f.addrLen / 4)
-			data := 8 + 2*regs + 2 // first register after the key
+			addrReg := 8 + 2*regs + 2
+			portReg, markReg := addrReg+regs, addrReg+regs+1
 			// An IPv4 UDP datagram may carry no checksum (zero), which a
 			// port write fixing the checksum would turn into a wrong one:
 			// such datagrams get their own rules, whose port write leaves
@@ -693,6 +742,9 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []ruleMsg {
 					{Op: expr.CmpOpEq, Register: 1, Data: []byte{0, 0}},
 				}
 			}
+			lookup := func(s *nftables.Set, reg uint32) expr.Any {
+				return &expr.Lookup{SourceRegister: 8, DestRegister: reg, IsDestRegSet: true, SetName: s.Name}
+			}
 			for _, v := range variants {
 				match := func(dir int) []expr.Any {
 					m := protoOf(f, p, dir)
@@ -703,10 +755,16 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []ruleMsg {
 				}
 				fix := v == nil || v.Op == expr.CmpOpNeq
 				// Outbound: socket tuple -> new source, port, mark. An
-				// echo keeps its identifier.
-				out := exprs(append(append(match(0), outKey...),
-					&expr.Lookup{SourceRegister: 8, DestRegister: data, IsDestRegSet: true, SetName: p.out.Name})...)
-				out = append(out, addrWrite(f, f.saddr, data))
+				// echo keeps its identifier. Every lookup comes first:
+				// the key's registers are clobbered below, and a packet
+				// is changed only when all its flow's elements are found.
+				look := append(match(0), outKey...)
+				look = append(look, lookup(p.out, addrReg), lookup(p.outMark, markReg))
+				if !p.isEcho() {
+					look = append(look, lookup(p.outPort, portReg))
+				}
+				out := exprs(look...)
+				out = append(out, addrWrite(f, f.saddr, addrReg))
 				// The new source must still be the host's: an address
 				// that went away (renumbering) must not reach the wire.
 				// Such a packet stops here, flagged, and the rule after
@@ -717,17 +775,21 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []ruleMsg {
 					&expr.Fib{Register: 1, FlagSADDR: true, ResultADDRTYPE: true},
 					&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)})...)
 				if !p.isEcho() {
-					out = append(out, exprs(writePort(p, p.sport, data+regs, fix))...)
+					out = append(out, exprs(writePort(p, p.sport, portReg, fix))...)
 				}
-				out = append(out, exprs(&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: data + regs + 1},
+				out = append(out, exprs(&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: markReg},
 					&expr.Verdict{Kind: expr.VerdictAccept})...)
 				// Inbound: reply to the translated tuple -> the socket's
 				// address and port.
-				in := exprs(append(append(match(1), inKey...),
-					&expr.Lookup{SourceRegister: 8, DestRegister: data, IsDestRegSet: true, SetName: p.in.Name})...)
-				in = append(in, addrWrite(f, f.daddr, data))
+				look = append(match(1), inKey...)
+				look = append(look, lookup(p.in, addrReg))
 				if !p.isEcho() {
-					in = append(in, exprs(writePort(p, p.dport, data+regs, fix))...)
+					look = append(look, lookup(p.inPort, portReg))
+				}
+				in := exprs(look...)
+				in = append(in, addrWrite(f, f.daddr, addrReg))
+				if !p.isEcho() {
+					in = append(in, exprs(writePort(p, p.dport, portReg, fix))...)
 				}
 				in = append(in, exprs(&expr.Verdict{Kind: expr.VerdictAccept})...)
 				rules = append(rules, ruleMsg{chain: "output", exprs: out}, ruleMsg{chain: "prerouting", exprs: in})
@@ -952,6 +1014,29 @@ func (d *Datapath) Entries() ([]Entry, error) {
 		ap := f.addrLen + 4 // address, then port padded to a register
 		for j := range f.protos {
 			p := &f.protos[j]
+			// Each outbound field's map, by key: the source address's
+			// lists the flows, the others complete them.
+			var ports, marks map[string][]byte
+			for _, m := range []struct {
+				s    *nftables.Set
+				into *map[string][]byte
+				n    int
+			}{{p.outPort, &ports, 2}, {p.outMark, &marks, 4}} {
+				if m.s == nil {
+					continue
+				}
+				els, err := d.conn.GetSetElements(m.s)
+				if err != nil {
+					return nil, fmt.Errorf("list map %s: %w", m.s.Name, err)
+				}
+				*m.into = make(map[string][]byte, len(els))
+				for _, el := range els {
+					if len(el.Key) != 2*ap || len(el.Val) != m.n {
+						return nil, fmt.Errorf("map %s: element of unexpected size %d:%d", m.s.Name, len(el.Key), len(el.Val))
+					}
+					(*m.into)[string(el.Key)] = el.Val
+				}
+			}
 			for _, s := range []*nftables.Set{p.out, p.pass} {
 				if s == nil {
 					continue
@@ -961,15 +1046,29 @@ func (d *Datapath) Entries() ([]Entry, error) {
 					return nil, fmt.Errorf("list set %s: %w", s.Name, err)
 				}
 				for _, el := range els {
-					if len(el.Key) != 2*ap || (s == p.out && len(el.Val) != ap+4) {
+					if len(el.Key) != 2*ap || (s == p.out && len(el.Val) != f.addrLen) {
 						return nil, fmt.Errorf("set %s: element of unexpected size %d:%d", s.Name, len(el.Key), len(el.Val))
 					}
 					e := Entry{Proto: p.num, Src: parseAddrPort(el.Key[:ap]), Dst: parseAddrPort(el.Key[ap:])}
 					if s == p.pass {
 						e.Pass, e.NewSrc = true, e.Src
-					} else {
-						e.NewSrc, e.Mark = parseAddrPort(el.Val[:ap]), binary.NativeEndian.Uint32(el.Val[ap:])
+						out = append(out, e)
+						continue
 					}
+					a, _ := netip.AddrFromSlice(el.Val)
+					port := e.Src.Port() // an echo keeps its identifier
+					if ports != nil {
+						v, ok := ports[string(el.Key)]
+						if !ok {
+							return nil, fmt.Errorf("map %s: no element for %v -> %v", p.outPort.Name, e.Src, e.Dst)
+						}
+						port = binary.BigEndian.Uint16(v)
+					}
+					v, ok := marks[string(el.Key)]
+					if !ok {
+						return nil, fmt.Errorf("map %s: no element for %v -> %v", p.outMark.Name, e.Src, e.Dst)
+					}
+					e.NewSrc, e.Mark = netip.AddrPortFrom(a, port), binary.NativeEndian.Uint32(v)
 					out = append(out, e)
 				}
 			}
@@ -1022,16 +1121,17 @@ func (d *Datapath) Uses() ([]Use, error) {
 }
 
 // Sets returns the names of the table's sets and maps: for each family
-// (IPv4, then IPv6) and protocol (tcp, udp, icmp), outbound and inbound,
-// then the pass set, the learned set and the meter if the protocol has
-// them.
+// (IPv4, then IPv6) and protocol (tcp, udp, icmp), outbound and inbound
+// (the addresses' first: the sets Entries and Uses read), then the ports'
+// and marks' maps, the pass set, the learned set and the meter if the
+// protocol has them.
 func (d *Datapath) Sets() []string {
 	var names []string
 	for i := range d.fams {
 		for j := range d.fams[i].protos {
 			p := &d.fams[i].protos[j]
 			names = append(names, p.out.Name, p.in.Name)
-			for _, s := range []*nftables.Set{p.pass, p.seen, p.meter} {
+			for _, s := range []*nftables.Set{p.outPort, p.outMark, p.inPort, p.pass, p.seen, p.meter} {
 				if s != nil {
 					names = append(names, s.Name)
 				}

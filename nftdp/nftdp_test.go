@@ -61,13 +61,21 @@ func TestInstallAddDeleteRemove(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The reply view: translated address and port first, then the server.
-	if !strings.Contains(in, "203.0.113.2 . 51000 . 192.0.2.80 . 80 : 198.51.100.2 . 40313") {
+	// The reply view: translated address and port first, then the server;
+	// the socket's address and port in maps of their own.
+	if !strings.Contains(in, "203.0.113.2 . 51000 . 192.0.2.80 . 80 : 198.51.100.2") {
 		t.Errorf("in4 lacks the reply element:\n%s", in)
 	}
-	in6, err := ns.Run("nft", "list", "map", "inet", TableName, "tcp_in6")
-	if err != nil || !strings.Contains(in6, "2001:db8:b::2 . 40314 . 2001:db8:80::80 . 443 : 2001:db8:a::2 . 40314") {
-		t.Errorf("in6 lacks the reply element (err %v):\n%s", err, in6)
+	for m, want := range map[string]string{
+		"tcp_in6":    "2001:db8:b::2 . 40314 . 2001:db8:80::80 . 443 : 2001:db8:a::2",
+		"tcp_dport4": "203.0.113.2 . 51000 . 192.0.2.80 . 80 : 40313",
+		"tcp_sport4": "198.51.100.2 . 40313 . 192.0.2.80 . 80 : 51000",
+		"tcp_mark4":  "198.51.100.2 . 40313 . 192.0.2.80 . 80 : 0x12345678",
+		"tcp_out6":   "2001:db8:a::2 . 40314 . 2001:db8:80::80 . 443 : 2001:db8:b::2",
+	} {
+		if l, err := ns.Run("nft", "list", "map", "inet", TableName, m); err != nil || !strings.Contains(l, want) {
+			t.Errorf("%s lacks %q (err %v):\n%s", m, want, err, l)
+		}
 	}
 	// The IPv6 translation rule writes the address with only the
 	// pseudo-header checksum flag, as nft itself does.
@@ -210,9 +218,9 @@ func TestDatagramEntries(t *testing.T) {
 		t.Fatalf("Entries() = %+v\nwant %+v", got, want)
 	}
 	for set, elem := range map[string]string{
-		"udp_in4":    "203.0.113.2 . 5353 . 192.0.2.53 . 53 : 198.51.100.2 . 5353",
+		"udp_in4":    "203.0.113.2 . 5353 . 192.0.2.53 . 53 : 198.51.100.2",
 		"udp_pass4":  "198.51.100.2 . 5354 . 192.0.2.53 . 53",
-		"icmp_in4":   "203.0.113.2 . 77 . 192.0.2.80 . 77 : 198.51.100.2 . 77",
+		"icmp_in4":   "203.0.113.2 . 77 . 192.0.2.80 . 77 : 198.51.100.2",
 		"icmp_pass6": "2001:db8:a::2 . 79 . 2001:db8:80::80 . 79",
 	} {
 		kind := "map"

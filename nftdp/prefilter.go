@@ -113,6 +113,12 @@ func (d *Datapath) compile(f Filter, gen int, native bool) compiled {
 	c := compiled{elems: map[*nftables.Set][]nftables.SetElement{}}
 	set := func(name string, key nftables.SetDatatype, interval bool, elems []nftables.SetElement) string {
 		s := &nftables.Set{Table: d.table, Name: fmt.Sprintf("f%d_%s", gen, name), KeyType: key, Interval: interval, Constant: true}
+		if key == nftables.TypeUID || key == nftables.TypeGID {
+			// Ids are in host order: so the set's userdata says, for
+			// nft to print them right, which a constant set's cannot
+			// (google/nftables gives those big-endian keys).
+			s.Constant, s.KeyByteOrder = false, binaryutil.NativeEndian
+		}
 		c.sets = append(c.sets, s)
 		c.elems[s] = elems
 		return s.Name

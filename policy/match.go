@@ -3,6 +3,7 @@ package policy
 import (
 	"fmt"
 	"net/netip"
+	"os/user"
 	"path"
 	"strconv"
 	"strings"
@@ -290,7 +291,7 @@ func condUID(key string, us []uint32) cond {
 		if !f.HasUID {
 			return "owning socket"
 		}
-		return "uid " + strconv.Itoa(int(f.UID))
+		return IDName("uid", f.UID)
 	}, test: func(f *Flow) (bool, bool) { return containsU32(us, f.UID), f.HasUID }}
 }
 
@@ -299,9 +300,33 @@ func condGID(key string, gs []uint32) cond {
 		if !f.HasUID {
 			return "owning socket"
 		}
-		return "gid " + strconv.Itoa(int(f.GID))
+		return IDName("gid", f.GID)
 	}, test: func(f *Flow) (bool, bool) { return containsU32(gs, f.GID), f.HasUID }}
 }
+
+// IDName words a uid ("uid") or gid ("gid") for a person: its number, and
+// the user's or group's name where the host has one ("uid 1000 (alice)").
+func IDName(kind string, id uint32) string {
+	s := kind + " " + strconv.FormatUint(uint64(id), 10)
+	var name string
+	if kind == "gid" {
+		if g, err := lookupGroupID(s[4:]); err == nil {
+			name = g.Name
+		}
+	} else if u, err := lookupUserID(s[4:]); err == nil {
+		name = u.Username
+	}
+	if name == "" {
+		return s
+	}
+	return s + " (" + name + ")"
+}
+
+// The user database, as IDName reads it; tests replace it.
+var (
+	lookupUserID  = user.LookupId
+	lookupGroupID = user.LookupGroupId
+)
 
 // condProcess matches the process's comm or the base name of its exe.
 func condProcess(names []string) cond {

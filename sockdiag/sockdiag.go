@@ -82,7 +82,8 @@ var ErrNotFound = errors.New("no such socket")
 
 // Lookup finds the socket that owns the connection local→remote, in any
 // state including TIME_WAIT, and fills s. It returns ErrNotFound when there
-// is none. For UDP it is the socket a datagram from remote to local would
+// is none, and then s is zero: a Socket reused from an earlier lookup never
+// tells of another socket. For UDP it is the socket a datagram from remote to local would
 // be delivered to: a connected socket, else one bound to the port (wildcard
 // or local address), so an unconnected socket is found for every peer.
 func (c *Conn) Lookup(proto uint8, local, remote netip.AddrPort, s *Socket) error {
@@ -92,6 +93,7 @@ func (c *Conn) Lookup(proto uint8, local, remote netip.AddrPort, s *Socket) erro
 		// swapped for historical reasons").
 		local, remote = remote, local
 	}
+	*s = Socket{}
 	c.request(proto, local, remote, false)
 	if _, err := unix.Write(c.fd, c.req[:]); err != nil {
 		return fmt.Errorf("sock_diag request: %w", err)

@@ -52,10 +52,15 @@ func TestLookupAndDump(t *testing.T) {
 		t.Fatalf("socket identity = uid %d inode %d cookie %d", s.UID, s.Inode, s.Cookie)
 	}
 
-	// A tuple nobody owns.
+	// A tuple nobody owns: s, filled by the lookup before, tells of no
+	// socket (the sweeper's "socket gone" line printed the earlier one's
+	// cookie and state).
 	unused := netip.AddrPortFrom(local.Addr(), 1)
 	if err := d.Lookup(unix.IPPROTO_TCP, unused, remote, &s); err != ErrNotFound {
 		t.Fatalf("Lookup(unused) = %v, want ErrNotFound", err)
+	}
+	if s != (Socket{}) {
+		t.Fatalf("after ErrNotFound the socket of an earlier lookup is still there: %+v", s)
 	}
 
 	found := 0

@@ -94,7 +94,7 @@ func flowOfPID(pid int, dst netip.AddrPort, proto string) (*policy.Flow, error) 
 func explain(w io.Writer, cfg *policy.Config, f *policy.Flow) {
 	p, _ := f.Owner.Process()
 	cg, _ := f.Owner.Cgroup()
-	fmt.Fprintf(w, "process %d %q (%s) uid %d gid %d cgroup /%s\n", p.PID, p.Comm, p.Exe, f.UID, f.GID, cg)
+	fmt.Fprintf(w, "process %d %q (%s) %s %s cgroup /%s\n", p.PID, p.Comm, p.Exe, policy.IDName("uid", f.UID), policy.IDName("gid", f.GID), cg)
 	fmt.Fprintf(w, "new %s connection to %s\n", f.Protocol, f.Dst)
 	if queued, why := cfg.Prefiltered(f); queued {
 		fmt.Fprintf(w, "the kernel sends its first packet to rerouted: %s\n\n", why)

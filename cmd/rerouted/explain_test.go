@@ -1,0 +1,31 @@
+package main
+
+import (
+	"bytes"
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/rerouted/rerouted/policy"
+)
+
+type owner struct{}
+
+func (owner) Process() (policy.Process, bool) {
+	return policy.Process{PID: 42, Comm: "curl", Exe: "/usr/bin/curl"}, true
+}
+func (owner) Cgroup() (string, bool) { return "user.slice", true }
+
+// explain names the process's user and group (root is in every host's
+// user database), not just their numbers.
+func TestExplainHeaderNamesUser(t *testing.T) {
+	cfg, err := policy.Parse("t.toml", []byte("[[uplink]]\nname = \"isp-b\"\nmark = 100\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var b bytes.Buffer
+	explain(&b, cfg, &policy.Flow{Protocol: "tcp", Dst: netip.MustParseAddrPort("192.0.2.80:80"), HasUID: true, Owner: owner{}})
+	if first, _, _ := strings.Cut(b.String(), "\n"); first != `process 42 "curl" (/usr/bin/curl) uid 0 (root) gid 0 (root) cgroup /user.slice` {
+		t.Errorf("first line %q", first)
+	}
+}
