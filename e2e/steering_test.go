@@ -6,6 +6,8 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -148,6 +150,17 @@ func TestConnectSteering(t *testing.T) {
 	eventually(t, 3*time.Second, "ISP B to be up", func() bool { return e.uplinks()["isp-b/ipv4"].Up })
 	if local, seen, err := dial(networld.ServerAddr, 8083); err != nil || local.Addr() != networld.HostB || seen != local {
 		t.Errorf("to :8083 with ISP B back: on %v, server saw %v, err %v", local, seen, err)
+	}
+
+	// explain says which engine decides.
+	for dport, want := range map[string]string{
+		"8080": `at connect(): rule "web-b" binds the socket to isp-b's address`,
+		"8082": `at connect(): rule "by-exe" stops the kernel's evaluation`,
+	} {
+		out, err := exec.Command(bin, "explain", "--config", e.cfg, "--dst", "192.0.2.80:"+dport, "--pid", strconv.Itoa(os.Getpid()), "--protocol", "tcp").CombinedOutput()
+		if err != nil || !strings.Contains(string(out), want) {
+			t.Errorf("explain :%s: %v\n%s\nwant %q", dport, err, out, want)
+		}
 	}
 
 	// SIGTERM detaches the program: a socket connecting after it is left

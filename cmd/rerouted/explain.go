@@ -1,8 +1,12 @@
 package main
 
 import (
+	"path"
+	"syscall"
+
 	"flag"
 	"fmt"
+	"github.com/rerouted/rerouted/internal/connect"
 	"io"
 	"net/netip"
 	"os"
@@ -96,7 +100,10 @@ func explain(w io.Writer, cfg *policy.Config, f *policy.Flow) {
 	cg, _ := f.Owner.Cgroup()
 	fmt.Fprintf(w, "process %d %q (%s) %s %s cgroup /%s\n", p.PID, p.Comm, p.Exe, policy.IDName("uid", f.UID), policy.IDName("gid", f.GID), cg)
 	fmt.Fprintf(w, "new %s connection to %s\n", f.Protocol, f.Dst)
-	if queued, why := cfg.Prefiltered(f); queued {
+	steered := cfg.Daemon.Steering == "connect" && f.Protocol != "icmp" && explainConnect(w, cfg, f)
+	if queued, why := cfg.Prefiltered(f); steered {
+		fmt.Fprintf(w, "the daemon never sees it: a steered socket's packets pass the table as they are\n\n")
+	} else if queued {
 		fmt.Fprintf(w, "the kernel sends its first packet to rerouted: %s\n\n", why)
 	} else {
 		fmt.Fprintf(w, "the kernel does not send it to rerouted at all: %s", why)
@@ -119,6 +126,73 @@ func explain(w io.Writer, cfg *policy.Config, f *policy.Flow) {
 		fmt.Fprintf(w, ", and a mark the host's own rules set on it is honoured")
 	}
 	fmt.Fprintln(w)
+}
+
+// explainConnect says what the connect-time program would do with f's
+// connect(), by the uplink states the running daemon sees (all up if it
+// does not answer).
+func explainConnect(w io.Writer, cfg *policy.Config, f *policy.Flow) (decided bool) {
+	root, err := sockdiag.Cgroup2Mount("/proc/self/mountinfo")
+	if err != nil {
+		fmt.Fprintf(w, "at connect(): nothing decided (%v): the queue's way, below\n", err)
+		return false
+	}
+	im, err := connect.Compile(cfg, root)
+	if err != nil {
+		fmt.Fprintf(w, "at connect(): nothing decided (%v): the queue's way, below\n", err)
+		return false
+	}
+	c := connect.Conn{Protocol: f.Protocol, Dst: f.Dst, UID: f.UID, GID: f.GID}
+	if p, ok := f.Owner.Process(); ok {
+		c.Comm = p.Comm
+	}
+	if cg, ok := f.Owner.Cgroup(); ok {
+		for p := cg; ; p = path.Dir(p) {
+			if p == "." || p == "/" {
+				p = ""
+			}
+			var st syscall.Stat_t
+			if syscall.Stat(path.Join(root, p), &st) == nil {
+				c.Cgroups = append(c.Cgroups, st.Ino)
+			}
+			if p == "" {
+				break
+			}
+		}
+	}
+	up := map[string]bool{}
+	ups, qerr := daemon.QueryUplinks(cfg.Daemon.ControlSocket)
+	for _, u := range ups {
+		up[u.Uplink+"/"+u.Family] = u.Up
+	}
+	v := im.Decide(c, func(i int, v6 bool) bool {
+		if qerr != nil {
+			return true
+		}
+		return up[im.Uplinks[i]+"/"+map[bool]string{false: "ipv4", true: "ipv6"}[v6]]
+	})
+	switch {
+	case v.Stop:
+		fmt.Fprintf(w, "at connect(): rule %q stops the kernel's evaluation (%s): the queue's way, below\n", im.Rules[v.Rule].Name, v.Why)
+	case v.Refuse:
+		fmt.Fprintf(w, "at connect(): rule %q REFUSES it (every uplink down, on_down = \"drop\"): connect() fails with EPERM\n", im.Rules[v.Rule].Name)
+	case v.Uplink >= 0 && v.Balanced:
+		names := []string{}
+		for _, i := range v.Candidates {
+			names = append(names, im.Uplinks[i])
+		}
+		fmt.Fprintf(w, "at connect(): rule %q binds the socket to the address of one of %v (by weight): nothing is queued or translated\n", im.Rules[v.Rule].Name, names)
+	case v.Uplink >= 0:
+		fmt.Fprintf(w, "at connect(): rule %q binds the socket to %s's address: nothing is queued or translated\n", im.Rules[v.Rule].Name, im.Uplinks[v.Uplink])
+	case v.Rule >= 0:
+		fmt.Fprintf(w, "at connect(): rule %q leaves it to the host's routing\n", im.Rules[v.Rule].Name)
+	default:
+		fmt.Fprintf(w, "at connect(): no rule the kernel decides matches it\n")
+	}
+	if qerr != nil && v.Uplink >= 0 {
+		fmt.Fprintf(w, "   (uplink states unknown, taken as up: %v)\n", qerr)
+	}
+	return !v.Stop && (v.Uplink >= 0 || v.Refuse)
 }
 
 // explainUplinks says, for a rule that picks among uplinks, which of them
