@@ -54,6 +54,9 @@ type Tuple struct {
 	Dport uint16     `json:"dport"`
 }
 
+// Swap is the tuple seen from the other end.
+func (t Tuple) Swap() Tuple { return Tuple{Src: t.Dst, Dst: t.Src, Sport: t.Dport, Dport: t.Sport} }
+
 func info(f *flow.Flow, now time.Time) FlowInfo {
 	fi := FlowInfo{
 		Proto:    protoName(f.Proto),
@@ -140,6 +143,17 @@ func (d *Daemon) writeFlows(c net.Conn) error {
 		n++
 		if err := enc.Encode(info(f, now)); err != nil {
 			return err
+		}
+	}
+	if d.steer != nil {
+		if err := d.steer.list(d, func(fi FlowInfo) error {
+			if n > 0 {
+				w.WriteByte(',')
+			}
+			n++
+			return enc.Encode(fi)
+		}); err != nil {
+			d.log.Warn("flows: list the sockets steered at connect()", "err", err)
 		}
 	}
 	w.WriteString("]}\n")

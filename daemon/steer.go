@@ -173,6 +173,63 @@ func (d *Daemon) steered(ev connect.Event) {
 	d.events.bind(ev, rule, up, src)
 }
 
+// list calls fn for each socket on a steered uplink's address: the
+// sockets the program bound (and any the application bound there itself,
+// which are on their uplink just the same). They are found by a socket
+// dump, as they have no flow: rule "at connect", no translation.
+func (s *steering) list(d *Daemon, fn func(FlowInfo) error) error {
+	cfg := d.cfg.Load()
+	type up struct {
+		name, dev string
+		mark      uint32
+	}
+	on := map[netip.Addr]up{}
+	s.mu.Lock()
+	for i, u := range s.uplinks {
+		if i >= len(cfg.Uplinks) {
+			break
+		}
+		for fi, a := range []netip.Addr{u.Addr4, u.Addr6} {
+			if a.IsValid() {
+				st, _ := d.uplinks.Get(u.Mark, fi == 1)
+				on[a] = up{cfg.Uplinks[i].Name, st.Dev, u.Mark}
+			}
+		}
+	}
+	s.mu.Unlock()
+	if len(on) == 0 {
+		return nil
+	}
+	diag, err := sockdiag.Open()
+	if err != nil {
+		return err
+	}
+	defer diag.Close()
+	var ferr error
+	for _, q := range []struct{ family, proto uint8 }{
+		{syscall.AF_INET, syscall.IPPROTO_TCP}, {syscall.AF_INET6, syscall.IPPROTO_TCP},
+		{syscall.AF_INET, syscall.IPPROTO_UDP}, {syscall.AF_INET6, syscall.IPPROTO_UDP},
+	} {
+		err := diag.Dump(q.family, q.proto, func(so *sockdiag.Socket) {
+			u, ok := on[so.Local.Addr().Unmap()]
+			if !ok || ferr != nil || so.State == sockdiag.StateListen || !so.Remote.Addr().IsValid() || so.Remote.Addr().IsUnspecified() {
+				return
+			}
+			ferr = fn(FlowInfo{Proto: protoName(q.proto),
+				Original: Tuple{Src: so.Local.Addr().Unmap(), Dst: so.Remote.Addr().Unmap(), Sport: so.Local.Port(), Dport: so.Remote.Port()},
+				Reply:    Tuple{Src: so.Remote.Addr().Unmap(), Dst: so.Local.Addr().Unmap(), Sport: so.Remote.Port(), Dport: so.Local.Port()},
+				Mark:     u.mark, Dev: u.dev, UID: so.UID, Rule: "at connect (" + u.name + ")", Cookie: so.Cookie})
+		})
+		if err != nil {
+			return err
+		}
+		if ferr != nil {
+			return ferr
+		}
+	}
+	return nil
+}
+
 // steeringCollector reports the program's counts.
 type steeringCollector struct{ d *Daemon }
 

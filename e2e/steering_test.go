@@ -117,17 +117,34 @@ func TestConnectSteering(t *testing.T) {
 	if n := e.queued() - queued; n != 0 {
 		t.Errorf("%d packets were queued to the daemon for steered and untouched connections, want 0", n)
 	}
-	for _, f := range e.flows() {
-		t.Errorf("a flow was translated: %+v", f)
+	// No flow was translated; the steered sockets are listed as such,
+	// a live one among them.
+	live, err := e.w.Dial(networld.DialOptions{Port: 8080})
+	if err != nil {
+		t.Fatal(err)
 	}
+	liveAddr := live.LocalAddr().(*net.TCPAddr).AddrPort()
+	listed := false
+	for _, f := range e.flows() {
+		if !strings.HasPrefix(f.Rule, "at connect (isp-b)") || f.Original != f.Reply.Swap() {
+			t.Errorf("a flow was translated: %+v", f)
+		}
+		if f.Proto == "tcp" && f.Original.Src == liveAddr.Addr() && f.Original.Sport == liveAddr.Port() {
+			listed = true
+		}
+	}
+	if !listed {
+		t.Errorf("the live steered connection from %v is not listed", liveAddr)
+	}
+	live.Close()
 
 	// The exe rule is the daemon's: the socket stays on ISP A's address
 	// and the queue's way translates it.
 	if local, seen, err := dial(networld.ServerAddr, 8082); err != nil || local.Addr() != networld.HostA || seen.Addr() != networld.HostB {
 		t.Errorf("to :8082 (exe rule): on %v, server saw %v, err %v; want translated from ISP A's address to ISP B's", local, seen, err)
 	}
-	if v := e.metric(`rerouted_connect_decisions_total{result="steered"}`); v != 3 {
-		t.Errorf("steered connects: %v, want 3", v)
+	if v := e.metric(`rerouted_connect_decisions_total{result="steered"}`); v != 4 {
+		t.Errorf("steered connects: %v, want 4 (TCP IPv4 and IPv6, UDP, the live one)", v)
 	}
 	if v := e.metric(`rerouted_connect_decisions_total{result="stopped"}`); v != 1 {
 		t.Errorf("connects left to the queue: %v, want 1", v)
