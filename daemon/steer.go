@@ -1,7 +1,9 @@
 package daemon
 
 import (
+	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -138,8 +140,88 @@ func (d *Daemon) publishSteering() error {
 	if err := s.e.SetUplinks(us); err != nil {
 		return err
 	}
+	old := s.uplinks
 	s.uplinks = us
+	// An uplink renumbered: its sockets bound to an address the host no
+	// longer has can never send again. They are closed, so that their
+	// applications learn at once and reconnect (on the new address).
+	for i, u := range old {
+		if i >= len(cfg.Uplinks) {
+			break
+		}
+		for fi, a := range []netip.Addr{u.Addr4, u.Addr6} {
+			now := us[i].Addr4
+			if fi == 1 {
+				now = us[i].Addr6
+			}
+			if a.IsValid() && a != now && !isLocal(a) {
+				d.closeSteered(cfg.Uplinks[i], a)
+			}
+		}
+	}
 	return nil
+}
+
+// isLocal reports whether the host still has address a.
+func isLocal(a netip.Addr) bool {
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return true // cannot tell: close nothing
+	}
+	for _, x := range addrs {
+		if p, ok := x.(*net.IPNet); ok {
+			if ip, ok := netip.AddrFromSlice(p.IP); ok && ip.Unmap() == a {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// closeSteered closes the sockets bound to u's address a, which the host
+// no longer has: TCP ones unless reset_tcp = false, connected UDP ones
+// always (their datagrams cannot leave).
+func (d *Daemon) closeSteered(u *policy.Uplink, a netip.Addr) {
+	diag, err := sockdiag.Open()
+	if err != nil {
+		d.log.Error("connect steering: close sockets on an address that went away", "uplink", u.Name, "address", a, "err", err)
+		return
+	}
+	defer diag.Close()
+	family := uint8(syscall.AF_INET)
+	if a.Is6() {
+		family = syscall.AF_INET6
+	}
+	for _, proto := range []uint8{syscall.IPPROTO_TCP, syscall.IPPROTO_UDP} {
+		if proto == syscall.IPPROTO_TCP && u.KeepTCP {
+			continue
+		}
+		var victims []sockdiag.Socket
+		if err := diag.Dump(family, proto, func(so *sockdiag.Socket) {
+			if so.Local.Addr().Unmap() == a && so.State != sockdiag.StateListen && so.Remote.Addr().IsValid() && !so.Remote.Addr().IsUnspecified() {
+				victims = append(victims, *so)
+			}
+		}); err != nil {
+			d.log.Error("connect steering: list sockets on an address that went away", "uplink", u.Name, "address", a, "err", err)
+			continue
+		}
+		how := "reset"
+		if proto == syscall.IPPROTO_UDP {
+			how = "closed"
+		}
+		for _, so := range victims {
+			if err := diag.DestroyProto(proto, so.Local, so.Remote, so.Cookie); err != nil && !errors.Is(err, sockdiag.ErrNotFound) {
+				d.stats.errors[errSocketLookup].Add(1)
+				d.log.Error("connect steering: close a socket on an address that went away", "src", so.Local, "dst", so.Remote, "err", err)
+				continue
+			}
+			d.metrics.moved.WithLabelValues(u.Name, how).Inc()
+		}
+		if len(victims) > 0 {
+			d.log.Warn("uplink renumbered: closed the sockets bound at connect() to its old address", "uplink", u.Name, "address", a,
+				"proto", protoName(proto), "sockets", len(victims))
+		}
+	}
 }
 
 func inode(fi os.FileInfo) uint64 {

@@ -197,3 +197,76 @@ func (e *env) writeRaw(cfg string) {
 		e.t.Fatal(err)
 	}
 }
+
+// ISP B renumbers the host while sockets are bound to its old address at
+// connect(): they can never send again, so they are closed at once (the
+// TCP application sees its connection aborted, the UDP one its socket),
+// and new sockets take the new address.
+func TestConnectSteeringRenumber(t *testing.T) {
+	e := newEnv(t, "kernel", "")
+	rules := `
+[[rule]]
+name = "web-b"
+uplink = "isp-b"
+dport = [80, 53]
+`
+	cfg := strings.Replace(fmt.Sprintf(configHead, e.sock, e.dp), "[daemon]\n", "[daemon]\nsteering = \"connect\"\n", 1)
+	e.writeRaw(cfg + rules)
+	if _, err := e.w.ServeUDP(53); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.w.Host.Sysctl("net.ipv4.conf.hb.promote_secondaries=1"); err != nil {
+		t.Fatal(err)
+	}
+	e.start()
+	held, err := e.w.Dial(networld.DialOptions{Port: 80})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	if a := held.LocalAddr().(*net.TCPAddr).AddrPort().Addr(); a != networld.HostB {
+		t.Fatalf("the held connection is on %v, want %v", a, networld.HostB)
+	}
+	dns := netip.AddrPortFrom(networld.ServerAddr, 53)
+	u, err := e.w.UDPSocket(dns, true, netip.AddrPort{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Close()
+	if p, err := networld.AskUDP(u, dns, "before", 2*time.Second); err != nil || p.Addr() != networld.HostB {
+		t.Fatalf("udp before: server saw %v, err %v", p, err)
+	}
+
+	if _, err := e.w.Host.Run("ip", "addr", "add", "203.0.113.3/24", "dev", "hb"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.w.Host.Run("ip", "addr", "del", "203.0.113.2/24", "dev", "hb"); err != nil {
+		t.Fatal(err)
+	}
+	gone := time.Now()
+	held.SetReadDeadline(time.Now().Add(3 * time.Second))
+	_, err = held.Read(make([]byte, 1024))
+	for err == nil { // the greeting, then the abort
+		_, err = held.Read(make([]byte, 1024))
+	}
+	if !errors.Is(err, syscall.ECONNABORTED) && !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("the held connection on the old address: %v, want it aborted", err)
+	} else {
+		t.Logf("the held connection was aborted %v after the address went", time.Since(gone).Round(time.Millisecond))
+	}
+	if _, err := networld.AskUDP(u, dns, "after", time.Second); err == nil {
+		t.Error("the UDP socket on the old address still answers")
+	}
+	eventually(t, 3*time.Second, "a new connection to take .3", func() bool {
+		c, err := e.w.Dial(networld.DialOptions{Port: 80})
+		if err != nil {
+			return false
+		}
+		defer c.Close()
+		peer, _, err := networld.Exchange(c, 0)
+		return err == nil && peer.Addr() == hostB3 && c.LocalAddr().(*net.TCPAddr).AddrPort().Addr() == hostB3
+	})
+	if _, err := e.d.WaitFor("uplink renumbered: closed the sockets bound at connect() to its old address", time.Second); err != nil {
+		t.Error(err)
+	}
+}

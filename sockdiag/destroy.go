@@ -16,7 +16,13 @@ const sockDestroy = 21
 // the application's next call on it fails at once (ECONNABORTED), and the
 // peer gets a reset. It returns ErrNotFound when the socket is gone.
 func (c *Conn) Destroy(local, remote netip.AddrPort, cookie uint64) error {
-	c.request(unix.IPPROTO_TCP, local, remote, false)
+	return c.DestroyProto(unix.IPPROTO_TCP, local, remote, cookie)
+}
+
+// DestroyProto is Destroy for a TCP or a UDP socket (a UDP socket's next
+// call fails with ECONNABORTED).
+func (c *Conn) DestroyProto(proto uint8, local, remote netip.AddrPort, cookie uint64) error {
+	c.request(proto, local, remote, false)
 	ne := binary.NativeEndian
 	ne.PutUint16(c.req[4:], sockDestroy)
 	ne.PutUint16(c.req[6:], unix.NLM_F_REQUEST|unix.NLM_F_ACK)
