@@ -19,9 +19,11 @@ import (
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
+	"github.com/rerouted/rerouted/internal/connect"
 	"github.com/rerouted/rerouted/internal/uplink"
 	"github.com/rerouted/rerouted/policy"
 	"github.com/rerouted/rerouted/queue"
+	"github.com/rerouted/rerouted/sockdiag"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -72,6 +74,7 @@ func Check(cfg *policy.Config, o Options) (*Report, error) {
 	defer h.Close()
 
 	checkNetfilter(r, cfg, o)
+	checkSteering(r, cfg)
 	rules := map[int][]netlink.Rule{}
 	for _, f := range []int{unix.AF_INET, unix.AF_INET6} {
 		if rules[f], err = h.RuleList(f); err != nil {
@@ -90,6 +93,26 @@ func Check(cfg *policy.Config, o Options) (*Report, error) {
 	}
 	checkLegacyNAT(r, ups, o)
 	return r, nil
+}
+
+// checkSteering says whether steering = "connect" can work here.
+func checkSteering(r *Report, cfg *policy.Config) {
+	if cfg.Daemon.Steering != "connect" {
+		return
+	}
+	root, err := sockdiag.Cgroup2Mount("/proc/self/mountinfo")
+	if err == nil {
+		_, err = connect.Compile(cfg, root)
+	}
+	if err == nil {
+		err = connect.Probe()
+	}
+	if err != nil {
+		r.problem("set steering = \"queue\", or use a kernel with cgroup v2 and Linux 5.14 or later; meanwhile every flow is decided at the queue",
+			"steering = \"connect\" cannot work here: %v", err)
+		return
+	}
+	r.ok("steering = \"connect\": the connect-time program loads, cgroup v2 at %s", root)
 }
 
 // resolveInterfaces returns the uplinks as the checks see them: one without

@@ -180,6 +180,11 @@ func TestConnectSteering(t *testing.T) {
 		}
 	}
 
+	// doctor says it can work here.
+	if out, _ := e.w.Host.Command(bin, "doctor", "--config", e.cfg).CombinedOutput(); !strings.Contains(string(out), `steering = "connect": the connect-time program loads`) {
+		t.Errorf("doctor does not confirm connect-time steering:\n%s", out)
+	}
+
 	// SIGTERM detaches the program: a socket connecting after it is left
 	// alone (without rerouted, :8080 leaves ISP A with ISP A's address).
 	if err := e.d.Stop(); err != nil {

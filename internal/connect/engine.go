@@ -118,6 +118,19 @@ func Open(cgroupRoot, pinDir string) (*Engine, error) {
 	return e, nil
 }
 
+// Probe says whether this kernel can steer at connect(): the namespace
+// cookie, and the verifier's word on the program. Nothing is attached.
+func Probe() error {
+	if _, err := netnsCookie(); err != nil {
+		return fmt.Errorf("%w: the network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14): %v", ErrUnsupported, err)
+	}
+	var objs connectObjects
+	if err := loadConnectObjects(&objs, nil); err != nil {
+		return fmt.Errorf("%w: load: %v", ErrUnsupported, err)
+	}
+	return objs.Close()
+}
+
 // netnsCookie is the calling thread's network namespace cookie.
 func netnsCookie() (uint64, error) {
 	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
