@@ -147,7 +147,7 @@ var errKindNames = [errKinds]string{"verdict", "socket_lookup", "no_route", "no_
 var ErrDetached = errors.New("detached for a restart: translations left in place for the next start")
 
 // Each NFQUEUE socket's buffer: bursts of new connections must not overflow
-// it (DESIGN-NOTES: a large SO_RCVBUFFORCE fixed drops), nor, with the
+// it (measured: a large SO_RCVBUFFORCE is what ended the drops), nor, with the
 // userspace datapath, bulk transfers' packets of up to 64 KB.
 const (
 	queueRcvbuf          = 8 << 20

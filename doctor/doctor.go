@@ -317,7 +317,8 @@ func checkRPFilter(r *Report, u *policy.Uplink, o Options) {
 }
 
 // checkFromRules: connections that arrive on an uplink must be answered
-// through it (seed 004's second pitfall): a "from <address> lookup <table>"
+// through it, or their replies leave by the default route with the uplink's
+// address and are dropped upstream: a "from <address> lookup <table>"
 // rule for each of its addresses.
 func checkFromRules(r *Report, rules []netlink.Rule, u *policy.Uplink, addrs []netlink.Addr, ip string) {
 	for _, a := range addrs {

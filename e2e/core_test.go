@@ -27,7 +27,8 @@ uplink = "isp-b"
 dport = [80]
 `
 
-// The seed's problem, reproduced and then fixed, with the host's own mark
+// The problem rerouted exists for (a marked packet leaves ISP B with ISP
+// A's address and is dropped there), reproduced and then fixed, with the host's own mark
 // rule written for iptables(-nft) and for an nft route chain.
 func TestSeedProblemFixedForHostMarks(t *testing.T) {
 	datapaths(t, func(t *testing.T, dp string) {

@@ -91,7 +91,7 @@ func demo(out io.Writer) (err error) {
 	say("   host routes: default via ISP A (%s); fwmark %d and 'from %s' use table %d via ISP B", networld.HostA, networld.MarkB, networld.HostB, networld.TabB)
 	say("   servers on %s: TCP ports 80, 8080, 443; UDP port 53; it answers ping", networld.ServerAddr)
 
-	step("The problem: the host marks port 80 traffic for ISP B, as in the seed article")
+	step("The problem: the host marks port 80 traffic for ISP B, and a packet leaves ISP B with ISP A's address")
 	markRule := "table inet hostmark {\n\tchain output {\n\t\ttype route hook output priority mangle; policy accept;\n\t\ttcp dport 80 meta mark set 100\n\t}\n}\n"
 	say("   nft: tcp dport 80 meta mark set 100   (like iptables -t mangle -A OUTPUT -p tcp --dport 80 -j MARK --set-mark 100)")
 	if err := w.Host.Nft(markRule); err != nil {

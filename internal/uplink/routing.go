@@ -25,7 +25,8 @@ import (
 //	ip rule add from ADDRESS lookup TABLE pref 1001    (each address on INTERFACE)
 //
 // The "from" rules answer connections that arrived on the uplink through
-// it (seed 004's second pitfall). Everything is tagged with protocol
+// it: without them the replies would take the main table's default route,
+// with the uplink's address, and be dropped upstream. Everything is tagged with protocol
 // RouteProtocol, so what a crashed run left is recognised as rerouted's;
 // what an operator configured the same way is left alone, both at start and
 // at exit. On exit rerouted removes exactly what it installed.
