@@ -275,3 +275,53 @@ dport = [80, 53]
 		t.Error(err)
 	}
 }
+
+// A balance decided at connect(): new sockets are bound to either uplink's
+// address, by weight, each keeping it for life; with one uplink down, all
+// take the other.
+func TestConnectSteeringBalance(t *testing.T) {
+	e := newEnv(t, "kernel", "")
+	rules := `
+[[uplink]]
+name = "isp-a"
+mark = 200
+interface = "ha"
+gateway = "198.51.100.1"
+table = 200
+
+[[rule]]
+name = "spread"
+balance = { "isp-a" = 1, "isp-b" = 1 }
+dport = [80]
+`
+	cfg := strings.Replace(fmt.Sprintf(configHead, e.sock, e.dp), "[daemon]\n", "[daemon]\nsteering = \"connect\"\n", 1)
+	e.writeRaw(cfg + rules)
+	e.start()
+	count := func(n int) map[netip.Addr]int {
+		seen := map[netip.Addr]int{}
+		for i := 0; i < n; i++ {
+			c, err := e.w.Dial(networld.DialOptions{Port: 80})
+			if err != nil {
+				t.Fatal(err)
+			}
+			peer, _, err := networld.Exchange(c, 0)
+			local := c.LocalAddr().(*net.TCPAddr).AddrPort()
+			c.Close()
+			if err != nil || peer != local {
+				t.Fatalf("connection %d: on %v, server saw %v, err %v", i, local, peer, err)
+			}
+			seen[local.Addr()]++
+		}
+		return seen
+	}
+	if seen := count(40); seen[networld.HostA] == 0 || seen[networld.HostB] == 0 || len(seen) != 2 {
+		t.Errorf("40 balanced connections were bound to %v, want both uplinks' addresses", seen)
+	} else {
+		t.Logf("40 balanced connections: %v", seen)
+	}
+	e.linkB(false)
+	eventually(t, 3*time.Second, "ISP B to be down", func() bool { return !e.uplinks()["isp-b/ipv4"].Up })
+	if seen := count(10); seen[networld.HostA] != 10 {
+		t.Errorf("with ISP B down, 10 connections were bound to %v, want all on ISP A's address", seen)
+	}
+}
