@@ -325,3 +325,80 @@ dport = [80]
 		t.Errorf("with ISP B down, 10 connections were bound to %v, want all on ISP A's address", seen)
 	}
 }
+
+// A restart (SIGUSR2) leaves the connect-time program attached and
+// deciding, pinned under bpffs; the next daemon adopts it; SIGTERM then
+// detaches it and removes its pins. The daemons run in a mount namespace
+// of the test's own with a bpffs of its own, so nothing is pinned on the
+// machine.
+func TestConnectSteeringSurvivesRestart(t *testing.T) {
+	holder := exec.Command("unshare", "--mount", "--propagation", "private", "sh", "-c",
+		"mount -t bpf bpf /sys/fs/bpf && echo mounted && exec sleep 600")
+	out, err := holder.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := holder.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { holder.Process.Kill(); holder.Wait() }()
+	line := make([]byte, 8)
+	if n, err := out.Read(line); err != nil || !strings.HasPrefix(string(line[:n]), "mounted") {
+		t.Fatalf("a mount namespace with its own bpffs: %q, %v", line[:n], err)
+	}
+	mnt := fmt.Sprintf("--mount=/proc/%d/ns/mnt", holder.Process.Pid)
+
+	e := newEnv(t, "kernel", "")
+	e.w.DaemonPrefix = []string{"nsenter", mnt, "--"}
+	cfg := strings.Replace(fmt.Sprintf(configHead, e.sock, e.dp), "[daemon]\n", "[daemon]\nsteering = \"connect\"\n", 1)
+	e.writeRaw(cfg + "\n[[rule]]\nname = \"web-b\"\nuplink = \"isp-b\"\ndport = [8080]\n")
+	on := func(what string) netip.Addr {
+		t.Helper()
+		c, err := e.w.Dial(networld.DialOptions{Port: 8080})
+		if err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		defer c.Close()
+		peer, _, err := networld.Exchange(c, 0)
+		local := c.LocalAddr().(*net.TCPAddr).AddrPort()
+		if err != nil || peer != local {
+			t.Fatalf("%s: on %v, server saw %v, err %v", what, local, peer, err)
+		}
+		return local.Addr()
+	}
+	pins := func() string {
+		out, _ := exec.Command("nsenter", mnt, "--", "sh", "-c", "ls /sys/fs/bpf/rerouted/* 2>/dev/null").CombinedOutput()
+		return strings.TrimSpace(string(out))
+	}
+	d := e.start()
+	if a := on("first daemon"); a != networld.HostB {
+		t.Fatalf("first daemon: bound to %v, want %v", a, networld.HostB)
+	}
+	if p := pins(); !strings.Contains(p, "link_connect4") {
+		t.Fatalf("nothing pinned: %q\n%s", p, d.Output())
+	}
+	d.Signal(syscall.SIGUSR2)
+	var ee *exec.ExitError
+	if err := d.Wait(10 * time.Second); !errors.As(err, &ee) || ee.ExitCode() != 75 {
+		t.Fatalf("after SIGUSR2: %v, want exit status 75\n%s", err, d.Output())
+	}
+	if a := on("no daemon running"); a != networld.HostB {
+		t.Errorf("between the daemons: bound to %v, want %v (the pinned program decides)", a, networld.HostB)
+	}
+	d = e.start()
+	if _, err := d.WaitFor("adopted=true", time.Second); err != nil {
+		t.Error(err)
+	}
+	if a := on("second daemon"); a != networld.HostB {
+		t.Errorf("second daemon: bound to %v, want %v", a, networld.HostB)
+	}
+	if err := d.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if a := on("after SIGTERM"); a != networld.HostA {
+		t.Errorf("after SIGTERM: bound to %v, want %v (detached)", a, networld.HostA)
+	}
+	if p := pins(); p != "" {
+		t.Errorf("pins left after SIGTERM: %s", p)
+	}
+}

@@ -34,7 +34,11 @@ func (w *World) StartDaemon(bin, config string, echo io.Writer, args ...string) 
 func (w *World) StartDaemonEnv(bin, config string, env []string, echo io.Writer, args ...string) (*Daemon, error) {
 	d := &Daemon{done: make(chan struct{})}
 	d.cond = sync.NewCond(&d.mu)
-	d.cmd = w.Host.Command(bin, append([]string{"run", "--config", config}, args...)...)
+	argv := append([]string{bin, "run", "--config", config}, args...)
+	if len(w.DaemonPrefix) > 0 {
+		argv = append(append([]string(nil), w.DaemonPrefix...), argv...)
+	}
+	d.cmd = w.Host.Command(argv[0], argv[1:]...)
 	d.cmd.Env = append(os.Environ(), env...)
 	pr, pw := io.Pipe()
 	d.cmd.Stdout, d.cmd.Stderr = pw, pw

@@ -38,6 +38,10 @@ type World struct {
 	Host   *NS
 	A, B   *ISP
 	Net    *NS
+	// DaemonPrefix, if set, runs the daemon through this command line in
+	// the host namespace (e.g. nsenter into a mount namespace of a test's
+	// own).
+	DaemonPrefix []string
 
 	logf    func(string, ...any)
 	mu      sync.Mutex
