@@ -138,6 +138,20 @@ func TestConnectSteering(t *testing.T) {
 	}
 	live.Close()
 
+	// A socket that marks itself (SO_MARK, here a mark no uplink has) is
+	// the host's to route, with honor_marks: the program leaves it alone,
+	// mark and address, and so does the daemon.
+	if c, err := e.w.Dial(networld.DialOptions{Port: 8080, Mark: 200}); err != nil {
+		t.Error(err)
+	} else {
+		local := c.LocalAddr().(*net.TCPAddr).AddrPort()
+		peer, _, err := networld.Exchange(c, 0)
+		c.Close()
+		if err != nil || local.Addr() != networld.HostA || peer != local {
+			t.Errorf("a socket marked 200 to :8080: on %v, server saw %v, err %v; want left alone on ISP A's address", local, peer, err)
+		}
+	}
+
 	// The exe rule is the daemon's: the socket stays on ISP A's address
 	// and the queue's way translates it.
 	if local, seen, err := dial(networld.ServerAddr, 8082); err != nil || local.Addr() != networld.HostA || seen.Addr() != networld.HostB {
@@ -282,21 +296,37 @@ dport = [80, 53]
 func TestConnectSteeringBalance(t *testing.T) {
 	e := newEnv(t, "kernel", "")
 	rules := `
+[uplink.health]
+targets = ["tcp:192.0.2.80:80"]
+interval = "200ms"
+timeout = "150ms"
+down_after = 1
+
 [[uplink]]
 name = "isp-a"
 mark = 200
 interface = "ha"
 gateway = "198.51.100.1"
 table = 200
+[uplink.health]
+targets = ["tcp:192.0.2.80:80"]
+interval = "200ms"
+timeout = "150ms"
+down_after = 1
 
 [[rule]]
 name = "spread"
 balance = { "isp-a" = 1, "isp-b" = 1 }
 dport = [80]
 `
-	cfg := strings.Replace(fmt.Sprintf(configHead, e.sock, e.dp), "[daemon]\n", "[daemon]\nsteering = \"connect\"\n", 1)
-	e.writeRaw(cfg + rules)
+	// Both uplinks are probed on the balanced port. The probes (bound to
+	// their uplink's address, with its mark and the probes' socket
+	// priority) are never steered, even with honor_marks off: no uplink
+	// flaps.
+	cfg := strings.Replace(fmt.Sprintf(configHead, e.sock, e.dp), "[daemon]\n", "[daemon]\nsteering = \"connect\"\nhonor_marks = false\n", 1)
+	e.writeRaw(strings.Replace(cfg, "interface = \"hb\"\n", "interface = \"hb\"\n"+rules[:strings.Index(rules, "[[uplink]]")], 1) + rules[strings.Index(rules, "[[uplink]]"):])
 	e.start()
+	time.Sleep(time.Second) // five probe rounds
 	count := func(n int) map[netip.Addr]int {
 		seen := map[netip.Addr]int{}
 		for i := 0; i < n; i++ {
@@ -318,6 +348,9 @@ dport = [80]
 		t.Errorf("40 balanced connections were bound to %v, want both uplinks' addresses", seen)
 	} else {
 		t.Logf("40 balanced connections: %v", seen)
+	}
+	if strings.Contains(e.d.Output(), "uplink is down") {
+		t.Errorf("an uplink went down while both were healthy: probes were steered\n%s", e.d.Output())
 	}
 	e.linkB(false)
 	eventually(t, 3*time.Second, "ISP B to be down", func() bool { return !e.uplinks()["isp-b/ipv4"].Up })

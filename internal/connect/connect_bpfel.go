@@ -27,12 +27,14 @@ type connectCommKey struct {
 }
 
 type connectConf struct {
-	_          structs.HostLayout
-	Netns      uint64
-	Nrules     uint32
-	RulesGen   uint32
-	UplinksGen uint32
-	Pad        uint32
+	_             structs.HostLayout
+	Netns         uint64
+	Nrules        uint32
+	RulesGen      uint32
+	UplinksGen    uint32
+	HonorMarks    uint32
+	ProbePriority uint32
+	Pad           uint32
 }
 
 type connectIdKey struct {

@@ -13,6 +13,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/ringbuf"
+	"github.com/rerouted/rerouted/nftdp"
 	"github.com/rerouted/rerouted/policy"
 	"golang.org/x/sys/unix"
 )
@@ -159,12 +160,14 @@ func (e *Engine) Apply(im *Image) error {
 		e.clear(next)
 		return err
 	}
+	old, oldImage := e.gen, e.image
+	e.image = im
 	if err := e.writeConf(next, e.ugen, uint32(len(im.Rules))); err != nil {
+		e.image = oldImage
 		e.clear(next)
 		return err
 	}
-	old := e.gen
-	e.gen, e.nrules, e.image = next, uint32(len(im.Rules)), im
+	e.gen, e.nrules = next, uint32(len(im.Rules))
 	e.clear(old)
 	return nil
 }
@@ -177,7 +180,10 @@ func (e *Engine) Image() *Image {
 }
 
 func (e *Engine) writeConf(gen, ugen, nrules uint32) error {
-	c := connectConf{Netns: e.netns, Nrules: nrules, RulesGen: gen, UplinksGen: ugen}
+	c := connectConf{Netns: e.netns, Nrules: nrules, RulesGen: gen, UplinksGen: ugen, ProbePriority: nftdp.ProbePriority}
+	if e.image != nil && e.image.HonorMarks {
+		c.HonorMarks = 1
+	}
 	if err := e.objs.Settings.Put(uint32(0), &c); err != nil {
 		return fmt.Errorf("connect steering: settings: %w", err)
 	}

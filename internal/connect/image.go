@@ -54,6 +54,9 @@ const (
 type Image struct {
 	Rules   []Rule
 	Uplinks []string // names, by index
+	// HonorMarks: a socket that carries a mark when it connects (SO_MARK)
+	// is left to the host's routing, as the queue's way honours a mark.
+	HonorMarks bool
 }
 
 // Rule is one compiled rule.
@@ -89,7 +92,7 @@ func Compile(cfg *policy.Config, cgroupRoot string) (*Image, error) {
 	if len(cfg.Uplinks) > MaxUplinks {
 		return nil, fmt.Errorf("%d uplinks: connect-time steering takes at most %d", len(cfg.Uplinks), MaxUplinks)
 	}
-	im := &Image{}
+	im := &Image{HonorMarks: cfg.Daemon.HonorMarks}
 	index := map[*policy.Uplink]uint8{}
 	for i, u := range cfg.Uplinks {
 		index[u] = uint8(i)

@@ -71,6 +71,8 @@ struct conf {
 	__u32 nrules;    // rules of the active generation
 	__u32 rules_gen; // 0 or 1
 	__u32 uplinks_gen;
+	__u32 honor_marks;    // a socket that carries a mark already is the host's to route
+	__u32 probe_priority; // the daemon's health probes choose their uplink themselves
 	__u32 pad;
 };
 
@@ -236,6 +238,11 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, int v6)
 	__u32 zero = 0;
 	struct conf *c = bpf_map_lookup_elem(&settings, &zero);
 	if (!c || c->nrules == 0 || bpf_get_netns_cookie(ctx) != c->netns)
+		return 1;
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk)
+		return 1;
+	if (sk->priority == c->probe_priority || (c->honor_marks && sk->mark != 0))
 		return 1;
 	__u8 proto;
 	if (ctx->protocol == IPPROTO_TCP)
