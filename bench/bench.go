@@ -298,7 +298,7 @@ dport = [5001, 5002, 5003]
 // configuration after ISP B's [[uplink]], and with or without the host's
 // mark rule.
 func (b *run) setupRerouted(datapath, extra string, mark bool) func(*run) (func() error, networld.DialOptions, error) {
-	return b.setupReroutedWith(datapath, "", extra, mark)
+	return b.setupReroutedWith(datapath, "steering = \"queue\"\n", extra, mark)
 }
 
 // setupReroutedWith is setupRerouted with more [daemon] settings.

@@ -22,7 +22,8 @@ func TestDemo(t *testing.T) {
 		"the server saw the client as 203.0.113.2:",
 		"ISP B dropped 0 packets this time",
 		`rule="alt-http via isp-b"`,
-		"[DESTROY] tcp",
+		"[BIND] tcp dst=192.0.2.80 dport=8080 => src=203.0.113.2 uplink=isp-b", // decided at connect(), the default
+		"the socket itself is on 203.0.113.2:",
 		"the server saw 198.51.100.2:",
 		`dport=53 mark=100 => src=203.0.113.2`, // UDP by a protocol = "udp" rule
 		"from an unconnected socket: the server saw 203.0.113.2:",

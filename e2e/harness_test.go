@@ -70,6 +70,7 @@ control_socket = %q
 gc_interval = "200ms"
 idle_timeout = "2s"
 datapath = %q
+steering = "queue" # what most tests examine; the connect engine's tests say "connect"
 
 [[uplink]]
 name = "isp-b"

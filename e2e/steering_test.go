@@ -55,7 +55,7 @@ func TestConnectSteering(t *testing.T) {
 	}
 	rules := fmt.Sprintf(steeringRules, self)
 	e := newEnv(t, "kernel", rules)
-	cfg := strings.Replace(fmt.Sprintf(configHead, e.sock, e.dp), "[daemon]\n", "[daemon]\nsteering = \"connect\"\nmetrics_listen = \"127.0.0.1:9477\"\n", 1)
+	cfg := strings.Replace(fmt.Sprintf(configHead, e.sock, e.dp), "steering = \"queue\"", "steering = \"connect\"\nmetrics_listen = \"127.0.0.1:9477\"", 1)
 	e.writeRaw(cfg + rules)
 	for _, port := range []uint16{8082, 8083} {
 		if _, err := e.w.Serve(port); err != nil {
@@ -229,7 +229,7 @@ name = "web-b"
 uplink = "isp-b"
 dport = [80, 53]
 `
-	cfg := strings.Replace(fmt.Sprintf(configHead, e.sock, e.dp), "[daemon]\n", "[daemon]\nsteering = \"connect\"\n", 1)
+	cfg := strings.Replace(fmt.Sprintf(configHead, e.sock, e.dp), "steering = \"queue\"", "steering = \"connect\"", 1)
 	e.writeRaw(cfg + rules)
 	if _, err := e.w.ServeUDP(53); err != nil {
 		t.Fatal(err)
@@ -323,7 +323,7 @@ dport = [80]
 	// their uplink's address, with its mark and the probes' socket
 	// priority) are never steered, even with honor_marks off: no uplink
 	// flaps.
-	cfg := strings.Replace(fmt.Sprintf(configHead, e.sock, e.dp), "[daemon]\n", "[daemon]\nsteering = \"connect\"\nhonor_marks = false\n", 1)
+	cfg := strings.Replace(fmt.Sprintf(configHead, e.sock, e.dp), "steering = \"queue\"", "steering = \"connect\"\nhonor_marks = false", 1)
 	e.writeRaw(strings.Replace(cfg, "interface = \"hb\"\n", "interface = \"hb\"\n"+rules[:strings.Index(rules, "[[uplink]]")], 1) + rules[strings.Index(rules, "[[uplink]]"):])
 	e.start()
 	time.Sleep(time.Second) // five probe rounds
@@ -383,7 +383,7 @@ func TestConnectSteeringSurvivesRestart(t *testing.T) {
 
 	e := newEnv(t, "kernel", "")
 	e.w.DaemonPrefix = []string{"nsenter", mnt, "--"}
-	cfg := strings.Replace(fmt.Sprintf(configHead, e.sock, e.dp), "[daemon]\n", "[daemon]\nsteering = \"connect\"\n", 1)
+	cfg := strings.Replace(fmt.Sprintf(configHead, e.sock, e.dp), "steering = \"queue\"", "steering = \"connect\"", 1)
 	e.writeRaw(cfg + "\n[[rule]]\nname = \"web-b\"\nuplink = \"isp-b\"\ndport = [8080]\n")
 	on := func(what string) netip.Addr {
 		t.Helper()

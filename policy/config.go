@@ -44,9 +44,10 @@ type Daemon struct {
 	// dropped, never sent untranslated, when it cannot be decided: no
 	// daemon, a full queue, a failed lookup.
 	FailClosed bool
-	// Steering: "queue" decides each new flow at its first packet, in the
-	// daemon; "connect" decides the rules it can at connect(), in a
-	// cgroup BPF program that binds the socket to its uplink's address.
+	// Steering: "connect" (the default) decides the rules it can at
+	// connect(), in a cgroup BPF program that binds the socket to its
+	// uplink's address, where the kernel supports it; "queue" decides
+	// each new flow at its first packet, in the daemon.
 	Steering string
 	// NewFlowsPerUID: each user's budget of new flows a second that go
 	// to the daemon (twice that at once); past it that user's new flows
@@ -175,7 +176,7 @@ func (p *parser) config(raw map[string]any) *Config {
 		GCInterval:     DefaultGCInterval,
 		IdleTimeout:    DefaultIdleTimeout,
 		Datapath:       "kernel",
-		Steering:       "queue",
+		Steering:       "connect",
 		Queues:         runtime.NumCPU(),
 		NewFlowsPerUID: DefaultNewFlowsPerUID,
 	}}

@@ -157,16 +157,35 @@ func demo(out io.Writer) (err error) {
 	after, _ = w.B.Counter("foreign")
 	say("   ISP B dropped %d packets this time", after-before)
 
-	step("A TOML rule instead of a host mark: port 8080 via isp-b, aborted with RST")
-	peer, err = w.Abort(8080, 3*time.Second)
-	if err != nil {
-		return err
+	if strings.Contains(d.Output(), "connect-time steering: rules the kernel can decide") {
+		step("A TOML rule instead of a host mark: port 8080 via isp-b, decided inside connect()")
+		c, err := w.Dial(networld.DialOptions{Port: 8080})
+		if err != nil {
+			return err
+		}
+		peer, _, err = networld.Exchange(c, 0)
+		local := c.LocalAddr()
+		c.Close()
+		if err != nil {
+			return err
+		}
+		if _, err := d.WaitFor("[BIND] tcp", 3*time.Second); err != nil {
+			return err
+		}
+		say("   the socket itself is on %s (its own getsockname) and the server saw %s:", local, peer)
+		say("   a BPF program bound it to ISP B's address in connect(); nothing was queued or translated")
+	} else {
+		step("A TOML rule instead of a host mark: port 8080 via isp-b, aborted with RST")
+		peer, err = w.Abort(8080, 3*time.Second)
+		if err != nil {
+			return err
+		}
+		say("   the server saw %s; the client reset the connection, so its socket is gone at once", peer)
+		if _, err := d.WaitFor("[DESTROY] tcp", 10*time.Second); err != nil {
+			return err
+		}
+		say("   the next sock_diag sweep removed the flow's kernel entries")
 	}
-	say("   the server saw %s; the client reset the connection, so its socket is gone at once", peer)
-	if _, err := d.WaitFor("[DESTROY] tcp", 10*time.Second); err != nil {
-		return err
-	}
-	say("   the next sock_diag sweep removed the flow's kernel entries")
 	step("A port no rule matches stays on ISP A, untranslated and never seen again by rerouted")
 	peer, err = w.Fetch(443, 3*time.Second)
 	if err != nil {
