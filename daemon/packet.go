@@ -293,9 +293,21 @@ func (w *worker) syn(p *queue.Packet, t *rewrite.Packet) {
 			w.fail(p, t, failSocketLookup)
 			return
 		}
-		// No TCP socket: a raw socket's SYN (traceroute -T, a SYN scan,
-		// hping3), or one whose socket closed already. It is decided as
-		// a datagram is: by the rules that need no socket owner, and its
+		raw, err := sockdiag.HasRawSocket("/proc/net", t.Src.Addr().Is6(), p.UID)
+		if err != nil {
+			d.stats.errors[errSocketLookup].Add(1)
+			d.log.Error("raw socket lookup", "src", t.Src, "dst", t.Dst, "err", err)
+		}
+		if !raw || !p.HasUID {
+			// The SYN of a TCP socket closed before the daemon looked:
+			// nothing to translate, and a translation would outlive it
+			// on its tuple, for the next socket there to inherit.
+			w.fail(p, t, failNoSocket)
+			return
+		}
+		// No TCP socket, and its user has a raw socket: a raw socket's
+		// SYN (traceroute -T, a SYN scan, hping3). It is decided as a
+		// datagram is: by the rules that need no socket owner, and its
 		// flow ends by idleness (Cookie 0).
 		sock = sockdiag.Socket{UID: p.UID}
 		d.stats.rawSYNs.Add(1)
@@ -639,14 +651,15 @@ func (w *worker) dropID(id uint32) {
 type failReason int
 
 const (
-	failSocketLookup failReason = iota // sock_diag failed
+	failNoSocket     failReason = iota // a SYN whose socket closed before the daemon looked
+	failSocketLookup                   // sock_diag failed
 	failNoRoute                        // the mark's route does not exist
 	failNoPort                         // no free source port (always dropped)
 	failEchoID                         // an echo's identifier is on the wire already, to the same peer
 	failReasons
 )
 
-var failReasonNames = [failReasons]string{"socket_lookup", "no_route", "no_free_port", "echo_id_in_use"}
+var failReasonNames = [failReasons]string{"no_socket", "socket_lookup", "no_route", "no_free_port", "echo_id_in_use"}
 
 // fail handles a first packet whose flow cannot be decided as the policy
 // says: with on_failure = "open" it leaves as the host's routing sends it,

@@ -316,7 +316,7 @@ func (s *steering) list(d *Daemon, fn func(FlowInfo) error) error {
 type steeringCollector struct{ d *Daemon }
 
 var steeringDesc = prometheus.NewDesc("rerouted_connect_decisions_total",
-	"connect() calls the connect-time program decided, by result: steered (bound to an uplink), default (left to the host's routing), refused (on_down = \"drop\"), stopped (a rule only the daemon can decide: left to the queue), bind_failed (bound already: left to the queue), no_match.",
+	"connect() calls the connect-time program decided, by result: steered (bound to an uplink), default (left to the host's routing), refused (on_down = \"drop\"), stopped (a rule only the daemon can decide: left to the queue), bind_failed (bound already: left to the queue), no_match; datagram_source: unconnected UDP datagrams given their uplink's source address (sendmsg).",
 	[]string{"result"}, nil)
 
 func (c steeringCollector) Describe(ch chan<- *prometheus.Desc) { ch <- steeringDesc }
@@ -335,7 +335,7 @@ func (c steeringCollector) Collect(ch chan<- prometheus.Metric) {
 		result string
 		n      uint64
 	}{{"steered", st.Steered}, {"default", st.Default}, {"refused", st.Refused}, {"stopped", st.Stopped},
-		{"bind_failed", st.BindFailed}, {"no_match", st.NoMatch}} {
+		{"bind_failed", st.BindFailed}, {"no_match", st.NoMatch}, {"datagram_source", st.Datagrams}} {
 		ch <- prometheus.MustNewConstMetric(steeringDesc, prometheus.CounterValue, float64(v.n), v.result)
 	}
 }

@@ -414,11 +414,10 @@ dport = [9]
 				return v
 			}
 			// Each SYN is a flow: ISP A saw exactly the flows that failed
-			// open, over the budget or in the daemon, or in a full queue.
-			// (A SYN whose socket closed before the daemon looked it up is
-			// decided as a raw socket's is, by the rule: via ISP B.)
+			// open, over the budget or in the daemon (their sockets were
+			// closed before it could look them up), or in a full queue.
 			failedOpen := 0.0
-			for _, r := range []string{"socket_lookup", "no_route", "queue_full"} {
+			for _, r := range []string{"no_socket", "socket_lookup", "no_route", "queue_full"} {
 				failedOpen += max(0, e.metric(fmt.Sprintf(`rerouted_failed_open_total{reason=%q}`, r)))
 			}
 			syns, datagrams := counter("syn9"), counter("udp53")

@@ -110,12 +110,33 @@ func TestConnectSteering(t *testing.T) {
 		t.Errorf("UDP to :5353: server saw %v, err %v", peer, err)
 	}
 	s.Close()
+	if n := e.queued() - queued; n != 0 {
+		t.Errorf("%d packets were queued to the daemon for steered connections, want 0", n)
+	}
+	// Unconnected UDP: each datagram a rule sends via ISP B leaves with
+	// ISP B's address as its source (sendmsg); the daemon then only adds
+	// the mark, keeping the address.
+	uu, err := e.w.UDPSocket(netip.AddrPortFrom(networld.ServerAddr, 5353), false, netip.AddrPort{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if peer, err := networld.AskUDP(uu, netip.AddrPortFrom(networld.ServerAddr, 5353), "q", 2*time.Second); err != nil || peer.Addr() != networld.HostB {
+		t.Errorf("unconnected UDP to :5353: server saw %v, err %v", peer, err)
+	} else if _, err := e.d.WaitFor(fmt.Sprintf("[NEW] udp src=%s dst=%s sport=%d dport=5353 mark=100 => src=%s sport=%d", networld.HostB, networld.ServerAddr, peer.Port(), networld.HostB, peer.Port()), time.Second); err != nil {
+		t.Errorf("the unconnected datagram's source was not ISP B's before the daemon saw it: %v", err)
+	}
+	uu.Close()
+	if v := e.metric(`rerouted_connect_decisions_total{result="datagram_source"}`); v != 1 {
+		t.Errorf("datagrams given their source: %v, want 1", v)
+	}
+	queued = e.queued() // that first datagram went to the daemon, for its mark
+
 	// A connection no rule concerns is left alone.
 	if local, seen, err := dial(networld.ServerAddr, 80); err != nil || local.Addr() != networld.HostA || seen != local {
 		t.Errorf("to :80: on %v, server saw %v, err %v; want ISP A's address", local, seen, err)
 	}
 	if n := e.queued() - queued; n != 0 {
-		t.Errorf("%d packets were queued to the daemon for steered and untouched connections, want 0", n)
+		t.Errorf("%d packets were queued to the daemon for an untouched connection, want 0", n)
 	}
 	// No flow was translated; the steered sockets are listed as such,
 	// a live one among them.

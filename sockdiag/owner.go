@@ -428,3 +428,36 @@ func (o *Owners) ForgetAll() {
 	clear(o.procs)
 	clear(o.recent)
 }
+
+// HasRawSocket reports whether uid owns a raw socket (IPv6 with v6) that
+// can send TCP segments: protocol IPPROTO_TCP, or IPPROTO_RAW with its own
+// IP headers. That is what sends a SYN no TCP socket owns (traceroute -T,
+// SYN scanners, hping3). It reads procNet/raw or raw6 (/proc/net: the
+// caller's network namespace), which every kernel has; sock_diag's raw
+// sockets need a module many do not load.
+func HasRawSocket(procNet string, v6 bool, uid uint32) (bool, error) {
+	name := "raw"
+	if v6 {
+		name = "raw6"
+	}
+	b, err := os.ReadFile(filepath.Join(procNet, name))
+	if err != nil {
+		return false, err
+	}
+	lines := strings.Split(string(b), "\n")
+	for _, l := range lines[min(1, len(lines)):] {
+		// sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid ...
+		f := strings.Fields(l)
+		if len(f) < 8 {
+			continue
+		}
+		_, port, ok := strings.Cut(f[1], ":")
+		if !ok || (port != "0006" && port != "00FF") {
+			continue
+		}
+		if u, err := strconv.ParseUint(f[7], 10, 32); err == nil && uint32(u) == uid {
+			return true, nil
+		}
+	}
+	return false, nil
+}

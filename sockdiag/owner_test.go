@@ -70,3 +70,26 @@ func TestCgroup2MountOnHybridHost(t *testing.T) {
 		t.Fatal("found a cgroup2 mount on a v1-only host")
 	}
 }
+
+func TestHasRawSocket(t *testing.T) {
+	dir := t.TempDir()
+	raw := `  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+    1: 00000000:0001 00000000:0000 07 00000000:00000000 00:00000000 00000000  1000        0 1 2 0000000000000000 0
+    6: 00000000:0006 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 3 2 0000000000000000 0
+`
+	raw6 := `  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+  255: 00000000000000000000000000000000:00FF 00000000000000000000000000000000:0000 07 00000000:00000000 00:00000000 00000000  4321        0 4 2 0000000000000000 0
+`
+	os.WriteFile(filepath.Join(dir, "raw"), []byte(raw), 0o644)
+	os.WriteFile(filepath.Join(dir, "raw6"), []byte(raw6), 0o644)
+	for _, c := range []struct {
+		v6   bool
+		uid  uint32
+		want bool
+	}{{false, 0, true}, {false, 1000, false}, {true, 4321, true}, {true, 0, false}} {
+		got, err := HasRawSocket(dir, c.v6, c.uid)
+		if err != nil || got != c.want {
+			t.Errorf("v6 %v uid %d: %v, %v; want %v", c.v6, c.uid, got, err, c.want)
+		}
+	}
+}

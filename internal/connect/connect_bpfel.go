@@ -89,6 +89,8 @@ const (
 	connectMapUplinkTable = "uplink_table"
 	connectProgConnect4   = "connect4"
 	connectProgConnect6   = "connect6"
+	connectProgSendmsg4   = "sendmsg4"
+	connectProgSendmsg6   = "sendmsg6"
 )
 
 // loadConnect returns the embedded CollectionSpec for connect.
@@ -135,6 +137,8 @@ type connectSpecs struct {
 type connectProgramSpecs struct {
 	Connect4 *ebpf.ProgramSpec `ebpf:"connect4"`
 	Connect6 *ebpf.ProgramSpec `ebpf:"connect6"`
+	Sendmsg4 *ebpf.ProgramSpec `ebpf:"sendmsg4"`
+	Sendmsg6 *ebpf.ProgramSpec `ebpf:"sendmsg6"`
 }
 
 // connectMapSpecs contains maps before they are loaded into the kernel.
@@ -218,12 +222,16 @@ type connectVariables struct {
 type connectPrograms struct {
 	Connect4 *ebpf.Program `ebpf:"connect4"`
 	Connect6 *ebpf.Program `ebpf:"connect6"`
+	Sendmsg4 *ebpf.Program `ebpf:"sendmsg4"`
+	Sendmsg6 *ebpf.Program `ebpf:"sendmsg6"`
 }
 
 func (p *connectPrograms) Close() error {
 	return _ConnectClose(
 		p.Connect4,
 		p.Connect6,
+		p.Sendmsg4,
+		p.Sendmsg6,
 	)
 }
 

@@ -86,7 +86,8 @@ func Open(cgroupRoot, pinDir string) (*Engine, error) {
 		prog *ebpf.Program
 		typ  ebpf.AttachType
 		name string
-	}{{e.objs.Connect4, ebpf.AttachCGroupInet4Connect, "connect4"}, {e.objs.Connect6, ebpf.AttachCGroupInet6Connect, "connect6"}} {
+	}{{e.objs.Connect4, ebpf.AttachCGroupInet4Connect, "connect4"}, {e.objs.Connect6, ebpf.AttachCGroupInet6Connect, "connect6"},
+		{e.objs.Sendmsg4, ebpf.AttachCGroupUDP4Sendmsg, "sendmsg4"}, {e.objs.Sendmsg6, ebpf.AttachCGroupUDP6Sendmsg, "sendmsg6"}} {
 		var l link.Link
 		pin := ""
 		if pinDir != "" {
@@ -337,11 +338,11 @@ func (e *Engine) SetUplinks(us []Uplink) error {
 }
 
 // Stats are the program's counts, summed over CPUs.
-type Stats struct{ Steered, Default, Refused, Stopped, BindFailed, NoMatch uint64 }
+type Stats struct{ Steered, Default, Refused, Stopped, BindFailed, NoMatch, Datagrams uint64 }
 
 // Stats reads the counts.
 func (e *Engine) Stats() (Stats, error) {
-	var out [6]uint64
+	var out [7]uint64
 	for i := range out {
 		var per []uint64
 		if err := e.objs.Stats.Lookup(uint32(i), &per); err != nil {
@@ -351,7 +352,7 @@ func (e *Engine) Stats() (Stats, error) {
 			out[i] += v
 		}
 	}
-	return Stats{out[0], out[1], out[2], out[3], out[4], out[5]}, nil
+	return Stats{out[0], out[1], out[2], out[3], out[4], out[5], out[6]}, nil
 }
 
 // Event is one line of the program's: a socket bound to an uplink, or a

@@ -64,7 +64,8 @@
 #define S_STOPPED 3
 #define S_BIND_FAILED 4
 #define S_NO_MATCH 5
-#define S_MAX 6
+#define S_DATAGRAMS 6 // unconnected UDP datagrams given their uplink's source address
+#define S_MAX 7
 
 struct conf {
 	__u64 netns;     // the daemon's network namespace cookie: others are left alone
@@ -233,7 +234,7 @@ static __always_inline void emit(__u32 kind, __u32 rule, __u32 uplink, __u32 uid
 	bpf_ringbuf_submit(e, 0);
 }
 
-static __always_inline int decide(struct bpf_sock_addr *ctx, int v6)
+static __always_inline int decide(struct bpf_sock_addr *ctx, int v6, int sendmsg)
 {
 	__u32 zero = 0;
 	struct conf *c = bpf_map_lookup_elem(&settings, &zero);
@@ -422,6 +423,8 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, int v6)
 		if (chosen == CHOICE_DEFAULT) {
 			if (r->drop_when_down) {
 				count(S_REFUSED);
+				if (sendmsg)
+					return 0; // sendmsg() fails: EPERM
 				emit(E_REFUSED, ri, 0, uid, v6 ? 10 : 2, proto, dport, k.addr);
 				return 0; // connect() fails: EPERM
 			}
@@ -432,6 +435,28 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, int v6)
 		struct uplink *u = bpf_map_lookup_elem(&uplink_table, &ui);
 		if (!u)
 			return 1;
+		if (sendmsg) {
+			// An unconnected socket's datagram: its source address, this
+			// datagram only (the socket may talk to peers other rules
+			// send elsewhere). Its mark is the daemon's to set.
+			if (v6) {
+				if (mapped) {
+					ctx->msg_src_ip6[0] = 0;
+					ctx->msg_src_ip6[1] = 0;
+					ctx->msg_src_ip6[2] = bpf_htonl(0xffff);
+					ctx->msg_src_ip6[3] = u->addr4;
+				} else {
+					ctx->msg_src_ip6[0] = u->addr6[0];
+					ctx->msg_src_ip6[1] = u->addr6[1];
+					ctx->msg_src_ip6[2] = u->addr6[2];
+					ctx->msg_src_ip6[3] = u->addr6[3];
+				}
+			} else {
+				ctx->msg_src_ip4 = u->addr4;
+			}
+			count(S_DATAGRAMS);
+			return 1;
+		}
 		int err;
 		if (v6) {
 			struct sockaddr_in6 sa = {.sin6_family = AF_INET6};
@@ -465,13 +490,25 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, int v6)
 SEC("cgroup/connect4")
 int connect4(struct bpf_sock_addr *ctx)
 {
-	return decide(ctx, 0);
+	return decide(ctx, 0, 0);
 }
 
 SEC("cgroup/connect6")
 int connect6(struct bpf_sock_addr *ctx)
 {
-	return decide(ctx, 1);
+	return decide(ctx, 1, 0);
+}
+
+SEC("cgroup/sendmsg4")
+int sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return decide(ctx, 0, 1);
+}
+
+SEC("cgroup/sendmsg6")
+int sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return decide(ctx, 1, 1);
 }
 
 char _license[] SEC("license") = "Dual BSD/GPL";
