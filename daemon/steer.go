@@ -56,6 +56,7 @@ func (d *Daemon) startSteering(cfg *policy.Config) error {
 		return err
 	}
 	d.steer = &steering{e: e}
+	e.SetEphemeral(d.portLo, d.portHi)
 	if err := e.Apply(im); err != nil {
 		e.Detach()
 		d.steer = nil

@@ -130,6 +130,17 @@ func TestConnectSteering(t *testing.T) {
 		t.Errorf("datagrams given their source: %v, want 1", v)
 	}
 	queued = e.queued() // that first datagram went to the daemon, for its mark
+	// A local service's socket (unconnected, on a port of its own) is
+	// left to the daemon, which applies only owner rules to it: none here.
+	svc, err := e.w.UDPSocket(netip.AddrPort{}, false, netip.AddrPortFrom(netip.IPv4Unspecified(), 5000))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if peer, err := networld.AskUDP(svc, netip.AddrPortFrom(networld.ServerAddr, 5353), "q", 2*time.Second); err != nil || peer != netip.AddrPortFrom(networld.HostA, 5000) {
+		t.Errorf("a service's datagram from :5000 to :5353: server saw %v, err %v; want %v:5000", peer, err, networld.HostA)
+	}
+	svc.Close()
+	queued = e.queued()
 
 	// A connection no rule concerns is left alone.
 	if local, seen, err := dial(networld.ServerAddr, 80); err != nil || local.Addr() != networld.HostA || seen != local {

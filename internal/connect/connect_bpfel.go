@@ -34,7 +34,9 @@ type connectConf struct {
 	UplinksGen    uint32
 	HonorMarks    uint32
 	ProbePriority uint32
-	Pad           uint32
+	PortLo        uint32
+	PortHi        uint32
+	_             [4]byte
 }
 
 type connectIdKey struct {

@@ -31,6 +31,8 @@ type Engine struct {
 	ugen    uint32 // active uplinks generation
 	nrules  uint32
 	image   *Image
+	portLo  uint16 // the ephemeral ports (SetEphemeral)
+	portHi  uint16
 	Adopted bool // the programs and maps of an earlier run were taken over
 }
 
@@ -173,6 +175,16 @@ func (e *Engine) Apply(im *Image) error {
 	return nil
 }
 
+// SetEphemeral tells the program the kernel's ephemeral port range
+// (net.ipv4.ip_local_port_range): an unconnected socket bound to a port
+// outside it is a local service's, whose datagrams it leaves to the daemon.
+// Call it before Apply.
+func (e *Engine) SetEphemeral(lo, hi uint16) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.portLo, e.portHi = lo, hi
+}
+
 // Image is the policy in force.
 func (e *Engine) Image() *Image {
 	e.mu.Lock()
@@ -181,7 +193,8 @@ func (e *Engine) Image() *Image {
 }
 
 func (e *Engine) writeConf(gen, ugen, nrules uint32) error {
-	c := connectConf{Netns: e.netns, Nrules: nrules, RulesGen: gen, UplinksGen: ugen, ProbePriority: nftdp.ProbePriority}
+	c := connectConf{Netns: e.netns, Nrules: nrules, RulesGen: gen, UplinksGen: ugen, ProbePriority: nftdp.ProbePriority,
+		PortLo: uint32(e.portLo), PortHi: uint32(e.portHi)}
 	if e.image != nil && e.image.HonorMarks {
 		c.HonorMarks = 1
 	}

@@ -74,7 +74,7 @@ struct conf {
 	__u32 uplinks_gen;
 	__u32 honor_marks;    // a socket that carries a mark already is the host's to route
 	__u32 probe_priority; // the daemon's health probes choose their uplink themselves
-	__u32 pad;
+	__u32 port_lo, port_hi; // the ephemeral ports: an unconnected socket on another is a service's
 };
 
 struct rule {
@@ -244,6 +244,11 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, int v6, int sendmsg
 	if (!sk)
 		return 1;
 	if (sk->priority == c->probe_priority || (c->honor_marks && sk->mark != 0))
+		return 1;
+	// A local service's unconnected socket (bound to a port of its own)
+	// answers clients by their address, not by the policy's destination
+	// rules: the daemon's to decide, by its owner.
+	if (sendmsg && sk->src_port && (sk->src_port < c->port_lo || sk->src_port > c->port_hi))
 		return 1;
 	__u8 proto;
 	if (ctx->protocol == IPPROTO_TCP)
