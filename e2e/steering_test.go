@@ -129,7 +129,7 @@ func TestConnectSteering(t *testing.T) {
 	if v := e.metric(`rerouted_connect_decisions_total{result="datagram_source"}`); v != 1 {
 		t.Errorf("datagrams given their source: %v, want 1", v)
 	}
-	queued = e.queued() // that first datagram went to the daemon, for its mark
+	// (That first datagram went to the daemon, for its mark.)
 	// A local service's socket (unconnected, on a port of its own) is
 	// left to the daemon, which applies only owner rules to it: none here.
 	svc, err := e.w.UDPSocket(netip.AddrPort{}, false, netip.AddrPortFrom(netip.IPv4Unspecified(), 5000))
@@ -140,7 +140,7 @@ func TestConnectSteering(t *testing.T) {
 		t.Errorf("a service's datagram from :5000 to :5353: server saw %v, err %v; want %v:5000", peer, err, networld.HostA)
 	}
 	svc.Close()
-	queued = e.queued()
+	queued = e.queued() // the service's datagram went to the daemon too
 
 	// A connection no rule concerns is left alone.
 	if local, seen, err := dial(networld.ServerAddr, 80); err != nil || local.Addr() != networld.HostA || seen != local {
