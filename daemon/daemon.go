@@ -741,7 +741,7 @@ func (d *Daemon) sweep(diag *sockdiag.Conn, udp map[uint64]struct{}) {
 			continue
 		}
 		d.log.Debug("socket gone", "proto", protoName(f.Proto), "src", f.Src, "dst", f.Dst, "cookie", f.Cookie,
-			"lookup", errString(err), "found_cookie", so.Cookie, "found_state", sockdiag.StateName(so.State))
+			"lookup", lookupResult(err), "found_cookie", so.Cookie, "found_state", sockdiag.StateName(so.State))
 		d.forget(f)
 	}
 }
@@ -784,7 +784,8 @@ func (d *Daemon) expireIdle(now time.Time, timeout time.Duration) {
 	}
 }
 
-func errString(err error) string {
+// lookupResult describes a socket lookup's outcome for a log line.
+func lookupResult(err error) string {
 	if err == nil {
 		return "found"
 	}

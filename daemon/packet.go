@@ -114,10 +114,7 @@ func (w *worker) forward(p *queue.Packet, t *rewrite.Packet) {
 		}
 		rewrite.SetSource(p.Payload, t, f.NewSrc)
 		rewrite.Checksum(p.Payload, t)
-		if err := w.q.AcceptModified(p.ID, f.Mark, p.Payload); err != nil {
-			d.stats.errors[errVerdict].Add(1)
-			d.log.Error("verdict", "id", p.ID, "err", err)
-		}
+		w.verdicted(p.ID, w.q.AcceptModified(p.ID, f.Mark, p.Payload))
 		return
 	}
 	f := d.flows.ByWire(flow.Key{Proto: t.Proto, Src: t.Dst, Dst: t.Src})
@@ -127,10 +124,7 @@ func (w *worker) forward(p *queue.Packet, t *rewrite.Packet) {
 	}
 	rewrite.SetDestination(p.Payload, t, f.Src)
 	rewrite.Checksum(p.Payload, t)
-	if err := w.q.AcceptPacket(p.ID, p.Payload); err != nil {
-		d.stats.errors[errVerdict].Add(1)
-		d.log.Error("verdict", "id", p.ID, "err", err)
-	}
+	w.verdicted(p.ID, w.q.AcceptPacket(p.ID, p.Payload))
 }
 
 // datagram decides the flow of an outbound UDP datagram or echo request
@@ -270,10 +264,7 @@ func (w *worker) follow(p *queue.Packet, t *rewrite.Packet, f *flow.Flow) {
 	default:
 		rewrite.SetSource(p.Payload, t, f.NewSrc)
 		rewrite.Checksum(p.Payload, t)
-		if err := w.q.AcceptModified(p.ID, f.Mark, p.Payload); err != nil {
-			w.d.stats.errors[errVerdict].Add(1)
-			w.d.log.Error("verdict", "id", p.ID, "err", err)
-		}
+		w.verdicted(p.ID, w.q.AcceptModified(p.ID, f.Mark, p.Payload))
 	}
 }
 
@@ -426,10 +417,7 @@ func (w *worker) icmpError(p *queue.Packet, e *rewrite.ICMPError) {
 	rewrite.TranslateICMPError(p.Payload, e, f.Src)
 	w.d.stats.icmpErrors.Add(1)
 	w.d.log.Debug("icmp error readdressed", "type", e.Type, "code", e.Code, "proto", protoName(f.Proto), "wire", f.NewSrc, "socket", f.Src, "dst", f.Dst)
-	if err := w.q.AcceptPacket(p.ID, p.Payload); err != nil {
-		w.d.stats.errors[errVerdict].Add(1)
-		w.d.log.Error("verdict", "id", p.ID, "err", err)
-	}
+	w.verdicted(p.ID, w.q.AcceptPacket(p.ID, p.Payload))
 }
 
 // decide returns the mark a new flow must carry and what decided it: the
@@ -624,27 +612,27 @@ func (w *worker) release(id uint32, f *flow.Flow, pkt []byte) {
 		w.dropID(id)
 		return
 	}
-	if err := w.q.AcceptModified(id, f.Mark, pkt); err != nil {
+	w.verdicted(id, w.q.AcceptModified(id, f.Mark, pkt))
+}
+
+// verdicted counts and logs a verdict the kernel did not take: the packet
+// stays queued until the queue is unbound.
+func (w *worker) verdicted(id uint32, err error) {
+	if err != nil {
 		w.d.stats.errors[errVerdict].Add(1)
 		w.d.log.Error("verdict", "id", id, "err", err)
 	}
 }
 
 func (w *worker) accept(p *queue.Packet) {
-	if err := w.q.Accept(p.ID); err != nil {
-		w.d.stats.errors[errVerdict].Add(1)
-		w.d.log.Error("verdict", "id", p.ID, "err", err)
-	}
+	w.verdicted(p.ID, w.q.Accept(p.ID))
 }
 
 func (w *worker) drop(p *queue.Packet) { w.dropID(p.ID) }
 
 func (w *worker) dropID(id uint32) {
 	w.d.stats.dropped.Add(1)
-	if err := w.q.Drop(id); err != nil {
-		w.d.stats.errors[errVerdict].Add(1)
-		w.d.log.Error("verdict", "id", id, "err", err)
-	}
+	w.verdicted(id, w.q.Drop(id))
 }
 
 // Why a flow the policy concerns could not be handled as it says.

@@ -133,7 +133,6 @@ const (
 const (
 	verdictDrop   = 0
 	verdictAccept = 1
-	verdictRepeat = 4
 )
 
 // Open binds queue num in the caller's network namespace.
@@ -375,9 +374,6 @@ func (q *Queue) AcceptModified(id, mark uint32, pkt []byte) error {
 func (q *Queue) AcceptPacket(id uint32, pkt []byte) error {
 	return q.verdict(id, verdictAccept, false, 0, pkt)
 }
-
-// Repeat sends the packet through the hook's chains again.
-func (q *Queue) Repeat(id uint32) error { return q.verdict(id, verdictRepeat, false, 0, nil) }
 
 // Drop drops the packet.
 func (q *Queue) Drop(id uint32) error { return q.verdict(id, verdictDrop, false, 0, nil) }

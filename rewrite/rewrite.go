@@ -19,7 +19,6 @@ import (
 var (
 	ErrShort       = errors.New("packet too short")
 	ErrVersion     = errors.New("not an IPv4 or IPv6 packet")
-	ErrNotTCP      = errors.New("not a TCP packet")
 	ErrProtocol    = errors.New("not TCP, UDP or an ICMP echo")
 	ErrFragment    = errors.New("fragmented packet")
 	ErrHeaderBytes = errors.New("bad header length")
@@ -139,20 +138,6 @@ func Parse(b []byte, t *Packet) error {
 	t.Proto, t.L4, t.end = proto, l4, end
 	t.Src = netip.AddrPortFrom(src, binary.BigEndian.Uint16(b[l4+portOffset(proto, true):]))
 	t.Dst = netip.AddrPortFrom(dst, binary.BigEndian.Uint16(b[l4+portOffset(proto, false):]))
-	return nil
-}
-
-// ParseTCP is Parse for TCP only: anything else is ErrNotTCP.
-func ParseTCP(b []byte, t *Packet) error {
-	if err := Parse(b, t); err != nil {
-		if err == ErrProtocol {
-			return ErrNotTCP
-		}
-		return err
-	}
-	if t.Proto != TCP {
-		return ErrNotTCP
-	}
 	return nil
 }
 

@@ -3,6 +3,7 @@ package rewrite
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"math/rand"
 	"net"
 	"net/netip"
@@ -264,4 +265,21 @@ func BenchmarkRewriteSYN(b *testing.B) {
 		ClampMSS(pkt, &tc, 1400)
 		Checksum(pkt, &tc)
 	}
+}
+
+// ErrNotTCP is what parseTCP returns for anything but TCP.
+var ErrNotTCP = errors.New("not a TCP packet")
+
+// ParseTCP is Parse for TCP only, for the tests of TCP rewriting.
+func ParseTCP(b []byte, t *Packet) error {
+	if err := Parse(b, t); err != nil {
+		if err == ErrProtocol {
+			return ErrNotTCP
+		}
+		return err
+	}
+	if t.Proto != TCP {
+		return ErrNotTCP
+	}
+	return nil
 }
