@@ -165,23 +165,6 @@ func (c *Config) Decide(f *Flow) *Rule {
 	return nil
 }
 
-// NeedsProcess reports whether any rule has a process or exe key.
-func (c *Config) NeedsProcess() bool { return c.needs(costProcess) }
-
-// NeedsCgroup reports whether any rule has a cgroup key.
-func (c *Config) NeedsCgroup() bool { return c.needs(costCgroup) }
-
-func (c *Config) needs(cost int) bool {
-	for _, r := range c.Rules {
-		for _, cd := range r.conds {
-			if cd.cost == cost {
-				return true
-			}
-		}
-	}
-	return false
-}
-
 // UplinkByName returns the uplink named name, or nil.
 func (c *Config) UplinkByName(name string) *Uplink {
 	for _, u := range c.Uplinks {

@@ -21,7 +21,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"sync/atomic"
 	"time"
 	"unsafe"
 
@@ -56,7 +55,6 @@ const QueueLen = 16384
 type Options struct {
 	Rcvbuf int  // socket receive buffer in bytes (SO_RCVBUFFORCE)
 	GSO    bool // accept GSO packets whole, with partial checksums
-	MaxLen uint32
 	// FailClosed: when the queue is full the kernel drops the packet
 	// instead of letting it through as if not queued (fail-open).
 	FailClosed bool
@@ -82,9 +80,6 @@ type Queue struct {
 	nv    int
 	bytes int
 	pad   [4]byte
-
-	// Drops counts packets the kernel could not queue to us (ENOBUFS).
-	Drops atomic.Uint64
 }
 
 // Batch limits: verdicts per writev (IOV_MAX is 1024, three iovecs each),
@@ -167,10 +162,7 @@ func Open(num uint16, o Options) (*Queue, error) {
 	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
 		return fail("SO_RCVTIMEO", err)
 	}
-	maxLen := o.MaxLen
-	if maxLen == 0 {
-		maxLen = 0xffff
-	}
+	maxLen := uint32(0xffff) // copy whole packets
 	params := binary.BigEndian.AppendUint32(nil, maxLen)
 	params = append(params, copyPacket)
 	flags := uint32(flagFailOpen | flagUIDGID)
@@ -285,7 +277,9 @@ func (q *Queue) Start(ctx context.Context, handle func(*Packet), endBatch func()
 					wait = true
 				case unix.EINTR:
 				case unix.ENOBUFS:
-					q.Drops.Add(1) // fail-open: the kernel let them through
+					// The kernel could not queue some packets to us: it let
+					// them through (fail-open) or dropped them; the queue
+					// rules' counters against what we received show it.
 				default:
 					onError(errno)
 					time.Sleep(10 * time.Millisecond)
