@@ -57,6 +57,8 @@ func (d *Daemon) startSteering(cfg *policy.Config) error {
 	}
 	d.steer = &steering{e: e}
 	e.SetEphemeral(d.portLo, d.portHi)
+	events := d.events.on(EventBind | EventRefused)
+	e.SetEvents(events)
 	if err := e.Apply(im); err != nil {
 		e.Detach()
 		d.steer = nil
@@ -67,11 +69,13 @@ func (d *Daemon) startSteering(cfg *policy.Config) error {
 		d.steer = nil
 		return err
 	}
-	go func() {
-		if err := e.Events(d.steered); err != nil {
-			d.log.Error("connect steering: its events are no longer read", "err", err)
-		}
-	}()
+	if events {
+		go func() {
+			if err := e.Events(d.steered); err != nil {
+				d.log.Error("connect steering: its events are no longer read", "err", err)
+			}
+		}()
+	}
 	d.log.Info("connect-time steering: rules the kernel can decide bind their sockets at connect()", "cgroup", root, "pinned", pin,
 		"adopted", e.Adopted)
 	return nil

@@ -36,6 +36,8 @@ type connectConf struct {
 	ProbePriority uint32
 	PortLo        uint32
 	PortHi        uint32
+	Emit          uint32
+	Pad           uint32
 	_             [4]byte
 }
 

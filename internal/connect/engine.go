@@ -33,6 +33,7 @@ type Engine struct {
 	image   *Image
 	portLo  uint16 // the ephemeral ports (SetEphemeral)
 	portHi  uint16
+	emit    bool // events wanted (SetEvents)
 	Adopted bool // the programs and maps of an earlier run were taken over
 }
 
@@ -185,6 +186,15 @@ func (e *Engine) SetEphemeral(lo, hi uint16) {
 	e.portLo, e.portHi = lo, hi
 }
 
+// SetEvents says whether the program writes an event per decision (the
+// debug stream reads them): without a reader, each would wake the daemon
+// for nothing. Call it before Apply.
+func (e *Engine) SetEvents(on bool) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.emit = on
+}
+
 // Image is the policy in force.
 func (e *Engine) Image() *Image {
 	e.mu.Lock()
@@ -195,6 +205,9 @@ func (e *Engine) Image() *Image {
 func (e *Engine) writeConf(gen, ugen, nrules uint32) error {
 	c := connectConf{Netns: e.netns, Nrules: nrules, RulesGen: gen, UplinksGen: ugen, ProbePriority: nftdp.ProbePriority,
 		PortLo: uint32(e.portLo), PortHi: uint32(e.portHi)}
+	if e.emit {
+		c.Emit = 1
+	}
 	if e.image != nil && e.image.HonorMarks {
 		c.HonorMarks = 1
 	}

@@ -75,6 +75,8 @@ struct conf {
 	__u32 honor_marks;    // a socket that carries a mark already is the host's to route
 	__u32 probe_priority; // the daemon's health probes choose their uplink themselves
 	__u32 port_lo, port_hi; // the ephemeral ports: an unconnected socket on another is a service's
+	__u32 emit;             // events wanted: the daemon prints the debug stream
+	__u32 pad;
 };
 
 struct rule {
@@ -215,9 +217,11 @@ static __always_inline int bit(__u8 *bm, __u16 port)
 	return (bm[(port >> 3) & 8191] >> (port & 7)) & 1;
 }
 
-static __always_inline void emit(__u32 kind, __u32 rule, __u32 uplink, __u32 uid, __u8 family, __u8 proto,
+static __always_inline void emit(struct conf *c, __u32 kind, __u32 rule, __u32 uplink, __u32 uid, __u8 family, __u8 proto,
 				 __u16 dport, const __u8 *dst)
 {
+	if (!c->emit)
+		return; // no reader: waking the daemon for nothing costs every connect
 	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e)
 		return;
@@ -430,7 +434,7 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, int v6, int sendmsg
 				count(S_REFUSED);
 				if (sendmsg)
 					return 0; // sendmsg() fails: EPERM
-				emit(E_REFUSED, ri, 0, uid, v6 ? 10 : 2, proto, dport, k.addr);
+				emit(c, E_REFUSED, ri, 0, uid, v6 ? 10 : 2, proto, dport, k.addr);
 				return 0; // connect() fails: EPERM
 			}
 			count(S_DEFAULT);
@@ -485,7 +489,7 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, int v6, int sendmsg
 		__u32 mark = u->mark;
 		bpf_setsockopt(ctx, SOL_SOCKET, SO_MARK, &mark, sizeof(mark));
 		count(S_STEERED);
-		emit(E_BIND, ri, ui, uid, v6 ? 10 : 2, proto, dport, k.addr);
+		emit(c, E_BIND, ri, ui, uid, v6 ? 10 : 2, proto, dport, k.addr);
 		return 1;
 	}
 	count(S_NO_MATCH);
