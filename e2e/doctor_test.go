@@ -34,7 +34,8 @@ func TestDoctor(t *testing.T) {
 	}
 	for _, want := range []string{"ok       nftables answers", "ok       NFQUEUE 0-", `fwmark 100 leads to ip table 100`,
 		`fwmark 100 leads to ip -6 table 100`, "no MASQUERADE or SNAT", "ok       no iptables-legacy nat table is in use",
-		"ok       configuration file " + e.cfg + ": only root can change it"} {
+		"ok       configuration file " + e.cfg + ": only root can change it",
+		"ok       the kernel has every nftables feature rerouted uses", "ok       new flows reach the daemon through the "} {
 		if !strings.Contains(out, want) {
 			t.Errorf("healthy host: no %q in:\n%s", want, out)
 		}
