@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -18,6 +19,10 @@ import (
 	"github.com/rerouted/rerouted/networld"
 	"github.com/rerouted/rerouted/networld/worldtest"
 )
+
+// BinEnv names a directory holding rerouted and worldclient already built;
+// without it TestMain builds them (with the tests' -race, if any).
+const BinEnv = "REROUTED_E2E_BIN"
 
 var (
 	bin        string   // the rerouted binary under test
@@ -33,10 +38,15 @@ func TestMain(m *testing.M) {
 	}
 	bin = filepath.Join(dir, "rerouted")
 	client = filepath.Join(dir, "worldclient")
-	for out, pkg := range map[string]string{bin: "../cmd/rerouted", client: "../networld/cmd/worldclient"} {
-		if b, err := exec.Command("go", append(append([]string{"build"}, buildFlags...), "-o", out, pkg)...).CombinedOutput(); err != nil {
-			fmt.Fprintf(os.Stderr, "build %s: %v\n%s", pkg, err, b)
-			os.Exit(1)
+	if pre := os.Getenv(BinEnv); pre != "" {
+		// Built beforehand: a guest of `make test-kernels` runs no go.
+		bin, client = filepath.Join(pre, "rerouted"), filepath.Join(pre, "worldclient")
+	} else {
+		for out, pkg := range map[string]string{bin: "../cmd/rerouted", client: "../networld/cmd/worldclient"} {
+			if b, err := exec.Command("go", append(append([]string{"build"}, buildFlags...), "-o", out, pkg)...).CombinedOutput(); err != nil {
+				fmt.Fprintf(os.Stderr, "build %s: %v\n%s", pkg, err, b)
+				os.Exit(1)
+			}
 		}
 	}
 	code := m.Run()
@@ -120,8 +130,16 @@ func (e *env) start(env ...string) *networld.Daemon {
 	if err := d.WaitReady(); err != nil {
 		e.t.Fatalf("%v\n%s", err, d.Output())
 	}
+	// Which enqueue form the kernel took (make test-kernels reports it).
+	if line, err := d.WaitFor("msg=ready", 0); err == nil {
+		if m := queueMethodRE.FindStringSubmatch(line); m != nil {
+			e.t.Logf("rerouted ready: queue_method=%q", strings.Trim(m[1], `"`))
+		}
+	}
 	return d
 }
+
+var queueMethodRE = regexp.MustCompile(`queue_method=("[^"]*"|\S*)`)
 
 // hostMark installs a mark rule for a port on the host, the way operators do.
 func (e *env) hostMark(kind string, port uint16) {

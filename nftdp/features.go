@@ -70,7 +70,12 @@ var Features = []Feature{
 		probe: func(c *nftables.Conn, t *nftables.Table, _ *nftables.Chain) error {
 			return c.AddSet(&nftables.Set{Table: t, Name: "counted", KeyType: nftables.TypeIPAddr, Counter: true}, nil)
 		}},
-	{Name: "maps whose data is a concatenation longer than 16 bytes, looked up into registers", Since: "5.7",
+	{Name: "payload writes that fix the transport checksum's pseudo-header (csum_flags)", Since: "4.10",
+		probe: rule(
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 4},
+			&expr.Payload{OperationType: expr.PayloadWrite, SourceRegister: 1, Base: expr.PayloadBaseNetworkHeader,
+				Offset: 12, Len: 4, CsumType: expr.CsumTypeInet, CsumOffset: 10, CsumFlags: unix.NFT_PAYLOAD_L4CSUM_PSEUDOHDR})},
+	{Name: "maps whose data is a concatenation longer than 16 bytes (IPv6 address . port . mark), looked up into registers", Since: "5.8",
 		probe: func(c *nftables.Conn, t *nftables.Table, ch *nftables.Chain) error {
 			key, err := nftables.ConcatSetType(nftables.TypeIP6Addr, nftables.TypeInetService)
 			if err != nil {
@@ -88,16 +93,15 @@ var Features = []Feature{
 				&expr.Payload{DestRegister: 8, Base: expr.PayloadBaseNetworkHeader, Offset: 8, Len: 16},
 				&expr.Payload{DestRegister: 12, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 2},
 				&expr.Lookup{SourceRegister: 8, SetName: m.Name, DestRegister: 16, IsDestRegSet: true},
-				&expr.Payload{OperationType: expr.PayloadWrite, SourceRegister: 16, Base: expr.PayloadBaseNetworkHeader,
-					Offset: 8, Len: 16, CsumType: expr.CsumTypeInet, CsumOffset: 16, CsumFlags: unix.NFT_PAYLOAD_L4CSUM_PSEUDOHDR},
+				&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 21},
 			}})
 			return nil
 		}},
 }
 
-func rule(e expr.Any) func(*nftables.Conn, *nftables.Table, *nftables.Chain) error {
+func rule(es ...expr.Any) func(*nftables.Conn, *nftables.Table, *nftables.Chain) error {
 	return func(c *nftables.Conn, t *nftables.Table, ch *nftables.Chain) error {
-		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: []expr.Any{e}})
+		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: es})
 		return nil
 	}
 }
