@@ -33,7 +33,7 @@ deps-kernels:
 		if [ "$$(id -u)" = 0 ]; then \
 			echo "installing:$$missing"; \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-		else echo "not root: cannot install$$missing"; exit 1; fi; \
+		else echo "not root: not installing$$missing (make test-kernels will skip)"; fi; \
 	fi
 
 demo: deps
@@ -51,22 +51,29 @@ lint: deps
 test: lint
 	$(GO) test -race -count=1 -timeout 15m ./...
 	$(MAKE) --no-print-directory fuzz
-	$(MAKE) --no-print-directory test-kernels E2E_RUN='$(KERNEL_CORE)'
+	$(MAKE) --no-print-directory test-kernels E2E_RUN='$(KERNEL_CORE)' KERNEL_TIMEOUT=15m
 
 # The end-to-end tests on Debian's stock kernels, each booted under QEMU
 # (see "Other kernels" in the README). KERNELS: Debian suites, or packages
 # linux-image-VERSION-amd64; E2E_RUN: a go test -run regex (empty: every
-# test); KERNEL_JOBS: kernels booted at once. Downloads and unpacked kernels
+# test); KERNEL_JOBS: kernels booted at once; KERNEL_TIMEOUT: the tests' time
+# in each guest (every test under TCG: about 40 minutes a kernel). Downloads and unpacked kernels
 # stay in KERNEL_CACHE (git-ignored); make kernels-clean removes them.
 KERNELS      ?= bullseye bookworm trixie
 E2E_RUN      ?=
 KERNEL_JOBS  ?= 1
 KERNEL_CACHE ?= .cache/kernels
+KERNEL_TIMEOUT ?= 90m
 # What make test runs on each kernel: the core of rerouted, on both
 # datapaths, within CI's time (about 7 minutes a kernel under TCG).
 KERNEL_CORE  := ^(TestKernelHasEveryFeature|TestSeedProblemFixedForHostMarks|TestRuleDecidesUplink|TestStatefulFirewallFINAndRST|TestUDPRequestResponse|TestPingViaISPB|TestIPv6TCP|TestRestartAdoptsFlows|TestPathMTUDiscovery|TestTableRepair|TestManagedUplinks)$$
 test-kernels: deps-kernels
-	$(GO) run ./e2e/qemu -kernels '$(KERNELS)' -run '$(E2E_RUN)' -jobs $(KERNEL_JOBS) -cache '$(KERNEL_CACHE)'
+	@if ! command -v qemu-system-x86_64 >/dev/null || ! command -v depmod >/dev/null; then \
+		if [ "$$REROUTED_REQUIRE_E2E" = 1 ]; then echo "test-kernels: QEMU or kmod is missing (sudo make deps-kernels)"; exit 1; fi; \
+		echo "test-kernels: skipped: QEMU or kmod is missing (sudo make deps-kernels)"; exit 0; \
+	fi; \
+	echo "$(GO) run ./e2e/qemu -kernels '$(KERNELS)' -run '$(E2E_RUN)' -jobs $(KERNEL_JOBS) -timeout $(KERNEL_TIMEOUT) -cache '$(KERNEL_CACHE)'"; \
+	$(GO) run ./e2e/qemu -kernels '$(KERNELS)' -run '$(E2E_RUN)' -jobs $(KERNEL_JOBS) -timeout $(KERNEL_TIMEOUT) -cache '$(KERNEL_CACHE)'
 
 kernels-clean:
 	rm -rf '$(KERNEL_CACHE)'
