@@ -227,6 +227,25 @@ func (e *env) elements(name string) int {
 	return 0
 }
 
+// endTimeWait ends the host's TIME_WAIT sockets towards dst at once (ss
+// -K), and reports whether it could: kernels before 6.0 cannot destroy a
+// TIME_WAIT socket, which then lasts its 60 s.
+func (e *env) endTimeWait(dst string) bool {
+	e.t.Helper()
+	if _, err := e.w.Host.Run("ss", "-K", "state", "time-wait", "dst", dst); err != nil && !strings.Contains(err.Error(), "exit status") {
+		e.t.Fatal(err)
+	}
+	out, err := e.w.Host.Run("ss", "-Htan", "state", "time-wait", "dst", dst)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	if strings.TrimSpace(out) != "" {
+		e.t.Log("this kernel cannot destroy TIME_WAIT sockets (ss -K; Linux 6.0 can): they last 60 s")
+		return false
+	}
+	return true
+}
+
 // eventually polls cond until it holds or timeout passes.
 func eventually(t *testing.T, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()

@@ -9,8 +9,10 @@
 # /run/rr/env (written by the runner, e2e/qemu) sets KVER, KDIR (the
 # unpacked package, with lib/modules/$KVER), BIN (rerouted and
 # worldclient), TESTBIN, WORKDIR (the e2e package's directory), RUN (a
-# -test.run regex, or empty), TIMEOUT and MODULES (loaded first). The
-# modules loaded at the end are listed in /run/rr/modules.
+# -test.run regex, or empty), TIMEOUT, MODULES (loaded first) and AUTOLOAD
+# (false: the kernel's own loading fails, as in a chroot without the
+# kernel's modules). The modules loaded at the end are listed in
+# /run/rr/modules.
 . /run/rr/env
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
@@ -32,7 +34,7 @@ chmod 1777 /tmp /var/tmp
 	# Module autoload as on an installed system, from this kernel's package.
 	printf '#!/bin/sh\nexec /sbin/modprobe -d %s "$@"\n' "$KDIR" >/run/modprobe
 	chmod 0755 /run/modprobe
-	echo /run/modprobe >/proc/sys/kernel/modprobe
+	[ "$AUTOLOAD" = false ] || echo /run/modprobe >/proc/sys/kernel/modprobe
 	# What the tests use, loaded up front: under TCG a module takes a
 	# while to load, which a test's first daemon would otherwise wait for.
 	# (A module this kernel lacks is named in the log, and left to fail

@@ -26,7 +26,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 )
@@ -40,6 +39,8 @@ func main() {
 	mem := flag.Int("mem", 2048, "guest memory, MiB")
 	smp := flag.Int("smp", 2, "guest CPUs")
 	cpu := flag.String("cpu", "max", "guest CPU model under TCG (with KVM: host)")
+	modules := flag.String("modules", strings.Join(preload, " "), "modules the guest loads before the tests")
+	autoload := flag.Bool("autoload", true, "let the kernel load modules on first use (false: as in a chroot without the kernel's modules)")
 	flag.Parse()
 	if err := os.Chdir(repoRoot()); err != nil {
 		fatal(err)
@@ -69,33 +70,34 @@ func main() {
 		os.RemoveAll(build)
 		fatal(err)
 	}
-	g := guest{cache: cacheDir, build: build, run: *run, timeout: *timeout, mem: *mem, smp: *smp, cpu: *cpu}
+	g := guest{cache: cacheDir, build: build, run: *run, timeout: *timeout, mem: *mem, smp: *smp, cpu: *cpu,
+		modules: *modules, autoload: *autoload}
 	if _, err := os.Stat("/dev/kvm"); err == nil {
 		g.kvm = true
 	}
 
-	var (
-		mu  sync.Mutex
-		bad bool
-		wg  sync.WaitGroup
-		sem = make(chan struct{}, max(*jobs, 1))
-	)
-	for _, k := range ks {
-		wg.Add(1)
+	// Kernels start in the order given, KERNEL_JOBS at once; their lines
+	// come out in that order too.
+	results := make([]chan *result, len(ks))
+	next := make(chan int, len(ks))
+	for i := range ks {
+		results[i] = make(chan *result, 1)
+		next <- i
+	}
+	close(next)
+	for range max(*jobs, 1) {
 		go func() {
-			defer wg.Done()
-			sem <- struct{}{}
-			defer func() { <-sem }()
-			res := g.test(ctx, k)
-			mu.Lock()
-			defer mu.Unlock()
-			fmt.Print(res.report())
-			if !res.ok() {
-				bad = true
+			for i := range next {
+				results[i] <- g.test(ctx, ks[i])
 			}
 		}()
 	}
-	wg.Wait()
+	bad := false
+	for i := range ks {
+		res := <-results[i]
+		fmt.Print(res.report())
+		bad = bad || !res.ok()
+	}
 	if bad {
 		os.RemoveAll(build)
 		os.Exit(1)
@@ -182,6 +184,8 @@ type guest struct {
 	mem, smp     int
 	cpu          string
 	kvm          bool
+	modules      string
+	autoload     bool
 }
 
 // result is one kernel's outcome.
@@ -219,7 +223,8 @@ func (g *guest) test(ctx context.Context, k kernel) *result {
 		{"WORKDIR", filepath.Join(wd, "e2e")},
 		{"RUN", g.run},
 		{"TIMEOUT", g.timeout.String()},
-		{"MODULES", strings.Join(preload, " ")},
+		{"MODULES", g.modules},
+		{"AUTOLOAD", strconv.FormatBool(g.autoload)},
 	}
 	var b strings.Builder
 	for _, kv := range env {
