@@ -30,7 +30,11 @@ func (f Feature) String() string {
 	if len(f.Modules) == 0 {
 		return fmt.Sprintf("%s (Linux %s)", f.Name, f.Since)
 	}
-	return fmt.Sprintf("%s (Linux %s; module %s)", f.Name, f.Since, strings.Join(f.Modules, ", "))
+	word := "module"
+	if len(f.Modules) > 1 {
+		word = "modules"
+	}
+	return fmt.Sprintf("%s (Linux %s; %s %s)", f.Name, f.Since, word, strings.Join(f.Modules, ", "))
 }
 
 // Names of the two enqueue forms (also Datapath.QueueMethod's values).

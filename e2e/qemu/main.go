@@ -170,7 +170,7 @@ var preload = []string{
 	"nft_fib_inet", "nft_socket", "nft_ct", "nft_hash", "nft_limit", "nft_numgen",
 	"inet_diag", "tcp_diag", "udp_diag", "raw_diag",
 	// the worlds: veth, the host's mark rules, firewalls, NAT, conntrack
-	"veth", "nft_chain_nat", "nft_masq", "nft_reject_inet", "nft_counter",
+	"veth", "nft_chain_nat", "nft_masq", "nft_reject_inet", "nft_counter", "nft_objref",
 	"iptable_mangle", "iptable_nat", "iptable_filter", "ip6table_mangle",
 	"xt_mark", "xt_tcpudp", "xt_conntrack", "xt_MASQUERADE",
 	"nf_conntrack_netlink",
