@@ -44,7 +44,8 @@ const (
 )
 
 // Features are the kernel features the table uses, in the order a missing
-// one is best reported.
+// one is best reported. A feature the table comes to use gets a probe here
+// (and a row in the README's table of kernels).
 var Features = []Feature{
 	{Name: "the nft queue statement", Modules: []string{"nft_queue", "nfnetlink_queue"}, Since: "3.14", alt: QueueXT,
 		probe: rule(queueTo(0, 1, true, true, true))},
