@@ -34,7 +34,7 @@ if ldd "$busybox" >/dev/null 2>&1; then
 fi
 
 aptopts() {
-	echo "-q -o Dir::Etc::SourceList=$apt/sources.list -o Dir::Etc::SourceParts=$apt/sources.list.d" \
+	echo "-qq -o Dir::Etc::SourceList=$apt/sources.list -o Dir::Etc::SourceParts=$apt/sources.list.d" \
 		"-o Dir::State=$apt/state -o Dir::State::Status=$apt/state/status -o Dir::Cache=$apt/cache" \
 		"-o APT::Architecture=amd64 -o APT::Sandbox::User=root -o Acquire::Languages=none" \
 		"-o Acquire::IndexTargets::deb::DEP-11::DefaultEnabled=false" \

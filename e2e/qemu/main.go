@@ -35,7 +35,7 @@ func main() {
 	run := flag.String("run", "", "regex of the tests to run (go test -run); empty: all")
 	cache := flag.String("cache", ".cache/kernels", "where packages, unpacked kernels, builds and run logs are kept")
 	jobs := flag.Int("jobs", 1, "kernels booted at once")
-	timeout := flag.Duration("timeout", 40*time.Minute, "the test binary's -test.timeout in each guest (the guest is killed 3 minutes later)")
+	timeout := flag.Duration("timeout", 90*time.Minute, "the test binary's -test.timeout in each guest (the guest is killed 3 minutes later)")
 	mem := flag.Int("mem", 2048, "guest memory, MiB")
 	smp := flag.Int("smp", 2, "guest CPUs")
 	cpu := flag.String("cpu", "max", "guest CPU model under TCG (with KVM: host)")
@@ -72,7 +72,8 @@ func main() {
 	}
 	g := guest{cache: cacheDir, build: build, run: *run, timeout: *timeout, mem: *mem, smp: *smp, cpu: *cpu,
 		modules: *modules, autoload: *autoload}
-	if _, err := os.Stat("/dev/kvm"); err == nil {
+	if f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0); err == nil {
+		f.Close()
 		g.kvm = true
 	}
 
