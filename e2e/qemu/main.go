@@ -94,11 +94,17 @@ func main() {
 		}()
 	}
 	bad := false
+	var passed, failed, skipped int
 	for i := range ks {
 		res := <-results[i]
 		fmt.Print(res.report())
 		bad = bad || !res.ok()
+		passed, failed, skipped = passed+res.count("PASS"), failed+res.count("FAIL"), skipped+res.count("SKIP")
+		if !res.ok() && res.count("FAIL") == 0 {
+			failed++ // no result, or the binary failed outside any test
+		}
 	}
+	fmt.Printf("kernels: %d passed, %d failed, %d skipped\n", passed, failed, skipped)
 	if bad {
 		os.RemoveAll(build)
 		os.Exit(1)
