@@ -44,7 +44,12 @@ func (d *Daemon) moveStale(r *uplink.Routing, diag *sockdiag.Conn, rt *router) {
 			how = "reset"
 			if u := cfg.UplinkByMark(f.Mark); u != nil && u.KeepTCP {
 				how = "removed"
-			} else if err := diag.Destroy(f.Src, f.Dst, f.Cookie); err != nil && !errors.Is(err, sockdiag.ErrNotFound) {
+			} else if err := diag.Destroy(f.Src, f.Dst, f.Cookie); errors.Is(err, sockdiag.ErrCannotDestroy) {
+				// A TIME_WAIT socket on a kernel before 6.0: it sends
+				// nothing of its own; its element goes.
+				d.log.Debug("a connection whose address went away cannot be closed; its translation is removed", "src", f.Src, "dst", f.Dst, "err", err)
+				how = "removed"
+			} else if err != nil && !errors.Is(err, sockdiag.ErrNotFound) {
 				d.stats.errors[errSocketLookup].Add(1)
 				d.log.Error("close a connection whose address went away", "src", f.Src, "dst", f.Dst, "wire", f.NewSrc, "err", err)
 				how = "removed"

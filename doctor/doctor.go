@@ -3,7 +3,8 @@
 // reverse-path filtering on an uplink, a mark without an ip rule or with an
 // empty table, no rule answering an uplink's address through it, a
 // MASQUERADE or SNAT on an uplink (in nftables, iptables-nft included, or in
-// iptables-legacy), missing NFQUEUE or nftables support, and a configuration
+// iptables-legacy), missing NFQUEUE or nftables support (a kernel feature
+// the table needs, or the module that provides it), and a configuration
 // file users other than root can change.
 package doctor
 
@@ -21,6 +22,7 @@ import (
 	"github.com/google/nftables/expr"
 	"github.com/rerouted/rerouted/internal/connect"
 	"github.com/rerouted/rerouted/internal/uplink"
+	"github.com/rerouted/rerouted/nftdp"
 	"github.com/rerouted/rerouted/policy"
 	"github.com/rerouted/rerouted/queue"
 	"github.com/rerouted/rerouted/sockdiag"
@@ -213,6 +215,7 @@ func checkNetfilter(r *Report, cfg *policy.Config, o Options) {
 			"nftables does not answer: %v", err)
 	} else {
 		r.ok("nftables answers")
+		checkKernelFeatures(r)
 	}
 	if o.DaemonRunning {
 		r.ok("rerouted is running and holds its queues")
@@ -234,6 +237,34 @@ func checkNetfilter(r *Report, cfg *policy.Config, o Options) {
 		q.Close()
 	}
 	r.ok("NFQUEUE %d-%d can be bound", first, first+n-1)
+}
+
+// checkKernelFeatures: the kernel has every nftables feature the table
+// uses, built in or as a module that loads (nftdp.Probe tries each in a
+// scratch table).
+func checkKernelFeatures(r *Report) {
+	missing, queue, err := nftdp.Probe()
+	if err != nil {
+		r.problem("run doctor as root", "cannot probe the kernel's nftables features: %v", err)
+		return
+	}
+	for _, f := range missing {
+		fix := fmt.Sprintf("use a kernel of Linux %s or later built with it", f.Since)
+		if len(f.Modules) > 0 {
+			fix = fmt.Sprintf("load the module (modprobe %s; to load it at boot: echo %s >/etc/modules-load.d/rerouted.conf), or %s",
+				f.Modules[0], f.Modules[0], fix)
+		}
+		r.problem(fix, "the kernel lacks %s: rerouted cannot install its table", f)
+	}
+	switch queue {
+	case nftdp.QueueNative:
+		r.ok("new flows reach the daemon through the nft queue statement")
+	case nftdp.QueueXT:
+		r.ok("new flows reach the daemon through the xtables NFQUEUE target (this kernel has no nft queue statement: module nft_queue)")
+	}
+	if len(missing) == 0 {
+		r.ok("the kernel has every nftables feature rerouted uses")
+	}
 }
 
 func checkUplink(r *Report, h *netlink.Handle, rules map[int][]netlink.Rule, u *policy.Uplink, o Options) {

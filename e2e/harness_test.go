@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -18,6 +19,10 @@ import (
 	"github.com/rerouted/rerouted/networld"
 	"github.com/rerouted/rerouted/networld/worldtest"
 )
+
+// BinEnv names a directory holding rerouted and worldclient already built;
+// without it TestMain builds them (with the tests' -race, if any).
+const BinEnv = "REROUTED_E2E_BIN"
 
 var (
 	bin        string   // the rerouted binary under test
@@ -33,10 +38,15 @@ func TestMain(m *testing.M) {
 	}
 	bin = filepath.Join(dir, "rerouted")
 	client = filepath.Join(dir, "worldclient")
-	for out, pkg := range map[string]string{bin: "../cmd/rerouted", client: "../networld/cmd/worldclient"} {
-		if b, err := exec.Command("go", append(append([]string{"build"}, buildFlags...), "-o", out, pkg)...).CombinedOutput(); err != nil {
-			fmt.Fprintf(os.Stderr, "build %s: %v\n%s", pkg, err, b)
-			os.Exit(1)
+	if pre := os.Getenv(BinEnv); pre != "" {
+		// Built beforehand: a guest of `make test-kernels` runs no go.
+		bin, client = filepath.Join(pre, "rerouted"), filepath.Join(pre, "worldclient")
+	} else {
+		for out, pkg := range map[string]string{bin: "../cmd/rerouted", client: "../networld/cmd/worldclient"} {
+			if b, err := exec.Command("go", append(append([]string{"build"}, buildFlags...), "-o", out, pkg)...).CombinedOutput(); err != nil {
+				fmt.Fprintf(os.Stderr, "build %s: %v\n%s", pkg, err, b)
+				os.Exit(1)
+			}
 		}
 	}
 	code := m.Run()
@@ -121,8 +131,16 @@ func (e *env) start(env ...string) *networld.Daemon {
 	if err := d.WaitReady(); err != nil {
 		e.t.Fatalf("%v\n%s", err, d.Output())
 	}
+	// Which enqueue form the kernel took (make test-kernels reports it).
+	if line, err := d.WaitFor("msg=ready", 0); err == nil {
+		if m := queueMethodRE.FindStringSubmatch(line); m != nil {
+			e.t.Logf("rerouted ready: queue_method=%q", strings.Trim(m[1], `"`))
+		}
+	}
 	return d
 }
+
+var queueMethodRE = regexp.MustCompile(`queue_method=("[^"]*"|\S*)`)
 
 // hostMark installs a mark rule for a port on the host, the way operators do.
 func (e *env) hostMark(kind string, port uint16) {
@@ -208,6 +226,25 @@ func (e *env) elements(name string) int {
 	}
 	e.t.Fatalf("no map %s in %s", name, out)
 	return 0
+}
+
+// endTimeWait ends the host's TIME_WAIT sockets towards dst at once (ss
+// -K), and reports whether it could: kernels before 6.0 cannot destroy a
+// TIME_WAIT socket, which then lasts its 60 s.
+func (e *env) endTimeWait(dst string) bool {
+	e.t.Helper()
+	if _, err := e.w.Host.Run("ss", "-K", "state", "time-wait", "dst", dst); err != nil && !strings.Contains(err.Error(), "exit status") {
+		e.t.Fatal(err)
+	}
+	out, err := e.w.Host.Run("ss", "-Htan", "state", "time-wait", "dst", dst)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	if strings.TrimSpace(out) != "" {
+		e.t.Log("this kernel cannot destroy TIME_WAIT sockets (ss -K; Linux 6.0 can): they last 60 s")
+		return false
+	}
+	return true
 }
 
 // eventually polls cond until it holds or timeout passes.

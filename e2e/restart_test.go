@@ -133,10 +133,11 @@ func TestRestartAdoptsFlows(t *testing.T) {
 		t.Fatalf("server replied %q (err %v), want %q", reply, err, want)
 	}
 	c.Close()
-	if _, err := e.w.Host.Run("ss", "-K", "state", "time-wait", "dst", "192.0.2.80"); err != nil {
-		t.Fatal(err)
+	wait := 5 * time.Second
+	if !e.endTimeWait("192.0.2.80") {
+		wait = 70 * time.Second
 	}
-	eventually(t, 5*time.Second, "the adopted flows to go with their sockets", func() bool {
+	eventually(t, wait, "the adopted flows to go with their sockets", func() bool {
 		for _, f := range e.flows() {
 			if f.Proto == "tcp" {
 				return false

@@ -139,8 +139,8 @@ type Datapath struct {
 	// offeredBefore is what the queue rules this generation replaced had
 	// counted (under listMu).
 	offeredBefore uint64
-	// QueueMethod says how packets reach the queue: "nft queue" or, on
-	// kernels without nft_queue, "xt NFQUEUE" through nft_compat.
+	// QueueMethod says how packets reach the queue: QueueNative or, on
+	// kernels without nft_queue, QueueXT through nft_compat.
 	QueueMethod string
 	// Replaced is true when a table left by an earlier run was removed,
 	// Adopted when it was kept with its flows' elements.
@@ -315,7 +315,7 @@ func Install(first, total uint16, userspace bool, seen time.Duration, filter Fil
 // target through nft_compat does the same job.
 func (d *Datapath) install(first, total uint16) error {
 	if err := d.build(); err != nil {
-		return err
+		return kernelError(err)
 	}
 	// Generations start at a number of this run's own: an adopted table
 	// may hold an earlier run's prefilter sets.
@@ -325,12 +325,13 @@ func (d *Datapath) install(first, total uint16) error {
 	if d.DefragErr = d.elems.addRules([]ruleMsg{defragRule()}, nil); d.DefragErr != nil {
 		d.DefragErr = fmt.Errorf("%w (is the nft_tproxy module available?)", d.DefragErr)
 	}
-	d.QueueMethod = "nft queue"
+	d.QueueMethod = QueueNative
 	errNative := d.applyFilter()
 	if errNative != nil {
-		d.QueueMethod = "xt NFQUEUE"
+		d.QueueMethod = QueueXT
 		if err := d.applyFilter(); err != nil {
-			return fmt.Errorf("rules with nft queue: %v; with xt NFQUEUE: %w", errNative, err)
+			// Most likely a module is missing: the probe names it.
+			return kernelError(fmt.Errorf("rules with nft queue: %v; with xt NFQUEUE: %w", errNative, err))
 		}
 	}
 	d.dropStaleFilterSets()
@@ -593,7 +594,7 @@ func (d *Datapath) build() error {
 		}
 	}
 	if err := c.Flush(); err != nil {
-		return err
+		return fmt.Errorf("create table inet %s, its sets and chains: %w", TableName, err)
 	}
 	// google/nftables cannot say that a map's data (a mark) is in host
 	// order, and nft then prints every mark byte-swapped: these maps are

@@ -314,7 +314,7 @@ func (d *Datapath) SetFilter(f Filter) error {
 // applyFilter installs a new generation of d.filter and every rule of the
 // table. Call with mu held.
 func (d *Datapath) applyFilter() error {
-	native := d.QueueMethod != "xt NFQUEUE"
+	native := d.QueueMethod != QueueXT
 	d.gen++
 	c := d.compile(d.filter, d.gen, native)
 	d.listMu.Lock()

@@ -2,6 +2,7 @@ package sockdiag
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"net/netip"
 
@@ -11,10 +12,16 @@ import (
 // sockDestroy is SOCK_DESTROY (linux/sock_diag.h).
 const sockDestroy = 21
 
+// ErrCannotDestroy: the kernel does not destroy the socket in its state.
+// Kernels before 6.0 answer so for a TIME_WAIT socket, which sends nothing
+// of its own any more (EOPNOTSUPP).
+var ErrCannotDestroy = errors.New("the kernel cannot destroy a socket in this state (TIME_WAIT before Linux 6.0)")
+
 // Destroy closes the TCP socket local→remote whose cookie is cookie from
 // outside, as `ss -K` does (the kernel needs CONFIG_INET_DIAG_DESTROY):
 // the application's next call on it fails at once (ECONNABORTED), and the
-// peer gets a reset. It returns ErrNotFound when the socket is gone.
+// peer gets a reset. It returns ErrNotFound when the socket is gone, and
+// ErrCannotDestroy when the kernel cannot destroy it in its state.
 func (c *Conn) Destroy(local, remote netip.AddrPort, cookie uint64) error {
 	return c.DestroyProto(unix.IPPROTO_TCP, local, remote, cookie)
 }
@@ -38,6 +45,8 @@ func (c *Conn) DestroyProto(proto uint8, local, remote netip.AddrPort, cookie ui
 		return nil
 	case unix.ENOENT:
 		return ErrNotFound
+	case unix.EOPNOTSUPP:
+		return fmt.Errorf("sock_diag destroy %s→%s: %w", local, remote, ErrCannotDestroy)
 	}
 	return fmt.Errorf("sock_diag destroy %s→%s: %w", local, remote, err)
 }

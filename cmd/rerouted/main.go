@@ -29,6 +29,7 @@ import (
 
 	"github.com/rerouted/rerouted/daemon"
 	"github.com/rerouted/rerouted/internal/instance"
+	"github.com/rerouted/rerouted/nftdp"
 	"github.com/rerouted/rerouted/policy"
 )
 
@@ -240,6 +241,13 @@ func cmdRun(args []string) int {
 	if errors.Is(err, instance.ErrRunning) || errors.Is(err, instance.ErrInsecure) {
 		// Refused before touching anything: as for a bad configuration.
 		log.Error("rerouted refused to start; nothing was changed", "err", err)
+		return exitUsage
+	}
+	var kerr *nftdp.KernelError
+	if errors.As(err, &kerr) {
+		// Like a bad configuration: restarting cannot help. What the
+		// start had installed is removed again.
+		log.Error("rerouted cannot run on this kernel; nothing is installed", "err", err)
 		return exitUsage
 	}
 	if err != nil {

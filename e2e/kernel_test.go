@@ -1,0 +1,28 @@
+package e2e
+
+import (
+	"testing"
+
+	"github.com/rerouted/rerouted/networld/worldtest"
+	"github.com/rerouted/rerouted/nftdp"
+)
+
+// The kernel under test has every nftables feature the table uses (make
+// test-kernels runs this on each kernel), and one enqueue form.
+func TestKernelHasEveryFeature(t *testing.T) {
+	ns := worldtest.NS(t)
+	var (
+		missing []nftdp.Feature
+		queue   string
+	)
+	if err := ns.Do(func() (err error) { missing, queue, err = nftdp.Probe(); return err }); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range missing {
+		t.Errorf("the kernel lacks %s", f)
+	}
+	if queue == "" {
+		t.Error("the kernel has neither enqueue form")
+	}
+	t.Logf("enqueue form: %s", queue)
+}

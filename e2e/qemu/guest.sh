@@ -1,0 +1,60 @@
+#!/bin/sh
+# Stage 2 of a `make test-kernels` guest, PID 1 in the host's root (shared
+# read-only over 9p; init.sh switched into it): mount what a system has,
+# let the kernel load its own modules from the unpacked package, run the
+# end-to-end test binary, and power off. Everything it writes goes to
+# tmpfs, or to /run/rr, the run's directory on the host: test.log, and
+# status (the test binary's exit code).
+#
+# /run/rr/env (written by the runner, e2e/qemu) sets KVER, KDIR (the
+# unpacked package, with lib/modules/$KVER), BIN (rerouted and
+# worldclient), TESTBIN, WORKDIR (the e2e package's directory), RUN (a
+# -test.run regex, or empty), TIMEOUT, MODULES (loaded first) and AUTOLOAD
+# (false: the kernel's own loading fails, as in a chroot without the
+# kernel's modules). The modules loaded at the end are listed in
+# /run/rr/modules.
+. /run/rr/env
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /dev/shm
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
+for d in /tmp /var/tmp /root /var/log; do
+	[ -d "$d" ] && mount -t tmpfs -o mode=0755 tmpfs "$d"
+done
+chmod 1777 /tmp /var/tmp
+
+{
+	echo "guest: kernel $(uname -r), $(nproc) CPUs"
+
+	# Module autoload as on an installed system, from this kernel's package.
+	printf '#!/bin/sh\nexec /sbin/modprobe -d %s "$@"\n' "$KDIR" >/run/modprobe
+	chmod 0755 /run/modprobe
+	[ "$AUTOLOAD" = false ] || echo /run/modprobe >/proc/sys/kernel/modprobe
+	# What the tests use, loaded up front: under TCG a module takes a
+	# while to load, which a test's first daemon would otherwise wait for.
+	# (A module this kernel lacks is named in the log, and left to fail
+	# where it is used.)
+	for m in $MODULES; do
+		/run/modprobe "$m" || echo "guest: no module $m"
+	done
+	ip link set lo up
+
+	cd "$WORKDIR" || exit 1
+	start=$(date +%s)
+	set --
+	[ -n "$RUN" ] && set -- -test.run="$RUN"
+	env -i PATH="$PATH" HOME=/root TMPDIR=/tmp REROUTED_REQUIRE_E2E=1 REROUTED_E2E_BIN="$BIN" \
+		"$TESTBIN" -test.v -test.count=1 -test.timeout="$TIMEOUT" "$@" 2>&1
+	echo $? >/run/rr/status
+	echo "guest: tests took $(($(date +%s) - start)) s"
+	cut -d' ' -f1 /proc/modules | sort >/run/rr/modules
+} >/run/rr/test.log 2>&1
+
+sync
+echo o >/proc/sysrq-trigger
+sleep 60
