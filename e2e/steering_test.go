@@ -67,7 +67,27 @@ func TestConnectSteering(t *testing.T) {
 	}
 	e.start()
 	if _, err := e.d.WaitFor("connect-time steering: rules the kernel can decide", time.Second); err != nil {
-		t.Fatal(err)
+		// A kernel that cannot (before Linux 5.14: no SO_NETNS_COOKIE)
+		// must say so at start and decide everything at the queue.
+		line, werr := e.d.WaitFor("connect-time steering is not available: every new flow is decided at the queue", 0)
+		if werr != nil {
+			t.Fatalf("neither steering nor its fallback was announced:\n%s", e.d.Output())
+		}
+		t.Logf("this kernel falls back: %s", line)
+		c, err := e.w.Dial(networld.DialOptions{Port: 8080})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		local := c.LocalAddr().(*net.TCPAddr).AddrPort()
+		peer, _, err := networld.Exchange(c, 0)
+		if err != nil || local.Addr() != networld.HostA || peer.Addr() != networld.HostB {
+			t.Errorf("fallback: to :8080 on %v, server saw %v, err %v; want translated by the queue's way", local, peer, err)
+		}
+		if out, _ := e.w.Host.Command(bin, "doctor", "--config", e.cfg).CombinedOutput(); !strings.Contains(string(out), `steering = "connect" cannot work here`) {
+			t.Errorf("doctor does not name what the kernel lacks:\n%s", out)
+		}
+		return
 	}
 
 	// dial connects and returns the socket's own address and the one the
