@@ -174,7 +174,7 @@ func buildTests(ctx context.Context, dir string) error {
 var preload = []string{
 	// rerouted: nftables, both enqueue forms, its expressions, sock_diag
 	"nf_tables", "nft_queue", "nft_compat", "xt_NFQUEUE", "nfnetlink_queue",
-	"nft_fib_inet", "nft_socket", "nft_ct", "nft_hash", "nft_limit", "nft_numgen",
+	"nft_fib_inet", "nft_socket", "nft_ct", "nft_hash", "nft_limit", "nft_numgen", "nft_tproxy",
 	"inet_diag", "tcp_diag", "udp_diag", "raw_diag",
 	// the worlds: veth, the host's mark rules, firewalls, NAT, conntrack
 	"veth", "nft_chain_nat", "nft_masq", "nft_reject_inet", "nft_counter", "nft_objref",

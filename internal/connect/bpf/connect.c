@@ -212,9 +212,14 @@ static __always_inline void count(__u32 what)
 		(*v)++;
 }
 
-static __always_inline int bit(__u8 *bm, __u16 port)
+static __always_inline int bit(__u8 *bm, __u32 port)
 {
-	return (bm[(port >> 3) & 8191] >> (port & 7)) & 1;
+	__u32 i = port >> 3;
+	// Keep the mask: clang would drop it (a port is 16 bits), and kernels
+	// before 6.x do not bound the byte swap the port came through.
+	asm volatile("" : "+r"(i));
+	i &= 8191;
+	return (bm[i] >> (port & 7)) & 1;
 }
 
 static __always_inline void emit(struct conf *c, __u32 kind, __u32 rule, __u32 uplink, __u32 uid, __u8 family, __u8 proto,
