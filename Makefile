@@ -66,7 +66,7 @@ KERNEL_CACHE ?= .cache/kernels
 KERNEL_TIMEOUT ?= 90m
 # What make test runs on each kernel: the core of rerouted, on both
 # datapaths, within CI's time (about 7 minutes a kernel under TCG).
-KERNEL_CORE  := ^(TestKernelHasEveryFeature|TestSeedProblemFixedForHostMarks|TestRuleDecidesUplink|TestStatefulFirewallFINAndRST|TestUDPRequestResponse|TestPingViaISPB|TestIPv6TCP|TestRestartAdoptsFlows|TestPathMTUDiscovery|TestTableRepair|TestManagedUplinks|TestConnectSteering)$$
+KERNEL_CORE  := ^(TestKernelHasEveryFeature|TestForeignSourceFixedForHostMarks|TestRuleDecidesUplink|TestStatefulFirewallFINAndRST|TestUDPRequestResponse|TestPingViaISPB|TestIPv6TCP|TestRestartAdoptsFlows|TestPathMTUDiscovery|TestTableRepair|TestManagedUplinks|TestConnectSteering)$$
 test-kernels: deps-kernels
 	@if ! command -v qemu-system-x86_64 >/dev/null || ! command -v depmod >/dev/null; then \
 		if [ "$$REROUTED_REQUIRE_E2E" = 1 ]; then echo "test-kernels: QEMU or kmod is missing (sudo make deps-kernels)"; exit 1; fi; \

@@ -30,7 +30,7 @@ dport = [80]
 // The problem rerouted exists for (a marked packet leaves ISP B with ISP
 // A's address and is dropped there), reproduced and then fixed, with the host's own mark
 // rule written for iptables(-nft) and for an nft route chain.
-func TestSeedProblemFixedForHostMarks(t *testing.T) {
+func TestForeignSourceFixedForHostMarks(t *testing.T) {
 	datapaths(t, func(t *testing.T, dp string) {
 		for _, kind := range []string{"iptables", "nft"} {
 			t.Run(kind, func(t *testing.T) {

@@ -314,6 +314,7 @@ dport = [8080]
 		}
 		longPeers = append(longPeers, peer.Addr().String())
 		defer func() {
+			c.SetDeadline(time.Now().Add(5 * time.Second)) // a failure above must not hang the suite here
 			fmt.Fprint(c, "end")
 			c.CloseWrite()
 			if line, err := r.ReadString('\n'); err != nil || !strings.HasPrefix(line, "3 ") {
@@ -334,12 +335,12 @@ dport = [8080]
 	}
 
 	e.linkB(false)
-	eventually(t, time.Second, "isp-b down", func() bool { return !e.uplinks()["isp-b/ipv4"].Up })
+	eventually(t, 3*time.Second, "isp-b down", func() bool { return !e.uplinks()["isp-b/ipv4"].Up })
 	if a, b := count(80, 100); b != 0 {
 		t.Errorf("with ISP B down, %d of 100 connections went via ISP B (%d via A)", b, a)
 	}
 	e.linkB(true)
-	eventually(t, time.Second, "isp-b up", func() bool { return e.uplinks()["isp-b/ipv4"].Up })
+	eventually(t, 3*time.Second, "isp-b up", func() bool { return e.uplinks()["isp-b/ipv4"].Up })
 }
 
 // linkB takes ISP B's link down, or brings it back with its table's route,
