@@ -6,6 +6,7 @@ package e2e
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -117,7 +118,11 @@ func (e *env) writeConfig(rules string) {
 // environment variables.
 func (e *env) start(env ...string) *networld.Daemon {
 	e.t.Helper()
-	d, err := e.w.StartDaemonEnv(bin, e.cfg, env, nil, "--debug")
+	var echo io.Writer
+	if os.Getenv("REROUTED_E2E_ECHO") != "" { // the daemon's lines as they come, for a test that hangs
+		echo = os.Stderr
+	}
+	d, err := e.w.StartDaemonEnv(bin, e.cfg, env, echo, "--debug")
 	if err != nil {
 		e.t.Fatal(err)
 	}
