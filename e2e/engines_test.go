@@ -88,7 +88,7 @@ func TestEnginesAgree(t *testing.T) {
 	for _, steering := range []string{"queue", "connect"} {
 		t.Run(steering, func(t *testing.T) {
 			e := newEnv(t, "kernel", rules)
-			cfg := strings.Replace(fmt.Sprintf(configHead, e.sock, e.dp), "steering = \"queue\"", "steering = \""+steering+"\"", 1)
+			cfg := e.headWith(steering, "")
 			e.writeRaw(cfg + rules)
 			for _, port := range []uint16{8081, 8082, 8083, 8084, 8085, 8086} {
 				if _, err := e.w.Serve(port); err != nil {

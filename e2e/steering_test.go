@@ -55,7 +55,7 @@ func TestConnectSteering(t *testing.T) {
 	}
 	rules := fmt.Sprintf(steeringRules, self)
 	e := newEnv(t, "kernel", rules)
-	cfg := strings.Replace(fmt.Sprintf(configHead, e.sock, e.dp), "steering = \"queue\"", "steering = \"connect\"\nmetrics_listen = \"127.0.0.1:9477\"", 1)
+	cfg := e.headWith("connect", "metrics_listen = \"127.0.0.1:9477\"\n")
 	e.writeRaw(cfg + rules)
 	for _, port := range []uint16{8082, 8083} {
 		if _, err := e.w.Serve(port); err != nil {
@@ -261,6 +261,12 @@ func TestConnectSteering(t *testing.T) {
 	}
 }
 
+// headWith is the configuration head with steering set and more [daemon]
+// lines (each ending in a newline, or "").
+func (e *env) headWith(steering, daemonLines string) string {
+	return strings.Replace(fmt.Sprintf(configHead, e.sock, e.dp), "steering = \"queue\"", daemonLines+"steering = \""+steering+"\"", 1)
+}
+
 // writeRaw writes the configuration file as given.
 func (e *env) writeRaw(cfg string) {
 	e.t.Helper()
@@ -281,7 +287,7 @@ name = "web-b"
 uplink = "isp-b"
 dport = [80, 53]
 `
-	cfg := strings.Replace(fmt.Sprintf(configHead, e.sock, e.dp), "steering = \"queue\"", "steering = \"connect\"", 1)
+	cfg := e.headWith("connect", "")
 	e.writeRaw(cfg + rules)
 	if _, err := e.w.ServeUDP(53); err != nil {
 		t.Fatal(err)
@@ -375,7 +381,7 @@ dport = [80]
 	// their uplink's address, with its mark and the probes' socket
 	// priority) are never steered, even with honor_marks off: no uplink
 	// flaps.
-	cfg := strings.Replace(fmt.Sprintf(configHead, e.sock, e.dp), "steering = \"queue\"", "steering = \"connect\"\nhonor_marks = false", 1)
+	cfg := e.headWith("connect", "honor_marks = false\n")
 	e.writeRaw(strings.Replace(cfg, "interface = \"hb\"\n", "interface = \"hb\"\n"+rules[:strings.Index(rules, "[[uplink]]")], 1) + rules[strings.Index(rules, "[[uplink]]"):])
 	e.start()
 	time.Sleep(time.Second) // five probe rounds
@@ -435,7 +441,7 @@ func TestConnectSteeringSurvivesRestart(t *testing.T) {
 
 	e := newEnv(t, "kernel", "")
 	e.w.DaemonPrefix = []string{"nsenter", mnt, "--"}
-	cfg := strings.Replace(fmt.Sprintf(configHead, e.sock, e.dp), "steering = \"queue\"", "steering = \"connect\"", 1)
+	cfg := e.headWith("connect", "")
 	e.writeRaw(cfg + "\n[[rule]]\nname = \"web-b\"\nuplink = \"isp-b\"\ndport = [8080]\n")
 	on := func(what string) netip.Addr {
 		t.Helper()
