@@ -248,6 +248,7 @@ func Run(ctx context.Context, o Options) (err error) {
 					for _, tr := range ts {
 						d.uplinkChanged(tr.Status)
 					}
+					d.republishSteering()
 				})
 			}()
 		}

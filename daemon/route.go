@@ -229,10 +229,7 @@ func (d *Daemon) keepRouting(ctx context.Context, r *uplink.Routing, diag *sockd
 		for _, tr := range transitions {
 			d.uplinkChanged(tr.Status)
 		}
-		if err := d.publishSteering(); err != nil {
-			d.stats.errors[errInstall].Add(1)
-			d.log.Error("connect steering: publish uplink states", "err", err)
-		}
+		d.republishSteering()
 		d.moveStale(r, diag, rt)
 	}
 }
@@ -241,10 +238,6 @@ func (d *Daemon) keepRouting(ctx context.Context, r *uplink.Routing, diag *sockd
 // stream, the metrics.
 func (d *Daemon) uplinkChanged(st uplink.Status) {
 	d.metrics.transitions.WithLabelValues(st.Uplink, st.Family).Inc()
-	if err := d.publishSteering(); err != nil {
-		d.stats.errors[errInstall].Add(1)
-		d.log.Error("connect steering: publish uplink states", "err", err)
-	}
 	d.events.uplink(st)
 	if st.Up {
 		d.log.Warn("uplink is up", "uplink", st.Uplink, "family", st.Family)

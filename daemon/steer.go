@@ -236,6 +236,15 @@ func inode(fi os.FileInfo) uint64 {
 	return 0
 }
 
+// republishSteering publishes the uplinks' states once after a burst of
+// routing changes or a probe's verdicts, counting and logging a failure.
+func (d *Daemon) republishSteering() {
+	if err := d.publishSteering(); err != nil {
+		d.stats.errors[errInstall].Add(1)
+		d.log.Error("connect steering: publish uplink states", "err", err)
+	}
+}
+
 // steered prints the program's event.
 func (d *Daemon) steered(ev connect.Event) {
 	s := d.steer
