@@ -9,9 +9,10 @@
 # /run/rr/env (written by the runner, e2e/qemu) sets KVER, KDIR (the
 # unpacked package, with lib/modules/$KVER), BIN (rerouted and
 # worldclient), TESTBIN, WORKDIR (the e2e package's directory), RUN (a
-# -test.run regex, or empty), TIMEOUT, MODULES (loaded first) and AUTOLOAD
+# -test.run regex, or empty), TIMEOUT, MODULES (loaded first), AUTOLOAD
 # (false: the kernel's own loading fails, as in a chroot without the
-# kernel's modules). The modules loaded at the end are listed in
+# kernel's modules) and ECHO (1: every daemon's lines as they come).
+# The modules loaded at the end are listed in
 # /run/rr/modules.
 . /run/rr/env
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -49,6 +50,7 @@ chmod 1777 /tmp /var/tmp
 	set --
 	[ -n "$RUN" ] && set -- -test.run="$RUN"
 	env -i PATH="$PATH" HOME=/root TMPDIR=/tmp REROUTED_REQUIRE_E2E=1 REROUTED_E2E_BIN="$BIN" \
+		REROUTED_E2E_ECHO="$ECHO" \
 		"$TESTBIN" -test.v -test.count=1 -test.timeout="$TIMEOUT" "$@" 2>&1
 	echo $? >/run/rr/status
 	echo "guest: tests took $(($(date +%s) - start)) s"

@@ -40,6 +40,7 @@ func main() {
 	smp := flag.Int("smp", 2, "guest CPUs")
 	cpu := flag.String("cpu", "max", "guest CPU model under TCG (with KVM: host)")
 	modules := flag.String("modules", strings.Join(preload, " "), "modules the guest loads before the tests")
+	echo := flag.Bool("echo", false, "print every daemon's lines in test.log as they come (for a test that hangs)")
 	autoload := flag.Bool("autoload", true, "let the kernel load modules on first use (false: as in a chroot without the kernel's modules)")
 	flag.Parse()
 	if err := os.Chdir(repoRoot()); err != nil {
@@ -71,7 +72,7 @@ func main() {
 		fatal(err)
 	}
 	g := guest{cache: cacheDir, build: build, run: *run, timeout: *timeout, mem: *mem, smp: *smp, cpu: *cpu,
-		modules: *modules, autoload: *autoload}
+		modules: *modules, autoload: *autoload, echo: *echo}
 	if f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0); err == nil {
 		f.Close()
 		g.kvm = true
@@ -193,6 +194,7 @@ type guest struct {
 	kvm          bool
 	modules      string
 	autoload     bool
+	echo         bool
 }
 
 // result is one kernel's outcome.
@@ -206,6 +208,10 @@ type result struct {
 	dps      []string
 	console  string // the console's last lines, when something went wrong
 	exitCode int
+	// When the test binary panicked (a -test.timeout among them): the
+	// panic and the tests it names, the log lines before it, and the test
+	// code each goroutine was in.
+	panic, before, stuck []string
 }
 
 func (g *guest) test(ctx context.Context, k kernel) *result {
@@ -232,6 +238,7 @@ func (g *guest) test(ctx context.Context, k kernel) *result {
 		{"TIMEOUT", g.timeout.String()},
 		{"MODULES", g.modules},
 		{"AUTOLOAD", strconv.FormatBool(g.autoload)},
+		{"ECHO", map[bool]string{true: "1"}[g.echo]},
 	}
 	var b strings.Builder
 	for _, kv := range env {
@@ -286,7 +293,18 @@ func (g *guest) test(ctx context.Context, k kernel) *result {
 var (
 	resultRE = regexp.MustCompile(`^\s*--- (PASS|FAIL|SKIP): (\S+) \(`)
 	queueRE  = regexp.MustCompile(`rerouted ready: queue_method="([^"]*)"`)
+	// A frame of a goroutine dump in the end-to-end tests' own code.
+	stuckRE = regexp.MustCompile(`(/e2e/[^/\s]+_test\.go:\d+)`)
 )
+
+func contains(s []string, v string) bool {
+	for _, x := range s {
+		if x == v {
+			return true
+		}
+	}
+	return false
+}
 
 // parse reads go test -v output: each test's result, and what the daemon
 // reported when it was ready.
@@ -300,8 +318,32 @@ func (r *result) parse(path string) {
 	queues := map[string]bool{}
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	var recent []string
+	inPanic := 0 // 1: the panic's own lines; 2: its goroutine dump
 	for sc.Scan() {
 		line := sc.Text()
+		switch {
+		case inPanic == 0 && strings.HasPrefix(line, "panic: "):
+			inPanic = 1
+			r.before = recent
+			r.panic = append(r.panic, line)
+			continue
+		case inPanic == 1 && strings.HasPrefix(line, "goroutine "):
+			inPanic = 2
+		case inPanic == 1:
+			if strings.TrimSpace(line) != "" {
+				r.panic = append(r.panic, line)
+			}
+			continue
+		case inPanic == 2:
+			if m := stuckRE.FindStringSubmatch(line); m != nil && len(r.stuck) < 12 && !contains(r.stuck, m[1]) {
+				r.stuck = append(r.stuck, m[1])
+			}
+			continue
+		}
+		if recent = append(recent, line); len(recent) > 25 {
+			recent = recent[1:]
+		}
 		if m := resultRE.FindStringSubmatch(line); m != nil {
 			all[m[2]] = m[1]
 		}
@@ -380,6 +422,15 @@ func (r *result) report() string {
 	}
 	if r.err == nil && r.exitCode != 0 && len(failed) == 0 {
 		fmt.Fprintf(&b, "    the test binary exited %d\n", r.exitCode)
+	}
+	if len(r.panic) > 0 {
+		fmt.Fprintf(&b, "    the test binary panicked:\n%s", indent(strings.Join(r.panic, "\n"), "      "))
+		if len(r.stuck) > 0 {
+			fmt.Fprintf(&b, "    test code its goroutines were in: %s\n", strings.Join(r.stuck, " "))
+		}
+		if len(r.before) > 0 {
+			fmt.Fprintf(&b, "    test.log before the panic:\n%s", indent(strings.Join(r.before, "\n"), "      "))
+		}
 	}
 	if !r.ok() {
 		fmt.Fprintf(&b, "    logs: %s/test.log, %s/console.log\n", r.out, r.out)
