@@ -64,6 +64,7 @@ func newMetrics(d *Daemon) *metrics {
 		{"rerouted_idle_ended_total", "UDP and echo flows ended by idleness.", d.stats.idle.Load},
 		{"rerouted_forwarded_packets_total", "Userspace datapath: packets rewritten after the first.", d.stats.forwarded.Load},
 		{"rerouted_forwarded_bytes_total", "Userspace datapath: their bytes.", d.stats.bytes.Load},
+		{"rerouted_flow_transactions_total", "nftables transactions that installed or removed flows' elements; each is a new generation of the host's ruleset, which restarts an nft listing in progress.", func() uint64 { return d.dp.Transactions() }},
 	} {
 		v := c.v
 		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: c.name, Help: c.help}, func() float64 { return float64(v()) }))

@@ -10,11 +10,13 @@ package networld
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
 	"runtime"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -76,10 +78,22 @@ func (n *NS) Command(name string, args ...string) *exec.Cmd {
 	return exec.Command("nsenter", append([]string{"--net=/run/netns/" + n.Name, "--", name}, args...)...)
 }
 
+// commandTimeout bounds Run and Nft: a command that hangs (nft, whose
+// listing restarts while the ruleset keeps changing, among them) fails the
+// test with its name rather than stalling it until the test binary's
+// timeout.
+const commandTimeout = 2 * time.Minute
+
+func (n *NS) boundedCommand(name string, args ...string) (*exec.Cmd, context.CancelFunc) {
+	ctx, cancel := context.WithTimeout(context.Background(), commandTimeout)
+	return exec.CommandContext(ctx, "nsenter", append([]string{"--net=/run/netns/" + n.Name, "--", name}, args...)...), cancel
+}
+
 // Run runs a command in the namespace and returns its standard output.
 func (n *NS) Run(name string, args ...string) (string, error) {
 	var stdout, stderr bytes.Buffer
-	cmd := n.Command(name, args...)
+	cmd, cancel := n.boundedCommand(name, args...)
+	defer cancel()
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
 		return stdout.String(), fmt.Errorf("in %s: %s %s: %v: %s", n.Name, name, strings.Join(args, " "), err, bytes.TrimSpace(stderr.Bytes()))
@@ -89,7 +103,8 @@ func (n *NS) Run(name string, args ...string) (string, error) {
 
 // Nft loads an nft script into the namespace.
 func (n *NS) Nft(script string) error {
-	cmd := n.Command("nft", "-f", "-")
+	cmd, cancel := n.boundedCommand("nft", "-f", "-")
+	defer cancel()
 	cmd.Stdin = strings.NewReader(script)
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("in %s: nft: %v: %s", n.Name, err, bytes.TrimSpace(out))

@@ -58,6 +58,7 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/nftables"
@@ -120,6 +121,9 @@ type Entry struct {
 // hold up new flows' transactions meanwhile.
 type Datapath struct {
 	mu        sync.Mutex     // elems
+	// transactions counts the per-flow transactions committed: each one
+	// is a new generation of the host's ruleset.
+	transactions atomic.Uint64
 	listMu    sync.Mutex     // conn
 	conn      *nftables.Conn // setup, listing, removal
 	elems     *elemConn      // per-flow transactions and translation rules (elements.go)
@@ -995,11 +999,15 @@ func (d *Datapath) Apply(changes []Op) error {
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	d.transactions.Add(1)
 	if err := d.elems.transact(changes, d.proto); err != nil {
 		return fmt.Errorf("apply %d flow changes: %w", len(changes), err)
 	}
 	return nil
 }
+
+// Transactions is how many per-flow transactions were sent to the kernel.
+func (d *Datapath) Transactions() uint64 { return d.transactions.Load() }
 
 // Entries lists the flows installed in the kernel maps and pass sets (the
 // kernel datapath; the userspace datapath's sets hold keys only).
