@@ -95,7 +95,7 @@ func testCgroup(t *testing.T) (string, int) {
 // Who owns the socket decides the uplink: process name, exe path, uid and
 // cgroup, first match wins, and uplink = "default" pins the normal route.
 func TestOwnerDecidesUplink(t *testing.T) {
-	datapaths(t, func(t *testing.T, dp string) {
+	policyEngines(t, func(t *testing.T, dp, steering string) {
 		// Not t.TempDir(): its parent is private, and the uid test's client must
 		// be able to run the programs.
 		bins, err := os.MkdirTemp("", "rerouted-e2e-bins-")
@@ -138,8 +138,9 @@ func TestOwnerDecidesUplink(t *testing.T) {
 	uplink = "isp-b"
 	dport = 8080
 	`, exact, "/"+cgroup+"/")
-		e := newEnv(t, dp, rules)
+		e := newEnvSteering(t, dp, steering, rules)
 		e.start()
+		steered := e.steers()
 		plain := program(t, filepath.Join(bins, "bin1"), "app-plain")
 		cases := []struct {
 			name string
@@ -168,7 +169,24 @@ func TestOwnerDecidesUplink(t *testing.T) {
 				continue
 			}
 			// The debug line names the process, its exe, its cgroup and the rule.
-			line, err := e.d.WaitFor(fmt.Sprintf("sport=%d dev=hb ", peer.Port()), 2*time.Second)
+			var line string
+			if steered {
+				// The first rule names a process: a comm it does not list
+				// may still be an executable's name it does, so the kernel
+				// leaves every other program's socket to the queue ([NEW]),
+				// and a bind ([BIND]: uid, pid, comm and rule) can only be
+				// app-pinned's. The verdicts are what must agree.
+				line, err = e.d.WaitFor(fmt.Sprintf("rule=%q", c.rule), 2*time.Second)
+				if strings.HasPrefix(line, "[BIND] ") {
+					if !strings.Contains(line, fmt.Sprintf(" dport=%d => src=%v uplink=isp-b uid=%d pid=", c.port, networld.HostB, c.o.uid)) ||
+						!strings.Contains(line, fmt.Sprintf(`comm=%q`, filepath.Base(c.prog))) {
+						t.Errorf("%s: bind line %q lacks the destination, source, uid or comm", c.name, line)
+					}
+					continue
+				}
+			} else {
+				line, err = e.d.WaitFor(fmt.Sprintf("sport=%d dev=hb ", peer.Port()), 2*time.Second)
+			}
 			if err != nil {
 				t.Errorf("%s: %v", c.name, err)
 				continue

@@ -82,17 +82,27 @@ func TestForeignSourceFixedForHostMarks(t *testing.T) {
 	})
 }
 
-// A TOML rule, no host mark: port 80 leaves through ISP B translated; a port
-// no rule matches stays on ISP A and never becomes a flow.
+// A TOML rule, no host mark: port 80 leaves through ISP B (translated, or
+// bound to ISP B's address at connect()); a port no rule matches stays on
+// ISP A and never becomes a flow.
 func TestRuleDecidesUplink(t *testing.T) {
-	datapaths(t, func(t *testing.T, dp string) {
-		e := newEnv(t, dp, webRule)
+	policyEngines(t, func(t *testing.T, dp, steering string) {
+		e := newEnvSteering(t, dp, steering, webRule)
 		e.start()
+		steered := e.steers()
 		peer, err := e.w.Fetch(80, 3*time.Second)
 		if err != nil || peer.Addr() != networld.HostB {
 			t.Fatalf("port 80: server saw %v (err %v), want %v", peer, err, networld.HostB)
 		}
-		if _, err := e.d.WaitFor(fmt.Sprintf(`sport=%d dev=hb uid=0 pid=`, peer.Port()), 2*time.Second); err != nil {
+		if steered {
+			// Bound to ISP B's address at connect(): no queue, no element.
+			if _, err := e.d.WaitFor(`[BIND] tcp dst=192.0.2.80 dport=80 => src=203.0.113.2 uplink=isp-b uid=0 pid=`, 2*time.Second); err != nil {
+				t.Error(err)
+			}
+			if n := e.elements("tcp_out4"); n != 0 {
+				t.Errorf("tcp_out4 holds %d elements; a socket bound at connect() needs none", n)
+			}
+		} else if _, err := e.d.WaitFor(fmt.Sprintf(`sport=%d dev=hb uid=0 pid=`, peer.Port()), 2*time.Second); err != nil {
 			t.Error(err)
 		}
 		other, err := e.w.Fetch(8080, 3*time.Second)
@@ -104,11 +114,13 @@ func TestRuleDecidesUplink(t *testing.T) {
 				t.Errorf("untranslated connection became a flow: %v", f)
 			}
 		}
-		// The plain listing: socket tuple, then the reply tuple, like conntrack -L.
-		out, err := exec.Command(bin, "flows", "--config", e.cfg).Output()
-		want := fmt.Sprintf("tcp src=198.51.100.2 dst=192.0.2.80 sport=%d dport=80 src=192.0.2.80 dst=203.0.113.2 sport=80 dport=%d mark=100 dev=hb uid=0 ", peer.Port(), peer.Port())
-		if err != nil || !strings.Contains(string(out), want) {
-			t.Errorf("rerouted flows printed %q (err %v), want a line with %q", out, err, want)
+		if !steered {
+			// The plain listing: socket tuple, then the reply tuple, like conntrack -L.
+			out, err := exec.Command(bin, "flows", "--config", e.cfg).Output()
+			want := fmt.Sprintf("tcp src=198.51.100.2 dst=192.0.2.80 sport=%d dport=80 src=192.0.2.80 dst=203.0.113.2 sport=80 dport=%d mark=100 dev=hb uid=0 ", peer.Port(), peer.Port())
+			if err != nil || !strings.Contains(string(out), want) {
+				t.Errorf("rerouted flows printed %q (err %v), want a line with %q", out, err, want)
+			}
 		}
 		// No conntrack-using rule exists on this host: translation made no
 		// conntrack entry at all.

@@ -63,15 +63,46 @@ func datapaths(t *testing.T, test func(t *testing.T, dp string)) {
 	}
 }
 
+// policyEngines runs a policy test on the queue engine with each datapath,
+// and on the connect engine ("connect": kernel datapath, steering =
+// "connect"): the server must see the same source in each. On a kernel
+// without connect-time steering the third run decides at the queue too.
+func policyEngines(t *testing.T, test func(t *testing.T, dp, steering string)) {
+	for _, c := range []struct{ name, dp, steering string }{
+		{"kernel", "kernel", "queue"}, {"userspace", "userspace", "queue"}, {"connect", "kernel", "connect"},
+	} {
+		t.Run(c.name, func(t *testing.T) { test(t, c.dp, c.steering) })
+	}
+}
+
+// newEnvSteering is newEnv with the steering engine set.
+func newEnvSteering(t *testing.T, dp, steering, rules string) *env {
+	t.Helper()
+	e := newEnv(t, dp, rules)
+	e.steering = steering
+	e.writeConfig(rules)
+	return e
+}
+
+// steers says whether the daemon announced connect-time steering (call
+// after start).
+func (e *env) steers() bool {
+	_, err := e.d.WaitFor("connect-time steering: rules the kernel can decide", 0)
+	return err == nil
+}
+
 // env is one test's world, configuration and daemon.
 type env struct {
-	t    *testing.T
-	dp   string // datapath
-	w    *networld.World
-	dir  string
-	cfg  string // path of the config file
-	sock string
-	d    *networld.Daemon
+	t  *testing.T
+	dp string // datapath
+	// steering is "connect" for a test of both engines' verdicts
+	// (policyEngines); "" or "queue" is configHead's own.
+	steering string
+	w        *networld.World
+	dir      string
+	cfg      string // path of the config file
+	sock     string
+	d        *networld.Daemon
 }
 
 // configHead is the part of every test configuration before the rules.
@@ -109,7 +140,11 @@ func newEnv(t *testing.T, dp, rules string) *env {
 // writeConfig (re)writes the configuration file: the common head, then rules.
 func (e *env) writeConfig(rules string) {
 	e.t.Helper()
-	if err := os.WriteFile(e.cfg, []byte(fmt.Sprintf(configHead, e.sock, e.dp)+rules), 0o600); err != nil {
+	head := fmt.Sprintf(configHead, e.sock, e.dp)
+	if e.steering == "connect" {
+		head = e.headWith("connect", "")
+	}
+	if err := os.WriteFile(e.cfg, []byte(head+rules), 0o600); err != nil {
 		e.t.Fatal(err)
 	}
 }

@@ -126,8 +126,11 @@ func AskUDP(c *net.UDPConn, dst netip.AddrPort, msg string, timeout time.Duratio
 			continue // not the server's answer
 		}
 		head, body, ok := strings.Cut(string(buf[:n]), " ")
-		if !ok || body != msg || !strings.HasPrefix(head, "peer=") {
+		if !ok || !strings.HasPrefix(head, "peer=") {
 			return netip.AddrPort{}, fmt.Errorf("unexpected answer %q", buf[:n])
+		}
+		if body != msg {
+			continue // a late answer to an earlier question on this socket
 		}
 		return netip.ParseAddrPort(strings.TrimPrefix(head, "peer="))
 	}
