@@ -77,8 +77,13 @@ func (c *elemConn) close() error { return unix.Close(c.fd) }
 // transact sends changes to the protocols' outbound and inbound sets (or
 // pass sets) as one batch and waits for its outcome: all applied, or none.
 func (c *elemConn) transact(changes []Op, protoOf func(*Entry) *proto) error {
-	b := c.header(c.wbuf[:0], nfnlBatchBegin, unix.NLM_F_REQUEST, unix.AF_UNSPEC, nfnlSubsysNFT)
-	var last uint32
+	return c.send(c.flowBatch(changes, protoOf))
+}
+
+// flowBatch builds transact's batch; last is the sequence number of its
+// last message, the one acknowledged.
+func (c *elemConn) flowBatch(changes []Op, protoOf func(*Entry) *proto) (b []byte, last uint32) {
+	b = c.header(c.wbuf[:0], nfnlBatchBegin, unix.NLM_F_REQUEST, unix.AF_UNSPEC, nfnlSubsysNFT)
 	for i := 0; i < len(changes); {
 		p := protoOf(&changes[i].Entry)
 		del, pass := changes[i].Delete, changes[i].Pass
@@ -155,7 +160,7 @@ func (c *elemConn) transact(changes []Op, protoOf func(*Entry) *proto) error {
 		}
 		i = j
 	}
-	return c.send(b, last)
+	return c.endBatch(b), last
 }
 
 // ruleMsg is a rule to append to a chain of the table.
@@ -167,8 +172,11 @@ type ruleMsg struct {
 // addRules empties the chains flush names and appends rules, in one
 // transaction.
 func (c *elemConn) addRules(rules []ruleMsg, flush []string) error {
-	b := c.header(c.wbuf[:0], nfnlBatchBegin, unix.NLM_F_REQUEST, unix.AF_UNSPEC, nfnlSubsysNFT)
-	var last uint32
+	return c.send(c.rulesBatch(rules, flush))
+}
+
+func (c *elemConn) rulesBatch(rules []ruleMsg, flush []string) (b []byte, last uint32) {
+	b = c.header(c.wbuf[:0], nfnlBatchBegin, unix.NLM_F_REQUEST, unix.AF_UNSPEC, nfnlSubsysNFT)
 	{
 		for _, chain := range flush {
 			r := ruleMsg{chain: chain}
@@ -200,16 +208,19 @@ func (c *elemConn) addRules(rules []ruleMsg, flush []string) error {
 		closeAttr(b, list, attrRuleExprs|nlaNested)
 		binary.NativeEndian.PutUint32(b[start:], uint32(len(b)-start))
 	}
-	return c.send(b, last)
+	return c.endBatch(b), last
 }
 
 // addHostDataMaps creates maps whose data is in host byte order (marks),
 // or finds them as they are, in one transaction. Their userdata says so,
 // as nft's own does, so that nft prints their values right.
 func (c *elemConn) addHostDataMaps(maps []*nftables.Set) error {
+	return c.send(c.mapsBatch(maps))
+}
+
+func (c *elemConn) mapsBatch(maps []*nftables.Set) (b []byte, last uint32) {
 	be := func(v uint32) []byte { return binary.BigEndian.AppendUint32(nil, v) }
-	b := c.header(c.wbuf[:0], nfnlBatchBegin, unix.NLM_F_REQUEST, unix.AF_UNSPEC, nfnlSubsysNFT)
-	var last uint32
+	b = c.header(c.wbuf[:0], nfnlBatchBegin, unix.NLM_F_REQUEST, unix.AF_UNSPEC, nfnlSubsysNFT)
 	for i, m := range maps {
 		flags := uint16(unix.NLM_F_REQUEST | unix.NLM_F_CREATE)
 		if i == len(maps)-1 {
@@ -252,13 +263,17 @@ func (c *elemConn) addHostDataMaps(maps []*nftables.Set) error {
 		b = attrBytes(b, unix.NFTA_SET_USERDATA, ud)
 		binary.NativeEndian.PutUint32(b[start:], uint32(len(b)-start))
 	}
-	return c.send(b, last)
+	return c.endBatch(b), last
+}
+
+// endBatch ends a batch begun with nfnlBatchBegin.
+func (c *elemConn) endBatch(b []byte) []byte {
+	return c.header(b, nfnlBatchEnd, unix.NLM_F_REQUEST, unix.AF_UNSPEC, nfnlSubsysNFT)
 }
 
 // send writes a batch and reads until the acknowledgement of its last
 // message, returning the first error the kernel reported.
 func (c *elemConn) send(b []byte, last uint32) error {
-	b = c.header(b, nfnlBatchEnd, unix.NLM_F_REQUEST, unix.AF_UNSPEC, nfnlSubsysNFT)
 	c.wbuf = b
 	if _, err := unix.Write(c.fd, b); err != nil {
 		return fmt.Errorf("nftables batch: %w", err)
