@@ -242,16 +242,3 @@ func contains(l []string, s string) bool {
 	}
 	return false
 }
-
-// portID is the netlink port of the per-flow socket: the kernel names it as
-// the sender of the notifications of our own transactions.
-func (c *elemConn) portID() uint32 {
-	sa, err := unix.Getsockname(c.fd)
-	if err != nil {
-		return 0
-	}
-	if nl, ok := sa.(*unix.SockaddrNetlink); ok {
-		return nl.Pid
-	}
-	return 0
-}

@@ -111,10 +111,10 @@ func AppendBE32(b []byte, typ uint16, v uint32) []byte {
 	return binary.BigEndian.AppendUint32(b, v)
 }
 
-// OpenAttr appends the header of an attribute whose value follows; CloseAttr
-// with the offset it returns writes that header.
-func OpenAttr(b []byte) ([]byte, int) {
-	return append(b, 0, 0, 0, 0), len(b)
+// OpenAttr appends room for the header of an attribute whose value is
+// appended next: note len(b) before, and CloseAttr writes the header there.
+func OpenAttr(b []byte) []byte {
+	return append(b, 0, 0, 0, 0)
 }
 
 // CloseAttr writes the header of the attribute opened at start: its value
