@@ -76,10 +76,8 @@ func Dial(proto int, cfg Config) (*Conn, error) {
 		}
 	}
 	setup("blocking mode", func(fd int) error { return unix.SetNonblock(fd, false) })
-	if cfg.ReadBuffer > 0 {
-		setup("SO_RCVBUFFORCE", func(fd int) error {
-			return unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, cfg.ReadBuffer)
-		})
+	if cfg.ReadBuffer > 0 && err == nil {
+		err = ForceReadBuffer(nl, cfg.ReadBuffer)
 	}
 	if cfg.WriteBuffer > 0 {
 		setup("SO_SNDBUFFORCE", func(fd int) error {
@@ -102,6 +100,26 @@ func Dial(proto int, cfg Config) (*Conn, error) {
 		return nil, err
 	}
 	return c, nil
+}
+
+// ForceReadBuffer sets the receive buffer of a socket used through the
+// library's own calls (a subscription) beyond the system's limit
+// (SO_RCVBUFFORCE, which needs CAP_NET_ADMIN).
+func ForceReadBuffer(nl *netlink.Conn, n int) error {
+	rc, err := nl.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, n)
+	}); err != nil {
+		return err
+	}
+	if serr != nil {
+		return fmt.Errorf("SO_RCVBUFFORCE: %w", serr)
+	}
+	return nil
 }
 
 // PortID is the socket's netlink port: the sender the kernel names in the
