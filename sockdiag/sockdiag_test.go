@@ -170,3 +170,36 @@ func TestDestroy(t *testing.T) {
 		t.Fatalf("destroyed twice: %v, want ErrNotFound", err)
 	}
 }
+
+// BenchmarkLookup is the exact lookup a new flow's first packet costs.
+func BenchmarkLookup(b *testing.B) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		if c, err := ln.Accept(); err == nil {
+			defer c.Close()
+			c.Read(make([]byte, 1))
+		}
+	}()
+	c, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	local, remote := c.LocalAddr().(*net.TCPAddr).AddrPort(), c.RemoteAddr().(*net.TCPAddr).AddrPort()
+	d, err := Open()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer d.Close()
+	var s Socket
+	b.ReportAllocs()
+	for b.Loop() {
+		if err := d.Lookup(unix.IPPROTO_TCP, local, remote, &s); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
