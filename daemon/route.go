@@ -13,6 +13,7 @@ import (
 	"github.com/rerouted/rerouted/internal/uplink"
 	"github.com/rerouted/rerouted/sockdiag"
 
+	mdnetlink "github.com/mdlayher/netlink"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -128,35 +129,32 @@ const routingGroups = unix.RTMGRP_LINK | unix.RTMGRP_IPV4_IFADDR | unix.RTMGRP_I
 	unix.RTMGRP_IPV6_IFADDR | unix.RTMGRP_IPV6_ROUTE | 1<<(unix.RTNLGRP_IPV6_RULE-1)
 
 // watchRouting subscribes to routing changes and, until ctx is done, bumps
-// changes for every message, and for lost messages (ENOBUFS) too, and
+// changes for every datagram of them, and for lost ones (ENOBUFS) too, and
 // signals kick (without blocking). It returns once subscribed, so that no
-// change after it returns is missed.
+// change after it returns is missed. A cold path: it uses mdlayher/netlink's
+// ordinary receive, which waits on the runtime's poller until a change
+// comes or ctx ends.
 func watchRouting(ctx context.Context, changes *atomic.Uint64, kick chan<- struct{}) (done <-chan struct{}, err error) {
-	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_ROUTE)
+	c, err := mdnetlink.Dial(unix.NETLINK_ROUTE, &mdnetlink.Config{Groups: routingGroups})
 	if err != nil {
-		return nil, fmt.Errorf("rtnetlink notifications: %w", err)
-	}
-	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: routingGroups}); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("rtnetlink notifications: %w", err)
-	}
-	// Wake up regularly to notice ctx.
-	tv := unix.NsecToTimeval((200 * time.Millisecond).Nanoseconds())
-	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
-		unix.Close(fd)
 		return nil, fmt.Errorf("rtnetlink notifications: %w", err)
 	}
 	ch := make(chan struct{})
 	go func() {
 		defer close(ch)
-		defer unix.Close(fd)
-		buf := make([]byte, 64<<10)
+		defer c.Close()
+		// The end of ctx interrupts a receive. Setting a deadline fails
+		// only on a closed socket, when this goroutine is gone already.
+		stop := context.AfterFunc(ctx, func() { _ = c.SetReadDeadline(time.Unix(1, 0)) })
+		defer stop()
 		for ctx.Err() == nil {
-			_, err := unix.Read(fd, buf)
+			_, err := c.Receive()
 			switch {
 			case err == nil, errors.Is(err, unix.ENOBUFS):
 				changes.Add(1)
-			case errors.Is(err, unix.EAGAIN), errors.Is(err, unix.EINTR):
+			case ctx.Err() != nil:
+				return
+			case errors.Is(err, unix.EINTR):
 				continue
 			default:
 				changes.Add(1)

@@ -2,12 +2,12 @@ package nftdp
 
 import (
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"net/netip"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/userdata"
+	"github.com/rerouted/rerouted/internal/nlmsg"
 	"golang.org/x/sys/unix"
 )
 
@@ -49,36 +49,40 @@ const (
 	attrElemData     = 2 // NFTA_SET_ELEM_DATA
 	attrDataValue    = 1 // NFTA_DATA_VALUE
 	attrSetFieldLen  = 1 // NFTA_SET_FIELD_LEN
-	nlaNested        = 0x8000
 )
 
 // elemConn is the socket for flow transactions and its buffers.
 type elemConn struct {
-	fd   int
+	nl   *nlmsg.Conn
 	seq  uint32
 	wbuf []byte
 	rbuf []byte
 }
 
 func openElemConn() (*elemConn, error) {
-	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_NETFILTER)
+	nl, err := nlmsg.Dial(unix.NETLINK_NETFILTER, nlmsg.Config{})
 	if err != nil {
 		return nil, fmt.Errorf("nftables socket: %w", err)
 	}
-	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("nftables socket: %w", err)
-	}
-	return &elemConn{fd: fd, wbuf: make([]byte, 0, 64<<10), rbuf: make([]byte, 64<<10)}, nil
+	return &elemConn{nl: nl, wbuf: make([]byte, 0, 64<<10), rbuf: make([]byte, 64<<10)}, nil
 }
 
-func (c *elemConn) close() error { return unix.Close(c.fd) }
+func (c *elemConn) close() error { return c.nl.Close() }
+
+// portID is the netlink port of the per-flow socket: the kernel names it as
+// the sender of the notifications of our own transactions.
+func (c *elemConn) portID() uint32 { return c.nl.PortID() }
 
 // transact sends changes to the protocols' outbound and inbound sets (or
 // pass sets) as one batch and waits for its outcome: all applied, or none.
 func (c *elemConn) transact(changes []Op, protoOf func(*Entry) *proto) error {
-	b := c.header(c.wbuf[:0], nfnlBatchBegin, unix.NLM_F_REQUEST, unix.AF_UNSPEC, nfnlSubsysNFT)
-	var last uint32
+	return c.send(c.flowBatch(changes, protoOf))
+}
+
+// flowBatch builds transact's batch; last is the sequence number of its
+// last message, the one acknowledged.
+func (c *elemConn) flowBatch(changes []Op, protoOf func(*Entry) *proto) (b []byte, last uint32) {
+	b = c.header(c.wbuf[:0], nfnlBatchBegin, unix.NLM_F_REQUEST, unix.AF_UNSPEC, nfnlSubsysNFT)
 	for i := 0; i < len(changes); {
 		p := protoOf(&changes[i].Entry)
 		del, pass := changes[i].Delete, changes[i].Pass
@@ -114,13 +118,13 @@ func (c *elemConn) transact(changes []Op, protoOf func(*Entry) *proto) error {
 			start := len(b)
 			b = c.header(b, nfnlSubsysNFT<<8|typ, flags|ack, unix.NFPROTO_INET, 0)
 			last = c.seq
-			b = strAttr(b, attrElemTable, TableName)
-			b = strAttr(b, attrElemSet, set.Name)
+			b = nlmsg.AppendString(b, attrElemTable, TableName)
+			b = nlmsg.AppendString(b, attrElemSet, set.Name)
 			list := len(b)
-			b = append(b, 0, 0, 0, 0)
+			b = nlmsg.OpenAttr(b)
 			for _, ch := range changes[i:j] {
 				e := len(b)
-				b = append(b, 0, 0, 0, 0)
+				b = nlmsg.OpenAttr(b)
 				var key [40]byte
 				var val [16]byte
 				var kl, vl int
@@ -148,14 +152,14 @@ func (c *elemConn) transact(changes []Op, protoOf func(*Entry) *proto) error {
 				if !del && set.IsMap {
 					b = dataAttr(b, attrElemData, val[:vl])
 				}
-				closeAttr(b, e, attrListElem|nlaNested)
+				nlmsg.CloseAttr(b, e, attrListElem|nlmsg.Nested)
 			}
-			closeAttr(b, list, attrElemElements|nlaNested)
-			binary.NativeEndian.PutUint32(b[start:], uint32(len(b)-start))
+			nlmsg.CloseAttr(b, list, attrElemElements|nlmsg.Nested)
+			nlmsg.End(b, start)
 		}
 		i = j
 	}
-	return c.send(b, last)
+	return c.endBatch(b), last
 }
 
 // ruleMsg is a rule to append to a chain of the table.
@@ -167,16 +171,19 @@ type ruleMsg struct {
 // addRules empties the chains flush names and appends rules, in one
 // transaction.
 func (c *elemConn) addRules(rules []ruleMsg, flush []string) error {
-	b := c.header(c.wbuf[:0], nfnlBatchBegin, unix.NLM_F_REQUEST, unix.AF_UNSPEC, nfnlSubsysNFT)
-	var last uint32
+	return c.send(c.rulesBatch(rules, flush))
+}
+
+func (c *elemConn) rulesBatch(rules []ruleMsg, flush []string) (b []byte, last uint32) {
+	b = c.header(c.wbuf[:0], nfnlBatchBegin, unix.NLM_F_REQUEST, unix.AF_UNSPEC, nfnlSubsysNFT)
 	{
 		for _, chain := range flush {
 			r := ruleMsg{chain: chain}
 			start := len(b)
 			b = c.header(b, nfnlSubsysNFT<<8|nftMsgDelRule, unix.NLM_F_REQUEST, unix.NFPROTO_INET, 0)
-			b = strAttr(b, attrRuleTable, TableName)
-			b = strAttr(b, attrRuleChain, r.chain)
-			binary.NativeEndian.PutUint32(b[start:], uint32(len(b)-start))
+			b = nlmsg.AppendString(b, attrRuleTable, TableName)
+			b = nlmsg.AppendString(b, attrRuleChain, r.chain)
+			nlmsg.End(b, start)
 		}
 	}
 	for i, r := range rules {
@@ -187,29 +194,31 @@ func (c *elemConn) addRules(rules []ruleMsg, flush []string) error {
 		start := len(b)
 		b = c.header(b, nfnlSubsysNFT<<8|nftMsgNewRule, flags, unix.NFPROTO_INET, 0)
 		last = c.seq
-		b = strAttr(b, attrRuleTable, TableName)
-		b = strAttr(b, attrRuleChain, r.chain)
+		b = nlmsg.AppendString(b, attrRuleTable, TableName)
+		b = nlmsg.AppendString(b, attrRuleChain, r.chain)
 		list := len(b)
-		b = append(b, 0, 0, 0, 0)
+		b = nlmsg.OpenAttr(b)
 		for _, e := range r.exprs {
 			el := len(b)
-			b = append(b, 0, 0, 0, 0)
+			b = nlmsg.OpenAttr(b)
 			b = append(b, e...)
-			closeAttr(b, el, attrListElem|nlaNested)
+			nlmsg.CloseAttr(b, el, attrListElem|nlmsg.Nested)
 		}
-		closeAttr(b, list, attrRuleExprs|nlaNested)
-		binary.NativeEndian.PutUint32(b[start:], uint32(len(b)-start))
+		nlmsg.CloseAttr(b, list, attrRuleExprs|nlmsg.Nested)
+		nlmsg.End(b, start)
 	}
-	return c.send(b, last)
+	return c.endBatch(b), last
 }
 
 // addHostDataMaps creates maps whose data is in host byte order (marks),
 // or finds them as they are, in one transaction. Their userdata says so,
 // as nft's own does, so that nft prints their values right.
 func (c *elemConn) addHostDataMaps(maps []*nftables.Set) error {
-	be := func(v uint32) []byte { return binary.BigEndian.AppendUint32(nil, v) }
-	b := c.header(c.wbuf[:0], nfnlBatchBegin, unix.NLM_F_REQUEST, unix.AF_UNSPEC, nfnlSubsysNFT)
-	var last uint32
+	return c.send(c.mapsBatch(maps))
+}
+
+func (c *elemConn) mapsBatch(maps []*nftables.Set) (b []byte, last uint32) {
+	b = c.header(c.wbuf[:0], nfnlBatchBegin, unix.NLM_F_REQUEST, unix.AF_UNSPEC, nfnlSubsysNFT)
 	for i, m := range maps {
 		flags := uint16(unix.NLM_F_REQUEST | unix.NLM_F_CREATE)
 		if i == len(maps)-1 {
@@ -222,73 +231,77 @@ func (c *elemConn) addHostDataMaps(maps []*nftables.Set) error {
 		if m.Concatenation {
 			setFlags |= nftables.NFT_SET_CONCAT
 		}
-		b = strAttr(b, unix.NFTA_SET_TABLE, TableName)
-		b = strAttr(b, unix.NFTA_SET_NAME, m.Name)
-		b = attrBytes(b, unix.NFTA_SET_FLAGS, be(setFlags))
-		b = attrBytes(b, unix.NFTA_SET_KEY_TYPE, be(m.KeyType.GetNFTMagic()))
-		b = attrBytes(b, unix.NFTA_SET_KEY_LEN, be(m.KeyType.Bytes))
-		b = attrBytes(b, unix.NFTA_SET_DATA_TYPE, be(m.DataType.GetNFTMagic()))
-		b = attrBytes(b, unix.NFTA_SET_DATA_LEN, be(m.DataType.Bytes))
-		b = attrBytes(b, unix.NFTA_SET_ID, be(uint32(0x7272_0000+i)))
+		b = nlmsg.AppendString(b, unix.NFTA_SET_TABLE, TableName)
+		b = nlmsg.AppendString(b, unix.NFTA_SET_NAME, m.Name)
+		b = nlmsg.AppendBE32(b, unix.NFTA_SET_FLAGS, setFlags)
+		b = nlmsg.AppendBE32(b, unix.NFTA_SET_KEY_TYPE, m.KeyType.GetNFTMagic())
+		b = nlmsg.AppendBE32(b, unix.NFTA_SET_KEY_LEN, m.KeyType.Bytes)
+		b = nlmsg.AppendBE32(b, unix.NFTA_SET_DATA_TYPE, m.DataType.GetNFTMagic())
+		b = nlmsg.AppendBE32(b, unix.NFTA_SET_DATA_LEN, m.DataType.Bytes)
+		b = nlmsg.AppendBE32(b, unix.NFTA_SET_ID, uint32(0x7272_0000+i))
 		if m.Concatenation {
 			// The key's fields' lengths, as nft gives them.
 			desc := len(b)
-			b = append(b, 0, 0, 0, 0)
+			b = nlmsg.OpenAttr(b)
 			concat := len(b)
-			b = append(b, 0, 0, 0, 0)
+			b = nlmsg.OpenAttr(b)
 			for _, t := range nftables.ConcatSetTypeElements(m.KeyType) {
 				el := len(b)
-				b = append(b, 0, 0, 0, 0)
-				b = attrBytes(b, attrSetFieldLen, be(t.Bytes))
-				closeAttr(b, el, unix.NFTA_LIST_ELEM|nlaNested)
+				b = nlmsg.OpenAttr(b)
+				b = nlmsg.AppendBE32(b, attrSetFieldLen, t.Bytes)
+				nlmsg.CloseAttr(b, el, unix.NFTA_LIST_ELEM|nlmsg.Nested)
 			}
-			closeAttr(b, concat, nftables.NFTA_SET_DESC_CONCAT|nlaNested)
-			closeAttr(b, desc, unix.NFTA_SET_DESC|nlaNested)
+			nlmsg.CloseAttr(b, concat, nftables.NFTA_SET_DESC_CONCAT|nlmsg.Nested)
+			nlmsg.CloseAttr(b, desc, unix.NFTA_SET_DESC|nlmsg.Nested)
 		}
 		ud := userdata.AppendUint32(nil, userdata.NFTNL_UDATA_SET_DATABYTEORDER, 1) // nft's BYTEORDER_HOST_ENDIAN
 		if m.Comment != "" {
 			ud = userdata.AppendString(ud, userdata.NFTNL_UDATA_SET_COMMENT, m.Comment)
 		}
-		b = attrBytes(b, unix.NFTA_SET_USERDATA, ud)
-		binary.NativeEndian.PutUint32(b[start:], uint32(len(b)-start))
+		b = nlmsg.AppendAttr(b, unix.NFTA_SET_USERDATA, ud)
+		nlmsg.End(b, start)
 	}
-	return c.send(b, last)
+	return c.endBatch(b), last
+}
+
+// endBatch ends a batch begun with nfnlBatchBegin.
+func (c *elemConn) endBatch(b []byte) []byte {
+	return c.header(b, nfnlBatchEnd, unix.NLM_F_REQUEST, unix.AF_UNSPEC, nfnlSubsysNFT)
 }
 
 // send writes a batch and reads until the acknowledgement of its last
 // message, returning the first error the kernel reported.
 func (c *elemConn) send(b []byte, last uint32) error {
-	b = c.header(b, nfnlBatchEnd, unix.NLM_F_REQUEST, unix.AF_UNSPEC, nfnlSubsysNFT)
 	c.wbuf = b
-	if _, err := unix.Write(c.fd, b); err != nil {
-		return fmt.Errorf("nftables batch: %w", err)
+	if errno := c.nl.Send(b); errno != 0 {
+		return fmt.Errorf("nftables batch: %w", errno)
 	}
 	// The kernel processes the batch while we write: the answers are
 	// waiting.
 	var failed error
 	for {
-		n, err := unix.Read(c.fd, c.rbuf)
-		if err != nil {
-			if err == unix.EINTR {
-				continue
-			}
-			return fmt.Errorf("nftables batch reply: %w", err)
+		n, errno := c.nl.Recv(c.rbuf, 0)
+		switch errno {
+		case 0:
+		case unix.EINTR:
+			continue
+		default:
+			return fmt.Errorf("nftables batch reply: %w", errno)
 		}
-		for r := c.rbuf[:n]; len(r) >= 16; {
-			l := int(binary.NativeEndian.Uint32(r))
-			if l < 16 || l > len(r) {
-				return errors.New("nftables batch reply: malformed")
+		for r := c.rbuf[:n]; len(r) >= nlmsg.HeaderLen; {
+			h, payload, rest, err := nlmsg.Split(r)
+			if err != nil {
+				return fmt.Errorf("nftables batch reply: %w", err)
 			}
-			if binary.NativeEndian.Uint16(r[4:]) == unix.NLMSG_ERROR && l >= 20 {
-				seq := binary.NativeEndian.Uint32(r[8:])
-				if code := int32(binary.NativeEndian.Uint32(r[16:])); code != 0 && failed == nil {
-					failed = unix.Errno(-code)
+			if h.Type == unix.NLMSG_ERROR {
+				if err := nlmsg.Error(payload); err != nil && failed == nil {
+					failed = err
 				}
-				if seq == last {
+				if h.Seq == last {
 					return failed
 				}
 			}
-			r = r[min((l+3)&^3, len(r)):]
+			r = rest
 		}
 	}
 }
@@ -299,70 +312,40 @@ func (c *elemConn) send(b []byte, last uint32) error {
 // pseudo-header part (csum_flags), which nft emits as "csum_type 0 csum_flags
 // 0x1" for IPv6, where there is no header checksum.
 func addrWrite(f *family, off, reg uint32) []byte {
-	be := func(v uint32) []byte { return binary.BigEndian.AppendUint32(nil, v) }
-	var d []byte
-	d = attrBytes(d, attrPayloadSreg, be(reg))
-	d = attrBytes(d, attrPayloadBase, be(unix.NFT_PAYLOAD_NETWORK_HEADER))
-	d = attrBytes(d, attrPayloadOff, be(off))
-	d = attrBytes(d, attrPayloadLen, be(uint32(f.addrLen)))
+	b := nlmsg.AppendString(nil, attrExprName, "payload")
+	data := len(b)
+	b = nlmsg.OpenAttr(b)
+	b = nlmsg.AppendBE32(b, attrPayloadSreg, reg)
+	b = nlmsg.AppendBE32(b, attrPayloadBase, unix.NFT_PAYLOAD_NETWORK_HEADER)
+	b = nlmsg.AppendBE32(b, attrPayloadOff, off)
+	b = nlmsg.AppendBE32(b, attrPayloadLen, uint32(f.addrLen))
 	if f.addrLen == 4 {
-		d = attrBytes(d, attrCsumType, be(unix.NFT_PAYLOAD_CSUM_INET))
-		d = attrBytes(d, attrCsumOffset, be(10))
+		b = nlmsg.AppendBE32(b, attrCsumType, unix.NFT_PAYLOAD_CSUM_INET)
+		b = nlmsg.AppendBE32(b, attrCsumOffset, 10)
 	}
-	d = attrBytes(d, attrCsumFlags, be(unix.NFT_PAYLOAD_L4CSUM_PSEUDOHDR))
-	b := attrBytes(nil, attrExprName, append([]byte("payload"), 0))
-	return attrBytes(b, attrExprData|nlaNested, d)
-}
-
-func attrBytes(b []byte, typ uint16, v []byte) []byte {
-	b = binary.NativeEndian.AppendUint16(b, uint16(4+len(v)))
-	b = binary.NativeEndian.AppendUint16(b, typ)
-	b = append(b, v...)
-	return pad(b)
+	b = nlmsg.AppendBE32(b, attrCsumFlags, unix.NFT_PAYLOAD_L4CSUM_PSEUDOHDR)
+	nlmsg.CloseAttr(b, data, attrExprData|nlmsg.Nested)
+	return b
 }
 
 // header appends a netlink and an nfgenmsg header; the length is filled in
 // for fixed-size messages and patched by the caller for others.
 func (c *elemConn) header(b []byte, typ, flags uint16, family uint8, resID uint16) []byte {
 	c.seq++
-	b = binary.NativeEndian.AppendUint32(b, 20)
-	b = binary.NativeEndian.AppendUint16(b, typ)
-	b = binary.NativeEndian.AppendUint16(b, flags)
-	b = binary.NativeEndian.AppendUint32(b, c.seq)
-	b = binary.NativeEndian.AppendUint32(b, 0)
-	b = append(b, family, 0)
-	return binary.BigEndian.AppendUint16(b, resID)
+	start := len(b)
+	b = nlmsg.AppendHeader(b, typ, flags, c.seq)
+	b = nlmsg.AppendNfgen(b, family, resID)
+	nlmsg.End(b, start)
+	return b
 }
 
-func strAttr(b []byte, typ uint16, s string) []byte {
-	l := 4 + len(s) + 1
-	b = binary.NativeEndian.AppendUint16(b, uint16(l))
-	b = binary.NativeEndian.AppendUint16(b, typ)
-	b = append(b, s...)
-	b = append(b, 0)
-	return pad(b)
-}
-
-// dataAttr appends a nested attribute holding one NFTA_DATA_VALUE.
+// dataAttr appends a nested attribute holding one NFTA_DATA_VALUE. Its
+// length leaves out the value's padding, as it always has.
 func dataAttr(b []byte, typ uint16, v []byte) []byte {
-	b = binary.NativeEndian.AppendUint16(b, uint16(8+len(v)))
-	b = binary.NativeEndian.AppendUint16(b, typ|nlaNested)
-	b = binary.NativeEndian.AppendUint16(b, uint16(4+len(v)))
-	b = binary.NativeEndian.AppendUint16(b, attrDataValue)
-	b = append(b, v...)
-	return pad(b)
-}
-
-// closeAttr writes the header of an attribute opened at start.
-func closeAttr(b []byte, start int, typ uint16) {
-	binary.NativeEndian.PutUint16(b[start:], uint16(len(b)-start))
-	binary.NativeEndian.PutUint16(b[start+2:], typ)
-}
-
-func pad(b []byte) []byte {
-	for len(b)%4 != 0 {
-		b = append(b, 0)
-	}
+	outer := len(b)
+	b = nlmsg.OpenAttr(b)
+	b = nlmsg.AppendAttr(b, attrDataValue, v)
+	nlmsg.PutAttrHeader(b[outer:], 2*nlmsg.AttrHeaderLen+len(v), typ|nlmsg.Nested)
 	return b
 }
 

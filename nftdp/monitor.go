@@ -9,6 +9,7 @@ import (
 
 	"github.com/mdlayher/netlink"
 	"github.com/mdlayher/netlink/nlenc"
+	"github.com/rerouted/rerouted/internal/nlmsg"
 	"golang.org/x/net/bpf"
 	"golang.org/x/sys/unix"
 )
@@ -92,7 +93,7 @@ func (d *Datapath) Monitor() (*Monitor, error) {
 	if err == nil {
 		// A burst of others' changes (a flush of a big ruleset) must not
 		// overflow the socket: that loses the details, not the event.
-		err = setRcvbufForce(c, 4<<20)
+		err = nlmsg.ForceReadBuffer(c, 4<<20)
 	}
 	if err != nil {
 		c.Close()
@@ -102,20 +103,6 @@ func (d *Datapath) Monitor() (*Monitor, error) {
 }
 
 func swap32(v uint32) uint32 { return v>>24 | v>>8&0xff00 | v<<8&0xff0000 | v<<24 }
-
-func setRcvbufForce(c *netlink.Conn, n int) error {
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return err
-	}
-	var serr error
-	if err := rc.Control(func(fd uintptr) {
-		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, n)
-	}); err != nil {
-		return err
-	}
-	return serr
-}
 
 // Close closes the notification socket; a blocked Next returns.
 func (m *Monitor) Close() error { return m.c.Close() }
@@ -241,17 +228,4 @@ func contains(l []string, s string) bool {
 		}
 	}
 	return false
-}
-
-// portID is the netlink port of the per-flow socket: the kernel names it as
-// the sender of the notifications of our own transactions.
-func (c *elemConn) portID() uint32 {
-	sa, err := unix.Getsockname(c.fd)
-	if err != nil {
-		return 0
-	}
-	if nl, ok := sa.(*unix.SockaddrNetlink); ok {
-		return nl.Pid
-	}
-	return 0
 }

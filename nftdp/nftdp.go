@@ -268,18 +268,7 @@ func Install(first, total uint16, userspace bool, seen time.Duration, filter Fil
 	}
 	d := &Datapath{conn: conn, table: &nftables.Table{Name: TableName, Family: nftables.TableFamilyINet}, userspace: userspace, seenFor: seen,
 		first: first, total: total, filter: filter, connPort: connPort}
-	for i, icmp := range []proto{
-		{num: unix.IPPROTO_ICMP, name: "icmp", sport: 4, dport: 4, csum: 2, echo: [2]byte{8, 0}},
-		{num: unix.IPPROTO_ICMPV6, name: "icmp", sport: 4, dport: 4, csum: 2, echo: [2]byte{128, 129}},
-	} {
-		d.fams[i].protos = [3]proto{
-			{num: unix.IPPROTO_TCP, name: "tcp", sport: 0, dport: 2, csum: 16},
-			{num: unix.IPPROTO_UDP, name: "udp", sport: 0, dport: 2, csum: 6},
-			icmp,
-		}
-	}
-	d.fams[0].nfproto, d.fams[0].addrLen, d.fams[0].saddr, d.fams[0].daddr = unix.NFPROTO_IPV4, 4, 12, 16
-	d.fams[1].nfproto, d.fams[1].addrLen, d.fams[1].saddr, d.fams[1].daddr = unix.NFPROTO_IPV6, 16, 8, 24
+	d.defineFamilies()
 	if err := d.defineSets(); err != nil {
 		conn.CloseLasting()
 		return nil, err
@@ -494,6 +483,22 @@ func (d *Datapath) closeSockets() error {
 }
 
 // defineSets names and types the per-flow sets or maps of the datapath.
+// defineFamilies describes the two families and their protocols.
+func (d *Datapath) defineFamilies() {
+	for i, icmp := range []proto{
+		{num: unix.IPPROTO_ICMP, name: "icmp", sport: 4, dport: 4, csum: 2, echo: [2]byte{8, 0}},
+		{num: unix.IPPROTO_ICMPV6, name: "icmp", sport: 4, dport: 4, csum: 2, echo: [2]byte{128, 129}},
+	} {
+		d.fams[i].protos = [3]proto{
+			{num: unix.IPPROTO_TCP, name: "tcp", sport: 0, dport: 2, csum: 16},
+			{num: unix.IPPROTO_UDP, name: "udp", sport: 0, dport: 2, csum: 6},
+			icmp,
+		}
+	}
+	d.fams[0].nfproto, d.fams[0].addrLen, d.fams[0].saddr, d.fams[0].daddr = unix.NFPROTO_IPV4, 4, 12, 16
+	d.fams[1].nfproto, d.fams[1].addrLen, d.fams[1].saddr, d.fams[1].daddr = unix.NFPROTO_IPV6, 16, 8, 24
+}
+
 func (d *Datapath) defineSets() error {
 	t := d.table
 	for i, addrType := range []nftables.SetDatatype{nftables.TypeIPAddr, nftables.TypeIP6Addr} {

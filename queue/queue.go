@@ -19,11 +19,10 @@ package queue
 import (
 	"context"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"time"
-	"unsafe"
 
+	"github.com/rerouted/rerouted/internal/nlmsg"
 	"golang.org/x/sys/unix"
 )
 
@@ -63,7 +62,7 @@ type Options struct {
 // Queue is one bound NFQUEUE.
 type Queue struct {
 	Num uint16
-	fd  int
+	nl  *nlmsg.Conn
 	gso bool
 
 	buf  []byte // packets of the current batch, each in its own region
@@ -119,9 +118,6 @@ const (
 	attrGID       = 17
 	skbCsumNotRdy = 1
 	skbGSO        = 2
-	nlHdr         = 16
-	nfgenHdr      = 4
-	nlaTypeMask   = 0x3fff // NLA_TYPE_MASK: without the nested and byte-order flags
 )
 
 // Verdicts.
@@ -132,36 +128,20 @@ const (
 
 // Open binds queue num in the caller's network namespace.
 func Open(num uint16, o Options) (*Queue, error) {
-	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_NETFILTER)
+	nl, err := nlmsg.Dial(unix.NETLINK_NETFILTER, nlmsg.Config{
+		ReadBuffer: o.Rcvbuf,
+		// A batch of verdicts with packets is one message of up to
+		// maxBatchBytes.
+		WriteBuffer: 2 * maxBatchBytes,
+		// Errors are reported on the socket, never hidden.
+		ExtAck: true,
+		// Wake up regularly so the reader notices it must stop.
+		ReadTimeout: 200 * time.Millisecond,
+	})
 	if err != nil {
-		return nil, fmt.Errorf("nfqueue %d: socket: %w", num, err)
+		return nil, fmt.Errorf("nfqueue %d: %w", num, err)
 	}
-	q := &Queue{Num: num, fd: fd, gso: o.GSO, buf: make([]byte, bufSize), rbuf: make([]byte, 64<<10)}
-	fail := func(what string, err error) (*Queue, error) {
-		unix.Close(fd)
-		return nil, fmt.Errorf("nfqueue %d: %s: %w", num, what, err)
-	}
-	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
-		return fail("bind", err)
-	}
-	if o.Rcvbuf > 0 {
-		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, o.Rcvbuf); err != nil {
-			return fail("SO_RCVBUFFORCE", err)
-		}
-	}
-	// A batch of verdicts with packets is one message of up to maxBatchBytes.
-	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, 2*maxBatchBytes); err != nil {
-		return fail("SO_SNDBUFFORCE", err)
-	}
-	// Errors are reported on the socket, never hidden.
-	if err := unix.SetsockoptInt(fd, unix.SOL_NETLINK, unix.NETLINK_EXT_ACK, 1); err != nil {
-		return fail("NETLINK_EXT_ACK", err)
-	}
-	// Wake up regularly so the reader notices it must stop.
-	tv := unix.NsecToTimeval((200 * time.Millisecond).Nanoseconds())
-	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
-		return fail("SO_RCVTIMEO", err)
-	}
+	q := &Queue{Num: num, nl: nl, gso: o.GSO, buf: make([]byte, bufSize), rbuf: make([]byte, 64<<10)}
 	maxLen := uint32(0xffff) // copy whole packets
 	params := binary.BigEndian.AppendUint32(nil, maxLen)
 	params = append(params, copyPacket)
@@ -173,67 +153,50 @@ func Open(num uint16, o Options) (*Queue, error) {
 		flags |= flagGSO
 	}
 	// One message: the kernel binds, then applies the settings.
-	b := attr(cfgCmd, []byte{cmdBind, 0, 0, 0})
-	b = append(b, attr(cfgParams, params)...)
-	b = append(b, attr(cfgQueueMax, binary.BigEndian.AppendUint32(nil, QueueLen))...)
-	b = append(b, attr(cfgMask, binary.BigEndian.AppendUint32(nil, flagFailOpen|flagUIDGID|flagGSO))...)
-	b = append(b, attr(cfgFlags, binary.BigEndian.AppendUint32(nil, flags))...)
+	b := nlmsg.AppendAttr(nil, cfgCmd, []byte{cmdBind, 0, 0, 0})
+	b = nlmsg.AppendAttr(b, cfgParams, params)
+	b = nlmsg.AppendBE32(b, cfgQueueMax, QueueLen)
+	b = nlmsg.AppendBE32(b, cfgMask, flagFailOpen|flagUIDGID|flagGSO)
+	b = nlmsg.AppendBE32(b, cfgFlags, flags)
 	if err := q.config(b); err != nil {
-		return fail("bind (is another program using this queue?)", err)
+		nl.Close()
+		return nil, fmt.Errorf("nfqueue %d: bind (is another program using this queue?): %w", num, err)
 	}
 	return q, nil
-}
-
-func attr(typ uint16, data []byte) []byte {
-	b := binary.NativeEndian.AppendUint16(nil, uint16(4+len(data)))
-	b = binary.NativeEndian.AppendUint16(b, typ)
-	b = append(b, data...)
-	for len(b)%4 != 0 {
-		b = append(b, 0)
-	}
-	return b
 }
 
 // config sends a configuration message and waits for its acknowledgement.
 // A packet queued meanwhile has no handler yet: it is accepted unchanged.
 func (q *Queue) config(attrs []byte) error {
 	q.seq++
-	msg := make([]byte, nlHdr+nfgenHdr, nlHdr+nfgenHdr+len(attrs))
-	ne := binary.NativeEndian
-	ne.PutUint32(msg[0:], uint32(nlHdr+nfgenHdr+len(attrs)))
-	ne.PutUint16(msg[4:], subsysQueue<<8|msgConfig)
-	ne.PutUint16(msg[6:], unix.NLM_F_REQUEST|unix.NLM_F_ACK)
-	ne.PutUint32(msg[8:], q.seq)
-	msg[16] = unix.AF_UNSPEC
-	binary.BigEndian.PutUint16(msg[18:], q.Num)
+	msg := nlmsg.AppendHeader(make([]byte, 0, nlmsg.HeaderLen+nlmsg.NfgenLen+len(attrs)), subsysQueue<<8|msgConfig, unix.NLM_F_REQUEST|unix.NLM_F_ACK, q.seq)
+	msg = nlmsg.AppendNfgen(msg, unix.AF_UNSPEC, q.Num)
 	msg = append(msg, attrs...)
-	if _, err := unix.Write(q.fd, msg); err != nil {
-		return err
+	nlmsg.End(msg, 0)
+	if errno := q.nl.Send(msg); errno != 0 {
+		return errno
 	}
 	for {
-		n, err := unix.Read(q.fd, q.rbuf)
-		if err != nil {
-			return err
+		n, errno := q.nl.Recv(q.rbuf, 0)
+		if errno != 0 {
+			return errno
 		}
-		for b := q.rbuf[:n]; len(b) >= nlHdr; {
-			l := int(ne.Uint32(b))
-			if l < nlHdr || l > len(b) {
-				return errors.New("malformed netlink reply")
+		for b := q.rbuf[:n]; len(b) >= nlmsg.HeaderLen; {
+			h, payload, rest, err := nlmsg.Split(b)
+			if err != nil {
+				return fmt.Errorf("reply: %w", err)
 			}
-			switch typ := ne.Uint16(b[4:]); {
-			case typ == unix.NLMSG_ERROR && ne.Uint32(b[8:]) == q.seq && l >= nlHdr+4:
-				if code := int32(ne.Uint32(b[nlHdr:])); code != 0 {
-					return unix.Errno(-code)
-				}
-				return nil
-			case typ == subsysQueue<<8|msgPacket:
+			switch {
+			case h.Type == unix.NLMSG_ERROR && h.Seq == q.seq:
+				return nlmsg.Error(payload)
+			case h.Type == subsysQueue<<8|msgPacket && len(payload) >= nlmsg.NfgenLen:
 				var p Packet
-				if parsePacket(b[nlHdr+nfgenHdr:l], &p) {
+				if parsePacket(payload[nlmsg.NfgenLen:], &p) {
 					q.Accept(p.ID)
 					q.send()
 				}
 			}
-			b = b[(l+3)&^3:]
+			b = rest
 		}
 	}
 }
@@ -262,12 +225,12 @@ func (q *Queue) Start(ctx context.Context, handle func(*Packet), endBatch func()
 			if q.off+maxMsg > len(q.buf) || q.nv+1 > maxVerdicts || q.bytes+maxMsg > maxBatchBytes {
 				end()
 			}
-			flags := uintptr(unix.MSG_DONTWAIT)
+			flags := unix.MSG_DONTWAIT
 			if wait {
 				flags = 0 // block (SO_RCVTIMEO bounds it)
 			}
 			region := q.buf[q.off:]
-			r, _, errno := unix.Syscall6(unix.SYS_RECVFROM, uintptr(q.fd), uintptr(unsafe.Pointer(&region[0])), uintptr(len(region)), flags, 0, 0)
+			r, errno := q.nl.Recv(region, flags)
 			if errno != 0 {
 				switch errno {
 				case unix.EAGAIN:
@@ -287,24 +250,24 @@ func (q *Queue) Start(ctx context.Context, handle func(*Packet), endBatch func()
 				continue
 			}
 			wait = false
-			q.off += (int(r) + 7) &^ 7
-			for b := region[:r]; len(b) >= nlHdr; {
-				l := int(binary.NativeEndian.Uint32(b))
-				if l < nlHdr || l > len(b) {
-					onError(errors.New("malformed netlink message"))
+			q.off += (r + 7) &^ 7
+			for b := region[:r]; len(b) >= nlmsg.HeaderLen; {
+				h, payload, rest, err := nlmsg.Split(b)
+				if err != nil {
+					onError(fmt.Errorf("nfqueue %d: %w", q.Num, err))
 					break
 				}
-				switch typ := binary.NativeEndian.Uint16(b[4:]); {
-				case typ == subsysQueue<<8|msgPacket:
-					if parsePacket(b[nlHdr+nfgenHdr:l], &p) {
+				switch {
+				case h.Type == subsysQueue<<8|msgPacket && len(payload) >= nlmsg.NfgenLen:
+					if parsePacket(payload[nlmsg.NfgenLen:], &p) {
 						handle(&p)
 					}
-				case typ == unix.NLMSG_ERROR && l >= nlHdr+4:
-					if code := int32(binary.NativeEndian.Uint32(b[nlHdr:])); code != 0 {
-						onError(fmt.Errorf("nfqueue %d: verdict refused: %w", q.Num, unix.Errno(-code)))
+				case h.Type == unix.NLMSG_ERROR:
+					if err := nlmsg.Error(payload); err != nil {
+						onError(fmt.Errorf("nfqueue %d: verdict refused: %w", q.Num, err))
 					}
 				}
-				b = b[min((l+3)&^3, len(b)):]
+				b = rest
 			}
 		}
 		end()
@@ -316,14 +279,12 @@ func (q *Queue) Start(ctx context.Context, handle func(*Packet), endBatch func()
 func parsePacket(b []byte, p *Packet) bool {
 	*p = Packet{}
 	hasID := false
-	for len(b) >= 4 {
-		l := int(binary.NativeEndian.Uint16(b))
-		typ := binary.NativeEndian.Uint16(b[2:]) & nlaTypeMask
-		if l < 4 || l > len(b) {
+	for len(b) >= nlmsg.AttrHeaderLen {
+		typ, v, rest, ok := nlmsg.SplitAttr(b)
+		if !ok {
 			return false
 		}
-		v := b[4:l]
-		switch typ {
+		switch typ & nlmsg.TypeMask {
 		case attrPacketHdr: // { be32 packet_id; be16 hw_protocol; u8 hook }
 			if len(v) >= 7 {
 				p.ID, p.Hook, hasID = binary.BigEndian.Uint32(v), v[6], true
@@ -342,7 +303,7 @@ func parsePacket(b []byte, p *Packet) bool {
 			info := be32(v)
 			p.Partial, p.GSO = info&skbCsumNotRdy != 0, info&skbGSO != 0
 		}
-		b = b[min((l+3)&^3, len(b)):]
+		b = rest
 	}
 	return hasID && p.Payload != nil
 }
@@ -380,36 +341,27 @@ func (q *Queue) verdict(id uint32, v uint32, setMark bool, mark uint32, pkt []by
 			return err
 		}
 	}
-	ne := binary.NativeEndian
 	h := q.hdrs[q.nv][:]
-	off := nlHdr + nfgenHdr
+	off := nlmsg.HeaderLen + nlmsg.NfgenLen
 	// NFQA_VERDICT_HDR { be32 verdict; be32 id }
-	ne.PutUint16(h[off:], 12)
-	ne.PutUint16(h[off+2:], attrVerdict)
+	nlmsg.PutAttrHeader(h[off:], 12, attrVerdict)
 	binary.BigEndian.PutUint32(h[off+4:], v)
 	binary.BigEndian.PutUint32(h[off+8:], id)
 	off += 12
 	if setMark {
-		ne.PutUint16(h[off:], 8)
-		ne.PutUint16(h[off+2:], attrMark)
+		nlmsg.PutAttrHeader(h[off:], 8, attrMark)
 		binary.BigEndian.PutUint32(h[off+4:], mark)
 		off += 8
 	}
 	total, pad := off, 0
 	if pkt != nil {
-		ne.PutUint16(h[off:], uint16(4+len(pkt)))
-		ne.PutUint16(h[off+2:], attrPayload)
-		off += 4
-		pad = (4 - len(pkt)%4) % 4
+		nlmsg.PutAttrHeader(h[off:], nlmsg.AttrHeaderLen+len(pkt), attrPayload)
+		off += nlmsg.AttrHeaderLen
+		pad = nlmsg.Align(len(pkt)) - len(pkt)
 		total = off + len(pkt) + pad
 	}
-	ne.PutUint32(h[0:], uint32(total))
-	ne.PutUint16(h[4:], subsysQueue<<8|msgVerdict)
-	ne.PutUint16(h[6:], unix.NLM_F_REQUEST)
-	ne.PutUint32(h[8:], 0)
-	ne.PutUint32(h[12:], 0)
-	h[16], h[17] = unix.AF_UNSPEC, 0
-	binary.BigEndian.PutUint16(h[18:], q.Num)
+	nlmsg.PutHeader(h, nlmsg.Header{Len: uint32(total), Type: subsysQueue<<8 | msgVerdict, Flags: unix.NLM_F_REQUEST})
+	nlmsg.PutNfgen(h[nlmsg.HeaderLen:], unix.AF_UNSPEC, q.Num)
 
 	q.addIov(&h[0], off)
 	if len(pkt) > 0 {
@@ -437,16 +389,10 @@ func (q *Queue) send() error {
 	}
 	n := q.niov
 	q.nv, q.niov, q.bytes = 0, 0, 0
-	for {
-		_, _, errno := unix.Syscall(unix.SYS_WRITEV, uintptr(q.fd), uintptr(unsafe.Pointer(&q.iov[0])), uintptr(n))
-		switch errno {
-		case 0:
-			return nil
-		case unix.EINTR:
-			continue
-		}
+	if errno := q.nl.Sendv(q.iov[:n]); errno != 0 {
 		return fmt.Errorf("nfqueue %d: verdicts: %w", q.Num, errno)
 	}
+	return nil
 }
 
 // Close stops the reader, unbinds the queue and closes the socket. Packets
@@ -455,8 +401,8 @@ func (q *Queue) Close() error {
 	if q.done != nil {
 		<-q.done
 	}
-	err := q.config(attr(cfgCmd, []byte{cmdUnbind, 0, 0, 0}))
-	if cerr := unix.Close(q.fd); err == nil {
+	err := q.config(nlmsg.AppendAttr(nil, cfgCmd, []byte{cmdUnbind, 0, 0, 0}))
+	if cerr := q.nl.Close(); err == nil {
 		err = cerr
 	}
 	if err != nil {

@@ -3,7 +3,11 @@ package queue
 import (
 	"encoding/binary"
 	"testing"
+
+	"github.com/rerouted/rerouted/internal/nlmsg"
 )
+
+func attr(typ uint16, v []byte) []byte { return nlmsg.AppendAttr(nil, typ, v) }
 
 // packetMsg builds the attributes of an NFQNL_MSG_PACKET as the kernel does.
 func packetMsg(id uint32, hook uint8, mark, uid uint32, payload []byte) []byte {
@@ -65,7 +69,7 @@ func TestVerdictEncoding(t *testing.T) {
 	if total != len(h)+len(pkt)+3 || ne.Uint16(h[4:]) != subsysQueue<<8|msgVerdict || binary.BigEndian.Uint16(h[18:]) != 3 {
 		t.Fatalf("netlink header: len %d type %#x queue %d", total, ne.Uint16(h[4:]), binary.BigEndian.Uint16(h[18:]))
 	}
-	a := h[nlHdr+nfgenHdr:]
+	a := h[nlmsg.HeaderLen+nlmsg.NfgenLen:]
 	if ne.Uint16(a[2:]) != attrVerdict || binary.BigEndian.Uint32(a[4:]) != verdictAccept || binary.BigEndian.Uint32(a[8:]) != 9 {
 		t.Fatalf("verdict attribute % x", a[:12])
 	}

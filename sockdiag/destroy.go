@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 
+	"github.com/rerouted/rerouted/internal/nlmsg"
 	"golang.org/x/sys/unix"
 )
 
@@ -30,14 +31,12 @@ func (c *Conn) Destroy(local, remote netip.AddrPort, cookie uint64) error {
 // call fails with ECONNABORTED).
 func (c *Conn) DestroyProto(proto uint8, local, remote netip.AddrPort, cookie uint64) error {
 	c.request(proto, local, remote, false)
-	ne := binary.NativeEndian
-	ne.PutUint16(c.req[4:], sockDestroy)
-	ne.PutUint16(c.req[6:], unix.NLM_F_REQUEST|unix.NLM_F_ACK)
-	r := c.req[nlmsgHdrLen:]
-	ne.PutUint32(r[48:], uint32(cookie))
-	ne.PutUint32(r[52:], uint32(cookie>>32))
-	if _, err := unix.Write(c.fd, c.req[:]); err != nil {
-		return fmt.Errorf("sock_diag destroy: %w", err)
+	nlmsg.PutHeader(c.req[:], nlmsg.Header{Len: uint32(len(c.req)), Type: sockDestroy, Flags: unix.NLM_F_REQUEST | unix.NLM_F_ACK, Seq: c.seq})
+	r := c.req[nlmsg.HeaderLen:]
+	binary.NativeEndian.PutUint32(r[48:], uint32(cookie))
+	binary.NativeEndian.PutUint32(r[52:], uint32(cookie>>32))
+	if errno := c.nl.Send(c.req[:]); errno != 0 {
+		return fmt.Errorf("sock_diag destroy: %w", errno)
 	}
 	err := c.receive(func([]byte) {})
 	switch err {

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"net/netip"
 
+	"github.com/rerouted/rerouted/internal/nlmsg"
 	"golang.org/x/sys/unix"
 )
 
@@ -47,7 +48,6 @@ type Socket struct {
 const (
 	sockDiagByFamily = 20
 	inetDiagCgroupID = 21
-	nlmsgHdrLen      = 16
 	reqLen           = 56 // struct inet_diag_req_v2
 	msgLen           = 72 // struct inet_diag_msg
 	noCookie         = 0xffffffff
@@ -55,27 +55,23 @@ const (
 
 // Conn is a NETLINK_SOCK_DIAG socket with its buffers.
 type Conn struct {
-	fd  int
+	nl  *nlmsg.Conn
 	seq uint32
-	req [nlmsgHdrLen + reqLen]byte
+	req [nlmsg.HeaderLen + reqLen]byte
 	buf []byte
 }
 
 // Open opens a sock_diag socket in the caller's network namespace.
 func Open() (*Conn, error) {
-	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_SOCK_DIAG)
+	nl, err := nlmsg.Dial(unix.NETLINK_SOCK_DIAG, nlmsg.Config{})
 	if err != nil {
-		return nil, fmt.Errorf("sock_diag socket: %w", err)
+		return nil, fmt.Errorf("sock_diag: %w", err)
 	}
-	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("sock_diag bind: %w", err)
-	}
-	return &Conn{fd: fd, buf: make([]byte, 64<<10)}, nil
+	return &Conn{nl: nl, buf: make([]byte, 64<<10)}, nil
 }
 
 // Close closes the socket.
-func (c *Conn) Close() error { return unix.Close(c.fd) }
+func (c *Conn) Close() error { return c.nl.Close() }
 
 // ErrNotFound is returned by Lookup when no socket owns the tuple.
 var ErrNotFound = errors.New("no such socket")
@@ -95,8 +91,8 @@ func (c *Conn) Lookup(proto uint8, local, remote netip.AddrPort, s *Socket) erro
 	}
 	*s = Socket{}
 	c.request(proto, local, remote, false)
-	if _, err := unix.Write(c.fd, c.req[:]); err != nil {
-		return fmt.Errorf("sock_diag request: %w", err)
+	if errno := c.nl.Send(c.req[:]); errno != 0 {
+		return fmt.Errorf("sock_diag request: %w", errno)
 	}
 	found := false
 	err := c.receive(func(m []byte) {
@@ -124,8 +120,8 @@ func (c *Conn) Dump(family, proto uint8, fn func(*Socket)) error {
 		zero = netip.AddrPortFrom(netip.IPv4Unspecified(), 0)
 	}
 	c.request(proto, zero, zero, true)
-	if _, err := unix.Write(c.fd, c.req[:]); err != nil {
-		return fmt.Errorf("sock_diag dump request: %w", err)
+	if errno := c.nl.Send(c.req[:]); errno != 0 {
+		return fmt.Errorf("sock_diag dump request: %w", errno)
 	}
 	var s Socket
 	var perr error
@@ -147,15 +143,12 @@ func (c *Conn) request(proto uint8, local, remote netip.AddrPort, dump bool) {
 	b := c.req[:]
 	clear(b)
 	ne := binary.NativeEndian
-	ne.PutUint32(b[0:], uint32(len(b)))
-	ne.PutUint16(b[4:], sockDiagByFamily)
 	flags := uint16(unix.NLM_F_REQUEST)
 	if dump {
 		flags |= unix.NLM_F_DUMP
 	}
-	ne.PutUint16(b[6:], flags)
-	ne.PutUint32(b[8:], c.seq)
-	r := b[nlmsgHdrLen:]
+	nlmsg.PutHeader(b, nlmsg.Header{Len: uint32(len(b)), Type: sockDiagByFamily, Flags: flags, Seq: c.seq})
+	r := b[nlmsg.HeaderLen:]
 	r[0] = unix.AF_INET
 	if local.Addr().Is6() && !local.Addr().Is4In6() {
 		r[0] = unix.AF_INET6
@@ -184,50 +177,38 @@ func putAddr(b []byte, a netip.Addr) {
 // receive reads replies to the current request until it is complete, calling
 // fn with each inet_diag message.
 func (c *Conn) receive(fn func([]byte)) error {
-	ne := binary.NativeEndian
 	for {
-		n, err := unix.Read(c.fd, c.buf)
-		if err != nil {
-			if err == unix.EINTR {
-				continue
-			}
-			return err
+		n, errno := c.nl.Recv(c.buf, 0)
+		switch errno {
+		case 0:
+		case unix.EINTR:
+			continue
+		default:
+			return errno
 		}
-		b := c.buf[:n]
-		for len(b) >= nlmsgHdrLen {
-			l := int(ne.Uint32(b[0:]))
-			typ := ne.Uint16(b[4:])
-			flags := ne.Uint16(b[6:])
-			seq := ne.Uint32(b[8:])
-			if l < nlmsgHdrLen || l > len(b) {
-				return fmt.Errorf("sock_diag: malformed netlink message")
+		for b := c.buf[:n]; len(b) >= nlmsg.HeaderLen; {
+			h, msg, rest, err := nlmsg.Split(b)
+			if err != nil {
+				return fmt.Errorf("sock_diag: %w", err)
 			}
-			msg := b[nlmsgHdrLen:l]
-			b = b[min(nlmAlign(l), len(b)):]
-			if seq != c.seq {
+			b = rest
+			if h.Seq != c.seq {
 				continue // a late reply to an earlier request
 			}
-			switch typ {
+			switch h.Type {
 			case unix.NLMSG_DONE:
 				return nil
 			case unix.NLMSG_ERROR:
-				if len(msg) >= 4 {
-					if code := int32(ne.Uint32(msg)); code != 0 {
-						return unix.Errno(-code)
-					}
-				}
-				return nil
+				return nlmsg.Error(msg)
 			case sockDiagByFamily:
 				fn(msg)
-				if flags&unix.NLM_F_MULTI == 0 {
+				if h.Flags&unix.NLM_F_MULTI == 0 {
 					return nil // exact lookup: a single reply
 				}
 			}
 		}
 	}
 }
-
-func nlmAlign(n int) int { return (n + 3) &^ 3 }
 
 func parseMsg(m []byte, s *Socket) error {
 	if len(m) < msgLen {
@@ -249,16 +230,15 @@ func parseMsg(m []byte, s *Socket) error {
 	s.UID = ne.Uint32(m[64:])
 	s.Inode = ne.Uint32(m[68:])
 	s.CgroupID = 0
-	for a := m[msgLen:]; len(a) >= 4; {
-		l := int(ne.Uint16(a[0:]))
-		typ := ne.Uint16(a[2:])
-		if l < 4 || l > len(a) {
+	for a := m[msgLen:]; ; {
+		typ, v, rest, ok := nlmsg.SplitAttr(a)
+		if !ok {
 			break
 		}
-		if typ == inetDiagCgroupID && l >= 12 {
-			s.CgroupID = ne.Uint64(a[4:])
+		if typ == inetDiagCgroupID && len(v) >= 8 {
+			s.CgroupID = ne.Uint64(v)
 		}
-		a = a[min(nlmAlign(l), len(a)):]
+		a = rest
 	}
 	return nil
 }

@@ -1,6 +1,7 @@
 package sockdiag
 
 import (
+	"errors"
 	"net"
 	"net/netip"
 	"os"
@@ -140,5 +141,65 @@ func TestLookupUDP(t *testing.T) {
 	wild := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), u.LocalAddr().(*net.UDPAddr).AddrPort().Port())
 	if err := d.Lookup(unix.IPPROTO_UDP, wild, netip.MustParseAddrPort("127.0.0.7:999"), &s); err != nil || s.Local.Port() != wild.Port() || s.Cookie == connected {
 		t.Fatalf("unconnected: Lookup(%v) = %+v, %v", wild, s, err)
+	}
+}
+
+// Destroy resets a socket through an acknowledged request; a second try
+// finds it gone.
+func TestDestroy(t *testing.T) {
+	c, _, local, remote := pair(t)
+	d, err := Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	var s Socket
+	if err := d.Lookup(unix.IPPROTO_TCP, local, remote, &s); err != nil {
+		t.Fatal(err)
+	}
+	switch err := d.Destroy(local, remote, s.Cookie); {
+	case errors.Is(err, unix.EOPNOTSUPP), errors.Is(err, unix.EPERM):
+		t.Skipf("the kernel does not destroy sockets for us: %v", err)
+	case err != nil:
+		t.Fatal(err)
+	}
+	if _, err := c.Read(make([]byte, 1)); !errors.Is(err, unix.ECONNABORTED) {
+		t.Fatalf("read from a destroyed socket: %v, want ECONNABORTED", err)
+	}
+	if err := d.Destroy(local, remote, s.Cookie); err != ErrNotFound {
+		t.Fatalf("destroyed twice: %v, want ErrNotFound", err)
+	}
+}
+
+// BenchmarkLookup is the exact lookup a new flow's first packet costs.
+func BenchmarkLookup(b *testing.B) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		if c, err := ln.Accept(); err == nil {
+			defer c.Close()
+			c.Read(make([]byte, 1))
+		}
+	}()
+	c, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	local, remote := c.LocalAddr().(*net.TCPAddr).AddrPort(), c.RemoteAddr().(*net.TCPAddr).AddrPort()
+	d, err := Open()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer d.Close()
+	var s Socket
+	b.ReportAllocs()
+	for b.Loop() {
+		if err := d.Lookup(unix.IPPROTO_TCP, local, remote, &s); err != nil {
+			b.Fatal(err)
+		}
 	}
 }
