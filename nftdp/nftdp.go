@@ -120,20 +120,20 @@ type Entry struct {
 // take seconds (the kernel dumps 100,000 elements in ~3 s), and must not
 // hold up new flows' transactions meanwhile.
 type Datapath struct {
-	mu        sync.Mutex     // elems
+	mu sync.Mutex // elems
 	// transactions counts the per-flow transactions committed: each one
 	// is a new generation of the host's ruleset.
 	transactions atomic.Uint64
-	listMu    sync.Mutex     // conn
-	conn      *nftables.Conn // setup, listing, removal
-	elems     *elemConn      // per-flow transactions and translation rules (elements.go)
-	table     *nftables.Table
-	fams      [2]family // IPv4, IPv6
-	userspace bool
-	seenFor   time.Duration // lifetime of a learned UDP tuple after its last inbound packet
-	connPort  uint32        // conn's netlink port
-	first     uint16        // the queues, first..first+total-1
-	total     uint16
+	listMu       sync.Mutex     // conn
+	conn         *nftables.Conn // setup, listing, removal
+	elems        *elemConn      // per-flow transactions and translation rules (elements.go)
+	table        *nftables.Table
+	fams         [2]family // IPv4, IPv6
+	userspace    bool
+	seenFor      time.Duration // lifetime of a learned UDP tuple after its last inbound packet
+	connPort     uint32        // conn's netlink port
+	first        uint16        // the queues, first..first+total-1
+	total        uint16
 	// The prefilter (prefilter.go): the policy it holds, its generation,
 	// its sets, and how many rules each chain has with it.
 	filter     Filter
