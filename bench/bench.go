@@ -205,6 +205,18 @@ func Run(o Options) (*Report, error) {
 }
 
 func (b *run) servers() error {
+	// The connection server closes first, so it, not the client, holds
+	// each connection in TIME_WAIT. The paths share the client's address
+	// on ISP B, and a path that picks its port at connect() (every one
+	// but the limit, which binds its port) walks the same ports another
+	// path walked seconds before. A SYN that meets the other path's
+	// TIME_WAIT with timestamps from a different tuple fails the server's
+	// PAWS check and waits a second for its retransmission; a handful of
+	// those made one path's rate depend on which path ran before it. The
+	// server keeps no TIME_WAIT here: what is measured is the client's path.
+	if err := b.w.Net.Sysctl("net.ipv4.tcp_max_tw_buckets=0"); err != nil {
+		return err
+	}
 	chunk := make([]byte, 256<<10)
 	handlers := map[uint16]func(net.Conn){
 		portUpload: func(c net.Conn) {
