@@ -210,8 +210,9 @@ func (b *run) servers() error {
 	// on ISP B, and a path that picks its port at connect() (every one
 	// but the limit, which binds its port) walks the same ports another
 	// path walked seconds before. A SYN that meets the other path's
-	// TIME_WAIT with timestamps from a different tuple fails the server's
-	// PAWS check and waits a second for its retransmission; a handful of
+	// TIME_WAIT with a sequence number and timestamps derived from another
+	// tuple (a translated connection's are its original tuple's) is not
+	// taken and waits a second for its retransmission; a handful of
 	// those made one path's rate depend on which path ran before it. The
 	// server keeps no TIME_WAIT here: what is measured is the client's path.
 	if err := b.w.Net.Sysctl("net.ipv4.tcp_max_tw_buckets=0"); err != nil {
