@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -206,16 +207,21 @@ func TestOwnerDecidesUplink(t *testing.T) {
 }
 
 // SIGHUP: a valid file changes new flows and leaves open ones alone; a
-// broken file is rejected with FILE:LINE:COL and the policy stays.
+// broken file is rejected with FILE:LINE:COL and the policy stays. On the
+// connect engine too: the kernel's rules change with the file, and a socket
+// bound before the reload stays bound.
 func TestSIGHUPReload(t *testing.T) {
-	datapaths(t, func(t *testing.T, dp string) {
-		e := newEnv(t, dp, webRule)
+	policyEngines(t, func(t *testing.T, dp, steering string) {
+		e := newEnvSteering(t, dp, steering, webRule)
 		d := e.start()
 		open, err := e.w.Dial(networld.DialOptions{Port: 80})
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer open.Close()
+		if local := open.LocalAddr().(*net.TCPAddr).AddrPort().Addr().Unmap(); e.steers() && local != networld.HostB {
+			t.Fatalf("steered at connect(), the socket is on %v, want ISP B's address", local)
+		}
 
 		e.writeConfig(strings.Replace(webRule, `uplink = "isp-b"`, `uplink = "default"`, 1))
 		d.Signal(syscall.SIGHUP)
