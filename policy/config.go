@@ -37,7 +37,7 @@ type Daemon struct {
 	ControlSocket string        // unix socket for `rerouted flows`
 	GCInterval    time.Duration // how often sockets are checked for flows to remove
 	Datapath      string        // "kernel" (nft maps) or "userspace" (every packet through the daemon)
-	Queues        int           // NFQUEUE queues from Queue on, for the userspace datapath's workers
+	Queues        int           // NFQUEUE queues from Queue on (Queue..Queue+Queues-1), one worker each, on either datapath
 	IdleTimeout   time.Duration // UDP and ICMP echo flows end after this long without a packet
 	MetricsListen string        // host:port for Prometheus metrics; "" for none
 	// FailClosed (on_failure = "closed"): traffic the policy concerns is
