@@ -12,8 +12,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rerouted/rerouted/networld"
-	"github.com/rerouted/rerouted/sockdiag"
+	"github.com/rerouted/rerouted/internal/networld"
+	"github.com/rerouted/rerouted/internal/sockdiag"
 )
 
 // program installs the test client under a name, as a separate application.

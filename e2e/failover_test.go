@@ -10,8 +10,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rerouted/rerouted/daemon"
-	"github.com/rerouted/rerouted/networld"
+	"github.com/rerouted/rerouted/internal/daemon"
+	"github.com/rerouted/rerouted/internal/networld"
 )
 
 // uplinks lists the daemon's uplink states through the CLI.

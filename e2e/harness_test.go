@@ -16,9 +16,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rerouted/rerouted/daemon"
-	"github.com/rerouted/rerouted/networld"
-	"github.com/rerouted/rerouted/networld/worldtest"
+	"github.com/rerouted/rerouted/internal/daemon"
+	"github.com/rerouted/rerouted/internal/networld"
+	"github.com/rerouted/rerouted/internal/networld/worldtest"
 )
 
 // BinEnv names a directory holding rerouted and worldclient already built;
@@ -27,7 +27,7 @@ const BinEnv = "REROUTED_E2E_BIN"
 
 var (
 	bin        string   // the rerouted binary under test
-	client     string   // the test world's client program (networld/cmd/worldclient)
+	client     string   // the test world's client program (internal/networld/cmd/worldclient)
 	buildFlags []string // -race when the tests run under the race detector
 )
 
@@ -43,7 +43,7 @@ func TestMain(m *testing.M) {
 		// Built beforehand: a guest of `make test-kernels` runs no go.
 		bin, client = filepath.Join(pre, "rerouted"), filepath.Join(pre, "worldclient")
 	} else {
-		for out, pkg := range map[string]string{bin: "../cmd/rerouted", client: "../networld/cmd/worldclient"} {
+		for out, pkg := range map[string]string{bin: "../cmd/rerouted", client: "../internal/networld/cmd/worldclient"} {
 			if b, err := exec.Command("go", append(append([]string{"build"}, buildFlags...), "-o", out, pkg)...).CombinedOutput(); err != nil {
 				fmt.Fprintf(os.Stderr, "build %s: %v\n%s", pkg, err, b)
 				os.Exit(1)

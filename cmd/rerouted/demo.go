@@ -11,8 +11,8 @@ import (
 	"strings"
 	"time"
 
-	"github.com/rerouted/rerouted/daemon"
-	"github.com/rerouted/rerouted/networld"
+	"github.com/rerouted/rerouted/internal/daemon"
+	"github.com/rerouted/rerouted/internal/networld"
 )
 
 // demoConfig is the embedded default the demo runs the daemon with.

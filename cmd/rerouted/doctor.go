@@ -5,8 +5,8 @@ import (
 	"fmt"
 	"os"
 
-	"github.com/rerouted/rerouted/daemon"
-	"github.com/rerouted/rerouted/doctor"
+	"github.com/rerouted/rerouted/internal/daemon"
+	"github.com/rerouted/rerouted/internal/doctor"
 )
 
 // cmdDoctor checks the host for what breaks multi-ISP setups. Exit 0: no

@@ -14,9 +14,9 @@ import (
 	"strings"
 	"time"
 
-	"github.com/rerouted/rerouted/daemon"
-	"github.com/rerouted/rerouted/policy"
-	"github.com/rerouted/rerouted/sockdiag"
+	"github.com/rerouted/rerouted/internal/daemon"
+	"github.com/rerouted/rerouted/internal/policy"
+	"github.com/rerouted/rerouted/internal/sockdiag"
 )
 
 // cmdExplain shows which rule a new connection from a process would match,

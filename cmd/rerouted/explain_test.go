@@ -6,7 +6,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/rerouted/rerouted/policy"
+	"github.com/rerouted/rerouted/internal/policy"
 )
 
 type owner struct{}

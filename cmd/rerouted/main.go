@@ -27,10 +27,10 @@ import (
 	"strings"
 	"syscall"
 
-	"github.com/rerouted/rerouted/daemon"
+	"github.com/rerouted/rerouted/internal/daemon"
 	"github.com/rerouted/rerouted/internal/instance"
-	"github.com/rerouted/rerouted/nftdp"
-	"github.com/rerouted/rerouted/policy"
+	"github.com/rerouted/rerouted/internal/nftdp"
+	"github.com/rerouted/rerouted/internal/policy"
 )
 
 const usage = `usage:

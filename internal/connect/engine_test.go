@@ -12,11 +12,11 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/rerouted/rerouted/policy"
+	"github.com/rerouted/rerouted/internal/policy"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
-	"github.com/rerouted/rerouted/sockdiag"
+	"github.com/rerouted/rerouted/internal/sockdiag"
 )
 
 // The program loads (the verifier accepts it), attaches and detaches. The

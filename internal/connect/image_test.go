@@ -10,7 +10,7 @@ import (
 	"syscall"
 	"testing"
 
-	"github.com/rerouted/rerouted/policy"
+	"github.com/rerouted/rerouted/internal/policy"
 )
 
 // owner is a connection's process and cgroup, for policy.Flow.

@@ -10,7 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/rerouted/rerouted/policy"
+	"github.com/rerouted/rerouted/internal/policy"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
