@@ -16,7 +16,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rerouted/rerouted/internal/daemon"
+	"github.com/rerouted/rerouted/internal/control"
 	"github.com/rerouted/rerouted/internal/networld"
 	"github.com/rerouted/rerouted/internal/networld/worldtest"
 )
@@ -210,14 +210,14 @@ func (e *env) counter(isp *networld.ISP, name string) uint64 {
 }
 
 // flows lists the daemon's flows through the CLI, as an operator would.
-func (e *env) flows() []daemon.FlowInfo {
+func (e *env) flows() []control.FlowInfo {
 	e.t.Helper()
 	out, err := exec.Command(bin, "flows", "--config", e.cfg, "--json").Output()
 	if err != nil {
 		e.t.Fatalf("rerouted flows --json: %v", err)
 	}
 	var reply struct {
-		Flows []daemon.FlowInfo `json:"flows"`
+		Flows []control.FlowInfo `json:"flows"`
 	}
 	if err := json.Unmarshal(out, &reply); err != nil {
 		e.t.Fatalf("rerouted flows --json printed %q: %v", out, err)

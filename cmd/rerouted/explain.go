@@ -14,7 +14,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/rerouted/rerouted/internal/daemon"
+	"github.com/rerouted/rerouted/internal/control"
 	"github.com/rerouted/rerouted/internal/policy"
 	"github.com/rerouted/rerouted/internal/sockdiag"
 )
@@ -161,7 +161,7 @@ func explainConnect(w io.Writer, cfg *policy.Config, f *policy.Flow) (decided bo
 		}
 	}
 	up := map[string]bool{}
-	ups, qerr := daemon.QueryUplinks(cfg.Daemon.ControlSocket)
+	ups, qerr := control.QueryUplinks(cfg.Daemon.ControlSocket)
 	for _, u := range ups {
 		up[u.Uplink+"/"+u.Family] = u.Up
 	}
@@ -202,7 +202,7 @@ func explainUplinks(w io.Writer, cfg *policy.Config, r *policy.Rule, v6 bool) {
 	if a.Kind != policy.ActUplink && a.Kind != policy.ActBalance {
 		return
 	}
-	ups, err := daemon.QueryUplinks(cfg.Daemon.ControlSocket)
+	ups, err := control.QueryUplinks(cfg.Daemon.ControlSocket)
 	if err != nil {
 		fmt.Fprintf(w, "   (uplink states unknown: %v)\n", err)
 		return
@@ -211,7 +211,7 @@ func explainUplinks(w io.Writer, cfg *policy.Config, r *policy.Rule, v6 bool) {
 	if v6 {
 		family = "ipv6"
 	}
-	state := map[string]daemon.UplinkInfo{}
+	state := map[string]control.UplinkInfo{}
 	for _, u := range ups {
 		if u.Family == family {
 			state[u.Uplink] = u

@@ -27,6 +27,7 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/rerouted/rerouted/internal/control"
 	"github.com/rerouted/rerouted/internal/daemon"
 	"github.com/rerouted/rerouted/internal/instance"
 	"github.com/rerouted/rerouted/internal/nftdp"
@@ -258,15 +259,15 @@ func cmdRun(args []string) int {
 }
 
 func cmdFlows(args []string) int {
-	return listCmd("flows", args, daemon.QueryFlows,
-		func(fs []daemon.FlowInfo) any { return daemon.FlowsReply{Flows: fs} },
-		func(f daemon.FlowInfo) string { return f.String() }, "flows")
+	return listCmd("flows", args, control.QueryFlows,
+		func(fs []control.FlowInfo) any { return control.FlowsReply{Flows: fs} },
+		func(f control.FlowInfo) string { return f.String() }, "flows")
 }
 
 func cmdUplinks(args []string) int {
-	return listCmd("uplinks", args, daemon.QueryUplinks,
-		func(us []daemon.UplinkInfo) any { return daemon.UplinksReply{Uplinks: us} },
-		func(u daemon.UplinkInfo) string { return fmt.Sprintf("%s flows %d", u.Status, u.Flows) }, "")
+	return listCmd("uplinks", args, control.QueryUplinks,
+		func(us []control.UplinkInfo) any { return control.UplinksReply{Uplinks: us} },
+		func(u control.UplinkInfo) string { return fmt.Sprintf("%s flows %d", u.Status, u.Flows) }, "")
 }
 
 // listCmd asks the running daemon for a list (through the control socket

@@ -14,7 +14,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/rerouted/rerouted/internal/daemon"
+	"github.com/rerouted/rerouted/internal/control"
 	"github.com/rerouted/rerouted/internal/networld"
 )
 
@@ -127,7 +127,7 @@ func (b *run) scale(n int) (ScaleResult, error) {
 		return r, err
 	}
 	t0 := time.Now()
-	flows, err := daemon.QueryFlows(sock)
+	flows, err := control.QueryFlows(sock)
 	r.ListDuration = time.Since(t0)
 	if err != nil {
 		return r, err

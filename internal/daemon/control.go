@@ -1,213 +1,39 @@
 package daemon
 
 import (
-	"bufio"
-	"context"
-	"encoding/json"
-	"errors"
-	"fmt"
-	"golang.org/x/sys/unix"
-	"io"
-	"net"
-	"net/netip"
 	"time"
 
+	"github.com/rerouted/rerouted/internal/control"
 	"github.com/rerouted/rerouted/internal/flow"
-	"github.com/rerouted/rerouted/internal/uplink"
 )
 
-// The control protocol: a client connects to the unix socket, writes one JSON
-// request line, and reads one JSON response; then both close.
-type request struct {
-	Cmd string `json:"cmd"`
-}
+// controlSource is what the control socket reports: the daemon's flows and
+// uplinks.
+type controlSource struct{ d *Daemon }
 
-// FlowsReply is the answer to "flows", and what `rerouted flows --json` prints.
-type FlowsReply struct {
-	Flows []FlowInfo `json:"flows"`
-	Error string     `json:"error,omitempty"`
-}
-
-// FlowInfo is one translated flow, in conntrack's terms: Original is the
-// socket's tuple, Reply is what the wire carries back.
-type FlowInfo struct {
-	Proto      string  `json:"proto"`
-	Original   Tuple   `json:"original"`
-	Reply      Tuple   `json:"reply"`
-	Mark       uint32  `json:"mark"`
-	Dev        string  `json:"dev"`
-	UID        uint32  `json:"uid"`
-	Rule       string  `json:"rule"`
-	PID        int     `json:"pid,omitempty"`
-	Comm       string  `json:"comm,omitempty"`
-	Exe        string  `json:"exe,omitempty"`
-	Cgroup     string  `json:"cgroup,omitempty"`
-	Cookie     uint64  `json:"cookie"`
-	AgeSeconds float64 `json:"age_seconds"`
-}
-
-// Tuple is a connection's addresses and ports.
-type Tuple struct {
-	Src   netip.Addr `json:"src"`
-	Dst   netip.Addr `json:"dst"`
-	Sport uint16     `json:"sport"`
-	Dport uint16     `json:"dport"`
-}
-
-// Swap is the tuple seen from the other end.
-func (t Tuple) Swap() Tuple { return Tuple{Src: t.Dst, Dst: t.Src, Sport: t.Dport, Dport: t.Sport} }
-
-func info(f *flow.Flow, now time.Time) FlowInfo {
-	fi := FlowInfo{
-		Proto:    protoName(f.Proto),
-		Original: Tuple{Src: f.Src.Addr(), Dst: f.Dst.Addr(), Sport: f.Src.Port(), Dport: f.Dst.Port()},
-		Reply:    Tuple{Src: f.Dst.Addr(), Dst: f.NewSrc.Addr(), Sport: f.Dst.Port(), Dport: f.NewSrc.Port()},
-		Mark:     f.Mark, Dev: f.Dev, UID: f.UID, Rule: f.Rule, Cookie: f.Cookie,
-		AgeSeconds: now.Sub(f.Start).Seconds(),
-	}
-	if o := f.Owner; o != nil {
-		fi.PID, fi.Comm, fi.Exe, fi.Cgroup = o.PID, o.Comm, o.Exe, o.Cgroup
-	}
-	return fi
-}
-
-// String formats a flow like `conntrack -L`: the original tuple, then the
-// reply tuple.
-func (fi FlowInfo) String() string {
-	return fmt.Sprintf("%s src=%s dst=%s sport=%d dport=%d src=%s dst=%s sport=%d dport=%d mark=%d dev=%s uid=%d rule=%q age=%.0fs",
-		fi.Proto, fi.Original.Src, fi.Original.Dst, fi.Original.Sport, fi.Original.Dport,
-		fi.Reply.Src, fi.Reply.Dst, fi.Reply.Sport, fi.Reply.Dport, fi.Mark, fi.Dev, fi.UID, fi.Rule, fi.AgeSeconds)
-}
-
-func (d *Daemon) serveControl(ctx context.Context, ln net.Listener) {
-	go func() { <-ctx.Done(); ln.Close() }()
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			if ctx.Err() == nil {
-				d.log.Error("control socket accept", "err", err)
-			}
-			return
-		}
-		go d.answer(c)
-	}
-}
-
-func (d *Daemon) answer(c net.Conn) {
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(60 * time.Second))
-	var req request
-	line, err := bufio.NewReader(io.LimitReader(c, 4096)).ReadBytes('\n')
-	if err == nil {
-		err = json.Unmarshal(line, &req)
-	}
-	// The socket file is 0600, but its mode is only as good as whoever
-	// may change it: the peer's credentials decide. (The request is read
-	// first, so that the refusal is the answer the client reads, not a
-	// broken pipe on its write.)
-	if uid, cerr := peerUID(c); cerr != nil || uid != 0 {
-		d.log.Warn("control socket: refused a client that is not root", "uid", uid, "err", cerr)
-		json.NewEncoder(c).Encode(FlowsReply{Error: "permission denied: the control socket answers root only"})
-		return
-	}
-	switch {
-	case err != nil:
-		err = json.NewEncoder(c).Encode(FlowsReply{Error: "bad request: " + err.Error()})
-	case req.Cmd == "flows":
-		err = d.writeFlows(c)
-	case req.Cmd == "uplinks":
-		err = json.NewEncoder(c).Encode(d.uplinksReply())
-	default:
-		err = json.NewEncoder(c).Encode(FlowsReply{Error: fmt.Sprintf("unknown command %q", req.Cmd)})
-	}
-	if err != nil {
-		d.log.Warn("control socket reply", "err", err)
-	}
-}
-
-// writeFlows streams {"flows": [...]} one flow at a time: listing 100,000
-// flows must not hold them all twice in memory.
-func (d *Daemon) writeFlows(c net.Conn) error {
-	w := bufio.NewWriterSize(c, 64<<10)
-	enc := json.NewEncoder(w)
+// Flows lists the translated flows, then the sockets steered at connect().
+func (s controlSource) Flows(fn func(control.FlowInfo) error) error {
+	d := s.d
 	now := time.Now()
-	w.WriteString(`{"flows":[`)
-	n := 0
 	for _, f := range d.flows.Snapshot() {
 		if f.Pass {
 			continue // a cached decision not to translate: nothing to show
 		}
-		if n > 0 {
-			w.WriteByte(',')
-		}
-		n++
-		if err := enc.Encode(info(f, now)); err != nil {
+		if err := fn(info(f, now)); err != nil {
 			return err
 		}
 	}
 	if d.steer != nil {
-		if err := d.steer.list(d, func(fi FlowInfo) error {
-			if n > 0 {
-				w.WriteByte(',')
-			}
-			n++
-			return enc.Encode(fi)
-		}); err != nil {
+		if err := d.steer.list(d, fn); err != nil {
 			d.log.Warn("flows: list the sockets steered at connect()", "err", err)
 		}
 	}
-	w.WriteString("]}\n")
-	return w.Flush()
+	return nil
 }
 
-// peerUID returns the uid of the process at the other end of a unix socket
-// (SO_PEERCRED).
-func peerUID(c net.Conn) (int64, error) {
-	uc, ok := c.(*net.UnixConn)
-	if !ok {
-		return -1, fmt.Errorf("not a unix socket: %T", c)
-	}
-	rc, err := uc.SyscallConn()
-	if err != nil {
-		return -1, err
-	}
-	var cred *unix.Ucred
-	var cerr error
-	if err := rc.Control(func(fd uintptr) { cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) }); err != nil {
-		return -1, err
-	}
-	if cerr != nil {
-		return -1, fmt.Errorf("SO_PEERCRED: %w", cerr)
-	}
-	return int64(cred.Uid), nil
-}
-
-// QueryFlows asks the daemon listening on path for its flows.
-func QueryFlows(path string) ([]FlowInfo, error) {
-	var reply FlowsReply
-	if err := query(path, "flows", &reply); err != nil {
-		return nil, err
-	}
-	if reply.Error != "" {
-		return nil, errors.New(reply.Error)
-	}
-	return reply.Flows, nil
-}
-
-// UplinksReply is the answer to "uplinks", and what `rerouted uplinks
-// --json` prints.
-type UplinksReply struct {
-	Uplinks []UplinkInfo `json:"uplinks"`
-	Error   string       `json:"error,omitempty"`
-}
-
-// UplinkInfo is one uplink's state in one family, with its live flows.
-type UplinkInfo struct {
-	uplink.Status
-	Flows int `json:"flows"`
-}
-
-func (d *Daemon) uplinksReply() UplinksReply {
+// Uplinks returns each uplink's state in each family, with its live flows.
+func (s controlSource) Uplinks() []control.UplinkInfo {
+	d := s.d
 	cfg := d.cfg.Load()
 	type key struct {
 		mark uint32
@@ -219,55 +45,27 @@ func (d *Daemon) uplinksReply() UplinksReply {
 			flows[key{f.Mark, f.Dst.Addr().Is6()}]++
 		}
 	}
-	var r UplinksReply
+	var r []control.UplinkInfo
 	for _, st := range d.uplinks.List() {
 		var mark uint32
 		if u := cfg.UplinkByName(st.Uplink); u != nil {
 			mark = u.Mark
 		}
-		r.Uplinks = append(r.Uplinks, UplinkInfo{Status: st, Flows: flows[key{mark, st.Family == "ipv6"}]})
-	}
-	if r.Uplinks == nil {
-		r.Uplinks = []UplinkInfo{}
+		r = append(r, control.UplinkInfo{Status: st, Flows: flows[key{mark, st.Family == "ipv6"}]})
 	}
 	return r
 }
 
-// QueryUplinks asks the daemon listening on path for its uplinks' states.
-func QueryUplinks(path string) ([]UplinkInfo, error) {
-	var reply UplinksReply
-	if err := query(path, "uplinks", &reply); err != nil {
-		return nil, err
+func info(f *flow.Flow, now time.Time) control.FlowInfo {
+	fi := control.FlowInfo{
+		Proto:    protoName(f.Proto),
+		Original: control.Tuple{Src: f.Src.Addr(), Dst: f.Dst.Addr(), Sport: f.Src.Port(), Dport: f.Dst.Port()},
+		Reply:    control.Tuple{Src: f.Dst.Addr(), Dst: f.NewSrc.Addr(), Sport: f.Dst.Port(), Dport: f.NewSrc.Port()},
+		Mark:     f.Mark, Dev: f.Dev, UID: f.UID, Rule: f.Rule, Cookie: f.Cookie,
+		AgeSeconds: now.Sub(f.Start).Seconds(),
 	}
-	if reply.Error != "" {
-		return nil, errors.New(reply.Error)
+	if o := f.Owner; o != nil {
+		fi.PID, fi.Comm, fi.Exe, fi.Cgroup = o.PID, o.Comm, o.Exe, o.Cgroup
 	}
-	return reply.Uplinks, nil
-}
-
-// query sends one request and decodes its answer into reply.
-func query(path, cmd string, reply any) error {
-	c, err := net.DialTimeout("unix", path, 3*time.Second)
-	if err != nil {
-		return dialError(path, err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
-	if err := json.NewEncoder(c).Encode(request{Cmd: cmd}); err != nil {
-		return fmt.Errorf("control socket: %w", err)
-	}
-	if err := json.NewDecoder(c).Decode(reply); err != nil {
-		return fmt.Errorf("control socket reply: %w", err)
-	}
-	return nil
-}
-
-// dialError words a failure to reach the control socket: a caller the
-// socket's permissions keep out needs root; otherwise the daemon may not be
-// running.
-func dialError(path string, err error) error {
-	if errors.Is(err, unix.EACCES) || errors.Is(err, unix.EPERM) {
-		return fmt.Errorf("%s: permission denied: the control socket answers root only (run it as root, e.g. with sudo)", path)
-	}
-	return fmt.Errorf("is rerouted running? %w", err)
+	return fi
 }

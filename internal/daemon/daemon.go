@@ -14,7 +14,7 @@
 //   - the sweeper owns a sock_diag socket for dumps (it adopts an earlier
 //     run's flows with it before it starts);
 //   - the routing watcher owns an rtnetlink notification socket;
-//   - the control server answers `rerouted flows`; the metrics server,
+//   - the control server (package control) answers `rerouted flows`; the metrics server,
 //     /metrics (metrics.go).
 //
 // Managed uplinks' routes and rules are installed before anything else and
@@ -40,6 +40,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/rerouted/rerouted/internal/control"
 	"github.com/rerouted/rerouted/internal/flow"
 	"github.com/rerouted/rerouted/internal/instance"
 	"github.com/rerouted/rerouted/internal/nftdp"
@@ -350,7 +351,7 @@ func Run(ctx context.Context, o Options) (err error) {
 	wg.Add(4)
 	go func() { defer wg.Done(); d.inst.run(runCtx) }()
 	go func() { defer wg.Done(); d.sweepLoop(runCtx, sweepDiag) }()
-	go func() { defer wg.Done(); d.serveControl(runCtx, ctl) }()
+	go func() { defer wg.Done(); control.Serve(runCtx, ctl, controlSource{d}, d.log) }()
 	go func() { defer wg.Done(); d.reloadLoop(runCtx, o.Reload) }()
 	// Teardown stops these goroutines (and the probes, and the metrics
 	// server) before it closes anything they use: the table, the sockets,

@@ -13,6 +13,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rerouted/rerouted/internal/connect"
+	"github.com/rerouted/rerouted/internal/control"
 	"github.com/rerouted/rerouted/internal/nftdp"
 	"github.com/rerouted/rerouted/internal/policy"
 	"github.com/rerouted/rerouted/internal/sockdiag"
@@ -273,7 +274,7 @@ func (d *Daemon) steered(ev connect.Event) {
 // sockets the program bound (and any the application bound there itself,
 // which are on their uplink just the same). They are found by a socket
 // dump, as they have no flow: rule "at connect", no translation.
-func (s *steering) list(d *Daemon, fn func(FlowInfo) error) error {
+func (s *steering) list(d *Daemon, fn func(control.FlowInfo) error) error {
 	cfg := d.cfg.Load()
 	type up struct {
 		name, dev string
@@ -311,9 +312,9 @@ func (s *steering) list(d *Daemon, fn func(FlowInfo) error) error {
 			if !ok || ferr != nil || so.State == sockdiag.StateListen || !so.Remote.Addr().IsValid() || so.Remote.Addr().IsUnspecified() {
 				return
 			}
-			ferr = fn(FlowInfo{Proto: protoName(q.proto),
-				Original: Tuple{Src: so.Local.Addr().Unmap(), Dst: so.Remote.Addr().Unmap(), Sport: so.Local.Port(), Dport: so.Remote.Port()},
-				Reply:    Tuple{Src: so.Remote.Addr().Unmap(), Dst: so.Local.Addr().Unmap(), Sport: so.Remote.Port(), Dport: so.Local.Port()},
+			ferr = fn(control.FlowInfo{Proto: protoName(q.proto),
+				Original: control.Tuple{Src: so.Local.Addr().Unmap(), Dst: so.Remote.Addr().Unmap(), Sport: so.Local.Port(), Dport: so.Remote.Port()},
+				Reply:    control.Tuple{Src: so.Remote.Addr().Unmap(), Dst: so.Local.Addr().Unmap(), Sport: so.Remote.Port(), Dport: so.Local.Port()},
 				Mark:     u.mark, Dev: u.dev, UID: so.UID, Rule: "at connect (" + u.name + ")", Cookie: so.Cookie})
 		})
 		if err != nil {
