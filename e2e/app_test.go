@@ -13,7 +13,7 @@ import (
 	"time"
 
 	"github.com/rerouted/rerouted/internal/networld"
-	"github.com/rerouted/rerouted/internal/sockdiag"
+	"github.com/rerouted/rerouted/internal/owner"
 )
 
 // program installs the test client under a name, as a separate application.
@@ -70,7 +70,7 @@ func (e *env) connect(prog string, port uint16, o runOpts) netip.AddrPort {
 // the end; it returns its path below the mount and an open fd.
 func testCgroup(t *testing.T) (string, int) {
 	t.Helper()
-	root, err := sockdiag.Cgroup2Mount("/proc/self/mountinfo")
+	root, err := owner.Cgroup2Mount("/proc/self/mountinfo")
 	if err != nil {
 		t.Fatalf("no cgroup v2 hierarchy: %v", err)
 	}

@@ -15,8 +15,8 @@ import (
 	"time"
 
 	"github.com/rerouted/rerouted/internal/control"
+	"github.com/rerouted/rerouted/internal/owner"
 	"github.com/rerouted/rerouted/internal/policy"
-	"github.com/rerouted/rerouted/internal/sockdiag"
 )
 
 // cmdExplain shows which rule a new connection from a process would match,
@@ -85,10 +85,10 @@ func flowOfPID(pid int, dst netip.AddrPort, proto string) (*policy.Flow, error) 
 		}
 	}
 	o := &pidOwner{}
-	if p, ok := sockdiag.NewOwners().ProcessByPID(pid); ok {
+	if p, ok := owner.NewOwners().ProcessByPID(pid); ok {
 		o.proc, o.hasProc = policy.Process{PID: p.PID, Comm: p.Comm, Exe: p.Exe}, true
 	}
-	if cg, err := sockdiag.CgroupOfPID(pid); err == nil {
+	if cg, err := owner.CgroupOfPID(pid); err == nil {
 		o.cg, o.hasCg = cg, true
 	}
 	f.Owner = o
@@ -132,7 +132,7 @@ func explain(w io.Writer, cfg *policy.Config, f *policy.Flow) {
 // connect(), by the uplink states the running daemon sees (all up if it
 // does not answer).
 func explainConnect(w io.Writer, cfg *policy.Config, f *policy.Flow) (decided bool) {
-	root, err := sockdiag.Cgroup2Mount("/proc/self/mountinfo")
+	root, err := owner.Cgroup2Mount("/proc/self/mountinfo")
 	if err != nil {
 		fmt.Fprintf(w, "at connect(): nothing decided (%v): the queue's way, below\n", err)
 		return false

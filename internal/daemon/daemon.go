@@ -44,6 +44,7 @@ import (
 	"github.com/rerouted/rerouted/internal/flow"
 	"github.com/rerouted/rerouted/internal/instance"
 	"github.com/rerouted/rerouted/internal/nftdp"
+	"github.com/rerouted/rerouted/internal/owner"
 	"github.com/rerouted/rerouted/internal/policy"
 	"github.com/rerouted/rerouted/internal/queue"
 	"github.com/rerouted/rerouted/internal/sockdiag"
@@ -475,7 +476,7 @@ func (d *Daemon) newWorker(num uint16) (*worker, func() error, error) {
 		w.routes.close()
 		return nil, nil, err
 	}
-	w.owner.owners = sockdiag.NewOwners()
+	w.owner.owners = owner.NewOwners()
 	return w, func() error {
 		err := w.q.Close()
 		w.routes.close()

@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"fmt"
+	"github.com/rerouted/rerouted/internal/owner"
 	"github.com/rerouted/rerouted/internal/queue"
 	"github.com/rerouted/rerouted/internal/rewrite"
 	"net"
@@ -57,13 +58,13 @@ func benchPolicy(tb testing.TB, last string) *policy.Config {
 type decideCase struct {
 	name  string
 	last  string // the matching rule's keys
-	reset func(o *sockdiag.Owners)
+	reset func(o *owner.Owners)
 }
 
 var decideCases = []decideCase{
 	{"cheap rules", "dport = \"1-65535\"\n", nil},
-	{"process rule, recent owner", "process = [\"nomatch\", \"%s\"]\n", func(o *sockdiag.Owners) { o.ForgetSockets() }},
-	{"process rule, cold /proc scan", "process = [\"nomatch\", \"%s\"]\n", func(o *sockdiag.Owners) { o.ForgetAll() }},
+	{"process rule, recent owner", "process = [\"nomatch\", \"%s\"]\n", func(o *owner.Owners) { o.ForgetSockets() }},
+	{"process rule, cold /proc scan", "process = [\"nomatch\", \"%s\"]\n", func(o *owner.Owners) { o.ForgetAll() }},
 	{"cgroup rule", "cgroup = \"\"\n", nil},
 }
 
@@ -85,7 +86,7 @@ func newDecider(tb testing.TB) *worker {
 	}
 	tb.Cleanup(func() { diag.Close() })
 	w := &worker{d: &Daemon{}, diag: diag}
-	w.owner.owners = sockdiag.NewOwners()
+	w.owner.owners = owner.NewOwners()
 	return w
 }
 

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/rerouted/rerouted/internal/flow"
+	"github.com/rerouted/rerouted/internal/owner"
 	"github.com/rerouted/rerouted/internal/policy"
 	"github.com/rerouted/rerouted/internal/queue"
 	"github.com/rerouted/rerouted/internal/rewrite"
@@ -284,7 +285,7 @@ func (w *worker) syn(p *queue.Packet, t *rewrite.Packet) {
 			w.fail(p, t, failSocketLookup)
 			return
 		}
-		raw, err := sockdiag.HasRawSocket("/proc/net", t.Src.Addr().Is6(), p.UID)
+		raw, err := owner.HasRawSocket("/proc/net", t.Src.Addr().Is6(), p.UID)
 		if err != nil {
 			d.stats.errors[errSocketLookup].Add(1)
 			d.log.Error("raw socket lookup", "src", t.Src, "dst", t.Dst, "err", err)

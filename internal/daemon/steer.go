@@ -15,6 +15,7 @@ import (
 	"github.com/rerouted/rerouted/internal/connect"
 	"github.com/rerouted/rerouted/internal/control"
 	"github.com/rerouted/rerouted/internal/nftdp"
+	"github.com/rerouted/rerouted/internal/owner"
 	"github.com/rerouted/rerouted/internal/policy"
 	"github.com/rerouted/rerouted/internal/sockdiag"
 )
@@ -35,7 +36,7 @@ type steering struct {
 
 // startSteering loads and attaches the program, and installs cfg's image.
 func (d *Daemon) startSteering(cfg *policy.Config) error {
-	root, err := sockdiag.Cgroup2Mount("/proc/self/mountinfo")
+	root, err := owner.Cgroup2Mount("/proc/self/mountinfo")
 	if err != nil {
 		return fmt.Errorf("%w: %v", connect.ErrUnsupported, err)
 	}
@@ -46,7 +47,7 @@ func (d *Daemon) startSteering(cfg *policy.Config) error {
 	// Pinned under bpffs, when it is mounted, so that a restart (SIGUSR2,
 	// or a crash) leaves the program deciding.
 	pin := ""
-	if bpffs, err := sockdiag.FindMount("/proc/self/mountinfo", "bpf"); err == nil {
+	if bpffs, err := owner.FindMount("/proc/self/mountinfo", "bpf"); err == nil {
 		var st os.FileInfo
 		if st, err = os.Stat("/proc/self/ns/net"); err == nil {
 			pin = filepath.Join(bpffs, "rerouted", "netns-"+strconv.FormatUint(inode(st), 10))
@@ -99,7 +100,7 @@ func (d *Daemon) applySteering(cfg *policy.Config) {
 	if d.steer == nil {
 		return
 	}
-	root, _ := sockdiag.Cgroup2Mount("/proc/self/mountinfo")
+	root, _ := owner.Cgroup2Mount("/proc/self/mountinfo")
 	im, err := connect.Compile(cfg, root)
 	if err == nil {
 		err = d.steer.e.Apply(im)

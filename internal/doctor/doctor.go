@@ -22,9 +22,9 @@ import (
 	"github.com/google/nftables/expr"
 	"github.com/rerouted/rerouted/internal/connect"
 	"github.com/rerouted/rerouted/internal/nftdp"
+	"github.com/rerouted/rerouted/internal/owner"
 	"github.com/rerouted/rerouted/internal/policy"
 	"github.com/rerouted/rerouted/internal/queue"
-	"github.com/rerouted/rerouted/internal/sockdiag"
 	"github.com/rerouted/rerouted/internal/uplink"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -102,7 +102,7 @@ func checkSteering(r *Report, cfg *policy.Config) {
 	if cfg.Daemon.Steering != "connect" {
 		return
 	}
-	root, err := sockdiag.Cgroup2Mount("/proc/self/mountinfo")
+	root, err := owner.Cgroup2Mount("/proc/self/mountinfo")
 	if err == nil {
 		_, err = connect.Compile(cfg, root)
 	}

@@ -1,21 +1,49 @@
-package sockdiag
+package owner
 
 import (
+	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/rerouted/rerouted/internal/sockdiag"
 )
 
+// pair returns the addresses of a connected loopback TCP socket of this
+// process.
+func pair(t *testing.T) (local, remote netip.AddrPort) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			accepted <- c
+		}
+	}()
+	c, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := <-accepted
+	t.Cleanup(func() { c.Close(); srv.Close() })
+	return c.LocalAddr().(*net.TCPAddr).AddrPort(), c.RemoteAddr().(*net.TCPAddr).AddrPort()
+}
+
 func TestOwnerOfOwnSocket(t *testing.T) {
-	_, _, local, remote := pair(t)
-	d, err := Open()
+	local, remote := pair(t)
+	d, err := sockdiag.Open()
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer d.Close()
-	var s Socket
+	var s sockdiag.Socket
 	if err := d.Lookup(unix.IPPROTO_TCP, local, remote, &s); err != nil {
 		t.Fatal(err)
 	}

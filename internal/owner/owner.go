@@ -1,4 +1,8 @@
-package sockdiag
+// Package owner finds who owns a local socket, from /proc and the cgroup v2
+// tree rather than from sock_diag: the process, by the socket's inode among
+// its descriptors, and the cgroup's path, by its id. It also finds mount
+// points in a mountinfo file, and whether a uid holds a raw socket.
+package owner
 
 import (
 	"bufio"
