@@ -6,19 +6,21 @@
 //
 // Goroutines and what each owns:
 //   - one worker per queue runs the packet path (packet.go); it owns its
-//     queue socket, a sock_diag socket for exact lookups, an rtnetlink
-//     socket and the route cache;
+//     queue socket, a sock_diag socket for exact lookups, and a route
+//     cache (route.Cache) with its rtnetlink socket;
 //   - the installer applies flow changes to the kernel maps, in order, a
 //     transaction per burst (install.go); the Datapath owns the nftables
 //     socket;
 //   - the sweeper owns a sock_diag socket for dumps (it adopts an earlier
 //     run's flows with it before it starts);
-//   - the routing watcher owns an rtnetlink notification socket;
-//   - the control server (package control) answers `rerouted flows`; the metrics server,
-//     /metrics (metrics.go).
+//   - the routing watcher (route.Watch) owns an rtnetlink notification
+//     socket; the routing keeper (routing.go) acts on what it sees;
+//   - the control server (package control) answers `rerouted flows` and
+//     `rerouted uplinks`; the metrics server, /metrics (metrics.go).
 //
 // Managed uplinks' routes and rules are installed before anything else and
-// removed after everything else, on their own rtnetlink socket (uplinks.go).
+// removed after everything else, on their own rtnetlink socket (package
+// uplink).
 //
 // d.mu makes each flow table change and its kernel change one step, so the
 // kernel sees them in table order.
@@ -47,6 +49,7 @@ import (
 	"github.com/rerouted/rerouted/internal/owner"
 	"github.com/rerouted/rerouted/internal/policy"
 	"github.com/rerouted/rerouted/internal/queue"
+	"github.com/rerouted/rerouted/internal/route"
 	"github.com/rerouted/rerouted/internal/sockdiag"
 	"github.com/rerouted/rerouted/internal/uplink"
 	"golang.org/x/sys/unix"
@@ -226,7 +229,7 @@ func Run(ctx context.Context, o Options) (err error) {
 	}
 	changed := make(chan struct{}, 1) // a routing change: check the managed routing, states and flows
 	d.routingChanged = changed
-	watched, err := watchRouting(runCtx, &d.routing, changed)
+	watched, err := route.Watch(runCtx, &d.routing, changed)
 	if err != nil {
 		return err
 	}
@@ -236,11 +239,11 @@ func Run(ctx context.Context, o Options) (err error) {
 		return err
 	}
 	undo = append(undo, moveDiag.Close)
-	moveRoutes, err := newRouter(&d.routing)
+	moveRoutes, err := route.NewCache(&d.routing)
 	if err != nil {
 		return err
 	}
-	undo = append(undo, func() error { moveRoutes.close(); return nil })
+	undo = append(undo, func() error { moveRoutes.Close(); return nil })
 	for _, u := range cfg.Uplinks {
 		if u.Health != nil {
 			wg.Add(1)
@@ -405,11 +408,11 @@ func (d *Daemon) adopt(diag *sockdiag.Conn) error {
 	if err != nil {
 		return fmt.Errorf("adopt flows: %w", err)
 	}
-	rt, err := newRouter(&d.routing)
+	rt, err := route.NewCache(&d.routing)
 	if err != nil {
 		return err
 	}
-	defer rt.close()
+	defer rt.Close()
 	now := time.Now()
 	var gone []nftdp.Entry
 	adopted := 0
@@ -429,10 +432,10 @@ func (d *Daemon) adopt(diag *sockdiag.Conn) error {
 			f.Cookie, f.UID, f.Inode = so.Cookie, so.UID, so.Inode
 		}
 		if !e.Pass {
-			if r, err := rt.lookup(e.Dst.Addr(), e.Mark, f.UID, f.Cookie != 0); err == nil {
+			if r, err := rt.Lookup(e.Dst.Addr(), e.Mark, f.UID, f.Cookie != 0); err == nil {
 				f.Dev = r.Dev
-				if li, err := rt.link(r.DevIdx); f.Dev == "" && err == nil {
-					f.Dev = li.name
+				if li, err := rt.Link(r.DevIdx); f.Dev == "" && err == nil {
+					f.Dev = li.Name
 				}
 			}
 		}
@@ -461,7 +464,7 @@ func (d *Daemon) newWorker(num uint16) (*worker, func() error, error) {
 	if w.diag, err = sockdiag.Open(); err != nil {
 		return nil, nil, err
 	}
-	if w.routes, err = newRouter(&d.routing); err != nil {
+	if w.routes, err = route.NewCache(&d.routing); err != nil {
 		w.diag.Close()
 		return nil, nil, err
 	}
@@ -473,13 +476,13 @@ func (d *Daemon) newWorker(num uint16) (*worker, func() error, error) {
 	}
 	if w.q, err = queue.Open(num, o); err != nil {
 		w.diag.Close()
-		w.routes.close()
+		w.routes.Close()
 		return nil, nil, err
 	}
 	w.owner.owners = owner.NewOwners()
 	return w, func() error {
 		err := w.q.Close()
-		w.routes.close()
+		w.routes.Close()
 		return errors.Join(err, w.diag.Close())
 	}, nil
 }

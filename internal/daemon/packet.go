@@ -12,6 +12,7 @@ import (
 	"github.com/rerouted/rerouted/internal/policy"
 	"github.com/rerouted/rerouted/internal/queue"
 	"github.com/rerouted/rerouted/internal/rewrite"
+	"github.com/rerouted/rerouted/internal/route"
 	"github.com/rerouted/rerouted/internal/sockdiag"
 	"golang.org/x/sys/unix"
 )
@@ -43,7 +44,7 @@ type worker struct {
 	d      *Daemon
 	q      *queue.Queue
 	diag   *sockdiag.Conn
-	routes *router
+	routes *route.Cache
 	owner  sockOwner   // the socket being decided
 	query  policy.Flow // the flow being decided (reused: no allocation)
 
@@ -200,7 +201,7 @@ func (w *worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 			return
 		}
 		w.d.stats.failed[failNoRoute].Add(1) // cached as a pass: counted once per flow
-		rt, mark = route{Src: t.Src.Addr(), DevIdx: int(p.OutDev)}, p.Mark
+		rt, mark = route.Route{Src: t.Src.Addr(), DevIdx: int(p.OutDev)}, p.Mark
 	}
 	want := netip.AddrPortFrom(rt.Src, t.Src.Port())
 	onWire := d.flows.OnWire(flow.Key{Proto: t.Proto, Src: want, Dst: t.Dst})
@@ -230,8 +231,8 @@ func (w *worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 		return
 	}
 	if f.Dev == "" {
-		if li, err := w.routes.link(rt.DevIdx); err == nil {
-			f.Dev = li.name
+		if li, err := w.routes.Link(rt.DevIdx); err == nil {
+			f.Dev = li.Name
 		}
 	}
 	w.describeOwner(f)
@@ -353,8 +354,8 @@ func (w *worker) syn(p *queue.Packet, t *rewrite.Packet) {
 		f.MSS = uint16(min(rt.MTU-headers, 0xffff))
 	}
 	if f.Dev == "" {
-		if li, err := w.routes.link(rt.DevIdx); err == nil {
-			f.Dev = li.name
+		if li, err := w.routes.Link(rt.DevIdx); err == nil {
+			f.Dev = li.Name
 		}
 	}
 	w.describeOwner(f)
@@ -391,17 +392,17 @@ func passReason(rule string, mark uint32) string {
 // route returns the route a new flow's mark leads to, and its preferred
 // source: the packet's own for mark 0. A marked flow with no route is left
 // untranslated (false).
-func (w *worker) route(p *queue.Packet, t *rewrite.Packet, mark, uid uint32) (route, bool) {
+func (w *worker) route(p *queue.Packet, t *rewrite.Packet, mark, uid uint32) (route.Route, bool) {
 	if mark == 0 && p.Mark == 0 {
-		return route{Src: t.Src.Addr(), DevIdx: int(p.OutDev)}, true
+		return route.Route{Src: t.Src.Addr(), DevIdx: int(p.OutDev)}, true
 	}
 	// (A host-marked flow moved to the host's routing, its uplink being
 	// down, asks it too: its socket's source was chosen for the mark.)
-	rt, err := w.routes.lookup(t.Dst.Addr(), mark, uid, true)
+	rt, err := w.routes.Lookup(t.Dst.Addr(), mark, uid, true)
 	if err != nil {
 		w.d.stats.errors[errNoRoute].Add(1)
 		w.d.log.Warn("no route for marked flow", "proto", protoName(t.Proto), "src", t.Src, "dst", t.Dst, "mark", mark, "err", err)
-		return route{}, false
+		return route.Route{}, false
 	}
 	return rt, true
 }

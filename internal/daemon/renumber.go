@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net/netip"
 
+	"github.com/rerouted/rerouted/internal/route"
 	"github.com/rerouted/rerouted/internal/sockdiag"
 	"github.com/rerouted/rerouted/internal/uplink"
 	"golang.org/x/sys/unix"
@@ -22,7 +23,7 @@ import (
 //     translation is removed.
 
 // moveStale moves the flows whose wire source is no longer the host's.
-func (d *Daemon) moveStale(r *uplink.Routing, diag *sockdiag.Conn, rt *router) {
+func (d *Daemon) moveStale(r *uplink.Routing, diag *sockdiag.Conn, rt *route.Cache) {
 	local, err := r.LocalAddrs()
 	if err != nil {
 		d.stats.errors[errRepair].Add(1)
@@ -59,7 +60,7 @@ func (d *Daemon) moveStale(r *uplink.Routing, diag *sockdiag.Conn, rt *router) {
 		d.metrics.moved.WithLabelValues(name, how).Inc()
 		to := netip.Addr{}
 		if how == "redecided" {
-			if r, err := rt.lookup(f.Dst.Addr(), f.Mark, f.UID, f.Cookie != 0); err == nil {
+			if r, err := rt.Lookup(f.Dst.Addr(), f.Mark, f.UID, f.Cookie != 0); err == nil {
 				to = r.Src
 			}
 		}

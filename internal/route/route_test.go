@@ -1,4 +1,4 @@
-package daemon
+package route
 
 import (
 	"context"
@@ -18,7 +18,7 @@ func TestWatchRouting(t *testing.T) {
 	var changes atomic.Uint64
 	kick := make(chan struct{}, 1)
 	var done <-chan struct{}
-	if err := ns.Do(func() (err error) { done, err = watchRouting(ctx, &changes, kick); return err }); err != nil {
+	if err := ns.Do(func() (err error) { done, err = Watch(ctx, &changes, kick); return err }); err != nil {
 		t.Fatal(err)
 	}
 	if err := ns.IP("link set lo up", "address add 192.0.2.1/32 dev lo"); err != nil {
