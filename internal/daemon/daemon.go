@@ -87,8 +87,8 @@ type Daemon struct {
 	steer   *steering // connect-time steering; nil when off
 	dp      *nftdp.Datapath
 	flows   *flow.Table
-	uplinks uplink.States // each uplink's state, per family
-	sticky  stickies      // balance rules' sticky choices
+	uplinks uplink.States   // each uplink's state, per family
+	balance uplink.Balancer // balance rules' choices, and the sticky ones kept
 	// routingChanged wakes the routing keeper (keepRouting), as a routing
 	// change does.
 	routingChanged chan<- struct{}
@@ -673,7 +673,7 @@ func (d *Daemon) sweepLoop(ctx context.Context, diag *sockdiag.Conn) {
 			continue
 		}
 		d.sweep(diag, udp)
-		d.expireSticky(time.Now())
+		d.balance.Expire(time.Now())
 		d.reportOverBudget()
 		// Idleness is read from the kernel's packet counters, a listing of
 		// every UDP and echo element: often enough to end flows within an

@@ -469,7 +469,7 @@ func (w *worker) decide(cfg *policy.Config, sock *sockdiag.Socket, p *queue.Pack
 		return r.Action.Mark, r.Name, false
 	}
 	if r.Action.Kind == policy.ActBalance {
-		if m, ok := w.d.balance(r, sock.UID, t.Dst.Addr(), v6); ok {
+		if m, ok := w.d.balance.Pick(&w.d.uplinks, r, sock.UID, t.Dst.Addr(), v6); ok {
 			return m, r.Name, false
 		}
 		return 0, r.Name, r.Action.DropWhenDown

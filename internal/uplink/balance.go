@@ -1,4 +1,4 @@
-package daemon
+package uplink
 
 import (
 	"math/rand/v2"
@@ -28,31 +28,34 @@ type stickyEntry struct {
 	last time.Time
 }
 
-// stickies holds the sticky choices; the sweeper drops expired ones.
-type stickies struct {
+// A Balancer picks balance rules' uplinks and holds their sticky choices;
+// the daemon's sweeper drops expired ones (Expire). It is safe for
+// concurrent use.
+type Balancer struct {
 	mu sync.Mutex
 	m  map[stickyKey]stickyEntry
 }
 
-// balance picks the mark of one of r's uplinks that is up: "default" (the
-// host's routing) is mark 0. It reports false when none is up.
-func (d *Daemon) balance(r *policy.Rule, uid uint32, dst netip.Addr, v6 bool) (uint32, bool) {
+// Pick picks the mark of one of r's uplinks that is up in states:
+// "default" (the host's routing) is mark 0. It reports false when none is
+// up.
+func (b *Balancer) Pick(states *States, r *policy.Rule, uid uint32, dst netip.Addr, v6 bool) (uint32, bool) {
 	a := &r.Action
 	now := time.Now()
 	var key stickyKey
 	if a.Sticky {
 		key = stickyKey{rule: r, uid: uid, dst: dst}
-		d.sticky.mu.Lock()
-		e, ok := d.sticky.m[key]
-		d.sticky.mu.Unlock()
-		if ok && now.Sub(e.last) < a.StickyFor && d.uplinks.Up(e.mark, v6) {
-			d.stick(key, e.mark, now)
+		b.mu.Lock()
+		e, ok := b.m[key]
+		b.mu.Unlock()
+		if ok && now.Sub(e.last) < a.StickyFor && states.Up(e.mark, v6) {
+			b.stick(key, e.mark, now)
 			return e.mark, true
 		}
 	}
 	total := 0
 	for i, c := range a.Choices {
-		if c.Uplink == nil || d.uplinks.Up(c.Uplink.Mark, v6) {
+		if c.Uplink == nil || states.Up(c.Uplink.Mark, v6) {
 			total += a.Weights[i]
 		}
 	}
@@ -61,7 +64,7 @@ func (d *Daemon) balance(r *policy.Rule, uid uint32, dst netip.Addr, v6 bool) (u
 	}
 	n := int(rand.Uint32N(uint32(total)))
 	for i, c := range a.Choices {
-		if c.Uplink != nil && !d.uplinks.Up(c.Uplink.Mark, v6) {
+		if c.Uplink != nil && !states.Up(c.Uplink.Mark, v6) {
 			continue
 		}
 		if n -= a.Weights[i]; n < 0 {
@@ -70,7 +73,7 @@ func (d *Daemon) balance(r *policy.Rule, uid uint32, dst netip.Addr, v6 bool) (u
 				mark = c.Uplink.Mark
 			}
 			if a.Sticky {
-				d.stick(key, mark, now)
+				b.stick(key, mark, now)
 			}
 			return mark, true
 		}
@@ -78,22 +81,22 @@ func (d *Daemon) balance(r *policy.Rule, uid uint32, dst netip.Addr, v6 bool) (u
 	return 0, false // not reached: the weights add up
 }
 
-func (d *Daemon) stick(k stickyKey, mark uint32, now time.Time) {
-	d.sticky.mu.Lock()
-	if d.sticky.m == nil {
-		d.sticky.m = map[stickyKey]stickyEntry{}
+func (b *Balancer) stick(k stickyKey, mark uint32, now time.Time) {
+	b.mu.Lock()
+	if b.m == nil {
+		b.m = map[stickyKey]stickyEntry{}
 	}
-	d.sticky.m[k] = stickyEntry{mark: mark, last: now}
-	d.sticky.mu.Unlock()
+	b.m[k] = stickyEntry{mark: mark, last: now}
+	b.mu.Unlock()
 }
 
-// expireSticky forgets sticky choices older than their rule's sticky_for.
-func (d *Daemon) expireSticky(now time.Time) {
-	d.sticky.mu.Lock()
-	defer d.sticky.mu.Unlock()
-	for k, e := range d.sticky.m {
+// Expire forgets sticky choices older than their rule's sticky_for.
+func (b *Balancer) Expire(now time.Time) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for k, e := range b.m {
 		if now.Sub(e.last) >= k.rule.Action.StickyFor {
-			delete(d.sticky.m, k)
+			delete(b.m, k)
 		}
 	}
 }
