@@ -29,6 +29,7 @@ import (
 
 	"github.com/rerouted/rerouted/internal/control"
 	"github.com/rerouted/rerouted/internal/daemon"
+	"github.com/rerouted/rerouted/internal/events"
 	"github.com/rerouted/rerouted/internal/instance"
 	"github.com/rerouted/rerouted/internal/nftdp"
 	"github.com/rerouted/rerouted/internal/policy"
@@ -164,11 +165,11 @@ func cmdCheck(args []string) int {
 
 // debugFlag is --debug (every kind of event, and debug logs) or
 // --debug=KIND,... (those kinds only).
-type debugFlag struct{ kinds daemon.EventKinds }
+type debugFlag struct{ kinds events.Kinds }
 
 func (d *debugFlag) String() string { return "" }
 func (d *debugFlag) Set(s string) error {
-	k, err := daemon.ParseEventKinds(s)
+	k, err := events.ParseKinds(s)
 	d.kinds = k
 	return err
 }
@@ -193,11 +194,11 @@ func cmdRun(args []string) int {
 		return code
 	}
 	level := slog.LevelInfo
-	var events io.Writer
+	var stream io.Writer
 	if debug.kinds != 0 {
-		events = os.Stdout
+		stream = os.Stdout
 	}
-	if debug.kinds&daemon.EventLog != 0 {
+	if debug.kinds&events.Log != 0 {
 		level = slog.LevelDebug
 	}
 	log := newLogger(os.Stderr, level)
@@ -233,7 +234,7 @@ func cmdRun(args []string) int {
 			log.Warn("systemd notification", "state", state, "err", err)
 		}
 	}
-	err := daemon.Run(ctx, daemon.Options{Config: cfg, Log: log, Events: events, EventKinds: debug.kinds, Reload: reload, Notify: notify, Detach: detach,
+	err := daemon.Run(ctx, daemon.Options{Config: cfg, Log: log, Events: stream, EventKinds: debug.kinds, Reload: reload, Notify: notify, Detach: detach,
 		InsecureConfig: insecure})
 	if errors.Is(err, daemon.ErrDetached) {
 		log.Info("stopped for a restart; the next start adopts the flows")

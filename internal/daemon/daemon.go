@@ -43,6 +43,7 @@ import (
 	"time"
 
 	"github.com/rerouted/rerouted/internal/control"
+	"github.com/rerouted/rerouted/internal/events"
 	"github.com/rerouted/rerouted/internal/flow"
 	"github.com/rerouted/rerouted/internal/instance"
 	"github.com/rerouted/rerouted/internal/nftdp"
@@ -61,7 +62,7 @@ type Options struct {
 	Log    *slog.Logger
 	Events io.Writer // the debug stream: one line per flow event; nil for none
 	// EventKinds selects the debug stream's lines (0: all of them).
-	EventKinds EventKinds
+	EventKinds events.Kinds
 	Reload     <-chan struct{} // each receive reloads the configuration file (SIGHUP)
 	// Detach, when it receives, stops the daemon for a restart: it exits
 	// leaving its table, its flows' elements and its uplinks' routing in
@@ -83,7 +84,7 @@ type Options struct {
 type Daemon struct {
 	cfg     atomic.Pointer[policy.Config] // swapped whole on reload
 	log     *slog.Logger
-	events  *eventWriter
+	events  *events.Writer
 	steer   *steering // connect-time steering; nil when off
 	dp      *nftdp.Datapath
 	flows   *flow.Table
@@ -177,9 +178,9 @@ func Run(ctx context.Context, o Options) (err error) {
 	if o.Events != nil {
 		kinds := o.EventKinds
 		if kinds == 0 {
-			kinds = EventAll
+			kinds = events.All
 		}
-		d.events = &eventWriter{w: o.Events, kinds: kinds}
+		d.events = events.NewWriter(o.Events, kinds)
 	}
 	if err := checkUplinks(cfg); err != nil {
 		return err
@@ -445,7 +446,7 @@ func (d *Daemon) adopt(diag *sockdiag.Conn) error {
 		}
 		adopted++
 		if !f.Pass {
-			d.events.write("ADOPT", f)
+			d.events.Flow("ADOPT", f)
 		}
 	}
 	if len(gone) > 0 {
@@ -523,7 +524,7 @@ func (d *Daemon) forget(f *flow.Flow) {
 	}
 	d.mu.Unlock()
 	if removed && !f.Pass {
-		d.events.write("DESTROY", f)
+		d.events.Flow("DESTROY", f)
 	}
 }
 
@@ -746,7 +747,7 @@ func (d *Daemon) sweep(diag *sockdiag.Conn, udp map[uint64]struct{}) {
 			suspects[f] = struct{}{}
 			continue
 		}
-		d.log.Debug("socket gone", "proto", protoName(f.Proto), "src", f.Src, "dst", f.Dst, "cookie", f.Cookie,
+		d.log.Debug("socket gone", "proto", flow.ProtoName(f.Proto), "src", f.Src, "dst", f.Dst, "cookie", f.Cookie,
 			"lookup", lookupResult(err), "found_cookie", so.Cookie, "found_state", sockdiag.StateName(so.State))
 		d.forget(f)
 	}
@@ -784,7 +785,7 @@ func (d *Daemon) expireIdle(now time.Time, timeout time.Duration) {
 		}
 		if now.Sub(f.UsedAt) >= timeout {
 			d.stats.idle.Add(1)
-			d.log.Debug("flow idle", "proto", protoName(f.Proto), "src", f.Src, "dst", f.Dst, "pass", f.Pass, "idle", now.Sub(f.UsedAt).Round(time.Second))
+			d.log.Debug("flow idle", "proto", flow.ProtoName(f.Proto), "src", f.Src, "dst", f.Dst, "pass", f.Pass, "idle", now.Sub(f.UsedAt).Round(time.Second))
 			d.forget(f)
 		}
 	}

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/rerouted/rerouted/internal/events"
 	"github.com/rerouted/rerouted/internal/flow"
 	"github.com/rerouted/rerouted/internal/owner"
 	"github.com/rerouted/rerouted/internal/policy"
@@ -215,10 +216,10 @@ func (w *worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 		f.Pass, f.NewSrc = true, t.Src
 		w.passed = true
 		if !w.admitAs(f, want) {
-			d.log.Debug("tuple already decided by another worker", "proto", protoName(t.Proto), "src", t.Src, "dst", t.Dst)
-		} else if d.events.on(EventPass) {
+			d.log.Debug("tuple already decided by another worker", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst)
+		} else if d.events.On(events.Pass) {
 			w.describeOwner(f)
-			d.events.pass(f, passReason(ruleName, mark))
+			d.events.Pass(f, passReason(ruleName, mark))
 		}
 		w.accept(p)
 		return
@@ -244,12 +245,12 @@ func (w *worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 	if !ok {
 		d.stats.errors[errNoPort].Add(1)
 		d.stats.failed[failNoPort].Add(1)
-		d.log.Error("no free source port for translation; dropping the datagram", "proto", protoName(t.Proto), "src", t.Src, "dst", t.Dst, "new_src", rt.Src)
+		d.log.Error("no free source port for translation; dropping the datagram", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst, "new_src", rt.Src)
 		w.drop(p)
 		return
 	}
 	d.stats.translated.Add(1)
-	d.events.write("NEW", f)
+	d.events.Flow("NEW", f)
 	w.hold(p, t, f)
 }
 
@@ -334,10 +335,10 @@ func (w *worker) syn(p *queue.Packet, t *rewrite.Packet) {
 	onWire := d.flows.OnWire(flow.Key{Proto: unix.IPPROTO_TCP, Src: want, Dst: t.Dst})
 	if rt.Src == t.Src.Addr() && mark == p.Mark && !onWire {
 		w.accept(p) // routing already gets it right: costs nothing from now on
-		if d.events.on(EventPass) {
+		if d.events.On(events.Pass) {
 			f := flow.Flow{Key: key, Mark: mark, Rule: ruleName, UID: sock.UID, NewSrc: t.Src}
 			w.describeOwner(&f)
-			d.events.pass(&f, passReason(ruleName, mark))
+			d.events.Pass(&f, passReason(ruleName, mark))
 		}
 		return
 	}
@@ -371,7 +372,7 @@ func (w *worker) syn(p *queue.Packet, t *rewrite.Packet) {
 		return
 	}
 	d.stats.translated.Add(1)
-	d.events.write("NEW", f)
+	d.events.Flow("NEW", f)
 
 	// 6. The SYN itself, rewritten, goes out once its elements are in.
 	w.hold(p, t, f)
@@ -401,7 +402,7 @@ func (w *worker) route(p *queue.Packet, t *rewrite.Packet, mark, uid uint32) (ro
 	rt, err := w.routes.Lookup(t.Dst.Addr(), mark, uid, true)
 	if err != nil {
 		w.d.stats.errors[errNoRoute].Add(1)
-		w.d.log.Warn("no route for marked flow", "proto", protoName(t.Proto), "src", t.Src, "dst", t.Dst, "mark", mark, "err", err)
+		w.d.log.Warn("no route for marked flow", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst, "mark", mark, "err", err)
 		return route.Route{}, false
 	}
 	return rt, true
@@ -418,7 +419,7 @@ func (w *worker) icmpError(p *queue.Packet, e *rewrite.ICMPError) {
 	}
 	rewrite.TranslateICMPError(p.Payload, e, f.Src)
 	w.d.stats.icmpErrors.Add(1)
-	w.d.log.Debug("icmp error readdressed", "type", e.Type, "code", e.Code, "proto", protoName(f.Proto), "wire", f.NewSrc, "socket", f.Src, "dst", f.Dst)
+	w.d.log.Debug("icmp error readdressed", "type", e.Type, "code", e.Code, "proto", flow.ProtoName(f.Proto), "wire", f.NewSrc, "socket", f.Src, "dst", f.Dst)
 	w.verdicted(p.ID, w.q.AcceptPacket(p.ID, p.Payload))
 }
 
@@ -497,8 +498,8 @@ func (w *worker) refuse(p *queue.Packet, t *rewrite.Packet, rule string, sock *s
 			d.log.Error("refuse a connection: close its socket", "src", t.Src, "dst", t.Dst, "err", err)
 		}
 	}
-	d.log.Debug("refused: every uplink of the rule is down (on_down = \"drop\")", "proto", protoName(t.Proto), "src", t.Src, "dst", t.Dst, "rule", rule)
-	d.events.refused(t, rule)
+	d.log.Debug("refused: every uplink of the rule is down (on_down = \"drop\")", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst, "rule", rule)
+	d.events.Refused(t, rule)
 	w.drop(p)
 }
 
@@ -507,7 +508,7 @@ func (w *worker) refuse(p *queue.Packet, t *rewrite.Packet, rule string, sock *s
 func (w *worker) describeOwner(f *flow.Flow) {
 	o := &w.owner
 	var fo flow.Owner
-	debug := w.d.events.on(EventNew | EventPass)
+	debug := w.d.events.On(events.New | events.Pass)
 	if debug || o.procDone {
 		if p, ok := o.Process(); ok {
 			fo.PID, fo.Comm, fo.Exe = p.PID, p.Comm, p.Exe
@@ -659,15 +660,15 @@ func (w *worker) fail(p *queue.Packet, t *rewrite.Packet, reason failReason) {
 	d := w.d
 	d.stats.failed[reason].Add(1)
 	if d.failClosed {
-		d.log.Warn("cannot decide a new flow; dropped (on_failure = \"closed\")", "proto", protoName(t.Proto), "src", t.Src, "dst", t.Dst,
+		d.log.Warn("cannot decide a new flow; dropped (on_failure = \"closed\")", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst,
 			"mark", p.Mark, "reason", failReasonNames[reason])
 		w.drop(p)
 		return
 	}
-	d.log.Debug("cannot decide a new flow; it leaves untranslated (on_failure = \"open\")", "proto", protoName(t.Proto), "src", t.Src, "dst", t.Dst,
+	d.log.Debug("cannot decide a new flow; it leaves untranslated (on_failure = \"open\")", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst,
 		"mark", p.Mark, "reason", failReasonNames[reason])
-	if d.events.on(EventPass) {
-		d.events.pass(&flow.Flow{Key: flow.Key{Proto: t.Proto, Src: t.Src, Dst: t.Dst}, Mark: p.Mark, UID: p.UID},
+	if d.events.On(events.Pass) {
+		d.events.Pass(&flow.Flow{Key: flow.Key{Proto: t.Proto, Src: t.Src, Dst: t.Dst}, Mark: p.Mark, UID: p.UID},
 			"failed open: "+failReasonNames[reason])
 	}
 	w.accept(p)

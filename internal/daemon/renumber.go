@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net/netip"
 
+	"github.com/rerouted/rerouted/internal/flow"
 	"github.com/rerouted/rerouted/internal/route"
 	"github.com/rerouted/rerouted/internal/sockdiag"
 	"github.com/rerouted/rerouted/internal/uplink"
@@ -64,8 +65,8 @@ func (d *Daemon) moveStale(r *uplink.Routing, diag *sockdiag.Conn, rt *route.Cac
 				to = r.Src
 			}
 		}
-		d.events.move(f, how, to)
-		d.log.Warn("a flow's source address went away; moved it", "proto", protoName(f.Proto), "src", f.Src, "dst", f.Dst,
+		d.events.Move(f, how, to)
+		d.log.Warn("a flow's source address went away; moved it", "proto", flow.ProtoName(f.Proto), "src", f.Src, "dst", f.Dst,
 			"gone", f.NewSrc.Addr(), "how", how, "next_src", to, "uplink", name)
 	}
 }

@@ -14,6 +14,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rerouted/rerouted/internal/connect"
 	"github.com/rerouted/rerouted/internal/control"
+	"github.com/rerouted/rerouted/internal/events"
+	"github.com/rerouted/rerouted/internal/flow"
 	"github.com/rerouted/rerouted/internal/nftdp"
 	"github.com/rerouted/rerouted/internal/owner"
 	"github.com/rerouted/rerouted/internal/policy"
@@ -59,8 +61,8 @@ func (d *Daemon) startSteering(cfg *policy.Config) error {
 	}
 	d.steer = &steering{e: e}
 	e.SetEphemeral(d.portLo, d.portHi)
-	events := d.events.on(EventBind | EventRefused)
-	e.SetEvents(events)
+	wantEvents := d.events.On(events.Bind | events.Refused)
+	e.SetEvents(wantEvents)
 	if err := e.Apply(im); err != nil {
 		e.Detach()
 		d.steer = nil
@@ -71,7 +73,7 @@ func (d *Daemon) startSteering(cfg *policy.Config) error {
 		d.steer = nil
 		return err
 	}
-	if events {
+	if wantEvents {
 		go func() {
 			if err := e.Events(d.steered); err != nil {
 				d.log.Error("connect steering: its events are no longer read", "err", err)
@@ -226,7 +228,7 @@ func (d *Daemon) closeSteered(u *policy.Uplink, a netip.Addr) {
 		}
 		if len(victims) > 0 {
 			d.log.Warn("uplink renumbered: closed the sockets bound at connect() to its old address", "uplink", u.Name, "address", a,
-				"proto", protoName(proto), "sockets", len(victims))
+				"proto", flow.ProtoName(proto), "sockets", len(victims))
 		}
 	}
 }
@@ -268,7 +270,7 @@ func (d *Daemon) steered(ev connect.Event) {
 	if im != nil && ev.Uplink < len(im.Uplinks) {
 		up = im.Uplinks[ev.Uplink]
 	}
-	d.events.bind(ev, rule, up, src)
+	d.events.Bind(ev, rule, up, src)
 }
 
 // list calls fn for each socket on a steered uplink's address: the
@@ -313,7 +315,7 @@ func (s *steering) list(d *Daemon, fn func(control.FlowInfo) error) error {
 			if !ok || ferr != nil || so.State == sockdiag.StateListen || !so.Remote.Addr().IsValid() || so.Remote.Addr().IsUnspecified() {
 				return
 			}
-			ferr = fn(control.FlowInfo{Proto: protoName(q.proto),
+			ferr = fn(control.FlowInfo{Proto: flow.ProtoName(q.proto),
 				Original: control.Tuple{Src: so.Local.Addr().Unmap(), Dst: so.Remote.Addr().Unmap(), Sport: so.Local.Port(), Dport: so.Remote.Port()},
 				Reply:    control.Tuple{Src: so.Remote.Addr().Unmap(), Dst: so.Local.Addr().Unmap(), Sport: so.Remote.Port(), Dport: so.Local.Port()},
 				Mark:     u.mark, Dev: u.dev, UID: so.UID, Rule: "at connect (" + u.name + ")", Cookie: so.Cookie})

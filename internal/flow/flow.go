@@ -12,6 +12,7 @@ package flow
 import (
 	"net/netip"
 	"sort"
+	"strconv"
 	"sync"
 	"time"
 )
@@ -233,4 +234,20 @@ func (s *Sweep) End() []*Flow {
 		}
 	}
 	return missing
+}
+
+// ProtoName names an IP protocol as conntrack does ("tcp", "udp", "icmp",
+// "icmpv6"), or by its number.
+func ProtoName(p uint8) string {
+	switch p {
+	case 6:
+		return "tcp"
+	case 17:
+		return "udp"
+	case 1:
+		return "icmp"
+	case 58:
+		return "icmpv6"
+	}
+	return strconv.Itoa(int(p))
 }

@@ -1,24 +1,24 @@
-package daemon
+package events
 
 import (
 	"strings"
 	"testing"
 )
 
-func TestParseEventKinds(t *testing.T) {
+func TestParseKinds(t *testing.T) {
 	for _, c := range []struct {
 		in   string
-		want EventKinds
+		want Kinds
 		err  string
 	}{
-		{"all", EventAll, ""},
-		{"new,destroy", EventNew | EventDestroy, ""},
-		{" pass , log", EventPass | EventLog, ""},
-		{"uplink,move,refused", EventUplink | EventMove | EventRefused, ""},
+		{"all", All, ""},
+		{"new,destroy", New | Destroy, ""},
+		{" pass , log", Pass | Log, ""},
+		{"uplink,move,refused", Uplink | Move | Refused, ""},
 		{"new,bogus", 0, `unknown debug event kind "bogus"`},
 		{"", 0, `unknown debug event kind ""`},
 	} {
-		got, err := ParseEventKinds(c.in)
+		got, err := ParseKinds(c.in)
 		if c.err != "" {
 			if err == nil || !strings.Contains(err.Error(), c.err) {
 				t.Errorf("%q: err %v, want %q", c.in, err, c.err)
@@ -29,11 +29,11 @@ func TestParseEventKinds(t *testing.T) {
 			t.Errorf("%q: %b, %v; want %b", c.in, got, err, c.want)
 		}
 	}
-	var nilWriter *eventWriter
-	if nilWriter.on(EventAll) {
+	var nilWriter *Writer
+	if nilWriter.On(All) {
 		t.Error("a nil writer prints")
 	}
-	if (&eventWriter{kinds: EventNew}).on(EventPass) {
+	if (&Writer{kinds: New}).On(Pass) {
 		t.Error("a writer for new lines prints pass lines")
 	}
 }

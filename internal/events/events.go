@@ -1,4 +1,6 @@
-package daemon
+// Package events is the daemon's debug stream (--debug): one line per flow
+// event, in the spirit of conntrack -E.
+package events
 
 import (
 	"fmt"
@@ -15,7 +17,7 @@ import (
 	"github.com/rerouted/rerouted/internal/uplink"
 )
 
-// eventWriter prints one line per flow event, in the spirit of conntrack -E:
+// A Writer prints one line per flow event, in the spirit of conntrack -E:
 //
 //	[NEW] tcp src=198.51.100.2 dst=192.0.2.80 sport=40312 dport=80 mark=100 => src=203.0.113.2 sport=40312 dev=hb uid=1000 pid=4242 comm="curl" exe=/usr/bin/curl cgroup=/user.slice/user-1000.slice/session-1.scope rule="web"
 //
@@ -32,45 +34,48 @@ import (
 //
 //	[PASS] tcp src=198.51.100.2 dst=192.0.2.80 sport=40314 dport=8081 mark=0 uid=1000 pid=4243 comm="curl" exe=/usr/bin/curl rule="" reason="no rule matched"
 //
-// A nil *eventWriter prints nothing; kinds selects what a non-nil one
-// prints.
-type eventWriter struct {
-	kinds EventKinds
+// A nil *Writer prints nothing; kinds selects what a non-nil one prints.
+// It is safe for concurrent use.
+type Writer struct {
+	kinds Kinds
 	mu    sync.Mutex
 	w     io.Writer
 	buf   []byte
 }
 
-// EventKinds selects the lines of the debug stream (--debug=new,pass,...).
-type EventKinds uint16
+// NewWriter returns a Writer of the lines of kinds to w.
+func NewWriter(w io.Writer, kinds Kinds) *Writer { return &Writer{w: w, kinds: kinds} }
+
+// Kinds selects the lines of the debug stream (--debug=new,pass,...).
+type Kinds uint16
 
 // The kinds of debug-stream line.
 const (
-	EventNew     EventKinds = 1 << iota // [NEW] and [ADOPT]: a flow translated, or adopted at start
-	EventDestroy                        // [DESTROY]: a translation ended
-	EventPass                           // [PASS]: a new flow left alone, and why
-	EventMove                           // [MOVE]: a flow moved off an address that went away
-	EventRefused                        // [REFUSED]: a flow refused, its rule's uplinks all down
-	EventUplink                         // [UPLINK]: an uplink went down or came up
-	EventLog                            // the daemon's DEBUG log lines
-	EventBind                           // [BIND]: a socket bound to its uplink at connect() (steering = "connect")
-	EventAll     = EventNew | EventDestroy | EventPass | EventMove | EventRefused | EventUplink | EventLog | EventBind
+	New     Kinds = 1 << iota // [NEW] and [ADOPT]: a flow translated, or adopted at start
+	Destroy                   // [DESTROY]: a translation ended
+	Pass                      // [PASS]: a new flow left alone, and why
+	Move                      // [MOVE]: a flow moved off an address that went away
+	Refused                   // [REFUSED]: a flow refused, its rule's uplinks all down
+	Uplink                    // [UPLINK]: an uplink went down or came up
+	Log                       // the daemon's DEBUG log lines
+	Bind                      // [BIND]: a socket bound to its uplink at connect() (steering = "connect")
+	All     = New | Destroy | Pass | Move | Refused | Uplink | Log | Bind
 )
 
 var eventKindNames = []struct {
 	name string
-	kind EventKinds
-}{{"new", EventNew}, {"destroy", EventDestroy}, {"pass", EventPass}, {"move", EventMove},
-	{"refused", EventRefused}, {"uplink", EventUplink}, {"log", EventLog}, {"bind", EventBind}}
+	kind Kinds
+}{{"new", New}, {"destroy", Destroy}, {"pass", Pass}, {"move", Move},
+	{"refused", Refused}, {"uplink", Uplink}, {"log", Log}, {"bind", Bind}}
 
-// ParseEventKinds reads a comma-separated list of event kinds ("new,pass");
+// ParseKinds reads a comma-separated list of event kinds ("new,pass");
 // "all" or "true" is every kind.
-func ParseEventKinds(s string) (EventKinds, error) {
-	var k EventKinds
+func ParseKinds(s string) (Kinds, error) {
+	var k Kinds
 	for _, name := range strings.Split(s, ",") {
 		name = strings.TrimSpace(name)
 		if name == "all" || name == "true" {
-			k |= EventAll
+			k |= All
 			continue
 		}
 		found := false
@@ -91,15 +96,17 @@ func ParseEventKinds(s string) (EventKinds, error) {
 	return k, nil
 }
 
-// on reports whether lines of kind k are printed.
-func (e *eventWriter) on(k EventKinds) bool { return e != nil && e.kinds&k != 0 }
+// On reports whether lines of kind k are printed.
+func (e *Writer) On(k Kinds) bool { return e != nil && e.kinds&k != 0 }
 
-func (e *eventWriter) write(kind string, f *flow.Flow) {
-	k := EventNew
+// Flow prints a flow translated ("NEW"), adopted at start ("ADOPT") or
+// ended ("DESTROY").
+func (e *Writer) Flow(kind string, f *flow.Flow) {
+	k := New
 	if kind == "DESTROY" {
-		k = EventDestroy
+		k = Destroy
 	}
-	if !e.on(k) {
+	if !e.On(k) {
 		return
 	}
 	e.mu.Lock()
@@ -117,12 +124,12 @@ func (e *eventWriter) write(kind string, f *flow.Flow) {
 	e.w.Write(b)
 }
 
-// pass prints a new flow the daemon leaves alone, once (a flow whose
+// Pass prints a new flow the daemon leaves alone, once (a flow whose
 // decision the kernel caches, or a connection's SYN), with why. f holds
 // the socket's tuple, the mark the packet keeps, the owner as far as known
 // and the rule that matched, if any.
-func (e *eventWriter) pass(f *flow.Flow, reason string) {
-	if !e.on(EventPass) {
+func (e *Writer) Pass(f *flow.Flow, reason string) {
+	if !e.On(Pass) {
 		return
 	}
 	e.mu.Lock()
@@ -157,7 +164,7 @@ func appendFlow(b []byte, f *flow.Flow) []byte {
 
 // appendTuple formats a flow's socket tuple and mark.
 func appendTuple(b []byte, f *flow.Flow) []byte {
-	b = append(b, protoName(f.Proto)...)
+	b = append(b, flow.ProtoName(f.Proto)...)
 	b = append(b, " src="...)
 	b = f.Src.Addr().AppendTo(b)
 	b = append(b, " dst="...)
@@ -196,25 +203,11 @@ func appendOwner(b []byte, f *flow.Flow) []byte {
 	return strconv.AppendQuote(b, f.Rule)
 }
 
-func protoName(p uint8) string {
-	switch p {
-	case 6:
-		return "tcp"
-	case 17:
-		return "udp"
-	case 1:
-		return "icmp"
-	case 58:
-		return "icmpv6"
-	}
-	return strconv.Itoa(int(p))
-}
-
-// move prints a flow moved off an address that went away:
+// Move prints a flow moved off an address that went away:
 //
 //	[MOVE] udp src=198.51.100.2 dst=192.0.2.80 sport=5000 dport=53 mark=100 => src=203.0.113.2 ... how=redecided next_src=203.0.113.3
-func (e *eventWriter) move(f *flow.Flow, how string, next netip.Addr) {
-	if !e.on(EventMove) {
+func (e *Writer) Move(f *flow.Flow, how string, next netip.Addr) {
+	if !e.On(Move) {
 		return
 	}
 	e.mu.Lock()
@@ -232,17 +225,17 @@ func (e *eventWriter) move(f *flow.Flow, how string, next netip.Addr) {
 	e.w.Write(b)
 }
 
-// refused prints a flow refused because its rule's uplinks are down:
+// Refused prints a flow refused because its rule's uplinks are down:
 //
 //	[REFUSED] tcp src=198.51.100.2 dst=192.0.2.80 sport=40312 dport=80 rule="web": every uplink of the rule is down
-func (e *eventWriter) refused(t *rewrite.Packet, rule string) {
-	if !e.on(EventRefused) {
+func (e *Writer) Refused(t *rewrite.Packet, rule string) {
+	if !e.On(Refused) {
 		return
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	b := append(e.buf[:0], "[REFUSED] "...)
-	b = append(b, protoName(t.Proto)...)
+	b = append(b, flow.ProtoName(t.Proto)...)
 	b = append(b, " src="...)
 	b = t.Src.Addr().AppendTo(b)
 	b = append(b, " dst="...)
@@ -258,17 +251,17 @@ func (e *eventWriter) refused(t *rewrite.Packet, rule string) {
 	e.w.Write(b)
 }
 
-// bind prints a socket the connect-time program bound to its uplink, or a
+// Bind prints a socket the connect-time program bound to its uplink, or a
 // connect() it refused:
 //
 //	[BIND] tcp dst=192.0.2.80 dport=8080 => src=203.0.113.2 uplink=isp-b uid=1000 pid=4242 comm="curl" rule="web"
 //	[REFUSED] tcp dst=192.0.2.80 dport=8080 uid=1000 pid=4242 comm="curl" rule="api": every uplink of the rule is down (at connect)
-func (e *eventWriter) bind(ev connect.Event, rule, up string, src netip.Addr) {
-	k := EventBind
+func (e *Writer) Bind(ev connect.Event, rule, up string, src netip.Addr) {
+	k := Bind
 	if ev.Refused {
-		k = EventRefused
+		k = Refused
 	}
-	if !e.on(k) {
+	if !e.On(k) {
 		return
 	}
 	e.mu.Lock()
@@ -304,11 +297,11 @@ func (e *eventWriter) bind(ev connect.Event, rule, up string, src netip.Addr) {
 	e.w.Write(b)
 }
 
-// uplink prints an uplink's transition:
+// Uplink prints an uplink's transition:
 //
 //	[UPLINK] isp-b ipv4 down: link hb is down
-func (e *eventWriter) uplink(st uplink.Status) {
-	if !e.on(EventUplink) {
+func (e *Writer) Uplink(st uplink.Status) {
+	if !e.On(Uplink) {
 		return
 	}
 	e.mu.Lock()
