@@ -9,6 +9,7 @@ import (
 
 	"github.com/rerouted/rerouted/internal/flow"
 	"github.com/rerouted/rerouted/internal/nftdp"
+	"github.com/rerouted/rerouted/internal/nftmon"
 	"golang.org/x/sys/unix"
 )
 
@@ -26,7 +27,7 @@ import (
 const tableCheckEvery = 10 * time.Second
 
 // guardTable runs until ctx is done; it owns the monitor's socket.
-func (d *Daemon) guardTable(ctx context.Context, m *nftdp.Monitor) {
+func (d *Daemon) guardTable(ctx context.Context, m *nftmon.Monitor) {
 	stop := context.AfterFunc(ctx, func() { m.SetDeadline(time.Now()) })
 	defer stop()
 	for {
@@ -40,12 +41,12 @@ func (d *Daemon) guardTable(ctx context.Context, m *nftdp.Monitor) {
 		}
 		switch {
 		case err != nil && errors.Is(err, os.ErrDeadlineExceeded):
-			dmg = &nftdp.Damage{At: time.Now()}
+			dmg = &nftmon.Damage{At: time.Now()}
 		case err != nil:
 			d.stats.errors[errRepair].Add(1)
 			d.log.Error("nftables notifications: read failed; checking the table", "err", err)
 			time.Sleep(100 * time.Millisecond)
-			dmg = &nftdp.Damage{At: time.Now(), Overflow: true}
+			dmg = &nftmon.Damage{At: time.Now(), Overflow: true}
 		}
 		if dmg.Overflow || len(dmg.Lost)+len(dmg.Changed) == 0 {
 			// Nothing said what happened: look.
@@ -74,7 +75,7 @@ func (d *Daemon) guardTable(ctx context.Context, m *nftdp.Monitor) {
 // rules, then the elements of every flow in the flow table. Nothing else
 // changes the table meanwhile: the flow table is held (no flow comes or
 // goes) and so is the installer (no transaction interleaves).
-func (d *Daemon) repairTable(dmg *nftdp.Damage) {
+func (d *Daemon) repairTable(dmg *nftmon.Damage) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.inst.flushMu.Lock()
@@ -172,7 +173,7 @@ func (d *Daemon) removeForeign() int {
 }
 
 // repairKinds names what a repair put back, for rerouted_repairs_total.
-func repairKinds(dmg *nftdp.Damage) []string {
+func repairKinds(dmg *nftmon.Damage) []string {
 	seen := map[string]bool{}
 	var out []string
 	add := func(k string) {

@@ -173,7 +173,7 @@ func (d *Datapath) compile(f Filter, gen int, native bool) compiled {
 			for fi := range d.fams {
 				fam := &d.fams[fi]
 				for _, proto := range protos {
-					if r.Protocols != nil && !contains(r.Protocols, proto) {
+					if r.Protocols != nil && !slices.Contains(r.Protocols, proto) {
 						continue
 					}
 					m := []expr.Any{
