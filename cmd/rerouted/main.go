@@ -30,6 +30,7 @@ import (
 	"github.com/rerouted/rerouted/internal/control"
 	"github.com/rerouted/rerouted/internal/daemon"
 	"github.com/rerouted/rerouted/internal/events"
+	"github.com/rerouted/rerouted/internal/filesafety"
 	"github.com/rerouted/rerouted/internal/instance"
 	"github.com/rerouted/rerouted/internal/nftdp"
 	"github.com/rerouted/rerouted/internal/policy"
@@ -124,10 +125,10 @@ func loadConfig(file string) (*policy.Config, int) {
 	return cfg, exitOK
 }
 
-// insecureWarning words a CheckFileSecurity error for a warning: its fix,
+// insecureWarning words a filesafety.Check error for a warning: its fix,
 // without the advice to pass --insecure-config, which was.
 func insecureWarning(err error) string {
-	var ie *policy.InsecureFileError
+	var ie *filesafety.InsecureFileError
 	if errors.As(err, &ie) {
 		return ie.Problem() + "; fix: " + strings.Join(ie.Fixes, " && ")
 	}
@@ -152,7 +153,7 @@ func cmdCheck(args []string) int {
 	}
 	// The daemon runs as root: a file another user can change would route
 	// as that user says. run refuses it; so does check, to say so first.
-	if err := policy.CheckFileSecurity(file); err != nil {
+	if err := filesafety.Check(file); err != nil {
 		if !insecure {
 			fmt.Fprintf(os.Stderr, "rerouted: %v\n", err)
 			return exitUsage
@@ -204,7 +205,7 @@ func cmdRun(args []string) int {
 	log := newLogger(os.Stderr, level)
 	// Before anything is installed: a root daemon must not take its rules
 	// from a file another user can change.
-	if err := policy.CheckFileSecurity(file); err != nil {
+	if err := filesafety.Check(file); err != nil {
 		if !insecure {
 			log.Error("refusing to run with a configuration file users other than root can change", "err", err)
 			return exitUsage

@@ -44,6 +44,7 @@ import (
 
 	"github.com/rerouted/rerouted/internal/control"
 	"github.com/rerouted/rerouted/internal/events"
+	"github.com/rerouted/rerouted/internal/filesafety"
 	"github.com/rerouted/rerouted/internal/flow"
 	"github.com/rerouted/rerouted/internal/instance"
 	"github.com/rerouted/rerouted/internal/nftdp"
@@ -570,7 +571,7 @@ func (d *Daemon) reload() {
 	old := d.cfg.Load()
 	if !d.insecure {
 		// Someone may have loosened the file since the start.
-		if err := policy.CheckFileSecurity(old.File); err != nil {
+		if err := filesafety.Check(old.File); err != nil {
 			d.log.Error("reload rejected; the current policy stays in force", "config", old.File, "err", err)
 			return
 		}

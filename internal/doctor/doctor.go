@@ -21,6 +21,7 @@ import (
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
 	"github.com/rerouted/rerouted/internal/connect"
+	"github.com/rerouted/rerouted/internal/filesafety"
 	"github.com/rerouted/rerouted/internal/nftdp"
 	"github.com/rerouted/rerouted/internal/owner"
 	"github.com/rerouted/rerouted/internal/policy"
@@ -191,8 +192,8 @@ func checkConfigFile(r *Report, file string) {
 	if file == "" { // a configuration not read from a file
 		return
 	}
-	err := policy.CheckFileSecurity(file)
-	var ie *policy.InsecureFileError
+	err := filesafety.Check(file)
+	var ie *filesafety.InsecureFileError
 	switch {
 	case errors.As(err, &ie):
 		r.problem(ie.Fix(), "%s", ie.Problem())

@@ -1,4 +1,6 @@
-package policy
+// Package filesafety checks that only root can change a file a root daemon
+// reads its configuration from.
+package filesafety
 
 import (
 	"errors"
@@ -10,7 +12,7 @@ import (
 	"syscall"
 )
 
-// InsecureFileError is what CheckFileSecurity returns for a configuration
+// InsecureFileError is what Check returns for a configuration
 // file that users other than root could change: a root daemon that read it
 // would route (and translate) as they say.
 type InsecureFileError struct {
@@ -36,7 +38,7 @@ func (e *InsecureFileError) Fix() string {
 
 func (e *InsecureFileError) Error() string { return e.Problem() + "; fix: " + e.Fix() }
 
-// CheckFileSecurity checks, as sshd's StrictModes does, that only root can
+// Check checks, as sshd's StrictModes does, that only root can
 // change the configuration file at path: the file (where a symlink leads,
 // if path is one) must be owned by root and writable by nobody else (its
 // group may write it if that group is root), and every directory a name is
@@ -44,7 +46,7 @@ func (e *InsecureFileError) Error() string { return e.Problem() + "; fix: " + e.
 // writable by group or others, unless it is sticky (as /tmp is). It returns
 // an *InsecureFileError listing every problem and its fix, or another error
 // if the path cannot be examined.
-func CheckFileSecurity(path string) error {
+func Check(path string) error {
 	abs, err := filepath.Abs(path)
 	if err != nil {
 		return fmt.Errorf("cannot check who can change configuration file %s: %w", path, err)

@@ -1,4 +1,4 @@
-package policy
+package filesafety
 
 import (
 	"errors"
@@ -64,26 +64,26 @@ func mkdir(t *testing.T, parent, name string, mode os.FileMode, uid int) string 
 	return d
 }
 
-// insecure checks that CheckFileSecurity rejects f with every string in want
+// insecure checks that Check rejects f with every string in want
 // (and always the file's name and --insecure-config).
 func insecure(t *testing.T, f string, want ...string) {
 	t.Helper()
-	err := CheckFileSecurity(f)
+	err := Check(f)
 	var ie *InsecureFileError
 	if !errors.As(err, &ie) {
-		t.Fatalf("CheckFileSecurity(%s) = %v, want an *InsecureFileError", f, err)
+		t.Fatalf("Check(%s) = %v, want an *InsecureFileError", f, err)
 	}
 	for _, w := range append([]string{f, "--insecure-config"}, want...) {
 		if !strings.Contains(err.Error(), w) {
-			t.Errorf("CheckFileSecurity(%s): no %q in %q", f, w, err)
+			t.Errorf("Check(%s): no %q in %q", f, w, err)
 		}
 	}
 }
 
 func secure(t *testing.T, f string) {
 	t.Helper()
-	if err := CheckFileSecurity(f); err != nil {
-		t.Errorf("CheckFileSecurity(%s) = %v, want nil", f, err)
+	if err := Check(f); err != nil {
+		t.Errorf("Check(%s) = %v, want nil", f, err)
 	}
 }
 
@@ -96,7 +96,7 @@ func TestCheckFileSecurityFile(t *testing.T) {
 
 	f := file(t, d, "user.toml", 0o600, 4321, 4321)
 	insecure(t, f, "owned by uid 4321, not root", "fix: chown root:root "+f+" && chmod 0600 "+f)
-	if e := new(InsecureFileError); errors.As(CheckFileSecurity(f), &e) && (e.File != f || e.Target != "" || len(e.Problems) != 1) {
+	if e := new(InsecureFileError); errors.As(Check(f), &e) && (e.File != f || e.Target != "" || len(e.Problems) != 1) {
 		t.Errorf("user.toml: %+v", e)
 	}
 
@@ -161,7 +161,7 @@ func TestCheckFileSecuritySymlinks(t *testing.T) {
 	bad := file(t, d, "bad.toml", 0o666, 4321, 0)
 	l := link(d, "to-bad.toml", bad)
 	insecure(t, l, l+" (a symlink to "+bad+")", "owned by uid 4321", "mode 0666", "chown root:root "+bad+" && chmod 0600 "+bad)
-	if e := new(InsecureFileError); !errors.As(CheckFileSecurity(l), &e) || e.Target != bad {
+	if e := new(InsecureFileError); !errors.As(Check(l), &e) || e.Target != bad {
 		t.Errorf("to-bad.toml: %+v", e)
 	}
 
@@ -183,10 +183,10 @@ func TestCheckFileSecuritySymlinks(t *testing.T) {
 
 	// A loop, and a missing file, are errors of their own.
 	loop := link(d, "loop", "loop")
-	if err := CheckFileSecurity(loop); err == nil || errors.As(err, new(*InsecureFileError)) {
+	if err := Check(loop); err == nil || errors.As(err, new(*InsecureFileError)) {
 		t.Errorf("symlink loop: %v", err)
 	}
-	if err := CheckFileSecurity(filepath.Join(d, "missing.toml")); err == nil || !errors.Is(err, os.ErrNotExist) || !strings.Contains(err.Error(), "missing.toml") {
+	if err := Check(filepath.Join(d, "missing.toml")); err == nil || !errors.Is(err, os.ErrNotExist) || !strings.Contains(err.Error(), "missing.toml") {
 		t.Errorf("missing file: %v", err)
 	}
 }
