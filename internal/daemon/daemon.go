@@ -22,8 +22,10 @@
 // removed after everything else, on their own rtnetlink socket (package
 // uplink).
 //
-// d.mu makes each flow table change and its kernel change one step, so the
-// kernel sees them in table order.
+// The installer (install.go) owns the ordering rule: it alone changes the
+// flow table, each change and its kernel change one step, so the kernel
+// sees them in table order and a flow's elements are in before its first
+// packet is released.
 package daemon
 
 import (
@@ -88,7 +90,7 @@ type Daemon struct {
 	events  *events.Writer
 	steer   *steering // connect-time steering; nil when off
 	dp      *nftdp.Datapath
-	flows   *flow.Table
+	flows   *flow.Table     // read anywhere; flows enter and leave only through inst
 	uplinks uplink.States   // each uplink's state, per family
 	balance uplink.Balancer // balance rules' choices, and the sticky ones kept
 	// routingChanged wakes the routing keeper (keepRouting), as a routing
@@ -99,8 +101,7 @@ type Daemon struct {
 	suspects       map[*flow.Flow]struct{} // flows whose socket the last sweep found gone (sweeper only)
 	overSeen       map[uint32]uint64       // each uid's over-budget count last reported (sweeper only)
 	notify         func(state string)
-	insecure       bool       // InsecureConfig
-	mu             sync.Mutex // a flow table change and its kernel change are one step
+	insecure       bool // InsecureConfig
 
 	userspace      bool          // every packet of a translated flow goes through the workers
 	failClosed     bool          // on_failure = "closed"
@@ -174,7 +175,7 @@ func Run(ctx context.Context, o Options) (err error) {
 		d.notify = func(string) {}
 	}
 	d.cfg.Store(cfg)
-	d.inst = newInstaller(d)
+	d.inst = newInstaller(d, d.flows)
 	d.metrics = newMetrics(d)
 	if o.Events != nil {
 		kinds := o.EventKinds
@@ -441,7 +442,7 @@ func (d *Daemon) adopt(diag *sockdiag.Conn) error {
 				}
 			}
 		}
-		if !d.flows.Reserve(f) {
+		if !d.inst.adopt(f) {
 			gone = append(gone, e) // two elements claim one tuple: keep the first
 			continue
 		}
@@ -518,13 +519,7 @@ func (d *Daemon) watchUDPCloses(w *sockdiag.Destroyed, closing *atomic.Bool) {
 
 // forget removes a flow from the table and, in order, from the kernel.
 func (d *Daemon) forget(f *flow.Flow) {
-	d.mu.Lock()
-	removed := d.flows.Remove(f)
-	if removed {
-		d.inst.enqueue(f, true)
-	}
-	d.mu.Unlock()
-	if removed && !f.Pass {
+	if d.inst.remove(f) && !f.Pass {
 		d.events.Flow("DESTROY", f)
 	}
 }

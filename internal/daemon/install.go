@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"net/netip"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -11,19 +12,25 @@ import (
 	"github.com/rerouted/rerouted/internal/nftdp"
 )
 
-// installer applies every change to the kernel's flow maps, in the order the
-// flow table saw them, as few transactions as possible.
+// installer owns the ordering rule: a flow's elements are installed
+// before its first packet is released, and every change to the kernel's
+// flow maps reaches the kernel in the order the flow table saw it, in as
+// few transactions as possible.
 //
-// Changes are enqueued under Daemon.mu together with the flow table change,
-// so that a removal and a later flow with the same tuple reach the kernel in
-// that order. Whoever needs them applied calls flush: a worker before it
-// releases the SYNs of a burst, the installer's goroutine for removals.
+// It is the only writer of the flow table (anyone may read it): add and
+// remove change the table and enqueue the kernel change as one step, under
+// mu, so that a removal and a later flow with the same tuple reach the
+// kernel in that order. Whoever needs the changes applied calls flush: a
+// worker before it releases the first packets of a burst, the installer's
+// goroutine for removals. installed tells whether a flow's elements are in.
 type installer struct {
-	d    *Daemon
-	ops  chan flowOp
-	next uint64        // sequence of the last enqueued op; under Daemon.mu
-	done atomic.Uint64 // sequence of the last applied op
-	kick chan struct{}
+	d     *Daemon
+	flows *flow.Table
+	mu    sync.Mutex // a flow table change and its kernel change are one step
+	ops   chan flowOp
+	next  uint64        // sequence of the last enqueued op; under mu
+	done  atomic.Uint64 // sequence of the last applied op
+	kick  chan struct{}
 
 	flushMu sync.Mutex // one transaction at a time, in order
 	batch   []flowOp
@@ -41,17 +48,67 @@ type flowOp struct {
 // to show that SYNs wait for their flow's elements.
 const testDelayEnv = "REROUTED_TEST_INSTALL_DELAY"
 
-func newInstaller(d *Daemon) *installer {
-	in := &installer{d: d, ops: make(chan flowOp, 1<<16), kick: make(chan struct{}, 1)}
+func newInstaller(d *Daemon, flows *flow.Table) *installer {
+	in := &installer{d: d, flows: flows, ops: make(chan flowOp, 1<<16), kick: make(chan struct{}, 1)}
 	if v := os.Getenv(testDelayEnv); v != "" {
 		in.delay, _ = time.ParseDuration(v)
 	}
 	return in
 }
 
-// enqueue schedules a change and returns its sequence number. Call with
-// Daemon.mu held.
-func (in *installer) enqueue(f *flow.Flow, del bool) uint64 {
+// add puts f in the table with wire source src, and its elements in the
+// queue of kernel changes, unless the socket tuple or the wire tuple is
+// taken.
+func (in *installer) add(f *flow.Flow, src netip.AddrPort) bool {
+	f.NewSrc = src
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	// Before the table publishes f: a worker that finds f holds its
+	// packets until this change is applied (installed).
+	f.Seq = in.next + 1
+	if !in.flows.Reserve(f) {
+		return false
+	}
+	in.enqueue(f, false)
+	return true
+}
+
+// adopt puts f, whose elements an earlier run left in the kernel, in the
+// table, unless its tuples are taken.
+func (in *installer) adopt(f *flow.Flow) bool {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	return in.flows.Reserve(f)
+}
+
+// remove takes f out of the table and, in order, its elements out of the
+// kernel. It reports whether f was in the table.
+func (in *installer) remove(f *flow.Flow) bool {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	removed := in.flows.Remove(f)
+	if removed {
+		in.enqueue(f, true)
+	}
+	return removed
+}
+
+// installed reports whether f's elements are in the kernel: whether its
+// packets may go.
+func (in *installer) installed(f *flow.Flow) bool { return f.Seq <= in.done.Load() }
+
+// exclusive runs fn with the flow table and the kernel's maps to itself: no
+// flow comes or goes and no transaction interleaves.
+func (in *installer) exclusive(fn func()) {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	in.flushMu.Lock()
+	defer in.flushMu.Unlock()
+	fn()
+}
+
+// enqueue schedules a change. Call with mu held.
+func (in *installer) enqueue(f *flow.Flow, del bool) {
 	in.next++
 	in.ops <- flowOp{f: f, del: del, seq: in.next}
 	if del {
@@ -60,7 +117,6 @@ func (in *installer) enqueue(f *flow.Flow, del bool) uint64 {
 		default:
 		}
 	}
-	return in.next
 }
 
 // run applies removals as they come; additions are flushed by the workers.
@@ -140,5 +196,5 @@ func (in *installer) failed(op flowOp, err error) {
 	}
 	in.d.stats.errors[errInstall].Add(1)
 	in.d.log.Error("install flow in kernel", "src", f.Src, "dst", f.Dst, "new_src", f.NewSrc, "err", err)
-	in.d.flows.Remove(f)
+	in.flows.Remove(f) // its elements are not in the kernel: nothing to enqueue
 }

@@ -262,7 +262,7 @@ func (w *worker) follow(p *queue.Packet, t *rewrite.Packet, f *flow.Flow) {
 	switch {
 	case f.Pass:
 		w.accept(p)
-	case f.Seq > w.d.inst.done.Load():
+	case !w.d.inst.installed(f):
 		w.hold(p, t, f)
 	default:
 		rewrite.SetSource(p.Payload, t, f.NewSrc)
@@ -548,18 +548,7 @@ func (w *worker) admit(f *flow.Flow, want, dst netip.AddrPort, cookie uint64, ta
 // admitAs adds f to the table with wire source src, and its elements to the
 // kernel's queue of changes, unless the socket tuple or the wire tuple is
 // taken.
-func (w *worker) admitAs(f *flow.Flow, src netip.AddrPort) bool {
-	d := w.d
-	f.NewSrc = src
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	f.Seq = d.inst.next + 1
-	if !d.flows.Reserve(f) {
-		return false
-	}
-	d.inst.enqueue(f, false)
-	return true
-}
+func (w *worker) admitAs(f *flow.Flow, src netip.AddrPort) bool { return w.d.inst.add(f, src) }
 
 // noOtherSocket reports whether no socket but the flow's own uses src→dst
 // (for UDP: would receive datagrams from dst at src).

@@ -76,11 +76,11 @@ func (d *Daemon) guardTable(ctx context.Context, m *nftmon.Monitor) {
 // changes the table meanwhile: the flow table is held (no flow comes or
 // goes) and so is the installer (no transaction interleaves).
 func (d *Daemon) repairTable(dmg *nftmon.Damage) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.inst.flushMu.Lock()
-	defer d.inst.flushMu.Unlock()
+	d.inst.exclusive(func() { d.repairTableHeld(dmg) })
+}
 
+// repairTableHeld is repairTable's work; call it inside d.inst.exclusive.
+func (d *Daemon) repairTableHeld(dmg *nftmon.Damage) {
 	if err := d.dp.Repair(); err != nil {
 		d.stats.errors[errRepair].Add(1)
 		d.log.Error("repair failed: marked connections may leave untranslated until the next attempt",
@@ -109,17 +109,14 @@ func (d *Daemon) repairTable(dmg *nftmon.Damage) {
 // restoreElements adds every flow's elements again, where they may have
 // been deleted unseen.
 func (d *Daemon) restoreElements() {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.inst.flushMu.Lock()
-	defer d.inst.flushMu.Unlock()
-	restored, failed := d.addAll()
+	var restored, failed int
+	d.inst.exclusive(func() { restored, failed = d.addAll() })
 	d.log.Info("nftables notifications were lost (another program's busy ruleset); the table is whole, flows' elements re-added",
 		"flows", restored, "failed", failed)
 }
 
 // addAll adds every flow's elements (again); elements that are there stay.
-// Call with d.mu and the installer's flushMu held.
+// Call inside d.inst.exclusive.
 func (d *Daemon) addAll() (restored, failed int) {
 	flows := d.flows.Snapshot()
 	changes := make([]nftdp.Op, 0, maxBatch)
