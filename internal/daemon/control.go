@@ -24,7 +24,7 @@ func (s controlSource) Flows(fn func(control.FlowInfo) error) error {
 		}
 	}
 	if d.steer != nil {
-		if err := d.steer.list(d, fn); err != nil {
+		if err := d.steer.List(d.cfg.Load(), fn); err != nil {
 			d.log.Warn("flows: list the sockets steered at connect()", "err", err)
 		}
 	}

@@ -55,6 +55,7 @@ import (
 	"github.com/rerouted/rerouted/internal/queue"
 	"github.com/rerouted/rerouted/internal/route"
 	"github.com/rerouted/rerouted/internal/sockdiag"
+	"github.com/rerouted/rerouted/internal/steer"
 	"github.com/rerouted/rerouted/internal/uplink"
 	"golang.org/x/sys/unix"
 )
@@ -88,7 +89,7 @@ type Daemon struct {
 	cfg     atomic.Pointer[policy.Config] // swapped whole on reload
 	log     *slog.Logger
 	events  *events.Writer
-	steer   *steering // connect-time steering; nil when off
+	steer   *steer.Steering // connect-time steering; nil when off
 	dp      *nftdp.Datapath
 	flows   *flow.Table     // read anywhere; flows enter and leave only through inst
 	uplinks uplink.States   // each uplink's state, per family
