@@ -185,7 +185,7 @@ func Run(ctx context.Context, o Options) (err error) {
 		}
 		d.events = events.NewWriter(o.Events, kinds)
 	}
-	if err := checkUplinks(cfg); err != nil {
+	if err := uplink.CheckInterfaces(cfg.Uplinks); err != nil {
 		return err
 	}
 	if d.portLo, d.portHi, err = localPortRange(); err != nil {
@@ -525,19 +525,6 @@ func (d *Daemon) forget(f *flow.Flow) {
 	}
 }
 
-// checkUplinks verifies the interfaces the configuration names exist.
-func checkUplinks(cfg *policy.Config) error {
-	for _, u := range cfg.Uplinks {
-		if u.Interface == "" {
-			continue
-		}
-		if _, err := net.InterfaceByName(u.Interface); err != nil {
-			return fmt.Errorf("uplink %q: interface %q: %w", u.Name, u.Interface, err)
-		}
-	}
-	return nil
-}
-
 // reloadLoop replaces the policy on each reload request. A file with any
 // error is rejected as a whole and the running policy stays; new flows use
 // the new policy, existing flows keep their translation.
@@ -574,7 +561,7 @@ func (d *Daemon) reload() {
 	}
 	cfg, err := policy.Load(old.File)
 	if err == nil {
-		err = checkUplinks(cfg)
+		err = uplink.CheckInterfaces(cfg.Uplinks)
 	}
 	if err != nil {
 		var es policy.Errors

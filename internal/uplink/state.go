@@ -271,3 +271,16 @@ func (st Status) String() string {
 	}
 	return s
 }
+
+// CheckInterfaces verifies that the interfaces the uplinks name exist.
+func CheckInterfaces(uplinks []*policy.Uplink) error {
+	for _, u := range uplinks {
+		if u.Interface == "" {
+			continue
+		}
+		if _, err := net.InterfaceByName(u.Interface); err != nil {
+			return fmt.Errorf("uplink %q: interface %q: %w", u.Name, u.Interface, err)
+		}
+	}
+	return nil
+}
