@@ -13,8 +13,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rerouted/rerouted/networld"
-	"github.com/rerouted/rerouted/sockdiag"
+	"github.com/rerouted/rerouted/internal/networld"
+	"github.com/rerouted/rerouted/internal/owner"
 )
 
 // program installs the test client under a name, as a separate application.
@@ -71,7 +71,7 @@ func (e *env) connect(prog string, port uint16, o runOpts) netip.AddrPort {
 // the end; it returns its path below the mount and an open fd.
 func testCgroup(t *testing.T) (string, int) {
 	t.Helper()
-	root, err := sockdiag.Cgroup2Mount("/proc/self/mountinfo")
+	root, err := owner.Cgroup2Mount("/proc/self/mountinfo")
 	if err != nil {
 		t.Fatalf("no cgroup v2 hierarchy: %v", err)
 	}

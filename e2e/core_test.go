@@ -16,8 +16,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rerouted/rerouted/networld"
-	"github.com/rerouted/rerouted/networld/worldtest"
+	"github.com/rerouted/rerouted/internal/networld"
+	"github.com/rerouted/rerouted/internal/networld/worldtest"
 )
 
 const webRule = `

@@ -14,7 +14,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rerouted/rerouted/networld"
+	"github.com/rerouted/rerouted/internal/networld"
 )
 
 // hostMarkDatagrams marks UDP to the given ports and ICMP/ICMPv6 echo

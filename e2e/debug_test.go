@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rerouted/rerouted/networld"
+	"github.com/rerouted/rerouted/internal/networld"
 )
 
 // The debug stream answers "why didn't my rule apply?": a new flow the

@@ -5,7 +5,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/rerouted/rerouted/networld/worldtest"
+	"github.com/rerouted/rerouted/internal/networld/worldtest"
 )
 
 // The README's first command must keep working: the demo reproduces the

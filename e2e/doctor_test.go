@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rerouted/rerouted/queue"
+	"github.com/rerouted/rerouted/internal/queue"
 )
 
 // doctor runs rerouted doctor in the host namespace and returns its output

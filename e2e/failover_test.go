@@ -10,22 +10,22 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rerouted/rerouted/daemon"
-	"github.com/rerouted/rerouted/networld"
+	"github.com/rerouted/rerouted/internal/control"
+	"github.com/rerouted/rerouted/internal/networld"
 )
 
 // uplinks lists the daemon's uplink states through the CLI.
-func (e *env) uplinks() map[string]daemon.UplinkInfo {
+func (e *env) uplinks() map[string]control.UplinkInfo {
 	e.t.Helper()
 	out, err := exec.Command(bin, "uplinks", "--config", e.cfg, "--json").Output()
 	if err != nil {
 		e.t.Fatalf("rerouted uplinks --json: %v", err)
 	}
-	var reply daemon.UplinksReply
+	var reply control.UplinksReply
 	if err := json.Unmarshal(out, &reply); err != nil {
 		e.t.Fatalf("rerouted uplinks --json printed %q: %v", out, err)
 	}
-	m := map[string]daemon.UplinkInfo{}
+	m := map[string]control.UplinkInfo{}
 	for _, u := range reply.Uplinks {
 		m[u.Uplink+"/"+u.Family] = u
 	}

@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rerouted/rerouted/networld"
+	"github.com/rerouted/rerouted/internal/networld"
 )
 
 // Datagrams larger than the path's MTU travel as IP fragments, both ways:

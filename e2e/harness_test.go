@@ -16,9 +16,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rerouted/rerouted/daemon"
-	"github.com/rerouted/rerouted/networld"
-	"github.com/rerouted/rerouted/networld/worldtest"
+	"github.com/rerouted/rerouted/internal/control"
+	"github.com/rerouted/rerouted/internal/networld"
+	"github.com/rerouted/rerouted/internal/networld/worldtest"
 )
 
 // BinEnv names a directory holding rerouted and worldclient already built;
@@ -27,7 +27,7 @@ const BinEnv = "REROUTED_E2E_BIN"
 
 var (
 	bin        string   // the rerouted binary under test
-	client     string   // the test world's client program (networld/cmd/worldclient)
+	client     string   // the test world's client program (internal/networld/cmd/worldclient)
 	buildFlags []string // -race when the tests run under the race detector
 )
 
@@ -43,7 +43,7 @@ func TestMain(m *testing.M) {
 		// Built beforehand: a guest of `make test-kernels` runs no go.
 		bin, client = filepath.Join(pre, "rerouted"), filepath.Join(pre, "worldclient")
 	} else {
-		for out, pkg := range map[string]string{bin: "../cmd/rerouted", client: "../networld/cmd/worldclient"} {
+		for out, pkg := range map[string]string{bin: "../cmd/rerouted", client: "../internal/networld/cmd/worldclient"} {
 			if b, err := exec.Command("go", append(append([]string{"build"}, buildFlags...), "-o", out, pkg)...).CombinedOutput(); err != nil {
 				fmt.Fprintf(os.Stderr, "build %s: %v\n%s", pkg, err, b)
 				os.Exit(1)
@@ -210,14 +210,14 @@ func (e *env) counter(isp *networld.ISP, name string) uint64 {
 }
 
 // flows lists the daemon's flows through the CLI, as an operator would.
-func (e *env) flows() []daemon.FlowInfo {
+func (e *env) flows() []control.FlowInfo {
 	e.t.Helper()
 	out, err := exec.Command(bin, "flows", "--config", e.cfg, "--json").Output()
 	if err != nil {
 		e.t.Fatalf("rerouted flows --json: %v", err)
 	}
 	var reply struct {
-		Flows []daemon.FlowInfo `json:"flows"`
+		Flows []control.FlowInfo `json:"flows"`
 	}
 	if err := json.Unmarshal(out, &reply); err != nil {
 		e.t.Fatalf("rerouted flows --json printed %q: %v", out, err)

@@ -15,7 +15,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rerouted/rerouted/networld"
+	"github.com/rerouted/rerouted/internal/networld"
 )
 
 // runOnce runs `rerouted run` in the host namespace until it exits or

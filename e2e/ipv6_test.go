@@ -5,7 +5,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rerouted/rerouted/networld"
+	"github.com/rerouted/rerouted/internal/networld"
 )
 
 // IPv6 TCP through ISP B: the ISPs filter IPv6 sources too. Without

@@ -3,8 +3,8 @@ package e2e
 import (
 	"testing"
 
-	"github.com/rerouted/rerouted/networld/worldtest"
-	"github.com/rerouted/rerouted/nftdp"
+	"github.com/rerouted/rerouted/internal/networld/worldtest"
+	"github.com/rerouted/rerouted/internal/nftdp"
 )
 
 // The kernel under test has every nftables feature the table uses (make

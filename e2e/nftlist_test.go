@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rerouted/rerouted/networld"
+	"github.com/rerouted/rerouted/internal/networld"
 )
 
 // nftListRules is a policy that puts every kind of rule, chain and set

@@ -9,7 +9,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/rerouted/rerouted/networld"
+	"github.com/rerouted/rerouted/internal/networld"
 	"os/exec"
 	"path/filepath"
 	"strings"

@@ -6,7 +6,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rerouted/rerouted/networld"
+	"github.com/rerouted/rerouted/internal/networld"
 )
 
 // offloadsOff makes interfaces send packets as the MTU allows, not as GSO

@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rerouted/rerouted/networld"
+	"github.com/rerouted/rerouted/internal/networld"
 )
 
 // Only what the policy concerns reaches the daemon. With one rule for TCP

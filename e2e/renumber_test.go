@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rerouted/rerouted/networld"
+	"github.com/rerouted/rerouted/internal/networld"
 )
 
 var hostB3 = netip.MustParseAddr("203.0.113.3")

@@ -14,7 +14,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rerouted/rerouted/networld"
+	"github.com/rerouted/rerouted/internal/networld"
 )
 
 // Restart without loss (kernel datapath): a daemon stopped for a restart

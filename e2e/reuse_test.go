@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rerouted/rerouted/networld"
+	"github.com/rerouted/rerouted/internal/networld"
 	"golang.org/x/sys/unix"
 )
 

@@ -10,8 +10,8 @@ import (
 	"strings"
 	"time"
 
-	"github.com/rerouted/rerouted/bench"
-	"github.com/rerouted/rerouted/networld"
+	"github.com/rerouted/rerouted/internal/bench"
+	"github.com/rerouted/rerouted/internal/networld"
 )
 
 // cmdBench measures rerouted against the limit and MASQUERADE in one run.

@@ -11,8 +11,8 @@ import (
 	"strings"
 	"time"
 
-	"github.com/rerouted/rerouted/daemon"
-	"github.com/rerouted/rerouted/networld"
+	"github.com/rerouted/rerouted/internal/control"
+	"github.com/rerouted/rerouted/internal/networld"
 )
 
 // demoConfig is the embedded default the demo runs the daemon with.
@@ -145,7 +145,7 @@ func demo(out io.Writer) (err error) {
 	}
 	say("   connected; the server saw the client as %s and received %d bytes", peer, n)
 	time.Sleep(100 * time.Millisecond) // let the debug line reach the screen first
-	flows, err := daemon.QueryFlows(sock)
+	flows, err := control.QueryFlows(sock)
 	if err != nil {
 		return err
 	}

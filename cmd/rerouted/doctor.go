@@ -5,8 +5,8 @@ import (
 	"fmt"
 	"os"
 
-	"github.com/rerouted/rerouted/daemon"
-	"github.com/rerouted/rerouted/doctor"
+	"github.com/rerouted/rerouted/internal/control"
+	"github.com/rerouted/rerouted/internal/doctor"
 )
 
 // cmdDoctor checks the host for what breaks multi-ISP setups. Exit 0: no
@@ -20,7 +20,7 @@ func cmdDoctor(args []string) int {
 	if cfg == nil {
 		return code
 	}
-	_, err := daemon.QueryFlows(cfg.Daemon.ControlSocket)
+	_, err := control.QueryFlows(cfg.Daemon.ControlSocket)
 	r, err := doctor.Check(cfg, doctor.Options{DaemonRunning: err == nil})
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "rerouted doctor: %v\n", err)

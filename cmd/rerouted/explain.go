@@ -14,9 +14,9 @@ import (
 	"strings"
 	"time"
 
-	"github.com/rerouted/rerouted/daemon"
-	"github.com/rerouted/rerouted/policy"
-	"github.com/rerouted/rerouted/sockdiag"
+	"github.com/rerouted/rerouted/internal/control"
+	"github.com/rerouted/rerouted/internal/owner"
+	"github.com/rerouted/rerouted/internal/policy"
 )
 
 // cmdExplain shows which rule a new connection from a process would match,
@@ -85,10 +85,10 @@ func flowOfPID(pid int, dst netip.AddrPort, proto string) (*policy.Flow, error) 
 		}
 	}
 	o := &pidOwner{}
-	if p, ok := sockdiag.NewOwners().ProcessByPID(pid); ok {
+	if p, ok := owner.NewOwners().ProcessByPID(pid); ok {
 		o.proc, o.hasProc = policy.Process{PID: p.PID, Comm: p.Comm, Exe: p.Exe}, true
 	}
-	if cg, err := sockdiag.CgroupOfPID(pid); err == nil {
+	if cg, err := owner.CgroupOfPID(pid); err == nil {
 		o.cg, o.hasCg = cg, true
 	}
 	f.Owner = o
@@ -132,7 +132,7 @@ func explain(w io.Writer, cfg *policy.Config, f *policy.Flow) {
 // connect(), by the uplink states the running daemon sees (all up if it
 // does not answer).
 func explainConnect(w io.Writer, cfg *policy.Config, f *policy.Flow) (decided bool) {
-	root, err := sockdiag.Cgroup2Mount("/proc/self/mountinfo")
+	root, err := owner.Cgroup2Mount("/proc/self/mountinfo")
 	if err != nil {
 		fmt.Fprintf(w, "at connect(): nothing decided (%v): the queue's way, below\n", err)
 		return false
@@ -161,7 +161,7 @@ func explainConnect(w io.Writer, cfg *policy.Config, f *policy.Flow) (decided bo
 		}
 	}
 	up := map[string]bool{}
-	ups, qerr := daemon.QueryUplinks(cfg.Daemon.ControlSocket)
+	ups, qerr := control.QueryUplinks(cfg.Daemon.ControlSocket)
 	for _, u := range ups {
 		up[u.Uplink+"/"+u.Family] = u.Up
 	}
@@ -202,7 +202,7 @@ func explainUplinks(w io.Writer, cfg *policy.Config, r *policy.Rule, v6 bool) {
 	if a.Kind != policy.ActUplink && a.Kind != policy.ActBalance {
 		return
 	}
-	ups, err := daemon.QueryUplinks(cfg.Daemon.ControlSocket)
+	ups, err := control.QueryUplinks(cfg.Daemon.ControlSocket)
 	if err != nil {
 		fmt.Fprintf(w, "   (uplink states unknown: %v)\n", err)
 		return
@@ -211,7 +211,7 @@ func explainUplinks(w io.Writer, cfg *policy.Config, r *policy.Rule, v6 bool) {
 	if v6 {
 		family = "ipv6"
 	}
-	state := map[string]daemon.UplinkInfo{}
+	state := map[string]control.UplinkInfo{}
 	for _, u := range ups {
 		if u.Family == family {
 			state[u.Uplink] = u

@@ -6,15 +6,15 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/rerouted/rerouted/policy"
+	"github.com/rerouted/rerouted/internal/policy"
 )
 
-type owner struct{}
+type fakeOwner struct{}
 
-func (owner) Process() (policy.Process, bool) {
+func (fakeOwner) Process() (policy.Process, bool) {
 	return policy.Process{PID: 42, Comm: "curl", Exe: "/usr/bin/curl"}, true
 }
-func (owner) Cgroup() (string, bool) { return "user.slice", true }
+func (fakeOwner) Cgroup() (string, bool) { return "user.slice", true }
 
 // explain names the process's user and group (root is in every host's
 // user database), not just their numbers.
@@ -24,7 +24,7 @@ func TestExplainHeaderNamesUser(t *testing.T) {
 		t.Fatal(err)
 	}
 	var b bytes.Buffer
-	explain(&b, cfg, &policy.Flow{Protocol: "tcp", Dst: netip.MustParseAddrPort("192.0.2.80:80"), HasUID: true, Owner: owner{}})
+	explain(&b, cfg, &policy.Flow{Protocol: "tcp", Dst: netip.MustParseAddrPort("192.0.2.80:80"), HasUID: true, Owner: fakeOwner{}})
 	if first, _, _ := strings.Cut(b.String(), "\n"); first != `process 42 "curl" (/usr/bin/curl) uid 0 (root) gid 0 (root) cgroup /user.slice` {
 		t.Errorf("first line %q", first)
 	}

@@ -27,10 +27,13 @@ import (
 	"strings"
 	"syscall"
 
-	"github.com/rerouted/rerouted/daemon"
+	"github.com/rerouted/rerouted/internal/control"
+	"github.com/rerouted/rerouted/internal/daemon"
+	"github.com/rerouted/rerouted/internal/events"
+	"github.com/rerouted/rerouted/internal/filesafety"
 	"github.com/rerouted/rerouted/internal/instance"
-	"github.com/rerouted/rerouted/nftdp"
-	"github.com/rerouted/rerouted/policy"
+	"github.com/rerouted/rerouted/internal/nftdp"
+	"github.com/rerouted/rerouted/internal/policy"
 )
 
 const usage = `usage:
@@ -122,10 +125,10 @@ func loadConfig(file string) (*policy.Config, int) {
 	return cfg, exitOK
 }
 
-// insecureWarning words a CheckFileSecurity error for a warning: its fix,
+// insecureWarning words a filesafety.Check error for a warning: its fix,
 // without the advice to pass --insecure-config, which was.
 func insecureWarning(err error) string {
-	var ie *policy.InsecureFileError
+	var ie *filesafety.InsecureFileError
 	if errors.As(err, &ie) {
 		return ie.Problem() + "; fix: " + strings.Join(ie.Fixes, " && ")
 	}
@@ -150,7 +153,7 @@ func cmdCheck(args []string) int {
 	}
 	// The daemon runs as root: a file another user can change would route
 	// as that user says. run refuses it; so does check, to say so first.
-	if err := policy.CheckFileSecurity(file); err != nil {
+	if err := filesafety.Check(file); err != nil {
 		if !insecure {
 			fmt.Fprintf(os.Stderr, "rerouted: %v\n", err)
 			return exitUsage
@@ -163,11 +166,11 @@ func cmdCheck(args []string) int {
 
 // debugFlag is --debug (every kind of event, and debug logs) or
 // --debug=KIND,... (those kinds only).
-type debugFlag struct{ kinds daemon.EventKinds }
+type debugFlag struct{ kinds events.Kinds }
 
 func (d *debugFlag) String() string { return "" }
 func (d *debugFlag) Set(s string) error {
-	k, err := daemon.ParseEventKinds(s)
+	k, err := events.ParseKinds(s)
 	d.kinds = k
 	return err
 }
@@ -192,17 +195,17 @@ func cmdRun(args []string) int {
 		return code
 	}
 	level := slog.LevelInfo
-	var events io.Writer
+	var stream io.Writer
 	if debug.kinds != 0 {
-		events = os.Stdout
+		stream = os.Stdout
 	}
-	if debug.kinds&daemon.EventLog != 0 {
+	if debug.kinds&events.Log != 0 {
 		level = slog.LevelDebug
 	}
 	log := newLogger(os.Stderr, level)
 	// Before anything is installed: a root daemon must not take its rules
 	// from a file another user can change.
-	if err := policy.CheckFileSecurity(file); err != nil {
+	if err := filesafety.Check(file); err != nil {
 		if !insecure {
 			log.Error("refusing to run with a configuration file users other than root can change", "err", err)
 			return exitUsage
@@ -232,7 +235,7 @@ func cmdRun(args []string) int {
 			log.Warn("systemd notification", "state", state, "err", err)
 		}
 	}
-	err := daemon.Run(ctx, daemon.Options{Config: cfg, Log: log, Events: events, EventKinds: debug.kinds, Reload: reload, Notify: notify, Detach: detach,
+	err := daemon.Run(ctx, daemon.Options{Config: cfg, Log: log, Events: stream, EventKinds: debug.kinds, Reload: reload, Notify: notify, Detach: detach,
 		InsecureConfig: insecure})
 	if errors.Is(err, daemon.ErrDetached) {
 		log.Info("stopped for a restart; the next start adopts the flows")
@@ -258,15 +261,15 @@ func cmdRun(args []string) int {
 }
 
 func cmdFlows(args []string) int {
-	return listCmd("flows", args, daemon.QueryFlows,
-		func(fs []daemon.FlowInfo) any { return daemon.FlowsReply{Flows: fs} },
-		func(f daemon.FlowInfo) string { return f.String() }, "flows")
+	return listCmd("flows", args, control.QueryFlows,
+		func(fs []control.FlowInfo) any { return control.FlowsReply{Flows: fs} },
+		func(f control.FlowInfo) string { return f.String() }, "flows")
 }
 
 func cmdUplinks(args []string) int {
-	return listCmd("uplinks", args, daemon.QueryUplinks,
-		func(us []daemon.UplinkInfo) any { return daemon.UplinksReply{Uplinks: us} },
-		func(u daemon.UplinkInfo) string { return fmt.Sprintf("%s flows %d", u.Status, u.Flows) }, "")
+	return listCmd("uplinks", args, control.QueryUplinks,
+		func(us []control.UplinkInfo) any { return control.UplinksReply{Uplinks: us} },
+		func(u control.UplinkInfo) string { return fmt.Sprintf("%s flows %d", u.Status, u.Flows) }, "")
 }
 
 // listCmd asks the running daemon for a list (through the control socket

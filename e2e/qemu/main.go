@@ -157,7 +157,7 @@ func buildTests(ctx context.Context, dir string) error {
 	for _, args := range [][]string{
 		{"test", "-c", "-o", filepath.Join(dir, "e2e.test"), "./e2e"},
 		{"build", "-o", filepath.Join(dir, "rerouted"), "./cmd/rerouted"},
-		{"build", "-o", filepath.Join(dir, "worldclient"), "./networld/cmd/worldclient"},
+		{"build", "-o", filepath.Join(dir, "worldclient"), "./internal/networld/cmd/worldclient"},
 	} {
 		cmd := exec.CommandContext(ctx, "go", args...)
 		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr

@@ -13,8 +13,8 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/ringbuf"
-	"github.com/rerouted/rerouted/nftdp"
-	"github.com/rerouted/rerouted/policy"
+	"github.com/rerouted/rerouted/internal/nftdp"
+	"github.com/rerouted/rerouted/internal/policy"
 	"golang.org/x/sys/unix"
 )
 

@@ -12,11 +12,10 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/rerouted/rerouted/policy"
+	"github.com/rerouted/rerouted/internal/owner"
+	"github.com/rerouted/rerouted/internal/policy"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
-
-	"github.com/rerouted/rerouted/sockdiag"
 )
 
 // The program loads (the verifier accepts it), attaches and detaches. The
@@ -25,7 +24,7 @@ func TestLoad(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root")
 	}
-	root, err := sockdiag.Cgroup2Mount("/proc/self/mountinfo")
+	root, err := owner.Cgroup2Mount("/proc/self/mountinfo")
 	if err != nil || root == "" {
 		t.Skipf("no cgroup v2 mount: %v", err)
 	}
@@ -64,7 +63,7 @@ func TestKernelAgreesWithImage(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root")
 	}
-	root, err := sockdiag.Cgroup2Mount("/proc/self/mountinfo")
+	root, err := owner.Cgroup2Mount("/proc/self/mountinfo")
 	if err != nil || root == "" {
 		t.Skipf("no cgroup v2 mount: %v", err)
 	}

@@ -17,7 +17,7 @@ import (
 	"path/filepath"
 	"syscall"
 
-	"github.com/rerouted/rerouted/policy"
+	"github.com/rerouted/rerouted/internal/policy"
 )
 
 // Limits of the kernel's tables (bpf/connect.c).

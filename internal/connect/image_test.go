@@ -10,18 +10,18 @@ import (
 	"syscall"
 	"testing"
 
-	"github.com/rerouted/rerouted/policy"
+	"github.com/rerouted/rerouted/internal/policy"
 )
 
-// owner is a connection's process and cgroup, for policy.Flow.
-type owner struct {
+// fakeOwner is a connection's process and cgroup, for policy.Flow.
+type fakeOwner struct {
 	comm, exe, cg string
 }
 
-func (o owner) Process() (policy.Process, bool) {
+func (o fakeOwner) Process() (policy.Process, bool) {
 	return policy.Process{PID: 1, Comm: o.comm, Exe: o.exe}, true
 }
-func (o owner) Cgroup() (string, bool) { return o.cg, true }
+func (o fakeOwner) Cgroup() (string, bool) { return o.cg, true }
 
 // The equivalence corpus: random policies and connections, decided by the
 // daemon's engine (policy.Config.Decide, then the rule's uplinks as the
@@ -65,7 +65,7 @@ func TestImageAgreesWithPolicy(t *testing.T) {
 			uid, gid := uint32(rng.IntN(3)*1000), uint32(rng.IntN(3)*1000)
 			cg := pick(append([]string{""}, cgs...))
 			comm := pick(comms)
-			o := owner{comm: comm, exe: "/usr/bin/" + comm, cg: cg}
+			o := fakeOwner{comm: comm, exe: "/usr/bin/" + comm, cg: cg}
 			if rng.IntN(5) == 0 {
 				o.exe = "/opt/other/bin/" + comm + "-real" // comm and exe name differ
 			}

@@ -11,8 +11,8 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/rerouted/rerouted/nftdp"
-	"github.com/rerouted/rerouted/policy"
+	"github.com/rerouted/rerouted/internal/nftdp"
+	"github.com/rerouted/rerouted/internal/policy"
 	"golang.org/x/net/icmp"
 	"golang.org/x/net/ipv4"
 	"golang.org/x/net/ipv6"

@@ -12,7 +12,7 @@ import (
 	"net/netip"
 	"time"
 
-	"github.com/rerouted/rerouted/policy"
+	"github.com/rerouted/rerouted/internal/policy"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )

@@ -10,7 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/rerouted/rerouted/policy"
+	"github.com/rerouted/rerouted/internal/policy"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -270,4 +270,17 @@ func (st Status) String() string {
 		s += ": " + st.Why
 	}
 	return s
+}
+
+// CheckInterfaces verifies that the interfaces the uplinks name exist.
+func CheckInterfaces(uplinks []*policy.Uplink) error {
+	for _, u := range uplinks {
+		if u.Interface == "" {
+			continue
+		}
+		if _, err := net.InterfaceByName(u.Interface); err != nil {
+			return fmt.Errorf("uplink %q: interface %q: %w", u.Name, u.Interface, err)
+		}
+	}
+	return nil
 }

@@ -1,0 +1,147 @@
+package daemon
+
+import (
+	"fmt"
+	"github.com/rerouted/rerouted/internal/owner"
+	"github.com/rerouted/rerouted/internal/queue"
+	"github.com/rerouted/rerouted/internal/rewrite"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/rerouted/rerouted/internal/policy"
+	"github.com/rerouted/rerouted/internal/sockdiag"
+	"golang.org/x/sys/unix"
+)
+
+// loopbackConn makes one loopback connection owned by this process and
+// returns its tuple (nothing outside the loopback interface is touched).
+func loopbackConn(tb testing.TB) (local, remote netip.AddrPort) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { ln.Close() })
+	go func() {
+		if c, err := ln.Accept(); err == nil {
+			tb.Cleanup(func() { c.Close() })
+		}
+	}()
+	c, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { c.Close() })
+	return c.LocalAddr().(*net.TCPAddr).AddrPort(), c.RemoteAddr().(*net.TCPAddr).AddrPort()
+}
+
+const benchUplinks = "[[uplink]]\nname = \"b\"\nmark = 100\n"
+
+// Ten rules of the cheap kind, none matching, then a match: the decision
+// walks them all.
+func benchPolicy(tb testing.TB, last string) *policy.Config {
+	src := benchUplinks
+	for i := 0; i < 10; i++ {
+		src += fmt.Sprintf("[[rule]]\nuplink = \"b\"\ndst = [\"203.0.113.%d/32\"]\ndport = [%d, \"9000-9100\"]\nuid = %d\n", i, 1000+i, 2000+i)
+	}
+	cfg, err := policy.Parse("bench.toml", []byte(src+"[[rule]]\nname = \"last\"\nuplink = \"b\"\n"+last))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return cfg
+}
+
+type decideCase struct {
+	name  string
+	last  string // the matching rule's keys
+	reset func(o *owner.Owners)
+}
+
+var decideCases = []decideCase{
+	{"cheap rules", "dport = \"1-65535\"\n", nil},
+	{"process rule, recent owner", "process = [\"nomatch\", \"%s\"]\n", func(o *owner.Owners) { o.ForgetSockets() }},
+	{"process rule, cold /proc scan", "process = [\"nomatch\", \"%s\"]\n", func(o *owner.Owners) { o.ForgetAll() }},
+	{"cgroup rule", "cgroup = \"\"\n", nil},
+}
+
+// decideOnce runs the decision path for one new connection: the exact
+// socket lookup and the policy with its lazy owner lookups.
+func decideOnce(w *worker, cfg *policy.Config, local, remote netip.AddrPort) (string, error) {
+	var sock sockdiag.Socket
+	if err := w.diag.Lookup(unix.IPPROTO_TCP, local, remote, &sock); err != nil {
+		return "", err
+	}
+	_, rule, _ := w.decide(cfg, &sock, &queue.Packet{}, &rewrite.Packet{Proto: rewrite.TCP, Src: local, Dst: remote}, false)
+	return rule, nil
+}
+
+func newDecider(tb testing.TB) *worker {
+	diag, err := sockdiag.Open()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { diag.Close() })
+	w := &worker{d: &Daemon{}, diag: diag}
+	w.owner.owners = owner.NewOwners()
+	return w
+}
+
+func TestDecideMatchesEachCase(t *testing.T) {
+	local, remote := loopbackConn(t)
+	d := newDecider(t)
+	comm, _ := os.ReadFile("/proc/self/comm")
+	for _, c := range decideCases {
+		cfg := benchPolicy(t, strings.ReplaceAll(c.last, "%s", string(comm[:len(comm)-1])))
+		if c.reset != nil {
+			c.reset(d.owner.owners)
+		}
+		if rule, err := decideOnce(d, cfg, local, remote); err != nil || rule != "last" {
+			t.Errorf("%s: decided %q, err %v", c.name, rule, err)
+		}
+	}
+}
+
+func TestDecideAllocatesNothingWithoutOwnerKeys(t *testing.T) {
+	local, remote := loopbackConn(t)
+	d := newDecider(t)
+	cfg := benchPolicy(t, decideCases[0].last)
+	allocs := testing.AllocsPerRun(200, func() {
+		if _, err := decideOnce(d, cfg, local, remote); err != nil {
+			panic(err)
+		}
+	})
+	if allocs != 0 {
+		t.Fatalf("decision allocates %.1f times", allocs)
+	}
+}
+
+// BenchmarkDecide reports the median and 99th percentile of one decision.
+func BenchmarkDecide(b *testing.B) {
+	local, remote := loopbackConn(b)
+	comm, _ := os.ReadFile("/proc/self/comm")
+	for _, c := range decideCases {
+		b.Run(c.name, func(b *testing.B) {
+			d := newDecider(b)
+			cfg := benchPolicy(b, strings.ReplaceAll(c.last, "%s", string(comm[:len(comm)-1])))
+			lat := make([]time.Duration, 0, b.N)
+			b.ReportAllocs()
+			for b.Loop() {
+				if c.reset != nil {
+					c.reset(d.owner.owners)
+				}
+				t0 := time.Now()
+				if _, err := decideOnce(d, cfg, local, remote); err != nil {
+					b.Fatal(err)
+				}
+				lat = append(lat, time.Since(t0))
+			}
+			slices.Sort(lat)
+			b.ReportMetric(float64(lat[len(lat)/2].Nanoseconds()), "p50-ns")
+			b.ReportMetric(float64(lat[len(lat)*99/100].Nanoseconds()), "p99-ns")
+		})
+	}
+}

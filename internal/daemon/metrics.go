@@ -1,0 +1,294 @@
+package daemon
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/rerouted/rerouted/internal/flow"
+)
+
+// metrics are the daemon's Prometheus metrics. Counters the packet path
+// already keeps (stats) are read at scrape time; flows are counted from the
+// table at scrape time; decisions are counted and timed as they happen.
+type metrics struct {
+	reg         *prometheus.Registry
+	decisions   *prometheus.CounterVec // by rule
+	latency     prometheus.Histogram   // first packet in, verdict decided
+	repairs     *prometheus.CounterVec // by what was put back
+	moved       *prometheus.CounterVec // flows whose source address went away, by uplink and how
+	transitions *prometheus.CounterVec // uplink state changes
+}
+
+func newMetrics(d *Daemon) *metrics {
+	m := &metrics{
+		reg: prometheus.NewRegistry(),
+		decisions: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rerouted_decisions_total",
+			Help: "New flows decided, by the rule that decided them (\"host mark\", or \"none\": the normal route)."}, []string{"rule"}),
+		latency: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "rerouted_decision_seconds",
+			Help:    "Time from a new flow's first packet reaching the daemon to its decision (socket, owner, policy, route, port).",
+			Buckets: prometheus.ExponentialBuckets(5e-6, 2.5, 12)}),
+		repairs: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rerouted_repairs_total",
+			Help: "Repairs of rerouted's state after another program changed it: its nft table (what: table, chain, set, rule, element, foreign, check) or managed routing (route, ip_rule)."}, []string{"what"}),
+		moved: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rerouted_flows_moved_total",
+			Help: "Flows whose source address went away: UDP and ping flows redecided with the uplink's new address, TCP connections reset (or, with reset_tcp = false, their translation removed)."}, []string{"uplink", "how"}),
+		transitions: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rerouted_uplink_transitions_total",
+			Help: "Uplink state changes (up to down or back), by uplink and family."}, []string{"uplink", "family"}),
+	}
+	m.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		m.decisions, m.latency, m.repairs, m.moved, m.transitions, &uplinkCollector{d: d}, &budgetCollector{d: d}, &flowCollector{d: d}, &queueCollector{d: d}, steeringCollector{d: d})
+	for _, c := range []struct {
+		name, help string
+		v          func() uint64
+	}{
+		{"rerouted_syns_total", "TCP SYNs decided.", d.stats.syns.Load},
+		{"rerouted_datagram_flows_total", "UDP and echo flows decided.", d.stats.datagrams.Load},
+		{"rerouted_translated_total", "New flows translated.", d.stats.translated.Load},
+		{"rerouted_raw_syns_total", "SYNs no TCP socket owns (sent on raw sockets: traceroute -T, SYN scans): decided by the rules without owner keys; their flows end by idleness.", d.stats.rawSYNs.Load},
+		{"rerouted_retransmitted_syns_total", "Retransmitted SYNs of translated flows.", d.stats.retrans.Load},
+		{"rerouted_dropped_packets_total", "Packets the daemon dropped (their sockets retry).", d.stats.dropped.Load},
+		{"rerouted_service_datagram_flows_total", "UDP flows from a local service's socket (unconnected, bound outside the ephemeral ports) that reached the daemon: decided by owner rules only.", d.stats.service.Load},
+		{"rerouted_refused_total", "New flows refused because every uplink of their rule was down (on_down = \"drop\").", d.stats.refused.Load},
+		{"rerouted_icmp_errors_readdressed_total", "ICMP errors readdressed to a translated flow's socket.", d.stats.icmpErrors.Load},
+		{"rerouted_udp_socket_closed_total", "UDP flows ended as the kernel announced their socket's end.", d.stats.udpClosed.Load},
+		{"rerouted_idle_ended_total", "UDP and echo flows ended by idleness.", d.stats.idle.Load},
+		{"rerouted_forwarded_packets_total", "Userspace datapath: packets rewritten after the first.", d.stats.forwarded.Load},
+		{"rerouted_forwarded_bytes_total", "Userspace datapath: their bytes.", d.stats.bytes.Load},
+		{"rerouted_flow_transactions_total", "nftables transactions that installed or removed flows' elements; each is a new generation of the host's ruleset, which restarts an nft listing in progress.", func() uint64 { return d.dp.Transactions() }},
+	} {
+		v := c.v
+		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: c.name, Help: c.help}, func() float64 { return float64(v()) }))
+	}
+	m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "rerouted_stale_source_drops_total",
+		Help: "Translated packets dropped in the kernel because their new source was no longer the host's (an uplink renumbered)."},
+		func() float64 {
+			n, err := d.dp.StaleDrops()
+			if err != nil {
+				d.log.Error("metrics: read the stale-source counter", "err", err)
+			}
+			return float64(n)
+		}))
+	mode := "open"
+	if d.failClosed {
+		mode = "closed"
+	}
+	for r := failReason(0); r < failReasons; r++ {
+		name := "rerouted_failed_" + mode + "_total"
+		help := "New flows the policy concerns that could not be decided as it says, by reason."
+		if mode == "closed" || r == failNoPort {
+			name = "rerouted_failed_closed_total"
+		}
+		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help,
+			ConstLabels: prometheus.Labels{"reason": failReasonNames[r]}},
+			func() float64 { return float64(d.stats.failed[r].Load()) }))
+	}
+	// The kernel fails open silently when the queue (or the socket's
+	// buffer) is full: what the prefilter offered the queue and the
+	// daemon never received. Exact when no burst is in flight; latched so
+	// that it never goes down.
+	queueFullName := "rerouted_failed_open_total"
+	if d.failClosed {
+		queueFullName = "rerouted_failed_closed_total"
+	}
+	m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: queueFullName,
+		Help: "New flows the policy concerns that could not be decided as it says, by reason.", ConstLabels: prometheus.Labels{"reason": "queue_full"}},
+		func() float64 {
+			offered, err := d.dp.Offered()
+			if err != nil {
+				d.log.Error("metrics: read the queue rules' counters", "err", err)
+			}
+			if got := d.stats.received.Load(); offered > got {
+				for {
+					old := d.stats.queueFull.Load()
+					if offered-got <= old || d.stats.queueFull.CompareAndSwap(old, offered-got) {
+						break
+					}
+				}
+			}
+			return float64(d.stats.queueFull.Load())
+		}))
+	for k := errKind(0); k < errKinds; k++ {
+		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "rerouted_errors_total",
+			Help: "Errors, by kind.", ConstLabels: prometheus.Labels{"kind": errKindNames[k]}},
+			func() float64 { return float64(d.stats.errors[k].Load()) }))
+	}
+	return m
+}
+
+// decided records one decision. Each worker keeps its own counter per rule
+// name, so the packet path neither locks nor allocates after the first
+// decision by a rule.
+func (w *worker) decided(rule string, start time.Time) {
+	m := w.d.metrics
+	m.latency.Observe(time.Since(start).Seconds())
+	if rule == "" {
+		rule = "none"
+	}
+	c, ok := w.ruleCounters[rule]
+	if !ok {
+		if w.ruleCounters == nil {
+			w.ruleCounters = map[string]prometheus.Counter{}
+		}
+		c = m.decisions.WithLabelValues(rule)
+		w.ruleCounters[rule] = c
+	}
+	c.Inc()
+}
+
+// serveMetrics serves /metrics on addr until ctx is done.
+func (d *Daemon) serveMetrics(ctx context.Context, ln net.Listener) {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(d.metrics.reg, promhttp.HandlerOpts{ErrorLog: slogPrinter{d}}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		<-ctx.Done()
+		srv.Close()
+	}()
+	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		d.log.Error("metrics server", "err", err)
+	}
+}
+
+type slogPrinter struct{ d *Daemon }
+
+func (p slogPrinter) Println(v ...any) { p.d.log.Error("metrics", "err", fmt.Sprint(v...)) }
+
+var (
+	flowsDesc  = prometheus.NewDesc("rerouted_flows", "Translated flows, by uplink and protocol.", []string{"uplink", "proto"}, nil)
+	passesDesc = prometheus.NewDesc("rerouted_passes", "UDP and echo tuples decided untranslated, cached in the kernel.", []string{"proto"}, nil)
+)
+
+// flowCollector counts the flow table at scrape time.
+type flowCollector struct{ d *Daemon }
+
+func (c *flowCollector) Describe(ch chan<- *prometheus.Desc) { ch <- flowsDesc; ch <- passesDesc }
+
+func (c *flowCollector) Collect(ch chan<- prometheus.Metric) {
+	names := map[uint32]string{}
+	for _, u := range c.d.cfg.Load().Uplinks {
+		names[u.Mark] = u.Name
+	}
+	type key struct{ uplink, proto string }
+	flows, passes := map[key]int{}, map[string]int{}
+	for _, f := range c.d.flows.Snapshot() {
+		if f.Pass {
+			passes[flow.ProtoName(f.Proto)]++
+			continue
+		}
+		flows[key{uplinkName(names, f), flow.ProtoName(f.Proto)}]++
+	}
+	for k, n := range flows {
+		ch <- prometheus.MustNewConstMetric(flowsDesc, prometheus.GaugeValue, float64(n), k.uplink, k.proto)
+	}
+	for p, n := range passes {
+		ch <- prometheus.MustNewConstMetric(passesDesc, prometheus.GaugeValue, float64(n), p)
+	}
+}
+
+func uplinkName(names map[uint32]string, f *flow.Flow) string {
+	if n, ok := names[f.Mark]; ok {
+		return n
+	}
+	if f.Mark == 0 {
+		return "default"
+	}
+	return "mark-" + strconv.FormatUint(uint64(f.Mark), 10)
+}
+
+var (
+	queuePacketsDesc = prometheus.NewDesc("rerouted_queue_packets_total", "Packets the kernel queued to the daemon.", []string{"queue"}, nil)
+	queueDropsDesc   = prometheus.NewDesc("rerouted_queue_drops_total",
+		"Packets the kernel could not queue: the queue was full (reason queue_full) or the socket buffer was (reason socket_full).", []string{"queue", "reason"}, nil)
+)
+
+// queueCollector reads the kernel's per-queue counters
+// (/proc/net/netfilter/nfnetlink_queue) for the daemon's queues.
+type queueCollector struct{ d *Daemon }
+
+func (c *queueCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- queuePacketsDesc
+	ch <- queueDropsDesc
+}
+
+func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
+	f, err := os.Open("/proc/net/netfilter/nfnetlink_queue")
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	dc := c.d.cfg.Load().Daemon
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		// queue peer_portid queue_total copy_mode copy_range queue_dropped user_dropped id_sequence 1
+		fs := strings.Fields(sc.Text())
+		if len(fs) < 8 {
+			continue
+		}
+		n, err := strconv.Atoi(fs[0])
+		if err != nil || n < int(dc.Queue) || n >= int(dc.Queue)+dc.Queues {
+			continue
+		}
+		val := func(i int) float64 { v, _ := strconv.ParseFloat(fs[i], 64); return v }
+		ch <- prometheus.MustNewConstMetric(queuePacketsDesc, prometheus.CounterValue, val(7), fs[0])
+		ch <- prometheus.MustNewConstMetric(queueDropsDesc, prometheus.CounterValue, val(5), fs[0], "queue_full")
+		ch <- prometheus.MustNewConstMetric(queueDropsDesc, prometheus.CounterValue, val(6), fs[0], "socket_full")
+	}
+}
+
+var (
+	uplinkUpDesc  = prometheus.NewDesc("rerouted_uplink_up", "1 if the uplink is up for the family (link, address, route, probes), else 0.", []string{"uplink", "family"}, nil)
+	probeRTTDesc  = prometheus.NewDesc("rerouted_uplink_probe_rtt_seconds", "The last probe round's best round-trip time through the uplink ([uplink.health]).", []string{"uplink", "family"}, nil)
+	probeLossDesc = prometheus.NewDesc("rerouted_uplink_probe_loss_ratio", "The share of the last 10 probe rounds in which every target failed.", []string{"uplink", "family"}, nil)
+)
+
+// uplinkCollector reports the uplinks' states at scrape time.
+type uplinkCollector struct{ d *Daemon }
+
+func (c *uplinkCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- uplinkUpDesc
+	ch <- probeRTTDesc
+	ch <- probeLossDesc
+}
+
+func (c *uplinkCollector) Collect(ch chan<- prometheus.Metric) {
+	for _, st := range c.d.uplinks.List() {
+		v := 0.0
+		if st.Up {
+			v = 1
+		}
+		ch <- prometheus.MustNewConstMetric(uplinkUpDesc, prometheus.GaugeValue, v, st.Uplink, st.Family)
+		if st.Probed {
+			ch <- prometheus.MustNewConstMetric(probeRTTDesc, prometheus.GaugeValue, st.RTT.Seconds(), st.Uplink, st.Family)
+			ch <- prometheus.MustNewConstMetric(probeLossDesc, prometheus.GaugeValue, st.Loss, st.Uplink, st.Family)
+		}
+	}
+}
+
+var overBudgetDesc = prometheus.NewDesc("rerouted_uid_over_budget_total",
+	"New flows of a user past its budget (new_flows_per_uid), which failed open (or closed), by uid.", []string{"uid"}, nil)
+
+// budgetCollector reads the kernel's per-uid counts at scrape time.
+type budgetCollector struct{ d *Daemon }
+
+func (c *budgetCollector) Describe(ch chan<- *prometheus.Desc) { ch <- overBudgetDesc }
+
+func (c *budgetCollector) Collect(ch chan<- prometheus.Metric) {
+	over, err := c.d.dp.OverBudget()
+	if err != nil {
+		c.d.log.Error("metrics: read the per-user budget's counts", "err", err)
+		return
+	}
+	for uid, n := range over {
+		ch <- prometheus.MustNewConstMetric(overBudgetDesc, prometheus.CounterValue, float64(n), strconv.FormatUint(uint64(uid), 10))
+	}
+}

@@ -1,0 +1,664 @@
+package daemon
+
+import (
+	"errors"
+	"github.com/prometheus/client_golang/prometheus"
+	"math/rand/v2"
+	"net/netip"
+	"time"
+
+	"github.com/rerouted/rerouted/internal/events"
+	"github.com/rerouted/rerouted/internal/flow"
+	"github.com/rerouted/rerouted/internal/owner"
+	"github.com/rerouted/rerouted/internal/policy"
+	"github.com/rerouted/rerouted/internal/queue"
+	"github.com/rerouted/rerouted/internal/rewrite"
+	"github.com/rerouted/rerouted/internal/route"
+	"github.com/rerouted/rerouted/internal/sockdiag"
+	"golang.org/x/sys/unix"
+)
+
+// The packet path. The kernel queues:
+//   - every locally originated TCP SYN (handle -> syn): the decision;
+//   - the first outbound UDP datagram or ICMP/ICMPv6 echo request of every
+//     tuple without a decision (datagram): the decision, translated or not,
+//     which the kernel then caches;
+//   - ICMP and ICMPv6 errors (icmpError): those about a translated flow are
+//     readdressed to its socket;
+//   - with the userspace datapath only, every other packet of a translated
+//     flow (forward). With the kernel datapath they are rewritten in the
+//     kernel by map elements and never come here.
+//
+// A worker handles one queue. It decides each new flow as its first packet
+// arrives and holds the rewritten packets of translated flows until the end
+// of the queue's batch (the queue is empty, or full); then one transaction
+// installs the whole batch's elements and the packets go out. So the reply
+// always finds its elements, and concurrent flows share a transaction.
+//
+// Every packet gets exactly one verdict. The path fails open: whatever goes
+// wrong, the packet leaves as the host's own routing would send it, or is
+// dropped for the socket to retransmit when that is the only way to avoid a
+// wrong translation.
+
+// worker is one queue's packet goroutine and the sockets it owns.
+type worker struct {
+	d      *Daemon
+	q      *queue.Queue
+	diag   *sockdiag.Conn
+	routes *route.Cache
+	owner  sockOwner   // the socket being decided
+	query  policy.Flow // the flow being decided (reused: no allocation)
+
+	held  [maxHeld]heldPacket // rewritten first packets waiting for their elements
+	nheld int
+	// passed: the batch cached a decision not to translate, whose
+	// element must go in at its end even with no packet held for it.
+	passed bool
+
+	ruleCounters map[string]prometheus.Counter // decisions by rule (metrics.go)
+}
+
+// heldPacket is a rewritten first packet (a SYN, a datagram, an echo request)
+// waiting for the batch's transaction. Its bytes stay in the queue's buffer
+// until the batch ends.
+type heldPacket struct {
+	id  uint32
+	f   *flow.Flow
+	pkt []byte
+}
+
+// maxHeld bounds the first packets held in one batch.
+const maxHeld = 128
+
+// What an MSS leaves out of the MTU: the IP and TCP headers.
+const (
+	tcpIPv4Headers = 40
+	tcpIPv6Headers = 60
+)
+
+func (w *worker) handle(p *queue.Packet) {
+	var t rewrite.Packet
+	if err := rewrite.Parse(p.Payload, &t); err != nil {
+		var e rewrite.ICMPError
+		if errors.Is(err, rewrite.ErrProtocol) && rewrite.ParseICMPError(p.Payload, &e) == nil {
+			w.icmpError(p, &e)
+			return
+		}
+		w.accept(p) // not ours to judge
+		return
+	}
+	out := p.Hook == queue.HookLocalOut
+	switch {
+	case t.Proto == rewrite.TCP && t.Flags&(rewrite.SYN|rewrite.ACK|rewrite.FIN|rewrite.RST) == rewrite.SYN && out:
+		w.d.stats.syns.Add(1)
+		w.d.stats.received.Add(1)
+		w.syn(p, &t)
+	case t.Proto != rewrite.TCP && out && (t.Proto == rewrite.UDP || t.Flags == rewrite.EchoRequest4 || t.Flags == rewrite.EchoRequest6):
+		w.datagram(p, &t)
+	case w.d.userspace:
+		w.forward(p, &t)
+	default:
+		w.accept(p)
+	}
+}
+
+// forward translates one packet of a translated flow, the userspace
+// datapath's job for every packet after the first: outbound from the
+// socket's tuple to the wire's, with the flow's mark; inbound back.
+func (w *worker) forward(p *queue.Packet, t *rewrite.Packet) {
+	d := w.d
+	d.stats.forwarded.Add(1)
+	d.stats.bytes.Add(uint64(len(p.Payload)))
+	if p.Hook == queue.HookLocalOut {
+		f := d.flows.Get(flow.Key{Proto: t.Proto, Src: t.Src, Dst: t.Dst})
+		if f == nil || f.Pass {
+			w.accept(p) // its socket is gone; the selector follows
+			return
+		}
+		rewrite.SetSource(p.Payload, t, f.NewSrc)
+		rewrite.Checksum(p.Payload, t)
+		w.verdicted(p.ID, w.q.AcceptModified(p.ID, f.Mark, p.Payload))
+		return
+	}
+	f := d.flows.ByWire(flow.Key{Proto: t.Proto, Src: t.Dst, Dst: t.Src})
+	if f == nil || f.Pass {
+		w.accept(p)
+		return
+	}
+	rewrite.SetDestination(p.Payload, t, f.Src)
+	rewrite.Checksum(p.Payload, t)
+	w.verdicted(p.ID, w.q.AcceptPacket(p.ID, p.Payload))
+}
+
+// datagram decides the flow of an outbound UDP datagram or echo request
+// whose tuple the kernel has no decision for, and caches the decision in
+// the kernel: a translation, or a pass. Datagrams of a tuple already
+// decided come here only while its elements are on their way (and with the
+// userspace datapath, always): they follow the decision, in order, with no
+// lookup. (A new socket on a tuple whose socket just closed is caught by
+// the kernel's cached decision too, until the next sweep removes it.)
+func (w *worker) datagram(p *queue.Packet, t *rewrite.Packet) {
+	d := w.d
+	key := flow.Key{Proto: t.Proto, Src: t.Src, Dst: t.Dst}
+	f := d.flows.Get(key)
+	if f == nil || !d.userspace {
+		d.stats.received.Add(1) // through the prefilter (not a userspace selector)
+	}
+	if f != nil {
+		w.follow(p, t, f)
+		return
+	}
+	start := time.Now()
+
+	// 1. The socket, for UDP: its cookie tells this socket from a later
+	// one on the tuple, and its end ends the flow. Ping sockets are not in
+	// sock_diag: echo flows end by idleness alone, as do datagrams of a
+	// socket that is gone already.
+	var sock sockdiag.Socket
+	if t.Proto == rewrite.UDP {
+		if err := w.diag.Lookup(unix.IPPROTO_UDP, t.Src, t.Dst, &sock); err != nil && !errors.Is(err, sockdiag.ErrNotFound) {
+			d.stats.errors[errSocketLookup].Add(1)
+			d.log.Error("socket lookup", "proto", "udp", "src", t.Src, "dst", t.Dst, "err", err)
+			if d.failClosed {
+				w.fail(p, t, failSocketLookup)
+				return
+			}
+		}
+	}
+	if sock.Cookie == 0 {
+		sock.UID = p.UID // the queue reports the sending socket's owner
+	}
+	d.stats.datagrams.Add(1)
+
+	// 2. The mark. Multicast, broadcast and link-local traffic stays on its
+	// link: it is never translated.
+	var mark uint32
+	var ruleName string
+	if dst := t.Dst.Addr(); !dst.IsMulticast() && !dst.IsLinkLocalUnicast() && dst != netip.AddrFrom4([4]byte{255, 255, 255, 255}) {
+		// A local service's socket (unconnected, on a port of its own) may
+		// be answering a client whose tuple the kernel could not learn
+		// (see policy.DecideService).
+		remote := sock.Remote.Addr()
+		service := t.Proto == rewrite.UDP && sock.Cookie != 0 && (!remote.IsValid() || remote.IsUnspecified()) &&
+			(t.Src.Port() < d.portLo || t.Src.Port() > d.portHi)
+		if service {
+			d.stats.service.Add(1)
+		}
+		var refuse bool
+		mark, ruleName, refuse = w.decide(d.cfg.Load(), &sock, p, t, service)
+		if refuse {
+			w.decided(ruleName, start)
+			w.refuse(p, t, ruleName, nil)
+			return
+		}
+	}
+	w.decided(ruleName, start)
+
+	// 3. The route, and the source it prefers.
+	rt, ok := w.route(p, t, mark, sock.UID)
+	if !ok {
+		if w.d.failClosed {
+			w.fail(p, t, failNoRoute)
+			return
+		}
+		w.d.stats.failed[failNoRoute].Add(1) // cached as a pass: counted once per flow
+		rt, mark = route.Route{Src: t.Src.Addr(), DevIdx: int(p.OutDev)}, p.Mark
+	}
+	want := netip.AddrPortFrom(rt.Src, t.Src.Port())
+	onWire := d.flows.OnWire(flow.Key{Proto: t.Proto, Src: want, Dst: t.Dst})
+	f = &flow.Flow{Key: key, Mark: mark, Rule: ruleName, UID: sock.UID, Cookie: sock.Cookie, Inode: sock.Inode,
+		Start: time.Now(), Dev: rt.Dev}
+	f.UsedAt = f.Start
+	echo := t.Proto != rewrite.UDP
+	if rt.Src == t.Src.Addr() && mark == p.Mark && !onWire {
+		// Routing already gets it right: cache that, so the tuple's later
+		// packets pass in the kernel.
+		f.Pass, f.NewSrc = true, t.Src
+		w.passed = true
+		if !w.admitAs(f, want) {
+			d.log.Debug("tuple already decided by another worker", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst)
+		} else if d.events.On(events.Pass) {
+			w.describeOwner(f)
+			d.events.Pass(f, passReason(ruleName, mark))
+		}
+		w.accept(p)
+		return
+	}
+	if echo && onWire {
+		// An echo keeps its identifier, and another flow has it on the wire
+		// to the same peer: replies could not be told apart.
+		d.log.Warn("echo identifier in use on the wire: cannot translate", "src", t.Src, "dst", t.Dst, "new_src", want)
+		w.fail(p, t, failEchoID)
+		return
+	}
+	if f.Dev == "" {
+		if li, err := w.routes.Link(rt.DevIdx); err == nil {
+			f.Dev = li.Name
+		}
+	}
+	w.describeOwner(f)
+	if echo {
+		ok = w.admitAs(f, want)
+	} else {
+		ok = w.admit(f, want, t.Dst, sock.Cookie, onWire)
+	}
+	if !ok {
+		d.stats.errors[errNoPort].Add(1)
+		d.stats.failed[failNoPort].Add(1)
+		d.log.Error("no free source port for translation; dropping the datagram", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst, "new_src", rt.Src)
+		w.drop(p)
+		return
+	}
+	d.stats.translated.Add(1)
+	d.events.Flow("NEW", f)
+	w.hold(p, t, f)
+}
+
+// follow sends a datagram of a decided flow the way its first went: as it
+// is for a pass; translated for a translation, held behind the batch's
+// transaction if its elements are not in yet, so it cannot overtake the
+// first.
+func (w *worker) follow(p *queue.Packet, t *rewrite.Packet, f *flow.Flow) {
+	switch {
+	case f.Pass:
+		w.accept(p)
+	case !w.d.inst.installed(f):
+		w.hold(p, t, f)
+	default:
+		rewrite.SetSource(p.Payload, t, f.NewSrc)
+		rewrite.Checksum(p.Payload, t)
+		w.verdicted(p.ID, w.q.AcceptModified(p.ID, f.Mark, p.Payload))
+	}
+}
+
+// syn decides a new connection and releases its SYN.
+func (w *worker) syn(p *queue.Packet, t *rewrite.Packet) {
+	d := w.d
+	start := time.Now()
+	key := flow.Key{Proto: unix.IPPROTO_TCP, Src: t.Src, Dst: t.Dst}
+
+	// 1. The socket. Its cookie tells a retransmitted SYN from a new socket
+	// that reuses the tuple; its existence is what later ends the flow.
+	var sock sockdiag.Socket
+	if err := w.diag.Lookup(unix.IPPROTO_TCP, t.Src, t.Dst, &sock); err != nil {
+		if !errors.Is(err, sockdiag.ErrNotFound) {
+			d.stats.errors[errSocketLookup].Add(1)
+			d.log.Error("socket lookup", "src", t.Src, "dst", t.Dst, "err", err)
+			w.fail(p, t, failSocketLookup)
+			return
+		}
+		raw, err := owner.HasRawSocket("/proc/net", t.Src.Addr().Is6(), p.UID)
+		if err != nil {
+			d.stats.errors[errSocketLookup].Add(1)
+			d.log.Error("raw socket lookup", "src", t.Src, "dst", t.Dst, "err", err)
+		}
+		if !raw || !p.HasUID {
+			// The SYN of a TCP socket closed before the daemon looked:
+			// nothing to translate, and a translation would outlive it
+			// on its tuple, for the next socket there to inherit.
+			w.fail(p, t, failNoSocket)
+			return
+		}
+		// No TCP socket, and its user has a raw socket: a raw socket's
+		// SYN (traceroute -T, a SYN scan, hping3). It is decided as a
+		// datagram is: by the rules that need no socket owner, and its
+		// flow ends by idleness (Cookie 0).
+		sock = sockdiag.Socket{UID: p.UID}
+		d.stats.rawSYNs.Add(1)
+	}
+	if f := d.flows.Get(key); f != nil {
+		if f.Cookie == sock.Cookie {
+			d.stats.retrans.Add(1)
+			w.hold(p, t, f) // a retransmitted SYN: same translation
+			return
+		}
+		// A new socket reuses a tuple whose old socket we have not yet
+		// swept: the old translation must not leak onto it.
+		d.forget(f)
+	}
+
+	// 2. The mark: the host's own, else the first matching rule's.
+	mark, ruleName, refuse := w.decide(d.cfg.Load(), &sock, p, t, false)
+	w.decided(ruleName, start)
+	if refuse {
+		w.refuse(p, t, ruleName, &sock)
+		return
+	}
+
+	// 3. The route that mark leads to, and its preferred source.
+	rt, ok := w.route(p, t, mark, sock.UID)
+	if !ok {
+		w.fail(p, t, failNoRoute)
+		return
+	}
+	want := netip.AddrPortFrom(rt.Src, t.Src.Port())
+	onWire := d.flows.OnWire(flow.Key{Proto: unix.IPPROTO_TCP, Src: want, Dst: t.Dst})
+	if rt.Src == t.Src.Addr() && mark == p.Mark && !onWire {
+		w.accept(p) // routing already gets it right: costs nothing from now on
+		if d.events.On(events.Pass) {
+			f := flow.Flow{Key: key, Mark: mark, Rule: ruleName, UID: sock.UID, NewSrc: t.Src}
+			w.describeOwner(&f)
+			d.events.Pass(&f, passReason(ruleName, mark))
+		}
+		return
+	}
+
+	// 4. The flow.
+	f := &flow.Flow{Key: key, Mark: mark, Rule: ruleName, UID: sock.UID, Cookie: sock.Cookie, Inode: sock.Inode,
+		Start: time.Now(), Dev: rt.Dev}
+	f.UsedAt = f.Start // a raw socket's flow ends this long after its first SYN (its packets are not counted)
+	headers := tcpIPv4Headers
+	if t.Src.Addr().Is6() {
+		headers = tcpIPv6Headers
+	}
+	if rt.MTU > headers {
+		f.MSS = uint16(min(rt.MTU-headers, 0xffff))
+	}
+	if f.Dev == "" {
+		if li, err := w.routes.Link(rt.DevIdx); err == nil {
+			f.Dev = li.Name
+		}
+	}
+	w.describeOwner(f)
+
+	// 5. A source port: the socket's own unless that tuple is taken on the
+	// wire by a real socket or another translation. The flow table takes
+	// it atomically, and its kernel elements are queued, in table order.
+	if !w.admit(f, want, t.Dst, sock.Cookie, onWire) {
+		d.stats.errors[errNoPort].Add(1)
+		d.stats.failed[failNoPort].Add(1)
+		d.log.Error("no free source port for translation; dropping SYN (the socket will retry)", "src", t.Src, "dst", t.Dst, "new_src", rt.Src)
+		w.drop(p)
+		return
+	}
+	d.stats.translated.Add(1)
+	d.events.Flow("NEW", f)
+
+	// 6. The SYN itself, rewritten, goes out once its elements are in.
+	w.hold(p, t, f)
+}
+
+// passReason says why a new flow needs no translation: its socket's source
+// already is the one its route prefers.
+func passReason(rule string, mark uint32) string {
+	switch {
+	case rule == "":
+		return "no rule matched"
+	case mark == 0:
+		return "decided for the host's own routing, which already uses the socket's source"
+	}
+	return "the socket's source already is the uplink's address"
+}
+
+// route returns the route a new flow's mark leads to, and its preferred
+// source: the packet's own for mark 0. A marked flow with no route is left
+// untranslated (false).
+func (w *worker) route(p *queue.Packet, t *rewrite.Packet, mark, uid uint32) (route.Route, bool) {
+	if mark == 0 && p.Mark == 0 {
+		return route.Route{Src: t.Src.Addr(), DevIdx: int(p.OutDev)}, true
+	}
+	// (A host-marked flow moved to the host's routing, its uplink being
+	// down, asks it too: its socket's source was chosen for the mark.)
+	rt, err := w.routes.Lookup(t.Dst.Addr(), mark, uid, true)
+	if err != nil {
+		w.d.stats.errors[errNoRoute].Add(1)
+		w.d.log.Warn("no route for marked flow", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst, "mark", mark, "err", err)
+		return route.Route{}, false
+	}
+	return rt, true
+}
+
+// icmpError readdresses an ICMP error about a translated flow to its socket:
+// the error was sent to the wire's source and quotes the wire's tuple, and
+// the socket (path MTU discovery above all) only recognises its own.
+func (w *worker) icmpError(p *queue.Packet, e *rewrite.ICMPError) {
+	f := w.d.flows.ByWire(flow.Key{Proto: e.InnerProto, Src: e.Src, Dst: e.To})
+	if f == nil || f.Pass || e.Dst != f.NewSrc.Addr() {
+		w.accept(p) // not about a translated flow
+		return
+	}
+	rewrite.TranslateICMPError(p.Payload, e, f.Src)
+	w.d.stats.icmpErrors.Add(1)
+	w.d.log.Debug("icmp error readdressed", "type", e.Type, "code", e.Code, "proto", flow.ProtoName(f.Proto), "wire", f.NewSrc, "socket", f.Src, "dst", f.Dst)
+	w.verdicted(p.ID, w.q.AcceptPacket(p.ID, p.Payload))
+}
+
+// decide returns the mark a new flow must carry and what decided it: the
+// mark the host's own rules set (with honor_marks), else the first matching
+// rule's; mark 0 means the normal route. The owner (process, cgroup) is
+// looked up only if a rule needs it. For a local service's datagram only
+// rules that name the socket's owner apply.
+//
+// An uplink that is down is not chosen: a rule takes the first of its
+// uplinks that is up, else the host's routing or, with on_down = "drop",
+// refuses the flow (refuse); a host mark for a down uplink goes to its
+// fallback. A flow decided so keeps that path for its life: its mark is
+// pinned in its element, even when its packets carry the host's mark.
+func (w *worker) decide(cfg *policy.Config, sock *sockdiag.Socket, p *queue.Packet, t *rewrite.Packet, service bool) (mark uint32, rule string, refuse bool) {
+	w.owner.reset(sock)
+	v6 := t.Dst.Addr().Is6()
+	if cfg.Daemon.HonorMarks && p.Mark != 0 {
+		u := cfg.UplinkByMark(p.Mark)
+		if u == nil || w.d.uplinks.Up(u.Mark, v6) {
+			return p.Mark, "host mark", false
+		}
+		if f := u.Fallback; f != nil && w.d.uplinks.Up(f.Mark, v6) {
+			return f.Mark, "host mark, fallback", false
+		}
+		return 0, "host mark, fallback", false
+	}
+	proto := "tcp"
+	switch t.Proto {
+	case rewrite.UDP:
+		proto = "udp"
+	case rewrite.ICMP, rewrite.ICMPv6:
+		proto = "icmp"
+	}
+	w.query = policy.Flow{Protocol: proto, Dst: t.Dst, UID: sock.UID, GID: p.GID, HasUID: sock.Cookie != 0 || p.HasUID, Owner: &w.owner}
+	var r *policy.Rule
+	if service {
+		r = cfg.DecideService(&w.query)
+	} else {
+		r = cfg.Decide(&w.query)
+	}
+	switch {
+	case r == nil:
+		return 0, "", false
+	case r.Action.Kind == policy.ActDefault: // pinned to the normal route
+		return 0, r.Name, false
+	case r.Action.Kind == policy.ActMark:
+		return r.Action.Mark, r.Name, false
+	}
+	if r.Action.Kind == policy.ActBalance {
+		if m, ok := w.d.balance.Pick(&w.d.uplinks, r, sock.UID, t.Dst.Addr(), v6); ok {
+			return m, r.Name, false
+		}
+		return 0, r.Name, r.Action.DropWhenDown
+	}
+	for _, c := range r.Action.Choices {
+		if c.Uplink == nil {
+			return 0, r.Name, false // "default"
+		}
+		if w.d.uplinks.Up(c.Uplink.Mark, v6) {
+			return c.Uplink.Mark, r.Name, false
+		}
+	}
+	return 0, r.Name, r.Action.DropWhenDown
+}
+
+// refuse drops the first packet of a flow whose rule's uplinks are all
+// down and that says on_down = "drop". A TCP socket is closed at once
+// (SOCK_DESTROY), so that connect() fails instead of retrying for minutes.
+func (w *worker) refuse(p *queue.Packet, t *rewrite.Packet, rule string, sock *sockdiag.Socket) {
+	d := w.d
+	d.stats.refused.Add(1)
+	if sock != nil && sock.Cookie != 0 {
+		if err := w.diag.Destroy(t.Src, t.Dst, sock.Cookie); err != nil && !errors.Is(err, sockdiag.ErrNotFound) {
+			d.stats.errors[errSocketLookup].Add(1)
+			d.log.Error("refuse a connection: close its socket", "src", t.Src, "dst", t.Dst, "err", err)
+		}
+	}
+	d.log.Debug("refused: every uplink of the rule is down (on_down = \"drop\")", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst, "rule", rule)
+	d.events.Refused(t, rule)
+	w.drop(p)
+}
+
+// describeOwner records on f the owner the decision looked up, and with
+// --debug also what it did not need, for the event line.
+func (w *worker) describeOwner(f *flow.Flow) {
+	o := &w.owner
+	var fo flow.Owner
+	debug := w.d.events.On(events.New | events.Pass)
+	if debug || o.procDone {
+		if p, ok := o.Process(); ok {
+			fo.PID, fo.Comm, fo.Exe = p.PID, p.Comm, p.Exe
+		}
+	}
+	if debug || o.cgDone {
+		if cg, ok := o.Cgroup(); ok {
+			fo.Cgroup = "/" + cg
+		}
+	}
+	if fo != (flow.Owner{}) {
+		f.Owner = &fo
+	}
+}
+
+// admit gives f a wire tuple no real socket and no other flow uses, and adds
+// it to the table and the kernel's queue of changes: want if it is free,
+// else the same address with a random port from the ephemeral range.
+func (w *worker) admit(f *flow.Flow, want, dst netip.AddrPort, cookie uint64, taken bool) bool {
+	d := w.d
+	span := uint32(d.portHi-d.portLo) + 1
+	for try := 0; try < 64; try++ {
+		c := want
+		if taken || try > 0 {
+			c = netip.AddrPortFrom(want.Addr(), d.portLo+uint16(rand.Uint32N(span)))
+		}
+		if !w.noOtherSocket(f.Proto, c, dst, cookie) {
+			continue
+		}
+		if w.admitAs(f, c) {
+			return true
+		}
+	}
+	return false
+}
+
+// admitAs adds f to the table with wire source src, and its elements to the
+// kernel's queue of changes, unless the socket tuple or the wire tuple is
+// taken.
+func (w *worker) admitAs(f *flow.Flow, src netip.AddrPort) bool { return w.d.inst.add(f, src) }
+
+// noOtherSocket reports whether no socket but the flow's own uses src→dst
+// (for UDP: would receive datagrams from dst at src).
+func (w *worker) noOtherSocket(proto uint8, src, dst netip.AddrPort, cookie uint64) bool {
+	var s sockdiag.Socket
+	err := w.diag.Lookup(proto, src, dst, &s)
+	if errors.Is(err, sockdiag.ErrNotFound) {
+		return true
+	}
+	return err == nil && s.Cookie == cookie
+}
+
+// hold rewrites a flow's first packet (a SYN: with its MSS clamped) and
+// keeps it until the batch's elements are installed (see endBatch).
+func (w *worker) hold(p *queue.Packet, t *rewrite.Packet, f *flow.Flow) {
+	rewrite.SetSource(p.Payload, t, f.NewSrc)
+	if f.MSS != 0 {
+		rewrite.ClampMSS(p.Payload, t, f.MSS)
+	}
+	rewrite.Checksum(p.Payload, t)
+	if w.nheld == maxHeld { // rare: more first packets than a batch holds
+		w.d.inst.flush()
+		w.release(p.ID, f, p.Payload)
+		return
+	}
+	w.held[w.nheld] = heldPacket{id: p.ID, f: f, pkt: p.Payload}
+	w.nheld++
+}
+
+// endBatch runs before the queue sends its batch of verdicts: install the
+// batch's elements in one transaction (the passes' too), then release its
+// held packets, in the order they came.
+func (w *worker) endBatch() {
+	if w.nheld == 0 && !w.passed {
+		return
+	}
+	w.passed = false
+	w.d.inst.flush()
+	for i := 0; i < w.nheld; i++ {
+		h := &w.held[i]
+		w.release(h.id, h.f, h.pkt)
+		*h = heldPacket{}
+	}
+	w.nheld = 0
+}
+
+// release lets a rewritten packet go with its flow's mark; the kernel routes
+// it again because its source and mark changed. A flow whose elements could
+// not be installed has left the table: its packet is dropped (the socket
+// retransmits a SYN; a lost datagram is UDP's to handle).
+func (w *worker) release(id uint32, f *flow.Flow, pkt []byte) {
+	if w.d.flows.Get(f.Key) != f {
+		w.dropID(id)
+		return
+	}
+	w.verdicted(id, w.q.AcceptModified(id, f.Mark, pkt))
+}
+
+// verdicted counts and logs a verdict the kernel did not take: the packet
+// stays queued until the queue is unbound.
+func (w *worker) verdicted(id uint32, err error) {
+	if err != nil {
+		w.d.stats.errors[errVerdict].Add(1)
+		w.d.log.Error("verdict", "id", id, "err", err)
+	}
+}
+
+func (w *worker) accept(p *queue.Packet) {
+	w.verdicted(p.ID, w.q.Accept(p.ID))
+}
+
+func (w *worker) drop(p *queue.Packet) { w.dropID(p.ID) }
+
+func (w *worker) dropID(id uint32) {
+	w.d.stats.dropped.Add(1)
+	w.verdicted(id, w.q.Drop(id))
+}
+
+// Why a flow the policy concerns could not be handled as it says.
+type failReason int
+
+const (
+	failNoSocket     failReason = iota // a SYN whose socket closed before the daemon looked
+	failSocketLookup                   // sock_diag failed
+	failNoRoute                        // the mark's route does not exist
+	failNoPort                         // no free source port (always dropped)
+	failEchoID                         // an echo's identifier is on the wire already, to the same peer
+	failReasons
+)
+
+var failReasonNames = [failReasons]string{"no_socket", "socket_lookup", "no_route", "no_free_port", "echo_id_in_use"}
+
+// fail handles a first packet whose flow cannot be decided as the policy
+// says: with on_failure = "open" it leaves as the host's routing sends it,
+// with "closed" it is dropped (the socket retries). Either way it is
+// counted and logged.
+func (w *worker) fail(p *queue.Packet, t *rewrite.Packet, reason failReason) {
+	d := w.d
+	d.stats.failed[reason].Add(1)
+	if d.failClosed {
+		d.log.Warn("cannot decide a new flow; dropped (on_failure = \"closed\")", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst,
+			"mark", p.Mark, "reason", failReasonNames[reason])
+		w.drop(p)
+		return
+	}
+	d.log.Debug("cannot decide a new flow; it leaves untranslated (on_failure = \"open\")", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst,
+		"mark", p.Mark, "reason", failReasonNames[reason])
+	if d.events.On(events.Pass) {
+		d.events.Pass(&flow.Flow{Key: flow.Key{Proto: t.Proto, Src: t.Src, Dst: t.Dst}, Mark: p.Mark, UID: p.UID},
+			"failed open: "+failReasonNames[reason])
+	}
+	w.accept(p)
+}

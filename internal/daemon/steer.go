@@ -1,0 +1,74 @@
+package daemon
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/rerouted/rerouted/internal/policy"
+	"github.com/rerouted/rerouted/internal/steer"
+)
+
+// Connect-time steering ([daemon] steering = "connect") is package steer;
+// here the daemon starts and stops it, and counts its failures.
+
+// startSteering loads and attaches the program, and installs cfg's image.
+func (d *Daemon) startSteering(cfg *policy.Config) error {
+	s, err := steer.Open(cfg, steer.Deps{Datapath: d.dp, States: &d.uplinks, Events: d.events, Log: d.log,
+		Moved: d.metrics.moved, LookupErrors: &d.stats.errors[errSocketLookup]})
+	if err != nil {
+		return err
+	}
+	d.steer = s
+	if err := s.Start(cfg, d.portLo, d.portHi); err != nil {
+		d.steer = nil
+		return err
+	}
+	return nil
+}
+
+// stopSteering detaches the program, or with keep leaves it pinned and
+// deciding for the next run.
+func (d *Daemon) stopSteering(keep bool) error {
+	if d.steer == nil {
+		return nil
+	}
+	return d.steer.Stop(keep)
+}
+
+// applySteering installs a reloaded policy's image.
+func (d *Daemon) applySteering(cfg *policy.Config) {
+	if d.steer == nil {
+		return
+	}
+	if err := d.steer.Apply(cfg); err != nil {
+		d.stats.errors[errInstall].Add(1)
+		d.log.Error("reload: connect steering keeps the earlier policy's rules", "err", err)
+	}
+}
+
+// publishSteering tells the program the uplinks' states and addresses, and
+// the table which sockets are on their uplink already.
+func (d *Daemon) publishSteering() error {
+	if d.steer == nil {
+		return nil
+	}
+	return d.steer.Publish(d.cfg.Load())
+}
+
+// republishSteering publishes the uplinks' states once after a burst of
+// routing changes or a probe's verdicts, counting and logging a failure.
+func (d *Daemon) republishSteering() {
+	if err := d.publishSteering(); err != nil {
+		d.stats.errors[errInstall].Add(1)
+		d.log.Error("connect steering: publish uplink states", "err", err)
+	}
+}
+
+// steeringCollector reports the program's counts, when it runs.
+type steeringCollector struct{ d *Daemon }
+
+func (c steeringCollector) Describe(ch chan<- *prometheus.Desc) { ch <- steer.Desc }
+
+func (c steeringCollector) Collect(ch chan<- prometheus.Metric) {
+	if s := c.d.steer; s != nil {
+		s.Collect(ch)
+	}
+}

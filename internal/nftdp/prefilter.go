@@ -1,0 +1,408 @@
+package nftdp
+
+import (
+	"encoding/binary"
+	"fmt"
+	"net/netip"
+	"slices"
+	"time"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"github.com/rerouted/rerouted/internal/policy"
+	"golang.org/x/sys/unix"
+)
+
+// The prefilter: a new flow's first packet (a TCP SYN, a UDP datagram or an
+// echo request the kernel has no decision for) goes to the daemon only if
+// the policy may concern it. Two chains hold the policy as nftables can
+// test it in the output hook, rule by rule in the file's order:
+//
+//	chain filter_syn {                 jumped to for every TCP SYN
+//	    meta mark != 0  queue          (with honor_marks)
+//	    <rule 1's protocol, destination, port, uid, gid>  queue
+//	    <an uplink = "default" rule whose keys the kernel tests all>  return
+//	    ...                            and what no rule may match returns
+//	}
+//	chain filter_new { the same for UDP and echo requests, queued by
+//	    address hash }
+//
+// Keys the kernel cannot test here (process, exe, cgroup) count as "may
+// match": the daemon decides. Destination lists, ports and ids live in
+// sets named after the rule (f<generation>_r<n>_dst4 ...), a new
+// generation for each policy: a reload installs the new sets, swaps the
+// chains' rules in one transaction, then deletes the old sets.
+
+// Filter is the policy as the prefilter sees it.
+type Filter struct {
+	Rules      []policy.KernelRule
+	HonorMarks bool
+	// FailClosed: its queue verdicts have no bypass: without a daemon,
+	// what it queues is dropped rather than let through untranslated.
+	FailClosed bool
+	// UIDRate: each user (socket uid) may send this many new flows a
+	// second to the daemon (twice as many at once); the rest fail open,
+	// or closed, and are counted against that user. 0: no budget.
+	UIDRate int
+}
+
+// FilterOf is cfg's filter.
+func FilterOf(cfg *policy.Config) Filter {
+	return Filter{Rules: cfg.KernelRules(), HonorMarks: cfg.Daemon.HonorMarks, FailClosed: cfg.Daemon.FailClosed,
+		UIDRate: cfg.Daemon.NewFlowsPerUID}
+}
+
+// Union queues what either filter queues: while a reload swaps policies,
+// a packet that either policy concerns reaches the daemon.
+func Union(a, b Filter) Filter {
+	u := Filter{HonorMarks: a.HonorMarks || b.HonorMarks, FailClosed: b.FailClosed, UIDRate: b.UIDRate}
+	for _, f := range []Filter{a, b} {
+		for _, r := range f.Rules {
+			if r.Queue { // exemptions dropped: the union only queues more
+				u.Rules = append(u.Rules, r)
+			}
+		}
+	}
+	return u
+}
+
+// Steered is an uplink sockets are bound to at connect(): their packets
+// carry its mark and its address.
+type Steered struct {
+	Mark uint32
+	Addr netip.Addr
+}
+
+// SetSteered lets the packets of sockets steered at connect() pass the
+// output chain without a decision: they are on their uplink already.
+func (d *Datapath) SetSteered(s []Steered) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if slices.Equal(s, d.steered) {
+		return nil
+	}
+	d.steered = slices.Clone(s)
+	return d.applyFilter()
+}
+
+// Chains of the prefilter.
+const (
+	filterSYN  = "filter_syn"
+	filterNew  = "filter_new"
+	enqueueSYN = "enqueue_syn" // each user's budget, then the queue
+	enqueueNew = "enqueue_new"
+)
+
+// Sets of the per-user budget.
+const (
+	uidMeter = "uid_meter" // each uid's rate of new flows
+	uidOver  = "uid_over"  // each uid's new flows over its budget, counted
+)
+
+// compiled is one generation of the prefilter: its sets (with their
+// elements) and its rules.
+type compiled struct {
+	sets  []*nftables.Set
+	elems map[*nftables.Set][]nftables.SetElement
+	rules []ruleMsg
+}
+
+// compile turns a filter into sets and rules for both chains.
+func (d *Datapath) compile(f Filter, gen int, native bool) compiled {
+	c := compiled{elems: map[*nftables.Set][]nftables.SetElement{}}
+	set := func(name string, key nftables.SetDatatype, interval bool, elems []nftables.SetElement) string {
+		s := &nftables.Set{Table: d.table, Name: fmt.Sprintf("f%d_%s", gen, name), KeyType: key, Interval: interval, Constant: true}
+		if key == nftables.TypeUID || key == nftables.TypeGID {
+			// Ids are in host order: so the set's userdata says, for
+			// nft to print them right, which a constant set's cannot
+			// (google/nftables gives those big-endian keys).
+			s.Constant, s.KeyByteOrder = false, binaryutil.NativeEndian
+		}
+		c.sets = append(c.sets, s)
+		c.elems[s] = elems
+		return s.Name
+	}
+	for _, chain := range []string{filterSYN, filterNew} {
+		enqueue := enqueueSYN
+		if chain == filterNew {
+			enqueue = enqueueNew
+		}
+		// The queue, behind each user's budget: a user over it fails
+		// open (or closed) on its own flows only, counted in uid_over.
+		var budget []expr.Any
+		if f.UIDRate > 0 {
+			// Fail-open is a return: the packet goes on through the
+			// output chain, so that a retransmitted SYN of a flow
+			// already translated still meets its translation.
+			over := expr.Any(&expr.Verdict{Kind: expr.VerdictReturn})
+			if f.FailClosed {
+				over = &expr.Verdict{Kind: expr.VerdictDrop}
+			}
+			budget = []expr.Any{
+				&expr.Meta{Key: expr.MetaKeySKUID, Register: 1},
+				&expr.Dynset{SrcRegKey: 1, SetName: uidMeter, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: 10 * time.Second,
+					Exprs: []expr.Any{&expr.Limit{Type: expr.LimitTypePkts, Rate: uint64(f.UIDRate), Over: true, Unit: expr.LimitTimeSecond,
+						Burst: uint32(2 * f.UIDRate)}}},
+				&expr.Dynset{SrcRegKey: 1, SetName: uidOver, Operation: unix.NFT_DYNSET_OP_ADD, Exprs: []expr.Any{&expr.Counter{}}},
+				over,
+			}
+			c.rules = append(c.rules, ruleMsg{chain: enqueue, exprs: exprs(budget...)})
+		}
+		// Counted: what the queue is offered, against what the daemon
+		// receives, shows the kernel's silent fail-open (a full queue).
+		c.rules = append(c.rules, ruleMsg{chain: enqueue, exprs: exprs(&expr.Counter{},
+			queueTo(d.first, d.total, native, chain == filterSYN, !f.FailClosed))})
+		// goto, not jump: a return from the enqueue chain goes back to
+		// the output chain, past the filter.
+		verdict := &expr.Verdict{Kind: expr.VerdictGoto, Chain: enqueue}
+		if f.HonorMarks {
+			c.rules = append(c.rules, ruleMsg{chain: chain, exprs: exprs(
+				&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+				&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{0, 0, 0, 0}},
+				verdict)})
+		}
+		protos := []string{"tcp"}
+		if chain == filterNew {
+			protos = []string{"udp", "icmp"}
+		}
+		for i, r := range f.Rules {
+			if !r.Queue && !r.Exact {
+				continue // it may or may not exempt: the rules after decide
+			}
+			for fi := range d.fams {
+				fam := &d.fams[fi]
+				for _, proto := range protos {
+					if r.Protocols != nil && !slices.Contains(r.Protocols, proto) {
+						continue
+					}
+					m := []expr.Any{
+						&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+						&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{fam.nfproto}},
+					}
+					if chain == filterNew {
+						num := byte(unix.IPPROTO_UDP)
+						if proto == "icmp" {
+							num = fam.protos[2].num
+						}
+						m = append(m, &expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+							&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{num}})
+					}
+					name := fmt.Sprintf("r%d_", i)
+					v := fmt.Sprint(4 + 2*fi)
+					ok := true
+					for _, a := range []struct {
+						k   policy.KernelAddrs
+						neg bool
+						n   string
+					}{{r.Dst, false, "dst"}, {r.NotDst, true, "not_dst"}} {
+						if !a.k.Set || a.k.Big[fi] {
+							continue // no key, or may match
+						}
+						rs := a.k.Ranges[fi]
+						if len(rs) == 0 {
+							if !a.neg {
+								ok = false // nothing of this family is in it
+							}
+							continue
+						}
+						key := nftables.TypeIPAddr
+						if fi == 1 {
+							key = nftables.TypeIP6Addr
+						}
+						sn := set(name+a.n+v, key, true, addrElems(rs))
+						m = append(m, &expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: fam.daddr, Len: uint32(fam.addrLen)},
+							&expr.Lookup{SourceRegister: 1, SetName: sn, Invert: a.neg})
+					}
+					for _, p := range []struct {
+						rs  []policy.PortRange
+						neg bool
+						n   string
+					}{{r.Dports, false, "dport"}, {r.NotDports, true, "not_dport"}} {
+						switch {
+						case p.rs == nil:
+						case proto == "icmp" && !p.neg:
+							ok = false // an echo has no port
+						case proto == "icmp":
+						default:
+							sn := set(name+p.n, nftables.TypeInetService, true, portElems(p.rs))
+							m = append(m, &expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+								&expr.Lookup{SourceRegister: 1, SetName: sn, Invert: p.neg})
+						}
+					}
+					for _, id := range []struct {
+						ids []uint32
+						neg bool
+						key expr.MetaKey
+						n   string
+						typ nftables.SetDatatype
+					}{{r.UIDs, false, expr.MetaKeySKUID, "uid", nftables.TypeUID}, {r.NotUIDs, true, expr.MetaKeySKUID, "not_uid", nftables.TypeUID},
+						{r.GIDs, false, expr.MetaKeySKGID, "gid", nftables.TypeGID}, {r.NotGIDs, true, expr.MetaKeySKGID, "not_gid", nftables.TypeGID}} {
+						if id.ids == nil {
+							continue
+						}
+						var els []nftables.SetElement
+						for _, x := range id.ids {
+							els = append(els, nftables.SetElement{Key: binaryutil.NativeEndian.PutUint32(x)})
+						}
+						sn := set(name+id.n, id.typ, false, els)
+						m = append(m, &expr.Meta{Key: id.key, Register: 1},
+							&expr.Lookup{SourceRegister: 1, SetName: sn, Invert: id.neg})
+					}
+					if !ok {
+						continue
+					}
+					if r.Queue {
+						m = append(m, verdict)
+					} else {
+						m = append(m, &expr.Verdict{Kind: expr.VerdictReturn})
+					}
+					c.rules = append(c.rules, ruleMsg{chain: chain, exprs: exprs(m...)})
+				}
+			}
+		}
+	}
+	// Sets are per chain pass above; the same rule's sets would be made
+	// twice (filter_syn, filter_new): keep one of each name.
+	seen := map[string]bool{}
+	sets := c.sets[:0]
+	for _, s := range c.sets {
+		if !seen[s.Name] {
+			seen[s.Name] = true
+			sets = append(sets, s)
+		}
+	}
+	c.sets = sets
+	return c
+}
+
+// addrElems are an interval set's elements for ranges: each range's first
+// address, then the address after its last as an interval end (none after
+// the family's last address).
+func addrElems(rs []policy.AddrRange) []nftables.SetElement {
+	var els []nftables.SetElement
+	for _, r := range rs {
+		els = append(els, nftables.SetElement{Key: r.First.AsSlice()})
+		if next := r.Last.Next(); next.IsValid() {
+			els = append(els, nftables.SetElement{Key: next.AsSlice(), IntervalEnd: true})
+		}
+	}
+	return els
+}
+
+func portElems(rs []policy.PortRange) []nftables.SetElement {
+	var els []nftables.SetElement
+	for _, r := range rs {
+		els = append(els, nftables.SetElement{Key: binary.BigEndian.AppendUint16(nil, r.Lo)})
+		if r.Hi < 0xffff {
+			els = append(els, nftables.SetElement{Key: binary.BigEndian.AppendUint16(nil, r.Hi+1), IntervalEnd: true})
+		}
+	}
+	return els
+}
+
+// SetFilter makes f the prefilter: its sets go in first, then both chains'
+// rules are swapped with the rest of the table's in one transaction, then
+// the previous generation's sets go.
+func (d *Datapath) SetFilter(f Filter) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.filter = f
+	return d.applyFilter()
+}
+
+// applyFilter installs a new generation of d.filter and every rule of the
+// table. Call with mu held.
+func (d *Datapath) applyFilter() error {
+	native := d.QueueMethod != QueueXT
+	d.gen++
+	c := d.compile(d.filter, d.gen, native)
+	d.listMu.Lock()
+	for _, s := range c.sets {
+		if err := d.conn.AddSet(s, c.elems[s]); err != nil {
+			d.listMu.Unlock()
+			return fmt.Errorf("prefilter set %s: %w", s.Name, err)
+		}
+	}
+	err := d.conn.Flush()
+	d.listMu.Unlock()
+	if err != nil {
+		return fmt.Errorf("prefilter sets: %w", err)
+	}
+	rules := append(d.rules(d.first, d.total, native), c.rules...)
+	d.listMu.Lock()
+	if n, err := d.offeredNow(); err == nil && d.ruleCount != nil { // the replaced rules' counts go on (not an earlier run's)
+		d.offeredBefore += n
+	}
+	d.listMu.Unlock()
+	if err := d.elems.addRules(rules, []string{"output", "prerouting", filterSYN, filterNew, enqueueSYN, enqueueNew}); err != nil {
+		d.dropSets(c.sets)
+		return fmt.Errorf("rules: %w", err)
+	}
+	d.ruleCount = map[string]int{}
+	for _, r := range rules {
+		d.ruleCount[r.chain]++
+	}
+	old := d.filterSets
+	d.filterSets = c.sets
+	d.dropSets(old)
+	return nil
+}
+
+// Offered is how many packets the prefilter has offered to the queue since
+// the datapath was installed (counters of the rules in force, and of those
+// they replaced).
+func (d *Datapath) Offered() (uint64, error) {
+	d.listMu.Lock()
+	defer d.listMu.Unlock()
+	n, err := d.offeredNow()
+	return d.offeredBefore + n, err
+}
+
+// offeredNow sums the queue rules' counters. Call with listMu held.
+func (d *Datapath) offeredNow() (uint64, error) {
+	var n uint64
+	for _, chain := range []string{enqueueSYN, enqueueNew} {
+		rules, err := d.conn.GetRules(d.table, &nftables.Chain{Name: chain, Table: d.table})
+		if err != nil {
+			return 0, fmt.Errorf("list rules of chain %s: %w", chain, err)
+		}
+		for _, r := range rules {
+			if len(r.Exprs) > 0 {
+				if c, ok := r.Exprs[0].(*expr.Counter); ok {
+					n += c.Packets
+				}
+			}
+		}
+	}
+	return n, nil
+}
+
+// dropSets deletes sets no rule refers to any more, one by one: one that
+// is gone already (a repair after a flush) must not keep the others.
+func (d *Datapath) dropSets(sets []*nftables.Set) {
+	d.listMu.Lock()
+	defer d.listMu.Unlock()
+	for _, s := range sets {
+		d.conn.DelSet(s)
+		d.conn.Flush() // an error: gone already, or referenced still; left for the next repair
+	}
+}
+
+// OverBudget lists, per uid, how many new flows went past the per-user
+// budget (failed open, or closed) since the daemon started.
+func (d *Datapath) OverBudget() (map[uint32]uint64, error) {
+	d.listMu.Lock()
+	defer d.listMu.Unlock()
+	els, err := d.conn.GetSetElements(&nftables.Set{Table: d.table, Name: uidOver, KeyType: nftables.TypeUID})
+	if err != nil {
+		return nil, fmt.Errorf("list set %s: %w", uidOver, err)
+	}
+	out := make(map[uint32]uint64, len(els))
+	for _, el := range els {
+		if len(el.Key) == 4 && el.Counter != nil {
+			out[binaryutil.NativeEndian.Uint32(el.Key)] = el.Counter.Packets
+		}
+	}
+	return out, nil
+}
