@@ -3,39 +3,15 @@
 // translated flow in both directions, and queue rules hand the first packet
 // of each new flow to the daemon.
 //
-// The table (inet family). For each protocol P (tcp, udp, icmp: ICMP echo
-// for IPv4, ICMPv6 echo for IPv6) and family F (4, 6):
-//
-//	map P_outF   { addr . port . addr . port : addr }   socket tuple -> wire source address
-//	map P_sportF { addr . port . addr . port : port }   socket tuple -> wire source port (not echo)
-//	map P_markF  { addr . port . addr . port : mark }   socket tuple -> mark
-//	map P_inF    { addr . port . addr . port : addr }   reply to the wire tuple -> socket address
-//	map P_dportF { addr . port . addr . port : port }   reply to the wire tuple -> socket port (not echo)
-//	set P_passF { addr . port . addr . port }                       udp, icmp: decided, not translated
-//	set udp_seenF { addr . port . addr . port }                     udp: opened by a peer, learned (timeout)
-//	set udp_meterF { source address (IPv6: its /64) }              udp: each peer's budget of new learned tuples
-//
-// An echo's identifier stands for both ports. UDP and ICMP elements count
-// their packets: a flow with no socket to end it (an unconnected UDP socket
-// lives for ever, ping sockets are not in sock_diag) ends when it is idle.
-//
-//	chain output { type route hook output priority mangle + 10;
-//	    meta oiftype loopback accept
-//	    tcp flags & (fin|syn|rst|ack) == syn  queue (CPU fanout, bypass)
-//	    P: socket tuple in @P_outF, @P_sportF, @P_markF  ->  saddr, sport, mark; accept
-//	    udp, icmp echo request: socket tuple in @P_passF  accept
-//	    udp: socket tuple in @udp_seenF  accept
-//	    udp, icmp echo request: queue (address hash, bypass)    the first packet of a new flow }
-//	chain prerouting { type filter hook prerouting priority raw;
-//	    icmp / icmpv6 errors  queue
-//	    P: reply tuple in @P_inF, @P_dportF  ->  daddr, dport; accept
-//	    udp, fib daddr type local, local tuple in @udp_seenF: update @udp_seenF { local tuple }; accept
-//	    udp, fib daddr type local: add @udp_meterF { saddr limit rate 256/second burst 1024 packets }
-//	                               update @udp_seenF { local tuple } }
-//
-// With the userspace datapath the maps are replaced by key-only sets,
-// P_uoutF and P_uinF, whose rules queue every packet of a translated flow to
-// the daemon, which rewrites it.
+// The table's sets, maps and chains are described once, in the README's
+// "How it works" (TestNftListClean and the golden batches in testdata hold
+// the code to what nft prints and what is sent). In short: for each
+// protocol P and family F, maps P_outF, P_sportF and P_markF give a socket
+// tuple its wire source address, port and mark; P_inF and P_dportF give a
+// reply its socket's address and port back; P_passF holds UDP and echo
+// tuples decided untranslated. With the userspace datapath the maps are
+// key-only sets, P_uoutF and P_uinF, whose rules queue every packet of a
+// translated flow to the daemon, which rewrites it.
 //
 // Each translation rule looks every field up first, each from its own map
 // into registers of its own, then writes the fields from those registers; so

@@ -16,20 +16,11 @@ import (
 
 // The prefilter: a new flow's first packet (a TCP SYN, a UDP datagram or an
 // echo request the kernel has no decision for) goes to the daemon only if
-// the policy may concern it. Two chains hold the policy as nftables can
-// test it in the output hook, rule by rule in the file's order:
-//
-//	chain filter_syn {                 jumped to for every TCP SYN
-//	    meta mark != 0  queue          (with honor_marks)
-//	    <rule 1's protocol, destination, port, uid, gid>  queue
-//	    <an uplink = "default" rule whose keys the kernel tests all>  return
-//	    ...                            and what no rule may match returns
-//	}
-//	chain filter_new { the same for UDP and echo requests, queued by
-//	    address hash }
-//
-// Keys the kernel cannot test here (process, exe, cgroup) count as "may
-// match": the daemon decides. Destination lists, ports and ids live in
+// the policy may concern it. Chains filter_syn and filter_new hold the
+// policy as nftables can test it in the output hook, rule by rule in the
+// file's order (the README's "How it works" shows them with the rest of the
+// table). Keys the kernel cannot test here (process, exe, cgroup) count as
+// "may match": the daemon decides. Destination lists, ports and ids live in
 // sets named after the rule (f<generation>_r<n>_dst4 ...), a new
 // generation for each policy: a reload installs the new sets, swaps the
 // chains' rules in one transaction, then deletes the old sets.
