@@ -51,43 +51,44 @@ const (
 	attrSetFieldLen  = 1 // NFTA_SET_FIELD_LEN
 )
 
-// elemConn is the socket for flow transactions and its buffers.
-type elemConn struct {
+// batchConn is the socket for the batches nftdp builds by hand (flow
+// elements, translation rules, mark maps), and its buffers.
+type batchConn struct {
 	nl   *nlmsg.Conn
 	seq  uint32
 	wbuf []byte
 	rbuf []byte
 }
 
-func openElemConn() (*elemConn, error) {
+func openBatchConn() (*batchConn, error) {
 	nl, err := nlmsg.Dial(unix.NETLINK_NETFILTER, nlmsg.Config{})
 	if err != nil {
 		return nil, fmt.Errorf("nftables socket: %w", err)
 	}
-	return &elemConn{nl: nl, wbuf: make([]byte, 0, 64<<10), rbuf: make([]byte, 64<<10)}, nil
+	return &batchConn{nl: nl, wbuf: make([]byte, 0, 64<<10), rbuf: make([]byte, 64<<10)}, nil
 }
 
-func (c *elemConn) close() error { return c.nl.Close() }
+func (c *batchConn) close() error { return c.nl.Close() }
 
 // portID is the netlink port of the per-flow socket: the kernel names it as
 // the sender of the notifications of our own transactions.
-func (c *elemConn) portID() uint32 { return c.nl.PortID() }
+func (c *batchConn) portID() uint32 { return c.nl.PortID() }
 
 // transact sends changes to the protocols' outbound and inbound sets (or
 // pass sets) as one batch and waits for its outcome: all applied, or none.
-func (c *elemConn) transact(changes []Op, protoOf func(*Entry) *proto) error {
-	return c.send(c.flowBatch(changes, protoOf))
+func (c *batchConn) transact(changes []Op, setsOf func(*Entry) *proto) error {
+	return c.send(c.flowBatch(changes, setsOf))
 }
 
 // flowBatch builds transact's batch; last is the sequence number of its
 // last message, the one acknowledged.
-func (c *elemConn) flowBatch(changes []Op, protoOf func(*Entry) *proto) (b []byte, last uint32) {
+func (c *batchConn) flowBatch(changes []Op, setsOf func(*Entry) *proto) (b []byte, last uint32) {
 	b = c.header(c.wbuf[:0], nfnlBatchBegin, unix.NLM_F_REQUEST, unix.AF_UNSPEC, nfnlSubsysNFT)
 	for i := 0; i < len(changes); {
-		p := protoOf(&changes[i].Entry)
+		p := setsOf(&changes[i].Entry)
 		del, pass := changes[i].Delete, changes[i].Pass
 		j := i
-		for j < len(changes) && changes[j].Delete == del && changes[j].Pass == pass && protoOf(&changes[j].Entry) == p {
+		for j < len(changes) && changes[j].Delete == del && changes[j].Pass == pass && setsOf(&changes[j].Entry) == p {
 			j++
 		}
 		// The sets to write, by role: outbound keys are the socket's
@@ -170,11 +171,11 @@ type ruleMsg struct {
 
 // addRules empties the chains flush names and appends rules, in one
 // transaction.
-func (c *elemConn) addRules(rules []ruleMsg, flush []string) error {
+func (c *batchConn) addRules(rules []ruleMsg, flush []string) error {
 	return c.send(c.rulesBatch(rules, flush))
 }
 
-func (c *elemConn) rulesBatch(rules []ruleMsg, flush []string) (b []byte, last uint32) {
+func (c *batchConn) rulesBatch(rules []ruleMsg, flush []string) (b []byte, last uint32) {
 	b = c.header(c.wbuf[:0], nfnlBatchBegin, unix.NLM_F_REQUEST, unix.AF_UNSPEC, nfnlSubsysNFT)
 	{
 		for _, chain := range flush {
@@ -213,11 +214,11 @@ func (c *elemConn) rulesBatch(rules []ruleMsg, flush []string) (b []byte, last u
 // addHostDataMaps creates maps whose data is in host byte order (marks),
 // or finds them as they are, in one transaction. Their userdata says so,
 // as nft's own does, so that nft prints their values right.
-func (c *elemConn) addHostDataMaps(maps []*nftables.Set) error {
+func (c *batchConn) addHostDataMaps(maps []*nftables.Set) error {
 	return c.send(c.mapsBatch(maps))
 }
 
-func (c *elemConn) mapsBatch(maps []*nftables.Set) (b []byte, last uint32) {
+func (c *batchConn) mapsBatch(maps []*nftables.Set) (b []byte, last uint32) {
 	b = c.header(c.wbuf[:0], nfnlBatchBegin, unix.NLM_F_REQUEST, unix.AF_UNSPEC, nfnlSubsysNFT)
 	for i, m := range maps {
 		flags := uint16(unix.NLM_F_REQUEST | unix.NLM_F_CREATE)
@@ -265,13 +266,13 @@ func (c *elemConn) mapsBatch(maps []*nftables.Set) (b []byte, last uint32) {
 }
 
 // endBatch ends a batch begun with nfnlBatchBegin.
-func (c *elemConn) endBatch(b []byte) []byte {
+func (c *batchConn) endBatch(b []byte) []byte {
 	return c.header(b, nfnlBatchEnd, unix.NLM_F_REQUEST, unix.AF_UNSPEC, nfnlSubsysNFT)
 }
 
 // send writes a batch and reads until the acknowledgement of its last
 // message, returning the first error the kernel reported.
-func (c *elemConn) send(b []byte, last uint32) error {
+func (c *batchConn) send(b []byte, last uint32) error {
 	c.wbuf = b
 	if errno := c.nl.Send(b); errno != 0 {
 		return fmt.Errorf("nftables batch: %w", errno)
@@ -330,7 +331,7 @@ func addrWrite(f *family, off, reg uint32) []byte {
 
 // header appends a netlink and an nfgenmsg header; the length is filled in
 // for fixed-size messages and patched by the caller for others.
-func (c *elemConn) header(b []byte, typ, flags uint16, family uint8, resID uint16) []byte {
+func (c *batchConn) header(b []byte, typ, flags uint16, family uint8, resID uint16) []byte {
 	c.seq++
 	start := len(b)
 	b = nlmsg.AppendHeader(b, typ, flags, c.seq)

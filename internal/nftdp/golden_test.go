@@ -44,15 +44,15 @@ func TestGoldenBatches(t *testing.T) {
 			}
 		}
 	}
-	batches := map[string]func(c *elemConn) ([]byte, uint32){
-		"flows": func(c *elemConn) ([]byte, uint32) { return c.flowBatch(ops, d.proto) },
-		"rules": func(c *elemConn) ([]byte, uint32) {
+	batches := map[string]func(c *batchConn) ([]byte, uint32){
+		"flows": func(c *batchConn) ([]byte, uint32) { return c.flowBatch(ops, d.proto) },
+		"rules": func(c *batchConn) ([]byte, uint32) {
 			return c.rulesBatch(d.rules(3, 2, true), []string{"output", "prerouting"})
 		},
-		"mark-maps": func(c *elemConn) ([]byte, uint32) { return c.mapsBatch(marks) },
+		"mark-maps": func(c *batchConn) ([]byte, uint32) { return c.mapsBatch(marks) },
 	}
 	for name, build := range batches {
-		c := &elemConn{wbuf: make([]byte, 0, 64<<10)}
+		c := &batchConn{wbuf: make([]byte, 0, 64<<10)}
 		b, last := build(c)
 		got := hexLines(b, last)
 		path := filepath.Join("testdata", "batch-"+name+".hex")

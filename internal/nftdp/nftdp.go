@@ -96,13 +96,13 @@ type Entry struct {
 // take seconds (the kernel dumps 100,000 elements in ~3 s), and must not
 // hold up new flows' transactions meanwhile.
 type Datapath struct {
-	mu sync.Mutex // elems
+	mu sync.Mutex // batches
 	// transactions counts the per-flow transactions committed: each one
 	// is a new generation of the host's ruleset.
 	transactions atomic.Uint64
 	listMu       sync.Mutex     // conn
 	conn         *nftables.Conn // setup, listing, removal
-	elems        *elemConn      // per-flow transactions and translation rules (elements.go)
+	batches      *batchConn     // hand-built batches: per-flow transactions, translation rules (elements.go)
 	table        *nftables.Table
 	fams         [2]family // IPv4, IPv6
 	userspace    bool
@@ -249,7 +249,7 @@ func Install(first, total uint16, userspace bool, seen time.Duration, filter Fil
 		conn.CloseLasting()
 		return nil, err
 	}
-	if d.elems, err = openElemConn(); err != nil {
+	if d.batches, err = openBatchConn(); err != nil {
 		conn.CloseLasting()
 		return nil, err
 	}
@@ -291,7 +291,7 @@ func (d *Datapath) install(first, total uint16) error {
 	d.gen = int(time.Now().UnixNano()/1e3%1e6) * 100
 	// Appended after the chain's rules, where it cannot change anything
 	// before the transaction below replaces them all.
-	if d.DefragErr = d.elems.addRules([]ruleMsg{defragRule()}, nil); d.DefragErr != nil {
+	if d.DefragErr = d.batches.addRules([]ruleMsg{defragRule()}, nil); d.DefragErr != nil {
 		d.DefragErr = fmt.Errorf("%w (is the nft_tproxy module available?)", d.DefragErr)
 	}
 	d.QueueMethod = QueueNative
@@ -455,7 +455,7 @@ func (d *Datapath) Close() error {
 }
 
 func (d *Datapath) closeSockets() error {
-	return errors.Join(d.conn.CloseLasting(), d.elems.close())
+	return errors.Join(d.conn.CloseLasting(), d.batches.close())
 }
 
 // defineSets names and types the per-flow sets or maps of the datapath.
@@ -595,7 +595,7 @@ func (d *Datapath) build() error {
 	if len(marks) == 0 {
 		return nil
 	}
-	if err := d.elems.addHostDataMaps(marks); err != nil {
+	if err := d.batches.addHostDataMaps(marks); err != nil {
 		return fmt.Errorf("add maps of marks: %w", err)
 	}
 	return nil
@@ -704,10 +704,10 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []ruleMsg {
 			inKey := loadTuple(f, f.daddr, p.dport, f.saddr, p.sport)
 			if d.userspace {
 				rules = append(rules,
-					ruleMsg{chain: "output", exprs: exprs(append(append(protoOf(f, p, 0), outKey...),
+					ruleMsg{chain: "output", exprs: exprs(append(append(matchProto(f, p, 0), outKey...),
 						&expr.Lookup{SourceRegister: 8, SetName: p.out.Name},
 						queueTo(first, total, native, false, !d.filter.FailClosed))...)},
-					ruleMsg{chain: "prerouting", exprs: exprs(append(append(protoOf(f, p, 1), inKey...),
+					ruleMsg{chain: "prerouting", exprs: exprs(append(append(matchProto(f, p, 1), inKey...),
 						&expr.Lookup{SourceRegister: 8, SetName: p.in.Name},
 						queueTo(first, total, native, false, !d.filter.FailClosed))...)})
 				continue
@@ -733,7 +733,7 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []ruleMsg {
 			}
 			for _, v := range variants {
 				match := func(dir int) []expr.Any {
-					m := protoOf(f, p, dir)
+					m := matchProto(f, p, dir)
 					if v != nil {
 						m = append(m, &expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: p.csum, Len: 2}, v)
 					}
@@ -810,29 +810,29 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []ruleMsg {
 				&expr.Fib{Register: 1, FlagDADDR: true, ResultADDRTYPE: true},
 				&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)},
 			}
-			rules = append(rules, ruleMsg{chain: "output", exprs: exprs(append(append(protoOf(f, p, 0), sockTuple...),
+			rules = append(rules, ruleMsg{chain: "output", exprs: exprs(append(append(matchProto(f, p, 0), sockTuple...),
 				&expr.Lookup{SourceRegister: 8, SetName: p.pass.Name},
 				&expr.Verdict{Kind: expr.VerdictAccept})...)})
 			if p.seen != nil {
 				rules = append(rules,
-					ruleMsg{chain: "output", exprs: exprs(append(append(protoOf(f, p, 0), sockTuple...),
+					ruleMsg{chain: "output", exprs: exprs(append(append(matchProto(f, p, 0), sockTuple...),
 						&expr.Lookup{SourceRegister: 8, SetName: p.seen.Name},
 						&expr.Verdict{Kind: expr.VerdictAccept})...)},
 					// Known tuples are refreshed; a new one is learned
 					// within its source's budget.
-					ruleMsg{chain: "prerouting", exprs: exprs(append(append(append(protoOf(f, p, 1), toLocal...),
+					ruleMsg{chain: "prerouting", exprs: exprs(append(append(append(matchProto(f, p, 1), toLocal...),
 						loadTuple(f, f.daddr, p.dport, f.saddr, p.sport)...),
 						&expr.Lookup{SourceRegister: 8, SetName: p.seen.Name},
 						&expr.Dynset{SrcRegKey: 8, SetName: p.seen.Name, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: d.seenFor},
 						&expr.Verdict{Kind: expr.VerdictAccept})...)},
-					ruleMsg{chain: "prerouting", exprs: exprs(append(append(append(append(protoOf(f, p, 1), toLocal...),
+					ruleMsg{chain: "prerouting", exprs: exprs(append(append(append(append(matchProto(f, p, 1), toLocal...),
 						&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: f.saddr, Len: p.meter.KeyType.Bytes},
 						&expr.Dynset{SrcRegKey: 1, SetName: p.meter.Name, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: meterFor,
 							Exprs: []expr.Any{&expr.Limit{Type: expr.LimitTypePkts, Rate: learnRate, Unit: expr.LimitTimeSecond, Burst: learnBurst}}}),
 						loadTuple(f, f.daddr, p.dport, f.saddr, p.sport)...),
 						&expr.Dynset{SrcRegKey: 8, SetName: p.seen.Name, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: d.seenFor})...)})
 			}
-			rules = append(rules, ruleMsg{chain: "output", exprs: exprs(append(protoOf(f, p, 0), &expr.Verdict{Kind: expr.VerdictJump, Chain: filterNew})...)})
+			rules = append(rules, ruleMsg{chain: "output", exprs: exprs(append(matchProto(f, p, 0), &expr.Verdict{Kind: expr.VerdictJump, Chain: filterNew})...)})
 		}
 	}
 	return rules
@@ -851,9 +851,9 @@ func exprs(es ...expr.Any) [][]byte {
 	return out
 }
 
-// protoOf matches one family's protocol in an inet chain; for ICMP, the
+// matchProto matches one family's protocol in an inet chain; for ICMP, the
 // echo request (dir 0, outbound) or reply (dir 1, inbound).
-func protoOf(f *family, p *proto, dir int) []expr.Any {
+func matchProto(f *family, p *proto, dir int) []expr.Any {
 	m := []expr.Any{
 		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{f.nfproto}},
@@ -981,7 +981,7 @@ func (d *Datapath) Apply(changes []Op) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.transactions.Add(1)
-	if err := d.elems.transact(changes, d.proto); err != nil {
+	if err := d.batches.transact(changes, d.proto); err != nil {
 		return fmt.Errorf("apply %d flow changes: %w", len(changes), err)
 	}
 	return nil

@@ -326,7 +326,7 @@ func (d *Datapath) applyFilter() error {
 		d.offeredBefore += n
 	}
 	d.listMu.Unlock()
-	if err := d.elems.addRules(rules, []string{"output", "prerouting", filterSYN, filterNew, enqueueSYN, enqueueNew}); err != nil {
+	if err := d.batches.addRules(rules, []string{"output", "prerouting", filterSYN, filterNew, enqueueSYN, enqueueNew}); err != nil {
 		d.dropSets(c.sets)
 		return fmt.Errorf("rules: %w", err)
 	}
