@@ -20,7 +20,9 @@ import (
 // It is the only writer of the flow table (anyone may read it): add and
 // remove change the table and enqueue the kernel change as one step, under
 // mu, so that a removal and a later flow with the same tuple reach the
-// kernel in that order. Whoever needs the changes applied calls flush: a
+// kernel in that order. (One write is not under mu: a flow whose elements
+// the kernel refused leaves the table from flush, under flushMu, which
+// exclusive takes after mu. It needs no kernel change to order.) Whoever needs the changes applied calls flush: a
 // worker before it releases the first packets of a burst, the installer's
 // goroutine for removals. installed tells whether a flow's elements are in.
 type installer struct {

@@ -75,7 +75,12 @@ func (n *NS) ip(opts, lines []string) error {
 // the program sees the host's mounts, the cgroup v2 hierarchy included, as a
 // service on a real host does.
 func (n *NS) Command(name string, args ...string) *exec.Cmd {
-	return exec.Command("nsenter", append([]string{"--net=/run/netns/" + n.Name, "--", name}, args...)...)
+	return exec.Command("nsenter", n.nsenter(name, args)...)
+}
+
+// nsenter is the argument list that runs name with args in the namespace.
+func (n *NS) nsenter(name string, args []string) []string {
+	return append([]string{"--net=/run/netns/" + n.Name, "--", name}, args...)
 }
 
 // commandTimeout bounds Run and Nft: a command that hangs (nft, whose
@@ -86,7 +91,7 @@ const commandTimeout = 2 * time.Minute
 
 func (n *NS) boundedCommand(name string, args ...string) (*exec.Cmd, context.CancelFunc) {
 	ctx, cancel := context.WithTimeout(context.Background(), commandTimeout)
-	return exec.CommandContext(ctx, "nsenter", append([]string{"--net=/run/netns/" + n.Name, "--", name}, args...)...), cancel
+	return exec.CommandContext(ctx, "nsenter", n.nsenter(name, args)...), cancel
 }
 
 // Run runs a command in the namespace and returns its standard output.
