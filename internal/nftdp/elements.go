@@ -282,11 +282,7 @@ func (c *batchConn) send(b []byte, last uint32) error {
 	var failed error
 	for {
 		n, errno := c.nl.Recv(c.rbuf, 0)
-		switch errno {
-		case 0:
-		case unix.EINTR:
-			continue
-		default:
+		if errno != 0 {
 			return fmt.Errorf("nftables batch reply: %w", errno)
 		}
 		for r := c.rbuf[:n]; len(r) >= nlmsg.HeaderLen; {

@@ -130,18 +130,24 @@ func (c *Conn) PortID() uint32 { return c.port }
 func (c *Conn) Close() error { return unix.Close(c.fd) }
 
 // Recv reads one datagram into b with recvfrom flags (0 or
-// unix.MSG_DONTWAIT), returning its length or the errno. EINTR is the
-// caller's to retry.
+// unix.MSG_DONTWAIT), returning its length or the errno; it retries when
+// interrupted (a socket with SO_RCVTIMEO is not restarted after a signal,
+// and the Go runtime's preemption signals come often).
 func (c *Conn) Recv(b []byte, flags int) (int, unix.Errno) {
 	var p unsafe.Pointer
 	if len(b) > 0 {
 		p = unsafe.Pointer(&b[0])
 	}
-	r, _, errno := unix.Syscall6(unix.SYS_RECVFROM, uintptr(c.fd), uintptr(p), uintptr(len(b)), uintptr(flags), 0, 0)
-	if errno != 0 {
+	for {
+		r, _, errno := unix.Syscall6(unix.SYS_RECVFROM, uintptr(c.fd), uintptr(p), uintptr(len(b)), uintptr(flags), 0, 0)
+		switch errno {
+		case 0:
+			return int(r), 0
+		case unix.EINTR:
+			continue
+		}
 		return 0, errno
 	}
-	return int(r), 0
 }
 
 // Send writes b, one or more messages, as one datagram; it retries when

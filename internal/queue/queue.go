@@ -238,7 +238,6 @@ func (q *Queue) Start(ctx context.Context, handle func(*Packet), endBatch func()
 						end() // the burst is over
 					}
 					wait = true
-				case unix.EINTR:
 				case unix.ENOBUFS:
 					// The kernel could not queue some packets to us: it let
 					// them through (fail-open) or dropped them; the queue

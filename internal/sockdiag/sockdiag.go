@@ -179,11 +179,7 @@ func putAddr(b []byte, a netip.Addr) {
 func (c *Conn) receive(fn func([]byte)) error {
 	for {
 		n, errno := c.nl.Recv(c.buf, 0)
-		switch errno {
-		case 0:
-		case unix.EINTR:
-			continue
-		default:
+		if errno != 0 {
 			return errno
 		}
 		for b := c.buf[:n]; len(b) >= nlmsg.HeaderLen; {
