@@ -5,12 +5,12 @@
 // the socket is gone or the flow idle.
 //
 // Goroutines and what each owns:
-//   - one worker per queue runs the packet path (packet.go); it owns its
-//     queue socket, a sock_diag socket for exact lookups, and a route
+//   - one worker per queue runs the packet path (package packet); it owns
+//     its queue socket, a sock_diag socket for exact lookups, and a route
 //     cache (route.Cache) with its rtnetlink socket;
-//   - the installer applies flow changes to the kernel maps, in order, a
-//     transaction per burst (install.go); the Datapath owns the nftables
-//     socket;
+//   - the installer (flow.Installer) applies flow changes to the kernel
+//     maps, in order, a transaction per burst (install.go has its
+//     kernel); the Datapath owns the nftables socket;
 //   - the sweeper owns a sock_diag socket for dumps (it adopts an earlier
 //     run's flows with it before it starts);
 //   - the routing watcher (route.Watch) owns an rtnetlink notification
@@ -22,10 +22,10 @@
 // removed after everything else, on their own rtnetlink socket (package
 // uplink).
 //
-// The installer (install.go) owns the ordering rule: it alone changes the
-// flow table, each change and its kernel change one step, so the kernel
-// sees them in table order and a flow's elements are in before its first
-// packet is released.
+// The installer (flow.Installer) owns the ordering rule: it alone changes
+// the flow table, each change and its kernel change one step, so the
+// kernel sees them in table order and a flow's elements are in before its
+// first packet is released.
 package daemon
 
 import (
@@ -51,6 +51,7 @@ import (
 	"github.com/rerouted/rerouted/internal/instance"
 	"github.com/rerouted/rerouted/internal/nftdp"
 	"github.com/rerouted/rerouted/internal/owner"
+	"github.com/rerouted/rerouted/internal/packet"
 	"github.com/rerouted/rerouted/internal/policy"
 	"github.com/rerouted/rerouted/internal/queue"
 	"github.com/rerouted/rerouted/internal/route"
@@ -97,7 +98,8 @@ type Daemon struct {
 	// routingChanged wakes the routing keeper (keepRouting), as a routing
 	// change does.
 	routingChanged chan<- struct{}
-	inst           *installer
+	inst           *flow.Installer
+	shared         *packet.Shared // what the packet path shares with the rest
 	metrics        *metrics
 	suspects       map[*flow.Flow]struct{} // flows whose socket the last sweep found gone (sweeper only)
 	overSeen       map[uint32]uint64       // each uid's over-budget count last reported (sweeper only)
@@ -108,48 +110,8 @@ type Daemon struct {
 	failClosed     bool          // on_failure = "closed"
 	routing        atomic.Uint64 // bumped on every routing change: route caches are stale
 	portLo, portHi uint16
-	stats          stats
+	stats          packet.Stats
 }
-
-// stats counts what the packet path did, for the logs (and metrics).
-type stats struct {
-	syns       atomic.Uint64              // SYNs decided
-	datagrams  atomic.Uint64              // UDP and echo flows decided
-	idle       atomic.Uint64              // UDP and echo flows ended by idleness
-	udpClosed  atomic.Uint64              // UDP flows ended when the kernel announced their socket's end
-	translated atomic.Uint64              // new flows translated
-	retrans    atomic.Uint64              // retransmitted SYNs of translated flows
-	rawSYNs    atomic.Uint64              // SYNs no TCP socket owns (raw sockets): decided without an owner
-	dropped    atomic.Uint64              // packets dropped (the socket retries)
-	refused    atomic.Uint64              // flows refused: their rule's uplinks were down, on_down = "drop"
-	failed     [failReasons]atomic.Uint64 // new flows that could not be decided as the policy says
-	received   atomic.Uint64              // first packets received through the prefilter's queue rules
-	queueFull  atomic.Uint64              // what the kernel's queue let through unseen: offered - received, latched
-	service    atomic.Uint64              // UDP flows from a local service's socket: only owner rules applied
-	icmpErrors atomic.Uint64              // ICMP errors readdressed to a translated flow's socket
-	forwarded  atomic.Uint64              // userspace datapath: packets rewritten after the SYN
-	bytes      atomic.Uint64              // userspace datapath: their bytes
-	errors     [errKinds]atomic.Uint64
-}
-
-// errKind names what went wrong, for the errors metric.
-type errKind int
-
-const (
-	errVerdict      errKind = iota // a verdict could not be sent
-	errSocketLookup                // sock_diag failed (not: no such socket)
-	errNoRoute                     // a marked flow had no route: left untranslated
-	errNoPort                      // no free source port: the first packet dropped
-	errInstall                     // the kernel refused a flow's elements
-	errRemove                      // the kernel refused to remove a flow's elements
-	errQueueReceive                // reading the queue failed
-	errSweep                       // a socket dump or counter read failed: nothing removed that round
-	errRepair                      // the table could not be checked or put back
-	errCloseEvents                 // the kernel's announcements of UDP sockets' ends were lost
-	errKinds
-)
-
-var errKindNames = [errKinds]string{"verdict", "socket_lookup", "no_route", "no_free_port", "install", "remove", "nfqueue_receive", "sweep", "repair", "udp_close_events"}
 
 // ErrDetached is returned by Run when it stopped for a restart (Detach),
 // leaving the kernel state for the next start.
@@ -176,7 +138,7 @@ func Run(ctx context.Context, o Options) (err error) {
 		d.notify = func(string) {}
 	}
 	d.cfg.Store(cfg)
-	d.inst = newInstaller(d, d.flows)
+	d.inst = flow.NewInstaller(d.flows, newFlowKernel(d), d.installFailed)
 	d.metrics = newMetrics(d)
 	if o.Events != nil {
 		kinds := o.EventKinds
@@ -191,6 +153,9 @@ func Run(ctx context.Context, o Options) (err error) {
 	if d.portLo, d.portHi, err = localPortRange(); err != nil {
 		return err
 	}
+	d.shared = &packet.Shared{Config: &d.cfg, Flows: d.flows, Install: d.inst, Uplinks: &d.uplinks, Balance: &d.balance,
+		Events: d.events, Log: d.log, Stats: &d.stats, Decisions: d.metrics.decisions, Latency: d.metrics.latency,
+		PortLo: d.portLo, PortHi: d.portHi, Userspace: d.userspace, FailClosed: d.failClosed}
 	// One daemon per table, before anything is touched: a second one
 	// must leave the first one's table, queues and routing alone.
 	lock, err := instance.Acquire(nftdp.TableName)
@@ -357,7 +322,7 @@ func Run(ctx context.Context, o Options) (err error) {
 		go func() { defer wg.Done(); d.serveMetrics(runCtx, ln) }()
 	}
 	wg.Add(4)
-	go func() { defer wg.Done(); d.inst.run(runCtx) }()
+	go func() { defer wg.Done(); d.inst.Run(runCtx) }()
 	go func() { defer wg.Done(); d.sweepLoop(runCtx, sweepDiag) }()
 	go func() { defer wg.Done(); control.Serve(runCtx, ctl, controlSource{d}, d.log) }()
 	go func() { defer wg.Done(); d.reloadLoop(runCtx, o.Reload) }()
@@ -369,14 +334,14 @@ func Run(ctx context.Context, o Options) (err error) {
 	// Workers last: binding a queue is what makes new connections ours, so
 	// "ready" means they are translated, not passed by the queue's bypass.
 	for i := uint16(0); i < nq; i++ {
-		wk, closeWorker, err := d.newWorker(cfg.Daemon.Queue + i)
+		wk, q, closeWorker, err := d.newWorker(cfg.Daemon.Queue + i)
 		if err != nil {
 			return err
 		}
 		undo = append(undo, closeWorker)
-		if err := wk.q.Start(runCtx, wk.handle, wk.endBatch, func(err error) {
-			d.stats.errors[errQueueReceive].Add(1)
-			d.log.Error("nfqueue receive", "queue", wk.q.Num, "err", err)
+		if err := q.Start(runCtx, wk.Handle, wk.EndBatch, func(err error) {
+			d.stats.Errors[packet.ErrQueueReceive].Add(1)
+			d.log.Error("nfqueue receive", "queue", q.Num, "err", err)
 		}); err != nil {
 			return err
 		}
@@ -392,11 +357,11 @@ func Run(ctx context.Context, o Options) (err error) {
 		stop() // as a done ctx would: every goroutine ends before teardown
 	}
 	d.notify("STOPPING=1")
-	d.log.Info("stopping", "syns", d.stats.syns.Load(), "datagram_flows", d.stats.datagrams.Load(), "idle_ended", d.stats.idle.Load(),
-		"translated", d.stats.translated.Load(),
-		"retransmitted_syns", d.stats.retrans.Load(),
-		"dropped", d.stats.dropped.Load(), "icmp_errors", d.stats.icmpErrors.Load(), "forwarded", d.stats.forwarded.Load(),
-		"forwarded_bytes", d.stats.bytes.Load(), "flows", d.flows.Len())
+	d.log.Info("stopping", "syns", d.stats.SYNs.Load(), "datagram_flows", d.stats.Datagrams.Load(), "idle_ended", d.stats.Idle.Load(),
+		"translated", d.stats.Translated.Load(),
+		"retransmitted_syns", d.stats.Retrans.Load(),
+		"dropped", d.stats.Dropped.Load(), "icmp_errors", d.stats.ICMPErrors.Load(), "forwarded", d.stats.Forwarded.Load(),
+		"forwarded_bytes", d.stats.Bytes.Load(), "flows", d.flows.Len())
 	if detached {
 		return ErrDetached
 	}
@@ -443,7 +408,7 @@ func (d *Daemon) adopt(diag *sockdiag.Conn) error {
 				}
 			}
 		}
-		if !d.inst.adopt(f) {
+		if !d.inst.Adopt(f) {
 			gone = append(gone, e) // two elements claim one tuple: keep the first
 			continue
 		}
@@ -461,16 +426,16 @@ func (d *Daemon) adopt(diag *sockdiag.Conn) error {
 	return nil
 }
 
-// newWorker opens the sockets of one queue's worker.
-func (d *Daemon) newWorker(num uint16) (*worker, func() error, error) {
-	w := &worker{d: d}
-	var err error
-	if w.diag, err = sockdiag.Open(); err != nil {
-		return nil, nil, err
+// newWorker opens the sockets of one queue's packet path.
+func (d *Daemon) newWorker(num uint16) (*packet.Worker, *queue.Queue, func() error, error) {
+	diag, err := sockdiag.Open()
+	if err != nil {
+		return nil, nil, nil, err
 	}
-	if w.routes, err = route.NewCache(&d.routing); err != nil {
-		w.diag.Close()
-		return nil, nil, err
+	routes, err := route.NewCache(&d.routing)
+	if err != nil {
+		diag.Close()
+		return nil, nil, nil, err
 	}
 	o := queue.Options{Rcvbuf: queueRcvbuf, FailClosed: d.failClosed}
 	if d.userspace {
@@ -478,16 +443,17 @@ func (d *Daemon) newWorker(num uint16) (*worker, func() error, error) {
 		// 45 (the kernel segments it after the verdict).
 		o.Rcvbuf, o.GSO = queueRcvbufUserspace, true
 	}
-	if w.q, err = queue.Open(num, o); err != nil {
-		w.diag.Close()
-		w.routes.Close()
-		return nil, nil, err
+	q, err := queue.Open(num, o)
+	if err != nil {
+		diag.Close()
+		routes.Close()
+		return nil, nil, nil, err
 	}
-	w.owner.owners = owner.NewOwners()
-	return w, func() error {
-		err := w.q.Close()
-		w.routes.Close()
-		return errors.Join(err, w.diag.Close())
+	w := packet.NewWorker(d.shared, q, packet.DiagSockets{Conn: diag}, routes, owner.NewOwners())
+	return w, q, func() error {
+		err := q.Close()
+		routes.Close()
+		return errors.Join(err, diag.Close())
 	}, nil
 }
 
@@ -496,9 +462,9 @@ func (d *Daemon) newWorker(num uint16) (*worker, func() error, error) {
 func (d *Daemon) watchUDPCloses(w *sockdiag.Destroyed, closing *atomic.Bool) {
 	ended := func(s *sockdiag.Socket) {
 		for _, f := range d.flows.ByCookie(s.Cookie) {
-			d.stats.udpClosed.Add(1)
+			d.stats.UDPClosed.Add(1)
 			d.log.Debug("socket closed", "proto", "udp", "src", f.Src, "dst", f.Dst, "cookie", f.Cookie)
-			d.forget(f)
+			d.shared.Forget(f)
 		}
 	}
 	for {
@@ -508,20 +474,13 @@ func (d *Daemon) watchUDPCloses(w *sockdiag.Destroyed, closing *atomic.Bool) {
 		case closing.Load():
 			return
 		case errors.Is(err, sockdiag.ErrLost):
-			d.stats.errors[errCloseEvents].Add(1)
+			d.stats.Errors[packet.ErrCloseEvents].Add(1)
 			d.log.Warn("UDP socket ends were lost (too many at once); the sweep ends their flows", "err", err)
 		default:
-			d.stats.errors[errCloseEvents].Add(1)
+			d.stats.Errors[packet.ErrCloseEvents].Add(1)
 			d.log.Error("UDP socket ends: no longer received; the sweep ends their flows", "err", err)
 			return
 		}
-	}
-}
-
-// forget removes a flow from the table and, in order, from the kernel.
-func (d *Daemon) forget(f *flow.Flow) {
-	if d.inst.remove(f) && !f.Pass {
-		d.events.Flow("DESTROY", f)
 	}
 }
 
@@ -597,7 +556,7 @@ func (d *Daemon) reload() {
 	// concerns slips past the queue meanwhile.
 	oldFilter, newFilter := nftdp.FilterOf(old), nftdp.FilterOf(cfg)
 	if err := d.dp.SetFilter(nftdp.Union(oldFilter, newFilter)); err != nil {
-		d.stats.errors[errInstall].Add(1)
+		d.stats.Errors[packet.ErrInstall].Add(1)
 		d.log.Error("reload rejected: the kernel refused the new prefilter; the current policy stays in force", "config", cfg.File, "err", err)
 		if err := d.dp.SetFilter(oldFilter); err != nil {
 			d.log.Error("restore the prefilter", "err", err)
@@ -607,7 +566,7 @@ func (d *Daemon) reload() {
 	d.cfg.Store(cfg)
 	d.applySteering(cfg)
 	if err := d.dp.SetFilter(newFilter); err != nil {
-		d.stats.errors[errInstall].Add(1)
+		d.stats.Errors[packet.ErrInstall].Add(1)
 		d.log.Error("reload: the kernel refused the new prefilter; the union of both stays, so more reaches the daemon than needs to", "err", err)
 	}
 	select { // the uplinks may have changed: their states
@@ -699,7 +658,7 @@ func (d *Daemon) sweep(diag *sockdiag.Conn, udp map[uint64]struct{}) {
 	}
 	if err != nil {
 		// An incomplete dump must not be taken as "sockets gone".
-		d.stats.errors[errSweep].Add(1)
+		d.stats.Errors[packet.ErrSweep].Add(1)
 		d.log.Error("socket dump failed; no flow removed this round", "err", err)
 		return
 	}
@@ -723,7 +682,7 @@ func (d *Daemon) sweep(diag *sockdiag.Conn, udp map[uint64]struct{}) {
 		case err == nil && so.Cookie == f.Cookie:
 			continue // alive: the dump missed it
 		case err != nil && !errors.Is(err, sockdiag.ErrNotFound):
-			d.stats.errors[errSocketLookup].Add(1)
+			d.stats.Errors[packet.ErrSocketLookup].Add(1)
 			d.log.Error("socket lookup", "src", f.Src, "dst", f.Dst, "err", err)
 			continue
 		}
@@ -733,7 +692,7 @@ func (d *Daemon) sweep(diag *sockdiag.Conn, udp map[uint64]struct{}) {
 		}
 		d.log.Debug("socket gone", "proto", flow.ProtoName(f.Proto), "src", f.Src, "dst", f.Dst, "cookie", f.Cookie,
 			"lookup", lookupResult(err), "found_cookie", so.Cookie, "found_state", sockdiag.StateName(so.State))
-		d.forget(f)
+		d.shared.Forget(f)
 	}
 }
 
@@ -743,7 +702,7 @@ func (d *Daemon) sweep(diag *sockdiag.Conn, udp map[uint64]struct{}) {
 func (d *Daemon) expireIdle(now time.Time, timeout time.Duration) {
 	uses, err := d.dp.Uses()
 	if err != nil {
-		d.stats.errors[errSweep].Add(1)
+		d.stats.Errors[packet.ErrSweep].Add(1)
 		d.log.Error("read flow packet counters; no flow ended by idleness this round", "err", err)
 		return
 	}
@@ -768,9 +727,9 @@ func (d *Daemon) expireIdle(now time.Time, timeout time.Duration) {
 			continue
 		}
 		if now.Sub(f.UsedAt) >= timeout {
-			d.stats.idle.Add(1)
+			d.stats.Idle.Add(1)
 			d.log.Debug("flow idle", "proto", flow.ProtoName(f.Proto), "src", f.Src, "dst", f.Dst, "pass", f.Pass, "idle", now.Sub(f.UsedAt).Round(time.Second))
-			d.forget(f)
+			d.shared.Forget(f)
 		}
 	}
 }
@@ -783,19 +742,12 @@ func lookupResult(err error) string {
 	return err.Error()
 }
 
-func entry(f *flow.Flow) nftdp.Entry {
-	if f.Pass { // a pass element is the tuple alone: as the kernel lists it
-		return nftdp.Entry{Proto: f.Proto, Src: f.Src, Dst: f.Dst, NewSrc: f.Src, Pass: true}
-	}
-	return nftdp.Entry{Proto: f.Proto, Src: f.Src, Dst: f.Dst, NewSrc: f.NewSrc, Mark: f.Mark}
-}
-
 // reportOverBudget logs, at WARNING, each user whose new flows went past
 // its budget since the last sweep: they failed open (or closed).
 func (d *Daemon) reportOverBudget() {
 	over, err := d.dp.OverBudget()
 	if err != nil {
-		d.stats.errors[errSweep].Add(1)
+		d.stats.Errors[packet.ErrSweep].Add(1)
 		d.log.Error("read the per-user budget's counts", "err", err)
 		return
 	}

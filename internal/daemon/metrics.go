@@ -16,6 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/rerouted/rerouted/internal/flow"
+	"github.com/rerouted/rerouted/internal/packet"
 )
 
 // metrics are the daemon's Prometheus metrics. Counters the packet path
@@ -51,19 +52,19 @@ func newMetrics(d *Daemon) *metrics {
 		name, help string
 		v          func() uint64
 	}{
-		{"rerouted_syns_total", "TCP SYNs decided.", d.stats.syns.Load},
-		{"rerouted_datagram_flows_total", "UDP and echo flows decided.", d.stats.datagrams.Load},
-		{"rerouted_translated_total", "New flows translated.", d.stats.translated.Load},
-		{"rerouted_raw_syns_total", "SYNs no TCP socket owns (sent on raw sockets: traceroute -T, SYN scans): decided by the rules without owner keys; their flows end by idleness.", d.stats.rawSYNs.Load},
-		{"rerouted_retransmitted_syns_total", "Retransmitted SYNs of translated flows.", d.stats.retrans.Load},
-		{"rerouted_dropped_packets_total", "Packets the daemon dropped (their sockets retry).", d.stats.dropped.Load},
-		{"rerouted_service_datagram_flows_total", "UDP flows from a local service's socket (unconnected, bound outside the ephemeral ports) that reached the daemon: decided by owner rules only.", d.stats.service.Load},
-		{"rerouted_refused_total", "New flows refused because every uplink of their rule was down (on_down = \"drop\").", d.stats.refused.Load},
-		{"rerouted_icmp_errors_readdressed_total", "ICMP errors readdressed to a translated flow's socket.", d.stats.icmpErrors.Load},
-		{"rerouted_udp_socket_closed_total", "UDP flows ended as the kernel announced their socket's end.", d.stats.udpClosed.Load},
-		{"rerouted_idle_ended_total", "UDP and echo flows ended by idleness.", d.stats.idle.Load},
-		{"rerouted_forwarded_packets_total", "Userspace datapath: packets rewritten after the first.", d.stats.forwarded.Load},
-		{"rerouted_forwarded_bytes_total", "Userspace datapath: their bytes.", d.stats.bytes.Load},
+		{"rerouted_syns_total", "TCP SYNs decided.", d.stats.SYNs.Load},
+		{"rerouted_datagram_flows_total", "UDP and echo flows decided.", d.stats.Datagrams.Load},
+		{"rerouted_translated_total", "New flows translated.", d.stats.Translated.Load},
+		{"rerouted_raw_syns_total", "SYNs no TCP socket owns (sent on raw sockets: traceroute -T, SYN scans): decided by the rules without owner keys; their flows end by idleness.", d.stats.RawSYNs.Load},
+		{"rerouted_retransmitted_syns_total", "Retransmitted SYNs of translated flows.", d.stats.Retrans.Load},
+		{"rerouted_dropped_packets_total", "Packets the daemon dropped (their sockets retry).", d.stats.Dropped.Load},
+		{"rerouted_service_datagram_flows_total", "UDP flows from a local service's socket (unconnected, bound outside the ephemeral ports) that reached the daemon: decided by owner rules only.", d.stats.Service.Load},
+		{"rerouted_refused_total", "New flows refused because every uplink of their rule was down (on_down = \"drop\").", d.stats.Refused.Load},
+		{"rerouted_icmp_errors_readdressed_total", "ICMP errors readdressed to a translated flow's socket.", d.stats.ICMPErrors.Load},
+		{"rerouted_udp_socket_closed_total", "UDP flows ended as the kernel announced their socket's end.", d.stats.UDPClosed.Load},
+		{"rerouted_idle_ended_total", "UDP and echo flows ended by idleness.", d.stats.Idle.Load},
+		{"rerouted_forwarded_packets_total", "Userspace datapath: packets rewritten after the first.", d.stats.Forwarded.Load},
+		{"rerouted_forwarded_bytes_total", "Userspace datapath: their bytes.", d.stats.Bytes.Load},
 		{"rerouted_flow_transactions_total", "nftables transactions that installed or removed flows' elements; each is a new generation of the host's ruleset, which restarts an nft listing in progress.", func() uint64 { return d.dp.Transactions() }},
 	} {
 		v := c.v
@@ -82,15 +83,15 @@ func newMetrics(d *Daemon) *metrics {
 	if d.failClosed {
 		mode = "closed"
 	}
-	for r := failReason(0); r < failReasons; r++ {
+	for r := packet.FailReason(0); r < packet.FailReasons; r++ {
 		name := "rerouted_failed_" + mode + "_total"
 		help := "New flows the policy concerns that could not be decided as it says, by reason."
-		if mode == "closed" || r == failNoPort {
+		if mode == "closed" || r == packet.FailNoPort {
 			name = "rerouted_failed_closed_total"
 		}
 		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help,
-			ConstLabels: prometheus.Labels{"reason": failReasonNames[r]}},
-			func() float64 { return float64(d.stats.failed[r].Load()) }))
+			ConstLabels: prometheus.Labels{"reason": packet.FailReasonNames[r]}},
+			func() float64 { return float64(d.stats.Failed[r].Load()) }))
 	}
 	// The kernel fails open silently when the queue (or the socket's
 	// buffer) is full: what the prefilter offered the queue and the
@@ -107,42 +108,22 @@ func newMetrics(d *Daemon) *metrics {
 			if err != nil {
 				d.log.Error("metrics: read the queue rules' counters", "err", err)
 			}
-			if got := d.stats.received.Load(); offered > got {
+			if got := d.stats.Received.Load(); offered > got {
 				for {
-					old := d.stats.queueFull.Load()
-					if offered-got <= old || d.stats.queueFull.CompareAndSwap(old, offered-got) {
+					old := d.stats.QueueFull.Load()
+					if offered-got <= old || d.stats.QueueFull.CompareAndSwap(old, offered-got) {
 						break
 					}
 				}
 			}
-			return float64(d.stats.queueFull.Load())
+			return float64(d.stats.QueueFull.Load())
 		}))
-	for k := errKind(0); k < errKinds; k++ {
+	for k := packet.ErrKind(0); k < packet.ErrKinds; k++ {
 		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "rerouted_errors_total",
-			Help: "Errors, by kind.", ConstLabels: prometheus.Labels{"kind": errKindNames[k]}},
-			func() float64 { return float64(d.stats.errors[k].Load()) }))
+			Help: "Errors, by kind.", ConstLabels: prometheus.Labels{"kind": packet.ErrKindNames[k]}},
+			func() float64 { return float64(d.stats.Errors[k].Load()) }))
 	}
 	return m
-}
-
-// decided records one decision. Each worker keeps its own counter per rule
-// name, so the packet path neither locks nor allocates after the first
-// decision by a rule.
-func (w *worker) decided(rule string, start time.Time) {
-	m := w.d.metrics
-	m.latency.Observe(time.Since(start).Seconds())
-	if rule == "" {
-		rule = "none"
-	}
-	c, ok := w.ruleCounters[rule]
-	if !ok {
-		if w.ruleCounters == nil {
-			w.ruleCounters = map[string]prometheus.Counter{}
-		}
-		c = m.decisions.WithLabelValues(rule)
-		w.ruleCounters[rule] = c
-	}
-	c.Inc()
 }
 
 // serveMetrics serves /metrics on addr until ctx is done.

@@ -5,6 +5,7 @@ import (
 	"net/netip"
 
 	"github.com/rerouted/rerouted/internal/flow"
+	"github.com/rerouted/rerouted/internal/packet"
 	"github.com/rerouted/rerouted/internal/route"
 	"github.com/rerouted/rerouted/internal/sockdiag"
 	"github.com/rerouted/rerouted/internal/uplink"
@@ -27,7 +28,7 @@ import (
 func (d *Daemon) moveStale(r *uplink.Routing, diag *sockdiag.Conn, rt *route.Cache) {
 	local, err := r.LocalAddrs()
 	if err != nil {
-		d.stats.errors[errRepair].Add(1)
+		d.stats.Errors[packet.ErrRepair].Add(1)
 		d.log.Error("check flows' addresses", "err", err)
 		return
 	}
@@ -52,12 +53,12 @@ func (d *Daemon) moveStale(r *uplink.Routing, diag *sockdiag.Conn, rt *route.Cac
 				d.log.Debug("a connection whose address went away cannot be closed; its translation is removed", "src", f.Src, "dst", f.Dst, "err", err)
 				how = "removed"
 			} else if err != nil && !errors.Is(err, sockdiag.ErrNotFound) {
-				d.stats.errors[errSocketLookup].Add(1)
+				d.stats.Errors[packet.ErrSocketLookup].Add(1)
 				d.log.Error("close a connection whose address went away", "src", f.Src, "dst", f.Dst, "wire", f.NewSrc, "err", err)
 				how = "removed"
 			}
 		}
-		d.forget(f)
+		d.shared.Forget(f)
 		d.metrics.moved.WithLabelValues(name, how).Inc()
 		to := netip.Addr{}
 		if how == "redecided" {

@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/rerouted/rerouted/internal/packet"
 	"github.com/rerouted/rerouted/internal/policy"
 	"github.com/rerouted/rerouted/internal/steer"
 )
@@ -12,7 +13,7 @@ import (
 // startSteering loads and attaches the program, and installs cfg's image.
 func (d *Daemon) startSteering(cfg *policy.Config) error {
 	s, err := steer.Open(cfg, steer.Deps{Datapath: d.dp, States: &d.uplinks, Events: d.events, Log: d.log,
-		Moved: d.metrics.moved, LookupErrors: &d.stats.errors[errSocketLookup]})
+		Moved: d.metrics.moved, LookupErrors: &d.stats.Errors[packet.ErrSocketLookup]})
 	if err != nil {
 		return err
 	}
@@ -39,7 +40,7 @@ func (d *Daemon) applySteering(cfg *policy.Config) {
 		return
 	}
 	if err := d.steer.Apply(cfg); err != nil {
-		d.stats.errors[errInstall].Add(1)
+		d.stats.Errors[packet.ErrInstall].Add(1)
 		d.log.Error("reload: connect steering keeps the earlier policy's rules", "err", err)
 	}
 }
@@ -57,7 +58,7 @@ func (d *Daemon) publishSteering() error {
 // routing changes or a probe's verdicts, counting and logging a failure.
 func (d *Daemon) republishSteering() {
 	if err := d.publishSteering(); err != nil {
-		d.stats.errors[errInstall].Add(1)
+		d.stats.Errors[packet.ErrInstall].Add(1)
 		d.log.Error("connect steering: publish uplink states", "err", err)
 	}
 }

@@ -1,25 +1,6 @@
-package daemon
-
-import (
-	"errors"
-	"github.com/prometheus/client_golang/prometheus"
-	"math/rand/v2"
-	"net/netip"
-	"time"
-
-	"github.com/rerouted/rerouted/internal/events"
-	"github.com/rerouted/rerouted/internal/flow"
-	"github.com/rerouted/rerouted/internal/owner"
-	"github.com/rerouted/rerouted/internal/policy"
-	"github.com/rerouted/rerouted/internal/queue"
-	"github.com/rerouted/rerouted/internal/rewrite"
-	"github.com/rerouted/rerouted/internal/route"
-	"github.com/rerouted/rerouted/internal/sockdiag"
-	"golang.org/x/sys/unix"
-)
-
-// The packet path. The kernel queues:
-//   - every locally originated TCP SYN (handle -> syn): the decision;
+// Package packet is rerouted's packet path: the first packet of each new
+// local flow arrives from a queue, and leaves decided. The kernel queues:
+//   - every locally originated TCP SYN (Handle -> syn): the decision;
 //   - the first outbound UDP datagram or ICMP/ICMPv6 echo request of every
 //     tuple without a decision (datagram): the decision, translated or not,
 //     which the kernel then caches;
@@ -29,7 +10,7 @@ import (
 //     flow (forward). With the kernel datapath they are rewritten in the
 //     kernel by map elements and never come here.
 //
-// A worker handles one queue. It decides each new flow as its first packet
+// A Worker handles one queue. It decides each new flow as its first packet
 // arrives and holds the rewritten packets of translated flows until the end
 // of the queue's batch (the queue is empty, or full); then one transaction
 // installs the whole batch's elements and the packets go out. So the reply
@@ -39,13 +20,33 @@ import (
 // wrong, the packet leaves as the host's own routing would send it, or is
 // dropped for the socket to retransmit when that is the only way to avoid a
 // wrong translation.
+//
+// This file is the path, top to bottom; seams.go has what it is given.
+package packet
 
-// worker is one queue's packet goroutine and the sockets it owns.
-type worker struct {
-	d      *Daemon
-	q      *queue.Queue
-	diag   *sockdiag.Conn
-	routes *route.Cache
+import (
+	"errors"
+	"math/rand/v2"
+	"net/netip"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/rerouted/rerouted/internal/events"
+	"github.com/rerouted/rerouted/internal/flow"
+	"github.com/rerouted/rerouted/internal/policy"
+	"github.com/rerouted/rerouted/internal/queue"
+	"github.com/rerouted/rerouted/internal/rewrite"
+	"github.com/rerouted/rerouted/internal/route"
+	"github.com/rerouted/rerouted/internal/sockdiag"
+	"golang.org/x/sys/unix"
+)
+
+// Worker is one queue's packet path and the sockets it owns.
+type Worker struct {
+	s      *Shared
+	q      Verdicts
+	diag   Sockets
+	routes Routes
 	owner  sockOwner   // the socket being decided
 	query  policy.Flow // the flow being decided (reused: no allocation)
 
@@ -55,7 +56,7 @@ type worker struct {
 	// element must go in at its end even with no packet held for it.
 	passed bool
 
-	ruleCounters map[string]prometheus.Counter // decisions by rule (metrics.go)
+	ruleCounters map[string]prometheus.Counter // decisions by rule (decided)
 }
 
 // heldPacket is a rewritten first packet (a SYN, a datagram, an echo request)
@@ -76,7 +77,8 @@ const (
 	tcpIPv6Headers = 60
 )
 
-func (w *worker) handle(p *queue.Packet) {
+// Handle gives one queued packet its verdict (or holds it until EndBatch).
+func (w *Worker) Handle(p *queue.Packet) {
 	var t rewrite.Packet
 	if err := rewrite.Parse(p.Payload, &t); err != nil {
 		var e rewrite.ICMPError
@@ -90,12 +92,12 @@ func (w *worker) handle(p *queue.Packet) {
 	out := p.Hook == queue.HookLocalOut
 	switch {
 	case t.Proto == rewrite.TCP && t.Flags&(rewrite.SYN|rewrite.ACK|rewrite.FIN|rewrite.RST) == rewrite.SYN && out:
-		w.d.stats.syns.Add(1)
-		w.d.stats.received.Add(1)
+		w.s.Stats.SYNs.Add(1)
+		w.s.Stats.Received.Add(1)
 		w.syn(p, &t)
 	case t.Proto != rewrite.TCP && out && (t.Proto == rewrite.UDP || t.Flags == rewrite.EchoRequest4 || t.Flags == rewrite.EchoRequest6):
 		w.datagram(p, &t)
-	case w.d.userspace:
+	case w.s.Userspace:
 		w.forward(p, &t)
 	default:
 		w.accept(p)
@@ -105,12 +107,12 @@ func (w *worker) handle(p *queue.Packet) {
 // forward translates one packet of a translated flow, the userspace
 // datapath's job for every packet after the first: outbound from the
 // socket's tuple to the wire's, with the flow's mark; inbound back.
-func (w *worker) forward(p *queue.Packet, t *rewrite.Packet) {
-	d := w.d
-	d.stats.forwarded.Add(1)
-	d.stats.bytes.Add(uint64(len(p.Payload)))
+func (w *Worker) forward(p *queue.Packet, t *rewrite.Packet) {
+	d := w.s
+	d.Stats.Forwarded.Add(1)
+	d.Stats.Bytes.Add(uint64(len(p.Payload)))
 	if p.Hook == queue.HookLocalOut {
-		f := d.flows.Get(flow.Key{Proto: t.Proto, Src: t.Src, Dst: t.Dst})
+		f := d.Flows.Get(flow.Key{Proto: t.Proto, Src: t.Src, Dst: t.Dst})
 		if f == nil || f.Pass {
 			w.accept(p) // its socket is gone; the selector follows
 			return
@@ -120,7 +122,7 @@ func (w *worker) forward(p *queue.Packet, t *rewrite.Packet) {
 		w.verdicted(p.ID, w.q.AcceptModified(p.ID, f.Mark, p.Payload))
 		return
 	}
-	f := d.flows.ByWire(flow.Key{Proto: t.Proto, Src: t.Dst, Dst: t.Src})
+	f := d.Flows.ByWire(flow.Key{Proto: t.Proto, Src: t.Dst, Dst: t.Src})
 	if f == nil || f.Pass {
 		w.accept(p)
 		return
@@ -137,12 +139,12 @@ func (w *worker) forward(p *queue.Packet, t *rewrite.Packet) {
 // userspace datapath, always): they follow the decision, in order, with no
 // lookup. (A new socket on a tuple whose socket just closed is caught by
 // the kernel's cached decision too, until the next sweep removes it.)
-func (w *worker) datagram(p *queue.Packet, t *rewrite.Packet) {
-	d := w.d
+func (w *Worker) datagram(p *queue.Packet, t *rewrite.Packet) {
+	d := w.s
 	key := flow.Key{Proto: t.Proto, Src: t.Src, Dst: t.Dst}
-	f := d.flows.Get(key)
-	if f == nil || !d.userspace {
-		d.stats.received.Add(1) // through the prefilter (not a userspace selector)
+	f := d.Flows.Get(key)
+	if f == nil || !d.Userspace {
+		d.Stats.Received.Add(1) // through the prefilter (not a userspace selector)
 	}
 	if f != nil {
 		w.follow(p, t, f)
@@ -156,11 +158,12 @@ func (w *worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 	// socket that is gone already.
 	var sock sockdiag.Socket
 	if t.Proto == rewrite.UDP {
-		if err := w.diag.Lookup(unix.IPPROTO_UDP, t.Src, t.Dst, &sock); err != nil && !errors.Is(err, sockdiag.ErrNotFound) {
-			d.stats.errors[errSocketLookup].Add(1)
-			d.log.Error("socket lookup", "proto", "udp", "src", t.Src, "dst", t.Dst, "err", err)
-			if d.failClosed {
-				w.fail(p, t, failSocketLookup)
+		var err error
+		if sock, err = w.diag.Lookup(unix.IPPROTO_UDP, t.Src, t.Dst); err != nil && !errors.Is(err, sockdiag.ErrNotFound) {
+			d.Stats.Errors[ErrSocketLookup].Add(1)
+			d.Log.Error("socket lookup", "proto", "udp", "src", t.Src, "dst", t.Dst, "err", err)
+			if d.FailClosed {
+				w.fail(p, t, FailSocketLookup)
 				return
 			}
 		}
@@ -168,7 +171,7 @@ func (w *worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 	if sock.Cookie == 0 {
 		sock.UID = p.UID // the queue reports the sending socket's owner
 	}
-	d.stats.datagrams.Add(1)
+	d.Stats.Datagrams.Add(1)
 
 	// 2. The mark. Multicast, broadcast and link-local traffic stays on its
 	// link: it is never translated.
@@ -180,12 +183,12 @@ func (w *worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 		// (see policy.DecideService).
 		remote := sock.Remote.Addr()
 		service := t.Proto == rewrite.UDP && sock.Cookie != 0 && (!remote.IsValid() || remote.IsUnspecified()) &&
-			(t.Src.Port() < d.portLo || t.Src.Port() > d.portHi)
+			(t.Src.Port() < d.PortLo || t.Src.Port() > d.PortHi)
 		if service {
-			d.stats.service.Add(1)
+			d.Stats.Service.Add(1)
 		}
 		var refuse bool
-		mark, ruleName, refuse = w.decide(d.cfg.Load(), &sock, p, t, service)
+		mark, ruleName, refuse = w.decide(d.Config.Load(), &sock, p, t, service)
 		if refuse {
 			w.decided(ruleName, start)
 			w.refuse(p, t, ruleName, nil)
@@ -197,15 +200,15 @@ func (w *worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 	// 3. The route, and the source it prefers.
 	rt, ok := w.route(p, t, mark, sock.UID)
 	if !ok {
-		if w.d.failClosed {
-			w.fail(p, t, failNoRoute)
+		if w.s.FailClosed {
+			w.fail(p, t, FailNoRoute)
 			return
 		}
-		w.d.stats.failed[failNoRoute].Add(1) // cached as a pass: counted once per flow
+		w.s.Stats.Failed[FailNoRoute].Add(1) // cached as a pass: counted once per flow
 		rt, mark = route.Route{Src: t.Src.Addr(), DevIdx: int(p.OutDev)}, p.Mark
 	}
 	want := netip.AddrPortFrom(rt.Src, t.Src.Port())
-	onWire := d.flows.OnWire(flow.Key{Proto: t.Proto, Src: want, Dst: t.Dst})
+	onWire := d.Flows.OnWire(flow.Key{Proto: t.Proto, Src: want, Dst: t.Dst})
 	f = &flow.Flow{Key: key, Mark: mark, Rule: ruleName, UID: sock.UID, Cookie: sock.Cookie, Inode: sock.Inode,
 		Start: time.Now(), Dev: rt.Dev}
 	f.UsedAt = f.Start
@@ -216,10 +219,10 @@ func (w *worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 		f.Pass, f.NewSrc = true, t.Src
 		w.passed = true
 		if !w.admitAs(f, want) {
-			d.log.Debug("tuple already decided by another worker", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst)
-		} else if d.events.On(events.Pass) {
+			d.Log.Debug("tuple already decided by another worker", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst)
+		} else if d.Events.On(events.Pass) {
 			w.describeOwner(f)
-			d.events.Pass(f, passReason(ruleName, mark))
+			d.Events.Pass(f, passReason(ruleName, mark))
 		}
 		w.accept(p)
 		return
@@ -227,8 +230,8 @@ func (w *worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 	if echo && onWire {
 		// An echo keeps its identifier, and another flow has it on the wire
 		// to the same peer: replies could not be told apart.
-		d.log.Warn("echo identifier in use on the wire: cannot translate", "src", t.Src, "dst", t.Dst, "new_src", want)
-		w.fail(p, t, failEchoID)
+		d.Log.Warn("echo identifier in use on the wire: cannot translate", "src", t.Src, "dst", t.Dst, "new_src", want)
+		w.fail(p, t, FailEchoID)
 		return
 	}
 	if f.Dev == "" {
@@ -243,14 +246,14 @@ func (w *worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 		ok = w.admit(f, want, t.Dst, sock.Cookie, onWire)
 	}
 	if !ok {
-		d.stats.errors[errNoPort].Add(1)
-		d.stats.failed[failNoPort].Add(1)
-		d.log.Error("no free source port for translation; dropping the datagram", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst, "new_src", rt.Src)
+		d.Stats.Errors[ErrNoPort].Add(1)
+		d.Stats.Failed[FailNoPort].Add(1)
+		d.Log.Error("no free source port for translation; dropping the datagram", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst, "new_src", rt.Src)
 		w.drop(p)
 		return
 	}
-	d.stats.translated.Add(1)
-	d.events.Flow("NEW", f)
+	d.Stats.Translated.Add(1)
+	d.Events.Flow("NEW", f)
 	w.hold(p, t, f)
 }
 
@@ -258,11 +261,11 @@ func (w *worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 // is for a pass; translated for a translation, held behind the batch's
 // transaction if its elements are not in yet, so it cannot overtake the
 // first.
-func (w *worker) follow(p *queue.Packet, t *rewrite.Packet, f *flow.Flow) {
+func (w *Worker) follow(p *queue.Packet, t *rewrite.Packet, f *flow.Flow) {
 	switch {
 	case f.Pass:
 		w.accept(p)
-	case !w.d.inst.installed(f):
+	case !w.s.Install.Installed(f):
 		w.hold(p, t, f)
 	default:
 		rewrite.SetSource(p.Payload, t, f.NewSrc)
@@ -272,31 +275,31 @@ func (w *worker) follow(p *queue.Packet, t *rewrite.Packet, f *flow.Flow) {
 }
 
 // syn decides a new connection and releases its SYN.
-func (w *worker) syn(p *queue.Packet, t *rewrite.Packet) {
-	d := w.d
+func (w *Worker) syn(p *queue.Packet, t *rewrite.Packet) {
+	d := w.s
 	start := time.Now()
 	key := flow.Key{Proto: unix.IPPROTO_TCP, Src: t.Src, Dst: t.Dst}
 
 	// 1. The socket. Its cookie tells a retransmitted SYN from a new socket
 	// that reuses the tuple; its existence is what later ends the flow.
-	var sock sockdiag.Socket
-	if err := w.diag.Lookup(unix.IPPROTO_TCP, t.Src, t.Dst, &sock); err != nil {
+	sock, err := w.diag.Lookup(unix.IPPROTO_TCP, t.Src, t.Dst)
+	if err != nil {
 		if !errors.Is(err, sockdiag.ErrNotFound) {
-			d.stats.errors[errSocketLookup].Add(1)
-			d.log.Error("socket lookup", "src", t.Src, "dst", t.Dst, "err", err)
-			w.fail(p, t, failSocketLookup)
+			d.Stats.Errors[ErrSocketLookup].Add(1)
+			d.Log.Error("socket lookup", "src", t.Src, "dst", t.Dst, "err", err)
+			w.fail(p, t, FailSocketLookup)
 			return
 		}
-		raw, err := owner.HasRawSocket("/proc/net", t.Src.Addr().Is6(), p.UID)
+		raw, err := w.diag.HasRawSocket(t.Src.Addr().Is6(), p.UID)
 		if err != nil {
-			d.stats.errors[errSocketLookup].Add(1)
-			d.log.Error("raw socket lookup", "src", t.Src, "dst", t.Dst, "err", err)
+			d.Stats.Errors[ErrSocketLookup].Add(1)
+			d.Log.Error("raw socket lookup", "src", t.Src, "dst", t.Dst, "err", err)
 		}
 		if !raw || !p.HasUID {
 			// The SYN of a TCP socket closed before the daemon looked:
 			// nothing to translate, and a translation would outlive it
 			// on its tuple, for the next socket there to inherit.
-			w.fail(p, t, failNoSocket)
+			w.fail(p, t, FailNoSocket)
 			return
 		}
 		// No TCP socket, and its user has a raw socket: a raw socket's
@@ -304,21 +307,21 @@ func (w *worker) syn(p *queue.Packet, t *rewrite.Packet) {
 		// datagram is: by the rules that need no socket owner, and its
 		// flow ends by idleness (Cookie 0).
 		sock = sockdiag.Socket{UID: p.UID}
-		d.stats.rawSYNs.Add(1)
+		d.Stats.RawSYNs.Add(1)
 	}
-	if f := d.flows.Get(key); f != nil {
+	if f := d.Flows.Get(key); f != nil {
 		if f.Cookie == sock.Cookie {
-			d.stats.retrans.Add(1)
+			d.Stats.Retrans.Add(1)
 			w.hold(p, t, f) // a retransmitted SYN: same translation
 			return
 		}
 		// A new socket reuses a tuple whose old socket we have not yet
 		// swept: the old translation must not leak onto it.
-		d.forget(f)
+		d.Forget(f)
 	}
 
 	// 2. The mark: the host's own, else the first matching rule's.
-	mark, ruleName, refuse := w.decide(d.cfg.Load(), &sock, p, t, false)
+	mark, ruleName, refuse := w.decide(d.Config.Load(), &sock, p, t, false)
 	w.decided(ruleName, start)
 	if refuse {
 		w.refuse(p, t, ruleName, &sock)
@@ -328,17 +331,17 @@ func (w *worker) syn(p *queue.Packet, t *rewrite.Packet) {
 	// 3. The route that mark leads to, and its preferred source.
 	rt, ok := w.route(p, t, mark, sock.UID)
 	if !ok {
-		w.fail(p, t, failNoRoute)
+		w.fail(p, t, FailNoRoute)
 		return
 	}
 	want := netip.AddrPortFrom(rt.Src, t.Src.Port())
-	onWire := d.flows.OnWire(flow.Key{Proto: unix.IPPROTO_TCP, Src: want, Dst: t.Dst})
+	onWire := d.Flows.OnWire(flow.Key{Proto: unix.IPPROTO_TCP, Src: want, Dst: t.Dst})
 	if rt.Src == t.Src.Addr() && mark == p.Mark && !onWire {
 		w.accept(p) // routing already gets it right: costs nothing from now on
-		if d.events.On(events.Pass) {
+		if d.Events.On(events.Pass) {
 			f := flow.Flow{Key: key, Mark: mark, Rule: ruleName, UID: sock.UID, NewSrc: t.Src}
 			w.describeOwner(&f)
-			d.events.Pass(&f, passReason(ruleName, mark))
+			d.Events.Pass(&f, passReason(ruleName, mark))
 		}
 		return
 	}
@@ -365,17 +368,36 @@ func (w *worker) syn(p *queue.Packet, t *rewrite.Packet) {
 	// wire by a real socket or another translation. The flow table takes
 	// it atomically, and its kernel elements are queued, in table order.
 	if !w.admit(f, want, t.Dst, sock.Cookie, onWire) {
-		d.stats.errors[errNoPort].Add(1)
-		d.stats.failed[failNoPort].Add(1)
-		d.log.Error("no free source port for translation; dropping SYN (the socket will retry)", "src", t.Src, "dst", t.Dst, "new_src", rt.Src)
+		d.Stats.Errors[ErrNoPort].Add(1)
+		d.Stats.Failed[FailNoPort].Add(1)
+		d.Log.Error("no free source port for translation; dropping SYN (the socket will retry)", "src", t.Src, "dst", t.Dst, "new_src", rt.Src)
 		w.drop(p)
 		return
 	}
-	d.stats.translated.Add(1)
-	d.events.Flow("NEW", f)
+	d.Stats.Translated.Add(1)
+	d.Events.Flow("NEW", f)
 
 	// 6. The SYN itself, rewritten, goes out once its elements are in.
 	w.hold(p, t, f)
+}
+
+// decided records one decision. Each worker keeps its own counter per rule
+// name, so the packet path neither locks nor allocates after the first
+// decision by a rule.
+func (w *Worker) decided(rule string, start time.Time) {
+	w.s.Latency.Observe(time.Since(start).Seconds())
+	if rule == "" {
+		rule = "none"
+	}
+	c, ok := w.ruleCounters[rule]
+	if !ok {
+		if w.ruleCounters == nil {
+			w.ruleCounters = map[string]prometheus.Counter{}
+		}
+		c = w.s.Decisions.WithLabelValues(rule)
+		w.ruleCounters[rule] = c
+	}
+	c.Inc()
 }
 
 // passReason says why a new flow needs no translation: its socket's source
@@ -393,7 +415,7 @@ func passReason(rule string, mark uint32) string {
 // route returns the route a new flow's mark leads to, and its preferred
 // source: the packet's own for mark 0. A marked flow with no route is left
 // untranslated (false).
-func (w *worker) route(p *queue.Packet, t *rewrite.Packet, mark, uid uint32) (route.Route, bool) {
+func (w *Worker) route(p *queue.Packet, t *rewrite.Packet, mark, uid uint32) (route.Route, bool) {
 	if mark == 0 && p.Mark == 0 {
 		return route.Route{Src: t.Src.Addr(), DevIdx: int(p.OutDev)}, true
 	}
@@ -401,8 +423,8 @@ func (w *worker) route(p *queue.Packet, t *rewrite.Packet, mark, uid uint32) (ro
 	// down, asks it too: its socket's source was chosen for the mark.)
 	rt, err := w.routes.Lookup(t.Dst.Addr(), mark, uid, true)
 	if err != nil {
-		w.d.stats.errors[errNoRoute].Add(1)
-		w.d.log.Warn("no route for marked flow", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst, "mark", mark, "err", err)
+		w.s.Stats.Errors[ErrNoRoute].Add(1)
+		w.s.Log.Warn("no route for marked flow", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst, "mark", mark, "err", err)
 		return route.Route{}, false
 	}
 	return rt, true
@@ -411,15 +433,15 @@ func (w *worker) route(p *queue.Packet, t *rewrite.Packet, mark, uid uint32) (ro
 // icmpError readdresses an ICMP error about a translated flow to its socket:
 // the error was sent to the wire's source and quotes the wire's tuple, and
 // the socket (path MTU discovery above all) only recognises its own.
-func (w *worker) icmpError(p *queue.Packet, e *rewrite.ICMPError) {
-	f := w.d.flows.ByWire(flow.Key{Proto: e.InnerProto, Src: e.Src, Dst: e.To})
+func (w *Worker) icmpError(p *queue.Packet, e *rewrite.ICMPError) {
+	f := w.s.Flows.ByWire(flow.Key{Proto: e.InnerProto, Src: e.Src, Dst: e.To})
 	if f == nil || f.Pass || e.Dst != f.NewSrc.Addr() {
 		w.accept(p) // not about a translated flow
 		return
 	}
 	rewrite.TranslateICMPError(p.Payload, e, f.Src)
-	w.d.stats.icmpErrors.Add(1)
-	w.d.log.Debug("icmp error readdressed", "type", e.Type, "code", e.Code, "proto", flow.ProtoName(f.Proto), "wire", f.NewSrc, "socket", f.Src, "dst", f.Dst)
+	w.s.Stats.ICMPErrors.Add(1)
+	w.s.Log.Debug("icmp error readdressed", "type", e.Type, "code", e.Code, "proto", flow.ProtoName(f.Proto), "wire", f.NewSrc, "socket", f.Src, "dst", f.Dst)
 	w.verdicted(p.ID, w.q.AcceptPacket(p.ID, p.Payload))
 }
 
@@ -434,15 +456,15 @@ func (w *worker) icmpError(p *queue.Packet, e *rewrite.ICMPError) {
 // refuses the flow (refuse); a host mark for a down uplink goes to its
 // fallback. A flow decided so keeps that path for its life: its mark is
 // pinned in its element, even when its packets carry the host's mark.
-func (w *worker) decide(cfg *policy.Config, sock *sockdiag.Socket, p *queue.Packet, t *rewrite.Packet, service bool) (mark uint32, rule string, refuse bool) {
+func (w *Worker) decide(cfg *policy.Config, sock *sockdiag.Socket, p *queue.Packet, t *rewrite.Packet, service bool) (mark uint32, rule string, refuse bool) {
 	w.owner.reset(sock)
 	v6 := t.Dst.Addr().Is6()
 	if cfg.Daemon.HonorMarks && p.Mark != 0 {
 		u := cfg.UplinkByMark(p.Mark)
-		if u == nil || w.d.uplinks.Up(u.Mark, v6) {
+		if u == nil || w.s.Uplinks.Up(u.Mark, v6) {
 			return p.Mark, "host mark", false
 		}
-		if f := u.Fallback; f != nil && w.d.uplinks.Up(f.Mark, v6) {
+		if f := u.Fallback; f != nil && w.s.Uplinks.Up(f.Mark, v6) {
 			return f.Mark, "host mark, fallback", false
 		}
 		return 0, "host mark, fallback", false
@@ -470,7 +492,7 @@ func (w *worker) decide(cfg *policy.Config, sock *sockdiag.Socket, p *queue.Pack
 		return r.Action.Mark, r.Name, false
 	}
 	if r.Action.Kind == policy.ActBalance {
-		if m, ok := w.d.balance.Pick(&w.d.uplinks, r, sock.UID, t.Dst.Addr(), v6); ok {
+		if m, ok := w.s.Balance.Pick(w.s.Uplinks, r, sock.UID, t.Dst.Addr(), v6); ok {
 			return m, r.Name, false
 		}
 		return 0, r.Name, r.Action.DropWhenDown
@@ -479,7 +501,7 @@ func (w *worker) decide(cfg *policy.Config, sock *sockdiag.Socket, p *queue.Pack
 		if c.Uplink == nil {
 			return 0, r.Name, false // "default"
 		}
-		if w.d.uplinks.Up(c.Uplink.Mark, v6) {
+		if w.s.Uplinks.Up(c.Uplink.Mark, v6) {
 			return c.Uplink.Mark, r.Name, false
 		}
 	}
@@ -489,26 +511,26 @@ func (w *worker) decide(cfg *policy.Config, sock *sockdiag.Socket, p *queue.Pack
 // refuse drops the first packet of a flow whose rule's uplinks are all
 // down and that says on_down = "drop". A TCP socket is closed at once
 // (SOCK_DESTROY), so that connect() fails instead of retrying for minutes.
-func (w *worker) refuse(p *queue.Packet, t *rewrite.Packet, rule string, sock *sockdiag.Socket) {
-	d := w.d
-	d.stats.refused.Add(1)
+func (w *Worker) refuse(p *queue.Packet, t *rewrite.Packet, rule string, sock *sockdiag.Socket) {
+	d := w.s
+	d.Stats.Refused.Add(1)
 	if sock != nil && sock.Cookie != 0 {
 		if err := w.diag.Destroy(t.Src, t.Dst, sock.Cookie); err != nil && !errors.Is(err, sockdiag.ErrNotFound) {
-			d.stats.errors[errSocketLookup].Add(1)
-			d.log.Error("refuse a connection: close its socket", "src", t.Src, "dst", t.Dst, "err", err)
+			d.Stats.Errors[ErrSocketLookup].Add(1)
+			d.Log.Error("refuse a connection: close its socket", "src", t.Src, "dst", t.Dst, "err", err)
 		}
 	}
-	d.log.Debug("refused: every uplink of the rule is down (on_down = \"drop\")", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst, "rule", rule)
-	d.events.Refused(t, rule)
+	d.Log.Debug("refused: every uplink of the rule is down (on_down = \"drop\")", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst, "rule", rule)
+	d.Events.Refused(t, rule)
 	w.drop(p)
 }
 
 // describeOwner records on f the owner the decision looked up, and with
 // --debug also what it did not need, for the event line.
-func (w *worker) describeOwner(f *flow.Flow) {
+func (w *Worker) describeOwner(f *flow.Flow) {
 	o := &w.owner
 	var fo flow.Owner
-	debug := w.d.events.On(events.New | events.Pass)
+	debug := w.s.Events.On(events.New | events.Pass)
 	if debug || o.procDone {
 		if p, ok := o.Process(); ok {
 			fo.PID, fo.Comm, fo.Exe = p.PID, p.Comm, p.Exe
@@ -527,13 +549,13 @@ func (w *worker) describeOwner(f *flow.Flow) {
 // admit gives f a wire tuple no real socket and no other flow uses, and adds
 // it to the table and the kernel's queue of changes: want if it is free,
 // else the same address with a random port from the ephemeral range.
-func (w *worker) admit(f *flow.Flow, want, dst netip.AddrPort, cookie uint64, taken bool) bool {
-	d := w.d
-	span := uint32(d.portHi-d.portLo) + 1
+func (w *Worker) admit(f *flow.Flow, want, dst netip.AddrPort, cookie uint64, taken bool) bool {
+	d := w.s
+	span := uint32(d.PortHi-d.PortLo) + 1
 	for try := 0; try < 64; try++ {
 		c := want
 		if taken || try > 0 {
-			c = netip.AddrPortFrom(want.Addr(), d.portLo+uint16(rand.Uint32N(span)))
+			c = netip.AddrPortFrom(want.Addr(), d.PortLo+uint16(rand.Uint32N(span)))
 		}
 		if !w.noOtherSocket(f.Proto, c, dst, cookie) {
 			continue
@@ -548,13 +570,12 @@ func (w *worker) admit(f *flow.Flow, want, dst netip.AddrPort, cookie uint64, ta
 // admitAs adds f to the table with wire source src, and its elements to the
 // kernel's queue of changes, unless the socket tuple or the wire tuple is
 // taken.
-func (w *worker) admitAs(f *flow.Flow, src netip.AddrPort) bool { return w.d.inst.add(f, src) }
+func (w *Worker) admitAs(f *flow.Flow, src netip.AddrPort) bool { return w.s.Install.Add(f, src) }
 
 // noOtherSocket reports whether no socket but the flow's own uses src→dst
 // (for UDP: would receive datagrams from dst at src).
-func (w *worker) noOtherSocket(proto uint8, src, dst netip.AddrPort, cookie uint64) bool {
-	var s sockdiag.Socket
-	err := w.diag.Lookup(proto, src, dst, &s)
+func (w *Worker) noOtherSocket(proto uint8, src, dst netip.AddrPort, cookie uint64) bool {
+	s, err := w.diag.Lookup(proto, src, dst)
 	if errors.Is(err, sockdiag.ErrNotFound) {
 		return true
 	}
@@ -562,15 +583,15 @@ func (w *worker) noOtherSocket(proto uint8, src, dst netip.AddrPort, cookie uint
 }
 
 // hold rewrites a flow's first packet (a SYN: with its MSS clamped) and
-// keeps it until the batch's elements are installed (see endBatch).
-func (w *worker) hold(p *queue.Packet, t *rewrite.Packet, f *flow.Flow) {
+// keeps it until the batch's elements are installed (see EndBatch).
+func (w *Worker) hold(p *queue.Packet, t *rewrite.Packet, f *flow.Flow) {
 	rewrite.SetSource(p.Payload, t, f.NewSrc)
 	if f.MSS != 0 {
 		rewrite.ClampMSS(p.Payload, t, f.MSS)
 	}
 	rewrite.Checksum(p.Payload, t)
 	if w.nheld == maxHeld { // rare: more first packets than a batch holds
-		w.d.inst.flush()
+		w.s.Install.Flush()
 		w.release(p.ID, f, p.Payload)
 		return
 	}
@@ -578,15 +599,15 @@ func (w *worker) hold(p *queue.Packet, t *rewrite.Packet, f *flow.Flow) {
 	w.nheld++
 }
 
-// endBatch runs before the queue sends its batch of verdicts: install the
+// EndBatch runs before the queue sends its batch of verdicts: install the
 // batch's elements in one transaction (the passes' too), then release its
 // held packets, in the order they came.
-func (w *worker) endBatch() {
+func (w *Worker) EndBatch() {
 	if w.nheld == 0 && !w.passed {
 		return
 	}
 	w.passed = false
-	w.d.inst.flush()
+	w.s.Install.Flush()
 	for i := 0; i < w.nheld; i++ {
 		h := &w.held[i]
 		w.release(h.id, h.f, h.pkt)
@@ -599,8 +620,8 @@ func (w *worker) endBatch() {
 // it again because its source and mark changed. A flow whose elements could
 // not be installed has left the table: its packet is dropped (the socket
 // retransmits a SYN; a lost datagram is UDP's to handle).
-func (w *worker) release(id uint32, f *flow.Flow, pkt []byte) {
-	if w.d.flows.Get(f.Key) != f {
+func (w *Worker) release(id uint32, f *flow.Flow, pkt []byte) {
+	if w.s.Flows.Get(f.Key) != f {
 		w.dropID(id)
 		return
 	}
@@ -609,56 +630,56 @@ func (w *worker) release(id uint32, f *flow.Flow, pkt []byte) {
 
 // verdicted counts and logs a verdict the kernel did not take: the packet
 // stays queued until the queue is unbound.
-func (w *worker) verdicted(id uint32, err error) {
+func (w *Worker) verdicted(id uint32, err error) {
 	if err != nil {
-		w.d.stats.errors[errVerdict].Add(1)
-		w.d.log.Error("verdict", "id", id, "err", err)
+		w.s.Stats.Errors[ErrVerdict].Add(1)
+		w.s.Log.Error("verdict", "id", id, "err", err)
 	}
 }
 
-func (w *worker) accept(p *queue.Packet) {
+func (w *Worker) accept(p *queue.Packet) {
 	w.verdicted(p.ID, w.q.Accept(p.ID))
 }
 
-func (w *worker) drop(p *queue.Packet) { w.dropID(p.ID) }
+func (w *Worker) drop(p *queue.Packet) { w.dropID(p.ID) }
 
-func (w *worker) dropID(id uint32) {
-	w.d.stats.dropped.Add(1)
+func (w *Worker) dropID(id uint32) {
+	w.s.Stats.Dropped.Add(1)
 	w.verdicted(id, w.q.Drop(id))
 }
 
 // Why a flow the policy concerns could not be handled as it says.
-type failReason int
+type FailReason int
 
 const (
-	failNoSocket     failReason = iota // a SYN whose socket closed before the daemon looked
-	failSocketLookup                   // sock_diag failed
-	failNoRoute                        // the mark's route does not exist
-	failNoPort                         // no free source port (always dropped)
-	failEchoID                         // an echo's identifier is on the wire already, to the same peer
-	failReasons
+	FailNoSocket     FailReason = iota // a SYN whose socket closed before the daemon looked
+	FailSocketLookup                   // sock_diag failed
+	FailNoRoute                        // the mark's route does not exist
+	FailNoPort                         // no free source port (always dropped)
+	FailEchoID                         // an echo's identifier is on the wire already, to the same peer
+	FailReasons
 )
 
-var failReasonNames = [failReasons]string{"no_socket", "socket_lookup", "no_route", "no_free_port", "echo_id_in_use"}
+var FailReasonNames = [FailReasons]string{"no_socket", "socket_lookup", "no_route", "no_free_port", "echo_id_in_use"}
 
 // fail handles a first packet whose flow cannot be decided as the policy
 // says: with on_failure = "open" it leaves as the host's routing sends it,
 // with "closed" it is dropped (the socket retries). Either way it is
 // counted and logged.
-func (w *worker) fail(p *queue.Packet, t *rewrite.Packet, reason failReason) {
-	d := w.d
-	d.stats.failed[reason].Add(1)
-	if d.failClosed {
-		d.log.Warn("cannot decide a new flow; dropped (on_failure = \"closed\")", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst,
-			"mark", p.Mark, "reason", failReasonNames[reason])
+func (w *Worker) fail(p *queue.Packet, t *rewrite.Packet, reason FailReason) {
+	d := w.s
+	d.Stats.Failed[reason].Add(1)
+	if d.FailClosed {
+		d.Log.Warn("cannot decide a new flow; dropped (on_failure = \"closed\")", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst,
+			"mark", p.Mark, "reason", FailReasonNames[reason])
 		w.drop(p)
 		return
 	}
-	d.log.Debug("cannot decide a new flow; it leaves untranslated (on_failure = \"open\")", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst,
-		"mark", p.Mark, "reason", failReasonNames[reason])
-	if d.events.On(events.Pass) {
-		d.events.Pass(&flow.Flow{Key: flow.Key{Proto: t.Proto, Src: t.Src, Dst: t.Dst}, Mark: p.Mark, UID: p.UID},
-			"failed open: "+failReasonNames[reason])
+	d.Log.Debug("cannot decide a new flow; it leaves untranslated (on_failure = \"open\")", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst,
+		"mark", p.Mark, "reason", FailReasonNames[reason])
+	if d.Events.On(events.Pass) {
+		d.Events.Pass(&flow.Flow{Key: flow.Key{Proto: t.Proto, Src: t.Src, Dst: t.Dst}, Mark: p.Mark, UID: p.UID},
+			"failed open: "+FailReasonNames[reason])
 	}
 	w.accept(p)
 }

@@ -1,4 +1,4 @@
-package daemon
+package packet
 
 import (
 	"fmt"
@@ -15,6 +15,7 @@ import (
 
 	"github.com/rerouted/rerouted/internal/policy"
 	"github.com/rerouted/rerouted/internal/sockdiag"
+	"github.com/rerouted/rerouted/internal/uplink"
 	"golang.org/x/sys/unix"
 )
 
@@ -70,24 +71,24 @@ var decideCases = []decideCase{
 
 // decideOnce runs the decision path for one new connection: the exact
 // socket lookup and the policy with its lazy owner lookups.
-func decideOnce(w *worker, cfg *policy.Config, local, remote netip.AddrPort) (string, error) {
-	var sock sockdiag.Socket
-	if err := w.diag.Lookup(unix.IPPROTO_TCP, local, remote, &sock); err != nil {
+func decideOnce(w *Worker, cfg *policy.Config, local, remote netip.AddrPort) (string, error) {
+	sock, err := w.diag.Lookup(unix.IPPROTO_TCP, local, remote)
+	if err != nil {
 		return "", err
 	}
 	_, rule, _ := w.decide(cfg, &sock, &queue.Packet{}, &rewrite.Packet{Proto: rewrite.TCP, Src: local, Dst: remote}, false)
 	return rule, nil
 }
 
-func newDecider(tb testing.TB) *worker {
+// newDecider is a worker with a real sock_diag socket and /proc scanner
+// (no root needed: the sockets are this process's own).
+func newDecider(tb testing.TB) *Worker {
 	diag, err := sockdiag.Open()
 	if err != nil {
 		tb.Fatal(err)
 	}
 	tb.Cleanup(func() { diag.Close() })
-	w := &worker{d: &Daemon{}, diag: diag}
-	w.owner.owners = owner.NewOwners()
-	return w
+	return NewWorker(&Shared{Uplinks: &uplink.States{}, Balance: &uplink.Balancer{}}, nil, DiagSockets{Conn: diag}, nil, owner.NewOwners())
 }
 
 func TestDecideMatchesEachCase(t *testing.T) {
@@ -97,7 +98,7 @@ func TestDecideMatchesEachCase(t *testing.T) {
 	for _, c := range decideCases {
 		cfg := benchPolicy(t, strings.ReplaceAll(c.last, "%s", string(comm[:len(comm)-1])))
 		if c.reset != nil {
-			c.reset(d.owner.owners)
+			c.reset(d.owner.owners.(*owner.Owners))
 		}
 		if rule, err := decideOnce(d, cfg, local, remote); err != nil || rule != "last" {
 			t.Errorf("%s: decided %q, err %v", c.name, rule, err)
@@ -131,7 +132,7 @@ func BenchmarkDecide(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
 				if c.reset != nil {
-					c.reset(d.owner.owners)
+					c.reset(d.owner.owners.(*owner.Owners))
 				}
 				t0 := time.Now()
 				if _, err := decideOnce(d, cfg, local, remote); err != nil {

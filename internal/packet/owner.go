@@ -1,7 +1,6 @@
-package daemon
+package packet
 
 import (
-	"github.com/rerouted/rerouted/internal/owner"
 	"github.com/rerouted/rerouted/internal/policy"
 	"github.com/rerouted/rerouted/internal/sockdiag"
 )
@@ -10,7 +9,7 @@ import (
 // looks the process and the cgroup up at most once per decision, and only if
 // a rule asks. The packet goroutine reuses one instance.
 type sockOwner struct {
-	owners *owner.Owners
+	owners Owners
 	sock   sockdiag.Socket // a copy: a pointer would make every lookup's Socket escape
 
 	procDone, cgDone bool

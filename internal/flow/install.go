@@ -1,0 +1,182 @@
+package flow
+
+import (
+	"context"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+)
+
+// Installer owns the ordering rule: a flow's kernel state is installed
+// before its first packet is released, and every change to the kernel's
+// flow maps reaches the kernel in the order the table saw it, in as few
+// transactions as possible.
+//
+// It is the only writer of its table (anyone may read it): Add and Remove
+// change the table and enqueue the kernel change as one step, under mu, so
+// that a removal and a later flow with the same tuple reach the kernel in
+// that order. (One write is not under mu: a flow whose kernel state the
+// kernel refused leaves the table from Flush, under flushMu, which
+// Exclusive takes after mu. It needs no kernel change to order.) Whoever
+// needs the changes applied calls Flush: a packet worker before it releases
+// the first packets of a burst, Run for removals. Installed tells whether a
+// flow's state is in.
+type Installer struct {
+	table  *Table
+	kernel Kernel
+	failed func(Change, error)
+
+	mu   sync.Mutex // a table change and its kernel change are one step
+	ops  chan Change
+	next uint64        // sequence of the last enqueued change; under mu
+	done atomic.Uint64 // sequence of the last applied change
+	kick chan struct{}
+
+	flushMu sync.Mutex // one transaction at a time, in order
+	batch   []Change
+}
+
+// Change is one flow entering (Delete false) or leaving the kernel.
+type Change struct {
+	Flow   *Flow
+	Delete bool
+	seq    uint64
+}
+
+// Kernel applies a batch of changes in one transaction, all or nothing.
+// The slice is reused after Apply returns.
+type Kernel interface {
+	Apply([]Change) error
+}
+
+// MaxBatch bounds one transaction.
+const MaxBatch = 1024
+
+// NewInstaller returns the installer of t's flows into k. failed is told of
+// each change the kernel refused, after a refused addition has left the
+// table (its packets are dropped, and the socket's retransmission is
+// decided again).
+func NewInstaller(t *Table, k Kernel, failed func(Change, error)) *Installer {
+	return &Installer{table: t, kernel: k, failed: failed, ops: make(chan Change, 1<<16), kick: make(chan struct{}, 1)}
+}
+
+// Table is the table the installer writes.
+func (in *Installer) Table() *Table { return in.table }
+
+// Add puts f in the table with wire source src, and its kernel state in
+// the queue of changes, unless the socket tuple or the wire tuple is taken.
+func (in *Installer) Add(f *Flow, src netip.AddrPort) bool {
+	f.NewSrc = src
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	// Before the table publishes f: a worker that finds f holds its
+	// packets until this change is applied (Installed).
+	f.Seq = in.next + 1
+	if !in.table.Reserve(f) {
+		return false
+	}
+	in.enqueue(f, false)
+	return true
+}
+
+// Adopt puts f, whose kernel state an earlier run left in the kernel, in
+// the table, unless its tuples are taken.
+func (in *Installer) Adopt(f *Flow) bool {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	return in.table.Reserve(f)
+}
+
+// Remove takes f out of the table and, in order, its state out of the
+// kernel. It reports whether f was in the table.
+func (in *Installer) Remove(f *Flow) bool {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	removed := in.table.Remove(f)
+	if removed {
+		in.enqueue(f, true)
+	}
+	return removed
+}
+
+// Installed reports whether f's kernel state is in: whether its packets
+// may go.
+func (in *Installer) Installed(f *Flow) bool { return f.Seq <= in.done.Load() }
+
+// Exclusive runs fn with the table and the kernel's maps to itself: no flow
+// comes or goes and no transaction interleaves.
+func (in *Installer) Exclusive(fn func()) {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	in.flushMu.Lock()
+	defer in.flushMu.Unlock()
+	fn()
+}
+
+// enqueue schedules a change. Call with mu held.
+func (in *Installer) enqueue(f *Flow, del bool) {
+	in.next++
+	in.ops <- Change{Flow: f, Delete: del, seq: in.next}
+	if del {
+		select {
+		case in.kick <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// Run applies removals as they come, until ctx is done; additions are
+// flushed by whoever holds their packets.
+func (in *Installer) Run(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-in.kick:
+			in.Flush()
+		}
+	}
+}
+
+// Flush applies every change enqueued so far. When it returns, Installed
+// covers all of them: a concurrent Flush that took some of them finished
+// first.
+func (in *Installer) Flush() {
+	in.flushMu.Lock()
+	defer in.flushMu.Unlock()
+	for {
+		in.batch = in.batch[:0]
+	drain:
+		for len(in.batch) < MaxBatch {
+			select {
+			case c := <-in.ops:
+				in.batch = append(in.batch, c)
+			default:
+				break drain
+			}
+		}
+		if len(in.batch) == 0 {
+			return
+		}
+		in.apply()
+		if len(in.batch) < MaxBatch {
+			return
+		}
+	}
+}
+
+func (in *Installer) apply() {
+	if err := in.kernel.Apply(in.batch); err != nil {
+		// One bad change fails the whole transaction: apply them one by
+		// one so the others still go, and name the one that failed.
+		for i, c := range in.batch {
+			if err := in.kernel.Apply(in.batch[i : i+1]); err != nil {
+				if !c.Delete {
+					in.table.Remove(c.Flow) // not in the kernel: nothing to enqueue
+				}
+				in.failed(c, err)
+			}
+		}
+	}
+	in.done.Store(in.batch[len(in.batch)-1].seq)
+}

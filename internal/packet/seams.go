@@ -1,0 +1,107 @@
+package packet
+
+import (
+	"log/slog"
+	"net/netip"
+	"sync/atomic"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/rerouted/rerouted/internal/events"
+	"github.com/rerouted/rerouted/internal/flow"
+	"github.com/rerouted/rerouted/internal/owner"
+	"github.com/rerouted/rerouted/internal/policy"
+	"github.com/rerouted/rerouted/internal/route"
+	"github.com/rerouted/rerouted/internal/sockdiag"
+	"github.com/rerouted/rerouted/internal/uplink"
+)
+
+// What a Worker is given. The daemon gives it a queue, sock_diag and
+// rtnetlink sockets and a /proc scanner; the tests give it fakes, so the
+// path's decisions run without root. Each method returns values, not
+// pointers, so that nothing the path passes escapes to the heap.
+
+// Verdicts sends a queued packet's verdict (queue.Queue).
+type Verdicts interface {
+	Accept(id uint32) error
+	// AcceptModified sends pkt, rewritten, with mark.
+	AcceptModified(id, mark uint32, pkt []byte) error
+	// AcceptPacket sends pkt, rewritten, with the packet's own mark.
+	AcceptPacket(id uint32, pkt []byte) error
+	Drop(id uint32) error
+}
+
+// Sockets finds and closes local sockets.
+type Sockets interface {
+	// Lookup finds the socket on a tuple; sockdiag.ErrNotFound if none.
+	Lookup(proto uint8, local, remote netip.AddrPort) (sockdiag.Socket, error)
+	// Destroy closes the TCP socket on a tuple, if its cookie matches.
+	Destroy(local, remote netip.AddrPort, cookie uint64) error
+	// HasRawSocket reports whether uid has a raw socket of the family.
+	HasRawSocket(v6 bool, uid uint32) (bool, error)
+}
+
+// Routes resolves routes as the kernel would (route.Cache).
+type Routes interface {
+	Lookup(dst netip.Addr, mark, uid uint32, hasUID bool) (route.Route, error)
+	Link(idx int) (route.Link, error)
+}
+
+// Owners finds a socket's process and cgroup (owner.Owners).
+type Owners interface {
+	Process(inode, uid uint32, cg uint64) (owner.Process, bool)
+	Cgroup(id uint64) (string, bool)
+}
+
+// Shared is the state every worker shares with the daemon's other
+// goroutines.
+type Shared struct {
+	Config  *atomic.Pointer[policy.Config] // swapped whole on reload
+	Flows   *flow.Table                    // read anywhere; written only through Install
+	Install *flow.Installer
+	Uplinks *uplink.States
+	Balance *uplink.Balancer
+	Events  *events.Writer // nil: no debug stream
+	Log     *slog.Logger
+	Stats   *Stats
+
+	Decisions *prometheus.CounterVec // by rule
+	Latency   prometheus.Histogram   // first packet in, verdict decided
+
+	PortLo, PortHi uint16 // the ephemeral ports new source ports are drawn from
+	Userspace      bool   // every packet of a translated flow comes to the workers
+	FailClosed     bool   // on_failure = "closed"
+}
+
+// NewWorker returns the packet path of one queue.
+func NewWorker(s *Shared, q Verdicts, diag Sockets, routes Routes, owners Owners) *Worker {
+	w := &Worker{s: s, q: q, diag: diag, routes: routes}
+	w.owner.owners = owners
+	return w
+}
+
+// Forget removes a flow from the table and, in order, from the kernel.
+func (s *Shared) Forget(f *flow.Flow) {
+	if s.Install.Remove(f) && !f.Pass {
+		s.Events.Flow("DESTROY", f)
+	}
+}
+
+// DiagSockets is Sockets on a sock_diag socket and /proc/net.
+type DiagSockets struct{ Conn *sockdiag.Conn }
+
+// Lookup implements Sockets.
+func (d DiagSockets) Lookup(proto uint8, local, remote netip.AddrPort) (sockdiag.Socket, error) {
+	var s sockdiag.Socket
+	err := d.Conn.Lookup(proto, local, remote, &s)
+	return s, err
+}
+
+// Destroy implements Sockets.
+func (d DiagSockets) Destroy(local, remote netip.AddrPort, cookie uint64) error {
+	return d.Conn.Destroy(local, remote, cookie)
+}
+
+// HasRawSocket implements Sockets.
+func (d DiagSockets) HasRawSocket(v6 bool, uid uint32) (bool, error) {
+	return owner.HasRawSocket("/proc/net", v6, uid)
+}
