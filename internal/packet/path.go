@@ -25,7 +25,9 @@
 package packet
 
 import (
+	"context"
 	"errors"
+	"log/slog"
 	"math/rand/v2"
 	"net/netip"
 	"time"
@@ -219,7 +221,9 @@ func (w *Worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 		f.Pass, f.NewSrc = true, t.Src
 		w.passed = true
 		if !w.admitAs(f, want) {
-			d.Log.Debug("tuple already decided by another worker", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst)
+			if d.Log.Enabled(context.Background(), slog.LevelDebug) { // its arguments would allocate
+				d.Log.Debug("tuple already decided by another worker", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst)
+			}
 		} else if d.Events.On(events.Pass) {
 			w.describeOwner(f)
 			d.Events.Pass(f, passReason(ruleName, mark))
@@ -441,7 +445,9 @@ func (w *Worker) icmpError(p *queue.Packet, e *rewrite.ICMPError) {
 	}
 	rewrite.TranslateICMPError(p.Payload, e, f.Src)
 	w.s.Stats.ICMPErrors.Add(1)
-	w.s.Log.Debug("icmp error readdressed", "type", e.Type, "code", e.Code, "proto", flow.ProtoName(f.Proto), "wire", f.NewSrc, "socket", f.Src, "dst", f.Dst)
+	if w.s.Log.Enabled(context.Background(), slog.LevelDebug) { // its arguments would allocate
+		w.s.Log.Debug("icmp error readdressed", "type", e.Type, "code", e.Code, "proto", flow.ProtoName(f.Proto), "wire", f.NewSrc, "socket", f.Src, "dst", f.Dst)
+	}
 	w.verdicted(p.ID, w.q.AcceptPacket(p.ID, p.Payload))
 }
 
@@ -520,7 +526,9 @@ func (w *Worker) refuse(p *queue.Packet, t *rewrite.Packet, rule string, sock *s
 			d.Log.Error("refuse a connection: close its socket", "src", t.Src, "dst", t.Dst, "err", err)
 		}
 	}
-	d.Log.Debug("refused: every uplink of the rule is down (on_down = \"drop\")", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst, "rule", rule)
+	if d.Log.Enabled(context.Background(), slog.LevelDebug) { // its arguments would allocate
+		d.Log.Debug("refused: every uplink of the rule is down (on_down = \"drop\")", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst, "rule", rule)
+	}
 	d.Events.Refused(t, rule)
 	w.drop(p)
 }
@@ -675,8 +683,10 @@ func (w *Worker) fail(p *queue.Packet, t *rewrite.Packet, reason FailReason) {
 		w.drop(p)
 		return
 	}
-	d.Log.Debug("cannot decide a new flow; it leaves untranslated (on_failure = \"open\")", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst,
-		"mark", p.Mark, "reason", FailReasonNames[reason])
+	if d.Log.Enabled(context.Background(), slog.LevelDebug) { // its arguments would allocate
+		d.Log.Debug("cannot decide a new flow; it leaves untranslated (on_failure = \"open\")", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst,
+			"mark", p.Mark, "reason", FailReasonNames[reason])
+	}
 	if d.Events.On(events.Pass) {
 		d.Events.Pass(&flow.Flow{Key: flow.Key{Proto: t.Proto, Src: t.Src, Dst: t.Dst}, Mark: p.Mark, UID: p.UID},
 			"failed open: "+FailReasonNames[reason])
