@@ -40,8 +40,8 @@ import (
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
-	"github.com/google/nftables/xt"
 	"github.com/mdlayher/netlink"
+	"github.com/rerouted/rerouted/internal/nftdp/nftfeat"
 	"golang.org/x/sys/unix"
 )
 
@@ -119,8 +119,8 @@ type Datapath struct {
 	// offeredBefore is what the queue rules this generation replaced had
 	// counted (under listMu).
 	offeredBefore uint64
-	// QueueMethod says how packets reach the queue: QueueNative or, on
-	// kernels without nft_queue, QueueXT through nft_compat.
+	// QueueMethod says how packets reach the queue: nftfeat.QueueNative or,
+	// on kernels without nft_queue, nftfeat.QueueXT through nft_compat.
 	QueueMethod string
 	// Replaced is true when a table left by an earlier run was removed,
 	// Adopted when it was kept with its flows' elements.
@@ -284,7 +284,7 @@ func Install(first, total uint16, userspace bool, seen time.Duration, filter Fil
 // target through nft_compat does the same job.
 func (d *Datapath) install(first, total uint16) error {
 	if err := d.build(); err != nil {
-		return kernelError(err)
+		return nftfeat.Diagnose(err)
 	}
 	// Generations start at a number of this run's own: an adopted table
 	// may hold an earlier run's prefilter sets.
@@ -294,13 +294,13 @@ func (d *Datapath) install(first, total uint16) error {
 	if d.DefragErr = d.batches.addRules([]ruleMsg{defragRule()}, nil); d.DefragErr != nil {
 		d.DefragErr = fmt.Errorf("%w (is the nft_tproxy module available?)", d.DefragErr)
 	}
-	d.QueueMethod = QueueNative
+	d.QueueMethod = nftfeat.QueueNative
 	errNative := d.applyFilter()
 	if errNative != nil {
-		d.QueueMethod = QueueXT
+		d.QueueMethod = nftfeat.QueueXT
 		if err := d.applyFilter(); err != nil {
 			// Most likely a module is missing: the probe names it.
-			return kernelError(fmt.Errorf("rules with nft queue: %v; with xt NFQUEUE: %w", errNative, err))
+			return nftfeat.Diagnose(fmt.Errorf("rules with nft queue: %v; with xt NFQUEUE: %w", errNative, err))
 		}
 	}
 	d.dropStaleFilterSets()
@@ -659,7 +659,7 @@ func (d *Datapath) rules(first, total uint16, native bool) []ruleMsg {
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{r.proto}},
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1},
 			&expr.Range{Op: expr.CmpOpEq, Register: 1, FromData: []byte{r.lo}, ToData: []byte{r.hi}},
-			queueTo(first, total, native, false, true), // about any traffic: never held back
+			nftfeat.QueueTo(first, total, native, false, true), // about any traffic: never held back
 		)})
 	}
 	return append(rules, d.flowRules(first, total, native)...)
@@ -706,10 +706,10 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []ruleMsg {
 				rules = append(rules,
 					ruleMsg{chain: "output", exprs: exprs(append(append(matchProto(f, p, 0), outKey...),
 						&expr.Lookup{SourceRegister: 8, SetName: p.out.Name},
-						queueTo(first, total, native, false, !d.filter.FailClosed))...)},
+						nftfeat.QueueTo(first, total, native, false, !d.filter.FailClosed))...)},
 					ruleMsg{chain: "prerouting", exprs: exprs(append(append(matchProto(f, p, 1), inKey...),
 						&expr.Lookup{SourceRegister: 8, SetName: p.in.Name},
-						queueTo(first, total, native, false, !d.filter.FailClosed))...)})
+						nftfeat.QueueTo(first, total, native, false, !d.filter.FailClosed))...)})
 				continue
 			}
 			// Registers: the key from 8 on, then the lookups' results:
@@ -887,42 +887,6 @@ func tcpFlags(mask, want byte) []expr.Any {
 		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{mask}, Xor: []byte{0}},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{want}},
 	}
-}
-
-// queueTo queues to first..first+total-1; with bypass, without a daemon the
-// packet goes on as if the rule were not there (fail-open), else it is
-// dropped (fail-closed). With byCPU the queue is the
-// packet's CPU's; else a hash of the address pair picks it, the same for
-// every packet between two hosts in either direction. A flow whose every
-// packet is queued must use the hash: packets of one flow arrive on either
-// CPU, and two workers would reinject them out of order (seen: a duplicate
-// segment to a TIME_WAIT socket, the peer's RST, the TIME_WAIT killed).
-func queueTo(first, total uint16, native, byCPU, bypass bool) expr.Any {
-	fanout := total > 1 && byCPU
-	if native {
-		flag := expr.QueueFlag(0)
-		if bypass {
-			flag |= expr.QueueFlagBypass
-		}
-		if fanout {
-			flag |= expr.QueueFlagFanout
-		}
-		return &expr.Queue{Num: first, Total: total, Flag: flag}
-	}
-	// struct xt_NFQ_info_v3 { u16 queuenum, queues_total, flags }, XT_ALIGNed;
-	// flags: 1 bypass, 2 CPU fanout.
-	info := make(xt.Unknown, 8)
-	binary.NativeEndian.PutUint16(info[0:], first)
-	binary.NativeEndian.PutUint16(info[2:], total)
-	flags := uint16(0)
-	if bypass {
-		flags |= 1
-	}
-	if fanout {
-		flags |= 2
-	}
-	binary.NativeEndian.PutUint16(info[4:], flags)
-	return &expr.Target{Name: "NFQUEUE", Rev: 3, Info: &info}
 }
 
 // writePort sets a TCP or UDP port, fixing the transport checksum if fix.

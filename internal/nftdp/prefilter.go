@@ -10,6 +10,7 @@ import (
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
+	"github.com/rerouted/rerouted/internal/nftdp/nftfeat"
 	"github.com/rerouted/rerouted/internal/policy"
 	"golang.org/x/sys/unix"
 )
@@ -143,7 +144,7 @@ func (d *Datapath) compile(f Filter, gen int, native bool) compiled {
 		// Counted: what the queue is offered, against what the daemon
 		// receives, shows the kernel's silent fail-open (a full queue).
 		c.rules = append(c.rules, ruleMsg{chain: enqueue, exprs: exprs(&expr.Counter{},
-			queueTo(d.first, d.total, native, chain == filterSYN, !f.FailClosed))})
+			nftfeat.QueueTo(d.first, d.total, native, chain == filterSYN, !f.FailClosed))})
 		// goto, not jump: a return from the enqueue chain goes back to
 		// the output chain, past the filter.
 		verdict := &expr.Verdict{Kind: expr.VerdictGoto, Chain: enqueue}
@@ -305,7 +306,7 @@ func (d *Datapath) SetFilter(f Filter) error {
 // applyFilter installs a new generation of d.filter and every rule of the
 // table. Call with mu held.
 func (d *Datapath) applyFilter() error {
-	native := d.QueueMethod != QueueXT
+	native := d.QueueMethod != nftfeat.QueueXT
 	d.gen++
 	c := d.compile(d.filter, d.gen, native)
 	d.listMu.Lock()
