@@ -4,7 +4,7 @@ import (
 	"testing"
 
 	"github.com/rerouted/rerouted/internal/networld/worldtest"
-	"github.com/rerouted/rerouted/internal/nftdp"
+	"github.com/rerouted/rerouted/internal/nftdp/nftfeat"
 )
 
 // The kernel under test has every nftables feature the table uses (make
@@ -12,10 +12,10 @@ import (
 func TestKernelHasEveryFeature(t *testing.T) {
 	ns := worldtest.NS(t)
 	var (
-		missing []nftdp.Feature
+		missing []nftfeat.Feature
 		queue   string
 	)
-	if err := ns.Do(func() (err error) { missing, queue, err = nftdp.Probe(); return err }); err != nil {
+	if err := ns.Do(func() (err error) { missing, queue, err = nftfeat.Probe(); return err }); err != nil {
 		t.Fatal(err)
 	}
 	for _, f := range missing {

@@ -32,7 +32,7 @@ import (
 	"github.com/rerouted/rerouted/internal/events"
 	"github.com/rerouted/rerouted/internal/filesafety"
 	"github.com/rerouted/rerouted/internal/instance"
-	"github.com/rerouted/rerouted/internal/nftdp"
+	"github.com/rerouted/rerouted/internal/nftdp/nftfeat"
 	"github.com/rerouted/rerouted/internal/policy"
 )
 
@@ -246,7 +246,7 @@ func cmdRun(args []string) int {
 		log.Error("rerouted refused to start; nothing was changed", "err", err)
 		return exitUsage
 	}
-	var kerr *nftdp.KernelError
+	var kerr *nftfeat.KernelError
 	if errors.As(err, &kerr) {
 		// Like a bad configuration: restarting cannot help. What the
 		// start had installed is removed again.

@@ -22,7 +22,7 @@ import (
 	"github.com/google/nftables/expr"
 	"github.com/rerouted/rerouted/internal/connect"
 	"github.com/rerouted/rerouted/internal/filesafety"
-	"github.com/rerouted/rerouted/internal/nftdp"
+	"github.com/rerouted/rerouted/internal/nftdp/nftfeat"
 	"github.com/rerouted/rerouted/internal/owner"
 	"github.com/rerouted/rerouted/internal/policy"
 	"github.com/rerouted/rerouted/internal/queue"
@@ -241,10 +241,10 @@ func checkNetfilter(r *Report, cfg *policy.Config, o Options) {
 }
 
 // checkKernelFeatures: the kernel has every nftables feature the table
-// uses, built in or as a module that loads (nftdp.Probe tries each in a
+// uses, built in or as a module that loads (nftfeat.Probe tries each in a
 // scratch table).
 func checkKernelFeatures(r *Report) {
-	missing, queue, err := nftdp.Probe()
+	missing, queue, err := nftfeat.Probe()
 	if err != nil {
 		r.problem("run doctor as root", "cannot probe the kernel's nftables features: %v", err)
 		return
@@ -258,9 +258,9 @@ func checkKernelFeatures(r *Report) {
 		r.problem(fix, "the kernel lacks %s: rerouted cannot install its table", f)
 	}
 	switch queue {
-	case nftdp.QueueNative:
+	case nftfeat.QueueNative:
 		r.ok("new flows reach the daemon through the nft queue statement")
-	case nftdp.QueueXT:
+	case nftfeat.QueueXT:
 		r.ok("new flows reach the daemon through the xtables NFQUEUE target (this kernel has no nft queue statement: module nft_queue)")
 	}
 	if len(missing) == 0 {

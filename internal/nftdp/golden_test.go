@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/google/nftables"
+	"github.com/rerouted/rerouted/internal/nftdp/nftbatch"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden netlink batches in testdata")
@@ -44,16 +45,15 @@ func TestGoldenBatches(t *testing.T) {
 			}
 		}
 	}
-	batches := map[string]func(c *batchConn) ([]byte, uint32){
-		"flows": func(c *batchConn) ([]byte, uint32) { return c.flowBatch(ops, d.proto) },
-		"rules": func(c *batchConn) ([]byte, uint32) {
-			return c.rulesBatch(d.rules(3, 2, true), []string{"output", "prerouting"})
+	batches := map[string]func(w *nftbatch.Writer) ([]byte, uint32){
+		"flows": func(w *nftbatch.Writer) ([]byte, uint32) { return flowBatch(w, ops, d.proto) },
+		"rules": func(w *nftbatch.Writer) ([]byte, uint32) {
+			return w.Rules(d.rules(3, 2, true), []string{"output", "prerouting"})
 		},
-		"mark-maps": func(c *batchConn) ([]byte, uint32) { return c.mapsBatch(marks) },
+		"mark-maps": func(w *nftbatch.Writer) ([]byte, uint32) { return w.HostDataMaps(marks) },
 	}
 	for name, build := range batches {
-		c := &batchConn{wbuf: make([]byte, 0, 64<<10)}
-		b, last := build(c)
+		b, last := build(&nftbatch.Writer{Table: TableName})
 		got := hexLines(b, last)
 		path := filepath.Join("testdata", "batch-"+name+".hex")
 		if *update {
@@ -69,6 +69,22 @@ func TestGoldenBatches(t *testing.T) {
 		if got != string(want) {
 			t.Errorf("%s: the batch changed (go test ./nftdp -run TestGoldenBatches -update rewrites it):\n got: %.400s\nwant: %.400s", name, got, want)
 		}
+	}
+}
+
+// Building a per-flow batch allocates nothing once the writer's buffer has
+// grown: it is on every new flow's path, and nftbatch's messages are built
+// from nftdp's keys across a package boundary.
+func TestFlowBatchDoesNotAllocate(t *testing.T) {
+	d := goldenDatapath(t, false)
+	tcp4 := Entry{Proto: 6, Src: ap("198.51.100.2:40312"), Dst: ap("192.0.2.80:80"), NewSrc: ap("203.0.113.2:40313"), Mark: 100}
+	udp6 := Entry{Proto: 17, Src: ap("[2001:db8::2]:5353"), Dst: ap("[2001:db8:1::53]:53"), NewSrc: ap("[2001:db8:2::2]:5354"), Mark: 100}
+	ops := []Op{{Entry: tcp4}, {Entry: udp6}, {Entry: tcp4, Delete: true}}
+	w := &nftbatch.Writer{Table: TableName}
+	setsOf := d.proto
+	flowBatch(w, ops, setsOf)
+	if n := testing.AllocsPerRun(100, func() { flowBatch(w, ops, setsOf) }); n != 0 {
+		t.Errorf("a per-flow batch costs %v allocations", n)
 	}
 }
 

@@ -7,5 +7,5 @@ import "github.com/rerouted/rerouted/internal/nftmon"
 // before anything can damage the table, and Close it before removing the
 // table.
 func (d *Datapath) Monitor() (*nftmon.Monitor, error) {
-	return nftmon.Open(TableName, [2]uint32{d.batches.portID(), d.connPort})
+	return nftmon.Open(TableName, [2]uint32{d.batches.PortID(), d.connPort})
 }

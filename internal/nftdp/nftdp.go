@@ -40,8 +40,9 @@ import (
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
-	"github.com/google/nftables/xt"
 	"github.com/mdlayher/netlink"
+	"github.com/rerouted/rerouted/internal/nftdp/nftbatch"
+	"github.com/rerouted/rerouted/internal/nftdp/nftfeat"
 	"golang.org/x/sys/unix"
 )
 
@@ -102,7 +103,7 @@ type Datapath struct {
 	transactions atomic.Uint64
 	listMu       sync.Mutex     // conn
 	conn         *nftables.Conn // setup, listing, removal
-	batches      *batchConn     // hand-built batches: per-flow transactions, translation rules (elements.go)
+	batches      *nftbatch.Conn // hand-built batches: per-flow transactions (elements.go), translation rules, maps of marks
 	table        *nftables.Table
 	fams         [2]family // IPv4, IPv6
 	userspace    bool
@@ -119,8 +120,8 @@ type Datapath struct {
 	// offeredBefore is what the queue rules this generation replaced had
 	// counted (under listMu).
 	offeredBefore uint64
-	// QueueMethod says how packets reach the queue: QueueNative or, on
-	// kernels without nft_queue, QueueXT through nft_compat.
+	// QueueMethod says how packets reach the queue: nftfeat.QueueNative or,
+	// on kernels without nft_queue, nftfeat.QueueXT through nft_compat.
 	QueueMethod string
 	// Replaced is true when a table left by an earlier run was removed,
 	// Adopted when it was kept with its flows' elements.
@@ -249,7 +250,7 @@ func Install(first, total uint16, userspace bool, seen time.Duration, filter Fil
 		conn.CloseLasting()
 		return nil, err
 	}
-	if d.batches, err = openBatchConn(); err != nil {
+	if d.batches, err = nftbatch.Dial(TableName); err != nil {
 		conn.CloseLasting()
 		return nil, err
 	}
@@ -284,23 +285,23 @@ func Install(first, total uint16, userspace bool, seen time.Duration, filter Fil
 // target through nft_compat does the same job.
 func (d *Datapath) install(first, total uint16) error {
 	if err := d.build(); err != nil {
-		return kernelError(err)
+		return nftfeat.Diagnose(err)
 	}
 	// Generations start at a number of this run's own: an adopted table
 	// may hold an earlier run's prefilter sets.
 	d.gen = int(time.Now().UnixNano()/1e3%1e6) * 100
 	// Appended after the chain's rules, where it cannot change anything
 	// before the transaction below replaces them all.
-	if d.DefragErr = d.batches.addRules([]ruleMsg{defragRule()}, nil); d.DefragErr != nil {
+	if d.DefragErr = d.batches.AddRules([]nftbatch.Rule{defragRule()}, nil); d.DefragErr != nil {
 		d.DefragErr = fmt.Errorf("%w (is the nft_tproxy module available?)", d.DefragErr)
 	}
-	d.QueueMethod = QueueNative
+	d.QueueMethod = nftfeat.QueueNative
 	errNative := d.applyFilter()
 	if errNative != nil {
-		d.QueueMethod = QueueXT
+		d.QueueMethod = nftfeat.QueueXT
 		if err := d.applyFilter(); err != nil {
 			// Most likely a module is missing: the probe names it.
-			return kernelError(fmt.Errorf("rules with nft queue: %v; with xt NFQUEUE: %w", errNative, err))
+			return nftfeat.Diagnose(fmt.Errorf("rules with nft queue: %v; with xt NFQUEUE: %w", errNative, err))
 		}
 	}
 	d.dropStaleFilterSets()
@@ -455,7 +456,7 @@ func (d *Datapath) Close() error {
 }
 
 func (d *Datapath) closeSockets() error {
-	return errors.Join(d.conn.CloseLasting(), d.batches.close())
+	return errors.Join(d.conn.CloseLasting(), d.batches.Close())
 }
 
 // defineSets names and types the per-flow sets or maps of the datapath.
@@ -595,21 +596,21 @@ func (d *Datapath) build() error {
 	if len(marks) == 0 {
 		return nil
 	}
-	if err := d.batches.addHostDataMaps(marks); err != nil {
+	if err := d.batches.AddHostDataMaps(marks); err != nil {
 		return fmt.Errorf("add maps of marks: %w", err)
 	}
 	return nil
 }
 
 // rules returns every rule of both chains, in order.
-func (d *Datapath) rules(first, total uint16, native bool) []ruleMsg {
+func (d *Datapath) rules(first, total uint16, native bool) []nftbatch.Rule {
 	// Loopback traffic never leaves the host, and the daemon's health
 	// probes choose their uplink themselves: leave them alone.
-	rules := []ruleMsg{{chain: "output", exprs: exprs(
+	rules := []nftbatch.Rule{{Chain: "output", Exprs: exprs(
 		&expr.Meta{Key: expr.MetaKeyOIFTYPE, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint16(unix.ARPHRD_LOOPBACK)},
 		&expr.Verdict{Kind: expr.VerdictAccept},
-	)}, {chain: "output", exprs: exprs(
+	)}, {Chain: "output", Exprs: exprs(
 		&expr.Meta{Key: expr.MetaKeyPRIORITY, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(ProbePriority)},
 		&expr.Verdict{Kind: expr.VerdictAccept},
@@ -621,7 +622,7 @@ func (d *Datapath) rules(first, total uint16, native bool) []ruleMsg {
 		if st.Addr.Is6() {
 			fam, off = unix.NFPROTO_IPV6, 8
 		}
-		rules = append(rules, ruleMsg{chain: "output", exprs: exprs(
+		rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: exprs(
 			&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{fam}},
 			&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
@@ -634,7 +635,7 @@ func (d *Datapath) rules(first, total uint16, native bool) []ruleMsg {
 	// Every SYN, either family, goes to the daemon, translated flows'
 	// retransmissions too: the daemon checks that the socket is still the
 	// one it translated.
-	rules = append(rules, ruleMsg{chain: "output", exprs: exprs(append([]expr.Any{
+	rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: exprs(append([]expr.Any{
 		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
 	}, append(tcpFlags(0x17, 0x02), &expr.Verdict{Kind: expr.VerdictJump, Chain: filterSYN})...)...)})
@@ -652,14 +653,14 @@ func (d *Datapath) rules(first, total uint16, native bool) []ruleMsg {
 		{unix.NFPROTO_IPV4, unix.IPPROTO_ICMP, 11, 12},
 		{unix.NFPROTO_IPV6, unix.IPPROTO_ICMPV6, 1, 4},
 	} {
-		rules = append(rules, ruleMsg{chain: "prerouting", exprs: exprs(
+		rules = append(rules, nftbatch.Rule{Chain: "prerouting", Exprs: exprs(
 			&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{r.nfproto}},
 			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{r.proto}},
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1},
 			&expr.Range{Op: expr.CmpOpEq, Register: 1, FromData: []byte{r.lo}, ToData: []byte{r.hi}},
-			queueTo(first, total, native, false, true), // about any traffic: never held back
+			nftfeat.QueueTo(first, total, native, false, true), // about any traffic: never held back
 		)})
 	}
 	return append(rules, d.flowRules(first, total, native)...)
@@ -676,8 +677,8 @@ func (d *Datapath) rules(first, total uint16, native bool) []ruleMsg {
 // rule itself never matches: a packet is not IPv4 and IPv6 at once. (A
 // locally sent datagram larger than the MTU needs nothing: it crosses the
 // output hook whole and is fragmented after the translation.)
-func defragRule() ruleMsg {
-	return ruleMsg{chain: "prerouting", exprs: exprs(
+func defragRule() nftbatch.Rule {
+	return nftbatch.Rule{Chain: "prerouting", Exprs: exprs(
 		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.NFPROTO_IPV4}},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.NFPROTO_IPV6}},
@@ -691,11 +692,11 @@ func defragRule() ruleMsg {
 // flowRules returns the per-flow rules: the kernel datapath's translation
 // rules or the userspace datapath's selectors, then for UDP and ICMP echo
 // the cached "untranslated" decisions and the queueing of new flows. All
-// rules are sent by hand (elements.go): an IPv6 address write must fix the
+// rules are sent by hand (nftbatch): an IPv6 address write must fix the
 // transport checksum's pseudo-header sum without an IP header checksum to
 // fix (csum_flags without csum_type), which google/nftables cannot express.
-func (d *Datapath) flowRules(first, total uint16, native bool) []ruleMsg {
-	var rules []ruleMsg
+func (d *Datapath) flowRules(first, total uint16, native bool) []nftbatch.Rule {
+	var rules []nftbatch.Rule
 	for i := range d.fams {
 		f := &d.fams[i]
 		for j := range f.protos {
@@ -704,12 +705,12 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []ruleMsg {
 			inKey := loadTuple(f, f.daddr, p.dport, f.saddr, p.sport)
 			if d.userspace {
 				rules = append(rules,
-					ruleMsg{chain: "output", exprs: exprs(append(append(matchProto(f, p, 0), outKey...),
+					nftbatch.Rule{Chain: "output", Exprs: exprs(append(append(matchProto(f, p, 0), outKey...),
 						&expr.Lookup{SourceRegister: 8, SetName: p.out.Name},
-						queueTo(first, total, native, false, !d.filter.FailClosed))...)},
-					ruleMsg{chain: "prerouting", exprs: exprs(append(append(matchProto(f, p, 1), inKey...),
+						nftfeat.QueueTo(first, total, native, false, !d.filter.FailClosed))...)},
+					nftbatch.Rule{Chain: "prerouting", Exprs: exprs(append(append(matchProto(f, p, 1), inKey...),
 						&expr.Lookup{SourceRegister: 8, SetName: p.in.Name},
-						queueTo(first, total, native, false, !d.filter.FailClosed))...)})
+						nftfeat.QueueTo(first, total, native, false, !d.filter.FailClosed))...)})
 				continue
 			}
 			// Registers: the key from 8 on, then the lookups' results:
@@ -750,7 +751,7 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []ruleMsg {
 					look = append(look, lookup(p.outPort, portReg))
 				}
 				out := exprs(look...)
-				out = append(out, addrWrite(f, f.saddr, addrReg))
+				out = append(out, nftbatch.AddrWrite(f.addrLen, f.saddr, addrReg))
 				// The new source must still be the host's: an address
 				// that went away (renumbering) must not reach the wire.
 				// Such a packet stops here, flagged, and the rule after
@@ -773,17 +774,17 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []ruleMsg {
 					look = append(look, lookup(p.inPort, portReg))
 				}
 				in := exprs(look...)
-				in = append(in, addrWrite(f, f.daddr, addrReg))
+				in = append(in, nftbatch.AddrWrite(f.addrLen, f.daddr, addrReg))
 				if !p.isEcho() {
 					in = append(in, exprs(writePort(p, p.dport, portReg, fix))...)
 				}
 				in = append(in, exprs(&expr.Verdict{Kind: expr.VerdictAccept})...)
-				rules = append(rules, ruleMsg{chain: "output", exprs: out}, ruleMsg{chain: "prerouting", exprs: in})
+				rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: out}, nftbatch.Rule{Chain: "prerouting", Exprs: in})
 			}
 		}
 	}
 	if !d.userspace {
-		rules = append(rules, ruleMsg{chain: "output", exprs: exprs(
+		rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: exprs(
 			&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(StaleMark)},
 			&expr.Counter{},
@@ -810,29 +811,29 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []ruleMsg {
 				&expr.Fib{Register: 1, FlagDADDR: true, ResultADDRTYPE: true},
 				&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)},
 			}
-			rules = append(rules, ruleMsg{chain: "output", exprs: exprs(append(append(matchProto(f, p, 0), sockTuple...),
+			rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: exprs(append(append(matchProto(f, p, 0), sockTuple...),
 				&expr.Lookup{SourceRegister: 8, SetName: p.pass.Name},
 				&expr.Verdict{Kind: expr.VerdictAccept})...)})
 			if p.seen != nil {
 				rules = append(rules,
-					ruleMsg{chain: "output", exprs: exprs(append(append(matchProto(f, p, 0), sockTuple...),
+					nftbatch.Rule{Chain: "output", Exprs: exprs(append(append(matchProto(f, p, 0), sockTuple...),
 						&expr.Lookup{SourceRegister: 8, SetName: p.seen.Name},
 						&expr.Verdict{Kind: expr.VerdictAccept})...)},
 					// Known tuples are refreshed; a new one is learned
 					// within its source's budget.
-					ruleMsg{chain: "prerouting", exprs: exprs(append(append(append(matchProto(f, p, 1), toLocal...),
+					nftbatch.Rule{Chain: "prerouting", Exprs: exprs(append(append(append(matchProto(f, p, 1), toLocal...),
 						loadTuple(f, f.daddr, p.dport, f.saddr, p.sport)...),
 						&expr.Lookup{SourceRegister: 8, SetName: p.seen.Name},
 						&expr.Dynset{SrcRegKey: 8, SetName: p.seen.Name, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: d.seenFor},
 						&expr.Verdict{Kind: expr.VerdictAccept})...)},
-					ruleMsg{chain: "prerouting", exprs: exprs(append(append(append(append(matchProto(f, p, 1), toLocal...),
+					nftbatch.Rule{Chain: "prerouting", Exprs: exprs(append(append(append(append(matchProto(f, p, 1), toLocal...),
 						&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: f.saddr, Len: p.meter.KeyType.Bytes},
 						&expr.Dynset{SrcRegKey: 1, SetName: p.meter.Name, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: meterFor,
 							Exprs: []expr.Any{&expr.Limit{Type: expr.LimitTypePkts, Rate: learnRate, Unit: expr.LimitTimeSecond, Burst: learnBurst}}}),
 						loadTuple(f, f.daddr, p.dport, f.saddr, p.sport)...),
 						&expr.Dynset{SrcRegKey: 8, SetName: p.seen.Name, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: d.seenFor})...)})
 			}
-			rules = append(rules, ruleMsg{chain: "output", exprs: exprs(append(matchProto(f, p, 0), &expr.Verdict{Kind: expr.VerdictJump, Chain: filterNew})...)})
+			rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: exprs(append(matchProto(f, p, 0), &expr.Verdict{Kind: expr.VerdictJump, Chain: filterNew})...)})
 		}
 	}
 	return rules
@@ -887,42 +888,6 @@ func tcpFlags(mask, want byte) []expr.Any {
 		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{mask}, Xor: []byte{0}},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{want}},
 	}
-}
-
-// queueTo queues to first..first+total-1; with bypass, without a daemon the
-// packet goes on as if the rule were not there (fail-open), else it is
-// dropped (fail-closed). With byCPU the queue is the
-// packet's CPU's; else a hash of the address pair picks it, the same for
-// every packet between two hosts in either direction. A flow whose every
-// packet is queued must use the hash: packets of one flow arrive on either
-// CPU, and two workers would reinject them out of order (seen: a duplicate
-// segment to a TIME_WAIT socket, the peer's RST, the TIME_WAIT killed).
-func queueTo(first, total uint16, native, byCPU, bypass bool) expr.Any {
-	fanout := total > 1 && byCPU
-	if native {
-		flag := expr.QueueFlag(0)
-		if bypass {
-			flag |= expr.QueueFlagBypass
-		}
-		if fanout {
-			flag |= expr.QueueFlagFanout
-		}
-		return &expr.Queue{Num: first, Total: total, Flag: flag}
-	}
-	// struct xt_NFQ_info_v3 { u16 queuenum, queues_total, flags }, XT_ALIGNed;
-	// flags: 1 bypass, 2 CPU fanout.
-	info := make(xt.Unknown, 8)
-	binary.NativeEndian.PutUint16(info[0:], first)
-	binary.NativeEndian.PutUint16(info[2:], total)
-	flags := uint16(0)
-	if bypass {
-		flags |= 1
-	}
-	if fanout {
-		flags |= 2
-	}
-	binary.NativeEndian.PutUint16(info[4:], flags)
-	return &expr.Target{Name: "NFQUEUE", Rev: 3, Info: &info}
 }
 
 // writePort sets a TCP or UDP port, fixing the transport checksum if fix.
@@ -981,7 +946,7 @@ func (d *Datapath) Apply(changes []Op) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.transactions.Add(1)
-	if err := d.batches.transact(changes, d.proto); err != nil {
+	if err := d.batches.Send(flowBatch(&d.batches.Writer, changes, d.proto)); err != nil {
 		return fmt.Errorf("apply %d flow changes: %w", len(changes), err)
 	}
 	return nil

@@ -10,6 +10,8 @@ import (
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
+	"github.com/rerouted/rerouted/internal/nftdp/nftbatch"
+	"github.com/rerouted/rerouted/internal/nftdp/nftfeat"
 	"github.com/rerouted/rerouted/internal/policy"
 	"golang.org/x/sys/unix"
 )
@@ -96,7 +98,7 @@ const (
 type compiled struct {
 	sets  []*nftables.Set
 	elems map[*nftables.Set][]nftables.SetElement
-	rules []ruleMsg
+	rules []nftbatch.Rule
 }
 
 // compile turns a filter into sets and rules for both chains.
@@ -138,17 +140,17 @@ func (d *Datapath) compile(f Filter, gen int, native bool) compiled {
 				&expr.Dynset{SrcRegKey: 1, SetName: uidOver, Operation: unix.NFT_DYNSET_OP_ADD, Exprs: []expr.Any{&expr.Counter{}}},
 				over,
 			}
-			c.rules = append(c.rules, ruleMsg{chain: enqueue, exprs: exprs(budget...)})
+			c.rules = append(c.rules, nftbatch.Rule{Chain: enqueue, Exprs: exprs(budget...)})
 		}
 		// Counted: what the queue is offered, against what the daemon
 		// receives, shows the kernel's silent fail-open (a full queue).
-		c.rules = append(c.rules, ruleMsg{chain: enqueue, exprs: exprs(&expr.Counter{},
-			queueTo(d.first, d.total, native, chain == filterSYN, !f.FailClosed))})
+		c.rules = append(c.rules, nftbatch.Rule{Chain: enqueue, Exprs: exprs(&expr.Counter{},
+			nftfeat.QueueTo(d.first, d.total, native, chain == filterSYN, !f.FailClosed))})
 		// goto, not jump: a return from the enqueue chain goes back to
 		// the output chain, past the filter.
 		verdict := &expr.Verdict{Kind: expr.VerdictGoto, Chain: enqueue}
 		if f.HonorMarks {
-			c.rules = append(c.rules, ruleMsg{chain: chain, exprs: exprs(
+			c.rules = append(c.rules, nftbatch.Rule{Chain: chain, Exprs: exprs(
 				&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
 				&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{0, 0, 0, 0}},
 				verdict)})
@@ -248,7 +250,7 @@ func (d *Datapath) compile(f Filter, gen int, native bool) compiled {
 					} else {
 						m = append(m, &expr.Verdict{Kind: expr.VerdictReturn})
 					}
-					c.rules = append(c.rules, ruleMsg{chain: chain, exprs: exprs(m...)})
+					c.rules = append(c.rules, nftbatch.Rule{Chain: chain, Exprs: exprs(m...)})
 				}
 			}
 		}
@@ -305,7 +307,7 @@ func (d *Datapath) SetFilter(f Filter) error {
 // applyFilter installs a new generation of d.filter and every rule of the
 // table. Call with mu held.
 func (d *Datapath) applyFilter() error {
-	native := d.QueueMethod != QueueXT
+	native := d.QueueMethod != nftfeat.QueueXT
 	d.gen++
 	c := d.compile(d.filter, d.gen, native)
 	d.listMu.Lock()
@@ -326,13 +328,13 @@ func (d *Datapath) applyFilter() error {
 		d.offeredBefore += n
 	}
 	d.listMu.Unlock()
-	if err := d.batches.addRules(rules, []string{"output", "prerouting", filterSYN, filterNew, enqueueSYN, enqueueNew}); err != nil {
+	if err := d.batches.AddRules(rules, []string{"output", "prerouting", filterSYN, filterNew, enqueueSYN, enqueueNew}); err != nil {
 		d.dropSets(c.sets)
 		return fmt.Errorf("rules: %w", err)
 	}
 	d.ruleCount = map[string]int{}
 	for _, r := range rules {
-		d.ruleCount[r.chain]++
+		d.ruleCount[r.Chain]++
 	}
 	old := d.filterSets
 	d.filterSets = c.sets

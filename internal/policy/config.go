@@ -6,7 +6,6 @@
 package policy
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"net"
@@ -20,6 +19,7 @@ import (
 	"time"
 
 	"github.com/BurntSushi/toml"
+	"github.com/rerouted/rerouted/internal/policy/tomlpos"
 )
 
 // Config is a validated configuration.
@@ -132,12 +132,12 @@ func Parse(file string, src []byte) (*Config, error) {
 	if _, err := toml.Decode(text, &raw); err != nil {
 		var pe toml.ParseError
 		if errors.As(err, &pe) {
-			line, col := lineCol(src, pe.Position.Start)
+			line, col := tomlpos.LineCol(src, pe.Position.Start)
 			return nil, Errors{{File: file, Line: line, Col: col, Msg: pe.Message}}
 		}
 		return nil, Errors{{File: file, Line: 1, Col: 1, Msg: err.Error()}}
 	}
-	p := &parser{file: file, pos: locate(text)}
+	p := &parser{file: file, pos: tomlpos.Locate(text)}
 	cfg := p.config(raw)
 	if len(p.errs) > 0 {
 		sort.SliceStable(p.errs, func(i, j int) bool {
@@ -149,23 +149,15 @@ func Parse(file string, src []byte) (*Config, error) {
 	return cfg, nil
 }
 
-// lineCol converts a byte offset to a 1-based line and column. (The TOML
-// library counts a newline that ends a bad line as the start of the next.)
-func lineCol(src []byte, off int) (int, int) {
-	off = min(max(off, 0), len(src))
-	line := 1 + bytes.Count(src[:off], []byte("\n"))
-	return line, off - bytes.LastIndexByte(src[:off], '\n')
-}
-
 // parser turns the generic TOML tree into a Config, collecting every error.
 type parser struct {
 	file string
-	pos  positions
+	pos  tomlpos.Index
 	errs Errors
 }
 
 func (p *parser) errorf(path string, format string, args ...any) {
-	l, c := p.pos.of(path)
+	l, c := p.pos.Of(path)
 	p.errs = append(p.errs, &Error{File: p.file, Line: l, Col: c, Msg: fmt.Sprintf(format, args...)})
 }
 
@@ -381,7 +373,7 @@ func (p *parser) uplink(path string, t map[string]any) *Uplink {
 
 func (p *parser) rule(path string, t map[string]any) *Rule {
 	r := &Rule{}
-	r.line, _ = p.pos.of(path)
+	r.line, _ = p.pos.Of(path)
 	// user/uid and group/gid are one key each, written by name or number.
 	ids := map[string][]uint32{}
 	for _, k := range sortedKeys(t) {

@@ -1,17 +1,21 @@
-package policy
+// Package tomlpos finds where things are written in a TOML file, for
+// errors that name their place as FILE:LINE:COL: the key paths of a file
+// (Locate), and the line and column of a byte offset (LineCol).
+package tomlpos
 
 import (
+	"bytes"
 	"fmt"
 	"strings"
 )
 
-// positions maps a key path such as "rule.2.dport" (the third [[rule]]'s
+// Index maps a key path such as "rule.2.dport" (the third [[rule]]'s
 // dport) to where it is written. The TOML library keys its positions by name
 // only, so every [[rule]] would share one entry; this index keeps them apart.
-type positions map[string][2]int
+type Index map[string][2]int
 
-// of returns the line and column of path, or of its nearest written parent.
-func (ps positions) of(path string) (int, int) {
+// Of returns the line and column of path, or of its nearest written parent.
+func (ps Index) Of(path string) (int, int) {
 	for {
 		if p, ok := ps[path]; ok {
 			return p[0], p[1]
@@ -24,11 +28,11 @@ func (ps positions) of(path string) (int, int) {
 	}
 }
 
-// locate indexes the table headers and keys of a syntactically valid file. It
+// Locate indexes the table headers and keys of a syntactically valid file. It
 // understands what rerouted's configuration uses: [table], [[array]], key =
 // value, comments and values spanning several lines.
-func locate(src string) positions {
-	ps := positions{}
+func Locate(src string) Index {
+	ps := Index{}
 	count := map[string]int{}
 	table := ""
 	depth := 0           // open brackets of a value spanning lines
@@ -117,4 +121,12 @@ func bracketBalance(s string) int {
 		}
 	}
 	return n
+}
+
+// LineCol converts a byte offset to a 1-based line and column. (The TOML
+// library counts a newline that ends a bad line as the start of the next.)
+func LineCol(src []byte, off int) (int, int) {
+	off = min(max(off, 0), len(src))
+	line := 1 + bytes.Count(src[:off], []byte("\n"))
+	return line, off - bytes.LastIndexByte(src[:off], '\n')
 }

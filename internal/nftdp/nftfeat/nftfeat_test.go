@@ -1,4 +1,4 @@
-package nftdp
+package nftfeat
 
 import (
 	"errors"

@@ -1,6 +1,12 @@
-package nftdp
+// Package nftfeat is what of nftables rerouted's table needs that a kernel
+// may lack: the features (each with a probe, Probe to try them all), the
+// error that names those missing (KernelError), and the one thing kernels
+// differ in that the table adapts to, the enqueue statement (QueueTo builds
+// either form). The README's table of kernels lists the same features.
+package nftfeat
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -9,6 +15,7 @@ import (
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
+	"github.com/google/nftables/xt"
 	"golang.org/x/sys/unix"
 )
 
@@ -37,7 +44,8 @@ func (f Feature) String() string {
 	return fmt.Sprintf("%s (Linux %s; %s %s)", f.Name, f.Since, word, strings.Join(f.Modules, ", "))
 }
 
-// Names of the two enqueue forms (also Datapath.QueueMethod's values).
+// Names of the two enqueue forms (also nftdp.Datapath.QueueMethod's
+// values).
 const (
 	QueueNative = "nft queue"
 	QueueXT     = "xt NFQUEUE"
@@ -48,9 +56,9 @@ const (
 // (and a row in the README's table of kernels).
 var Features = []Feature{
 	{Name: "the nft queue statement", Modules: []string{"nft_queue", "nfnetlink_queue"}, Since: "3.14", alt: QueueXT,
-		probe: rule(queueTo(0, 1, true, true, true))},
+		probe: rule(QueueTo(0, 1, true, true, true))},
 	{Name: "the xtables NFQUEUE target in nft rules", Modules: []string{"nft_compat", "xt_NFQUEUE", "nfnetlink_queue"}, Since: "3.13", alt: QueueNative,
-		probe: rule(queueTo(0, 1, false, true, true))},
+		probe: rule(QueueTo(0, 1, false, true, true))},
 	{Name: "the fib expression", Modules: []string{"nft_fib_inet", "nft_fib_ipv4", "nft_fib_ipv6"}, Since: "4.10",
 		probe: rule(&expr.Fib{Register: 1, FlagDADDR: true, ResultADDRTYPE: true})},
 	{Name: "counters", Modules: []string{"nft_counter"}, Since: "3.13",
@@ -186,9 +194,9 @@ func (e *KernelError) Error() string {
 
 func (e *KernelError) Unwrap() error { return e.Err }
 
-// kernelError makes err, an installation's, a KernelError when the kernel
+// Diagnose makes err, an installation's, a KernelError when the kernel
 // lacks a feature; other errors are returned as they are.
-func kernelError(err error) error {
+func Diagnose(err error) error {
 	if err == nil {
 		return nil
 	}
@@ -200,4 +208,40 @@ func kernelError(err error) error {
 		return &KernelError{Err: err}
 	}
 	return err
+}
+
+// QueueTo queues to first..first+total-1; with bypass, without a daemon the
+// packet goes on as if the rule were not there (fail-open), else it is
+// dropped (fail-closed). With byCPU the queue is the
+// packet's CPU's; else a hash of the address pair picks it, the same for
+// every packet between two hosts in either direction. A flow whose every
+// packet is queued must use the hash: packets of one flow arrive on either
+// CPU, and two workers would reinject them out of order (seen: a duplicate
+// segment to a TIME_WAIT socket, the peer's RST, the TIME_WAIT killed).
+func QueueTo(first, total uint16, native, byCPU, bypass bool) expr.Any {
+	fanout := total > 1 && byCPU
+	if native {
+		flag := expr.QueueFlag(0)
+		if bypass {
+			flag |= expr.QueueFlagBypass
+		}
+		if fanout {
+			flag |= expr.QueueFlagFanout
+		}
+		return &expr.Queue{Num: first, Total: total, Flag: flag}
+	}
+	// struct xt_NFQ_info_v3 { u16 queuenum, queues_total, flags }, XT_ALIGNed;
+	// flags: 1 bypass, 2 CPU fanout.
+	info := make(xt.Unknown, 8)
+	binary.NativeEndian.PutUint16(info[0:], first)
+	binary.NativeEndian.PutUint16(info[2:], total)
+	flags := uint16(0)
+	if bypass {
+		flags |= 1
+	}
+	if fanout {
+		flags |= 2
+	}
+	binary.NativeEndian.PutUint16(info[4:], flags)
+	return &expr.Target{Name: "NFQUEUE", Rev: 3, Info: &info}
 }
