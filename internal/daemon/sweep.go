@@ -1,0 +1,286 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"sync/atomic"
+	"time"
+
+	"github.com/rerouted/rerouted/internal/flow"
+	"github.com/rerouted/rerouted/internal/nftdp"
+	"github.com/rerouted/rerouted/internal/packet"
+	"github.com/rerouted/rerouted/internal/sockdiag"
+	"golang.org/x/sys/unix"
+)
+
+// The flows' end: the sweeper, which follows sockets and idleness; the
+// watcher of UDP sockets' ends; and adoption of an earlier run's flows.
+// They are given the kernel as the two interfaces below (a sock_diag
+// socket and the datapath), so that their tests run without root.
+
+// socketTable is what the sweeper and adoption ask of sock_diag
+// (sockdiag.Conn).
+type socketTable interface {
+	Dump(family, proto uint8, fn func(*sockdiag.Socket)) error
+	Lookup(proto uint8, local, remote netip.AddrPort, s *sockdiag.Socket) error
+}
+
+// flowMaps is what they ask of the datapath's flow maps (nftdp.Datapath).
+type flowMaps interface {
+	Entries() ([]nftdp.Entry, error)
+	Delete(entries ...nftdp.Entry) error
+	Uses() ([]nftdp.Use, error)
+}
+
+// adopt takes over the flows whose elements an earlier run left in the
+// table: each keeps its translation while its socket lives (TCP and UDP,
+// found again by sock_diag) or, with no socket to follow, until idle.
+// Elements whose socket is gone are removed.
+func (d *Daemon) adopt(diag socketTable, maps flowMaps, rt packet.Routes) error {
+	entries, err := maps.Entries()
+	if err != nil {
+		return fmt.Errorf("adopt flows: %w", err)
+	}
+	now := time.Now()
+	var gone []nftdp.Entry
+	adopted := 0
+	for _, e := range entries {
+		f := &flow.Flow{Key: flow.Key{Proto: e.Proto, Src: e.Src, Dst: e.Dst}, NewSrc: e.NewSrc, Mark: e.Mark, Pass: e.Pass,
+			Rule: "adopted", Start: now, UsedAt: now}
+		if e.Proto == unix.IPPROTO_TCP || e.Proto == unix.IPPROTO_UDP {
+			var so sockdiag.Socket
+			err := diag.Lookup(e.Proto, e.Src, e.Dst, &so)
+			if errors.Is(err, sockdiag.ErrNotFound) {
+				gone = append(gone, e)
+				continue
+			}
+			if err != nil {
+				return fmt.Errorf("adopt flows: socket lookup: %w", err)
+			}
+			f.Cookie, f.UID, f.Inode = so.Cookie, so.UID, so.Inode
+		}
+		if !e.Pass {
+			if r, err := rt.Lookup(e.Dst.Addr(), e.Mark, f.UID, f.Cookie != 0); err == nil {
+				f.Dev = r.Dev
+				if li, err := rt.Link(r.DevIdx); f.Dev == "" && err == nil {
+					f.Dev = li.Name
+				}
+			}
+		}
+		if !d.inst.Adopt(f) {
+			gone = append(gone, e) // two elements claim one tuple: keep the first
+			continue
+		}
+		adopted++
+		if !f.Pass {
+			d.events.Flow("ADOPT", f)
+		}
+	}
+	if len(gone) > 0 {
+		if err := maps.Delete(gone...); err != nil {
+			return fmt.Errorf("adopt flows: remove %d whose socket is gone: %w", len(gone), err)
+		}
+	}
+	d.log.Info("adopted the flows an earlier run left", "flows", adopted, "removed", len(gone))
+	return nil
+}
+
+// watchUDPCloses ends the flows of each UDP socket the kernel destroys,
+// until closing is set and the subscription closed.
+func (d *Daemon) watchUDPCloses(w *sockdiag.Destroyed, closing *atomic.Bool) {
+	ended := func(s *sockdiag.Socket) {
+		for _, f := range d.flows.ByCookie(s.Cookie) {
+			d.stats.UDPClosed.Add(1)
+			d.log.Debug("socket closed", "proto", "udp", "src", f.Src, "dst", f.Dst, "cookie", f.Cookie)
+			d.shared.Forget(f)
+		}
+	}
+	for {
+		err := w.Receive(ended)
+		switch {
+		case err == nil:
+		case closing.Load():
+			return
+		case errors.Is(err, sockdiag.ErrLost):
+			d.stats.Errors[packet.ErrCloseEvents].Add(1)
+			d.log.Warn("UDP socket ends were lost (too many at once); the sweep ends their flows", "err", err)
+		default:
+			d.stats.Errors[packet.ErrCloseEvents].Add(1)
+			d.log.Error("UDP socket ends: no longer received; the sweep ends their flows", "err", err)
+			return
+		}
+	}
+}
+
+// sweepLoop removes flows whose socket is gone, and UDP and echo flows
+// that have been idle for the idle timeout. A dump (not destroy
+// notifications) is what shows TIME_WAIT sockets, which still own their
+// tuple.
+func (d *Daemon) sweepLoop(ctx context.Context, diag socketTable, maps flowMaps) {
+	every := d.cfg.Load().Daemon.GCInterval
+	t := time.NewTicker(every)
+	defer t.Stop()
+	udp := map[uint64]struct{}{} // cookies of live UDP sockets, reused
+	var lastIdle time.Time
+	var listing time.Duration // what the last idle check took
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if d.flows.Len() == 0 {
+			continue
+		}
+		d.sweep(diag, udp)
+		d.balance.Expire(time.Now())
+		d.reportOverBudget()
+		// Idleness is read from the kernel's packet counters, a listing of
+		// every UDP and echo element: often enough to end flows within an
+		// eighth of the timeout of it, and at most a tenth of the time (the
+		// kernel lists 100,000 elements in ~3 s; new flows do not wait for
+		// it, the sweeps do).
+		idle := d.cfg.Load().Daemon.IdleTimeout
+		if now := time.Now(); now.Sub(lastIdle) >= max(every, idle/8, 10*listing) {
+			lastIdle = now
+			d.expireIdle(maps, now, idle)
+			listing = time.Since(now)
+		}
+	}
+}
+
+// sweep removes the flows whose socket is gone: TCP sockets are matched by
+// tuple and cookie, UDP sockets by cookie (an unconnected socket serves
+// many tuples). Echo flows, and UDP flows whose socket was never found,
+// end by idleness only.
+func (d *Daemon) sweep(diag socketTable, udp map[uint64]struct{}) {
+	s := d.flows.BeginSweep(time.Now())
+	clear(udp)
+	tcp := func(so *sockdiag.Socket) {
+		s.Seen(flow.Key{Proto: unix.IPPROTO_TCP, Src: so.Local, Dst: so.Remote}, so.Cookie)
+	}
+	dgram := func(so *sockdiag.Socket) { udp[so.Cookie] = struct{}{} }
+	var err error
+	for _, dump := range []struct {
+		family, proto uint8
+		fn            func(*sockdiag.Socket)
+	}{
+		{unix.AF_INET, unix.IPPROTO_TCP, tcp}, {unix.AF_INET6, unix.IPPROTO_TCP, tcp},
+		{unix.AF_INET, unix.IPPROTO_UDP, dgram}, {unix.AF_INET6, unix.IPPROTO_UDP, dgram},
+	} {
+		if err = diag.Dump(dump.family, dump.proto, dump.fn); err != nil {
+			break
+		}
+	}
+	if err != nil {
+		// An incomplete dump must not be taken as "sockets gone".
+		d.stats.Errors[packet.ErrSweep].Add(1)
+		d.log.Error("socket dump failed; no flow removed this round", "err", err)
+		return
+	}
+	// The dump only nominates: an exact lookup confirms each socket is
+	// gone, in two sweeps running. One is not enough: a connection moving
+	// to TIME_WAIT was once missed by both the dump and the lookup (seen
+	// once in many thousands, age 100 ms), and removing a TIME_WAIT
+	// socket's translation early resets its peer.
+	var so sockdiag.Socket
+	suspects := make(map[*flow.Flow]struct{}, len(d.suspects))
+	defer func() { d.suspects = suspects }()
+	for _, f := range s.End() {
+		if f.Cookie == 0 {
+			continue // no socket to follow: idleness ends it
+		}
+		if _, ok := udp[f.Cookie]; ok && f.Proto == unix.IPPROTO_UDP {
+			continue
+		}
+		err := diag.Lookup(f.Proto, f.Src, f.Dst, &so)
+		switch {
+		case err == nil && so.Cookie == f.Cookie:
+			continue // alive: the dump missed it
+		case err != nil && !errors.Is(err, sockdiag.ErrNotFound):
+			d.stats.Errors[packet.ErrSocketLookup].Add(1)
+			d.log.Error("socket lookup", "src", f.Src, "dst", f.Dst, "err", err)
+			continue
+		}
+		if _, again := d.suspects[f]; !again {
+			suspects[f] = struct{}{}
+			continue
+		}
+		d.log.Debug("socket gone", "proto", flow.ProtoName(f.Proto), "src", f.Src, "dst", f.Dst, "cookie", f.Cookie,
+			"lookup", lookupResult(err), "found_cookie", so.Cookie, "found_state", sockdiag.StateName(so.State))
+		d.shared.Forget(f)
+	}
+}
+
+// expireIdle ends the UDP and echo flows none of whose elements counted a
+// packet for the idle timeout. With the userspace datapath the selector
+// sets count them.
+func (d *Daemon) expireIdle(maps flowMaps, now time.Time, timeout time.Duration) {
+	uses, err := maps.Uses()
+	if err != nil {
+		d.stats.Errors[packet.ErrSweep].Add(1)
+		d.log.Error("read flow packet counters; no flow ended by idleness this round", "err", err)
+		return
+	}
+	total := make(map[*flow.Flow]uint64, len(uses))
+	for _, u := range uses {
+		var f *flow.Flow
+		if u.Reply {
+			f = d.flows.ByWire(flow.Key{Proto: u.Proto, Src: u.Src, Dst: u.Dst})
+		} else {
+			f = d.flows.Get(flow.Key{Proto: u.Proto, Src: u.Src, Dst: u.Dst})
+		}
+		if f != nil {
+			total[f] += u.Packets
+		}
+	}
+	for _, f := range d.flows.Snapshot() {
+		if !f.Idles() {
+			continue
+		}
+		if n := total[f]; n != f.Used {
+			f.Used, f.UsedAt = n, now
+			continue
+		}
+		if now.Sub(f.UsedAt) >= timeout {
+			d.stats.Idle.Add(1)
+			d.log.Debug("flow idle", "proto", flow.ProtoName(f.Proto), "src", f.Src, "dst", f.Dst, "pass", f.Pass, "idle", now.Sub(f.UsedAt).Round(time.Second))
+			d.shared.Forget(f)
+		}
+	}
+}
+
+// lookupResult describes a socket lookup's outcome for a log line.
+func lookupResult(err error) string {
+	if err == nil {
+		return "found"
+	}
+	return err.Error()
+}
+
+// reportOverBudget logs, at WARNING, each user whose new flows went past
+// its budget since the last sweep: they failed open (or closed).
+func (d *Daemon) reportOverBudget() {
+	over, err := d.dp.OverBudget()
+	if err != nil {
+		d.stats.Errors[packet.ErrSweep].Add(1)
+		d.log.Error("read the per-user budget's counts", "err", err)
+		return
+	}
+	if d.overSeen == nil {
+		d.overSeen = map[uint32]uint64{}
+	}
+	how := "left untranslated (on_failure = \"open\")"
+	if d.failClosed {
+		how = "dropped (on_failure = \"closed\")"
+	}
+	for uid, n := range over {
+		if n > d.overSeen[uid] {
+			d.log.Warn("a user opened new flows faster than its budget; the rest were "+how, "uid", uid,
+				"over_budget", n-d.overSeen[uid], "total", n, "budget_per_second", d.cfg.Load().Daemon.NewFlowsPerUID)
+			d.overSeen[uid] = n
+		}
+	}
+}

@@ -1,0 +1,233 @@
+package daemon
+
+import (
+	"log/slog"
+	"net/netip"
+	"sort"
+	"testing"
+	"time"
+
+	"github.com/rerouted/rerouted/internal/flow"
+	"github.com/rerouted/rerouted/internal/nftdp"
+	"github.com/rerouted/rerouted/internal/packet"
+	"github.com/rerouted/rerouted/internal/route"
+	"github.com/rerouted/rerouted/internal/sockdiag"
+	"golang.org/x/sys/unix"
+)
+
+// The sweeper and adoption, run against fakes of sock_diag and the
+// datapath: no root, no kernel. What they check is which flows leave the
+// table, and which removals reach the kernel.
+
+type tuple struct {
+	proto       uint8
+	local, peer netip.AddrPort
+}
+
+// fakeSocketTable is the host's sockets. missed sockets are left out of
+// dumps (a dump is not atomic) but found by an exact lookup.
+type fakeSocketTable struct {
+	socks   map[tuple]sockdiag.Socket
+	missed  map[tuple]bool
+	dumpErr error
+}
+
+func (s *fakeSocketTable) Dump(family, proto uint8, fn func(*sockdiag.Socket)) error {
+	if s.dumpErr != nil {
+		return s.dumpErr
+	}
+	for k, so := range s.socks {
+		if k.proto == proto && k.local.Addr().Is6() == (family == unix.AF_INET6) && !s.missed[k] {
+			fn(&so)
+		}
+	}
+	return nil
+}
+
+func (s *fakeSocketTable) Lookup(proto uint8, local, remote netip.AddrPort, out *sockdiag.Socket) error {
+	so, ok := s.socks[tuple{proto, local, remote}]
+	if !ok {
+		return sockdiag.ErrNotFound
+	}
+	*out = so
+	return nil
+}
+
+// fakeMaps is the datapath's flow maps.
+type fakeMaps struct {
+	entries []nftdp.Entry
+	deleted []nftdp.Entry
+	uses    []nftdp.Use
+}
+
+func (m *fakeMaps) Entries() ([]nftdp.Entry, error) { return m.entries, nil }
+func (m *fakeMaps) Delete(es ...nftdp.Entry) error  { m.deleted = append(m.deleted, es...); return nil }
+func (m *fakeMaps) Uses() ([]nftdp.Use, error)      { return m.uses, nil }
+
+type noRoutes struct{}
+
+func (noRoutes) Lookup(netip.Addr, uint32, uint32, bool) (route.Route, error) {
+	return route.Route{Dev: "isp-b"}, nil
+}
+func (noRoutes) Link(int) (route.Link, error) { return route.Link{}, nil }
+
+// recordingKernel records the flow changes the installer applies.
+type recordingKernel struct{ changes []flow.Change }
+
+func (k *recordingKernel) Apply(cs []flow.Change) error {
+	k.changes = append(k.changes, cs...)
+	return nil
+}
+
+func newSweepDaemon(t *testing.T) (*Daemon, *recordingKernel) {
+	t.Helper()
+	k := &recordingKernel{}
+	d := &Daemon{log: slog.New(slog.DiscardHandler), flows: flow.NewTable()}
+	d.inst = flow.NewInstaller(d.flows, k, d.installFailed)
+	d.shared = &packet.Shared{Install: d.inst, Flows: d.flows, Log: d.log, Stats: &d.stats}
+	return d, k
+}
+
+var (
+	peer = netip.MustParseAddrPort("203.0.113.80:443")
+	ispB = netip.MustParseAddr("198.51.100.2")
+)
+
+func sock(port uint16) netip.AddrPort {
+	return netip.AddrPortFrom(netip.MustParseAddr("192.0.2.2"), port)
+}
+
+// addFlow installs a translated flow of a socket that existed a minute ago.
+func addFlow(t *testing.T, d *Daemon, proto uint8, src netip.AddrPort, cookie uint64) *flow.Flow {
+	t.Helper()
+	f := &flow.Flow{Key: flow.Key{Proto: proto, Src: src, Dst: peer}, Mark: 200, Cookie: cookie, Start: time.Now().Add(-time.Minute)}
+	f.UsedAt = f.Start
+	if !d.inst.Add(f, netip.AddrPortFrom(ispB, src.Port())) {
+		t.Fatalf("flow %v not added", src)
+	}
+	d.inst.Flush()
+	return f
+}
+
+// removed applies the pending changes, as the installer's goroutine
+// would, and returns the flows removed from the kernel so far.
+func removed(d *Daemon, k *recordingKernel) []netip.AddrPort {
+	d.inst.Flush()
+	var out []netip.AddrPort
+	for _, c := range k.changes {
+		if c.Delete {
+			out = append(out, c.Flow.Src)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Port() < out[j].Port() })
+	return out
+}
+
+// A flow leaves only when its socket is gone in two sweeps running: a dump
+// that misses a live socket removes nothing, and neither does one miss.
+func TestSweepRemovesOnlyWhatIsGoneTwice(t *testing.T) {
+	d, k := newSweepDaemon(t)
+	socks := &fakeSocketTable{socks: map[tuple]sockdiag.Socket{}, missed: map[tuple]bool{}}
+	live := func(proto uint8, port uint16, cookie uint64) {
+		socks.socks[tuple{proto, sock(port), peer}] = sockdiag.Socket{Local: sock(port), Remote: peer, Cookie: cookie}
+	}
+	addFlow(t, d, unix.IPPROTO_TCP, sock(1001), 1) // alive, in the dump
+	addFlow(t, d, unix.IPPROTO_TCP, sock(1002), 2) // alive, missed by the dump
+	addFlow(t, d, unix.IPPROTO_TCP, sock(1003), 3) // gone
+	addFlow(t, d, unix.IPPROTO_TCP, sock(1004), 4) // its tuple now another socket's
+	addFlow(t, d, unix.IPPROTO_UDP, sock(1005), 5) // unconnected UDP: the dump shows its cookie on another tuple
+	addFlow(t, d, unix.IPPROTO_UDP, sock(1006), 6) // UDP, gone
+	echo := addFlow(t, d, unix.IPPROTO_ICMP, sock(77), 0)
+	live(unix.IPPROTO_TCP, 1001, 1)
+	live(unix.IPPROTO_TCP, 1002, 2)
+	socks.missed[tuple{unix.IPPROTO_TCP, sock(1002), peer}] = true
+	live(unix.IPPROTO_TCP, 1004, 40)
+	socks.socks[tuple{unix.IPPROTO_UDP, sock(1005), netip.AddrPort{}}] = sockdiag.Socket{Local: sock(1005), Cookie: 5}
+
+	udp := map[uint64]struct{}{}
+	d.sweep(socks, udp)
+	if got := removed(d, k); len(got) != 0 {
+		t.Fatalf("the first sweep removed %v: one miss is not enough", got)
+	}
+	d.sweep(socks, udp)
+	want := []netip.AddrPort{sock(1003), sock(1004), sock(1006)}
+	if got := removed(d, k); len(got) != len(want) || got[0] != want[0] || got[1] != want[1] || got[2] != want[2] {
+		t.Fatalf("removed %v, want %v", got, want)
+	}
+	if d.flows.Len() != 4 || d.flows.Get(echo.Key) == nil {
+		t.Fatalf("%d flows left, want 4 (the echo ends by idleness only)", d.flows.Len())
+	}
+}
+
+// A dump that fails removes nothing: an incomplete dump is not "every
+// socket gone". It is counted.
+func TestSweepDumpErrorRemovesNothing(t *testing.T) {
+	d, k := newSweepDaemon(t)
+	addFlow(t, d, unix.IPPROTO_TCP, sock(1001), 1)
+	socks := &fakeSocketTable{socks: map[tuple]sockdiag.Socket{}, dumpErr: unix.ENOBUFS}
+	for range 3 {
+		d.sweep(socks, map[uint64]struct{}{})
+	}
+	if len(removed(d, k)) != 0 || d.stats.Errors[packet.ErrSweep].Load() != 3 {
+		t.Fatalf("removed %v, sweep errors %d", removed(d, k), d.stats.Errors[packet.ErrSweep].Load())
+	}
+}
+
+// UDP and echo flows end when their elements counted no packet for the
+// idle timeout; a count that moved keeps them.
+func TestExpireIdle(t *testing.T) {
+	d, k := newSweepDaemon(t)
+	busy := addFlow(t, d, unix.IPPROTO_UDP, sock(1001), 1)
+	idle := addFlow(t, d, unix.IPPROTO_UDP, sock(1002), 2)
+	tcp := addFlow(t, d, unix.IPPROTO_TCP, sock(1003), 3)
+	maps := &fakeMaps{uses: []nftdp.Use{
+		{Proto: unix.IPPROTO_UDP, Src: busy.Src, Dst: busy.Dst, Packets: 10},
+		{Proto: unix.IPPROTO_UDP, Reply: true, Src: busy.NewSrc, Dst: busy.Dst, Packets: 5},
+	}}
+	now := time.Now()
+	d.expireIdle(maps, now, 30*time.Second)
+	if busy.Used != 15 || !busy.UsedAt.Equal(now) {
+		t.Fatalf("busy flow's count %d at %v", busy.Used, busy.UsedAt)
+	}
+	if got := removed(d, k); len(got) != 1 || got[0] != idle.Src {
+		t.Fatalf("removed %v, want only the idle flow %v", got, idle.Src)
+	}
+	d.expireIdle(maps, now.Add(29*time.Second), 30*time.Second)
+	d.expireIdle(maps, now.Add(31*time.Second), 30*time.Second)
+	if got := removed(d, k); len(got) != 2 || d.flows.Get(tcp.Key) == nil {
+		t.Fatalf("removed %v; a TCP flow with a socket must never idle", got)
+	}
+	if d.stats.Idle.Load() != 2 {
+		t.Fatalf("idle counter %d", d.stats.Idle.Load())
+	}
+}
+
+// Adoption keeps the elements whose socket still lives (and echoes, which
+// have none to follow), and removes the rest and duplicates.
+func TestAdopt(t *testing.T) {
+	d, _ := newSweepDaemon(t)
+	socks := &fakeSocketTable{socks: map[tuple]sockdiag.Socket{
+		{unix.IPPROTO_TCP, sock(1001), peer}: {Cookie: 11, UID: 1000, Inode: 5},
+		{unix.IPPROTO_UDP, sock(1003), peer}: {Cookie: 13},
+	}}
+	tr := func(proto uint8, port uint16) nftdp.Entry {
+		return nftdp.Entry{Proto: proto, Src: sock(port), Dst: peer, NewSrc: netip.AddrPortFrom(ispB, port), Mark: 200}
+	}
+	live, gone, udp, ping := tr(unix.IPPROTO_TCP, 1001), tr(unix.IPPROTO_TCP, 1002), tr(unix.IPPROTO_UDP, 1003), tr(unix.IPPROTO_ICMP, 77)
+	dup := live
+	dup.NewSrc = netip.AddrPortFrom(ispB, 2001) // a second element for the same socket tuple
+	maps := &fakeMaps{entries: []nftdp.Entry{live, gone, udp, ping, dup}}
+	if err := d.adopt(socks, maps, noRoutes{}); err != nil {
+		t.Fatal(err)
+	}
+	if len(maps.deleted) != 2 || maps.deleted[0] != gone || maps.deleted[1] != dup {
+		t.Fatalf("deleted %+v, want the gone socket's and the duplicate", maps.deleted)
+	}
+	f := d.flows.Get(flow.Key{Proto: unix.IPPROTO_TCP, Src: sock(1001), Dst: peer})
+	if d.flows.Len() != 3 || f == nil || f.Cookie != 11 || f.UID != 1000 || f.Dev != "isp-b" || f.NewSrc != live.NewSrc {
+		t.Fatalf("%d flows; adopted %+v", d.flows.Len(), f)
+	}
+	if !d.inst.Installed(f) {
+		t.Fatal("an adopted flow's elements are in the kernel already: it must count as installed")
+	}
+}
