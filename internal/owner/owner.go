@@ -421,18 +421,6 @@ func removeInt(xs []int, v int) []int {
 	return out
 }
 
-// ForgetSockets drops the inode → pid cache, keeping the recent owners:
-// the state for a process's next new socket (benchmarks).
-func (o *Owners) ForgetSockets() { clear(o.inodePID) }
-
-// ForgetAll drops every cache (benchmarks).
-func (o *Owners) ForgetAll() {
-	clear(o.inodePID)
-	clear(o.lastFD)
-	clear(o.procs)
-	clear(o.recent)
-}
-
 // HasRawSocket reports whether uid owns a raw socket (IPv6 with v6) that
 // can send TCP segments: protocol IPPROTO_TCP, or IPPROTO_RAW with its own
 // IP headers. That is what sends a SYN no TCP socket owns (traceroute -T,

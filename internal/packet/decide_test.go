@@ -57,16 +57,33 @@ func benchPolicy(tb testing.TB, last string) *policy.Config {
 }
 
 type decideCase struct {
-	name  string
-	last  string // the matching rule's keys
-	reset func(o *owner.Owners)
+	name string
+	last string // the matching rule's keys
+	// owners: a fresh owner scanner before each decision ("cold": nothing
+	// known), or one that has just found this process as the owner of
+	// another socket ("recent": the state for a process's next socket).
+	owners string
 }
 
 var decideCases = []decideCase{
-	{"cheap rules", "dport = \"1-65535\"\n", nil},
-	{"process rule, recent owner", "process = [\"nomatch\", \"%s\"]\n", func(o *owner.Owners) { o.ForgetSockets() }},
-	{"process rule, cold /proc scan", "process = [\"nomatch\", \"%s\"]\n", func(o *owner.Owners) { o.ForgetAll() }},
-	{"cgroup rule", "cgroup = \"\"\n", nil},
+	{"cheap rules", "dport = \"1-65535\"\n", ""},
+	{"process rule, recent owner", "process = [\"nomatch\", \"%s\"]\n", "recent"},
+	{"process rule, cold /proc scan", "process = [\"nomatch\", \"%s\"]\n", "cold"},
+	{"cgroup rule", "cgroup = \"\"\n", ""},
+}
+
+// prepare puts w's owner scanner in the state c asks for; other is
+// another socket of this process.
+func (c decideCase) prepare(tb testing.TB, w *Worker, cfg *policy.Config, other [2]netip.AddrPort) {
+	if c.owners == "" {
+		return
+	}
+	w.owner.owners = owner.NewOwners()
+	if c.owners == "recent" {
+		if _, err := decideOnce(w, cfg, other[0], other[1]); err != nil {
+			tb.Fatal(err)
+		}
+	}
 }
 
 // decideOnce runs the decision path for one new connection: the exact
@@ -93,13 +110,13 @@ func newDecider(tb testing.TB) *Worker {
 
 func TestDecideMatchesEachCase(t *testing.T) {
 	local, remote := loopbackConn(t)
+	var other [2]netip.AddrPort
+	other[0], other[1] = loopbackConn(t)
 	d := newDecider(t)
 	comm, _ := os.ReadFile("/proc/self/comm")
 	for _, c := range decideCases {
 		cfg := benchPolicy(t, strings.ReplaceAll(c.last, "%s", string(comm[:len(comm)-1])))
-		if c.reset != nil {
-			c.reset(d.owner.owners.(*owner.Owners))
-		}
+		c.prepare(t, d, cfg, other)
 		if rule, err := decideOnce(d, cfg, local, remote); err != nil || rule != "last" {
 			t.Errorf("%s: decided %q, err %v", c.name, rule, err)
 		}
@@ -123,6 +140,8 @@ func TestDecideAllocatesNothingWithoutOwnerKeys(t *testing.T) {
 // BenchmarkDecide reports the median and 99th percentile of one decision.
 func BenchmarkDecide(b *testing.B) {
 	local, remote := loopbackConn(b)
+	var other [2]netip.AddrPort
+	other[0], other[1] = loopbackConn(b)
 	comm, _ := os.ReadFile("/proc/self/comm")
 	for _, c := range decideCases {
 		b.Run(c.name, func(b *testing.B) {
@@ -131,9 +150,7 @@ func BenchmarkDecide(b *testing.B) {
 			lat := make([]time.Duration, 0, b.N)
 			b.ReportAllocs()
 			for b.Loop() {
-				if c.reset != nil {
-					c.reset(d.owner.owners.(*owner.Owners))
-				}
+				c.prepare(b, d, cfg, other)
 				t0 := time.Now()
 				if _, err := decideOnce(d, cfg, local, remote); err != nil {
 					b.Fatal(err)
