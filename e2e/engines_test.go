@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/rerouted/rerouted/internal/networld"
+	"github.com/rerouted/rerouted/internal/networld/worldtest"
 )
 
 // enginesRules exercise every key and action both engines decide, in an
@@ -79,6 +80,7 @@ on_down = "drop"
 // cgroup; TCP and UDP; IPv4 and IPv6), judged by what the server saw or by
 // the refusal, with ISP B up and then down.
 func TestEnginesAgree(t *testing.T) {
+	worldtest.Require(t) // before the cgroup and the programs
 	pub := publicDir(t)
 	agree := program(t, filepath.Join(pub, "bin"), "agreeclient")
 	other := program(t, filepath.Join(pub, "bin"), "otherclient")

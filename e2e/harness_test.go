@@ -58,6 +58,7 @@ func TestMain(m *testing.M) {
 // datapaths runs a test once per datapath, as subtests: every end-to-end
 // test that runs the daemon must pass on both.
 func datapaths(t *testing.T, test func(t *testing.T, dp string)) {
+	worldtest.Require(t) // here, not in each subtest: a test whose subtests all skip must not pass
 	for _, dp := range []string{"kernel", "userspace"} {
 		t.Run(dp, func(t *testing.T) { test(t, dp) })
 	}
@@ -68,6 +69,7 @@ func datapaths(t *testing.T, test func(t *testing.T, dp string)) {
 // "connect"): the server must see the same source in each. On a kernel
 // without connect-time steering the third run decides at the queue too.
 func policyEngines(t *testing.T, test func(t *testing.T, dp, steering string)) {
+	worldtest.Require(t) // before the test's own set-up (cgroups, programs), which needs root too
 	for _, c := range []struct{ name, dp, steering string }{
 		{"kernel", "kernel", "queue"}, {"userspace", "userspace", "queue"}, {"connect", "kernel", "connect"},
 	} {

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/rerouted/rerouted/internal/networld"
+	"github.com/rerouted/rerouted/internal/networld/worldtest"
 )
 
 // offloadsOff makes interfaces send packets as the MTU allows, not as GSO
@@ -76,6 +77,7 @@ func upload(t *testing.T, w *networld.World, dst networld.DialOptions, size int6
 // are addressed to the wire's source and quote the wire's tuple; rerouted
 // readdresses them, and a 20 MB upload completes.
 func TestPathMTUDiscovery(t *testing.T) {
+	worldtest.Require(t) // its subtests need root: without it the test must skip, not pass
 	for _, where := range []string{"inside ISP B", "on hb"} {
 		t.Run(strings.ReplaceAll(where, " ", "_"), func(t *testing.T) {
 			datapaths(t, func(t *testing.T, dp string) {

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/rerouted/rerouted/internal/networld"
+	"github.com/rerouted/rerouted/internal/networld/worldtest"
 )
 
 // Only what the policy concerns reaches the daemon. With one rule for TCP
@@ -292,6 +293,7 @@ dport = [53]
 // excess is counted against its uid alone, and with "open" what ISP A saw
 // of the flood is exactly that count.
 func TestLocalFlood(t *testing.T) {
+	worldtest.Require(t) // its subtests need root: without it the test must skip, not pass
 	for _, mode := range []string{"open", "closed"} {
 		t.Run(mode, func(t *testing.T) {
 			e := newEnv(t, "kernel", "")

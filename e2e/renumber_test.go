@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/rerouted/rerouted/internal/networld"
+	"github.com/rerouted/rerouted/internal/networld/worldtest"
 )
 
 var hostB3 = netip.MustParseAddr("203.0.113.3")
@@ -22,6 +23,7 @@ var hostB3 = netip.MustParseAddr("203.0.113.3")
 // the default) or its translation goes (reset_tcp = false); and ISP B's
 // wire carries no packet from .2 once it is gone.
 func TestRenumbering(t *testing.T) {
+	worldtest.Require(t) // its subtests need root: without it the test must skip, not pass
 	for _, resetTCP := range []bool{true, false} {
 		t.Run(fmt.Sprintf("reset_tcp=%v", resetTCP), func(t *testing.T) {
 			e := newEnv(t, "kernel", "")

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/rerouted/rerouted/internal/networld"
+	"github.com/rerouted/rerouted/internal/networld/worldtest"
 )
 
 const steeringRules = `
@@ -423,6 +424,7 @@ dport = [80]
 // of the test's own with a bpffs of its own, so nothing is pinned on the
 // machine.
 func TestConnectSteeringSurvivesRestart(t *testing.T) {
+	worldtest.Require(t) // before the mount namespace
 	holder := exec.Command("unshare", "--mount", "--propagation", "private", "sh", "-c",
 		"mount -t bpf bpf /sys/fs/bpf && echo mounted && exec sleep 600")
 	out, err := holder.StdoutPipe()
