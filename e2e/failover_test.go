@@ -12,6 +12,7 @@ import (
 
 	"github.com/rerouted/rerouted/internal/control"
 	"github.com/rerouted/rerouted/internal/networld"
+	"github.com/rerouted/rerouted/internal/networld/worldtest"
 )
 
 // uplinks lists the daemon's uplink states through the CLI.
@@ -175,8 +176,18 @@ func TestHostMarkedFlowKeepsItsPath(t *testing.T) {
 // answer again. The probes leave through ISP B with its address, are never
 // queued to the daemon, and stop with it.
 func TestUpstreamFailure(t *testing.T) {
-	e := newEnv(t, "kernel", "")
-	cfg := strings.Replace(fmt.Sprintf(configHead, e.sock, e.dp), "[daemon]\n", "[daemon]\nmetrics_listen = \"127.0.0.1:9477\"\n", 1) + `
+	worldtest.Require(t)
+	for _, steering := range []string{"queue", "connect"} {
+		t.Run(steering, func(t *testing.T) { upstreamFailure(t, steering) })
+	}
+}
+
+// upstreamFailure is TestUpstreamFailure with one engine. With "connect"
+// the kernel program follows the probes' verdict: the web connections are
+// bound at connect() and none is queued.
+func upstreamFailure(t *testing.T, steering string) {
+	e := newEnvSteering(t, "kernel", steering, "")
+	cfg := e.headWith(steering, "metrics_listen = \"127.0.0.1:9477\"\n") + `
 [uplink.health]
 targets = ["192.0.2.80", "tcp:192.0.2.80:80"]
 interval = "200ms"
@@ -188,6 +199,13 @@ up_after = 2
 		t.Fatal(err)
 	}
 	e.start()
+	steered := steering == "connect" && e.steers()
+	if steering == "connect" && !steered {
+		// A kernel without it (5.10) says so and decides at the queue.
+		if _, err := e.d.WaitFor("connect-time steering is not available", 0); err != nil {
+			t.Fatalf("neither connect-time steering nor its fallback was announced:\n%s", e.d.Output())
+		}
+	}
 	eventually(t, 2*time.Second, "probes answered", func() bool { u := e.uplinks()["isp-b/ipv4"]; return u.Probed && u.RTT > 0 })
 	if u := e.uplinks()["isp-b/ipv6"]; u.Probed {
 		t.Errorf("ipv6 has no targets but is probed: %+v", u)
@@ -214,6 +232,7 @@ up_after = 2
 		t.Fatal(err)
 	}
 	dark := time.Now()
+	queued = e.queued()
 	eventually(t, 3*200*time.Millisecond+time.Second, "isp-b down", func() bool { return !e.uplinks()["isp-b/ipv4"].Up })
 	t.Logf("isp-b down %v after it went dark", time.Since(dark).Round(time.Millisecond))
 	if peer, err := e.w.Fetch(80, 3*time.Second); err != nil || peer.Addr() != networld.HostA {
@@ -230,6 +249,13 @@ up_after = 2
 	t.Logf("isp-b up %v after it answered again", time.Since(light).Round(time.Millisecond))
 	if peer, err := e.w.Fetch(80, 3*time.Second); err != nil || peer.Addr() != networld.HostB {
 		t.Errorf("after the outage: server saw %v, err %v", peer, err)
+	}
+	// The connection after the outage was bound at connect(): not queued.
+	// The one during it was left to the host's routing by the program
+	// (no uplink of its list was up but "default"): its SYN is decided
+	// again at the queue, the same way.
+	if n := e.queued() - queued; steered && n != 1 {
+		t.Errorf("connect engine: %d packets of the web connections were queued to the daemon, want 1 (the SYN the program left to the host's routing)", n)
 	}
 	for _, want := range []string{"[UPLINK] isp-b ipv4 down: 3 rounds without an answer", "[UPLINK] isp-b ipv4 up",
 		`msg="uplink is down: rules choose their next uplink, host marks their fallback" uplink=isp-b family=ipv4 why="3 rounds without an answer`} {
