@@ -49,6 +49,7 @@ import (
 	"github.com/rerouted/rerouted/internal/filesafety"
 	"github.com/rerouted/rerouted/internal/flow"
 	"github.com/rerouted/rerouted/internal/instance"
+	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/nftdp"
 	"github.com/rerouted/rerouted/internal/owner"
 	"github.com/rerouted/rerouted/internal/packet"
@@ -646,8 +647,9 @@ func (d *Daemon) sweep(diag *sockdiag.Conn, udp map[uint64]struct{}) {
 	dgram := func(so *sockdiag.Socket) { udp[so.Cookie] = struct{}{} }
 	var err error
 	for _, dump := range []struct {
-		family, proto uint8
-		fn            func(*sockdiag.Socket)
+		family uint8
+		proto  ipproto.Proto
+		fn     func(*sockdiag.Socket)
 	}{
 		{unix.AF_INET, unix.IPPROTO_TCP, tcp}, {unix.AF_INET6, unix.IPPROTO_TCP, tcp},
 		{unix.AF_INET, unix.IPPROTO_UDP, dgram}, {unix.AF_INET6, unix.IPPROTO_UDP, dgram},
@@ -690,7 +692,7 @@ func (d *Daemon) sweep(diag *sockdiag.Conn, udp map[uint64]struct{}) {
 			suspects[f] = struct{}{}
 			continue
 		}
-		d.log.Debug("socket gone", "proto", flow.ProtoName(f.Proto), "src", f.Src, "dst", f.Dst, "cookie", f.Cookie,
+		d.log.Debug("socket gone", "proto", f.Proto.String(), "src", f.Src, "dst", f.Dst, "cookie", f.Cookie,
 			"lookup", lookupResult(err), "found_cookie", so.Cookie, "found_state", sockdiag.StateName(so.State))
 		d.shared.Forget(f)
 	}
@@ -728,7 +730,7 @@ func (d *Daemon) expireIdle(now time.Time, timeout time.Duration) {
 		}
 		if now.Sub(f.UsedAt) >= timeout {
 			d.stats.Idle.Add(1)
-			d.log.Debug("flow idle", "proto", flow.ProtoName(f.Proto), "src", f.Src, "dst", f.Dst, "pass", f.Pass, "idle", now.Sub(f.UsedAt).Round(time.Second))
+			d.log.Debug("flow idle", "proto", f.Proto.String(), "src", f.Src, "dst", f.Dst, "pass", f.Pass, "idle", now.Sub(f.UsedAt).Round(time.Second))
 			d.shared.Forget(f)
 		}
 	}

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"net/netip"
 
-	"github.com/rerouted/rerouted/internal/flow"
 	"github.com/rerouted/rerouted/internal/packet"
 	"github.com/rerouted/rerouted/internal/route"
 	"github.com/rerouted/rerouted/internal/sockdiag"
@@ -67,7 +66,7 @@ func (d *Daemon) moveStale(r *uplink.Routing, diag *sockdiag.Conn, rt *route.Cac
 			}
 		}
 		d.events.Move(f, how, to)
-		d.log.Warn("a flow's source address went away; moved it", "proto", flow.ProtoName(f.Proto), "src", f.Src, "dst", f.Dst,
+		d.log.Warn("a flow's source address went away; moved it", "proto", f.Proto.String(), "src", f.Src, "dst", f.Dst,
 			"gone", f.NewSrc.Addr(), "how", how, "next_src", to, "uplink", name)
 	}
 }

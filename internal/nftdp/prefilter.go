@@ -176,7 +176,7 @@ func (d *Datapath) compile(f Filter, gen int, native bool) compiled {
 					if chain == filterNew {
 						num := byte(unix.IPPROTO_UDP)
 						if proto == "icmp" {
-							num = fam.protos[2].num
+							num = byte(fam.protos[2].num)
 						}
 						m = append(m, &expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
 							&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{num}})
