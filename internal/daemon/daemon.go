@@ -389,7 +389,7 @@ func (d *Daemon) adopt(diag *sockdiag.Conn) error {
 	for _, e := range entries {
 		f := &flow.Flow{Key: flow.Key{Proto: e.Proto, Src: e.Src, Dst: e.Dst}, NewSrc: e.NewSrc, Mark: e.Mark, Pass: e.Pass,
 			Rule: "adopted", Start: now, UsedAt: now}
-		if e.Proto == unix.IPPROTO_TCP || e.Proto == unix.IPPROTO_UDP {
+		if e.Proto == ipproto.TCP || e.Proto == ipproto.UDP {
 			var so sockdiag.Socket
 			err := diag.Lookup(e.Proto, e.Src, e.Dst, &so)
 			if errors.Is(err, sockdiag.ErrNotFound) {
@@ -642,7 +642,7 @@ func (d *Daemon) sweep(diag *sockdiag.Conn, udp map[uint64]struct{}) {
 	s := d.flows.BeginSweep(time.Now())
 	clear(udp)
 	tcp := func(so *sockdiag.Socket) {
-		s.Seen(flow.Key{Proto: unix.IPPROTO_TCP, Src: so.Local, Dst: so.Remote}, so.Cookie)
+		s.Seen(flow.Key{Proto: ipproto.TCP, Src: so.Local, Dst: so.Remote}, so.Cookie)
 	}
 	dgram := func(so *sockdiag.Socket) { udp[so.Cookie] = struct{}{} }
 	var err error
@@ -651,8 +651,8 @@ func (d *Daemon) sweep(diag *sockdiag.Conn, udp map[uint64]struct{}) {
 		proto  ipproto.Proto
 		fn     func(*sockdiag.Socket)
 	}{
-		{unix.AF_INET, unix.IPPROTO_TCP, tcp}, {unix.AF_INET6, unix.IPPROTO_TCP, tcp},
-		{unix.AF_INET, unix.IPPROTO_UDP, dgram}, {unix.AF_INET6, unix.IPPROTO_UDP, dgram},
+		{unix.AF_INET, ipproto.TCP, tcp}, {unix.AF_INET6, ipproto.TCP, tcp},
+		{unix.AF_INET, ipproto.UDP, dgram}, {unix.AF_INET6, ipproto.UDP, dgram},
 	} {
 		if err = diag.Dump(dump.family, dump.proto, dump.fn); err != nil {
 			break
@@ -676,7 +676,7 @@ func (d *Daemon) sweep(diag *sockdiag.Conn, udp map[uint64]struct{}) {
 		if f.Cookie == 0 {
 			continue // no socket to follow: idleness ends it
 		}
-		if _, ok := udp[f.Cookie]; ok && f.Proto == unix.IPPROTO_UDP {
+		if _, ok := udp[f.Cookie]; ok && f.Proto == ipproto.UDP {
 			continue
 		}
 		err := diag.Lookup(f.Proto, f.Src, f.Dst, &so)

@@ -4,11 +4,11 @@ import (
 	"errors"
 	"net/netip"
 
+	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/packet"
 	"github.com/rerouted/rerouted/internal/route"
 	"github.com/rerouted/rerouted/internal/sockdiag"
 	"github.com/rerouted/rerouted/internal/uplink"
-	"golang.org/x/sys/unix"
 )
 
 // A translated flow's wire source is an uplink's address. When that address
@@ -42,7 +42,7 @@ func (d *Daemon) moveStale(r *uplink.Routing, diag *sockdiag.Conn, rt *route.Cac
 		}
 		name := uplinkName(names, f)
 		how := "redecided"
-		if f.Proto == unix.IPPROTO_TCP {
+		if f.Proto == ipproto.TCP {
 			how = "reset"
 			if u := cfg.UplinkByMark(f.Mark); u != nil && u.KeepTCP {
 				how = "removed"
