@@ -271,7 +271,7 @@ func (e *Writer) Bind(ev connect.Event, rule, up string, src netip.Addr) {
 	if ev.Refused {
 		b = append(e.buf[:0], "[REFUSED] "...)
 	}
-	b = append(b, ev.Proto...)
+	b = append(b, ev.Proto.String()...)
 	b = append(b, " dst="...)
 	b = ev.Dst.Addr().AppendTo(b)
 	b = append(b, " dport="...)

@@ -475,14 +475,7 @@ func (w *Worker) decide(cfg *policy.Config, sock *sockdiag.Socket, p *queue.Pack
 		}
 		return 0, "host mark, fallback", false
 	}
-	proto := "tcp"
-	switch t.Proto {
-	case ipproto.UDP:
-		proto = "udp"
-	case ipproto.ICMP, ipproto.ICMPv6:
-		proto = "icmp"
-	}
-	w.query = policy.Flow{Protocol: proto, Dst: t.Dst, UID: sock.UID, GID: p.GID, HasUID: sock.Cookie != 0 || p.HasUID, Owner: &w.owner}
+	w.query = policy.Flow{Proto: t.Proto, Dst: t.Dst, UID: sock.UID, GID: p.GID, HasUID: sock.Cookie != 0 || p.HasUID, Owner: &w.owner}
 	var r *policy.Rule
 	if service {
 		r = cfg.DecideService(&w.query)
