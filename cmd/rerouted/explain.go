@@ -57,14 +57,14 @@ func cmdExplain(args []string) int {
 
 // pidOwner is a process's identity, read once from /proc.
 type pidOwner struct {
-	proc    policy.Process
+	proc    owner.Process
 	hasProc bool
 	cg      string
 	hasCg   bool
 }
 
-func (o *pidOwner) Process() (policy.Process, bool) { return o.proc, o.hasProc }
-func (o *pidOwner) Cgroup() (string, bool)          { return o.cg, o.hasCg }
+func (o *pidOwner) Process() (owner.Process, bool) { return o.proc, o.hasProc }
+func (o *pidOwner) Cgroup() (string, bool)         { return o.cg, o.hasCg }
 
 // flowOfPID describes a connection pid would open: its socket would belong
 // to the process's filesystem uid and gid.
@@ -87,9 +87,7 @@ func flowOfPID(pid int, dst netip.AddrPort, proto ipproto.Proto) (*policy.Flow, 
 		}
 	}
 	o := &pidOwner{}
-	if p, ok := owner.NewOwners().ProcessByPID(pid); ok {
-		o.proc, o.hasProc = policy.Process{PID: p.PID, Comm: p.Comm, Exe: p.Exe}, true
-	}
+	o.proc, o.hasProc = owner.NewOwners().ProcessByPID(pid)
 	if cg, err := owner.CgroupOfPID(pid); err == nil {
 		o.cg, o.hasCg = cg, true
 	}

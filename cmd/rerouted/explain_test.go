@@ -7,13 +7,14 @@ import (
 	"testing"
 
 	"github.com/rerouted/rerouted/internal/ipproto"
+	"github.com/rerouted/rerouted/internal/owner"
 	"github.com/rerouted/rerouted/internal/policy"
 )
 
 type fakeOwner struct{}
 
-func (fakeOwner) Process() (policy.Process, bool) {
-	return policy.Process{PID: 42, Comm: "curl", Exe: "/usr/bin/curl"}, true
+func (fakeOwner) Process() (owner.Process, bool) {
+	return owner.Process{PID: 42, Comm: "curl", Exe: "/usr/bin/curl"}, true
 }
 func (fakeOwner) Cgroup() (string, bool) { return "user.slice", true }
 

@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/rerouted/rerouted/internal/ipproto"
+	"github.com/rerouted/rerouted/internal/owner"
 	"github.com/rerouted/rerouted/internal/policy"
 )
 
@@ -19,8 +20,8 @@ type fakeOwner struct {
 	comm, exe, cg string
 }
 
-func (o fakeOwner) Process() (policy.Process, bool) {
-	return policy.Process{PID: 1, Comm: o.comm, Exe: o.exe}, true
+func (o fakeOwner) Process() (owner.Process, bool) {
+	return owner.Process{PID: 1, Comm: o.comm, Exe: o.exe}, true
 }
 func (o fakeOwner) Cgroup() (string, bool) { return o.cg, true }
 

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/rerouted/rerouted/internal/ipproto"
+	"github.com/rerouted/rerouted/internal/owner"
 )
 
 // Key is a connection as one end sees it. Proto is an IP protocol number;
@@ -56,10 +57,8 @@ func (f *Flow) Idles() bool { return f.Proto != ipproto.TCP || f.Cookie == 0 }
 
 // Owner is the process and cgroup behind a flow's socket, as far as known.
 type Owner struct {
-	PID    int // 0 if unknown
-	Comm   string
-	Exe    string
-	Cgroup string // cgroup v2 path below the mount, "/" for the root; "" if unknown
+	owner.Process        // PID 0 if unknown
+	Cgroup        string // cgroup v2 path below the mount, "/" for the root; "" if unknown
 }
 
 // Wire is the tuple the wire sees for outbound packets.

@@ -534,7 +534,7 @@ func (w *Worker) describeOwner(f *flow.Flow) {
 	debug := w.s.Events.On(events.New | events.Pass)
 	if debug || o.procDone {
 		if p, ok := o.Process(); ok {
-			fo.PID, fo.Comm, fo.Exe = p.PID, p.Comm, p.Exe
+			fo.Process = p
 		}
 	}
 	if debug || o.cgDone {

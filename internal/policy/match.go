@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/rerouted/rerouted/internal/ipproto"
+	"github.com/rerouted/rerouted/internal/owner"
 )
 
 // Rule is one [[rule]]: conditions that must all hold, and an action.
@@ -118,19 +119,12 @@ type Flow struct {
 	Owner    Owner // nil: no process and no cgroup known
 }
 
-// Process identifies the process that owns a socket.
-type Process struct {
-	PID  int
-	Comm string // /proc/PID/comm (at most 15 bytes)
-	Exe  string // /proc/PID/exe
-}
-
 // Owner resolves, lazily, who owns a flow's socket.
 type Owner interface {
 	// Process returns the owning process; false when there is none (a
 	// kernel-generated packet, a socket already closed, a socket whose
 	// process exited).
-	Process() (Process, bool)
+	Process() (owner.Process, bool)
 	// Cgroup returns the socket's cgroup v2 path relative to the cgroup
 	// mount, without leading or trailing slashes ("" is the root).
 	Cgroup() (string, bool)
@@ -407,9 +401,9 @@ func condCgroup(prefixes []string) cond {
 		}}
 }
 
-func process(f *Flow) (Process, bool) {
+func process(f *Flow) (owner.Process, bool) {
 	if f.Owner == nil {
-		return Process{}, false
+		return owner.Process{}, false
 	}
 	return f.Owner.Process()
 }

@@ -7,11 +7,12 @@ import (
 	"testing"
 
 	"github.com/rerouted/rerouted/internal/ipproto"
+	"github.com/rerouted/rerouted/internal/owner"
 )
 
 // fakeOwner counts lookups, to prove they happen only when needed.
 type fakeOwner struct {
-	proc        Process
+	proc        owner.Process
 	hasProc     bool
 	cg          string
 	hasCg       bool
@@ -19,8 +20,8 @@ type fakeOwner struct {
 	cgroupCalls int
 }
 
-func (o *fakeOwner) Process() (Process, bool) { o.procCalls++; return o.proc, o.hasProc }
-func (o *fakeOwner) Cgroup() (string, bool)   { o.cgroupCalls++; return o.cg, o.hasCg }
+func (o *fakeOwner) Process() (owner.Process, bool) { o.procCalls++; return o.proc, o.hasProc }
+func (o *fakeOwner) Cgroup() (string, bool)         { o.cgroupCalls++; return o.cg, o.hasCg }
 
 const appPolicy = `
 [[uplink]]
@@ -63,11 +64,11 @@ func TestProcessCgroupNegationActions(t *testing.T) {
 		}
 		return f
 	}
-	crawler := &fakeOwner{proc: Process{PID: 7, Comm: "crawler", Exe: "/opt/c/crawler"}, hasProc: true, cg: "user.slice/u-1000.slice", hasCg: true}
-	restic := &fakeOwner{proc: Process{PID: 8, Comm: "restic", Exe: "/usr/local/bin/restic"}, hasProc: true, cg: "system.slice/backup.service", hasCg: true}
-	mirror := &fakeOwner{proc: Process{PID: 9, Comm: "rsync", Exe: "/usr/bin/rsync"}, hasProc: true, cg: "system.slice/mirror.service/sub", hasCg: true}
-	lookalike := &fakeOwner{proc: Process{PID: 10, Comm: "rsync", Exe: "/usr/bin/rsync"}, hasProc: true, cg: "system.slice/mirror.service2", hasCg: true}
-	wgetByExe := &fakeOwner{proc: Process{PID: 11, Comm: "wget-worker", Exe: "/usr/bin/wget"}, hasProc: true, hasCg: true}
+	crawler := &fakeOwner{proc: owner.Process{PID: 7, Comm: "crawler", Exe: "/opt/c/crawler"}, hasProc: true, cg: "user.slice/u-1000.slice", hasCg: true}
+	restic := &fakeOwner{proc: owner.Process{PID: 8, Comm: "restic", Exe: "/usr/local/bin/restic"}, hasProc: true, cg: "system.slice/backup.service", hasCg: true}
+	mirror := &fakeOwner{proc: owner.Process{PID: 9, Comm: "rsync", Exe: "/usr/bin/rsync"}, hasProc: true, cg: "system.slice/mirror.service/sub", hasCg: true}
+	lookalike := &fakeOwner{proc: owner.Process{PID: 10, Comm: "rsync", Exe: "/usr/bin/rsync"}, hasProc: true, cg: "system.slice/mirror.service2", hasCg: true}
+	wgetByExe := &fakeOwner{proc: owner.Process{PID: 11, Comm: "wget-worker", Exe: "/usr/bin/wget"}, hasProc: true, hasCg: true}
 	cases := []struct {
 		name   string
 		f      *Flow
@@ -123,7 +124,7 @@ func TestOwnerLookedUpLazily(t *testing.T) {
 	// Rule 3 (exe) needs port 22: no process lookup for port 443 there.
 	// Rule 1 (cgroup) and 2 (process) have no cheap key that fails, so they
 	// do look: once each.
-	o := &fakeOwner{hasProc: true, proc: Process{Comm: "x", Exe: "/x"}, hasCg: true, cg: "a"}
+	o := &fakeOwner{hasProc: true, proc: owner.Process{Comm: "x", Exe: "/x"}, hasCg: true, cg: "a"}
 	cfg.Decide(&Flow{Proto: ipproto.TCP, Dst: netip.MustParseAddrPort("192.0.2.200:443"), HasUID: true, Owner: o})
 	if o.procCalls != 1 || o.cgroupCalls != 1 {
 		t.Fatalf("process looked up %d times, cgroup %d times; want 1 and 1", o.procCalls, o.cgroupCalls)
@@ -141,7 +142,7 @@ func TestExplain(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	o := &fakeOwner{proc: Process{PID: 42, Comm: "curl", Exe: "/usr/bin/curl"}, hasProc: true, cg: "user.slice", hasCg: true}
+	o := &fakeOwner{proc: owner.Process{PID: 42, Comm: "curl", Exe: "/usr/bin/curl"}, hasProc: true, cg: "user.slice", hasCg: true}
 	f := &Flow{Proto: ipproto.TCP, Dst: netip.MustParseAddrPort("192.0.2.200:22"), UID: 1000, HasUID: true, Owner: o}
 	want := []string{
 		`cgroup: cgroup "user.slice" is not in [system.slice/mirror.service]`,
