@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/rerouted/rerouted/internal/control"
+	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/owner"
 	"github.com/rerouted/rerouted/internal/policy"
 )
@@ -31,7 +32,8 @@ func cmdExplain(args []string) int {
 		fs.StringVar(&dst, "dst", "", "destination ADDR:PORT ([ADDR]:PORT for IPv6)")
 		fs.StringVar(&proto, "protocol", "tcp", "tcp, udp or icmp (ping; --dst's port is then ignored)")
 	})
-	if proto != "tcp" && proto != "udp" && proto != "icmp" {
+	p, ok := policy.ParseProtocol(proto)
+	if !ok {
 		fmt.Fprintf(os.Stderr, "rerouted explain: --protocol %q: want tcp, udp or icmp\n", proto)
 		return exitUsage
 	}
@@ -44,7 +46,7 @@ func cmdExplain(args []string) int {
 		fmt.Fprintln(os.Stderr, "rerouted explain: --pid PID and --dst ADDR:PORT are required")
 		return exitUsage
 	}
-	f, err := flowOfPID(pid, ap, proto)
+	f, err := flowOfPID(pid, ap, p)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "rerouted explain: %v\n", err)
 		return exitFailure
@@ -55,23 +57,23 @@ func cmdExplain(args []string) int {
 
 // pidOwner is a process's identity, read once from /proc.
 type pidOwner struct {
-	proc    policy.Process
+	proc    owner.Process
 	hasProc bool
 	cg      string
 	hasCg   bool
 }
 
-func (o *pidOwner) Process() (policy.Process, bool) { return o.proc, o.hasProc }
-func (o *pidOwner) Cgroup() (string, bool)          { return o.cg, o.hasCg }
+func (o *pidOwner) Process() (owner.Process, bool) { return o.proc, o.hasProc }
+func (o *pidOwner) Cgroup() (string, bool)         { return o.cg, o.hasCg }
 
 // flowOfPID describes a connection pid would open: its socket would belong
 // to the process's filesystem uid and gid.
-func flowOfPID(pid int, dst netip.AddrPort, proto string) (*policy.Flow, error) {
+func flowOfPID(pid int, dst netip.AddrPort, proto ipproto.Proto) (*policy.Flow, error) {
 	status, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
 	if err != nil {
 		return nil, fmt.Errorf("process %d: %w", pid, err)
 	}
-	f := &policy.Flow{Protocol: proto, Dst: dst, HasUID: true}
+	f := &policy.Flow{Proto: proto, Dst: dst, HasUID: true}
 	for _, line := range strings.Split(string(status), "\n") {
 		k, v, _ := strings.Cut(line, ":")
 		ids := strings.Fields(v) // real, effective, saved, filesystem
@@ -85,9 +87,7 @@ func flowOfPID(pid int, dst netip.AddrPort, proto string) (*policy.Flow, error) 
 		}
 	}
 	o := &pidOwner{}
-	if p, ok := owner.NewOwners().ProcessByPID(pid); ok {
-		o.proc, o.hasProc = policy.Process{PID: p.PID, Comm: p.Comm, Exe: p.Exe}, true
-	}
+	o.proc, o.hasProc = owner.NewOwners().ProcessByPID(pid)
 	if cg, err := owner.CgroupOfPID(pid); err == nil {
 		o.cg, o.hasCg = cg, true
 	}
@@ -99,8 +99,8 @@ func explain(w io.Writer, cfg *policy.Config, f *policy.Flow) {
 	p, _ := f.Owner.Process()
 	cg, _ := f.Owner.Cgroup()
 	fmt.Fprintf(w, "process %d %q (%s) %s %s cgroup /%s\n", p.PID, p.Comm, p.Exe, policy.IDName("uid", f.UID), policy.IDName("gid", f.GID), cg)
-	fmt.Fprintf(w, "new %s connection to %s\n", f.Protocol, f.Dst)
-	steered := cfg.Daemon.Steering == "connect" && f.Protocol != "icmp" && explainConnect(w, cfg, f)
+	fmt.Fprintf(w, "new %s connection to %s\n", f.Proto, f.Dst)
+	steered := cfg.Daemon.Steering == "connect" && !f.Proto.IsICMP() && explainConnect(w, cfg, f)
 	if queued, why := cfg.Prefiltered(f); steered {
 		fmt.Fprintf(w, "the daemon never sees it: a steered socket's packets pass the table as they are\n\n")
 	} else if queued {
@@ -142,7 +142,7 @@ func explainConnect(w io.Writer, cfg *policy.Config, f *policy.Flow) (decided bo
 		fmt.Fprintf(w, "at connect(): nothing decided (%v): the queue's way, below\n", err)
 		return false
 	}
-	c := connect.Conn{Protocol: f.Protocol, Dst: f.Dst, UID: f.UID, GID: f.GID}
+	c := connect.Conn{Proto: f.Proto, Dst: f.Dst, UID: f.UID, GID: f.GID}
 	if p, ok := f.Owner.Process(); ok {
 		c.Comm = p.Comm
 	}

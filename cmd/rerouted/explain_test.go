@@ -6,13 +6,15 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/rerouted/rerouted/internal/ipproto"
+	"github.com/rerouted/rerouted/internal/owner"
 	"github.com/rerouted/rerouted/internal/policy"
 )
 
 type fakeOwner struct{}
 
-func (fakeOwner) Process() (policy.Process, bool) {
-	return policy.Process{PID: 42, Comm: "curl", Exe: "/usr/bin/curl"}, true
+func (fakeOwner) Process() (owner.Process, bool) {
+	return owner.Process{PID: 42, Comm: "curl", Exe: "/usr/bin/curl"}, true
 }
 func (fakeOwner) Cgroup() (string, bool) { return "user.slice", true }
 
@@ -24,7 +26,7 @@ func TestExplainHeaderNamesUser(t *testing.T) {
 		t.Fatal(err)
 	}
 	var b bytes.Buffer
-	explain(&b, cfg, &policy.Flow{Protocol: "tcp", Dst: netip.MustParseAddrPort("192.0.2.80:80"), HasUID: true, Owner: fakeOwner{}})
+	explain(&b, cfg, &policy.Flow{Proto: ipproto.TCP, Dst: netip.MustParseAddrPort("192.0.2.80:80"), HasUID: true, Owner: fakeOwner{}})
 	if first, _, _ := strings.Cut(b.String(), "\n"); first != `process 42 "curl" (/usr/bin/curl) uid 0 (root) gid 0 (root) cgroup /user.slice` {
 		t.Errorf("first line %q", first)
 	}

@@ -13,6 +13,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/ringbuf"
+	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/nftdp"
 	"github.com/rerouted/rerouted/internal/policy"
 	"golang.org/x/sys/unix"
@@ -389,7 +390,7 @@ type Event struct {
 	Uplink  int // index in the image
 	UID     uint32
 	PID     uint32
-	Proto   string
+	Proto   ipproto.Proto // TCP or UDP
 	Dst     netip.AddrPort
 	Comm    string
 }
@@ -417,9 +418,9 @@ func (e *Engine) Events(fn func(Event)) error {
 		}
 		ne := binary.NativeEndian
 		ev := Event{Refused: ne.Uint32(b[0:]) == 2, Rule: int(ne.Uint32(b[4:]) % MaxRules), Uplink: int(ne.Uint32(b[8:]) % MaxUplinks),
-			UID: ne.Uint32(b[12:]), PID: ne.Uint32(b[16:]), Proto: "tcp"}
+			UID: ne.Uint32(b[12:]), PID: ne.Uint32(b[16:]), Proto: ipproto.TCP}
 		if b[21] == 2 {
-			ev.Proto = "udp"
+			ev.Proto = ipproto.UDP
 		}
 		a := netip.AddrFrom16([16]byte(b[24:40])).Unmap()
 		ev.Dst = netip.AddrPortFrom(a, ne.Uint16(b[22:]))

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/owner"
 	"github.com/rerouted/rerouted/internal/policy"
 	"github.com/vishvananda/netlink"
@@ -198,7 +199,7 @@ func kernelCorpus(t *testing.T, root string) error {
 		up := func(u int, v6 bool) bool { return states[u][map[bool]int{false: 0, true: 1}[v6]] }
 		for ci := 0; ci < conns; ci++ {
 			c := self
-			c.Protocol = []string{"tcp", "udp"}[rng.IntN(2)]
+			c.Proto = []ipproto.Proto{ipproto.TCP, ipproto.UDP}[rng.IntN(2)]
 			c.Dst = netip.AddrPortFrom(netip.MustParseAddr(corpusAddrs[rng.IntN(len(corpusAddrs))]), uint16([]int{53, 54, 80, 81, 443, 1 + rng.IntN(9500)}[rng.IntN(6)]))
 			want := im.Decide(c, up)
 			local, err := connectOnce(c)
@@ -207,7 +208,7 @@ func kernelCorpus(t *testing.T, root string) error {
 			case errors.Is(err, unix.EPERM):
 				got = "refused"
 			case err != nil:
-				return fmt.Errorf("connect %s %v: %w", c.Protocol, c.Dst, err)
+				return fmt.Errorf("connect %s %v: %w", c.Proto, c.Dst, err)
 			default:
 				got = "left alone"
 				for i := range us {
@@ -232,7 +233,7 @@ func kernelCorpus(t *testing.T, root string) error {
 			}
 			if got != expect {
 				return fmt.Errorf("policy %d, %s to %v: the program did %q (bound %v), the image says %q (%+v)\n%s",
-					pi, c.Protocol, c.Dst, got, local, expect, want, b.String())
+					pi, c.Proto, c.Dst, got, local, expect, want, b.String())
 			}
 			if !want.Stop {
 				kernelDecided++
@@ -251,7 +252,7 @@ func connectOnce(c Conn) (netip.Addr, error) {
 	if c.Dst.Addr().Is4() {
 		fam, sa = unix.AF_INET, &unix.SockaddrInet4{Port: int(c.Dst.Port()), Addr: c.Dst.Addr().As4()}
 	}
-	if c.Protocol == "udp" {
+	if c.Proto == ipproto.UDP {
 		typ = unix.SOCK_DGRAM
 	}
 	fd, err := unix.Socket(fam, typ|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)

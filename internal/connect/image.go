@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"syscall"
 
+	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/policy"
 )
 
@@ -103,9 +104,9 @@ func Compile(cfg *policy.Config, cgroupRoot string) (*Image, error) {
 		r := Rule{Name: k.Name}
 		for _, p := range k.Protocols {
 			switch p {
-			case "tcp":
+			case ipproto.TCP:
 				r.Protos |= 1
-			case "udp":
+			case ipproto.UDP:
 				r.Protos |= 2
 			}
 		}
@@ -209,7 +210,7 @@ func Compile(cfg *policy.Config, cgroupRoot string) (*Image, error) {
 
 // Conn is a connect() as the kernel program sees it.
 type Conn struct {
-	Protocol string // "tcp" or "udp"
+	Proto    ipproto.Proto // TCP or UDP
 	Dst      netip.AddrPort
 	UID, GID uint32
 	Cgroups  []uint64 // the caller's cgroup and its ancestors' ids
@@ -237,7 +238,7 @@ func (im *Image) Decide(c Conn, up Up) Verdict {
 	v6 := c.Dst.Addr().Is6() && !c.Dst.Addr().Is4In6()
 	dst := c.Dst.Addr().Unmap()
 	bit := uint8(1)
-	if c.Protocol == "udp" {
+	if c.Proto == ipproto.UDP {
 		bit = 2
 	}
 	for i := range im.Rules {

@@ -10,6 +10,8 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/rerouted/rerouted/internal/ipproto"
+	"github.com/rerouted/rerouted/internal/owner"
 	"github.com/rerouted/rerouted/internal/policy"
 )
 
@@ -18,8 +20,8 @@ type fakeOwner struct {
 	comm, exe, cg string
 }
 
-func (o fakeOwner) Process() (policy.Process, bool) {
-	return policy.Process{PID: 1, Comm: o.comm, Exe: o.exe}, true
+func (o fakeOwner) Process() (owner.Process, bool) {
+	return owner.Process{PID: 1, Comm: o.comm, Exe: o.exe}, true
 }
 func (o fakeOwner) Cgroup() (string, bool) { return o.cg, true }
 
@@ -61,7 +63,7 @@ func TestImageAgreesWithPolicy(t *testing.T) {
 		up := func(u int, v6 bool) bool { return upState[u][map[bool]int{false: 0, true: 1}[v6]] }
 		for ci := 0; ci < conns; ci++ {
 			dst := netip.AddrPortFrom(netip.MustParseAddr(pick(corpusAddrs)), uint16([]int{53, 54, 80, 81, 443, 1 + rng.IntN(9500)}[rng.IntN(6)]))
-			proto := pick([]string{"tcp", "udp"})
+			proto := []ipproto.Proto{ipproto.TCP, ipproto.UDP}[rng.IntN(2)]
 			uid, gid := uint32(rng.IntN(3)*1000), uint32(rng.IntN(3)*1000)
 			cg := pick(append([]string{""}, cgs...))
 			comm := pick(comms)
@@ -79,7 +81,7 @@ func TestImageAgreesWithPolicy(t *testing.T) {
 					break
 				}
 			}
-			f := &policy.Flow{Protocol: proto, Dst: dst, UID: uid, GID: gid, HasUID: true, Owner: o}
+			f := &policy.Flow{Proto: proto, Dst: dst, UID: uid, GID: gid, HasUID: true, Owner: o}
 			want := -1
 			var rule *policy.Rule
 			if rule = cfg.Decide(f); rule != nil {
@@ -89,7 +91,7 @@ func TestImageAgreesWithPolicy(t *testing.T) {
 					}
 				}
 			}
-			v := im.Decide(Conn{Protocol: proto, Dst: dst, UID: uid, GID: gid, Cgroups: chain, Comm: comm}, up)
+			v := im.Decide(Conn{Proto: proto, Dst: dst, UID: uid, GID: gid, Cgroups: chain, Comm: comm}, up)
 			if v.Stop {
 				stopped++
 				if want != -1 && want < v.Rule {

@@ -58,7 +58,7 @@ func (s controlSource) Uplinks() []control.UplinkInfo {
 
 func info(f *flow.Flow, now time.Time) control.FlowInfo {
 	fi := control.FlowInfo{
-		Proto:    flow.ProtoName(f.Proto),
+		Proto:    f.Proto.String(),
 		Original: control.Tuple{Src: f.Src.Addr(), Dst: f.Dst.Addr(), Sport: f.Src.Port(), Dport: f.Dst.Port()},
 		Reply:    control.Tuple{Src: f.Dst.Addr(), Dst: f.NewSrc.Addr(), Sport: f.Dst.Port(), Dport: f.NewSrc.Port()},
 		Mark:     f.Mark, Dev: f.Dev, UID: f.UID, Rule: f.Rule, Cookie: f.Cookie,

@@ -163,10 +163,10 @@ func (c *flowCollector) Collect(ch chan<- prometheus.Metric) {
 	flows, passes := map[key]int{}, map[string]int{}
 	for _, f := range c.d.flows.Snapshot() {
 		if f.Pass {
-			passes[flow.ProtoName(f.Proto)]++
+			passes[f.Proto.String()]++
 			continue
 		}
-		flows[key{uplinkName(names, f), flow.ProtoName(f.Proto)}]++
+		flows[key{uplinkName(names, f), f.Proto.String()}]++
 	}
 	for k, n := range flows {
 		ch <- prometheus.MustNewConstMetric(flowsDesc, prometheus.GaugeValue, float64(n), k.uplink, k.proto)

@@ -4,12 +4,11 @@ import (
 	"errors"
 	"net/netip"
 
-	"github.com/rerouted/rerouted/internal/flow"
+	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/packet"
 	"github.com/rerouted/rerouted/internal/route"
 	"github.com/rerouted/rerouted/internal/sockdiag"
 	"github.com/rerouted/rerouted/internal/uplink"
-	"golang.org/x/sys/unix"
 )
 
 // A translated flow's wire source is an uplink's address. When that address
@@ -43,7 +42,7 @@ func (d *Daemon) moveStale(r *uplink.Routing, diag *sockdiag.Conn, rt *route.Cac
 		}
 		name := uplinkName(names, f)
 		how := "redecided"
-		if f.Proto == unix.IPPROTO_TCP {
+		if f.Proto == ipproto.TCP {
 			how = "reset"
 			if u := cfg.UplinkByMark(f.Mark); u != nil && u.KeepTCP {
 				how = "removed"
@@ -67,7 +66,7 @@ func (d *Daemon) moveStale(r *uplink.Routing, diag *sockdiag.Conn, rt *route.Cac
 			}
 		}
 		d.events.Move(f, how, to)
-		d.log.Warn("a flow's source address went away; moved it", "proto", flow.ProtoName(f.Proto), "src", f.Src, "dst", f.Dst,
+		d.log.Warn("a flow's source address went away; moved it", "proto", f.Proto.String(), "src", f.Src, "dst", f.Dst,
 			"gone", f.NewSrc.Addr(), "how", how, "next_src", to, "uplink", name)
 	}
 }

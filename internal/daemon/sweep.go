@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/rerouted/rerouted/internal/flow"
+	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/nftdp"
 	"github.com/rerouted/rerouted/internal/packet"
 	"github.com/rerouted/rerouted/internal/sockdiag"
@@ -23,8 +24,8 @@ import (
 // socketTable is what the sweeper and adoption ask of sock_diag
 // (sockdiag.Conn).
 type socketTable interface {
-	Dump(family, proto uint8, fn func(*sockdiag.Socket)) error
-	Lookup(proto uint8, local, remote netip.AddrPort, s *sockdiag.Socket) error
+	Dump(family uint8, proto ipproto.Proto, fn func(*sockdiag.Socket)) error
+	Lookup(proto ipproto.Proto, local, remote netip.AddrPort, s *sockdiag.Socket) error
 }
 
 // flowMaps is what they ask of the datapath's flow maps (nftdp.Datapath).
@@ -49,7 +50,7 @@ func (d *Daemon) adopt(diag socketTable, maps flowMaps, rt packet.Routes) error 
 	for _, e := range entries {
 		f := &flow.Flow{Key: flow.Key{Proto: e.Proto, Src: e.Src, Dst: e.Dst}, NewSrc: e.NewSrc, Mark: e.Mark, Pass: e.Pass,
 			Rule: "adopted", Start: now, UsedAt: now}
-		if e.Proto == unix.IPPROTO_TCP || e.Proto == unix.IPPROTO_UDP {
+		if e.Proto == ipproto.TCP || e.Proto == ipproto.UDP {
 			var so sockdiag.Socket
 			err := diag.Lookup(e.Proto, e.Src, e.Dst, &so)
 			if errors.Is(err, sockdiag.ErrNotFound) {
@@ -159,16 +160,17 @@ func (d *Daemon) sweep(diag socketTable, udp map[uint64]struct{}) {
 	s := d.flows.BeginSweep(time.Now())
 	clear(udp)
 	tcp := func(so *sockdiag.Socket) {
-		s.Seen(flow.Key{Proto: unix.IPPROTO_TCP, Src: so.Local, Dst: so.Remote}, so.Cookie)
+		s.Seen(flow.Key{Proto: ipproto.TCP, Src: so.Local, Dst: so.Remote}, so.Cookie)
 	}
 	dgram := func(so *sockdiag.Socket) { udp[so.Cookie] = struct{}{} }
 	var err error
 	for _, dump := range []struct {
-		family, proto uint8
-		fn            func(*sockdiag.Socket)
+		family uint8
+		proto  ipproto.Proto
+		fn     func(*sockdiag.Socket)
 	}{
-		{unix.AF_INET, unix.IPPROTO_TCP, tcp}, {unix.AF_INET6, unix.IPPROTO_TCP, tcp},
-		{unix.AF_INET, unix.IPPROTO_UDP, dgram}, {unix.AF_INET6, unix.IPPROTO_UDP, dgram},
+		{unix.AF_INET, ipproto.TCP, tcp}, {unix.AF_INET6, ipproto.TCP, tcp},
+		{unix.AF_INET, ipproto.UDP, dgram}, {unix.AF_INET6, ipproto.UDP, dgram},
 	} {
 		if err = diag.Dump(dump.family, dump.proto, dump.fn); err != nil {
 			break
@@ -192,7 +194,7 @@ func (d *Daemon) sweep(diag socketTable, udp map[uint64]struct{}) {
 		if f.Cookie == 0 {
 			continue // no socket to follow: idleness ends it
 		}
-		if _, ok := udp[f.Cookie]; ok && f.Proto == unix.IPPROTO_UDP {
+		if _, ok := udp[f.Cookie]; ok && f.Proto == ipproto.UDP {
 			continue
 		}
 		err := diag.Lookup(f.Proto, f.Src, f.Dst, &so)
@@ -208,7 +210,7 @@ func (d *Daemon) sweep(diag socketTable, udp map[uint64]struct{}) {
 			suspects[f] = struct{}{}
 			continue
 		}
-		d.log.Debug("socket gone", "proto", flow.ProtoName(f.Proto), "src", f.Src, "dst", f.Dst, "cookie", f.Cookie,
+		d.log.Debug("socket gone", "proto", f.Proto.String(), "src", f.Src, "dst", f.Dst, "cookie", f.Cookie,
 			"lookup", lookupResult(err), "found_cookie", so.Cookie, "found_state", sockdiag.StateName(so.State))
 		d.shared.Forget(f)
 	}
@@ -246,7 +248,7 @@ func (d *Daemon) expireIdle(maps flowMaps, now time.Time, timeout time.Duration)
 		}
 		if now.Sub(f.UsedAt) >= timeout {
 			d.stats.Idle.Add(1)
-			d.log.Debug("flow idle", "proto", flow.ProtoName(f.Proto), "src", f.Src, "dst", f.Dst, "pass", f.Pass, "idle", now.Sub(f.UsedAt).Round(time.Second))
+			d.log.Debug("flow idle", "proto", f.Proto.String(), "src", f.Src, "dst", f.Dst, "pass", f.Pass, "idle", now.Sub(f.UsedAt).Round(time.Second))
 			d.shared.Forget(f)
 		}
 	}

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/rerouted/rerouted/internal/flow"
+	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/nftdp"
 	"github.com/rerouted/rerouted/internal/packet"
 	"github.com/rerouted/rerouted/internal/route"
@@ -20,7 +21,7 @@ import (
 // table, and which removals reach the kernel.
 
 type tuple struct {
-	proto       uint8
+	proto       ipproto.Proto
 	local, peer netip.AddrPort
 }
 
@@ -32,7 +33,7 @@ type fakeSocketTable struct {
 	dumpErr error
 }
 
-func (s *fakeSocketTable) Dump(family, proto uint8, fn func(*sockdiag.Socket)) error {
+func (s *fakeSocketTable) Dump(family uint8, proto ipproto.Proto, fn func(*sockdiag.Socket)) error {
 	if s.dumpErr != nil {
 		return s.dumpErr
 	}
@@ -44,7 +45,7 @@ func (s *fakeSocketTable) Dump(family, proto uint8, fn func(*sockdiag.Socket)) e
 	return nil
 }
 
-func (s *fakeSocketTable) Lookup(proto uint8, local, remote netip.AddrPort, out *sockdiag.Socket) error {
+func (s *fakeSocketTable) Lookup(proto ipproto.Proto, local, remote netip.AddrPort, out *sockdiag.Socket) error {
 	so, ok := s.socks[tuple{proto, local, remote}]
 	if !ok {
 		return sockdiag.ErrNotFound
@@ -98,7 +99,7 @@ func sock(port uint16) netip.AddrPort {
 }
 
 // addFlow installs a translated flow of a socket that existed a minute ago.
-func addFlow(t *testing.T, d *Daemon, proto uint8, src netip.AddrPort, cookie uint64) *flow.Flow {
+func addFlow(t *testing.T, d *Daemon, proto ipproto.Proto, src netip.AddrPort, cookie uint64) *flow.Flow {
 	t.Helper()
 	f := &flow.Flow{Key: flow.Key{Proto: proto, Src: src, Dst: peer}, Mark: 200, Cookie: cookie, Start: time.Now().Add(-time.Minute)}
 	f.UsedAt = f.Start
@@ -128,21 +129,21 @@ func removed(d *Daemon, k *recordingKernel) []netip.AddrPort {
 func TestSweepRemovesOnlyWhatIsGoneTwice(t *testing.T) {
 	d, k := newSweepDaemon(t)
 	socks := &fakeSocketTable{socks: map[tuple]sockdiag.Socket{}, missed: map[tuple]bool{}}
-	live := func(proto uint8, port uint16, cookie uint64) {
+	live := func(proto ipproto.Proto, port uint16, cookie uint64) {
 		socks.socks[tuple{proto, sock(port), peer}] = sockdiag.Socket{Local: sock(port), Remote: peer, Cookie: cookie}
 	}
-	addFlow(t, d, unix.IPPROTO_TCP, sock(1001), 1) // alive, in the dump
-	addFlow(t, d, unix.IPPROTO_TCP, sock(1002), 2) // alive, missed by the dump
-	addFlow(t, d, unix.IPPROTO_TCP, sock(1003), 3) // gone
-	addFlow(t, d, unix.IPPROTO_TCP, sock(1004), 4) // its tuple now another socket's
-	addFlow(t, d, unix.IPPROTO_UDP, sock(1005), 5) // unconnected UDP: the dump shows its cookie on another tuple
-	addFlow(t, d, unix.IPPROTO_UDP, sock(1006), 6) // UDP, gone
-	echo := addFlow(t, d, unix.IPPROTO_ICMP, sock(77), 0)
-	live(unix.IPPROTO_TCP, 1001, 1)
-	live(unix.IPPROTO_TCP, 1002, 2)
-	socks.missed[tuple{unix.IPPROTO_TCP, sock(1002), peer}] = true
-	live(unix.IPPROTO_TCP, 1004, 40)
-	socks.socks[tuple{unix.IPPROTO_UDP, sock(1005), netip.AddrPort{}}] = sockdiag.Socket{Local: sock(1005), Cookie: 5}
+	addFlow(t, d, ipproto.TCP, sock(1001), 1) // alive, in the dump
+	addFlow(t, d, ipproto.TCP, sock(1002), 2) // alive, missed by the dump
+	addFlow(t, d, ipproto.TCP, sock(1003), 3) // gone
+	addFlow(t, d, ipproto.TCP, sock(1004), 4) // its tuple now another socket's
+	addFlow(t, d, ipproto.UDP, sock(1005), 5) // unconnected UDP: the dump shows its cookie on another tuple
+	addFlow(t, d, ipproto.UDP, sock(1006), 6) // UDP, gone
+	echo := addFlow(t, d, ipproto.ICMP, sock(77), 0)
+	live(ipproto.TCP, 1001, 1)
+	live(ipproto.TCP, 1002, 2)
+	socks.missed[tuple{ipproto.TCP, sock(1002), peer}] = true
+	live(ipproto.TCP, 1004, 40)
+	socks.socks[tuple{ipproto.UDP, sock(1005), netip.AddrPort{}}] = sockdiag.Socket{Local: sock(1005), Cookie: 5}
 
 	udp := map[uint64]struct{}{}
 	d.sweep(socks, udp)
@@ -163,7 +164,7 @@ func TestSweepRemovesOnlyWhatIsGoneTwice(t *testing.T) {
 // socket gone". It is counted.
 func TestSweepDumpErrorRemovesNothing(t *testing.T) {
 	d, k := newSweepDaemon(t)
-	addFlow(t, d, unix.IPPROTO_TCP, sock(1001), 1)
+	addFlow(t, d, ipproto.TCP, sock(1001), 1)
 	socks := &fakeSocketTable{socks: map[tuple]sockdiag.Socket{}, dumpErr: unix.ENOBUFS}
 	for range 3 {
 		d.sweep(socks, map[uint64]struct{}{})
@@ -177,12 +178,12 @@ func TestSweepDumpErrorRemovesNothing(t *testing.T) {
 // idle timeout; a count that moved keeps them.
 func TestExpireIdle(t *testing.T) {
 	d, k := newSweepDaemon(t)
-	busy := addFlow(t, d, unix.IPPROTO_UDP, sock(1001), 1)
-	idle := addFlow(t, d, unix.IPPROTO_UDP, sock(1002), 2)
-	tcp := addFlow(t, d, unix.IPPROTO_TCP, sock(1003), 3)
+	busy := addFlow(t, d, ipproto.UDP, sock(1001), 1)
+	idle := addFlow(t, d, ipproto.UDP, sock(1002), 2)
+	tcp := addFlow(t, d, ipproto.TCP, sock(1003), 3)
 	maps := &fakeMaps{uses: []nftdp.Use{
-		{Proto: unix.IPPROTO_UDP, Src: busy.Src, Dst: busy.Dst, Packets: 10},
-		{Proto: unix.IPPROTO_UDP, Reply: true, Src: busy.NewSrc, Dst: busy.Dst, Packets: 5},
+		{Proto: ipproto.UDP, Src: busy.Src, Dst: busy.Dst, Packets: 10},
+		{Proto: ipproto.UDP, Reply: true, Src: busy.NewSrc, Dst: busy.Dst, Packets: 5},
 	}}
 	now := time.Now()
 	d.expireIdle(maps, now, 30*time.Second)
@@ -207,13 +208,13 @@ func TestExpireIdle(t *testing.T) {
 func TestAdopt(t *testing.T) {
 	d, _ := newSweepDaemon(t)
 	socks := &fakeSocketTable{socks: map[tuple]sockdiag.Socket{
-		{unix.IPPROTO_TCP, sock(1001), peer}: {Cookie: 11, UID: 1000, Inode: 5},
-		{unix.IPPROTO_UDP, sock(1003), peer}: {Cookie: 13},
+		{ipproto.TCP, sock(1001), peer}: {Cookie: 11, UID: 1000, Inode: 5},
+		{ipproto.UDP, sock(1003), peer}: {Cookie: 13},
 	}}
-	tr := func(proto uint8, port uint16) nftdp.Entry {
+	tr := func(proto ipproto.Proto, port uint16) nftdp.Entry {
 		return nftdp.Entry{Proto: proto, Src: sock(port), Dst: peer, NewSrc: netip.AddrPortFrom(ispB, port), Mark: 200}
 	}
-	live, gone, udp, ping := tr(unix.IPPROTO_TCP, 1001), tr(unix.IPPROTO_TCP, 1002), tr(unix.IPPROTO_UDP, 1003), tr(unix.IPPROTO_ICMP, 77)
+	live, gone, udp, ping := tr(ipproto.TCP, 1001), tr(ipproto.TCP, 1002), tr(ipproto.UDP, 1003), tr(ipproto.ICMP, 77)
 	dup := live
 	dup.NewSrc = netip.AddrPortFrom(ispB, 2001) // a second element for the same socket tuple
 	maps := &fakeMaps{entries: []nftdp.Entry{live, gone, udp, ping, dup}}
@@ -223,7 +224,7 @@ func TestAdopt(t *testing.T) {
 	if len(maps.deleted) != 2 || maps.deleted[0] != gone || maps.deleted[1] != dup {
 		t.Fatalf("deleted %+v, want the gone socket's and the duplicate", maps.deleted)
 	}
-	f := d.flows.Get(flow.Key{Proto: unix.IPPROTO_TCP, Src: sock(1001), Dst: peer})
+	f := d.flows.Get(flow.Key{Proto: ipproto.TCP, Src: sock(1001), Dst: peer})
 	if d.flows.Len() != 3 || f == nil || f.Cookie != 11 || f.UID != 1000 || f.Dev != "isp-b" || f.NewSrc != live.NewSrc {
 		t.Fatalf("%d flows; adopted %+v", d.flows.Len(), f)
 	}

@@ -13,6 +13,7 @@ import (
 
 	"github.com/rerouted/rerouted/internal/connect"
 	"github.com/rerouted/rerouted/internal/flow"
+	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/rewrite"
 	"github.com/rerouted/rerouted/internal/uplink"
 )
@@ -149,14 +150,14 @@ func appendFlow(b []byte, f *flow.Flow) []byte {
 	b = appendTuple(b, f)
 	b = append(b, " => src="...)
 	b = f.NewSrc.Addr().AppendTo(b)
-	if f.Proto != 1 && f.Proto != 58 {
+	if !f.Proto.IsICMP() {
 		b = append(b, " sport="...)
 		b = strconv.AppendUint(b, uint64(f.NewSrc.Port()), 10)
 	}
 	b = append(b, " dev="...)
 	b = append(b, f.Dev...)
 	b = appendOwner(b, f)
-	if f.Proto == 6 && f.Cookie == 0 {
+	if f.Proto == ipproto.TCP && f.Cookie == 0 {
 		b = append(b, " socket=none ends=idle"...) // a raw socket's SYN
 	}
 	return b
@@ -164,12 +165,12 @@ func appendFlow(b []byte, f *flow.Flow) []byte {
 
 // appendTuple formats a flow's socket tuple and mark.
 func appendTuple(b []byte, f *flow.Flow) []byte {
-	b = append(b, flow.ProtoName(f.Proto)...)
+	b = append(b, f.Proto.String()...)
 	b = append(b, " src="...)
 	b = f.Src.Addr().AppendTo(b)
 	b = append(b, " dst="...)
 	b = f.Dst.Addr().AppendTo(b)
-	echo := f.Proto == 1 || f.Proto == 58
+	echo := f.Proto.IsICMP()
 	if echo { // the identifier, as conntrack shows it
 		b = append(b, " id="...)
 		b = strconv.AppendUint(b, uint64(f.Src.Port()), 10)
@@ -235,7 +236,7 @@ func (e *Writer) Refused(t *rewrite.Packet, rule string) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	b := append(e.buf[:0], "[REFUSED] "...)
-	b = append(b, flow.ProtoName(t.Proto)...)
+	b = append(b, t.Proto.String()...)
 	b = append(b, " src="...)
 	b = t.Src.Addr().AppendTo(b)
 	b = append(b, " dst="...)
@@ -270,7 +271,7 @@ func (e *Writer) Bind(ev connect.Event, rule, up string, src netip.Addr) {
 	if ev.Refused {
 		b = append(e.buf[:0], "[REFUSED] "...)
 	}
-	b = append(b, ev.Proto...)
+	b = append(b, ev.Proto.String()...)
 	b = append(b, " dst="...)
 	b = ev.Dst.Addr().AppendTo(b)
 	b = append(b, " dport="...)

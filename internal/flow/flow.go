@@ -12,15 +12,17 @@ package flow
 import (
 	"net/netip"
 	"sort"
-	"strconv"
 	"sync"
 	"time"
+
+	"github.com/rerouted/rerouted/internal/ipproto"
+	"github.com/rerouted/rerouted/internal/owner"
 )
 
 // Key is a connection as one end sees it. Proto is an IP protocol number;
 // an ICMP echo's identifier stands for both ports.
 type Key struct {
-	Proto    uint8
+	Proto    ipproto.Proto
 	Src, Dst netip.AddrPort
 }
 
@@ -51,14 +53,12 @@ type Flow struct {
 
 // Idles reports whether the flow ends by idleness: UDP and echo flows,
 // and TCP flows with no socket to follow (a raw socket's SYN).
-func (f *Flow) Idles() bool { return f.Proto != 6 || f.Cookie == 0 }
+func (f *Flow) Idles() bool { return f.Proto != ipproto.TCP || f.Cookie == 0 }
 
 // Owner is the process and cgroup behind a flow's socket, as far as known.
 type Owner struct {
-	PID    int // 0 if unknown
-	Comm   string
-	Exe    string
-	Cgroup string // cgroup v2 path below the mount, "/" for the root; "" if unknown
+	owner.Process        // PID 0 if unknown
+	Cgroup        string // cgroup v2 path below the mount, "/" for the root; "" if unknown
 }
 
 // Wire is the tuple the wire sees for outbound packets.
@@ -81,7 +81,7 @@ type Table struct {
 type packed struct {
 	src, dst     [16]byte
 	sport, dport uint16
-	proto        uint8
+	proto        ipproto.Proto
 	v4           bool
 }
 
@@ -128,7 +128,7 @@ func (t *Table) Reserve(f *Flow) bool {
 	f.seen = t.gen
 	t.bySock[ks] = f
 	t.byWire[kw] = f
-	if f.Proto == 17 && f.Cookie != 0 {
+	if f.Proto == ipproto.UDP && f.Cookie != 0 {
 		t.byCookie[f.Cookie] = append(t.byCookie[f.Cookie], f)
 	}
 	return true
@@ -157,7 +157,7 @@ func (t *Table) remove(f *Flow) bool {
 	if t.byWire[kw] == f {
 		delete(t.byWire, kw)
 	}
-	if fs, ok := t.byCookie[f.Cookie]; ok && f.Proto == 17 {
+	if fs, ok := t.byCookie[f.Cookie]; ok && f.Proto == ipproto.UDP {
 		for i, g := range fs {
 			if g == f {
 				fs[i] = fs[len(fs)-1]
@@ -234,20 +234,4 @@ func (s *Sweep) End() []*Flow {
 		}
 	}
 	return missing
-}
-
-// ProtoName names an IP protocol as conntrack does ("tcp", "udp", "icmp",
-// "icmpv6"), or by its number.
-func ProtoName(p uint8) string {
-	switch p {
-	case 6:
-		return "tcp"
-	case 17:
-		return "udp"
-	case 1:
-		return "icmp"
-	case 58:
-		return "icmpv6"
-	}
-	return strconv.Itoa(int(p))
 }

@@ -5,10 +5,12 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/rerouted/rerouted/internal/ipproto"
 )
 
 func key(src, dst string) Key {
-	return Key{Proto: 6, Src: netip.MustParseAddrPort(src), Dst: netip.MustParseAddrPort(dst)}
+	return Key{Proto: ipproto.TCP, Src: netip.MustParseAddrPort(src), Dst: netip.MustParseAddrPort(dst)}
 }
 
 func TestIndexes(t *testing.T) {
@@ -58,7 +60,7 @@ func TestConcurrent(t *testing.T) {
 		go func(g int) {
 			defer wg.Done()
 			for i := 0; i < 500; i++ {
-				f := &Flow{Key: Key{Proto: 6, Src: netip.AddrPortFrom(netip.MustParseAddr("198.51.100.2"), uint16(g*1000+i)),
+				f := &Flow{Key: Key{Proto: ipproto.TCP, Src: netip.AddrPortFrom(netip.MustParseAddr("198.51.100.2"), uint16(g*1000+i)),
 					Dst: netip.MustParseAddrPort("192.0.2.80:80")}, Start: time.Now()}
 				tb.Reserve(f)
 				_ = tb.Snapshot()
@@ -75,7 +77,7 @@ func TestByCookie(t *testing.T) {
 	tb := NewTable()
 	udp := func(dst string, cookie uint64) *Flow {
 		k := key("198.51.100.2:5000", dst)
-		k.Proto = 17
+		k.Proto = ipproto.UDP
 		return &Flow{Key: k, NewSrc: netip.MustParseAddrPort("203.0.113.2:5000"), Cookie: cookie}
 	}
 	a, b, c := udp("192.0.2.80:53", 7), udp("192.0.2.81:53", 7), udp("192.0.2.82:53", 8)

@@ -3,6 +3,7 @@ package nftdp
 import (
 	"testing"
 
+	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/networld/worldtest"
 )
 
@@ -15,7 +16,7 @@ func BenchmarkFlowTransaction(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer d.Remove()
-	e := Entry{Proto: 6, Src: ap("198.51.100.2:40312"), Dst: ap("192.0.2.80:80"), NewSrc: ap("203.0.113.2:40312"), Mark: 100}
+	e := Entry{Proto: ipproto.TCP, Src: ap("198.51.100.2:40312"), Dst: ap("192.0.2.80:80"), NewSrc: ap("203.0.113.2:40312"), Mark: 100}
 	b.ReportAllocs()
 	for b.Loop() {
 		if err := d.Add(e); err != nil {

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/google/nftables"
+	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/nftdp/nftbatch"
 )
 
@@ -31,10 +32,10 @@ func goldenDatapath(t *testing.T, userspace bool) *Datapath {
 // families), the rules, and the maps of marks.
 func TestGoldenBatches(t *testing.T) {
 	d := goldenDatapath(t, false)
-	tcp4 := Entry{Proto: 6, Src: ap("198.51.100.2:40312"), Dst: ap("192.0.2.80:80"), NewSrc: ap("203.0.113.2:40313"), Mark: 100}
-	udp6 := Entry{Proto: 17, Src: ap("[2001:db8::2]:5353"), Dst: ap("[2001:db8:1::53]:53"), NewSrc: ap("[2001:db8:2::2]:5354"), Mark: 0x72720002}
-	echo4 := Entry{Proto: 1, Src: ap("198.51.100.2:7"), Dst: ap("192.0.2.1:7"), NewSrc: ap("203.0.113.2:7"), Mark: 101}
-	pass4 := Entry{Proto: 17, Src: ap("198.51.100.2:1000"), Dst: ap("192.0.2.53:53"), Pass: true}
+	tcp4 := Entry{Proto: ipproto.TCP, Src: ap("198.51.100.2:40312"), Dst: ap("192.0.2.80:80"), NewSrc: ap("203.0.113.2:40313"), Mark: 100}
+	udp6 := Entry{Proto: ipproto.UDP, Src: ap("[2001:db8::2]:5353"), Dst: ap("[2001:db8:1::53]:53"), NewSrc: ap("[2001:db8:2::2]:5354"), Mark: 0x72720002}
+	echo4 := Entry{Proto: ipproto.ICMP, Src: ap("198.51.100.2:7"), Dst: ap("192.0.2.1:7"), NewSrc: ap("203.0.113.2:7"), Mark: 101}
+	pass4 := Entry{Proto: ipproto.UDP, Src: ap("198.51.100.2:1000"), Dst: ap("192.0.2.53:53"), Pass: true}
 	ops := []Op{{Entry: tcp4}, {Entry: udp6}, {Entry: echo4}, {Entry: pass4}, {Entry: tcp4, Delete: true}, {Entry: pass4, Delete: true}}
 
 	var marks []*nftables.Set
@@ -77,8 +78,8 @@ func TestGoldenBatches(t *testing.T) {
 // from nftdp's keys across a package boundary.
 func TestFlowBatchDoesNotAllocate(t *testing.T) {
 	d := goldenDatapath(t, false)
-	tcp4 := Entry{Proto: 6, Src: ap("198.51.100.2:40312"), Dst: ap("192.0.2.80:80"), NewSrc: ap("203.0.113.2:40313"), Mark: 100}
-	udp6 := Entry{Proto: 17, Src: ap("[2001:db8::2]:5353"), Dst: ap("[2001:db8:1::53]:53"), NewSrc: ap("[2001:db8:2::2]:5354"), Mark: 100}
+	tcp4 := Entry{Proto: ipproto.TCP, Src: ap("198.51.100.2:40312"), Dst: ap("192.0.2.80:80"), NewSrc: ap("203.0.113.2:40313"), Mark: 100}
+	udp6 := Entry{Proto: ipproto.UDP, Src: ap("[2001:db8::2]:5353"), Dst: ap("[2001:db8:1::53]:53"), NewSrc: ap("[2001:db8:2::2]:5354"), Mark: 100}
 	ops := []Op{{Entry: tcp4}, {Entry: udp6}, {Entry: tcp4, Delete: true}}
 	w := &nftbatch.Writer{Table: TableName}
 	setsOf := d.proto

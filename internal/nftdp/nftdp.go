@@ -41,6 +41,7 @@ import (
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
 	"github.com/mdlayher/netlink"
+	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/nftdp/nftbatch"
 	"github.com/rerouted/rerouted/internal/nftdp/nftfeat"
 	"golang.org/x/sys/unix"
@@ -85,7 +86,7 @@ const (
 // echo a decision not to translate (Pass), cached so that later packets
 // need no daemon.
 type Entry struct {
-	Proto    uint8          // IP protocol: 6, 17, 1 (ICMP echo) or 58 (ICMPv6 echo)
+	Proto    ipproto.Proto  // TCP, UDP, ICMP (echo) or ICMPv6 (echo)
 	Src, Dst netip.AddrPort // the socket's own tuple; an echo's identifier as ports
 	NewSrc   netip.AddrPort // what the wire sees instead of Src
 	Mark     uint32         // fwmark put on every outbound packet
@@ -144,7 +145,7 @@ type family struct {
 
 // proto is one transport protocol's part of a family's table.
 type proto struct {
-	num          byte          // IP protocol number
+	num          ipproto.Proto // IP protocol number
 	name         string        // in set names: "tcp", "udp", "icmp"
 	sport, dport uint32        // offsets of the ports; an echo's identifier is both
 	csum         uint32        // offset of the transport checksum
@@ -158,11 +159,11 @@ type proto struct {
 	meter        *nftables.Set // UDP: each remote source's budget of new learned tuples
 }
 
-func (p *proto) isEcho() bool { return p.num == unix.IPPROTO_ICMP || p.num == unix.IPPROTO_ICMPV6 }
+func (p *proto) isEcho() bool { return p.num.IsICMP() }
 
 // counted reports whether the protocol's elements count packets: those
 // whose flows can end by idleness.
-func (p *proto) counted() bool { return p.num != unix.IPPROTO_TCP }
+func (p *proto) counted() bool { return p.num != ipproto.TCP }
 
 // flowSets are the sets or maps that hold the protocol's flows, in the
 // order a transaction writes them: outbound (source address, port, mark),
@@ -463,12 +464,12 @@ func (d *Datapath) closeSockets() error {
 // defineFamilies describes the two families and their protocols.
 func (d *Datapath) defineFamilies() {
 	for i, icmp := range []proto{
-		{num: unix.IPPROTO_ICMP, name: "icmp", sport: 4, dport: 4, csum: 2, echo: [2]byte{8, 0}},
-		{num: unix.IPPROTO_ICMPV6, name: "icmp", sport: 4, dport: 4, csum: 2, echo: [2]byte{128, 129}},
+		{num: ipproto.ICMP, name: "icmp", sport: 4, dport: 4, csum: 2, echo: [2]byte{8, 0}},
+		{num: ipproto.ICMPv6, name: "icmp", sport: 4, dport: 4, csum: 2, echo: [2]byte{128, 129}},
 	} {
 		d.fams[i].protos = [3]proto{
-			{num: unix.IPPROTO_TCP, name: "tcp", sport: 0, dport: 2, csum: 16},
-			{num: unix.IPPROTO_UDP, name: "udp", sport: 0, dport: 2, csum: 6},
+			{num: ipproto.TCP, name: "tcp", sport: 0, dport: 2, csum: 16},
+			{num: ipproto.UDP, name: "udp", sport: 0, dport: 2, csum: 6},
 			icmp,
 		}
 	}
@@ -512,14 +513,14 @@ func (d *Datapath) defineSets() error {
 				p.pass = &nftables.Set{Table: t, Name: n + "pass" + v, Concatenation: true, KeyType: keyType,
 					Comment: "socket tuples decided untranslated"}
 			}
-			if p.num == unix.IPPROTO_UDP {
+			if p.num == ipproto.UDP {
 				// Bounded: a peer spraying source ports fills it, and then
 				// replies are decided by the daemon as before.
 				p.seen = &nftables.Set{Table: t, Name: n + "seen" + v, Concatenation: true, KeyType: keyType,
 					Dynamic: true, HasTimeout: true, Timeout: d.seenFor, Size: seenSetSize,
 					Comment: "local tuples a peer opened: replies pass untranslated"}
 			}
-			if p.num == unix.IPPROTO_UDP {
+			if p.num == ipproto.UDP {
 				key := nftables.TypeIPAddr
 				if i == 1 {
 					key = nftables.TypeIP6Addr
@@ -637,7 +638,7 @@ func (d *Datapath) rules(first, total uint16, native bool) []nftbatch.Rule {
 	// one it translated.
 	rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: exprs(append([]expr.Any{
 		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{byte(ipproto.TCP)}},
 	}, append(tcpFlags(0x17, 0x02), &expr.Verdict{Kind: expr.VerdictJump, Chain: filterSYN})...)...)})
 	// ICMP errors (destination unreachable, fragmentation needed or packet
 	// too big, time exceeded, parameter problem) go to the daemon, which
@@ -647,17 +648,19 @@ func (d *Datapath) rules(first, total uint16, native bool) []nftbatch.Rule {
 		rules = append(rules, defragRule())
 	}
 	for _, r := range []struct {
-		nfproto, proto, lo, hi byte
+		nfproto byte
+		proto   ipproto.Proto
+		lo, hi  byte
 	}{
-		{unix.NFPROTO_IPV4, unix.IPPROTO_ICMP, 3, 3},
-		{unix.NFPROTO_IPV4, unix.IPPROTO_ICMP, 11, 12},
-		{unix.NFPROTO_IPV6, unix.IPPROTO_ICMPV6, 1, 4},
+		{unix.NFPROTO_IPV4, ipproto.ICMP, 3, 3},
+		{unix.NFPROTO_IPV4, ipproto.ICMP, 11, 12},
+		{unix.NFPROTO_IPV6, ipproto.ICMPv6, 1, 4},
 	} {
 		rules = append(rules, nftbatch.Rule{Chain: "prerouting", Exprs: exprs(
 			&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{r.nfproto}},
 			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{r.proto}},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{byte(r.proto)}},
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1},
 			&expr.Range{Op: expr.CmpOpEq, Register: 1, FromData: []byte{r.lo}, ToData: []byte{r.hi}},
 			nftfeat.QueueTo(first, total, native, false, true), // about any traffic: never held back
@@ -683,7 +686,7 @@ func defragRule() nftbatch.Rule {
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.NFPROTO_IPV4}},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.NFPROTO_IPV6}},
 		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_UDP}},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{byte(ipproto.UDP)}},
 		&expr.Immediate{Register: 1, Data: binaryutil.BigEndian.PutUint16(9)},
 		&expr.TProxy{Family: unix.NFPROTO_UNSPEC, TableFamily: unix.NFPROTO_INET, RegPort: 1},
 	)}
@@ -723,7 +726,7 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []nftbatch.Rule {
 			// such datagrams get their own rules, whose port write leaves
 			// the checksum alone.
 			variants := []*expr.Cmp{nil}
-			if p.num == unix.IPPROTO_UDP && f.nfproto == unix.NFPROTO_IPV4 {
+			if p.num == ipproto.UDP && f.nfproto == unix.NFPROTO_IPV4 {
 				variants = []*expr.Cmp{
 					{Op: expr.CmpOpNeq, Register: 1, Data: []byte{0, 0}},
 					{Op: expr.CmpOpEq, Register: 1, Data: []byte{0, 0}},
@@ -859,7 +862,7 @@ func matchProto(f *family, p *proto, dir int) []expr.Any {
 		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{f.nfproto}},
 		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{p.num}},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{byte(p.num)}},
 	}
 	if p.isEcho() {
 		m = append(m,
@@ -1034,7 +1037,7 @@ func (d *Datapath) Entries() ([]Entry, error) {
 
 // Use is the packet count of one UDP or echo flow's element.
 type Use struct {
-	Proto    uint8
+	Proto    ipproto.Proto
 	Reply    bool           // the inbound element: Src is the wire's source (the reply's destination)
 	Src, Dst netip.AddrPort // as in the element's key
 	Packets  uint64

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/networld/worldtest"
 )
 
@@ -42,9 +43,9 @@ func TestInstallAddDeleteRemove(t *testing.T) {
 	}
 
 	entries := []Entry{
-		{Proto: 6, Src: ap("198.51.100.2:40312"), Dst: ap("192.0.2.80:80"), NewSrc: ap("203.0.113.2:40312"), Mark: 100},
-		{Proto: 6, Src: ap("198.51.100.2:40313"), Dst: ap("192.0.2.80:80"), NewSrc: ap("203.0.113.2:51000"), Mark: 0x12345678},
-		{Proto: 6, Src: ap("[2001:db8:a::2]:40314"), Dst: ap("[2001:db8:80::80]:443"), NewSrc: ap("[2001:db8:b::2]:40314"), Mark: 100},
+		{Proto: ipproto.TCP, Src: ap("198.51.100.2:40312"), Dst: ap("192.0.2.80:80"), NewSrc: ap("203.0.113.2:40312"), Mark: 100},
+		{Proto: ipproto.TCP, Src: ap("198.51.100.2:40313"), Dst: ap("192.0.2.80:80"), NewSrc: ap("203.0.113.2:51000"), Mark: 0x12345678},
+		{Proto: ipproto.TCP, Src: ap("[2001:db8:a::2]:40314"), Dst: ap("[2001:db8:80::80]:443"), NewSrc: ap("[2001:db8:b::2]:40314"), Mark: 100},
 	}
 	if err := d.Add(entries...); err != nil {
 		t.Fatal(err)
@@ -153,7 +154,7 @@ func TestUserspaceSets(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer d.Remove()
-	e := Entry{Proto: 6, Src: ap("198.51.100.2:40312"), Dst: ap("192.0.2.80:80"), NewSrc: ap("203.0.113.2:40312"), Mark: 100}
+	e := Entry{Proto: ipproto.TCP, Src: ap("198.51.100.2:40312"), Dst: ap("192.0.2.80:80"), NewSrc: ap("203.0.113.2:40312"), Mark: 100}
 	if err := d.Add(e); err != nil {
 		t.Fatal(err)
 	}
@@ -198,11 +199,11 @@ func TestDatagramEntries(t *testing.T) {
 	}
 	defer d.Remove()
 	entries := []Entry{
-		{Proto: 17, Src: ap("198.51.100.2:5353"), Dst: ap("192.0.2.53:53"), NewSrc: ap("203.0.113.2:5353"), Mark: 100},
-		{Proto: 17, Src: ap("198.51.100.2:5354"), Dst: ap("192.0.2.53:53"), NewSrc: ap("198.51.100.2:5354"), Pass: true},
-		{Proto: 1, Src: ap("198.51.100.2:77"), Dst: ap("192.0.2.80:77"), NewSrc: ap("203.0.113.2:77"), Mark: 100},
-		{Proto: 58, Src: ap("[2001:db8:a::2]:78"), Dst: ap("[2001:db8:80::80]:78"), NewSrc: ap("[2001:db8:b::2]:78"), Mark: 100},
-		{Proto: 58, Src: ap("[2001:db8:a::2]:79"), Dst: ap("[2001:db8:80::80]:79"), NewSrc: ap("[2001:db8:a::2]:79"), Pass: true},
+		{Proto: ipproto.UDP, Src: ap("198.51.100.2:5353"), Dst: ap("192.0.2.53:53"), NewSrc: ap("203.0.113.2:5353"), Mark: 100},
+		{Proto: ipproto.UDP, Src: ap("198.51.100.2:5354"), Dst: ap("192.0.2.53:53"), NewSrc: ap("198.51.100.2:5354"), Pass: true},
+		{Proto: ipproto.ICMP, Src: ap("198.51.100.2:77"), Dst: ap("192.0.2.80:77"), NewSrc: ap("203.0.113.2:77"), Mark: 100},
+		{Proto: ipproto.ICMPv6, Src: ap("[2001:db8:a::2]:78"), Dst: ap("[2001:db8:80::80]:78"), NewSrc: ap("[2001:db8:b::2]:78"), Mark: 100},
+		{Proto: ipproto.ICMPv6, Src: ap("[2001:db8:a::2]:79"), Dst: ap("[2001:db8:80::80]:79"), NewSrc: ap("[2001:db8:a::2]:79"), Pass: true},
 	}
 	if err := d.Add(entries...); err != nil {
 		t.Fatal(err)
@@ -240,7 +241,7 @@ func TestDatagramEntries(t *testing.T) {
 	if err := d.Apply([]Op{{Entry: Entry{Proto: 132, Src: ap("198.51.100.2:1"), Dst: ap("192.0.2.1:1"), NewSrc: ap("203.0.113.2:1")}}}); !errors.Is(err, ErrProtocol) {
 		t.Errorf("SCTP entry: %v, want ErrProtocol", err)
 	}
-	if err := d.Apply([]Op{{Entry: Entry{Proto: 6, Src: ap("198.51.100.2:1"), Dst: ap("192.0.2.1:1"), Pass: true}}}); !errors.Is(err, ErrProtocol) {
+	if err := d.Apply([]Op{{Entry: Entry{Proto: ipproto.TCP, Src: ap("198.51.100.2:1"), Dst: ap("192.0.2.1:1"), Pass: true}}}); !errors.Is(err, ErrProtocol) {
 		t.Errorf("TCP pass entry: %v, want ErrProtocol", err)
 	}
 	if err := d.Delete(entries...); err != nil {

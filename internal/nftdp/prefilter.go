@@ -10,6 +10,7 @@ import (
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
+	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/nftdp/nftbatch"
 	"github.com/rerouted/rerouted/internal/nftdp/nftfeat"
 	"github.com/rerouted/rerouted/internal/policy"
@@ -155,9 +156,9 @@ func (d *Datapath) compile(f Filter, gen int, native bool) compiled {
 				&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{0, 0, 0, 0}},
 				verdict)})
 		}
-		protos := []string{"tcp"}
+		protos := []ipproto.Proto{ipproto.TCP}
 		if chain == filterNew {
-			protos = []string{"udp", "icmp"}
+			protos = []ipproto.Proto{ipproto.UDP, ipproto.ICMP} // ICMP: the family's, ICMP or ICMPv6
 		}
 		for i, r := range f.Rules {
 			if !r.Queue && !r.Exact {
@@ -174,12 +175,12 @@ func (d *Datapath) compile(f Filter, gen int, native bool) compiled {
 						&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{fam.nfproto}},
 					}
 					if chain == filterNew {
-						num := byte(unix.IPPROTO_UDP)
-						if proto == "icmp" {
+						num := ipproto.UDP
+						if proto == ipproto.ICMP {
 							num = fam.protos[2].num
 						}
 						m = append(m, &expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
-							&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{num}})
+							&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{byte(num)}})
 					}
 					name := fmt.Sprintf("r%d_", i)
 					v := fmt.Sprint(4 + 2*fi)
@@ -214,9 +215,9 @@ func (d *Datapath) compile(f Filter, gen int, native bool) compiled {
 					}{{r.Dports, false, "dport"}, {r.NotDports, true, "not_dport"}} {
 						switch {
 						case p.rs == nil:
-						case proto == "icmp" && !p.neg:
+						case proto == ipproto.ICMP && !p.neg:
 							ok = false // an echo has no port
-						case proto == "icmp":
+						case proto == ipproto.ICMP:
 						default:
 							sn := set(name+p.n, nftables.TypeInetService, true, portElems(p.rs))
 							m = append(m, &expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},

@@ -20,11 +20,13 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Process identifies the process that owns a socket.
+// Process identifies the process that owns a socket. It is the one
+// description of a process the policy, the packet path, the flow table and
+// the debug stream share.
 type Process struct {
-	PID  int
-	Comm string
-	Exe  string
+	PID  int    // 0 if unknown
+	Comm string // /proc/PID/comm (at most 15 bytes)
+	Exe  string // /proc/PID/exe
 }
 
 // Owners finds the process and cgroup behind a socket. It is not safe for

@@ -7,8 +7,7 @@ import (
 	"path/filepath"
 	"testing"
 
-	"golang.org/x/sys/unix"
-
+	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/sockdiag"
 )
 
@@ -44,7 +43,7 @@ func TestOwnerOfOwnSocket(t *testing.T) {
 	}
 	defer d.Close()
 	var s sockdiag.Socket
-	if err := d.Lookup(unix.IPPROTO_TCP, local, remote, &s); err != nil {
+	if err := d.Lookup(ipproto.TCP, local, remote, &s); err != nil {
 		t.Fatal(err)
 	}
 	o := NewOwners()

@@ -2,6 +2,7 @@ package packet
 
 import (
 	"fmt"
+	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/owner"
 	"github.com/rerouted/rerouted/internal/queue"
 	"github.com/rerouted/rerouted/internal/rewrite"
@@ -16,7 +17,6 @@ import (
 	"github.com/rerouted/rerouted/internal/policy"
 	"github.com/rerouted/rerouted/internal/sockdiag"
 	"github.com/rerouted/rerouted/internal/uplink"
-	"golang.org/x/sys/unix"
 )
 
 // loopbackConn makes one loopback connection owned by this process and
@@ -89,11 +89,11 @@ func (c decideCase) prepare(tb testing.TB, w *Worker, cfg *policy.Config, other 
 // decideOnce runs the decision path for one new connection: the exact
 // socket lookup and the policy with its lazy owner lookups.
 func decideOnce(w *Worker, cfg *policy.Config, local, remote netip.AddrPort) (string, error) {
-	sock, err := w.diag.Lookup(unix.IPPROTO_TCP, local, remote)
+	sock, err := w.diag.Lookup(ipproto.TCP, local, remote)
 	if err != nil {
 		return "", err
 	}
-	_, rule, _ := w.decide(cfg, &sock, &queue.Packet{}, &rewrite.Packet{Proto: rewrite.TCP, Src: local, Dst: remote}, false)
+	_, rule, _ := w.decide(cfg, &sock, &queue.Packet{}, &rewrite.Packet{Proto: ipproto.TCP, Src: local, Dst: remote}, false)
 	return rule, nil
 }
 

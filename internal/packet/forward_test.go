@@ -5,8 +5,8 @@ import (
 	"testing"
 
 	"github.com/gopacket/gopacket/layers"
+	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/queue"
-	"golang.org/x/sys/unix"
 )
 
 // With the userspace datapath every packet of a translated flow comes to
@@ -16,7 +16,7 @@ import (
 func TestUserspaceForwardsBothWays(t *testing.T) {
 	wd := newWorld(t, testPolicy)
 	wd.s.Userspace = true
-	wd.socket(unix.IPPROTO_TCP, client, server, 7)
+	wd.socket(ipproto.TCP, client, server, 7)
 	wd.send(syn(t, client, server, 1460), 0)
 	wd.w.EndBatch()
 	wireSrc := netip.AddrPortFrom(ispB, client.Port())

@@ -1,7 +1,7 @@
 package packet
 
 import (
-	"github.com/rerouted/rerouted/internal/policy"
+	"github.com/rerouted/rerouted/internal/owner"
 	"github.com/rerouted/rerouted/internal/sockdiag"
 )
 
@@ -13,7 +13,7 @@ type sockOwner struct {
 	sock   sockdiag.Socket // a copy: a pointer would make every lookup's Socket escape
 
 	procDone, cgDone bool
-	proc             policy.Process
+	proc             owner.Process
 	hasProc          bool
 	cg               string
 	hasCg            bool
@@ -23,14 +23,13 @@ func (o *sockOwner) reset(sock *sockdiag.Socket) {
 	*o = sockOwner{owners: o.owners, sock: *sock}
 }
 
-func (o *sockOwner) Process() (policy.Process, bool) {
+func (o *sockOwner) Process() (owner.Process, bool) {
 	if !o.procDone {
 		o.procDone = true
 		if o.sock.Inode == 0 { // no socket known (an echo): no owner to find
 			return o.proc, false
 		}
-		p, ok := o.owners.Process(o.sock.Inode, o.sock.UID, o.sock.CgroupID)
-		o.proc, o.hasProc = policy.Process{PID: p.PID, Comm: p.Comm, Exe: p.Exe}, ok
+		o.proc, o.hasProc = o.owners.Process(o.sock.Inode, o.sock.UID, o.sock.CgroupID)
 	}
 	return o.proc, o.hasProc
 }

@@ -35,12 +35,12 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rerouted/rerouted/internal/events"
 	"github.com/rerouted/rerouted/internal/flow"
+	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/policy"
 	"github.com/rerouted/rerouted/internal/queue"
 	"github.com/rerouted/rerouted/internal/rewrite"
 	"github.com/rerouted/rerouted/internal/route"
 	"github.com/rerouted/rerouted/internal/sockdiag"
-	"golang.org/x/sys/unix"
 )
 
 // Worker is one queue's packet path and the sockets it owns.
@@ -93,11 +93,11 @@ func (w *Worker) Handle(p *queue.Packet) {
 	}
 	out := p.Hook == queue.HookLocalOut
 	switch {
-	case t.Proto == rewrite.TCP && t.Flags&(rewrite.SYN|rewrite.ACK|rewrite.FIN|rewrite.RST) == rewrite.SYN && out:
+	case t.Proto == ipproto.TCP && t.Flags&(rewrite.SYN|rewrite.ACK|rewrite.FIN|rewrite.RST) == rewrite.SYN && out:
 		w.s.Stats.SYNs.Add(1)
 		w.s.Stats.Received.Add(1)
 		w.syn(p, &t)
-	case t.Proto != rewrite.TCP && out && (t.Proto == rewrite.UDP || t.Flags == rewrite.EchoRequest4 || t.Flags == rewrite.EchoRequest6):
+	case t.Proto != ipproto.TCP && out && (t.Proto == ipproto.UDP || t.Flags == rewrite.EchoRequest4 || t.Flags == rewrite.EchoRequest6):
 		w.datagram(p, &t)
 	case w.s.Userspace:
 		w.forward(p, &t)
@@ -159,9 +159,9 @@ func (w *Worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 	// sock_diag: echo flows end by idleness alone, as do datagrams of a
 	// socket that is gone already.
 	var sock sockdiag.Socket
-	if t.Proto == rewrite.UDP {
+	if t.Proto == ipproto.UDP {
 		var err error
-		if sock, err = w.diag.Lookup(unix.IPPROTO_UDP, t.Src, t.Dst); err != nil && !errors.Is(err, sockdiag.ErrNotFound) {
+		if sock, err = w.diag.Lookup(ipproto.UDP, t.Src, t.Dst); err != nil && !errors.Is(err, sockdiag.ErrNotFound) {
 			d.Stats.Errors[ErrSocketLookup].Add(1)
 			d.Log.Error("socket lookup", "proto", "udp", "src", t.Src, "dst", t.Dst, "err", err)
 			if d.FailClosed {
@@ -184,7 +184,7 @@ func (w *Worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 		// be answering a client whose tuple the kernel could not learn
 		// (see policy.DecideService).
 		remote := sock.Remote.Addr()
-		service := t.Proto == rewrite.UDP && sock.Cookie != 0 && (!remote.IsValid() || remote.IsUnspecified()) &&
+		service := t.Proto == ipproto.UDP && sock.Cookie != 0 && (!remote.IsValid() || remote.IsUnspecified()) &&
 			(t.Src.Port() < d.PortLo || t.Src.Port() > d.PortHi)
 		if service {
 			d.Stats.Service.Add(1)
@@ -214,7 +214,7 @@ func (w *Worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 	f = &flow.Flow{Key: key, Mark: mark, Rule: ruleName, UID: sock.UID, Cookie: sock.Cookie, Inode: sock.Inode,
 		Start: time.Now(), Dev: rt.Dev}
 	f.UsedAt = f.Start
-	echo := t.Proto != rewrite.UDP
+	echo := t.Proto != ipproto.UDP
 	if rt.Src == t.Src.Addr() && mark == p.Mark && !onWire {
 		// Routing already gets it right: cache that, so the tuple's later
 		// packets pass in the kernel.
@@ -222,7 +222,7 @@ func (w *Worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 		w.passed = true
 		if !w.admitAs(f, want) {
 			if d.Log.Enabled(context.Background(), slog.LevelDebug) { // its arguments would allocate
-				d.Log.Debug("tuple already decided by another worker", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst)
+				d.Log.Debug("tuple already decided by another worker", "proto", t.Proto.String(), "src", t.Src, "dst", t.Dst)
 			}
 		} else if d.Events.On(events.Pass) {
 			w.describeOwner(f)
@@ -252,7 +252,7 @@ func (w *Worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 	if !ok {
 		d.Stats.Errors[ErrNoPort].Add(1)
 		d.Stats.Failed[FailNoPort].Add(1)
-		d.Log.Error("no free source port for translation; dropping the datagram", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst, "new_src", rt.Src)
+		d.Log.Error("no free source port for translation; dropping the datagram", "proto", t.Proto.String(), "src", t.Src, "dst", t.Dst, "new_src", rt.Src)
 		w.drop(p)
 		return
 	}
@@ -282,11 +282,11 @@ func (w *Worker) follow(p *queue.Packet, t *rewrite.Packet, f *flow.Flow) {
 func (w *Worker) syn(p *queue.Packet, t *rewrite.Packet) {
 	d := w.s
 	start := time.Now()
-	key := flow.Key{Proto: unix.IPPROTO_TCP, Src: t.Src, Dst: t.Dst}
+	key := flow.Key{Proto: ipproto.TCP, Src: t.Src, Dst: t.Dst}
 
 	// 1. The socket. Its cookie tells a retransmitted SYN from a new socket
 	// that reuses the tuple; its existence is what later ends the flow.
-	sock, err := w.diag.Lookup(unix.IPPROTO_TCP, t.Src, t.Dst)
+	sock, err := w.diag.Lookup(ipproto.TCP, t.Src, t.Dst)
 	if err != nil {
 		if !errors.Is(err, sockdiag.ErrNotFound) {
 			d.Stats.Errors[ErrSocketLookup].Add(1)
@@ -339,7 +339,7 @@ func (w *Worker) syn(p *queue.Packet, t *rewrite.Packet) {
 		return
 	}
 	want := netip.AddrPortFrom(rt.Src, t.Src.Port())
-	onWire := d.Flows.OnWire(flow.Key{Proto: unix.IPPROTO_TCP, Src: want, Dst: t.Dst})
+	onWire := d.Flows.OnWire(flow.Key{Proto: ipproto.TCP, Src: want, Dst: t.Dst})
 	if rt.Src == t.Src.Addr() && mark == p.Mark && !onWire {
 		w.accept(p) // routing already gets it right: costs nothing from now on
 		if d.Events.On(events.Pass) {
@@ -428,7 +428,7 @@ func (w *Worker) route(p *queue.Packet, t *rewrite.Packet, mark, uid uint32) (ro
 	rt, err := w.routes.Lookup(t.Dst.Addr(), mark, uid, true)
 	if err != nil {
 		w.s.Stats.Errors[ErrNoRoute].Add(1)
-		w.s.Log.Warn("no route for marked flow", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst, "mark", mark, "err", err)
+		w.s.Log.Warn("no route for marked flow", "proto", t.Proto.String(), "src", t.Src, "dst", t.Dst, "mark", mark, "err", err)
 		return route.Route{}, false
 	}
 	return rt, true
@@ -446,7 +446,7 @@ func (w *Worker) icmpError(p *queue.Packet, e *rewrite.ICMPError) {
 	rewrite.TranslateICMPError(p.Payload, e, f.Src)
 	w.s.Stats.ICMPErrors.Add(1)
 	if w.s.Log.Enabled(context.Background(), slog.LevelDebug) { // its arguments would allocate
-		w.s.Log.Debug("icmp error readdressed", "type", e.Type, "code", e.Code, "proto", flow.ProtoName(f.Proto), "wire", f.NewSrc, "socket", f.Src, "dst", f.Dst)
+		w.s.Log.Debug("icmp error readdressed", "type", e.Type, "code", e.Code, "proto", f.Proto.String(), "wire", f.NewSrc, "socket", f.Src, "dst", f.Dst)
 	}
 	w.verdicted(p.ID, w.q.AcceptPacket(p.ID, p.Payload))
 }
@@ -475,14 +475,7 @@ func (w *Worker) decide(cfg *policy.Config, sock *sockdiag.Socket, p *queue.Pack
 		}
 		return 0, "host mark, fallback", false
 	}
-	proto := "tcp"
-	switch t.Proto {
-	case rewrite.UDP:
-		proto = "udp"
-	case rewrite.ICMP, rewrite.ICMPv6:
-		proto = "icmp"
-	}
-	w.query = policy.Flow{Protocol: proto, Dst: t.Dst, UID: sock.UID, GID: p.GID, HasUID: sock.Cookie != 0 || p.HasUID, Owner: &w.owner}
+	w.query = policy.Flow{Proto: t.Proto, Dst: t.Dst, UID: sock.UID, GID: p.GID, HasUID: sock.Cookie != 0 || p.HasUID, Owner: &w.owner}
 	var r *policy.Rule
 	if service {
 		r = cfg.DecideService(&w.query)
@@ -527,7 +520,7 @@ func (w *Worker) refuse(p *queue.Packet, t *rewrite.Packet, rule string, sock *s
 		}
 	}
 	if d.Log.Enabled(context.Background(), slog.LevelDebug) { // its arguments would allocate
-		d.Log.Debug("refused: every uplink of the rule is down (on_down = \"drop\")", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst, "rule", rule)
+		d.Log.Debug("refused: every uplink of the rule is down (on_down = \"drop\")", "proto", t.Proto.String(), "src", t.Src, "dst", t.Dst, "rule", rule)
 	}
 	d.Events.Refused(t, rule)
 	w.drop(p)
@@ -541,7 +534,7 @@ func (w *Worker) describeOwner(f *flow.Flow) {
 	debug := w.s.Events.On(events.New | events.Pass)
 	if debug || o.procDone {
 		if p, ok := o.Process(); ok {
-			fo.PID, fo.Comm, fo.Exe = p.PID, p.Comm, p.Exe
+			fo.Process = p
 		}
 	}
 	if debug || o.cgDone {
@@ -582,7 +575,7 @@ func (w *Worker) admitAs(f *flow.Flow, src netip.AddrPort) bool { return w.s.Ins
 
 // noOtherSocket reports whether no socket but the flow's own uses src→dst
 // (for UDP: would receive datagrams from dst at src).
-func (w *Worker) noOtherSocket(proto uint8, src, dst netip.AddrPort, cookie uint64) bool {
+func (w *Worker) noOtherSocket(proto ipproto.Proto, src, dst netip.AddrPort, cookie uint64) bool {
 	s, err := w.diag.Lookup(proto, src, dst)
 	if errors.Is(err, sockdiag.ErrNotFound) {
 		return true
@@ -678,13 +671,13 @@ func (w *Worker) fail(p *queue.Packet, t *rewrite.Packet, reason FailReason) {
 	d := w.s
 	d.Stats.Failed[reason].Add(1)
 	if d.FailClosed {
-		d.Log.Warn("cannot decide a new flow; dropped (on_failure = \"closed\")", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst,
+		d.Log.Warn("cannot decide a new flow; dropped (on_failure = \"closed\")", "proto", t.Proto.String(), "src", t.Src, "dst", t.Dst,
 			"mark", p.Mark, "reason", FailReasonNames[reason])
 		w.drop(p)
 		return
 	}
 	if d.Log.Enabled(context.Background(), slog.LevelDebug) { // its arguments would allocate
-		d.Log.Debug("cannot decide a new flow; it leaves untranslated (on_failure = \"open\")", "proto", flow.ProtoName(t.Proto), "src", t.Src, "dst", t.Dst,
+		d.Log.Debug("cannot decide a new flow; it leaves untranslated (on_failure = \"open\")", "proto", t.Proto.String(), "src", t.Src, "dst", t.Dst,
 			"mark", p.Mark, "reason", FailReasonNames[reason])
 	}
 	if d.Events.On(events.Pass) {

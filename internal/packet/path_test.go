@@ -12,6 +12,7 @@ import (
 	"github.com/gopacket/gopacket/layers"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rerouted/rerouted/internal/flow"
+	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/owner"
 	"github.com/rerouted/rerouted/internal/policy"
 	"github.com/rerouted/rerouted/internal/queue"
@@ -89,7 +90,7 @@ func (k *fakeKernel) Apply(cs []flow.Change) error {
 }
 
 type sockKey struct {
-	proto       uint8
+	proto       ipproto.Proto
 	local, peer netip.AddrPort
 }
 
@@ -101,7 +102,7 @@ type fakeSockets struct {
 	destroyed []sockKey
 }
 
-func (s *fakeSockets) Lookup(proto uint8, local, remote netip.AddrPort) (sockdiag.Socket, error) {
+func (s *fakeSockets) Lookup(proto ipproto.Proto, local, remote netip.AddrPort) (sockdiag.Socket, error) {
 	if s.err != nil {
 		return sockdiag.Socket{}, s.err
 	}
@@ -113,7 +114,7 @@ func (s *fakeSockets) Lookup(proto uint8, local, remote netip.AddrPort) (sockdia
 }
 
 func (s *fakeSockets) Destroy(local, remote netip.AddrPort, cookie uint64) error {
-	s.destroyed = append(s.destroyed, sockKey{unix.IPPROTO_TCP, local, remote})
+	s.destroyed = append(s.destroyed, sockKey{ipproto.TCP, local, remote})
 	return nil
 }
 
@@ -178,7 +179,7 @@ func newWorld(t *testing.T, conf string) *world {
 }
 
 // socket makes a socket exist on a tuple.
-func (wd *world) socket(proto uint8, local, peer netip.AddrPort, cookie uint64) {
+func (wd *world) socket(proto ipproto.Proto, local, peer netip.AddrPort, cookie uint64) {
 	wd.socks.socks[sockKey{proto, local, peer}] = sockdiag.Socket{Local: local, Remote: peer, UID: 1000, Inode: uint32(cookie), Cookie: cookie}
 }
 
@@ -275,7 +276,7 @@ func wire(t *testing.T, pkt []byte) (src, dst netip.AddrPort, mss uint16) {
 // MSS, and released only after its flow's elements are applied.
 func TestSYNTranslatedAfterItsElements(t *testing.T) {
 	wd := newWorld(t, testPolicy)
-	wd.socket(unix.IPPROTO_TCP, client, server, 7)
+	wd.socket(ipproto.TCP, client, server, 7)
 	id := wd.send(syn(t, client, server, 1460), 0)
 	if len(wd.r.events) != 0 {
 		t.Fatalf("the SYN left before the batch's end: %+v", wd.r.events)
@@ -299,7 +300,7 @@ func TestSYNTranslatedAfterItsElements(t *testing.T) {
 	if mss != 1400-40 {
 		t.Fatalf("MSS %d, want %d (ISP B's MTU 1400)", mss, 1400-40)
 	}
-	f := wd.s.Flows.Get(flow.Key{Proto: unix.IPPROTO_TCP, Src: client, Dst: server})
+	f := wd.s.Flows.Get(flow.Key{Proto: ipproto.TCP, Src: client, Dst: server})
 	if f == nil || f.Rule != "web-via-b" || f.Cookie != 7 || f.Dev != "isp-b" {
 		t.Fatalf("flow %+v", f)
 	}
@@ -324,7 +325,7 @@ func TestSYNTranslatedAfterItsElements(t *testing.T) {
 
 	// A new socket on the same tuple (another cookie): the old flow is
 	// removed first, in order, then the new one installed.
-	wd.socket(unix.IPPROTO_TCP, client, server, 8)
+	wd.socket(ipproto.TCP, client, server, 8)
 	n = len(wd.r.events)
 	wd.send(syn(t, client, server, 1460), 0)
 	wd.w.EndBatch()
@@ -347,7 +348,7 @@ func TestFirstPacketVerdicts(t *testing.T) {
 		fail   FailReason
 		failed bool
 	}{
-		{name: "no rule matches", setup: func(wd *world) { wd.socket(unix.IPPROTO_TCP, client, other, 1) },
+		{name: "no rule matches", setup: func(wd *world) { wd.socket(ipproto.TCP, client, other, 1) },
 			pkt: func(t *testing.T) []byte { return syn(t, client, other, 1460) }, want: "accept"},
 		{name: "socket closed before the lookup", pkt: func(t *testing.T) []byte { return syn(t, client, server, 1460) },
 			want: "accept", fail: FailNoSocket, failed: true},
@@ -355,12 +356,12 @@ func TestFirstPacketVerdicts(t *testing.T) {
 			closed: true, want: "drop", fail: FailNoSocket, failed: true},
 		{name: "sock_diag fails", setup: func(wd *world) { wd.socks.err = unix.ENOBUFS },
 			pkt: func(t *testing.T) []byte { return syn(t, client, server, 1460) }, want: "accept", fail: FailSocketLookup, failed: true},
-		{name: "no route for the mark", setup: func(wd *world) { wd.socket(unix.IPPROTO_TCP, client, server, 1); wd.routes.noRoute = true },
+		{name: "no route for the mark", setup: func(wd *world) { wd.socket(ipproto.TCP, client, server, 1); wd.routes.noRoute = true },
 			pkt: func(t *testing.T) []byte { return syn(t, client, server, 1460) }, want: "accept", fail: FailNoRoute, failed: true},
-		{name: "no route, fail closed", setup: func(wd *world) { wd.socket(unix.IPPROTO_TCP, client, server, 1); wd.routes.noRoute = true },
+		{name: "no route, fail closed", setup: func(wd *world) { wd.socket(ipproto.TCP, client, server, 1); wd.routes.noRoute = true },
 			pkt: func(t *testing.T) []byte { return syn(t, client, server, 1460) }, closed: true, want: "drop", fail: FailNoRoute, failed: true},
 		{name: "the socket already has ISP B's address", setup: func(wd *world) {
-			wd.socket(unix.IPPROTO_TCP, netip.AddrPortFrom(ispB, 40000), server, 1)
+			wd.socket(ipproto.TCP, netip.AddrPortFrom(ispB, 40000), server, 1)
 		}, pkt: func(t *testing.T) []byte { return syn(t, netip.AddrPortFrom(ispB, 40000), server, 1460) }, want: "modified"},
 		{name: "an ACK is not a first packet", pkt: func(t *testing.T) []byte {
 			tcp := &layers.TCP{SrcPort: 40000, DstPort: 80, ACK: true, Window: 1}
@@ -418,7 +419,7 @@ func counts(s *Stats) map[string]uint64 {
 // without its elements.
 func TestRefusedElementsDropTheSYN(t *testing.T) {
 	wd := newWorld(t, testPolicy)
-	wd.socket(unix.IPPROTO_TCP, client, server, 7)
+	wd.socket(ipproto.TCP, client, server, 7)
 	wd.kernel.refuse = true
 	wd.send(syn(t, client, server, 1460), 0)
 	wd.w.EndBatch()
@@ -441,8 +442,8 @@ func TestRefusedElementsDropTheSYN(t *testing.T) {
 // range, and the wire tuple is the one installed.
 func TestCollidingWireTupleGetsAnotherPort(t *testing.T) {
 	wd := newWorld(t, testPolicy)
-	wd.socket(unix.IPPROTO_TCP, client, server, 7)
-	wd.socket(unix.IPPROTO_TCP, netip.AddrPortFrom(ispB, client.Port()), server, 99) // another program's
+	wd.socket(ipproto.TCP, client, server, 7)
+	wd.socket(ipproto.TCP, netip.AddrPortFrom(ispB, client.Port()), server, 99) // another program's
 	wd.send(syn(t, client, server, 1460), 0)
 	wd.w.EndBatch()
 	ev := wd.r.events
@@ -463,7 +464,7 @@ func TestCollidingWireTupleGetsAnotherPort(t *testing.T) {
 func TestDatagramsFollowTheirFirst(t *testing.T) {
 	wd := newWorld(t, testPolicy)
 	dns := netip.AddrPortFrom(server.Addr(), 53)
-	wd.socket(unix.IPPROTO_UDP, client, dns, 5)
+	wd.socket(ipproto.UDP, client, dns, 5)
 	a := wd.send(udp(t, client, dns, "one"), 0)
 	b := wd.send(udp(t, client, dns, "two"), 0)
 	if len(wd.r.events) != 0 {
@@ -491,7 +492,7 @@ func TestDatagramsFollowTheirFirst(t *testing.T) {
 func TestDatagramPassIsCached(t *testing.T) {
 	wd := newWorld(t, testPolicy)
 	ntp := netip.AddrPortFrom(server.Addr(), 123) // no rule
-	wd.socket(unix.IPPROTO_UDP, client, ntp, 5)
+	wd.socket(ipproto.UDP, client, ntp, 5)
 	id := wd.send(udp(t, client, ntp, "x"), 0)
 	ev := wd.r.events
 	if len(ev) != 1 || ev[0].kind != "accept" || ev[0].id != id {
@@ -533,7 +534,7 @@ func TestEchoKeepsItsIdentifier(t *testing.T) {
 // is readdressed to the socket.
 func TestICMPErrorReaddressed(t *testing.T) {
 	wd := newWorld(t, testPolicy)
-	wd.socket(unix.IPPROTO_TCP, client, server, 7)
+	wd.socket(ipproto.TCP, client, server, 7)
 	wd.send(syn(t, client, server, 1460), 0)
 	wd.w.EndBatch()
 	onWire := wd.r.events[1].pkt
@@ -562,8 +563,8 @@ func TestICMPErrorReaddressed(t *testing.T) {
 func TestPathAllocatesNothing(t *testing.T) {
 	wd := newWorld(t, testPolicy)
 	other := netip.MustParseAddrPort("203.0.113.80:22")
-	wd.socket(unix.IPPROTO_TCP, client, other, 1)
-	wd.socket(unix.IPPROTO_TCP, client, server, 7)
+	wd.socket(ipproto.TCP, client, other, 1)
+	wd.socket(ipproto.TCP, client, server, 7)
 	pass, retrans := syn(t, client, other, 1460), syn(t, client, server, 1460)
 	wd.send(syn(t, client, server, 1460), 0) // (the path rewrites the bytes it holds)
 	wd.w.EndBatch()

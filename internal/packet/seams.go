@@ -8,6 +8,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rerouted/rerouted/internal/events"
 	"github.com/rerouted/rerouted/internal/flow"
+	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/owner"
 	"github.com/rerouted/rerouted/internal/policy"
 	"github.com/rerouted/rerouted/internal/route"
@@ -33,7 +34,7 @@ type Verdicts interface {
 // Sockets finds and closes local sockets.
 type Sockets interface {
 	// Lookup finds the socket on a tuple; sockdiag.ErrNotFound if none.
-	Lookup(proto uint8, local, remote netip.AddrPort) (sockdiag.Socket, error)
+	Lookup(proto ipproto.Proto, local, remote netip.AddrPort) (sockdiag.Socket, error)
 	// Destroy closes the TCP socket on a tuple, if its cookie matches.
 	Destroy(local, remote netip.AddrPort, cookie uint64) error
 	// HasRawSocket reports whether uid has a raw socket of the family.
@@ -90,7 +91,7 @@ func (s *Shared) Forget(f *flow.Flow) {
 type DiagSockets struct{ Conn *sockdiag.Conn }
 
 // Lookup implements Sockets.
-func (d DiagSockets) Lookup(proto uint8, local, remote netip.AddrPort) (sockdiag.Socket, error) {
+func (d DiagSockets) Lookup(proto ipproto.Proto, local, remote netip.AddrPort) (sockdiag.Socket, error) {
 	var s sockdiag.Socket
 	err := d.Conn.Lookup(proto, local, remote, &s)
 	return s, err

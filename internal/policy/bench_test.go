@@ -11,6 +11,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/rerouted/rerouted/internal/ipproto"
 )
 
 // bigListSizes are the dst list lengths the benchmarks compare: a decision
@@ -74,7 +76,7 @@ func BenchmarkDecideBigList(b *testing.B) {
 		} {
 			b.Run(fmt.Sprintf("cidrs=%d/%s", n, c.name), func(b *testing.B) {
 				cfg := bigListPolicy(b, n, c.hit)
-				f := &Flow{Protocol: "tcp", Dst: netip.MustParseAddrPort("192.0.2.80:443"), HasUID: true}
+				f := &Flow{Proto: ipproto.TCP, Dst: netip.MustParseAddrPort("192.0.2.80:443"), HasUID: true}
 				if r := cfg.Decide(f); r == nil || r.Name != c.want {
 					b.Fatalf("decided %v, want rule %q", r, c.want)
 				}
@@ -136,7 +138,7 @@ func TestLoadBigList(t *testing.T) {
 	if took > 20*time.Second {
 		t.Errorf("Load of 500,000 prefixes took %v, budget 2 s (20 s allowed here)", took)
 	}
-	f := &Flow{Protocol: "tcp", Dst: netip.MustParseAddrPort("192.0.2.80:443"), HasUID: true}
+	f := &Flow{Proto: ipproto.TCP, Dst: netip.MustParseAddrPort("192.0.2.80:443"), HasUID: true}
 	if r := cfg.Decide(f); r == nil || r.Name != "big" {
 		t.Fatalf("decided %v, want rule \"big\"", r)
 	}

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/BurntSushi/toml"
+	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/policy/tomlpos"
 )
 
@@ -524,12 +525,16 @@ func (p *parser) rule(path string, t map[string]any) *Rule {
 			continue
 		case "protocol":
 			ss := p.strings(kp, v)
+			ps := make([]ipproto.Proto, 0, len(ss)) // never nil: protocol = [] matches nothing
 			for _, s := range ss {
-				if s != "tcp" && s != "udp" && s != "icmp" {
+				pr, ok := ParseProtocol(s)
+				if !ok {
 					p.errorf(kp, "protocol %q is not supported (supported: \"tcp\", \"udp\", \"icmp\" for ICMP and ICMPv6 echo)", s)
+					continue
 				}
+				ps = append(ps, pr)
 			}
-			c = condProtocol(ss)
+			c = condProtocol(ps)
 		case "process":
 			names := p.strings(kp, v)
 			for _, n := range names {

@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/rerouted/rerouted/internal/ipproto"
 )
 
 const good = `# two uplinks, one rule
@@ -161,7 +163,7 @@ func TestDecide(t *testing.T) {
 		t.Fatal(err)
 	}
 	flow := func(dst string, uid uint32, hasUID bool) *Flow {
-		return &Flow{Protocol: "tcp", Dst: netip.MustParseAddrPort(dst), UID: uid, HasUID: hasUID}
+		return &Flow{Proto: ipproto.TCP, Dst: netip.MustParseAddrPort(dst), UID: uid, HasUID: hasUID}
 	}
 	cases := []struct {
 		f    *Flow
@@ -215,15 +217,17 @@ not_dport = 53
 		t.Fatal(err)
 	}
 	for _, c := range []struct {
-		proto, dst, want string
+		proto     ipproto.Proto
+		dst, want string
 	}{
-		{"udp", "192.0.2.53:53", "dns"},
-		{"tcp", "192.0.2.53:53", ""},
-		{"icmp", "192.0.2.53:53", "ping"}, // identifier 53: not a port
-		{"udp", "192.0.2.53:54", "not-dport"},
+		{ipproto.UDP, "192.0.2.53:53", "dns"},
+		{ipproto.TCP, "192.0.2.53:53", ""},
+		{ipproto.ICMP, "192.0.2.53:53", "ping"},       // identifier 53: not a port
+		{ipproto.ICMPv6, "[2001:db8::53]:53", "ping"}, // protocol = "icmp" is ICMPv6 too
+		{ipproto.UDP, "192.0.2.53:54", "not-dport"},
 	} {
 		got := ""
-		if r := cfg.Decide(&Flow{Protocol: c.proto, Dst: netip.MustParseAddrPort(c.dst), HasUID: true}); r != nil {
+		if r := cfg.Decide(&Flow{Proto: c.proto, Dst: netip.MustParseAddrPort(c.dst), HasUID: true}); r != nil {
 			got = r.Name
 		}
 		if got != c.want {
@@ -231,7 +235,23 @@ not_dport = 53
 		}
 	}
 	cfg2, _ := Parse("p.toml", []byte("[[uplink]]\nname = \"b\"\nmark = 1\n[[rule]]\nuplink = \"b\"\ndport = 53\n"))
-	if r := cfg2.Decide(&Flow{Protocol: "icmp", Dst: netip.MustParseAddrPort("192.0.2.53:53"), HasUID: true}); r != nil {
+	if r := cfg2.Decide(&Flow{Proto: ipproto.ICMP, Dst: netip.MustParseAddrPort("192.0.2.53:53"), HasUID: true}); r != nil {
 		t.Errorf("dport 53 matched an echo with identifier 53")
+	}
+}
+
+// The policy names an ICMPv6 echo "icmp", as the configuration does, in
+// its explanations too; and a list of protocols reads as written.
+func TestProtocolExplained(t *testing.T) {
+	cfg, err := Parse("p.toml", []byte("[[uplink]]\nname = \"b\"\nmark = 1\n[[rule]]\nuplink = \"b\"\nprotocol = [\"tcp\", \"udp\"]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &Flow{Proto: ipproto.ICMPv6, Dst: netip.MustParseAddrPort("[2001:db8::1]:7"), HasUID: true}
+	if got, want := cfg.Rules[0].Explain(f), "protocol: icmp is not in [tcp, udp]"; got != want {
+		t.Errorf("Explain = %q, want %q", got, want)
+	}
+	if _, err := Parse("p.toml", []byte("[[uplink]]\nname = \"b\"\nmark = 1\n[[rule]]\nuplink = \"b\"\nprotocol = \"icmpv6\"\n")); err == nil || !strings.Contains(err.Error(), `protocol "icmpv6" is not supported`) {
+		t.Errorf("protocol = \"icmpv6\": %v, want not supported", err)
 	}
 }

@@ -4,6 +4,8 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+
+	"github.com/rerouted/rerouted/internal/ipproto"
 )
 
 // The kernel prefilter: traffic the policy does not concern should never
@@ -23,8 +25,9 @@ type KernelRule struct {
 	Queue bool
 	// Exact: every key of the rule is one the kernel tests.
 	Exact bool
-	// Protocols the rule can match: "tcp", "udp", "icmp"; nil for all.
-	Protocols []string
+	// Protocols the rule can match: TCP, UDP, ICMP (an echo of either
+	// family: ICMP stands for ICMPv6 too); nil for all.
+	Protocols []ipproto.Proto
 	// Dst and NotDst, per family ([0] IPv4, [1] IPv6): the ranges the
 	// destination must (not) be in.
 	Dst, NotDst KernelAddrs
@@ -65,7 +68,7 @@ func (c *Config) KernelRules() []KernelRule {
 			base := strings.TrimPrefix(cd.key, "not_")
 			switch base {
 			case "protocol":
-				k.Protocols = cd.kv.([]string)
+				k.Protocols = cd.kv.([]ipproto.Proto)
 			case "dst":
 				a := kernelAddrs(cd.kv.(*prefixSet))
 				if cd.neg {

@@ -5,6 +5,8 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+
+	"github.com/rerouted/rerouted/internal/ipproto"
 )
 
 func TestKernelRules(t *testing.T) {
@@ -91,16 +93,17 @@ protocol = "udp"
 		t.Fatal(err)
 	}
 	for _, c := range []struct {
-		proto, dst string
-		queued     bool
-		why        string
+		proto  ipproto.Proto
+		dst    string
+		queued bool
+		why    string
 	}{
-		{"tcp", "192.0.2.200:80", false, `rule "exempt" (uplink = "default") exempts it`},
-		{"tcp", "192.0.2.80:80", true, `rule "web" matches it in the kernel`},
-		{"tcp", "192.0.2.80:81", false, "no rule can match it"},
-		{"udp", "192.0.2.80:53", true, `rule "crawler" may match it`},
+		{ipproto.TCP, "192.0.2.200:80", false, `rule "exempt" (uplink = "default") exempts it`},
+		{ipproto.TCP, "192.0.2.80:80", true, `rule "web" matches it in the kernel`},
+		{ipproto.TCP, "192.0.2.80:81", false, "no rule can match it"},
+		{ipproto.UDP, "192.0.2.80:53", true, `rule "crawler" may match it`},
 	} {
-		q, why := cfg.Prefiltered(&Flow{Protocol: c.proto, Dst: netip.MustParseAddrPort(c.dst), HasUID: true})
+		q, why := cfg.Prefiltered(&Flow{Proto: c.proto, Dst: netip.MustParseAddrPort(c.dst), HasUID: true})
 		if q != c.queued || !strings.Contains(why, c.why) {
 			t.Errorf("%s %s: %v %q, want %v %q", c.proto, c.dst, q, why, c.queued, c.why)
 		}

@@ -5,9 +5,13 @@ import (
 	"net/netip"
 	"os/user"
 	"path"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/rerouted/rerouted/internal/ipproto"
+	"github.com/rerouted/rerouted/internal/owner"
 )
 
 // Rule is one [[rule]]: conditions that must all hold, and an action.
@@ -108,18 +112,11 @@ func (r PortRange) String() string {
 // only when a rule's cheaper keys all match and it has a process or cgroup
 // key.
 type Flow struct {
-	Protocol string // "tcp", "udp" or "icmp" (ICMPv6 too)
+	Proto    ipproto.Proto // TCP, UDP, or ICMP or ICMPv6 (an echo): the policy's "icmp" is both
 	Dst      netip.AddrPort
 	UID, GID uint32
 	HasUID   bool  // false for packets without an owning socket
 	Owner    Owner // nil: no process and no cgroup known
-}
-
-// Process identifies the process that owns a socket.
-type Process struct {
-	PID  int
-	Comm string // /proc/PID/comm (at most 15 bytes)
-	Exe  string // /proc/PID/exe
 }
 
 // Owner resolves, lazily, who owns a flow's socket.
@@ -127,7 +124,7 @@ type Owner interface {
 	// Process returns the owning process; false when there is none (a
 	// kernel-generated packet, a socket already closed, a socket whose
 	// process exited).
-	Process() (Process, bool)
+	Process() (owner.Process, bool)
 	// Cgroup returns the socket's cgroup v2 path relative to the cgroup
 	// mount, without leading or trailing slashes ("" is the root).
 	Cgroup() (string, bool)
@@ -209,7 +206,7 @@ type cond struct {
 	// value describes the flow's value for this key, for explanations.
 	value func(f *Flow) string
 	// kv is the key's values, typed, for the kernel's prefilter
-	// (KernelRule): []string protocols, *prefixSet, []PortRange or
+	// (KernelRule): []ipproto.Proto protocols, *prefixSet, []PortRange or
 	// []uint32 ids.
 	kv any
 }
@@ -237,9 +234,33 @@ func (c *cond) why(f *Flow) string {
 
 // --- condition constructors, one per key ---
 
-func condProtocol(ps []string) cond {
-	return cond{key: "protocol", kv: ps, list: listOf(ps), value: func(f *Flow) string { return f.Protocol },
-		test: func(f *Flow) (bool, bool) { return containsStr(ps, f.Protocol), true }}
+// condProtocol matches the protocols as the configuration names them (see
+// ParseProtocol): ipproto.ICMP is an echo of either family.
+func condProtocol(ps []ipproto.Proto) cond {
+	return cond{key: "protocol", kv: ps, list: listOf(ps), value: func(f *Flow) string { return protocol(f.Proto).String() },
+		test: func(f *Flow) (bool, bool) { return slices.Contains(ps, protocol(f.Proto)), true }}
+}
+
+// ParseProtocol parses a protocol as the configuration names it: "tcp",
+// "udp", or "icmp" for an ICMP or ICMPv6 echo (ipproto.ICMP).
+func ParseProtocol(s string) (ipproto.Proto, bool) {
+	switch s {
+	case "tcp":
+		return ipproto.TCP, true
+	case "udp":
+		return ipproto.UDP, true
+	case "icmp":
+		return ipproto.ICMP, true
+	}
+	return 0, false
+}
+
+// protocol is p as the configuration names it: ICMPv6 is "icmp" too.
+func protocol(p ipproto.Proto) ipproto.Proto {
+	if p == ipproto.ICMPv6 {
+		return ipproto.ICMP
+	}
+	return p
 }
 
 func condDst(s *prefixSet) cond {
@@ -250,13 +271,13 @@ func condDst(s *prefixSet) cond {
 
 func condDport(rs []PortRange) cond {
 	return cond{key: "dport", kv: rs, list: listOf(rs), value: func(f *Flow) string {
-		if f.Protocol == "icmp" {
+		if f.Proto.IsICMP() {
 			return "no port (icmp)"
 		}
 		return strconv.Itoa(int(f.Dst.Port()))
 	},
 		test: func(f *Flow) (bool, bool) {
-			if f.Protocol == "icmp" {
+			if f.Proto.IsICMP() {
 				return false, true // an echo's identifier is not a port
 			}
 			p := f.Dst.Port()
@@ -380,9 +401,9 @@ func condCgroup(prefixes []string) cond {
 		}}
 }
 
-func process(f *Flow) (Process, bool) {
+func process(f *Flow) (owner.Process, bool) {
 	if f.Owner == nil {
-		return Process{}, false
+		return owner.Process{}, false
 	}
 	return f.Owner.Process()
 }

@@ -5,11 +5,14 @@ import (
 	"os/user"
 	"strings"
 	"testing"
+
+	"github.com/rerouted/rerouted/internal/ipproto"
+	"github.com/rerouted/rerouted/internal/owner"
 )
 
 // fakeOwner counts lookups, to prove they happen only when needed.
 type fakeOwner struct {
-	proc        Process
+	proc        owner.Process
 	hasProc     bool
 	cg          string
 	hasCg       bool
@@ -17,8 +20,8 @@ type fakeOwner struct {
 	cgroupCalls int
 }
 
-func (o *fakeOwner) Process() (Process, bool) { o.procCalls++; return o.proc, o.hasProc }
-func (o *fakeOwner) Cgroup() (string, bool)   { o.cgroupCalls++; return o.cg, o.hasCg }
+func (o *fakeOwner) Process() (owner.Process, bool) { o.procCalls++; return o.proc, o.hasProc }
+func (o *fakeOwner) Cgroup() (string, bool)         { o.cgroupCalls++; return o.cg, o.hasCg }
 
 const appPolicy = `
 [[uplink]]
@@ -55,17 +58,17 @@ func TestProcessCgroupNegationActions(t *testing.T) {
 		t.Fatal(err)
 	}
 	flow := func(dst string, uid uint32, o *fakeOwner) *Flow {
-		f := &Flow{Protocol: "tcp", Dst: netip.MustParseAddrPort(dst), UID: uid, HasUID: true}
+		f := &Flow{Proto: ipproto.TCP, Dst: netip.MustParseAddrPort(dst), UID: uid, HasUID: true}
 		if o != nil {
 			f.Owner = o
 		}
 		return f
 	}
-	crawler := &fakeOwner{proc: Process{PID: 7, Comm: "crawler", Exe: "/opt/c/crawler"}, hasProc: true, cg: "user.slice/u-1000.slice", hasCg: true}
-	restic := &fakeOwner{proc: Process{PID: 8, Comm: "restic", Exe: "/usr/local/bin/restic"}, hasProc: true, cg: "system.slice/backup.service", hasCg: true}
-	mirror := &fakeOwner{proc: Process{PID: 9, Comm: "rsync", Exe: "/usr/bin/rsync"}, hasProc: true, cg: "system.slice/mirror.service/sub", hasCg: true}
-	lookalike := &fakeOwner{proc: Process{PID: 10, Comm: "rsync", Exe: "/usr/bin/rsync"}, hasProc: true, cg: "system.slice/mirror.service2", hasCg: true}
-	wgetByExe := &fakeOwner{proc: Process{PID: 11, Comm: "wget-worker", Exe: "/usr/bin/wget"}, hasProc: true, hasCg: true}
+	crawler := &fakeOwner{proc: owner.Process{PID: 7, Comm: "crawler", Exe: "/opt/c/crawler"}, hasProc: true, cg: "user.slice/u-1000.slice", hasCg: true}
+	restic := &fakeOwner{proc: owner.Process{PID: 8, Comm: "restic", Exe: "/usr/local/bin/restic"}, hasProc: true, cg: "system.slice/backup.service", hasCg: true}
+	mirror := &fakeOwner{proc: owner.Process{PID: 9, Comm: "rsync", Exe: "/usr/bin/rsync"}, hasProc: true, cg: "system.slice/mirror.service/sub", hasCg: true}
+	lookalike := &fakeOwner{proc: owner.Process{PID: 10, Comm: "rsync", Exe: "/usr/bin/rsync"}, hasProc: true, cg: "system.slice/mirror.service2", hasCg: true}
+	wgetByExe := &fakeOwner{proc: owner.Process{PID: 11, Comm: "wget-worker", Exe: "/usr/bin/wget"}, hasProc: true, hasCg: true}
 	cases := []struct {
 		name   string
 		f      *Flow
@@ -103,7 +106,7 @@ func TestNoProcessNeverMatchesProcessKeys(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := &Flow{Protocol: "tcp", Dst: netip.MustParseAddrPort("192.0.2.1:80"), HasUID: true, Owner: &fakeOwner{}}
+	f := &Flow{Proto: ipproto.TCP, Dst: netip.MustParseAddrPort("192.0.2.1:80"), HasUID: true, Owner: &fakeOwner{}}
 	if r := cfg.Decide(f); r != nil {
 		t.Fatalf("not_process matched a flow with no process: %s", r.Name)
 	}
@@ -121,14 +124,14 @@ func TestOwnerLookedUpLazily(t *testing.T) {
 	// Rule 3 (exe) needs port 22: no process lookup for port 443 there.
 	// Rule 1 (cgroup) and 2 (process) have no cheap key that fails, so they
 	// do look: once each.
-	o := &fakeOwner{hasProc: true, proc: Process{Comm: "x", Exe: "/x"}, hasCg: true, cg: "a"}
-	cfg.Decide(&Flow{Protocol: "tcp", Dst: netip.MustParseAddrPort("192.0.2.200:443"), HasUID: true, Owner: o})
+	o := &fakeOwner{hasProc: true, proc: owner.Process{Comm: "x", Exe: "/x"}, hasCg: true, cg: "a"}
+	cfg.Decide(&Flow{Proto: ipproto.TCP, Dst: netip.MustParseAddrPort("192.0.2.200:443"), HasUID: true, Owner: o})
 	if o.procCalls != 1 || o.cgroupCalls != 1 {
 		t.Fatalf("process looked up %d times, cgroup %d times; want 1 and 1", o.procCalls, o.cgroupCalls)
 	}
 	o = &fakeOwner{}
 	cfg.Rules = cfg.Rules[2:] // only rules without a cheap match for port 443 on 192.0.2.10 remain
-	cfg.Decide(&Flow{Protocol: "tcp", Dst: netip.MustParseAddrPort("192.0.2.10:443"), HasUID: true, Owner: o})
+	cfg.Decide(&Flow{Proto: ipproto.TCP, Dst: netip.MustParseAddrPort("192.0.2.10:443"), HasUID: true, Owner: o})
 	if o.procCalls != 0 {
 		t.Fatalf("process looked up %d times although no rule's cheap keys matched", o.procCalls)
 	}
@@ -139,8 +142,8 @@ func TestExplain(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	o := &fakeOwner{proc: Process{PID: 42, Comm: "curl", Exe: "/usr/bin/curl"}, hasProc: true, cg: "user.slice", hasCg: true}
-	f := &Flow{Protocol: "tcp", Dst: netip.MustParseAddrPort("192.0.2.200:22"), UID: 1000, HasUID: true, Owner: o}
+	o := &fakeOwner{proc: owner.Process{PID: 42, Comm: "curl", Exe: "/usr/bin/curl"}, hasProc: true, cg: "user.slice", hasCg: true}
+	f := &Flow{Proto: ipproto.TCP, Dst: netip.MustParseAddrPort("192.0.2.200:22"), UID: 1000, HasUID: true, Owner: o}
 	want := []string{
 		`cgroup: cgroup "user.slice" is not in [system.slice/mirror.service]`,
 		`process: process "curl" (exe /usr/bin/curl, pid 42) is not in [crawler, wget]`,
@@ -196,7 +199,7 @@ gid = [50]
 		{1000, 100, [2]string{"uid: uid 1000 (alice) is not in [0]", "gid: gid 100 (users) is not in [50]"}},
 		{4321, 4321, [2]string{"uid: uid 4321 is not in [0]", "gid: gid 4321 is not in [50]"}},
 	} {
-		f := &Flow{Protocol: "tcp", Dst: netip.MustParseAddrPort("192.0.2.80:80"), UID: c.uid, GID: c.gid, HasUID: true, Owner: &fakeOwner{}}
+		f := &Flow{Proto: ipproto.TCP, Dst: netip.MustParseAddrPort("192.0.2.80:80"), UID: c.uid, GID: c.gid, HasUID: true, Owner: &fakeOwner{}}
 		for i, r := range cfg.Rules {
 			if got := r.Explain(f); got != c.want[i] {
 				t.Errorf("uid %d gid %d, rule %q: Explain = %q, want %q", c.uid, c.gid, r.Name, got, c.want[i])

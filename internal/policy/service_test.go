@@ -3,6 +3,8 @@ package policy
 import (
 	"net/netip"
 	"testing"
+
+	"github.com/rerouted/rerouted/internal/ipproto"
 )
 
 // A local service's datagram is decided by rules naming the socket's owner
@@ -27,7 +29,7 @@ dst = ["192.0.2.0/24"]
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := &Flow{Protocol: "udp", Dst: netip.MustParseAddrPort("192.0.2.80:4000"), UID: 0, HasUID: true}
+	f := &Flow{Proto: ipproto.UDP, Dst: netip.MustParseAddrPort("192.0.2.80:4000"), UID: 0, HasUID: true}
 	if r := cfg.Decide(f); r == nil || r.Name != "by destination" {
 		t.Fatalf("Decide: %v", r)
 	}

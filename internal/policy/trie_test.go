@@ -6,6 +6,8 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+
+	"github.com/rerouted/rerouted/internal/ipproto"
 )
 
 // linearMatch is how dst matched before the trie: every prefix in turn,
@@ -91,7 +93,7 @@ func TestTrieAgreesWithLinearMatch(t *testing.T) {
 					a = a.WithZone("eth0") // never matched a prefix
 				}
 			}
-			f := &Flow{Protocol: "tcp", Dst: netip.AddrPortFrom(a, 443)}
+			f := &Flow{Proto: ipproto.TCP, Dst: netip.AddrPortFrom(a, 443)}
 			want := linearMatch(ps, a)
 			if want {
 				hits++
@@ -125,7 +127,7 @@ func TestTrieExplain(t *testing.T) {
 		}
 		return cfg.Rules[0]
 	}
-	flow := func(dst string) *Flow { return &Flow{Protocol: "tcp", Dst: netip.MustParseAddrPort(dst)} }
+	flow := func(dst string) *Flow { return &Flow{Proto: ipproto.TCP, Dst: netip.MustParseAddrPort(dst)} }
 	for _, c := range []struct {
 		rule *Rule
 		dst  string
@@ -155,7 +157,7 @@ func TestTrieExplain(t *testing.T) {
 func TestTrieMatchDoesNotAllocate(t *testing.T) {
 	for _, n := range []int{5, 50_000} {
 		cfg := bigListPolicy(t, n, "192.0.2.0/24")
-		f := &Flow{Protocol: "tcp", Dst: netip.MustParseAddrPort("192.0.2.80:443")}
+		f := &Flow{Proto: ipproto.TCP, Dst: netip.MustParseAddrPort("192.0.2.80:443")}
 		if allocs := testing.AllocsPerRun(100, func() { cfg.Decide(f) }); allocs != 0 {
 			t.Errorf("%d prefixes: %v allocations per decision", n, allocs)
 		}

@@ -3,6 +3,8 @@ package rewrite
 import (
 	"net/netip"
 	"testing"
+
+	"github.com/rerouted/rerouted/internal/ipproto"
 )
 
 // FuzzRewrite feeds arbitrary bytes through the daemon's packet path: parse,
@@ -15,13 +17,13 @@ func FuzzRewrite(f *testing.F) {
 	} {
 		src, dst := netip.MustParseAddrPort(c[0]), netip.MustParseAddrPort(c[1])
 		router := netip.MustParseAddr("192.0.2.5")
-		icmp, echo := uint8(ICMP), uint8(EchoRequest4)
+		icmp, echo := ipproto.ICMP, uint8(EchoRequest4)
 		if src.Addr().Is6() {
 			router = netip.MustParseAddr("2001:db8:ffb::1")
-			icmp, echo = ICMPv6, EchoRequest6
+			icmp, echo = ipproto.ICMPv6, EchoRequest6
 		}
 		tcp := build(f, src, dst, true, nil, nil)
-		udp := buildDatagram(f, UDP, 0, src, dst, []byte("query"))
+		udp := buildDatagram(f, ipproto.UDP, 0, src, dst, []byte("query"))
 		f.Add(tcp)
 		f.Add(udp)
 		f.Add(buildDatagram(f, icmp, echo, src, dst, make([]byte, 16)))
@@ -42,7 +44,7 @@ func exercise(t testing.TB, b []byte) {
 		if p.Src.Addr().Is6() {
 			ns = newSrc6
 		}
-		if p.Proto == ICMP || p.Proto == ICMPv6 {
+		if p.Proto == ipproto.ICMP || p.Proto == ipproto.ICMPv6 {
 			ns = netip.AddrPortFrom(ns.Addr(), p.Src.Port()) // an echo keeps its identifier
 		}
 		SetSource(b, &p, ns)

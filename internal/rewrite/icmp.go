@@ -4,6 +4,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"net/netip"
+
+	"github.com/rerouted/rerouted/internal/ipproto"
 )
 
 // ICMP and ICMPv6 errors quote the packet that caused them. For a
@@ -22,7 +24,7 @@ type ICMPError struct {
 	L4         int            // offset of the ICMP header
 	Inner      int            // offset of the quoted IP header
 	InnerL4    int            // offset of the quoted transport header
-	InnerProto uint8          // the quoted packet's protocol
+	InnerProto ipproto.Proto  // the quoted packet's protocol
 	Src, To    netip.AddrPort // the quoted packet's source and destination (an echo's identifier as ports)
 	end        int            // where the packet ends, by its length field
 }
@@ -40,7 +42,7 @@ func ParseICMPError(b []byte, e *ICMPError) error {
 	v4 := b[0]>>4 == 4
 	iph := 40 // the quoted IP header
 	switch {
-	case v4 && proto == 1 && end >= l4+8+20:
+	case v4 && proto == ipproto.ICMP && end >= l4+8+20:
 		if t := b[l4]; t != 3 && t != 11 && t != 12 {
 			return ErrNotICMPError
 		}
@@ -48,26 +50,26 @@ func ParseICMPError(b []byte, e *ICMPError) error {
 		if b[l4+8]>>4 != 4 || iph < 20 {
 			return ErrNotICMPError
 		}
-		e.InnerProto = b[l4+8+9]
-	case !v4 && proto == 58 && end >= l4+8+40:
+		e.InnerProto = ipproto.Proto(b[l4+8+9])
+	case !v4 && proto == ipproto.ICMPv6 && end >= l4+8+40:
 		if t := b[l4]; t < 1 || t > 4 {
 			return ErrNotICMPError
 		}
 		if b[l4+8]>>4 != 6 { // quoted extension headers are not followed
 			return ErrNotICMPError
 		}
-		e.InnerProto = b[l4+8+6]
+		e.InnerProto = ipproto.Proto(b[l4+8+6])
 	default:
 		return ErrNotICMPError
 	}
 	e.Type, e.Code, e.L4, e.Inner = b[l4], b[l4+1], l4, l4+8
 	e.InnerL4 = e.Inner + iph
 	switch p := e.InnerProto; {
-	case p == TCP || p == UDP:
+	case p == ipproto.TCP || p == ipproto.UDP:
 		if end < e.InnerL4+4 { // the quote must hold the ports
 			return ErrNotICMPError
 		}
-	case p == ICMP && v4, p == ICMPv6 && !v4:
+	case p == ipproto.ICMP && v4, p == ipproto.ICMPv6 && !v4:
 		// An echo request: the quote must hold its identifier.
 		if end < e.InnerL4+6 || (b[e.InnerL4] != EchoRequest4 && b[e.InnerL4] != EchoRequest6) {
 			return ErrNotICMPError
@@ -104,12 +106,12 @@ func TranslateICMPError(b []byte, e *ICMPError, src netip.AddrPort) {
 	// pseudo-header's source and the source port change. ICMP's covers
 	// neither; a UDP datagram sent without a checksum keeps none.
 	p := e.InnerProto
-	if ck := e.InnerL4 + checksumOffset(p); p != ICMP && ck+2 <= e.end && (p != UDP || b[ck]|b[ck+1] != 0) {
+	if ck := e.InnerL4 + checksumOffset(p); p != ipproto.ICMP && ck+2 <= e.end && (p != ipproto.UDP || b[ck]|b[ck+1] != 0) {
 		sum := uint64(^binary.BigEndian.Uint16(b[ck:]))
 		sum += sumNot(old.Addr()) + sum16(src.Addr())
 		sum += uint64(^old.Port()) + uint64(src.Port())
 		c := ^fold(sum)
-		if c == 0 && p == UDP {
+		if c == 0 && p == ipproto.UDP {
 			c = 0xffff
 		}
 		binary.BigEndian.PutUint16(b[ck:], c)

@@ -5,6 +5,8 @@ import (
 	"math/rand"
 	"net/netip"
 	"testing"
+
+	"github.com/rerouted/rerouted/internal/ipproto"
 )
 
 // Malformed packets never crash the rewrite path the daemon runs: parse,
@@ -21,11 +23,11 @@ func TestMalformedPacketsNeverPanic(t *testing.T) {
 		p := build(t, src, dst, true, randomOptions(r, 1460), nil)
 		seeds = append(seeds, p, build(t, src, dst, false, nil, make([]byte, 300)),
 			icmpError(t, netip.MustParseAddr(c[2]), build(t, src, dst, false, nil, make([]byte, 600)), 548))
-		icmp, echo := uint8(ICMP), uint8(EchoRequest4)
+		icmp, echo := ipproto.ICMP, uint8(EchoRequest4)
 		if src.Addr().Is6() {
-			icmp, echo = ICMPv6, EchoRequest6
+			icmp, echo = ipproto.ICMPv6, EchoRequest6
 		}
-		udp := buildDatagram(t, UDP, 0, src, dst, make([]byte, 100))
+		udp := buildDatagram(t, ipproto.UDP, 0, src, dst, make([]byte, 100))
 		ping := buildDatagram(t, icmp, echo, src, dst, make([]byte, 56))
 		seeds = append(seeds, udp, ping,
 			icmpError(t, netip.MustParseAddr(c[2]), udp, 548), icmpError(t, netip.MustParseAddr(c[2]), ping, 548))

@@ -9,11 +9,13 @@ import (
 
 	"github.com/gopacket/gopacket"
 	"github.com/gopacket/gopacket/layers"
+
+	"github.com/rerouted/rerouted/internal/ipproto"
 )
 
 // buildDatagram serializes a UDP datagram, or an ICMP/ICMPv6 echo of type
 // typ with src's port as its identifier, with gopacket's checksums.
-func buildDatagram(t testing.TB, proto uint8, typ uint8, src, dst netip.AddrPort, payload []byte) []byte {
+func buildDatagram(t testing.TB, proto ipproto.Proto, typ uint8, src, dst netip.AddrPort, payload []byte) []byte {
 	var l3 gopacket.SerializableLayer
 	var nl gopacket.NetworkLayer
 	if src.Addr().Is4() {
@@ -27,15 +29,15 @@ func buildDatagram(t testing.TB, proto uint8, typ uint8, src, dst netip.AddrPort
 	}
 	var l4 gopacket.SerializableLayer
 	switch proto {
-	case UDP:
+	case ipproto.UDP:
 		u := &layers.UDP{SrcPort: layers.UDPPort(src.Port()), DstPort: layers.UDPPort(dst.Port())}
 		if err := u.SetNetworkLayerForChecksum(nl); err != nil {
 			t.Fatal(err)
 		}
 		l4 = u
-	case ICMP:
+	case ipproto.ICMP:
 		l4 = &layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(typ, 0), Id: src.Port(), Seq: 3}
-	case ICMPv6:
+	case ipproto.ICMPv6:
 		ic := &layers.ICMPv6{TypeCode: layers.CreateICMPv6TypeCode(typ, 0)}
 		if err := ic.SetNetworkLayerForChecksum(nl); err != nil {
 			t.Fatal(err)
@@ -57,16 +59,16 @@ func buildDatagram(t testing.TB, proto uint8, typ uint8, src, dst netip.AddrPort
 func TestDatagramsMatchGopacket(t *testing.T) {
 	r := rand.New(rand.NewSource(5))
 	cases := []struct {
-		proto       uint8
+		proto       ipproto.Proto
 		req, rep    uint8
 		sock, wire  string
 		server      string
 		sameIDPorts bool
 	}{
-		{UDP, 0, 0, "198.51.100.2:40312", "203.0.113.2:51000", "192.0.2.80:53", false},
-		{UDP, 0, 0, "[2001:db8:a::2]:40312", "[2001:db8:b::2]:51000", "[2001:db8:80::80]:53", false},
-		{ICMP, EchoRequest4, EchoReply4, "198.51.100.2:4242", "203.0.113.2:4242", "192.0.2.80:4242", true},
-		{ICMPv6, EchoRequest6, EchoReply6, "[2001:db8:a::2]:4242", "[2001:db8:b::2]:4242", "[2001:db8:80::80]:4242", true},
+		{ipproto.UDP, 0, 0, "198.51.100.2:40312", "203.0.113.2:51000", "192.0.2.80:53", false},
+		{ipproto.UDP, 0, 0, "[2001:db8:a::2]:40312", "[2001:db8:b::2]:51000", "[2001:db8:80::80]:53", false},
+		{ipproto.ICMP, EchoRequest4, EchoReply4, "198.51.100.2:4242", "203.0.113.2:4242", "192.0.2.80:4242", true},
+		{ipproto.ICMPv6, EchoRequest6, EchoReply6, "[2001:db8:a::2]:4242", "[2001:db8:b::2]:4242", "[2001:db8:80::80]:4242", true},
 	}
 	for _, c := range cases {
 		for _, n := range []int{0, 1, 57, 1400} {
@@ -78,7 +80,7 @@ func TestDatagramsMatchGopacket(t *testing.T) {
 			if err := Parse(out, &p); err != nil {
 				t.Fatalf("%s: %v", c.sock, err)
 			}
-			if p.Proto != c.proto || p.Src != sock || (c.proto == UDP && p.Dst != server) || (c.sameIDPorts && p.Dst.Port() != sock.Port()) {
+			if p.Proto != c.proto || p.Src != sock || (c.proto == ipproto.UDP && p.Dst != server) || (c.sameIDPorts && p.Dst.Port() != sock.Port()) {
 				t.Fatalf("%s: parsed %+v", c.sock, p)
 			}
 			SetSource(out, &p, wire)
@@ -111,7 +113,7 @@ func TestDatagramsMatchGopacket(t *testing.T) {
 
 // An IPv4 UDP datagram sent without a checksum keeps none.
 func TestUDPWithoutChecksum(t *testing.T) {
-	b := buildDatagram(t, UDP, 0, netip.MustParseAddrPort("198.51.100.2:40312"), netip.MustParseAddrPort("192.0.2.80:53"), []byte("query"))
+	b := buildDatagram(t, ipproto.UDP, 0, netip.MustParseAddrPort("198.51.100.2:40312"), netip.MustParseAddrPort("192.0.2.80:53"), []byte("query"))
 	b[20+6], b[20+7] = 0, 0
 	var p Packet
 	if err := Parse(b, &p); err != nil {
@@ -128,13 +130,13 @@ func TestUDPWithoutChecksum(t *testing.T) {
 func TestParseICMPOnlyEchoes(t *testing.T) {
 	var p Packet
 	for typ, want := range map[uint8]error{EchoRequest4: nil, EchoReply4: nil, 3: ErrProtocol, 13: ErrProtocol} {
-		b := buildDatagram(t, ICMP, typ, netip.MustParseAddrPort("198.51.100.2:7"), netip.MustParseAddrPort("192.0.2.80:7"), nil)
+		b := buildDatagram(t, ipproto.ICMP, typ, netip.MustParseAddrPort("198.51.100.2:7"), netip.MustParseAddrPort("192.0.2.80:7"), nil)
 		if err := Parse(b, &p); err != want {
 			t.Errorf("ICMP type %d: %v, want %v", typ, err, want)
 		}
 	}
 	// ICMPv4 types inside ICMPv6 are not echoes.
-	b := buildDatagram(t, ICMPv6, EchoRequest4, netip.MustParseAddrPort("[2001:db8:a::2]:7"), netip.MustParseAddrPort("[2001:db8:80::80]:7"), nil)
+	b := buildDatagram(t, ipproto.ICMPv6, EchoRequest4, netip.MustParseAddrPort("[2001:db8:a::2]:7"), netip.MustParseAddrPort("[2001:db8:80::80]:7"), nil)
 	if err := Parse(b, &p); err != ErrProtocol {
 		t.Errorf("ICMPv6 type 8: %v, want ErrProtocol", err)
 	}
@@ -144,14 +146,15 @@ func TestParseICMPOnlyEchoes(t *testing.T) {
 // as gopacket builds the error the socket's own packet would have caused.
 func TestTranslateICMPErrorQuotingDatagrams(t *testing.T) {
 	cases := []struct {
-		proto, typ     uint8
+		proto          ipproto.Proto
+		typ            uint8
 		router, server string
 		wire, sock     string
 	}{
-		{UDP, 0, "192.0.2.5", "192.0.2.80:53", "203.0.113.2:51000", "198.51.100.2:40312"},
-		{UDP, 0, "2001:db8:ffb::1", "[2001:db8:80::80]:53", "[2001:db8:b::2]:51000", "[2001:db8:a::2]:40312"},
-		{ICMP, EchoRequest4, "192.0.2.5", "192.0.2.80:4242", "203.0.113.2:4242", "198.51.100.2:4242"},
-		{ICMPv6, EchoRequest6, "2001:db8:ffb::1", "[2001:db8:80::80]:4242", "[2001:db8:b::2]:4242", "[2001:db8:a::2]:4242"},
+		{ipproto.UDP, 0, "192.0.2.5", "192.0.2.80:53", "203.0.113.2:51000", "198.51.100.2:40312"},
+		{ipproto.UDP, 0, "2001:db8:ffb::1", "[2001:db8:80::80]:53", "[2001:db8:b::2]:51000", "[2001:db8:a::2]:40312"},
+		{ipproto.ICMP, EchoRequest4, "192.0.2.5", "192.0.2.80:4242", "203.0.113.2:4242", "198.51.100.2:4242"},
+		{ipproto.ICMPv6, EchoRequest6, "2001:db8:ffb::1", "[2001:db8:80::80]:4242", "[2001:db8:b::2]:4242", "[2001:db8:a::2]:4242"},
 	}
 	for _, c := range cases {
 		for _, n := range []int{28, 48, 68, 548} {
@@ -171,7 +174,7 @@ func TestTranslateICMPErrorQuotingDatagrams(t *testing.T) {
 			if err != nil {
 				t.Fatalf("%s, quote %d: %v", c.wire, n, err)
 			}
-			if e.InnerProto != c.proto || e.Src != wire || (c.proto == UDP && e.To != server) {
+			if e.InnerProto != c.proto || e.Src != wire || (c.proto == ipproto.UDP && e.To != server) {
 				t.Fatalf("%s, quote %d: parsed %+v", c.wire, n, e)
 			}
 			TranslateICMPError(in, &e, sock)

@@ -13,6 +13,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"net/netip"
+
+	"github.com/rerouted/rerouted/internal/ipproto"
 )
 
 // Parse errors. They are values so that the packet path does not allocate.
@@ -33,14 +35,6 @@ const (
 	ACK = 0x10
 )
 
-// IP protocol numbers.
-const (
-	ICMP   = 1
-	TCP    = 6
-	UDP    = 17
-	ICMPv6 = 58
-)
-
 // ICMP echo types, by family.
 const (
 	EchoRequest4 = 8
@@ -53,7 +47,7 @@ const (
 // ICMPv6 echo request or reply. An echo's identifier plays the part of both
 // ports: it is what tells one ping socket's flow from another's.
 type Packet struct {
-	Proto    uint8 // TCP, UDP, ICMP or ICMPv6
+	Proto    ipproto.Proto // TCP, UDP, ICMP or ICMPv6
 	Src, Dst netip.AddrPort
 	L4       int   // offset of the transport header
 	Flags    uint8 // TCP: the flags byte; ICMP: the type
@@ -64,7 +58,7 @@ type Packet struct {
 // transport header, where the packet ends by its own length field (never
 // beyond b), and the transport protocol. Every parser starts here, so that
 // no rewrite reads or writes past what the packet says it holds.
-func network(b []byte) (l4, end int, proto byte, err error) {
+func network(b []byte) (l4, end int, proto ipproto.Proto, err error) {
 	if len(b) < 1 {
 		return 0, 0, 0, ErrShort
 	}
@@ -81,7 +75,7 @@ func network(b []byte) (l4, end int, proto byte, err error) {
 		if binary.BigEndian.Uint16(b[6:8])&0x3fff != 0 { // MF or offset
 			return 0, 0, 0, ErrFragment
 		}
-		return l4, end, b[9], nil
+		return l4, end, ipproto.Proto(b[9]), nil
 	case 6:
 		if len(b) < 40 {
 			return 0, 0, 0, ErrShort
@@ -90,7 +84,7 @@ func network(b []byte) (l4, end int, proto byte, err error) {
 		if end > len(b) {
 			return 0, 0, 0, ErrHeaderBytes
 		}
-		return 40, end, b[6], nil // extension headers are not followed
+		return 40, end, ipproto.Proto(b[6]), nil // extension headers are not followed
 	}
 	return 0, 0, 0, ErrVersion
 }
@@ -104,7 +98,7 @@ func Parse(b []byte, t *Packet) error {
 	}
 	v6 := b[0]>>4 == 6
 	switch {
-	case proto == TCP:
+	case proto == ipproto.TCP:
 		if end < l4+20 {
 			return ErrHeaderBytes
 		}
@@ -113,12 +107,12 @@ func Parse(b []byte, t *Packet) error {
 			return ErrHeaderBytes
 		}
 		t.Flags = b[l4+13]
-	case proto == UDP:
+	case proto == ipproto.UDP:
 		if end < l4+8 {
 			return ErrHeaderBytes
 		}
 		t.Flags = 0
-	case proto == ICMP && !v6, proto == ICMPv6 && v6:
+	case proto == ipproto.ICMP && !v6, proto == ipproto.ICMPv6 && v6:
 		if end < l4+8 {
 			return ErrHeaderBytes
 		}
@@ -143,8 +137,8 @@ func Parse(b []byte, t *Packet) error {
 
 // isEcho reports whether an ICMP (proto 1) or ICMPv6 (58) type is an echo
 // request or reply.
-func isEcho(proto, typ uint8) bool {
-	if proto == ICMP {
+func isEcho(proto ipproto.Proto, typ uint8) bool {
+	if proto == ipproto.ICMP {
 		return typ == EchoRequest4 || typ == EchoReply4
 	}
 	return typ == EchoRequest6 || typ == EchoReply6
@@ -152,9 +146,9 @@ func isEcho(proto, typ uint8) bool {
 
 // portOffset is where a transport header holds the source (or destination)
 // port; an ICMP echo's identifier is both.
-func portOffset(proto uint8, src bool) int {
+func portOffset(proto ipproto.Proto, src bool) int {
 	switch {
-	case proto == ICMP || proto == ICMPv6:
+	case proto == ipproto.ICMP || proto == ipproto.ICMPv6:
 		return 4
 	case src:
 		return 0
@@ -163,11 +157,11 @@ func portOffset(proto uint8, src bool) int {
 }
 
 // checksumOffset is where a transport header holds its checksum.
-func checksumOffset(proto uint8) int {
+func checksumOffset(proto ipproto.Proto) int {
 	switch proto {
-	case TCP:
+	case ipproto.TCP:
 		return 16
-	case UDP:
+	case ipproto.UDP:
 		return 6
 	}
 	return 2 // ICMP, ICMPv6
@@ -208,7 +202,7 @@ func SetDestination(b []byte, t *Packet, dst netip.AddrPort) {
 // ClampMSS lowers the MSS option of a TCP SYN to at most mss. It returns
 // the option's previous value and whether it changed.
 func ClampMSS(b []byte, t *Packet, mss uint16) (old uint16, changed bool) {
-	if t.Proto != TCP {
+	if t.Proto != ipproto.TCP {
 		return 0, false
 	}
 	doff := int(b[t.L4+12]>>4) * 4
@@ -256,16 +250,16 @@ func Checksum(b []byte, t *Packet) {
 		pseudo = sum(b[8:40], 0)
 	}
 	pseudo += uint64(t.Proto) + uint64(len(seg))
-	if t.Proto == ICMP {
+	if t.Proto == ipproto.ICMP {
 		pseudo = 0 // ICMP's checksum covers the message alone
 	}
 	ck := checksumOffset(t.Proto)
-	if t.Proto == UDP && v4 && seg[ck] == 0 && seg[ck+1] == 0 {
+	if t.Proto == ipproto.UDP && v4 && seg[ck] == 0 && seg[ck+1] == 0 {
 		return // sent without a checksum
 	}
 	seg[ck], seg[ck+1] = 0, 0
 	c := ^fold(sum(seg, pseudo))
-	if c == 0 && t.Proto == UDP {
+	if c == 0 && t.Proto == ipproto.UDP {
 		c = 0xffff // zero means "no checksum" in UDP
 	}
 	binary.BigEndian.PutUint16(seg[ck:], c)

@@ -11,6 +11,8 @@ import (
 
 	"github.com/gopacket/gopacket"
 	"github.com/gopacket/gopacket/layers"
+
+	"github.com/rerouted/rerouted/internal/ipproto"
 )
 
 // build serializes an IPv4 or IPv6 TCP packet with gopacket, which computes
@@ -278,7 +280,7 @@ func ParseTCP(b []byte, t *Packet) error {
 		}
 		return err
 	}
-	if t.Proto != TCP {
+	if t.Proto != ipproto.TCP {
 		return ErrNotTCP
 	}
 	return nil

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 
+	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/nlmsg"
 	"golang.org/x/sys/unix"
 )
@@ -24,12 +25,12 @@ var ErrCannotDestroy = errors.New("the kernel cannot destroy a socket in this st
 // peer gets a reset. It returns ErrNotFound when the socket is gone, and
 // ErrCannotDestroy when the kernel cannot destroy it in its state.
 func (c *Conn) Destroy(local, remote netip.AddrPort, cookie uint64) error {
-	return c.DestroyProto(unix.IPPROTO_TCP, local, remote, cookie)
+	return c.DestroyProto(ipproto.TCP, local, remote, cookie)
 }
 
 // DestroyProto is Destroy for a TCP or a UDP socket (a UDP socket's next
 // call fails with ECONNABORTED).
-func (c *Conn) DestroyProto(proto uint8, local, remote netip.AddrPort, cookie uint64) error {
+func (c *Conn) DestroyProto(proto ipproto.Proto, local, remote netip.AddrPort, cookie uint64) error {
 	c.request(proto, local, remote, false)
 	nlmsg.PutHeader(c.req[:], nlmsg.Header{Len: uint32(len(c.req)), Type: sockDestroy, Flags: unix.NLM_F_REQUEST | unix.NLM_F_ACK, Seq: c.seq})
 	r := c.req[nlmsg.HeaderLen:]

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"net/netip"
 
+	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/nlmsg"
 	"golang.org/x/sys/unix"
 )
@@ -82,8 +83,8 @@ var ErrNotFound = errors.New("no such socket")
 // tells of another socket. For UDP it is the socket a datagram from remote to local would
 // be delivered to: a connected socket, else one bound to the port (wildcard
 // or local address), so an unconnected socket is found for every peer.
-func (c *Conn) Lookup(proto uint8, local, remote netip.AddrPort, s *Socket) error {
-	if proto == unix.IPPROTO_UDP {
+func (c *Conn) Lookup(proto ipproto.Proto, local, remote netip.AddrPort, s *Socket) error {
+	if proto == ipproto.UDP {
 		// The kernel's UDP lookup takes the request's source as the
 		// datagram's source, the peer (udp_dump_one: "src and dst are
 		// swapped for historical reasons").
@@ -112,7 +113,7 @@ func (c *Conn) Lookup(proto uint8, local, remote netip.AddrPort, s *Socket) erro
 
 // Dump calls fn for every socket of proto in family (unix.AF_INET or
 // unix.AF_INET6), TIME_WAIT included. The Socket passed to fn is reused.
-func (c *Conn) Dump(family, proto uint8, fn func(*Socket)) error {
+func (c *Conn) Dump(family uint8, proto ipproto.Proto, fn func(*Socket)) error {
 	var zero netip.AddrPort
 	if family == unix.AF_INET6 {
 		zero = netip.AddrPortFrom(netip.IPv6Unspecified(), 0)
@@ -138,7 +139,7 @@ func (c *Conn) Dump(family, proto uint8, fn func(*Socket)) error {
 	return perr
 }
 
-func (c *Conn) request(proto uint8, local, remote netip.AddrPort, dump bool) {
+func (c *Conn) request(proto ipproto.Proto, local, remote netip.AddrPort, dump bool) {
 	c.seq++
 	b := c.req[:]
 	clear(b)
@@ -153,7 +154,7 @@ func (c *Conn) request(proto uint8, local, remote netip.AddrPort, dump bool) {
 	if local.Addr().Is6() && !local.Addr().Is4In6() {
 		r[0] = unix.AF_INET6
 	}
-	r[1] = proto
+	r[1] = byte(proto)
 	r[2] = 0                        // idiag_ext: no optional blocks
 	ne.PutUint32(r[4:], 0xffffffff) // all states
 	binary.BigEndian.PutUint16(r[8:], local.Port())

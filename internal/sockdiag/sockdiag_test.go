@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/rerouted/rerouted/internal/ipproto"
 )
 
 // pair makes a loopback TCP connection and returns the client's view.
@@ -43,7 +45,7 @@ func TestLookupAndDump(t *testing.T) {
 	defer d.Close()
 
 	var s Socket
-	if err := d.Lookup(unix.IPPROTO_TCP, local, remote, &s); err != nil {
+	if err := d.Lookup(ipproto.TCP, local, remote, &s); err != nil {
 		t.Fatalf("Lookup(%v, %v): %v", local, remote, err)
 	}
 	if s.State != StateEstablished || s.Local != local || s.Remote != remote {
@@ -57,7 +59,7 @@ func TestLookupAndDump(t *testing.T) {
 	// socket (the sweeper's "socket gone" line printed the earlier one's
 	// cookie and state).
 	unused := netip.AddrPortFrom(local.Addr(), 1)
-	if err := d.Lookup(unix.IPPROTO_TCP, unused, remote, &s); err != ErrNotFound {
+	if err := d.Lookup(ipproto.TCP, unused, remote, &s); err != ErrNotFound {
 		t.Fatalf("Lookup(unused) = %v, want ErrNotFound", err)
 	}
 	if s != (Socket{}) {
@@ -65,7 +67,7 @@ func TestLookupAndDump(t *testing.T) {
 	}
 
 	found := 0
-	err = d.Dump(unix.AF_INET, unix.IPPROTO_TCP, func(x *Socket) {
+	err = d.Dump(unix.AF_INET, ipproto.TCP, func(x *Socket) {
 		if x.Local == local && x.Remote == remote {
 			found++
 		}
@@ -80,7 +82,7 @@ func TestLookupAndDump(t *testing.T) {
 	srv.Close()
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		err := d.Lookup(unix.IPPROTO_TCP, local, remote, &s)
+		err := d.Lookup(ipproto.TCP, local, remote, &s)
 		if err == nil && s.State == StateTimeWait {
 			break
 		}
@@ -100,7 +102,7 @@ func TestLookupAllocatesNothing(t *testing.T) {
 	defer d.Close()
 	var s Socket
 	allocs := testing.AllocsPerRun(200, func() {
-		if err := d.Lookup(unix.IPPROTO_TCP, local, remote, &s); err != nil {
+		if err := d.Lookup(ipproto.TCP, local, remote, &s); err != nil {
 			panic(err)
 		}
 	})
@@ -131,15 +133,15 @@ func TestLookupUDP(t *testing.T) {
 
 	var s Socket
 	local := c.LocalAddr().(*net.UDPAddr).AddrPort()
-	if err := d.Lookup(unix.IPPROTO_UDP, local, peer, &s); err != nil || s.Local != local || s.Remote != peer {
+	if err := d.Lookup(ipproto.UDP, local, peer, &s); err != nil || s.Local != local || s.Remote != peer {
 		t.Fatalf("connected: Lookup(%v, %v) = %+v, %v", local, peer, s, err)
 	}
 	connected := s.Cookie
-	if err := d.Lookup(unix.IPPROTO_UDP, local, netip.MustParseAddrPort("127.0.0.9:54"), &s); err != ErrNotFound {
+	if err := d.Lookup(ipproto.UDP, local, netip.MustParseAddrPort("127.0.0.9:54"), &s); err != ErrNotFound {
 		t.Fatalf("connected socket, another peer: %+v, %v; want ErrNotFound", s, err)
 	}
 	wild := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), u.LocalAddr().(*net.UDPAddr).AddrPort().Port())
-	if err := d.Lookup(unix.IPPROTO_UDP, wild, netip.MustParseAddrPort("127.0.0.7:999"), &s); err != nil || s.Local.Port() != wild.Port() || s.Cookie == connected {
+	if err := d.Lookup(ipproto.UDP, wild, netip.MustParseAddrPort("127.0.0.7:999"), &s); err != nil || s.Local.Port() != wild.Port() || s.Cookie == connected {
 		t.Fatalf("unconnected: Lookup(%v) = %+v, %v", wild, s, err)
 	}
 }
@@ -154,7 +156,7 @@ func TestDestroy(t *testing.T) {
 	}
 	defer d.Close()
 	var s Socket
-	if err := d.Lookup(unix.IPPROTO_TCP, local, remote, &s); err != nil {
+	if err := d.Lookup(ipproto.TCP, local, remote, &s); err != nil {
 		t.Fatal(err)
 	}
 	switch err := d.Destroy(local, remote, s.Cookie); {
@@ -198,7 +200,7 @@ func BenchmarkLookup(b *testing.B) {
 	var s Socket
 	b.ReportAllocs()
 	for b.Loop() {
-		if err := d.Lookup(unix.IPPROTO_TCP, local, remote, &s); err != nil {
+		if err := d.Lookup(ipproto.TCP, local, remote, &s); err != nil {
 			b.Fatal(err)
 		}
 	}

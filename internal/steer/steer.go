@@ -27,7 +27,7 @@ import (
 	"github.com/rerouted/rerouted/internal/connect"
 	"github.com/rerouted/rerouted/internal/control"
 	"github.com/rerouted/rerouted/internal/events"
-	"github.com/rerouted/rerouted/internal/flow"
+	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/nftdp"
 	"github.com/rerouted/rerouted/internal/owner"
 	"github.com/rerouted/rerouted/internal/policy"
@@ -215,8 +215,8 @@ func (s *Steering) closeSteered(u *policy.Uplink, a netip.Addr) {
 	if a.Is6() {
 		family = syscall.AF_INET6
 	}
-	for _, proto := range []uint8{syscall.IPPROTO_TCP, syscall.IPPROTO_UDP} {
-		if proto == syscall.IPPROTO_TCP && u.KeepTCP {
+	for _, proto := range []ipproto.Proto{ipproto.TCP, ipproto.UDP} {
+		if proto == ipproto.TCP && u.KeepTCP {
 			continue
 		}
 		var victims []sockdiag.Socket
@@ -229,7 +229,7 @@ func (s *Steering) closeSteered(u *policy.Uplink, a netip.Addr) {
 			continue
 		}
 		how := "reset"
-		if proto == syscall.IPPROTO_UDP {
+		if proto == ipproto.UDP {
 			how = "closed"
 		}
 		for _, so := range victims {
@@ -242,7 +242,7 @@ func (s *Steering) closeSteered(u *policy.Uplink, a netip.Addr) {
 		}
 		if len(victims) > 0 {
 			s.d.Log.Warn("uplink renumbered: closed the sockets bound at connect() to its old address", "uplink", u.Name, "address", a,
-				"proto", flow.ProtoName(proto), "sockets", len(victims))
+				"proto", proto.String(), "sockets", len(victims))
 		}
 	}
 }
@@ -309,16 +309,19 @@ func (s *Steering) List(cfg *policy.Config, fn func(control.FlowInfo) error) err
 	}
 	defer diag.Close()
 	var ferr error
-	for _, q := range []struct{ family, proto uint8 }{
-		{syscall.AF_INET, syscall.IPPROTO_TCP}, {syscall.AF_INET6, syscall.IPPROTO_TCP},
-		{syscall.AF_INET, syscall.IPPROTO_UDP}, {syscall.AF_INET6, syscall.IPPROTO_UDP},
+	for _, q := range []struct {
+		family uint8
+		proto  ipproto.Proto
+	}{
+		{syscall.AF_INET, ipproto.TCP}, {syscall.AF_INET6, ipproto.TCP},
+		{syscall.AF_INET, ipproto.UDP}, {syscall.AF_INET6, ipproto.UDP},
 	} {
 		err := diag.Dump(q.family, q.proto, func(so *sockdiag.Socket) {
 			u, ok := on[so.Local.Addr().Unmap()]
 			if !ok || ferr != nil || so.State == sockdiag.StateListen || !so.Remote.Addr().IsValid() || so.Remote.Addr().IsUnspecified() {
 				return
 			}
-			ferr = fn(control.FlowInfo{Proto: flow.ProtoName(q.proto),
+			ferr = fn(control.FlowInfo{Proto: q.proto.String(),
 				Original: control.Tuple{Src: so.Local.Addr().Unmap(), Dst: so.Remote.Addr().Unmap(), Sport: so.Local.Port(), Dport: so.Remote.Port()},
 				Reply:    control.Tuple{Src: so.Remote.Addr().Unmap(), Dst: so.Local.Addr().Unmap(), Sport: so.Remote.Port(), Dport: so.Local.Port()},
 				Mark:     u.mark, Dev: u.dev, UID: so.UID, Rule: "at connect (" + u.name + ")", Cookie: so.Cookie})
