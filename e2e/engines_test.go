@@ -167,7 +167,7 @@ func TestEnginesAgree(t *testing.T) {
 			}
 			all("up:")
 			e.linkB(false)
-			eventually(t, 3*time.Second, "ISP B to be down", func() bool { return !e.uplinks()["isp-b/ipv4"].Up })
+			e.waitISPB(false, 3*time.Second)
 			all("down:")
 			e.linkB(true)
 		})

@@ -290,6 +290,30 @@ func (e *env) endTimeWait(dst string) bool {
 }
 
 // eventually polls cond until it holds or timeout passes.
+// waitISPB waits until `rerouted uplinks` shows ISP B's IPv4 state as up
+// (or down) and the daemon's last announcement of it says so too: the
+// daemon announces a transition after the connect-time program has it, so
+// from then on both engines act on it.
+func (e *env) waitISPB(up bool, timeout time.Duration) {
+	e.t.Helper()
+	want := "down"
+	if up {
+		want = "up"
+	}
+	eventually(e.t, timeout, "ISP B to be "+want, func() bool {
+		if e.uplinks()["isp-b/ipv4"].Up != up {
+			return false
+		}
+		last := ""
+		for _, l := range e.d.Lines() {
+			if strings.Contains(l, "[UPLINK] isp-b ipv4 ") {
+				last = l
+			}
+		}
+		return strings.Contains(last, "[UPLINK] isp-b ipv4 "+want)
+	})
+}
+
 func eventually(t *testing.T, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)

@@ -220,7 +220,7 @@ func TestConnectSteering(t *testing.T) {
 	// ISP B goes down: web-b falls back to the host's routing (ISP A),
 	// api-only-b refuses at connect().
 	e.linkB(false)
-	eventually(t, 3*time.Second, "ISP B to be down", func() bool { return !e.uplinks()["isp-b/ipv4"].Up })
+	e.waitISPB(false, 3*time.Second)
 	if local, seen, err := dial(networld.ServerAddr, 8080); err != nil || local.Addr() != networld.HostA || seen != local {
 		t.Errorf("to :8080 with ISP B down: on %v, server saw %v, err %v; want ISP A, untranslated", local, seen, err)
 	}
@@ -231,7 +231,7 @@ func TestConnectSteering(t *testing.T) {
 		t.Error(err)
 	}
 	e.linkB(true)
-	eventually(t, 3*time.Second, "ISP B to be up", func() bool { return e.uplinks()["isp-b/ipv4"].Up })
+	e.waitISPB(true, 3*time.Second)
 	if local, seen, err := dial(networld.ServerAddr, 8083); err != nil || local.Addr() != networld.HostB || seen != local {
 		t.Errorf("to :8083 with ISP B back: on %v, server saw %v, err %v", local, seen, err)
 	}
@@ -412,7 +412,7 @@ dport = [80]
 		t.Errorf("an uplink went down while both were healthy: probes were steered\n%s", e.d.Output())
 	}
 	e.linkB(false)
-	eventually(t, 3*time.Second, "ISP B to be down", func() bool { return !e.uplinks()["isp-b/ipv4"].Up })
+	e.waitISPB(false, 3*time.Second)
 	if seen := count(10); seen[networld.HostA] != 10 {
 		t.Errorf("with ISP B down, 10 connections were bound to %v, want all on ISP A's address", seen)
 	}

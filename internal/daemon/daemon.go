@@ -219,10 +219,10 @@ func Run(ctx context.Context, o Options) (err error) {
 			go func() {
 				defer wg.Done()
 				uplink.RunProbes(runCtx, u, &d.uplinks, func(ts []uplink.Transition) {
+					d.republishSteering() // before the announcement, as keepRouting does
 					for _, tr := range ts {
 						d.uplinkChanged(tr.Status)
 					}
-					d.republishSteering()
 				})
 			}()
 		}

@@ -66,10 +66,12 @@ func (d *Daemon) keepRouting(ctx context.Context, r *uplink.Routing, diag *sockd
 			d.stats.Errors[packet.ErrRepair].Add(1)
 			d.log.Error("read uplink states", "err", err)
 		}
+		// The connect-time program next, then the announcement: once the
+		// daemon says an uplink is down, both engines act on it.
+		d.republishSteering()
 		for _, tr := range transitions {
 			d.uplinkChanged(tr.Status)
 		}
-		d.republishSteering()
 		d.moveStale(r, diag, rt)
 	}
 }
