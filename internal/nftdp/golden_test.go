@@ -68,7 +68,7 @@ func TestGoldenBatches(t *testing.T) {
 			t.Fatal(err)
 		}
 		if got != string(want) {
-			t.Errorf("%s: the batch changed (go test ./nftdp -run TestGoldenBatches -update rewrites it):\n got: %.400s\nwant: %.400s", name, got, want)
+			t.Errorf("%s: the batch changed (go test ./internal/nftdp -run TestGoldenBatches -update rewrites it):\n got: %.400s\nwant: %.400s", name, got, want)
 		}
 	}
 }

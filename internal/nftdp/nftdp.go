@@ -460,7 +460,6 @@ func (d *Datapath) closeSockets() error {
 	return errors.Join(d.conn.CloseLasting(), d.batches.Close())
 }
 
-// defineSets names and types the per-flow sets or maps of the datapath.
 // defineFamilies describes the two families and their protocols.
 func (d *Datapath) defineFamilies() {
 	for i, icmp := range []proto{

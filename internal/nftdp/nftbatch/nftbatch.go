@@ -126,15 +126,12 @@ type Rule struct {
 // rules (at least one).
 func (w *Writer) Rules(rules []Rule, flush []string) (b []byte, last uint32) {
 	b = w.header(w.buf[:0], nfnlBatchBegin, unix.NLM_F_REQUEST, unix.AF_UNSPEC, nfnlSubsysNFT)
-	{
-		for _, chain := range flush {
-			r := Rule{Chain: chain}
-			start := len(b)
-			b = w.header(b, nfnlSubsysNFT<<8|nftMsgDelRule, unix.NLM_F_REQUEST, unix.NFPROTO_INET, 0)
-			b = nlmsg.AppendString(b, attrRuleTable, w.Table)
-			b = nlmsg.AppendString(b, attrRuleChain, r.Chain)
-			nlmsg.End(b, start)
-		}
+	for _, chain := range flush { // each chain's rules out first, in the same transaction
+		start := len(b)
+		b = w.header(b, nfnlSubsysNFT<<8|nftMsgDelRule, unix.NLM_F_REQUEST, unix.NFPROTO_INET, 0)
+		b = nlmsg.AppendString(b, attrRuleTable, w.Table)
+		b = nlmsg.AppendString(b, attrRuleChain, chain)
+		nlmsg.End(b, start)
 	}
 	for i, r := range rules {
 		flags := uint16(unix.NLM_F_REQUEST | unix.NLM_F_CREATE | unix.NLM_F_APPEND)
