@@ -247,7 +247,11 @@ func (w *Worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 	if echo {
 		ok = w.admitAs(f, want)
 	} else {
-		ok = w.admit(f, want, t.Dst, sock.Cookie, onWire)
+		var err error
+		if ok, err = w.admit(f, want, t.Dst, sock.Cookie, onWire); err != nil {
+			w.lookupFailed(p, t, err)
+			return
+		}
 	}
 	if !ok {
 		d.Stats.Errors[ErrNoPort].Add(1)
@@ -371,7 +375,12 @@ func (w *Worker) syn(p *queue.Packet, t *rewrite.Packet) {
 	// 5. A source port: the socket's own unless that tuple is taken on the
 	// wire by a real socket or another translation. The flow table takes
 	// it atomically, and its kernel elements are queued, in table order.
-	if !w.admit(f, want, t.Dst, sock.Cookie, onWire) {
+	ok, err = w.admit(f, want, t.Dst, sock.Cookie, onWire)
+	if err != nil {
+		w.lookupFailed(p, t, err)
+		return
+	}
+	if !ok {
 		d.Stats.Errors[ErrNoPort].Add(1)
 		d.Stats.Failed[FailNoPort].Add(1)
 		d.Log.Error("no free source port for translation; dropping SYN (the socket will retry)", "src", t.Src, "dst", t.Dst, "new_src", rt.Src)
@@ -549,8 +558,10 @@ func (w *Worker) describeOwner(f *flow.Flow) {
 
 // admit gives f a wire tuple no real socket and no other flow uses, and adds
 // it to the table and the kernel's queue of changes: want if it is free,
-// else the same address with a random port from the ephemeral range.
-func (w *Worker) admit(f *flow.Flow, want, dst netip.AddrPort, cookie uint64, taken bool) bool {
+// else the same address with a random port from the ephemeral range. It
+// fails (false, nil) when no port it tried was free, and with the error
+// when sock_diag cannot say whether one is.
+func (w *Worker) admit(f *flow.Flow, want, dst netip.AddrPort, cookie uint64, taken bool) (bool, error) {
 	d := w.s
 	span := uint32(d.PortHi-d.PortLo) + 1
 	for try := 0; try < 64; try++ {
@@ -558,14 +569,15 @@ func (w *Worker) admit(f *flow.Flow, want, dst netip.AddrPort, cookie uint64, ta
 		if taken || try > 0 {
 			c = netip.AddrPortFrom(want.Addr(), d.PortLo+uint16(rand.Uint32N(span)))
 		}
-		if !w.noOtherSocket(f.Proto, c, dst, cookie) {
-			continue
+		free, err := w.noOtherSocket(f.Proto, c, dst, cookie)
+		if err != nil {
+			return false, err
 		}
-		if w.admitAs(f, c) {
-			return true
+		if free && w.admitAs(f, c) {
+			return true, nil
 		}
 	}
-	return false
+	return false, nil
 }
 
 // admitAs adds f to the table with wire source src, and its elements to the
@@ -575,12 +587,25 @@ func (w *Worker) admitAs(f *flow.Flow, src netip.AddrPort) bool { return w.s.Ins
 
 // noOtherSocket reports whether no socket but the flow's own uses src→dst
 // (for UDP: would receive datagrams from dst at src).
-func (w *Worker) noOtherSocket(proto ipproto.Proto, src, dst netip.AddrPort, cookie uint64) bool {
+func (w *Worker) noOtherSocket(proto ipproto.Proto, src, dst netip.AddrPort, cookie uint64) (bool, error) {
 	s, err := w.diag.Lookup(proto, src, dst)
-	if errors.Is(err, sockdiag.ErrNotFound) {
-		return true
+	switch {
+	case errors.Is(err, sockdiag.ErrNotFound):
+		return true, nil
+	case err != nil:
+		return false, err
 	}
-	return err == nil && s.Cookie == cookie
+	return s.Cookie == cookie, nil
+}
+
+// lookupFailed handles a first packet whose wire tuple could not be
+// checked: sock_diag failed. A translation onto a tuple another socket
+// uses would take its replies, so the flow is not translated: it fails as
+// the policy's on_failure says.
+func (w *Worker) lookupFailed(p *queue.Packet, t *rewrite.Packet, err error) {
+	w.s.Stats.Errors[ErrSocketLookup].Add(1)
+	w.s.Log.Error("socket lookup: is the new source port free?", "proto", t.Proto.String(), "src", t.Src, "dst", t.Dst, "err", err)
+	w.fail(p, t, FailSocketLookup)
 }
 
 // hold rewrites a flow's first packet (a SYN: with its MSS clamped) and

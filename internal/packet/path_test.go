@@ -97,7 +97,9 @@ type sockKey struct {
 // fakeSockets is the host's sockets: by exact tuple.
 type fakeSockets struct {
 	socks     map[sockKey]sockdiag.Socket
-	err       error // every lookup fails with it
+	err       error            // every lookup fails with it
+	failFirst int              // or only this many lookups (with ENOBUFS)
+	failAt    map[sockKey]bool // or lookups of these tuples (ENOBUFS)
 	raw       bool
 	destroyed []sockKey
 }
@@ -105,6 +107,13 @@ type fakeSockets struct {
 func (s *fakeSockets) Lookup(proto ipproto.Proto, local, remote netip.AddrPort) (sockdiag.Socket, error) {
 	if s.err != nil {
 		return sockdiag.Socket{}, s.err
+	}
+	if s.failFirst > 0 {
+		s.failFirst--
+		return sockdiag.Socket{}, unix.ENOBUFS
+	}
+	if s.failAt[sockKey{proto, local, remote}] {
+		return sockdiag.Socket{}, unix.ENOBUFS
 	}
 	so, ok := s.socks[sockKey{proto, local, remote}]
 	if !ok {
@@ -331,8 +340,8 @@ func TestSYNTranslatedAfterItsElements(t *testing.T) {
 	wd.w.EndBatch()
 	ev = wd.since(n)
 	if len(ev) != 2 || ev[0].kind != "apply" || len(ev[0].changes) != 2 || !ev[0].changes[0].Delete || ev[0].changes[1].Delete ||
-		ev[0].changes[1].Flow.Cookie != 8 {
-		t.Fatalf("a new socket on a translated tuple: %+v", ev)
+		ev[0].changes[1].Flow.Cookie != 8 || ev[1].kind != "modified" || ev[1].mark != markB {
+		t.Fatalf("a new socket on a translated tuple: want the old flow removed and the new installed, then its SYN released; got %+v", ev)
 	}
 }
 
@@ -347,6 +356,9 @@ func TestFirstPacketVerdicts(t *testing.T) {
 		want   string // the verdict
 		fail   FailReason
 		failed bool
+		// installed: the flow's elements went in before the verdict, with
+		// this wire source and mark (and nothing else was installed).
+		installed netip.AddrPort
 	}{
 		{name: "no rule matches", setup: func(wd *world) { wd.socket(ipproto.TCP, client, other, 1) },
 			pkt: func(t *testing.T) []byte { return syn(t, client, other, 1460) }, want: "accept"},
@@ -362,7 +374,22 @@ func TestFirstPacketVerdicts(t *testing.T) {
 			pkt: func(t *testing.T) []byte { return syn(t, client, server, 1460) }, closed: true, want: "drop", fail: FailNoRoute, failed: true},
 		{name: "the socket already has ISP B's address", setup: func(wd *world) {
 			wd.socket(ipproto.TCP, netip.AddrPortFrom(ispB, 40000), server, 1)
-		}, pkt: func(t *testing.T) []byte { return syn(t, netip.AddrPortFrom(ispB, 40000), server, 1460) }, want: "modified"},
+		}, pkt: func(t *testing.T) []byte { return syn(t, netip.AddrPortFrom(ispB, 40000), server, 1460) }, want: "modified",
+			installed: netip.AddrPortFrom(ispB, 40000)}, // same address: only the mark is pinned
+		{name: "udp, the socket's lookup fails once", setup: func(wd *world) { wd.socks.failFirst = 1 },
+			pkt: func(t *testing.T) []byte { return udp(t, client, netip.AddrPortFrom(server.Addr(), 53), "q") }, want: "modified",
+			installed: netip.AddrPortFrom(ispB, client.Port())}, // decided without the socket, by the queue's uid
+		{name: "udp, sock_diag fails", setup: func(wd *world) { wd.socks.err = unix.ENOBUFS },
+			// The new source port cannot be checked: not translated.
+			pkt:  func(t *testing.T) []byte { return udp(t, client, netip.AddrPortFrom(server.Addr(), 53), "q") },
+			want: "accept", fail: FailSocketLookup, failed: true},
+		{name: "tcp, the port check fails", setup: func(wd *world) {
+			wd.socket(ipproto.TCP, client, server, 1)
+			wd.socks.failAt = map[sockKey]bool{{ipproto.TCP, netip.AddrPortFrom(ispB, client.Port()), server}: true}
+		}, pkt: func(t *testing.T) []byte { return syn(t, client, server, 1460) }, want: "accept", fail: FailSocketLookup, failed: true},
+		{name: "udp, sock_diag fails, fail closed", setup: func(wd *world) { wd.socks.err = unix.ENOBUFS },
+			pkt: func(t *testing.T) []byte { return udp(t, client, netip.AddrPortFrom(server.Addr(), 53), "q") }, closed: true,
+			want: "drop", fail: FailSocketLookup, failed: true},
 		{name: "an ACK is not a first packet", pkt: func(t *testing.T) []byte {
 			tcp := &layers.TCP{SrcPort: 40000, DstPort: 80, ACK: true, Window: 1}
 			return serialize(t, client, server, layers.IPProtocolTCP, tcp, tcp)
@@ -379,16 +406,36 @@ func TestFirstPacketVerdicts(t *testing.T) {
 			id := wd.send(c.pkt(t), 0)
 			wd.w.EndBatch()
 			var got []string
+			var applied []flow.Change
 			for _, e := range wd.r.events {
-				if e.kind != "apply" {
-					got = append(got, e.kind)
-					if e.id != id {
-						t.Fatalf("verdict for id %d, want %d", e.id, id)
+				if e.kind == "apply" {
+					if len(got) != 0 {
+						t.Fatalf("elements installed after the verdict: %+v", wd.r.events)
+					}
+					applied = append(applied, e.changes...)
+					continue
+				}
+				got = append(got, e.kind)
+				if e.id != id {
+					t.Fatalf("verdict for id %d, want %d", e.id, id)
+				}
+				if e.kind == "modified" {
+					if e.mark != markB {
+						t.Fatalf("released with mark %d, want %d", e.mark, markB)
+					}
+					if src, _, _ := wire(t, e.pkt); src != c.installed {
+						t.Fatalf("left from %v, want %v", src, c.installed)
 					}
 				}
 			}
 			if len(got) != 1 || got[0] != c.want {
 				t.Fatalf("verdicts %v, want [%s]", got, c.want)
+			}
+			switch {
+			case c.installed.IsValid() && (len(applied) != 1 || applied[0].Delete || applied[0].Flow.NewSrc != c.installed || applied[0].Flow.Mark != markB):
+				t.Fatalf("installed %v, want one flow from %v with mark %d", describe(applied), c.installed, markB)
+			case !c.installed.IsValid() && len(applied) != 0:
+				t.Fatalf("installed %v for a flow left untranslated", describe(applied))
 			}
 			var total uint64
 			for i := range wd.s.Stats.Failed {
@@ -402,6 +449,14 @@ func TestFirstPacketVerdicts(t *testing.T) {
 			}
 		})
 	}
+}
+
+func describe(cs []flow.Change) string {
+	s := ""
+	for _, c := range cs {
+		s += fmt.Sprintf("{%v -> %v mark %d pass %v delete %v} ", c.Flow.Src, c.Flow.NewSrc, c.Flow.Mark, c.Flow.Pass, c.Delete)
+	}
+	return s
 }
 
 func counts(s *Stats) map[string]uint64 {
