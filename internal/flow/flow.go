@@ -7,6 +7,10 @@
 // Entries live as long as their socket, TIME_WAIT included: the daemon
 // sweeps the table against sock_diag dumps. UDP and echo flows also end when
 // idle; an echo (ping sockets are not in sock_diag) only so.
+//
+// The table has one writer, the Installer (install.go), which owns the
+// ordering rule: a flow's kernel state is installed before its first
+// packet is released, and changes reach the kernel in table order.
 package flow
 
 import (
