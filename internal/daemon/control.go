@@ -23,8 +23,8 @@ func (s controlSource) Flows(fn func(control.FlowInfo) error) error {
 			return err
 		}
 	}
-	if d.steer != nil {
-		if err := d.steer.List(d.cfg.Load(), fn); err != nil {
+	if st := d.steer.Load(); st != nil {
+		if err := st.List(d.cfg.Load(), fn); err != nil {
 			d.log.Warn("flows: list the sockets steered at connect()", "err", err)
 		}
 	}

@@ -90,7 +90,7 @@ type Daemon struct {
 	cfg     atomic.Pointer[policy.Config] // swapped whole on reload
 	log     *slog.Logger
 	events  *events.Writer
-	steer   *steer.Steering // connect-time steering; nil when off
+	steer   atomic.Pointer[steer.Steering] // connect-time steering, once it runs; nil when off (read by the probes, the routing keeper, the control server, the metrics)
 	dp      *nftdp.Datapath
 	flows   *flow.Table     // read anywhere; flows enter and leave only through inst
 	uplinks uplink.States   // each uplink's state, per family
@@ -153,7 +153,7 @@ func Run(ctx context.Context, o Options) (err error) {
 	if d.portLo, d.portHi, err = localPortRange(); err != nil {
 		return err
 	}
-	d.shared = &packet.Shared{Config: &d.cfg, Flows: d.flows, Install: d.inst, Uplinks: &d.uplinks, Balance: &d.balance,
+	d.shared = &packet.Shared{Config: &d.cfg, Flows: d.inst.Table(), Install: d.inst, Uplinks: &d.uplinks, Balance: &d.balance,
 		Events: d.events, Log: d.log, Stats: &d.stats, Decisions: d.metrics.decisions, Latency: d.metrics.latency,
 		PortLo: d.portLo, PortHi: d.portHi, Userspace: d.userspace, FailClosed: d.failClosed}
 	// One daemon per table, before anything is touched: a second one

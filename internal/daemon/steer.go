@@ -17,29 +17,33 @@ func (d *Daemon) startSteering(cfg *policy.Config) error {
 	if err != nil {
 		return err
 	}
-	d.steer = s
 	if err := s.Start(cfg, d.portLo, d.portHi); err != nil {
-		d.steer = nil
 		return err
 	}
+	// Published for the other goroutines only once it runs; a change of
+	// state since Start published them is published again.
+	d.steer.Store(s)
+	d.republishSteering()
 	return nil
 }
 
 // stopSteering detaches the program, or with keep leaves it pinned and
 // deciding for the next run.
 func (d *Daemon) stopSteering(keep bool) error {
-	if d.steer == nil {
+	s := d.steer.Swap(nil)
+	if s == nil {
 		return nil
 	}
-	return d.steer.Stop(keep)
+	return s.Stop(keep)
 }
 
 // applySteering installs a reloaded policy's image.
 func (d *Daemon) applySteering(cfg *policy.Config) {
-	if d.steer == nil {
+	s := d.steer.Load()
+	if s == nil {
 		return
 	}
-	if err := d.steer.Apply(cfg); err != nil {
+	if err := s.Apply(cfg); err != nil {
 		d.stats.Errors[packet.ErrInstall].Add(1)
 		d.log.Error("reload: connect steering keeps the earlier policy's rules", "err", err)
 	}
@@ -48,10 +52,11 @@ func (d *Daemon) applySteering(cfg *policy.Config) {
 // publishSteering tells the program the uplinks' states and addresses, and
 // the table which sockets are on their uplink already.
 func (d *Daemon) publishSteering() error {
-	if d.steer == nil {
+	s := d.steer.Load()
+	if s == nil {
 		return nil
 	}
-	return d.steer.Publish(d.cfg.Load())
+	return s.Publish(d.cfg.Load())
 }
 
 // republishSteering publishes the uplinks' states once after a burst of
@@ -69,7 +74,7 @@ type steeringCollector struct{ d *Daemon }
 func (c steeringCollector) Describe(ch chan<- *prometheus.Desc) { ch <- steer.Desc }
 
 func (c steeringCollector) Collect(ch chan<- prometheus.Metric) {
-	if s := c.d.steer; s != nil {
+	if s := c.d.steer.Load(); s != nil {
 		s.Collect(ch)
 	}
 }
