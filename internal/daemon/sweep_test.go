@@ -232,3 +232,45 @@ func TestAdopt(t *testing.T) {
 		t.Fatal("an adopted flow's elements are in the kernel already: it must count as installed")
 	}
 }
+
+// A socket missed once and then seen again is no longer a suspect: a later
+// single miss does not remove it.
+func TestSweepSuspicionClearsWhenSeen(t *testing.T) {
+	d, k := newSweepDaemon(t)
+	addFlow(t, d, ipproto.TCP, sock(1001), 1)
+	gone := &fakeSocketTable{socks: map[tuple]sockdiag.Socket{}}
+	back := &fakeSocketTable{socks: map[tuple]sockdiag.Socket{{ipproto.TCP, sock(1001), peer}: {Local: sock(1001), Remote: peer, Cookie: 1}}}
+	udp := map[uint64]struct{}{}
+	d.sweep(gone, udp) // missed: a suspect
+	d.sweep(back, udp) // seen
+	d.sweep(gone, udp) // missed once more: a suspect again, not removed
+	if got := removed(d, k); len(got) != 0 {
+		t.Fatalf("removed %v after misses that were not in a row", got)
+	}
+	d.sweep(gone, udp)
+	if got := removed(d, k); len(got) != 1 {
+		t.Fatalf("removed %v after two misses in a row, want the flow", got)
+	}
+}
+
+// A lookup that fails (not "no such socket") removes nothing, and is
+// counted.
+func TestSweepLookupErrorRemovesNothing(t *testing.T) {
+	d, k := newSweepDaemon(t)
+	addFlow(t, d, ipproto.TCP, sock(1001), 1)
+	broken := failingLookups{}
+	for range 3 {
+		d.sweep(broken, map[uint64]struct{}{})
+	}
+	if got := removed(d, k); len(got) != 0 || d.stats.Errors[packet.ErrSocketLookup].Load() != 3 {
+		t.Fatalf("removed %v, lookup errors %d", got, d.stats.Errors[packet.ErrSocketLookup].Load())
+	}
+}
+
+// failingLookups dumps no socket, and fails every exact lookup.
+type failingLookups struct{}
+
+func (failingLookups) Dump(uint8, ipproto.Proto, func(*sockdiag.Socket)) error { return nil }
+func (failingLookups) Lookup(ipproto.Proto, netip.AddrPort, netip.AddrPort, *sockdiag.Socket) error {
+	return unix.ENOBUFS
+}
