@@ -289,7 +289,6 @@ func (e *env) endTimeWait(dst string) bool {
 	return true
 }
 
-// eventually polls cond until it holds or timeout passes.
 // waitISPB waits until `rerouted uplinks` shows ISP B's IPv4 state as up
 // (or down) and the daemon's last announcement of it says so too: the
 // daemon announces a transition after the connect-time program has it, so
@@ -314,6 +313,7 @@ func (e *env) waitISPB(up bool, timeout time.Duration) {
 	})
 }
 
+// eventually polls cond until it holds or timeout passes.
 func eventually(t *testing.T, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)

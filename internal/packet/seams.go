@@ -57,7 +57,7 @@ type Owners interface {
 // goroutines.
 type Shared struct {
 	Config  *atomic.Pointer[policy.Config] // swapped whole on reload
-	Flows   *flow.Table                    // read anywhere; written only through Install
+	Flows   *flow.Table                    // Install.Table(): read anywhere, written only through Install
 	Install *flow.Installer
 	Uplinks *uplink.States
 	Balance *uplink.Balancer
