@@ -54,4 +54,7 @@ func TestUserspaceForwardsBothWays(t *testing.T) {
 	if ev := wd.since(n); len(ev) != 1 || ev[0].kind != "accept" {
 		t.Fatalf("a packet of no flow: %+v", ev)
 	}
+	if got := wd.s.Stats.Forwarded.Load(); got != 2 {
+		t.Fatalf("forwarded = %d after a packet of no flow, want 2: only rewritten packets count", got)
+	}
 }

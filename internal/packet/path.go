@@ -111,14 +111,14 @@ func (w *Worker) Handle(p *queue.Packet) {
 // socket's tuple to the wire's, with the flow's mark; inbound back.
 func (w *Worker) forward(p *queue.Packet, t *rewrite.Packet) {
 	d := w.s
-	d.Stats.Forwarded.Add(1)
-	d.Stats.Bytes.Add(uint64(len(p.Payload)))
 	if p.Hook == queue.HookLocalOut {
 		f := d.Flows.Get(flow.Key{Proto: t.Proto, Src: t.Src, Dst: t.Dst})
 		if f == nil || f.Pass {
 			w.accept(p) // its socket is gone; the selector follows
 			return
 		}
+		d.Stats.Forwarded.Add(1)
+		d.Stats.Bytes.Add(uint64(len(p.Payload)))
 		rewrite.SetSource(p.Payload, t, f.NewSrc)
 		rewrite.Checksum(p.Payload, t)
 		w.verdicted(p.ID, w.q.AcceptModified(p.ID, f.Mark, p.Payload))
@@ -129,6 +129,8 @@ func (w *Worker) forward(p *queue.Packet, t *rewrite.Packet) {
 		w.accept(p)
 		return
 	}
+	d.Stats.Forwarded.Add(1)
+	d.Stats.Bytes.Add(uint64(len(p.Payload)))
 	rewrite.SetDestination(p.Payload, t, f.Src)
 	rewrite.Checksum(p.Payload, t)
 	w.verdicted(p.ID, w.q.AcceptPacket(p.ID, p.Payload))
