@@ -33,6 +33,7 @@ type flowMaps interface {
 	Entries() ([]nftdp.Entry, error)
 	Delete(entries ...nftdp.Entry) error
 	Uses() ([]nftdp.Use, error)
+	OverBudget() (map[uint32]uint64, error)
 }
 
 // adopt takes over the flows whose elements an earlier run left in the
@@ -137,7 +138,7 @@ func (d *Daemon) sweepLoop(ctx context.Context, diag socketTable, maps flowMaps)
 		}
 		d.sweep(diag, udp)
 		d.balance.Expire(time.Now())
-		d.reportOverBudget()
+		d.reportOverBudget(maps)
 		// Idleness is read from the kernel's packet counters, a listing of
 		// every UDP and echo element: often enough to end flows within an
 		// eighth of the timeout of it, and at most a tenth of the time (the
@@ -264,8 +265,8 @@ func lookupResult(err error) string {
 
 // reportOverBudget logs, at WARNING, each user whose new flows went past
 // its budget since the last sweep: they failed open (or closed).
-func (d *Daemon) reportOverBudget() {
-	over, err := d.dp.OverBudget()
+func (d *Daemon) reportOverBudget(maps flowMaps) {
+	over, err := maps.OverBudget()
 	if err != nil {
 		d.stats.Errors[packet.ErrSweep].Add(1)
 		d.log.Error("read the per-user budget's counts", "err", err)

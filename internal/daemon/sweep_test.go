@@ -1,9 +1,12 @@
 package daemon
 
 import (
+	"context"
 	"log/slog"
 	"net/netip"
 	"sort"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -11,6 +14,7 @@ import (
 	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/nftdp"
 	"github.com/rerouted/rerouted/internal/packet"
+	"github.com/rerouted/rerouted/internal/policy"
 	"github.com/rerouted/rerouted/internal/route"
 	"github.com/rerouted/rerouted/internal/sockdiag"
 	"golang.org/x/sys/unix"
@@ -59,11 +63,15 @@ type fakeMaps struct {
 	entries []nftdp.Entry
 	deleted []nftdp.Entry
 	uses    []nftdp.Use
+	over    map[uint32]uint64
 }
 
 func (m *fakeMaps) Entries() ([]nftdp.Entry, error) { return m.entries, nil }
 func (m *fakeMaps) Delete(es ...nftdp.Entry) error  { m.deleted = append(m.deleted, es...); return nil }
 func (m *fakeMaps) Uses() ([]nftdp.Use, error)      { return m.uses, nil }
+func (m *fakeMaps) OverBudget() (map[uint32]uint64, error) {
+	return m.over, nil
+}
 
 type noRoutes struct{}
 
@@ -273,4 +281,64 @@ type failingLookups struct{}
 func (failingLookups) Dump(uint8, ipproto.Proto, func(*sockdiag.Socket)) error { return nil }
 func (failingLookups) Lookup(ipproto.Proto, netip.AddrPort, netip.AddrPort, *sockdiag.Socket) error {
 	return unix.ENOBUFS
+}
+
+// Each user whose new flows went past the per-user budget is reported at
+// WARNING once per rise of its count, with how many more since the last
+// report: a flood is said loudly, not once a sweep.
+func TestOverBudgetReportedOncePerRise(t *testing.T) {
+	d, _ := newSweepDaemon(t)
+	var logs logRecorder
+	d.log = slog.New(&logs)
+	cfg, err := policy.Parse("t.toml", []byte("[daemon]\nnew_flows_per_uid = 50\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.cfg.Store(cfg)
+	maps := &fakeMaps{over: map[uint32]uint64{1000: 7}}
+	d.reportOverBudget(maps)
+	d.reportOverBudget(maps) // no change: nothing more
+	maps.over[1000], maps.over[1001] = 10, 1
+	d.reportOverBudget(maps)
+	got := logs.warnings()
+	want := []string{"uid=1000 over_budget=7 total=7", "uid=1000 over_budget=3 total=10", "uid=1001 over_budget=1 total=1"}
+	if len(got) != len(want) {
+		t.Fatalf("warnings %q, want %d", got, len(want))
+	}
+	for _, w := range want {
+		found := false
+		for _, g := range got {
+			found = found || strings.Contains(g, w)
+		}
+		if !found {
+			t.Errorf("no warning with %q in %q", w, got)
+		}
+	}
+	if !strings.Contains(got[0], "left untranslated") || !strings.Contains(got[0], "budget_per_second=50") {
+		t.Errorf("warning %q does not say what happened to the rest, or the budget", got[0])
+	}
+}
+
+// logRecorder keeps the text of each record at WARNING or above.
+type logRecorder struct {
+	mu    sync.Mutex
+	lines []string
+}
+
+func (r *logRecorder) Enabled(_ context.Context, l slog.Level) bool { return l >= slog.LevelWarn }
+func (r *logRecorder) WithAttrs([]slog.Attr) slog.Handler           { return r }
+func (r *logRecorder) WithGroup(string) slog.Handler                { return r }
+func (r *logRecorder) Handle(_ context.Context, rec slog.Record) error {
+	b := rec.Message
+	rec.Attrs(func(a slog.Attr) bool { b += " " + a.String(); return true })
+	r.mu.Lock()
+	r.lines = append(r.lines, b)
+	r.mu.Unlock()
+	return nil
+}
+
+func (r *logRecorder) warnings() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]string(nil), r.lines...)
 }
