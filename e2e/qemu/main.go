@@ -90,7 +90,19 @@ func main() {
 	for range max(*jobs, 1) {
 		go func() {
 			for i := range next {
-				results[i] <- g.test(ctx, ks[i])
+				res := g.test(ctx, ks[i])
+				if oops := res.guestOops(); oops != "" {
+					// The guest's own kernel died, no test had failed: under
+					// QEMU's TCG a CPU can run code the kernel is patching
+					// (an int3 left by text_poke_bp), which real CPUs never
+					// do. Run that kernel once more, and say so.
+					kept := res.out + ".oops"
+					os.RemoveAll(kept)
+					os.Rename(res.out, kept)
+					res = g.test(ctx, ks[i])
+					res.retried = fmt.Sprintf("the first run's guest kernel died (%s; its logs: %s), so this kernel ran again", oops, kept)
+				}
+				results[i] <- res
 			}
 		}()
 	}
@@ -208,6 +220,7 @@ type result struct {
 	dps      []string
 	console  string // the console's last lines, when something went wrong
 	exitCode int
+	retried  string // why the kernel ran twice, if it did
 	// When the test binary panicked (a -test.timeout among them): the
 	// panic and the tests it names, the log lines before it, and the test
 	// code each goroutine was in.
@@ -401,8 +414,29 @@ func (r *result) ok() bool {
 }
 
 // report is the kernel's line, and what went wrong.
+// guestOops returns the guest kernel's panic line when the guest's kernel
+// died while no test had failed, else "".
+func (r *result) guestOops() string {
+	if r.err == nil || r.count("FAIL") != 0 {
+		return ""
+	}
+	c, err := os.ReadFile(filepath.Join(r.out, "console.log"))
+	if err != nil || !strings.Contains(string(c), "Kernel panic") {
+		return ""
+	}
+	for _, l := range strings.Split(string(c), "\n") {
+		if strings.Contains(l, "Oops") || strings.Contains(l, "BUG:") {
+			return strings.TrimSpace(l)
+		}
+	}
+	return "Kernel panic"
+}
+
 func (r *result) report() string {
 	var b strings.Builder
+	if r.retried != "" {
+		fmt.Fprintf(&b, "kernel %s: %s\n", r.k.version, r.retried)
+	}
 	if r.err != nil {
 		fmt.Fprintf(&b, "kernel %s: no result: %v (time=%.0fs)\n", r.k.version, r.err, r.elapsed.Seconds())
 	} else {
