@@ -153,7 +153,7 @@ func Run(ctx context.Context, o Options) (err error) {
 	if d.portLo, d.portHi, err = localPortRange(); err != nil {
 		return err
 	}
-	d.shared = &packet.Shared{Config: &d.cfg, Flows: d.inst.Table(), Install: d.inst, Uplinks: &d.uplinks, Balance: &d.balance,
+	d.shared = &packet.Shared{Config: &d.cfg, Install: d.inst, Uplinks: &d.uplinks, Balance: &d.balance,
 		Events: d.events, Log: d.log, Stats: &d.stats, Decisions: d.metrics.decisions, Latency: d.metrics.latency,
 		PortLo: d.portLo, PortHi: d.portHi, Userspace: d.userspace, FailClosed: d.failClosed}
 	// One daemon per table, before anything is touched: a second one

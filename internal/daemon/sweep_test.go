@@ -93,7 +93,7 @@ func newSweepDaemon(t *testing.T) (*Daemon, *recordingKernel) {
 	k := &recordingKernel{}
 	d := &Daemon{log: slog.New(slog.DiscardHandler), flows: flow.NewTable()}
 	d.inst = flow.NewInstaller(d.flows, k, d.installFailed)
-	d.shared = &packet.Shared{Install: d.inst, Flows: d.flows, Log: d.log, Stats: &d.stats}
+	d.shared = &packet.Shared{Install: d.inst, Log: d.log, Stats: &d.stats}
 	return d, k
 }
 

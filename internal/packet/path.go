@@ -25,9 +25,7 @@
 package packet
 
 import (
-	"context"
 	"errors"
-	"log/slog"
 	"math/rand/v2"
 	"net/netip"
 	"time"
@@ -112,7 +110,7 @@ func (w *Worker) Handle(p *queue.Packet) {
 func (w *Worker) forward(p *queue.Packet, t *rewrite.Packet) {
 	d := w.s
 	if p.Hook == queue.HookLocalOut {
-		f := d.Flows.Get(flow.Key{Proto: t.Proto, Src: t.Src, Dst: t.Dst})
+		f := d.Install.Table().Get(flow.Key{Proto: t.Proto, Src: t.Src, Dst: t.Dst})
 		if f == nil || f.Pass {
 			w.accept(p) // its socket is gone; the selector follows
 			return
@@ -124,7 +122,7 @@ func (w *Worker) forward(p *queue.Packet, t *rewrite.Packet) {
 		w.verdicted(p.ID, w.q.AcceptModified(p.ID, f.Mark, p.Payload))
 		return
 	}
-	f := d.Flows.ByWire(flow.Key{Proto: t.Proto, Src: t.Dst, Dst: t.Src})
+	f := d.Install.Table().ByWire(flow.Key{Proto: t.Proto, Src: t.Dst, Dst: t.Src})
 	if f == nil || f.Pass {
 		w.accept(p)
 		return
@@ -146,7 +144,7 @@ func (w *Worker) forward(p *queue.Packet, t *rewrite.Packet) {
 func (w *Worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 	d := w.s
 	key := flow.Key{Proto: t.Proto, Src: t.Src, Dst: t.Dst}
-	f := d.Flows.Get(key)
+	f := d.Install.Table().Get(key)
 	if f == nil || !d.Userspace {
 		d.Stats.Received.Add(1) // through the prefilter (not a userspace selector)
 	}
@@ -212,7 +210,7 @@ func (w *Worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 		rt, mark = route.Route{Src: t.Src.Addr(), DevIdx: int(p.OutDev)}, p.Mark
 	}
 	want := netip.AddrPortFrom(rt.Src, t.Src.Port())
-	onWire := d.Flows.OnWire(flow.Key{Proto: t.Proto, Src: want, Dst: t.Dst})
+	onWire := d.Install.Table().OnWire(flow.Key{Proto: t.Proto, Src: want, Dst: t.Dst})
 	f = &flow.Flow{Key: key, Mark: mark, Rule: ruleName, UID: sock.UID, Cookie: sock.Cookie, Inode: sock.Inode,
 		Start: time.Now(), Dev: rt.Dev}
 	f.UsedAt = f.Start
@@ -223,7 +221,7 @@ func (w *Worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 		f.Pass, f.NewSrc = true, t.Src
 		w.passed = true
 		if !w.admitAs(f, want) {
-			if d.Log.Enabled(context.Background(), slog.LevelDebug) { // its arguments would allocate
+			if d.debug() {
 				d.Log.Debug("tuple already decided by another worker", "proto", t.Proto.String(), "src", t.Src, "dst", t.Dst)
 			}
 		} else if d.Events.On(events.Pass) {
@@ -319,7 +317,7 @@ func (w *Worker) syn(p *queue.Packet, t *rewrite.Packet) {
 		sock = sockdiag.Socket{UID: p.UID}
 		d.Stats.RawSYNs.Add(1)
 	}
-	if f := d.Flows.Get(key); f != nil {
+	if f := d.Install.Table().Get(key); f != nil {
 		if f.Cookie == sock.Cookie {
 			d.Stats.Retrans.Add(1)
 			w.hold(p, t, f) // a retransmitted SYN: same translation
@@ -345,7 +343,7 @@ func (w *Worker) syn(p *queue.Packet, t *rewrite.Packet) {
 		return
 	}
 	want := netip.AddrPortFrom(rt.Src, t.Src.Port())
-	onWire := d.Flows.OnWire(flow.Key{Proto: ipproto.TCP, Src: want, Dst: t.Dst})
+	onWire := d.Install.Table().OnWire(flow.Key{Proto: ipproto.TCP, Src: want, Dst: t.Dst})
 	if rt.Src == t.Src.Addr() && mark == p.Mark && !onWire {
 		w.accept(p) // routing already gets it right: costs nothing from now on
 		if d.Events.On(events.Pass) {
@@ -449,14 +447,14 @@ func (w *Worker) route(p *queue.Packet, t *rewrite.Packet, mark, uid uint32) (ro
 // the error was sent to the wire's source and quotes the wire's tuple, and
 // the socket (path MTU discovery above all) only recognises its own.
 func (w *Worker) icmpError(p *queue.Packet, e *rewrite.ICMPError) {
-	f := w.s.Flows.ByWire(flow.Key{Proto: e.InnerProto, Src: e.Src, Dst: e.To})
+	f := w.s.Install.Table().ByWire(flow.Key{Proto: e.InnerProto, Src: e.Src, Dst: e.To})
 	if f == nil || f.Pass || e.Dst != f.NewSrc.Addr() {
 		w.accept(p) // not about a translated flow
 		return
 	}
 	rewrite.TranslateICMPError(p.Payload, e, f.Src)
 	w.s.Stats.ICMPErrors.Add(1)
-	if w.s.Log.Enabled(context.Background(), slog.LevelDebug) { // its arguments would allocate
+	if w.s.debug() {
 		w.s.Log.Debug("icmp error readdressed", "type", e.Type, "code", e.Code, "proto", f.Proto.String(), "wire", f.NewSrc, "socket", f.Src, "dst", f.Dst)
 	}
 	w.verdicted(p.ID, w.q.AcceptPacket(p.ID, p.Payload))
@@ -530,7 +528,7 @@ func (w *Worker) refuse(p *queue.Packet, t *rewrite.Packet, rule string, sock *s
 			d.Log.Error("refuse a connection: close its socket", "src", t.Src, "dst", t.Dst, "err", err)
 		}
 	}
-	if d.Log.Enabled(context.Background(), slog.LevelDebug) { // its arguments would allocate
+	if d.debug() {
 		d.Log.Debug("refused: every uplink of the rule is down (on_down = \"drop\")", "proto", t.Proto.String(), "src", t.Src, "dst", t.Dst, "rule", rule)
 	}
 	d.Events.Refused(t, rule)
@@ -649,7 +647,7 @@ func (w *Worker) EndBatch() {
 // not be installed has left the table: its packet is dropped (the socket
 // retransmits a SYN; a lost datagram is UDP's to handle).
 func (w *Worker) release(id uint32, f *flow.Flow, pkt []byte) {
-	if w.s.Flows.Get(f.Key) != f {
+	if w.s.Install.Table().Get(f.Key) != f {
 		w.dropID(id)
 		return
 	}
@@ -703,7 +701,7 @@ func (w *Worker) fail(p *queue.Packet, t *rewrite.Packet, reason FailReason) {
 		w.drop(p)
 		return
 	}
-	if d.Log.Enabled(context.Background(), slog.LevelDebug) { // its arguments would allocate
+	if d.debug() {
 		d.Log.Debug("cannot decide a new flow; it leaves untranslated (on_failure = \"open\")", "proto", t.Proto.String(), "src", t.Src, "dst", t.Dst,
 			"mark", p.Mark, "reason", FailReasonNames[reason])
 	}

@@ -177,7 +177,7 @@ func newWorld(t *testing.T, conf string) *world {
 	var ptr atomic.Pointer[policy.Config]
 	ptr.Store(cfg)
 	table := flow.NewTable()
-	wd.s = &Shared{Config: &ptr, Flows: table,
+	wd.s = &Shared{Config: &ptr,
 		Install: flow.NewInstaller(table, wd.kernel, func(c flow.Change, err error) { wd.failed = append(wd.failed, c) }),
 		Uplinks: &uplink.States{}, Balance: &uplink.Balancer{}, Log: slog.New(slog.DiscardHandler), Stats: &Stats{},
 		Decisions: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "d"}, []string{"rule"}),
@@ -309,7 +309,7 @@ func TestSYNTranslatedAfterItsElements(t *testing.T) {
 	if mss != 1400-40 {
 		t.Fatalf("MSS %d, want %d (ISP B's MTU 1400)", mss, 1400-40)
 	}
-	f := wd.s.Flows.Get(flow.Key{Proto: ipproto.TCP, Src: client, Dst: server})
+	f := wd.s.Install.Table().Get(flow.Key{Proto: ipproto.TCP, Src: client, Dst: server})
 	if f == nil || f.Rule != "web-via-b" || f.Cookie != 7 || f.Dev != "isp-b" {
 		t.Fatalf("flow %+v", f)
 	}
@@ -481,8 +481,8 @@ func TestRefusedElementsDropTheSYN(t *testing.T) {
 	if len(wd.r.events) != 1 || wd.r.events[0].kind != "drop" {
 		t.Fatalf("want the SYN dropped; got %+v", wd.r.events)
 	}
-	if len(wd.failed) != 1 || wd.s.Flows.Len() != 0 {
-		t.Fatalf("refused change reported %d times; flows left %d", len(wd.failed), wd.s.Flows.Len())
+	if len(wd.failed) != 1 || wd.s.Install.Table().Len() != 0 {
+		t.Fatalf("refused change reported %d times; flows left %d", len(wd.failed), wd.s.Install.Table().Len())
 	}
 	wd.kernel.refuse = false
 	wd.send(syn(t, client, server, 1460), 0)

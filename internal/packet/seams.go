@@ -1,6 +1,7 @@
 package packet
 
 import (
+	"context"
 	"log/slog"
 	"net/netip"
 	"sync/atomic"
@@ -57,8 +58,7 @@ type Owners interface {
 // goroutines.
 type Shared struct {
 	Config  *atomic.Pointer[policy.Config] // swapped whole on reload
-	Flows   *flow.Table                    // Install.Table(): read anywhere, written only through Install
-	Install *flow.Installer
+	Install *flow.Installer                // its Table is read anywhere, written only through it
 	Uplinks *uplink.States
 	Balance *uplink.Balancer
 	Events  *events.Writer // nil: no debug stream
@@ -79,6 +79,10 @@ func NewWorker(s *Shared, q Verdicts, diag Sockets, routes Routes, owners Owners
 	w.owner.owners = owners
 	return w
 }
+
+// debug reports whether debug lines are logged: the path builds their
+// arguments only then, since building them allocates.
+func (s *Shared) debug() bool { return s.Log.Enabled(context.Background(), slog.LevelDebug) }
 
 // Forget removes a flow from the table and, in order, from the kernel.
 func (s *Shared) Forget(f *flow.Flow) {
