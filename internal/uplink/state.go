@@ -33,6 +33,9 @@ type Status struct {
 	// Src is the source address its marked route prefers: what sockets
 	// steered to it at connect() are bound to.
 	Src netip.Addr `json:"src,omitempty"`
+	// MTU is its marked route's MTU (the route's own, else its link's):
+	// what a translated SYN's MSS is clamped to.
+	MTU int `json:"mtu,omitempty"`
 	// Probes, with [uplink.health] targets of the family: the last
 	// round's best round-trip time and the share of the last rounds
 	// in which every target failed.
@@ -233,7 +236,10 @@ func check(h *netlink.Handle, u *policy.Uplink, family, fi int) (Status, error) 
 		return st, nil
 	}
 	if l, err := h.LinkByIndex(rs[0].LinkIndex); err == nil {
-		st.Dev = l.Attrs().Name
+		st.Dev, st.MTU = l.Attrs().Name, l.Attrs().MTU
+	}
+	if rs[0].MTU > 0 {
+		st.MTU = rs[0].MTU
 	}
 	if src, ok := netip.AddrFromSlice(rs[0].Src); ok {
 		st.Src = src.Unmap()
