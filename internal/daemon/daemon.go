@@ -103,6 +103,7 @@ type Daemon struct {
 	metrics        *metrics
 	suspects       map[*flow.Flow]struct{} // flows whose socket the last sweep found gone (sweeper only)
 	overSeen       map[uint32]uint64       // each uid's over-budget count last reported (sweeper only)
+	resync         atomic.Bool             // records of the kernel's decisions were lost: the sweeper reads the maps
 	notify         func(state string)
 	insecure       bool // InsecureConfig
 
@@ -219,7 +220,7 @@ func Run(ctx context.Context, o Options) (err error) {
 			go func() {
 				defer wg.Done()
 				uplink.RunProbes(runCtx, u, &d.uplinks, func(ts []uplink.Transition) {
-					d.republishSteering() // before the announcement, as keepRouting does
+					d.republish() // before the announcement, as keepRouting does
 					for _, tr := range ts {
 						d.uplinkChanged(tr.Status)
 					}
@@ -301,6 +302,19 @@ func Run(ctx context.Context, o Options) (err error) {
 		}
 	}
 
+	// Host marks the kernel decides itself: it logs each flow it decided,
+	// and the learner enters it. Bound before the kernel may decide.
+	if d.dp.HostMarkErr != nil {
+		d.log.Warn("the kernel cannot decide host-marked flows itself: they are decided at the queue", "err", d.dp.HostMarkErr)
+	} else if cfg.Daemon.HonorMarks && cfg.Daemon.HostMarks == "kernel" {
+		stopLearning, err := d.startLearning(runCtx)
+		if err != nil {
+			return err
+		}
+		undo = append(undo, stopLearning)
+		d.publishHostMarks()
+	}
+
 	// The kernel announces each UDP socket it destroys: its flows end at
 	// once, so that a new socket on the same tuple is decided afresh
 	// rather than inheriting the old decision until the sweeps notice.
@@ -339,8 +353,17 @@ func Run(ctx context.Context, o Options) (err error) {
 
 	// Workers last: binding a queue is what makes new connections ours, so
 	// "ready" means they are translated, not passed by the queue's bypass.
+	// With a per-user budget, one more queue after them: the overflow,
+	// where flows over their user's budget wait (nftdp.Filter).
+	queues := []uint16{}
 	for i := uint16(0); i < nq; i++ {
-		wk, q, closeWorker, err := d.newWorker(cfg.Daemon.Queue + i)
+		queues = append(queues, cfg.Daemon.Queue+i)
+	}
+	if cfg.Daemon.NewFlowsPerUID > 0 {
+		queues = append(queues, nftdp.OverflowQueue(cfg))
+	}
+	for i, num := range queues {
+		wk, q, closeWorker, err := d.newWorker(num, i == int(nq))
 		if err != nil {
 			return err
 		}
@@ -352,7 +375,7 @@ func Run(ctx context.Context, o Options) (err error) {
 			return err
 		}
 	}
-	d.log.Info("ready", "config", cfg.File, "queue", cfg.Daemon.Queue, "queues", nq, "queue_method", d.dp.QueueMethod, "datapath", cfg.Daemon.Datapath,
+	d.log.Info("ready", "config", cfg.File, "host_marks", hostMarksWhere(d.dp, cfg), "queue", cfg.Daemon.Queue, "queues", nq, "queue_method", d.dp.QueueMethod, "datapath", cfg.Daemon.Datapath,
 		"table", "inet "+nftdp.TableName, "honor_marks", cfg.Daemon.HonorMarks, "uplinks", len(cfg.Uplinks),
 		"rules", len(cfg.Rules), "control_socket", cfg.Daemon.ControlSocket, "metrics_listen", cfg.Daemon.MetricsListen)
 	d.notify("READY=1")
@@ -375,7 +398,10 @@ func Run(ctx context.Context, o Options) (err error) {
 }
 
 // newWorker opens the sockets of one queue's packet path.
-func (d *Daemon) newWorker(num uint16) (*packet.Worker, *queue.Queue, func() error, error) {
+//
+// The overflow queue is never fail-open: when a flood fills it, what it is
+// offered is dropped, and its sockets retry, rather than sent untranslated.
+func (d *Daemon) newWorker(num uint16, overflow bool) (*packet.Worker, *queue.Queue, func() error, error) {
 	diag, err := sockdiag.Open()
 	if err != nil {
 		return nil, nil, nil, err
@@ -385,7 +411,7 @@ func (d *Daemon) newWorker(num uint16) (*packet.Worker, *queue.Queue, func() err
 		diag.Close()
 		return nil, nil, nil, err
 	}
-	o := queue.Options{Rcvbuf: queueRcvbuf, FailClosed: d.failClosed}
+	o := queue.Options{Rcvbuf: queueRcvbuf, FailClosed: d.failClosed || overflow}
 	if d.userspace {
 		// GSO packets whole: a 64 KB segment is one packet to rewrite, not
 		// 45 (the kernel segments it after the verdict).

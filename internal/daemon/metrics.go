@@ -118,6 +118,33 @@ func newMetrics(d *Daemon) *metrics {
 			}
 			return float64(d.stats.QueueFull.Load())
 		}))
+	// New flows by who decided them: the kernel's rules (host marks),
+	// the daemon (at the queue), the connect-time program.
+	for _, c := range []struct {
+		by string
+		v  func() uint64
+	}{
+		{"kernel", d.stats.KernelDecided.Load},
+		{"daemon", d.stats.Translated.Load},
+		{"connect", func() uint64 {
+			if s := d.steer.Load(); s != nil {
+				return s.Steered()
+			}
+			return 0
+		}},
+	} {
+		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "rerouted_flows_total",
+			Help: "New translated or steered flows, by who decided them.", ConstLabels: prometheus.Labels{"decided_by": c.by}},
+			func() float64 { return float64(c.v()) }))
+	}
+	for r := packet.ExceptionReason(0); r < packet.ExceptionReasons; r++ {
+		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "rerouted_kernel_exceptions_total",
+			Help: "Host-marked first packets the kernel could not decide, which the daemon did, by reason.", ConstLabels: prometheus.Labels{"reason": packet.ExceptionReasonNames[r]}},
+			func() float64 { return float64(d.stats.Exceptions[r].Load()) }))
+	}
+	m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "rerouted_kernel_moved_total",
+		Help: "Kernel-decided flows moved to another port because a native socket owned their wire tuple."},
+		func() float64 { return float64(d.stats.Moved.Load()) }))
 	for k := packet.ErrKind(0); k < packet.ErrKinds; k++ {
 		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "rerouted_errors_total",
 			Help: "Errors, by kind.", ConstLabels: prometheus.Labels{"kind": packet.ErrKindNames[k]}},
@@ -256,7 +283,7 @@ func (c *uplinkCollector) Collect(ch chan<- prometheus.Metric) {
 }
 
 var overBudgetDesc = prometheus.NewDesc("rerouted_uid_over_budget_total",
-	"New flows of a user past its budget (new_flows_per_uid), which failed open (or closed), by uid.", []string{"uid"}, nil)
+	"New flows of a user past its budget (new_flows_per_uid), sent to the overflow queue, by uid.", []string{"uid"}, nil)
 
 // budgetCollector reads the kernel's per-uid counts at scrape time.
 type budgetCollector struct{ d *Daemon }

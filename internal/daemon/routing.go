@@ -68,7 +68,7 @@ func (d *Daemon) keepRouting(ctx context.Context, r *uplink.Routing, diag *sockd
 		}
 		// The connect-time program next, then the announcement: once the
 		// daemon says an uplink is down, both engines act on it.
-		d.republishSteering()
+		d.republish()
 		for _, tr := range transitions {
 			d.uplinkChanged(tr.Status)
 		}

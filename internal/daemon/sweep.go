@@ -133,6 +133,9 @@ func (d *Daemon) sweepLoop(ctx context.Context, diag socketTable, maps flowMaps)
 			return
 		case <-t.C:
 		}
+		if d.resync.Swap(false) {
+			d.resyncKernel(maps)
+		}
 		if d.flows.Len() == 0 {
 			continue
 		}
@@ -192,7 +195,7 @@ func (d *Daemon) sweep(diag socketTable, udp map[uint64]struct{}) {
 	suspects := make(map[*flow.Flow]struct{}, len(d.suspects))
 	defer func() { d.suspects = suspects }()
 	for _, f := range s.End() {
-		if f.Cookie == 0 {
+		if f.Cookie == 0 && (!f.Kernel || f.Proto.IsICMP()) {
 			continue // no socket to follow: idleness ends it
 		}
 		if _, ok := udp[f.Cookie]; ok && f.Proto == ipproto.UDP {
@@ -200,7 +203,7 @@ func (d *Daemon) sweep(diag socketTable, udp map[uint64]struct{}) {
 		}
 		err := diag.Lookup(f.Proto, f.Src, f.Dst, &so)
 		switch {
-		case err == nil && so.Cookie == f.Cookie:
+		case err == nil && (so.Cookie == f.Cookie || f.Cookie == 0):
 			continue // alive: the dump missed it
 		case err != nil && !errors.Is(err, sockdiag.ErrNotFound):
 			d.stats.Errors[packet.ErrSocketLookup].Add(1)
@@ -275,10 +278,7 @@ func (d *Daemon) reportOverBudget(maps flowMaps) {
 	if d.overSeen == nil {
 		d.overSeen = map[uint32]uint64{}
 	}
-	how := "left untranslated (on_failure = \"open\")"
-	if d.failClosed {
-		how = "dropped (on_failure = \"closed\")"
-	}
+	how := "sent to the overflow queue (served after the others; dropped while it is full, and their sockets retry)"
 	for uid, n := range over {
 		if n > d.overSeen[uid] {
 			d.log.Warn("a user opened new flows faster than its budget; the rest were "+how, "uid", uid,

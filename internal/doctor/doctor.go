@@ -266,6 +266,20 @@ func checkKernelFeatures(r *Report) {
 	if len(missing) == 0 {
 		r.ok("the kernel has every nftables feature rerouted uses")
 	}
+	// Host marks: decided by the kernel itself, or at the queue.
+	lacks, err := nftfeat.ProbeKernelDecisions()
+	switch {
+	case err != nil:
+		r.problem("run doctor as root", "cannot probe the kernel's nftables features: %v", err)
+	case len(lacks) == 0:
+		r.ok("host-marked flows are decided by the kernel itself (host_marks = \"kernel\")")
+	default:
+		var names []string
+		for _, f := range lacks {
+			names = append(names, f.String())
+		}
+		r.ok("host-marked flows are decided at the queue, as other new flows: the kernel lacks %s", strings.Join(names, "; "))
+	}
 }
 
 func checkUplink(r *Report, h *netlink.Handle, rules map[int][]netlink.Rule, u *policy.Uplink, o Options) {

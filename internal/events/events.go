@@ -157,7 +157,10 @@ func appendFlow(b []byte, f *flow.Flow) []byte {
 	b = append(b, " dev="...)
 	b = append(b, f.Dev...)
 	b = appendOwner(b, f)
-	if f.Proto == ipproto.TCP && f.Cookie == 0 {
+	switch {
+	case f.Kernel:
+		b = append(b, " decided_by=kernel"...) // a host mark, decided by the table's rules
+	case f.Proto == ipproto.TCP && f.Cookie == 0:
 		b = append(b, " socket=none ends=idle"...) // a raw socket's SYN
 	}
 	return b

@@ -44,6 +44,10 @@ type Flow struct {
 	Owner  *Owner // who owned the socket when it was translated; nil if not looked up
 	Cookie uint64 // sock_diag cookie: tells a socket from a later one reusing its tuple; 0: no socket known
 	Inode  uint32
+	// Kernel: decided by the kernel's own rules (a host mark), which the
+	// daemon learned of afterwards. Its socket is followed by its tuple
+	// until the daemon learns the socket's cookie (Cookie 0 meanwhile).
+	Kernel bool
 	Start  time.Time
 	Seq    uint64 // the kernel change that installs it; set before Reserve, never after
 
@@ -57,7 +61,7 @@ type Flow struct {
 
 // Idles reports whether the flow ends by idleness: UDP and echo flows,
 // and TCP flows with no socket to follow (a raw socket's SYN).
-func (f *Flow) Idles() bool { return f.Proto != ipproto.TCP || f.Cookie == 0 }
+func (f *Flow) Idles() bool { return f.Proto != ipproto.TCP || (f.Cookie == 0 && !f.Kernel) }
 
 // Owner is the process and cgroup behind a flow's socket, as far as known.
 type Owner struct {
@@ -219,7 +223,7 @@ func (t *Table) BeginSweep(now time.Time) *Sweep {
 // Seen records that the socket with tuple k and cookie is alive.
 func (s *Sweep) Seen(k Key, cookie uint64) {
 	s.t.mu.Lock()
-	if f := s.t.bySock[pack(k)]; f != nil && f.Cookie == cookie {
+	if f := s.t.bySock[pack(k)]; f != nil && (f.Cookie == cookie || (f.Cookie == 0 && f.Kernel)) {
 		f.seen = s.gen
 	}
 	s.t.mu.Unlock()

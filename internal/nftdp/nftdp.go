@@ -32,6 +32,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -49,6 +50,11 @@ import (
 
 // TableName is the name of rerouted's inet table. Nothing else is touched.
 const TableName = "rerouted"
+
+// FlowMapSize bounds each flow map: past it, a new flow's elements are
+// refused (the daemon's, counted as install errors) or not added (the
+// kernel's decisions, which then go to the daemon).
+const FlowMapSize = 1 << 20
 
 // seenSetSize bounds each family's set of UDP tuples peers opened.
 const seenSetSize = 65536
@@ -133,6 +139,11 @@ type Datapath struct {
 	// DefragErr is why the kernel could not be asked to reassemble
 	// fragments (nil: it does; see defragRule).
 	DefragErr error
+	// hostMarks: the uplinks whose host-marked flows the kernel decides
+	// (under mu; hostmark.go). HostMarkErr says why the kernel cannot
+	// (nil: it can): then the queue decides them.
+	hostMarks   []HostMark
+	HostMarkErr error
 }
 
 // family is one address family's part of the table.
@@ -305,6 +316,7 @@ func (d *Datapath) install(first, total uint16) error {
 			return nftfeat.Diagnose(fmt.Errorf("rules with nft queue: %v; with xt NFQUEUE: %w", errNative, err))
 		}
 	}
+	d.probeHostMarks()
 	d.dropStaleFilterSets()
 	return nil
 }
@@ -410,9 +422,9 @@ func (d *Datapath) hasOurSets() bool {
 	if err != nil {
 		return false
 	}
-	have := map[string]bool{}
+	have := map[string]uint32{} // name: size
 	for _, s := range sets {
-		have[s.Name] = true
+		have[s.Name] = s.Size
 	}
 	// Only the sets that hold flows: the others (learned tuples, meters)
 	// are created where missing and may start empty.
@@ -420,8 +432,8 @@ func (d *Datapath) hasOurSets() bool {
 		for j := range d.fams[i].protos {
 			p := &d.fams[i].protos[j]
 			for _, s := range p.flowSets() {
-				if s != nil && !have[s.Name] {
-					return false
+				if s != nil && have[s.Name] != s.Size {
+					return false // missing, or of an earlier version's size
 				}
 			}
 		}
@@ -534,6 +546,13 @@ func (d *Datapath) defineSets() error {
 					s.Counter = p.counted() // idleness is read from the counters
 				}
 			}
+			// The kernel's own decisions add elements from the packet
+			// path, which bounds a map without a size at 65,535.
+			for _, s := range p.flowSets() {
+				if s != nil && !d.userspace {
+					s.Size, s.Dynamic = FlowMapSize, true
+				}
+			}
 		}
 	}
 	return nil
@@ -571,7 +590,9 @@ func (d *Datapath) build() error {
 	c.AddChain(&nftables.Chain{Name: enqueueNew, Table: t})
 	for _, s := range []*nftables.Set{
 		{Table: t, Name: uidMeter, KeyType: nftables.TypeUID, KeyByteOrder: binaryutil.NativeEndian, Dynamic: true, HasTimeout: true, Timeout: 10 * time.Second, Size: 65536,
-			Comment: "each uid's rate of new flows to the daemon"},
+			Comment: "each uid's rate of new connections to the daemon"},
+		{Table: t, Name: uidMeterNew, KeyType: nftables.TypeUID, KeyByteOrder: binaryutil.NativeEndian, Dynamic: true, HasTimeout: true, Timeout: 10 * time.Second, Size: 65536,
+			Comment: "each uid's rate of new UDP and echo flows to the daemon"},
 		{Table: t, Name: uidOver, KeyType: nftables.TypeUID, KeyByteOrder: binaryutil.NativeEndian, Dynamic: true, Size: 65536,
 			Comment: "each uid's new flows over its budget, counted"},
 	} {
@@ -615,9 +636,15 @@ func (d *Datapath) rules(first, total uint16, native bool) []nftbatch.Rule {
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(ProbePriority)},
 		&expr.Verdict{Kind: expr.VerdictAccept},
 	)}}
+	rules = append(rules, d.nativeRules()...)
 	// A socket steered at connect() is on its uplink's address with its
-	// mark: nothing to decide or translate.
-	for _, st := range d.steered {
+	// mark: nothing to decide or translate; nor is a host-marked socket
+	// bound to its uplink's address.
+	onUplink := slices.Clone(d.steered)
+	for _, h := range d.hostMarks {
+		onUplink = append(onUplink, Steered{Mark: h.Mark, Addr: h.Addr})
+	}
+	for _, st := range onUplink {
 		fam, off, a := byte(unix.NFPROTO_IPV4), uint32(12), st.Addr.AsSlice()
 		if st.Addr.Is6() {
 			fam, off = unix.NFPROTO_IPV6, 8
@@ -632,9 +659,13 @@ func (d *Datapath) rules(first, total uint16, native bool) []nftbatch.Rule {
 			&expr.Verdict{Kind: expr.VerdictAccept},
 		)})
 	}
-	// Every SYN, either family, goes to the daemon, translated flows'
-	// retransmissions too: the daemon checks that the socket is still the
-	// one it translated.
+	// A host-marked SYN of an uplink that is up is decided here.
+	for i := range d.fams {
+		rules = append(rules, d.hostMarkRules(&d.fams[i], &d.fams[i].protos[0])...)
+	}
+	// Every other SYN, either family, goes to the daemon, translated
+	// flows' retransmissions too: the daemon checks that the socket is
+	// still the one it translated.
 	rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: exprs(append([]expr.Any{
 		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{byte(ipproto.TCP)}},
@@ -665,6 +696,7 @@ func (d *Datapath) rules(first, total uint16, native bool) []nftbatch.Rule {
 			nftfeat.QueueTo(first, total, native, false, true), // about any traffic: never held back
 		)})
 	}
+	rules = append(rules, d.takenRules()...)
 	return append(rules, d.flowRules(first, total, native)...)
 }
 
@@ -835,6 +867,7 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []nftbatch.Rule {
 						loadTuple(f, f.daddr, p.dport, f.saddr, p.sport)...),
 						&expr.Dynset{SrcRegKey: 8, SetName: p.seen.Name, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: d.seenFor})...)})
 			}
+			rules = append(rules, d.hostMarkRules(f, p)...)
 			rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: exprs(append(matchProto(f, p, 0), &expr.Verdict{Kind: expr.VerdictJump, Chain: filterNew})...)})
 		}
 	}

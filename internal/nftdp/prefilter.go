@@ -35,22 +35,29 @@ type Filter struct {
 	// FailClosed: its queue verdicts have no bypass: without a daemon,
 	// what it queues is dropped rather than let through untranslated.
 	FailClosed bool
-	// UIDRate: each user (socket uid) may send this many new flows a
-	// second to the daemon (twice as many at once); the rest fail open,
-	// or closed, and are counted against that user. 0: no budget.
+	// UIDRate: each user (socket uid) may send this many new TCP
+	// connections a second to the daemon's queues, and as many new UDP
+	// and echo flows (twice as many at once); the rest go to the overflow
+	// queue, counted against that user. 0: no budget.
 	UIDRate int
+	// Overflow is the queue of flows over their user's budget: the daemon
+	// serves it too, but a flood there cannot crowd out other users' flows
+	// in the main queues. When it is full its packets are dropped (their
+	// sockets retry), never let through untranslated; while no daemon
+	// runs, they pass as the main queues' do.
+	Overflow uint16
 }
 
 // FilterOf is cfg's filter.
 func FilterOf(cfg *policy.Config) Filter {
 	return Filter{Rules: cfg.KernelRules(), HonorMarks: cfg.Daemon.HonorMarks, FailClosed: cfg.Daemon.FailClosed,
-		UIDRate: cfg.Daemon.NewFlowsPerUID}
+		UIDRate: cfg.Daemon.NewFlowsPerUID, Overflow: OverflowQueue(cfg)}
 }
 
 // Union queues what either filter queues: while a reload swaps policies,
 // a packet that either policy concerns reaches the daemon.
 func Union(a, b Filter) Filter {
-	u := Filter{HonorMarks: a.HonorMarks || b.HonorMarks, FailClosed: b.FailClosed, UIDRate: b.UIDRate}
+	u := Filter{HonorMarks: a.HonorMarks || b.HonorMarks, FailClosed: b.FailClosed, UIDRate: b.UIDRate, Overflow: b.Overflow}
 	for _, f := range []Filter{a, b} {
 		for _, r := range f.Rules {
 			if r.Queue { // exemptions dropped: the union only queues more
@@ -90,9 +97,21 @@ const (
 
 // Sets of the per-user budget.
 const (
-	uidMeter = "uid_meter" // each uid's rate of new flows
-	uidOver  = "uid_over"  // each uid's new flows over its budget, counted
+	uidMeter    = "uid_meter"     // each uid's rate of new connections
+	uidMeterNew = "uid_meter_new" // each uid's rate of new UDP and echo flows
+	uidOver     = "uid_over"      // each uid's new flows over its budget, counted
 )
+
+// OverflowQueue is the queue after cfg's main queues: the one flows over
+// their user's budget go to.
+func OverflowQueue(cfg *policy.Config) uint16 {
+	return cfg.Daemon.Queue + uint16(cfg.Daemon.Queues)
+}
+
+// setsPerFlush bounds the sets and elements one prefilter transaction
+// adds: google/nftables sends a transaction in one message, which the
+// kernel refuses past its socket's buffer.
+const setsPerFlush = 2000
 
 // compiled is one generation of the prefilter: its sets (with their
 // elements) and its rules.
@@ -122,24 +141,21 @@ func (d *Datapath) compile(f Filter, gen int, native bool) compiled {
 		if chain == filterNew {
 			enqueue = enqueueNew
 		}
-		// The queue, behind each user's budget: a user over it fails
-		// open (or closed) on its own flows only, counted in uid_over.
+		// The queue, behind each user's budget: a user over it goes to
+		// the overflow queue, counted in uid_over.
 		var budget []expr.Any
 		if f.UIDRate > 0 {
-			// Fail-open is a return: the packet goes on through the
-			// output chain, so that a retransmitted SYN of a flow
-			// already translated still meets its translation.
-			over := expr.Any(&expr.Verdict{Kind: expr.VerdictReturn})
-			if f.FailClosed {
-				over = &expr.Verdict{Kind: expr.VerdictDrop}
+			meter := uidMeter
+			if chain == filterNew {
+				meter = uidMeterNew
 			}
 			budget = []expr.Any{
 				&expr.Meta{Key: expr.MetaKeySKUID, Register: 1},
-				&expr.Dynset{SrcRegKey: 1, SetName: uidMeter, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: 10 * time.Second,
+				&expr.Dynset{SrcRegKey: 1, SetName: meter, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: 10 * time.Second,
 					Exprs: []expr.Any{&expr.Limit{Type: expr.LimitTypePkts, Rate: uint64(f.UIDRate), Over: true, Unit: expr.LimitTimeSecond,
 						Burst: uint32(2 * f.UIDRate)}}},
 				&expr.Dynset{SrcRegKey: 1, SetName: uidOver, Operation: unix.NFT_DYNSET_OP_ADD, Exprs: []expr.Any{&expr.Counter{}}},
-				over,
+				nftfeat.QueueTo(f.Overflow, 1, native, false, !f.FailClosed),
 			}
 			c.rules = append(c.rules, nftbatch.Rule{Chain: enqueue, Exprs: exprs(budget...)})
 		}
@@ -311,18 +327,27 @@ func (d *Datapath) applyFilter() error {
 	native := d.QueueMethod != nftfeat.QueueXT
 	d.gen++
 	c := d.compile(d.filter, d.gen, native)
+	// The new generation's sets go in before any rule refers to them, in
+	// as many transactions as the kernel takes (one message holds a few
+	// hundred kilobytes); the rules then swap in one.
 	d.listMu.Lock()
-	for _, s := range c.sets {
+	elems := 0
+	for i, s := range c.sets {
 		if err := d.conn.AddSet(s, c.elems[s]); err != nil {
 			d.listMu.Unlock()
+			d.dropSets(c.sets[:i])
 			return fmt.Errorf("prefilter set %s: %w", s.Name, err)
 		}
+		if elems += 1 + len(c.elems[s]); elems >= setsPerFlush || i == len(c.sets)-1 {
+			elems = 0
+			if err := d.conn.Flush(); err != nil {
+				d.listMu.Unlock()
+				d.dropSets(c.sets[:i+1])
+				return fmt.Errorf("prefilter sets: %w", err)
+			}
+		}
 	}
-	err := d.conn.Flush()
 	d.listMu.Unlock()
-	if err != nil {
-		return fmt.Errorf("prefilter sets: %w", err)
-	}
 	rules := append(d.rules(d.first, d.total, native), c.rules...)
 	d.listMu.Lock()
 	if n, err := d.offeredNow(); err == nil && d.ruleCount != nil { // the replaced rules' counts go on (not an earlier run's)

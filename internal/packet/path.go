@@ -317,8 +317,14 @@ func (w *Worker) syn(p *queue.Packet, t *rewrite.Packet) {
 		sock = sockdiag.Socket{UID: p.UID}
 		d.Stats.RawSYNs.Add(1)
 	}
+	kernel := d.kernelDecides(p.Mark, t.Src.Addr().Is6())
 	if f := d.Install.Table().Get(key); f != nil {
-		if f.Cookie == sock.Cookie {
+		if kernel {
+			d.Stats.Exceptions[ExcKnownTuple].Add(1)
+		}
+		// A flow the kernel decided is followed by its tuple until the
+		// sweeper learns its socket's cookie.
+		if f.Cookie == sock.Cookie || (f.Kernel && f.Cookie == 0) {
 			d.Stats.Retrans.Add(1)
 			w.hold(p, t, f) // a retransmitted SYN: same translation
 			return
@@ -344,6 +350,13 @@ func (w *Worker) syn(p *queue.Packet, t *rewrite.Packet) {
 	}
 	want := netip.AddrPortFrom(rt.Src, t.Src.Port())
 	onWire := d.Install.Table().OnWire(flow.Key{Proto: ipproto.TCP, Src: want, Dst: t.Dst})
+	// A SYN already on an address the kernel gives host-marked flows
+	// comes here only when the kernel found its tuple a translation's:
+	// one the daemon may not have learned yet (its record is on its way).
+	for i := 0; !onWire && i < 40 && rt.Src == t.Src.Addr() && d.kernelAddr(rt.Src); i++ {
+		time.Sleep(250 * time.Microsecond)
+		onWire = d.Install.Table().OnWire(flow.Key{Proto: ipproto.TCP, Src: want, Dst: t.Dst})
+	}
 	if rt.Src == t.Src.Addr() && mark == p.Mark && !onWire {
 		w.accept(p) // routing already gets it right: costs nothing from now on
 		if d.Events.On(events.Pass) {
@@ -352,6 +365,14 @@ func (w *Worker) syn(p *queue.Packet, t *rewrite.Packet) {
 			d.Events.Pass(&f, passReason(ruleName, mark))
 		}
 		return
+	}
+
+	if kernel {
+		if onWire || mark != p.Mark {
+			d.Stats.Exceptions[ExcWireTaken].Add(1)
+		} else {
+			d.Stats.Exceptions[ExcOther].Add(1)
+		}
 	}
 
 	// 4. The flow.
@@ -447,7 +468,14 @@ func (w *Worker) route(p *queue.Packet, t *rewrite.Packet, mark, uid uint32) (ro
 // the error was sent to the wire's source and quotes the wire's tuple, and
 // the socket (path MTU discovery above all) only recognises its own.
 func (w *Worker) icmpError(p *queue.Packet, e *rewrite.ICMPError) {
-	f := w.s.Install.Table().ByWire(flow.Key{Proto: e.InnerProto, Src: e.Src, Dst: e.To})
+	wire := flow.Key{Proto: e.InnerProto, Src: e.Src, Dst: e.To}
+	f := w.s.Install.Table().ByWire(wire)
+	// A flow the kernel decided may not be learned yet (its record is on
+	// its way): an error to a kernel-decided source waits for it a little.
+	for i := 0; f == nil && i < 20 && w.s.kernelAddr(e.Dst); i++ {
+		time.Sleep(250 * time.Microsecond)
+		f = w.s.Install.Table().ByWire(wire)
+	}
 	if f == nil || f.Pass || e.Dst != f.NewSrc.Addr() {
 		w.accept(p) // not about a translated flow
 		return

@@ -68,6 +68,10 @@ type Shared struct {
 	Decisions *prometheus.CounterVec // by rule
 	Latency   prometheus.Histogram   // first packet in, verdict decided
 
+	// Kernel: the host marks the kernel decides itself, of uplinks that
+	// are up; published by the daemon.
+	Kernel atomic.Pointer[KernelDecisions]
+
 	PortLo, PortHi uint16 // the ephemeral ports new source ports are drawn from
 	Userspace      bool   // every packet of a translated flow comes to the workers
 	FailClosed     bool   // on_failure = "closed"
@@ -83,6 +87,43 @@ func NewWorker(s *Shared, q Verdicts, diag Sockets, routes Routes, owners Owners
 // debug reports whether debug lines are logged: the path builds their
 // arguments only then, since building them allocates.
 func (s *Shared) debug() bool { return s.Log.Enabled(context.Background(), slog.LevelDebug) }
+
+// kernelDecides reports whether the kernel decides flows with the host's
+// mark itself: such a first packet reaches the daemon only as an exception.
+func (s *Shared) kernelDecides(mark uint32, v6 bool) bool {
+	k := s.Kernel.Load()
+	if k == nil || mark == 0 || !s.Config.Load().Daemon.HonorMarks {
+		return false
+	}
+	for _, h := range k.Uplinks {
+		if h.Mark == mark && h.Addr.Is6() == v6 {
+			return true
+		}
+	}
+	return false
+}
+
+// kernelAddr reports whether the kernel gives flows the wire source a.
+func (s *Shared) kernelAddr(a netip.Addr) bool {
+	if k := s.Kernel.Load(); k != nil {
+		for _, h := range k.Uplinks {
+			if h.Addr == a {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// KernelDecisions are the uplinks whose host marks the kernel decides:
+// each one's mark and, per family, source address.
+type KernelDecisions struct{ Uplinks []KernelUplink }
+
+// KernelUplink is one uplink address whose host mark the kernel decides.
+type KernelUplink struct {
+	Mark uint32
+	Addr netip.Addr
+}
 
 // Forget removes a flow from the table and, in order, from the kernel.
 func (s *Shared) Forget(f *flow.Flow) {

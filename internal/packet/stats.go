@@ -20,8 +20,16 @@ type Stats struct {
 	QueueFull  atomic.Uint64              // what the kernel's queue let through unseen: offered - received, latched
 	Service    atomic.Uint64              // UDP flows from a local service's socket: only owner rules applied
 	ICMPErrors atomic.Uint64              // ICMP errors readdressed to a translated flow's socket
-	Forwarded  atomic.Uint64              // userspace datapath: packets rewritten after the SYN
-	Bytes      atomic.Uint64              // userspace datapath: their bytes
+	// KernelDecided: flows the kernel decided itself (host marks), as the
+	// daemon learned of them; Moved: of those, moved to another port
+	// because a native socket owned their wire tuple.
+	KernelDecided atomic.Uint64
+	Moved         atomic.Uint64
+	// Exceptions: host-marked first packets of an uplink the kernel
+	// decides that came to the daemon all the same, by reason.
+	Exceptions [ExceptionReasons]atomic.Uint64
+	Forwarded  atomic.Uint64 // userspace datapath: packets rewritten after the SYN
+	Bytes      atomic.Uint64 // userspace datapath: their bytes
 	Errors     [ErrKinds]atomic.Uint64
 }
 
@@ -39,8 +47,23 @@ const (
 	ErrSweep                       // a socket dump or counter read failed: nothing removed that round
 	ErrRepair                      // the table could not be checked or put back
 	ErrCloseEvents                 // the kernel's announcements of UDP sockets' ends were lost
+	ErrLearn                       // a kernel decision's record was lost or could not be entered
 	ErrKinds
 )
 
 // ErrKindNames are the errors metric's kind labels.
-var ErrKindNames = [ErrKinds]string{"verdict", "socket_lookup", "no_route", "no_free_port", "install", "remove", "nfqueue_receive", "sweep", "repair", "udp_close_events"}
+var ErrKindNames = [ErrKinds]string{"verdict", "socket_lookup", "no_route", "no_free_port", "install", "remove", "nfqueue_receive", "sweep", "repair", "udp_close_events", "learn"}
+
+// ExceptionReason says why a host-marked first packet that the kernel could
+// have decided came to the daemon.
+type ExceptionReason int
+
+const (
+	ExcKnownTuple ExceptionReason = iota // the socket tuple has a flow (a retransmission, or a new socket on it)
+	ExcWireTaken                         // the wire tuple is another translation's or a socket's
+	ExcOther                             // a full map, a raw socket's SYN, a race with a change of the uplink
+	ExceptionReasons
+)
+
+// ExceptionReasonNames are the exceptions metric's reason labels.
+var ExceptionReasonNames = [ExceptionReasons]string{"known_tuple", "wire_taken", "other"}

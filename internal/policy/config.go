@@ -50,10 +50,15 @@ type Daemon struct {
 	// uplink's address, where the kernel supports it; "queue" decides
 	// each new flow at its first packet, in the daemon.
 	Steering string
-	// NewFlowsPerUID: each user's budget of new flows a second that go
-	// to the daemon (twice that at once); past it that user's new flows
-	// fail open (or closed). 0: no budget.
+	// NewFlowsPerUID: each user's budget of new connections a second,
+	// and as many new UDP and echo flows, that go to the daemon's queues
+	// (twice that at once); past it that user's new flows go to the
+	// overflow queue. 0: no budget.
 	NewFlowsPerUID int
+	// HostMarks: "kernel" (the default) has the kernel decide flows the
+	// host's own rules marked for an uplink that is up, where it can;
+	// "queue" sends them to the daemon, as every other new flow.
+	HostMarks string
 }
 
 // Uplink is one [[uplink]]: a fwmark whose routing table leads out of it.
@@ -170,6 +175,7 @@ func (p *parser) config(raw map[string]any) *Config {
 		IdleTimeout:    DefaultIdleTimeout,
 		Datapath:       "kernel",
 		Steering:       "connect",
+		HostMarks:      "kernel",
 		Queues:         runtime.NumCPU(),
 		NewFlowsPerUID: DefaultNewFlowsPerUID,
 	}}
@@ -252,6 +258,13 @@ func (p *parser) daemon(d *Daemon, v any) {
 				d.Steering = t[k].(string)
 			default:
 				p.errorf(path, "steering must be \"connect\" (rules decided at connect(): the socket is bound to its uplink's address) or \"queue\" (every new flow's first packet goes to the daemon)")
+			}
+		case "host_marks":
+			switch t[k] {
+			case "kernel", "queue":
+				d.HostMarks = t[k].(string)
+			default:
+				p.errorf(path, "host_marks must be \"kernel\" (the kernel decides a host-marked flow itself) or \"queue\" (its first packet goes to the daemon)")
 			}
 		case "on_failure":
 			switch t[k] {

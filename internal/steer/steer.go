@@ -356,3 +356,13 @@ func (s *Steering) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(Desc, prometheus.CounterValue, float64(v.n), v.result)
 	}
 }
+
+// Steered is how many sockets the program bound to an uplink (0 if its
+// counts cannot be read).
+func (s *Steering) Steered() uint64 {
+	st, err := s.e.Stats()
+	if err != nil {
+		return 0
+	}
+	return st.Steered
+}

@@ -175,6 +175,9 @@ func (w *Writer) HostDataMaps(maps []*nftables.Set) (b []byte, last uint32) {
 		if m.Concatenation {
 			setFlags |= nftables.NFT_SET_CONCAT
 		}
+		if m.Dynamic {
+			setFlags |= unix.NFT_SET_EVAL // updated from the packet path
+		}
 		b = nlmsg.AppendString(b, unix.NFTA_SET_TABLE, w.Table)
 		b = nlmsg.AppendString(b, unix.NFTA_SET_NAME, m.Name)
 		b = nlmsg.AppendBE32(b, unix.NFTA_SET_FLAGS, setFlags)
@@ -184,9 +187,13 @@ func (w *Writer) HostDataMaps(maps []*nftables.Set) (b []byte, last uint32) {
 		b = nlmsg.AppendBE32(b, unix.NFTA_SET_DATA_LEN, m.DataType.Bytes)
 		b = nlmsg.AppendBE32(b, unix.NFTA_SET_ID, uint32(0x7272_0000+i))
 		if m.Concatenation {
-			// The key's fields' lengths, as nft gives them.
+			// The key's fields' lengths, as nft gives them, and the
+			// size.
 			desc := len(b)
 			b = nlmsg.OpenAttr(b)
+			if m.Size != 0 {
+				b = nlmsg.AppendBE32(b, unix.NFTA_SET_DESC_SIZE, m.Size)
+			}
 			concat := len(b)
 			b = nlmsg.OpenAttr(b)
 			for _, t := range nftables.ConcatSetTypeElements(m.KeyType) {
@@ -225,12 +232,18 @@ type Conn struct {
 
 // Dial opens a socket for batches about table.
 func Dial(table string) (*Conn, error) {
-	nl, err := nlmsg.Dial(unix.NETLINK_NETFILTER, nlmsg.Config{})
+	// A reload swaps every rule in one batch, one sendmsg: a policy of
+	// thousands of rules is megabytes, more than the default send buffer
+	// takes (EMSGSIZE). The buffer is only a limit.
+	nl, err := nlmsg.Dial(unix.NETLINK_NETFILTER, nlmsg.Config{WriteBuffer: maxBatch})
 	if err != nil {
 		return nil, fmt.Errorf("nftables socket: %w", err)
 	}
 	return &Conn{Writer: Writer{Table: table, buf: make([]byte, 0, 64<<10)}, nl: nl, rbuf: make([]byte, 64<<10)}, nil
 }
+
+// maxBatch is the largest batch the socket sends.
+const maxBatch = 256 << 20
 
 // Close closes the socket.
 func (c *Conn) Close() error { return c.nl.Close() }

@@ -112,6 +112,45 @@ var Features = []Feature{
 		}},
 }
 
+// KernelDecisions are the features with which the kernel decides
+// host-marked flows itself (nftdp's hostmark.go). A kernel without them
+// still runs rerouted: the queue decides those flows.
+var KernelDecisions = []Feature{
+	{Name: "updates of maps with data from the packet path", Since: "4.3",
+		probe: func(c *nftables.Conn, t *nftables.Table, ch *nftables.Chain) error {
+			m := &nftables.Set{Table: t, Name: "learned", IsMap: true, KeyType: nftables.TypeIPAddr, DataType: nftables.TypeIPAddr,
+				Dynamic: true, Size: 16}
+			if err := c.AddSet(m, nil); err != nil {
+				return err
+			}
+			c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: []expr.Any{
+				&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 12, Len: 4},
+				&expr.Payload{DestRegister: 2, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 4},
+				&expr.Dynset{SrcRegKey: 1, SrcRegData: 2, SetName: m.Name, Operation: unix.NFT_DYNSET_OP_ADD},
+			}})
+			return nil
+		}},
+	{Name: "the socket expression (is a reply's tuple a local socket's?)", Modules: []string{"nft_socket"}, Since: "5.3",
+		probe: rule(&expr.Socket{Key: expr.SocketKeyWildcard, Register: 1})},
+	{Name: "logging to an NFLOG group", Modules: []string{"nft_log", "nfnetlink_log"}, Since: "3.13",
+		probe: rule(&expr.Log{Key: 1 << unix.NFTA_LOG_GROUP, Group: 1})},
+	{Name: "TCP option writes (the MSS of a SYN)", Modules: []string{"nft_exthdr"}, Since: "4.14",
+		probe: rule(&expr.Immediate{Register: 1, Data: []byte{5, 0xb4}},
+			&expr.Exthdr{Op: expr.ExthdrOpTcpopt, Type: 2, Offset: 2, Len: 2, SourceRegister: 1})},
+}
+
+// ProbeKernelDecisions returns the features of KernelDecisions the kernel
+// lacks (none: it decides host-marked flows itself).
+func ProbeKernelDecisions() ([]Feature, error) {
+	c, err := nftables.New()
+	if err != nil {
+		return nil, fmt.Errorf("nftables netlink: %w", err)
+	}
+	defer c.CloseLasting()
+	_, lacks, err := probe(c, KernelDecisions)
+	return lacks, err
+}
+
 func rule(es ...expr.Any) func(*nftables.Conn, *nftables.Table, *nftables.Chain) error {
 	return func(c *nftables.Conn, t *nftables.Table, ch *nftables.Chain) error {
 		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: es})
@@ -132,31 +171,9 @@ func Probe() (missing []Feature, queue string, err error) {
 		return nil, "", fmt.Errorf("nftables netlink: %w", err)
 	}
 	defer c.CloseLasting()
-	t := &nftables.Table{Name: fmt.Sprintf("rerouted_probe_%d", os.Getpid()), Family: nftables.TableFamilyINet}
-	has := map[string]bool{}
-	var lacks []Feature
-	for _, f := range Features {
-		c.AddTable(t)
-		ch := c.AddChain(&nftables.Chain{Name: "probe", Table: t})
-		perr := f.probe(c, t, ch)
-		if perr == nil {
-			perr = c.Flush()
-		}
-		c.DelTable(t)
-		if derr := c.Flush(); derr != nil && !errors.Is(derr, unix.ENOENT) {
-			return nil, "", fmt.Errorf("remove probe table inet %s: %w", t.Name, derr)
-		}
-		switch {
-		case perr == nil:
-			has[f.Name] = true
-		case errors.Is(perr, unix.EPERM):
-			return nil, "", fmt.Errorf("probe kernel features: %w", perr)
-		case errors.Is(perr, unix.ENOENT), errors.Is(perr, unix.EOPNOTSUPP), errors.Is(perr, unix.EINVAL),
-			errors.Is(perr, unix.ERANGE), errors.Is(perr, unix.E2BIG):
-			lacks = append(lacks, f)
-		default:
-			return nil, "", fmt.Errorf("probe %s: %w", f.Name, perr)
-		}
+	has, lacks, err := probe(c, Features)
+	if err != nil {
+		return nil, "", err
 	}
 	if has[Features[0].Name] {
 		queue = QueueNative
@@ -170,6 +187,36 @@ func Probe() (missing []Feature, queue string, err error) {
 		missing = append(missing, f)
 	}
 	return missing, queue, nil
+}
+
+// probe tries each feature in a scratch table of its own.
+func probe(c *nftables.Conn, features []Feature) (has map[string]bool, lacks []Feature, err error) {
+	t := &nftables.Table{Name: fmt.Sprintf("rerouted_probe_%d", os.Getpid()), Family: nftables.TableFamilyINet}
+	has = map[string]bool{}
+	for _, f := range features {
+		c.AddTable(t)
+		ch := c.AddChain(&nftables.Chain{Name: "probe", Table: t})
+		perr := f.probe(c, t, ch)
+		if perr == nil {
+			perr = c.Flush()
+		}
+		c.DelTable(t)
+		if derr := c.Flush(); derr != nil && !errors.Is(derr, unix.ENOENT) {
+			return nil, nil, fmt.Errorf("remove probe table inet %s: %w", t.Name, derr)
+		}
+		switch {
+		case perr == nil:
+			has[f.Name] = true
+		case errors.Is(perr, unix.EPERM):
+			return nil, nil, fmt.Errorf("probe kernel features: %w", perr)
+		case errors.Is(perr, unix.ENOENT), errors.Is(perr, unix.EOPNOTSUPP), errors.Is(perr, unix.EINVAL),
+			errors.Is(perr, unix.ERANGE), errors.Is(perr, unix.E2BIG):
+			lacks = append(lacks, f)
+		default:
+			return nil, nil, fmt.Errorf("probe %s: %w", f.Name, perr)
+		}
+	}
+	return has, lacks, nil
 }
 
 // KernelError is an installation that failed because the kernel lacks

@@ -1,0 +1,213 @@
+package nftdp
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"github.com/rerouted/rerouted/internal/ipproto"
+	"github.com/rerouted/rerouted/internal/nftdp/nftbatch"
+	"golang.org/x/sys/unix"
+)
+
+// Host marks decided in the kernel. A mark the host's own rules put on a
+// new flow's first packet already is the decision; what remains is the
+// uplink's source address, the replies' way back and a check that the wire
+// tuple is free. For each uplink that is up the table holds a rule per
+// family and protocol that does exactly that on the packet path: it checks
+// that neither the socket tuple nor the wire tuple has elements, adds the
+// flow's five elements itself (the maps the daemon's translations use),
+// logs a copy of the packet to the daemon's NFLOG group (it learns of the
+// flow afterwards, for flows, events, sweeping and adoption), and rewrites
+// the packet. Whatever the rule cannot decide (a tuple with elements
+// already, a mark of no uplink that is up, a full map) goes on to the
+// queue as before: the daemon is the exception path.
+//
+// A collision with a native socket (one bound to the uplink's address
+// itself) is caught both ways: a native SYN onto a translation's wire tuple
+// goes to the daemon, which gives it another port; and a reply for a wire
+// tuple that a translation claims but a native connected socket owns goes
+// to that socket, untouched, and is logged as "taken", so that the daemon
+// moves the translation to another port (its SYN is retransmitted).
+
+// HostMark is an uplink whose host-marked flows the kernel decides: Mark
+// is its mark, Addr the source its marked route prefers in one family,
+// MSS the largest a SYN may announce on its route (0: no clamp).
+type HostMark struct {
+	Mark uint32
+	Addr netip.Addr
+	MSS  uint16
+}
+
+// LogGroup is the NFLOG group the kernel's decisions are logged to.
+const LogGroup = 0x7272
+
+// Prefixes of the log records: a flow the kernel decided (followed by the
+// wire's source address), and a reply a native socket owns.
+const (
+	LogNew   = "rerouted new "
+	LogTaken = "rerouted taken"
+)
+
+// logSnap is how much of a logged packet the daemon needs: the IPv6 and
+// TCP headers, without options.
+const logSnap = 80
+
+// SetHostMarks makes the uplinks in hm the ones whose host marks the kernel
+// decides. It does nothing on the userspace datapath, or where the kernel
+// cannot (HostMarkErr).
+func (d *Datapath) SetHostMarks(hm []HostMark) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.userspace || d.HostMarkErr != nil || slices.Equal(hm, d.hostMarks) {
+		return nil
+	}
+	d.hostMarks = slices.Clone(hm)
+	return d.applyFilter()
+}
+
+// probeHostMarks installs the kernel-decision rules for a mark no packet
+// carries: a kernel that refuses them (no packet-path map updates, no
+// socket expression) leaves host marks to the queue (HostMarkErr). Call
+// with mu held, after the first applyFilter.
+func (d *Datapath) probeHostMarks() {
+	if d.userspace {
+		d.HostMarkErr = fmt.Errorf("the userspace datapath translates in the daemon")
+		return
+	}
+	d.hostMarks = []HostMark{{Mark: StaleMark + 1, Addr: netip.MustParseAddr("192.0.2.1"), MSS: 1400},
+		{Mark: StaleMark + 1, Addr: netip.MustParseAddr("2001:db8::1"), MSS: 1400}}
+	err := d.applyFilter()
+	d.hostMarks = nil
+	if err != nil {
+		d.HostMarkErr = err
+		if err := d.applyFilter(); err != nil {
+			d.HostMarkErr = fmt.Errorf("%w; and without them: %v", d.HostMarkErr, err)
+		}
+		return
+	}
+	err = d.applyFilter()
+	if err != nil {
+		d.HostMarkErr = err
+	}
+}
+
+// hostMarkRules are the rules that decide host-marked flows of proto in
+// family f, one per uplink address of the family.
+func (d *Datapath) hostMarkRules(f *family, p *proto) []nftbatch.Rule {
+	var rules []nftbatch.Rule
+	for _, h := range d.hostMarks {
+		if h.Addr.Is4() != (f.nfproto == unix.NFPROTO_IPV4) {
+			continue
+		}
+		rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: decideRule(f, p, h)})
+	}
+	return rules
+}
+
+// decideRule is one uplink's kernel decision for proto in family f.
+// Registers: the tuple from 8 on (socket's, then wire's), the new address,
+// the mark, the MSS (IPv4: 12, 13, 14; IPv6: 18-21, 22, 23).
+func decideRule(f *family, p *proto, h HostMark) [][]byte {
+	regs := uint32(f.addrLen / 4)
+	addrReg := 8 + 2*regs + 2
+	markReg, mssReg := addrReg+regs, addrReg+regs+1
+	addr := h.Addr.AsSlice()
+	m := matchProto(f, p, 0)
+	if p.num == ipproto.TCP {
+		m = append(m, tcpFlags(0x17, 0x02)...) // a SYN
+	}
+	m = append(m,
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(h.Mark)},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: f.saddr, Len: uint32(f.addrLen)},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: addr})
+	// The socket tuple has no elements (else: a retransmission, or a new
+	// socket on a tuple not yet swept: the daemon's), and the wire tuple
+	// is not another translation's.
+	m = append(m, loadTuple(f, f.saddr, p.sport, f.daddr, p.dport)...)
+	m = append(m, &expr.Lookup{SourceRegister: 8, SetName: p.out.Name, Invert: true},
+		&expr.Immediate{Register: 8, Data: addr},
+		&expr.Lookup{SourceRegister: 8, SetName: p.in.Name, Invert: true},
+		// Replies: the wire tuple to the socket's address and port.
+		&expr.Payload{DestRegister: addrReg, Base: expr.PayloadBaseNetworkHeader, Offset: f.saddr, Len: uint32(f.addrLen)},
+		&expr.Dynset{SrcRegKey: 8, SrcRegData: addrReg, SetName: p.in.Name, Operation: unix.NFT_DYNSET_OP_ADD})
+	if !p.isEcho() {
+		m = append(m, &expr.Dynset{SrcRegKey: 8, SrcRegData: 8 + regs, SetName: p.inPort.Name, Operation: unix.NFT_DYNSET_OP_ADD})
+	}
+	// Outbound: the socket tuple to the new address, the same port, the
+	// mark.
+	m = append(m,
+		&expr.Payload{DestRegister: 8, Base: expr.PayloadBaseNetworkHeader, Offset: f.saddr, Len: uint32(f.addrLen)},
+		&expr.Immediate{Register: addrReg, Data: addr},
+		&expr.Immediate{Register: markReg, Data: binaryutil.NativeEndian.PutUint32(h.Mark)},
+		&expr.Dynset{SrcRegKey: 8, SrcRegData: addrReg, SetName: p.out.Name, Operation: unix.NFT_DYNSET_OP_ADD},
+		&expr.Dynset{SrcRegKey: 8, SrcRegData: markReg, SetName: p.outMark.Name, Operation: unix.NFT_DYNSET_OP_ADD})
+	if !p.isEcho() {
+		m = append(m, &expr.Dynset{SrcRegKey: 8, SrcRegData: 8 + regs, SetName: p.outPort.Name, Operation: unix.NFT_DYNSET_OP_ADD})
+	}
+	m = append(m, &expr.Log{Key: 1<<unix.NFTA_LOG_GROUP | 1<<unix.NFTA_LOG_PREFIX | 1<<unix.NFTA_LOG_SNAPLEN,
+		Group: LogGroup, Snaplen: logSnap, Data: []byte(LogNew + h.Addr.String())})
+	out := exprs(m...)
+	// The packet itself, as the translation rules would: the source (and
+	// the stale-source guard), the MSS of a SYN, the mark.
+	out = append(out, nftbatch.AddrWrite(f.addrLen, f.saddr, addrReg))
+	out = append(out, exprs(
+		&expr.Immediate{Register: 1, Data: binaryutil.NativeEndian.PutUint32(StaleMark)},
+		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
+		&expr.Fib{Register: 1, FlagSADDR: true, ResultADDRTYPE: true},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)})...)
+	if p.num == ipproto.TCP && h.MSS != 0 {
+		out = append(out, exprs(
+			&expr.Immediate{Register: mssReg, Data: binaryutil.BigEndian.PutUint16(h.MSS)},
+			&expr.Exthdr{Op: expr.ExthdrOpTcpopt, Type: 2, Offset: 2, Len: 2, SourceRegister: mssReg})...)
+	}
+	return append(out, exprs(&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: markReg},
+		&expr.Verdict{Kind: expr.VerdictAccept})...)
+}
+
+// nativeRules send a SYN whose own tuple is a translation's wire tuple (a
+// socket bound to an uplink's address, on a port a translation uses to the
+// same peer) to the daemon, which moves it to another port.
+func (d *Datapath) nativeRules() []nftbatch.Rule {
+	if d.userspace {
+		return nil
+	}
+	var rules []nftbatch.Rule
+	for i := range d.fams {
+		f := &d.fams[i]
+		p := &f.protos[0] // TCP
+		rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: exprs(append(append(append(matchProto(f, p, 0), tcpFlags(0x17, 0x02)...),
+			loadTuple(f, f.saddr, p.sport, f.daddr, p.dport)...),
+			&expr.Lookup{SourceRegister: 8, SetName: p.in.Name},
+			&expr.Verdict{Kind: expr.VerdictGoto, Chain: enqueueSYN})...)})
+	}
+	return rules
+}
+
+// takenRules let a reply that a translation claims reach a native socket
+// that owns its tuple (connected, or bound to that very address), and log
+// it: the daemon moves the translation. Only with kernel decisions, which
+// cannot look for such sockets before they choose.
+func (d *Datapath) takenRules() []nftbatch.Rule {
+	if d.userspace || d.HostMarkErr != nil {
+		return nil
+	}
+	var rules []nftbatch.Rule
+	for i := range d.fams {
+		f := &d.fams[i]
+		for _, p := range []*proto{&f.protos[0], &f.protos[1]} { // TCP, UDP
+			rules = append(rules, nftbatch.Rule{Chain: "prerouting", Exprs: exprs(append(append(matchProto(f, p, 1),
+				loadTuple(f, f.daddr, p.dport, f.saddr, p.sport)...),
+				&expr.Lookup{SourceRegister: 8, SetName: p.in.Name},
+				&expr.Socket{Key: expr.SocketKeyWildcard, Register: 1},
+				&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0}},
+				&expr.Log{Key: 1<<unix.NFTA_LOG_GROUP | 1<<unix.NFTA_LOG_PREFIX | 1<<unix.NFTA_LOG_SNAPLEN,
+					Group: LogGroup, Snaplen: logSnap, Data: []byte(LogTaken)},
+				&expr.Verdict{Kind: expr.VerdictAccept})...)})
+		}
+	}
+	return rules
+}

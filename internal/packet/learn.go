@@ -1,0 +1,160 @@
+package packet
+
+import (
+	"errors"
+	"math/rand/v2"
+	"net/netip"
+	"time"
+
+	"github.com/rerouted/rerouted/internal/events"
+	"github.com/rerouted/rerouted/internal/flow"
+	"github.com/rerouted/rerouted/internal/ipproto"
+	"github.com/rerouted/rerouted/internal/rewrite"
+	"github.com/rerouted/rerouted/internal/sockdiag"
+)
+
+// The kernel's own decisions (host marks, decided by the table's rules;
+// see nftdp's hostmark.go) reach the daemon afterwards, as a copy of the
+// flow's first packet logged to its NFLOG group. The Learner enters each
+// such flow in the flow table, whose kernel state is in already, so that
+// `rerouted flows`, the debug stream, the metrics, the sweeper (which ends
+// it with its socket) and a restart's adoption treat it as any other.
+//
+// It also acts on the one thing the kernel cannot check before it
+// decides: a native socket (bound to the uplink's address itself) that
+// owns the wire tuple. The kernel lets that socket's packets reach it and
+// logs them as taken; the learner moves the translation to a free port,
+// and the connection's next SYN goes out on it.
+
+// Learner follows the kernel's decisions. One goroutine owns it.
+type Learner struct {
+	s    *Shared
+	diag Sockets
+	w    *Worker // its owner lookups, for the debug stream
+}
+
+// NewLearner returns the follower of the kernel's decisions, with sockets
+// and owners of its own: it looks each flow's socket up (its cookie, which
+// the sweeper follows), and with the debug stream on, its owner.
+func NewLearner(s *Shared, diag Sockets, owners Owners) *Learner {
+	return &Learner{s: s, diag: diag, w: NewWorker(s, nil, diag, nil, owners)}
+}
+
+// Decided enters a flow the kernel decided: pkt is its first packet as
+// the socket sent it (up to the log's snap length), mark the host's mark,
+// wire the uplink address the kernel gave it.
+func (l *Learner) Decided(pkt []byte, mark, uid uint32, wire netip.Addr) {
+	s := l.s
+	var t rewrite.Packet
+	if err := rewrite.Parse(pkt, &t); err != nil {
+		s.Stats.Errors[ErrLearn].Add(1)
+		s.Log.Error("a flow the kernel decided: unreadable log record", "err", err)
+		return
+	}
+	now := time.Now()
+	f := &flow.Flow{Key: flow.Key{Proto: t.Proto, Src: t.Src, Dst: t.Dst}, NewSrc: netip.AddrPortFrom(wire, t.Src.Port()),
+		Mark: mark, Rule: "host mark", UID: uid, Start: now, UsedAt: now, Kernel: true}
+	if st, ok := s.Uplinks.Get(mark, wire.Is6()); ok {
+		f.Dev = st.Dev
+		f.MSS = MSS(st.MTU, wire.Is6())
+	}
+	// The socket: its cookie is what the sweeper follows. One gone
+	// already (or a raw socket's SYN) is followed by its tuple: the
+	// sweeper ends its flow.
+	var sock sockdiag.Socket
+	if t.Proto == ipproto.TCP || t.Proto == ipproto.UDP {
+		so, err := l.diag.Lookup(t.Proto, t.Src, t.Dst)
+		switch {
+		case err == nil:
+			sock = so
+			f.Cookie, f.Inode, f.UID = so.Cookie, so.Inode, so.UID
+		case !errors.Is(err, sockdiag.ErrNotFound):
+			s.Stats.Errors[ErrSocketLookup].Add(1)
+			s.Log.Error("socket lookup", "proto", t.Proto.String(), "src", t.Src, "dst", t.Dst, "err", err)
+		}
+	}
+	if !s.Install.Adopt(f) {
+		// The daemon knows the tuple already: it decided it itself
+		// (the kernel's rule ran before its elements went in), or an
+		// earlier run's adoption found it.
+		if g := s.Install.Table().Get(f.Key); g != nil && g.NewSrc == f.NewSrc && g.Mark == f.Mark {
+			return
+		}
+		s.Stats.Errors[ErrLearn].Add(1)
+		s.Log.Error("a flow the kernel decided collides with one the daemon knows; its socket will retry on the next SYN",
+			"proto", t.Proto.String(), "src", t.Src, "dst", t.Dst, "new_src", f.NewSrc)
+		return
+	}
+	s.Stats.KernelDecided.Add(1)
+	if s.Events.On(events.New) {
+		// The owner, for the debug line only: the flow is in the table
+		// already, where a native socket's SYN may look for it.
+		ev := *f
+		l.w.owner.reset(&sock)
+		l.w.describeOwner(&ev)
+		s.Events.Flow("NEW", &ev)
+	}
+}
+
+// Taken moves the translation whose wire tuple a native socket owns to a
+// free port. pkt is a reply (up to the log's snap length) the kernel gave
+// to that socket instead of translating it.
+func (l *Learner) Taken(pkt []byte) {
+	s := l.s
+	var t rewrite.Packet
+	if err := rewrite.Parse(pkt, &t); err != nil {
+		s.Stats.Errors[ErrLearn].Add(1)
+		s.Log.Error("a reply a native socket took: unreadable log record", "err", err)
+		return
+	}
+	f := s.Install.Table().ByWire(flow.Key{Proto: t.Proto, Src: t.Dst, Dst: t.Src})
+	if f == nil || f.Pass {
+		return // moved already
+	}
+	g := *f
+	g.Kernel, g.Seq = false, 0
+	if f.Proto == ipproto.TCP {
+		if so, err := l.diag.Lookup(ipproto.TCP, f.Src, f.Dst); err == nil {
+			g.Cookie, g.Inode = so.Cookie, so.Inode
+		}
+	}
+	s.Install.Remove(f)
+	span := uint32(s.PortHi-s.PortLo) + 1
+	for try := 0; try < 64; try++ {
+		c := netip.AddrPortFrom(f.NewSrc.Addr(), s.PortLo+uint16(rand.Uint32N(span)))
+		so, err := l.diag.Lookup(f.Proto, c, f.Dst)
+		if err != nil && !errors.Is(err, sockdiag.ErrNotFound) {
+			s.Stats.Errors[ErrSocketLookup].Add(1)
+			s.Log.Error("socket lookup: is the new source port free?", "proto", f.Proto.String(), "src", c, "dst", f.Dst, "err", err)
+			break
+		}
+		if err == nil && so.Cookie != g.Cookie {
+			continue
+		}
+		h := g
+		if s.Install.Add(&h, c) {
+			s.Install.Flush()
+			s.Stats.Moved.Add(1)
+			s.Log.Warn("a native socket owns a translation's wire tuple; the translation moved to another port",
+				"proto", f.Proto.String(), "src", f.Src, "dst", f.Dst, "taken", f.NewSrc, "new_src", c)
+			return
+		}
+	}
+	s.Install.Flush()
+	s.Stats.Errors[ErrNoPort].Add(1)
+	s.Log.Error("a native socket owns a translation's wire tuple, and no free port was found: the translation ended",
+		"proto", f.Proto.String(), "src", f.Src, "dst", f.Dst, "taken", f.NewSrc)
+	s.Events.Flow("DESTROY", f)
+}
+
+// MSS is the largest MSS a SYN may announce on a route of mtu.
+func MSS(mtu int, v6 bool) uint16 {
+	headers := tcpIPv4Headers
+	if v6 {
+		headers = tcpIPv6Headers
+	}
+	if mtu <= headers {
+		return 0
+	}
+	return uint16(min(mtu-headers, 0xffff))
+}
