@@ -318,7 +318,7 @@ func (b *run) setupRerouted(datapath, extra string, mark bool) func(*run) (func(
 func (b *run) setupReroutedWith(datapath, daemonExtra, extra string, mark bool) func(*run) (func() error, networld.DialOptions, error) {
 	return func(*run) (func() error, networld.DialOptions, error) {
 		cfg := filepath.Join(b.dir, "rerouted-"+datapath+".toml")
-		src := fmt.Sprintf("[daemon]\nnew_flows_per_uid = 0 # the bench measures one user's rate\n"+daemonExtra+"control_socket = %q\ndatapath = %q\n\n[[uplink]]\nname = \"isp-b\"\nmark = 100\ninterface = \"hb\"\n",
+		src := fmt.Sprintf("[daemon]\n"+daemonExtra+"control_socket = %q\ndatapath = %q\n\n[[uplink]]\nname = \"isp-b\"\nmark = 100\ninterface = \"hb\"\n",
 			filepath.Join(b.dir, datapath+".sock"), datapath) + extra
 		if err := os.WriteFile(cfg, []byte(src), 0o600); err != nil {
 			return nil, networld.DialOptions{}, err

@@ -51,7 +51,7 @@ func (b *run) scale(n int) (ScaleResult, error) {
 	}
 	sock := filepath.Join(b.dir, "scale.sock")
 	cfg := filepath.Join(b.dir, "scale.toml")
-	src := fmt.Sprintf("[daemon]\nnew_flows_per_uid = 0 # the bench measures one user's rate\nsteering = \"queue\" # 100,000 translated flows\ncontrol_socket = %q\n\n[[uplink]]\nname = \"isp-b\"\nmark = 100\ninterface = \"hb\"\n\n[[rule]]\nname = \"scale\"\nuplink = \"isp-b\"\ndport = [\"5003-5003\", \"5201-5204\"]\n", sock)
+	src := fmt.Sprintf("[daemon]\nsteering = \"queue\" # 100,000 translated flows\ncontrol_socket = %q\n\n[[uplink]]\nname = \"isp-b\"\nmark = 100\ninterface = \"hb\"\n\n[[rule]]\nname = \"scale\"\nuplink = \"isp-b\"\ndport = [\"5003-5003\", \"5201-5204\"]\n", sock)
 	if err := os.WriteFile(cfg, []byte(src), 0o600); err != nil {
 		return r, err
 	}

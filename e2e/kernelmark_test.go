@@ -1,0 +1,291 @@
+package e2e
+
+import (
+	"bufio"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/rerouted/rerouted/internal/networld"
+	"github.com/rerouted/rerouted/internal/networld/worldtest"
+)
+
+// Host marks decided by the kernel itself: no packet of a host-marked flow
+// reaches the daemon, and the daemon learns of each flow afterwards.
+
+// kernelEnv is a world whose host marks TCP port 80 and UDP port 53 (and
+// pings) for ISP B, with metrics, the daemon started.
+func kernelEnv(t *testing.T, extra string) *env {
+	t.Helper()
+	e := newEnv(t, "kernel", "")
+	e.withMetrics("")
+	if extra != "" {
+		if err := writeFile(e.cfg, strings.Replace(readFile(t, e.cfg), "[daemon]\n", "[daemon]\n"+extra, 1)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := e.w.Host.Nft(fmt.Sprintf(`table inet hostmark {
+	chain output {
+		type route hook output priority mangle; policy accept;
+		tcp dport 80 meta mark set %[1]d
+		udp dport 53 meta mark set %[1]d
+		icmp type echo-request meta mark set %[1]d
+		icmpv6 type echo-request meta mark set %[1]d
+	}
+}
+`, networld.MarkB)); err != nil {
+		t.Fatal(err)
+	}
+	e.start()
+	if _, err := e.d.WaitFor("host_marks=kernel", 0); err != nil {
+		t.Fatalf("the daemon does not say that the kernel decides host marks: %v", err)
+	}
+	return e
+}
+
+func readFile(t *testing.T, name string) string {
+	t.Helper()
+	b, err := os.ReadFile(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// TCP, UDP and ping, IPv4 and IPv6: each host-marked flow leaves with ISP
+// B's address, its replies come back, and nothing is queued; the daemon
+// lists the flows, prints them and counts them as the kernel's.
+func TestHostMarksDecidedByKernel(t *testing.T) {
+	worldtest.Require(t)
+	e := kernelEnv(t, "")
+	if _, err := e.w.ServeUDP(53); err != nil {
+		t.Fatal(err)
+	}
+	queued, foreign, viaA := e.queued(), e.counter(e.w.B, "foreign"), e.counter(e.w.A, "forwarded")
+	for _, dst := range []netip.Addr{networld.ServerAddr, networld.Server6} {
+		want := networld.HostB
+		if dst.Is6() {
+			want = networld.HostB6
+		}
+		peer, err := e.w.FetchFrom(networld.DialOptions{Dst: dst, Port: 80})
+		if err != nil || peer.Addr() != want {
+			t.Fatalf("tcp to %v: server saw %v (%v), want %v", dst, peer, err, want)
+		}
+		u, err := e.w.UDPSocket(netip.AddrPortFrom(dst, 53), true, netip.AddrPort{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := 0; i < 3; i++ {
+			p, err := networld.AskUDP(u, netip.AddrPortFrom(dst, 53), "q", 2*time.Second)
+			if err != nil || p.Addr() != want {
+				t.Fatalf("udp to %v: server saw %v (%v), want %v", dst, p, err, want)
+			}
+		}
+		u.Close()
+		if _, err := e.w.Ping(dst, networld.PingSocket, 0, 2*time.Second); err != nil {
+			t.Fatalf("ping %v: %v", dst, err)
+		}
+		if _, err := e.d.WaitFor(fmt.Sprintf("[NEW] %s src=%s", map[bool]string{false: "icmp", true: "icmpv6"}[dst.Is6()], map[bool]netip.Addr{false: networld.HostA, true: networld.HostA6}[dst.Is6()]), 2*time.Second); err != nil {
+			t.Errorf("ping %v: %v", dst, err)
+		}
+	}
+	if n := e.queued() - queued; n != 0 {
+		t.Errorf("%d packets of host-marked flows were queued to the daemon", n)
+	}
+	if n := e.counter(e.w.B, "foreign"); n != foreign {
+		t.Errorf("ISP B dropped %d packets with a foreign source", n-foreign)
+	}
+	if n := e.counter(e.w.A, "forwarded"); n != viaA {
+		t.Errorf("%d packets left through ISP A", n-viaA)
+	}
+	// Two TCP, two UDP and two ping flows, learned from the kernel's log.
+	eventually(t, 2*time.Second, "six kernel decisions counted", func() bool {
+		return e.metric(`rerouted_flows_total{decided_by="kernel"}`) == 6
+	})
+	if n := e.metric(`rerouted_syns_total`); n != 0 {
+		t.Errorf("the daemon decided %v SYNs", n)
+	}
+	line, err := e.d.WaitFor("[NEW] tcp src=198.51.100.2", time.Second)
+	if err != nil || !strings.HasSuffix(line, `rule="host mark" decided_by=kernel`) {
+		t.Errorf("the kernel's TCP flow's debug line: %q (%v)", line, err)
+	}
+}
+
+// The same flows decided at the queue, as host_marks = "queue" asks: the
+// daemon sees each one's first packet, and the wire is the same.
+func TestHostMarksAtTheQueue(t *testing.T) {
+	worldtest.Require(t)
+	e := newEnv(t, "kernel", "")
+	e.withMetrics("")
+	if err := writeFile(e.cfg, strings.Replace(readFile(t, e.cfg), "[daemon]\n", "[daemon]\nhost_marks = \"queue\"\n", 1)); err != nil {
+		t.Fatal(err)
+	}
+	e.hostMark("nft", 80)
+	e.start()
+	if _, err := e.d.WaitFor("host_marks=queue", 0); err != nil {
+		t.Fatal(err)
+	}
+	for _, dst := range []netip.Addr{networld.ServerAddr, networld.Server6} {
+		peer, err := e.w.FetchFrom(networld.DialOptions{Dst: dst, Port: 80})
+		if err != nil || (peer.Addr() != networld.HostB && peer.Addr() != networld.HostB6) {
+			t.Fatalf("tcp to %v: server saw %v (%v)", dst, peer, err)
+		}
+	}
+	if n := e.metric(`rerouted_syns_total`); n != 2 {
+		t.Errorf("the daemon decided %v SYNs, want 2", n)
+	}
+	if n := e.metric(`rerouted_flows_total{decided_by="kernel"}`); n != 0 {
+		t.Errorf("the kernel decided %v flows with host_marks = \"queue\"", n)
+	}
+}
+
+// A native socket bound to ISP B's address and a host-marked socket use
+// the same port to the same server, in either order: both connections
+// work, and the server sees two distinct tuples.
+func TestHostMarkCollision(t *testing.T) {
+	worldtest.Require(t)
+	e := kernelEnv(t, "")
+	for _, nativeFirst := range []bool{true, false} {
+		port := uint16(41000)
+		if !nativeFirst {
+			port = 41001
+		}
+		dial := func(native bool) (*net.TCPConn, netip.AddrPort) {
+			t.Helper()
+			o := networld.DialOptions{Port: 80, BindPort: port, Bind: networld.HostA}
+			if native {
+				o.Bind = networld.HostB
+			}
+			c, err := e.w.Dial(o)
+			if err != nil {
+				t.Fatalf("native %v, first %v: %v", native, nativeFirst, err)
+			}
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			peer, err := networld.Greeting(bufio.NewReader(c))
+			if err != nil {
+				t.Fatalf("native %v, first %v: %v", native, nativeFirst, err)
+			}
+			return c, peer
+		}
+		c1, p1 := dial(nativeFirst)
+		c2, p2 := dial(!nativeFirst)
+		if p1.Addr() != networld.HostB || p2.Addr() != networld.HostB || p1 == p2 {
+			t.Errorf("native first %v: the server saw %v and %v: want two tuples of ISP B's address", nativeFirst, p1, p2)
+		}
+		// Both still carry data.
+		for _, c := range []*net.TCPConn{c1, c2} {
+			if err := sendCounted(c, 4096); err != nil {
+				t.Errorf("native first %v: %v", nativeFirst, err)
+			}
+			c.Close()
+		}
+	}
+	if n := e.metric(`rerouted_kernel_moved_total`); n != 1 {
+		t.Errorf("kernel decisions moved to another port: %v, want 1 (the native socket came first once)", n)
+	}
+}
+
+// A kernel-decided TCP connection idle for longer than every timeout the
+// daemon uses (idle_timeout 2s, gc_interval 200ms) still gets the
+// server's next reply.
+func TestKernelDecidedIdle(t *testing.T) {
+	worldtest.Require(t)
+	e := kernelEnv(t, "")
+	c, err := e.w.Dial(networld.DialOptions{Port: 80})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	r := bufio.NewReader(c)
+	peer, err := networld.Greeting(r)
+	if err != nil || peer.Addr() != networld.HostB {
+		t.Fatalf("server saw %v (%v)", peer, err)
+	}
+	time.Sleep(5 * time.Second)
+	if err := sendCounted(c, 1<<20); err != nil {
+		t.Fatalf("after 5 s idle: %v", err)
+	}
+}
+
+// sendCounted sends n bytes on a connection whose greeting was read,
+// half-closes it, and checks the server's count of what it received.
+func sendCounted(c *net.TCPConn, n int) error {
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Write(make([]byte, n)); err != nil {
+		return fmt.Errorf("send: %w", err)
+	}
+	if err := c.CloseWrite(); err != nil {
+		return err
+	}
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		return fmt.Errorf("read the server's count: %w", err)
+	}
+	if count, _, _ := strings.Cut(strings.TrimSpace(line), " "); count != fmt.Sprint(n) {
+		return fmt.Errorf("the server received %s bytes, want %d", count, n)
+	}
+	return nil
+}
+
+// One root process opens 20,000 host-marked connections as fast as it
+// can, with the default configuration: every one is translated, ISP B
+// drops nothing, nothing is queued; then, their sockets closed and their
+// TIME_WAIT ended, the kernel's elements are gone.
+func TestKernelDecidedRateAndLifetime(t *testing.T) {
+	worldtest.Require(t)
+	e := kernelEnv(t, "")
+	srv, err := e.w.Serve(80)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := len(srv.Peers())
+	queued, foreign := e.queued(), e.counter(e.w.B, "foreign")
+	const n, par = 20000, 8
+	var failed, wrong atomic.Int64
+	var wg sync.WaitGroup
+	start := time.Now()
+	for w := 0; w < par; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < n/par; i++ {
+				peer, err := e.w.Fetch(80, 5*time.Second)
+				switch {
+				case err != nil:
+					failed.Add(1)
+				case peer.Addr() != networld.HostB:
+					wrong.Add(1)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	t.Logf("%d connections in %v", n, time.Since(start).Round(time.Millisecond))
+	if failed.Load()+wrong.Load() != 0 {
+		t.Errorf("of %d host-marked connections %d failed and %d left with another source", n, failed.Load(), wrong.Load())
+	}
+	if got := len(srv.Peers()) - before; got != n {
+		t.Errorf("the server saw %d connections, want %d", got, n)
+	}
+	if d := e.counter(e.w.B, "foreign"); d != foreign {
+		t.Errorf("ISP B dropped %d packets with a foreign source", d-foreign)
+	}
+	if q := e.queued() - queued; q != 0 {
+		t.Errorf("%d packets were queued to the daemon", q)
+	}
+	eventually(t, 10*time.Second, "every kernel decision learned", func() bool {
+		return e.metric(`rerouted_flows_total{decided_by="kernel"}`) >= n
+	})
+	if !e.endTimeWait(networld.ServerAddr.String()) {
+		t.Log("TIME_WAIT lasts 60 s on this kernel: waiting it out")
+	}
+	eventually(t, 75*time.Second, "the closed connections' elements removed", func() bool {
+		return e.elements("tcp_out4") == 0 && e.elements("tcp_in4") == 0
+	})
+}
