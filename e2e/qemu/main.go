@@ -247,6 +247,8 @@ func (g *guest) test(ctx context.Context, k kernel) *result {
 		{"BIN", g.build},
 		{"TESTBIN", filepath.Join(g.build, "e2e.test")},
 		{"WORKDIR", filepath.Join(wd, "e2e")},
+		{"SRC", wd},
+		{"CACHE", g.cache},
 		{"RUN", g.run},
 		{"TIMEOUT", g.timeout.String()},
 		{"MODULES", g.modules},
