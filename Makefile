@@ -102,3 +102,5 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzRewrite$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 2000x ./internal/rewrite
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 2000x ./internal/policy
 	$(GO) test -run '^$$' -fuzz '^FuzzMessages$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 2000x ./internal/nlmsg
+	$(GO) test -run '^$$' -fuzz '^FuzzParsePacket$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 2000x ./internal/queue
+	$(GO) test -run '^$$' -fuzz '^FuzzParseMsg$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 2000x ./internal/sockdiag
