@@ -8,7 +8,8 @@
 #
 # /run/rr/env (written by the runner, e2e/qemu) sets KVER, KDIR (the
 # unpacked package, with lib/modules/$KVER), BIN (rerouted and
-# worldclient), TESTBIN, WORKDIR (the e2e package's directory), RUN (a
+# worldclient), TESTBIN, WORKDIR (the e2e package's directory), SRC (the
+# checkout) and CACHE (the kernel cache: KDIR and BIN are in it), RUN (a
 # -test.run regex, or empty), TIMEOUT, MODULES (loaded first), AUTOLOAD
 # (false: the kernel's own loading fails, as in a chroot without the
 # kernel's modules) and ECHO (1: every daemon's lines as they come).
@@ -24,12 +25,26 @@ mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
+
+# The checkout and the kernel cache may be under a directory the tmpfs
+# mounts below hide (a checkout in /root or /tmp): keep a bind mount of
+# each first, and put it back at its own path afterwards, so that every
+# path the runner wrote into /run/rr/env is valid here.
+mkdir -p /run/keep/src /run/keep/cache
+mount --bind "$SRC" /run/keep/src || echo "guest: cannot bind $SRC" >>/run/rr/test.log
+mount --bind "$CACHE" /run/keep/cache || echo "guest: cannot bind $CACHE" >>/run/rr/test.log
 for d in /tmp /var/tmp /root /var/log; do
 	[ -d "$d" ] && mount -t tmpfs -o mode=0755 tmpfs "$d"
 done
 chmod 1777 /tmp /var/tmp
+for kept in "src:$SRC" "cache:$CACHE"; do
+	name=${kept%%:*} path=${kept#*:}
+	[ -d "$path" ] && [ "$(stat -c %d:%i "$path")" = "$(stat -c %d:%i "/run/keep/$name")" ] && continue
+	mkdir -p "$path" && mount --bind "/run/keep/$name" "$path" ||
+		echo "guest: cannot put $path back" >>/run/rr/test.log
+done
 
-{
+tests() {
 	echo "guest: kernel $(uname -r), $(nproc) CPUs"
 
 	# Module autoload as on an installed system, from this kernel's package.
@@ -45,7 +60,11 @@ chmod 1777 /tmp /var/tmp
 	done
 	ip link set lo up
 
-	cd "$WORKDIR" || exit 1
+	# No exit: this shell is PID 1, and its exit is a kernel panic.
+	if ! cd "$WORKDIR"; then
+		echo "guest: cannot cd to $WORKDIR: no tests ran"
+		return
+	fi
 	start=$(date +%s)
 	set --
 	[ -n "$RUN" ] && set -- -test.run="$RUN"
@@ -55,7 +74,8 @@ chmod 1777 /tmp /var/tmp
 	echo $? >/run/rr/status
 	echo "guest: tests took $(($(date +%s) - start)) s"
 	cut -d' ' -f1 /proc/modules | sort >/run/rr/modules
-} >/run/rr/test.log 2>&1
+}
+tests >>/run/rr/test.log 2>&1
 
 sync
 echo o >/proc/sysrq-trigger

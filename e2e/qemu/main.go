@@ -4,18 +4,20 @@
 // (init.sh, then guest.sh inside the guest), runs the e2e test binary built
 // here, and prints one line per kernel:
 //
-//	kernel 6.1.0-50-amd64: queue=nft-queue datapaths=kernel,userspace passed=N failed=0 skipped=M time=95s
+//	kernel 6.1.0-50-amd64: queue=nft-queue datapaths=kernel,userspace passed=N failed=0 skipped=M time=95s retried=0
 //
 // queue is the enqueue form the daemon chose there (nft-queue: the native
-// nft queue statement; xt-nfqueue: the xtables target through nft_compat).
-// Each kernel's test.log and console.log stay in CACHE/runs/VERSION.
-// It exits 1 when any test failed or any kernel gave no result.
+// nft queue statement; xt-nfqueue: the xtables target through nft_compat);
+// retried is 1 when the first run's guest kernel died of QEMU's int3
+// artefact (verdict.go). Each kernel's test.log and console.log stay in
+// CACHE/runs/VERSION. It exits 1 when any test failed, any kernel gave no
+// result, oopsed or panicked (but for that one rerun), lacks a result for a
+// test -run lists, or passed other than -expect subtests.
 package main
 
 import (
 	"bufio"
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"os"
@@ -42,13 +44,15 @@ func main() {
 	modules := flag.String("modules", strings.Join(preload, " "), "modules the guest loads before the tests")
 	echo := flag.Bool("echo", false, "print every daemon's lines in test.log as they come (for a test that hangs)")
 	autoload := flag.Bool("autoload", true, "let the kernel load modules on first use (false: as in a chroot without the kernel's modules)")
+	expect := flag.Int("expect", 0, "subtests each kernel must pass, exactly (0: no check)")
+	accel := flag.String("accel", "auto", "kvm, tcg, or auto: KVM where /dev/kvm opens (a nested /dev/kvm may not run a guest: -accel tcg)")
 	flag.Parse()
 	if err := os.Chdir(repoRoot()); err != nil {
 		fatal(err)
 	}
-	entries := strings.Fields(*kernels)
-	if len(entries) == 0 {
-		fatal(errors.New("no kernels named"))
+	entries, err := resolveKernels(strings.Fields(*kernels), strings.Fields(os.Getenv("KERNEL_SUITES")))
+	if err != nil {
+		fatal(err)
 	}
 	cacheDir, err := filepath.Abs(*cache)
 	if err != nil {
@@ -72,10 +76,18 @@ func main() {
 		fatal(err)
 	}
 	g := guest{cache: cacheDir, build: build, run: *run, timeout: *timeout, mem: *mem, smp: *smp, cpu: *cpu,
-		modules: *modules, autoload: *autoload, echo: *echo}
-	if f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0); err == nil {
-		f.Close()
+		modules: *modules, autoload: *autoload, echo: *echo, expect: *expect, expectTests: expectedTests(*run)}
+	switch *accel {
+	case "kvm":
 		g.kvm = true
+	case "tcg":
+	case "auto":
+		if f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0); err == nil {
+			f.Close()
+			g.kvm = true
+		}
+	default:
+		fatal(fmt.Errorf("-accel %q: kvm, tcg or auto", *accel))
 	}
 
 	// Kernels start in the order given, KERNEL_JOBS at once; their lines
@@ -90,18 +102,7 @@ func main() {
 	for range max(*jobs, 1) {
 		go func() {
 			for i := range next {
-				res := g.test(ctx, ks[i])
-				if oops := res.guestOops(); oops != "" {
-					// The guest's own kernel died, no test had failed: under
-					// QEMU's TCG a CPU can run code the kernel is patching
-					// (an int3 left by text_poke_bp), which real CPUs never
-					// do. Run that kernel once more, and say so.
-					kept := res.out + ".oops"
-					os.RemoveAll(kept)
-					os.Rename(res.out, kept)
-					res = g.test(ctx, ks[i])
-					res.retried = fmt.Sprintf("the first run's guest kernel died (%s; its logs: %s), so this kernel ran again", oops, kept)
-				}
+				res := g.retrying(func() *result { return g.test(ctx, ks[i]) })
 				results[i] <- res
 			}
 		}()
@@ -207,6 +208,10 @@ type guest struct {
 	modules      string
 	autoload     bool
 	echo         bool
+	// What each kernel must show: every test the -run regex names
+	// (expectedTests), and exactly expect passed subtests (0: any).
+	expect      int
+	expectTests []string
 }
 
 // result is one kernel's outcome.
@@ -219,8 +224,14 @@ type result struct {
 	queue    []string
 	dps      []string
 	console  string // the console's last lines, when something went wrong
+	logTail  string // test.log's last lines, when there is no result
 	exitCode int
-	retried  string // why the kernel ran twice, if it did
+	retried  int               // runs after the first (an int3 artefact's rerun)
+	retryWhy string            // why the kernel ran again, if it did
+	top      map[string]string // top-level test -> PASS, FAIL, SKIP
+	death    string            // the guest kernel's first oops or panic line
+	int3     bool              // ... and it is TCG's int3 artefact (see deaths)
+	problems []string          // what else makes the kernel fail: tests missing, a wrong count
 	// When the test binary panicked (a -test.timeout among them): the
 	// panic and the tests it names, the log lines before it, and the test
 	// code each goroutine was in.
@@ -247,6 +258,8 @@ func (g *guest) test(ctx context.Context, k kernel) *result {
 		{"BIN", g.build},
 		{"TESTBIN", filepath.Join(g.build, "e2e.test")},
 		{"WORKDIR", filepath.Join(wd, "e2e")},
+		{"SRC", wd},
+		{"CACHE", g.cache},
 		{"RUN", g.run},
 		{"TIMEOUT", g.timeout.String()},
 		{"MODULES", g.modules},
@@ -287,19 +300,7 @@ func (g *guest) test(ctx context.Context, k kernel) *result {
 		err = fmt.Errorf("qemu: %w: %s", err, strings.TrimSpace(string(out)))
 	}
 
-	res.parse(filepath.Join(res.out, "test.log"))
-	status, serr := os.ReadFile(filepath.Join(res.out, "status"))
-	switch {
-	case serr == nil:
-		res.exitCode, _ = strconv.Atoi(strings.TrimSpace(string(status)))
-	case err != nil:
-		res.err = err
-	default:
-		res.err = errors.New("the guest wrote no status")
-	}
-	if !res.ok() {
-		res.console = tail(filepath.Join(res.out, "console.log"), 15)
-	}
+	g.collect(res, err)
 	return res
 }
 
@@ -366,6 +367,7 @@ func (r *result) parse(path string) {
 	}
 	// Leaves only: a test with subtests counts as its subtests.
 	r.tests = map[string]string{}
+	r.top = map[string]string{}
 	dps := map[string]bool{}
 	for name, st := range all {
 		leaf, failedBelow := true, false
@@ -378,6 +380,9 @@ func (r *result) parse(path string) {
 		// A test that failed outside its subtests counts too.
 		if leaf || st == "FAIL" && !failedBelow {
 			r.tests[name] = st
+		}
+		if !strings.Contains(name, "/") {
+			r.top[name] = st
 		}
 		if parts := strings.Split(name, "/"); len(parts) > 1 && (parts[1] == "kernel" || parts[1] == "userspace") {
 			dps[parts[1]] = true
@@ -410,39 +415,28 @@ func (r *result) count(status string) int {
 }
 
 func (r *result) ok() bool {
-	return r.err == nil && r.exitCode == 0 && r.count("FAIL") == 0 && r.count("PASS") > 0
+	return r.err == nil && r.exitCode == 0 && r.count("FAIL") == 0 && r.count("PASS") > 0 &&
+		r.death == "" && len(r.problems) == 0
 }
 
 // report is the kernel's line, and what went wrong.
-// guestOops returns the guest kernel's panic line when the guest's kernel
-// died while no test had failed, else "".
-func (r *result) guestOops() string {
-	if r.err == nil || r.count("FAIL") != 0 {
-		return ""
-	}
-	c, err := os.ReadFile(filepath.Join(r.out, "console.log"))
-	if err != nil || !strings.Contains(string(c), "Kernel panic") {
-		return ""
-	}
-	for _, l := range strings.Split(string(c), "\n") {
-		if strings.Contains(l, "Oops") || strings.Contains(l, "BUG:") {
-			return strings.TrimSpace(l)
-		}
-	}
-	return "Kernel panic"
-}
-
 func (r *result) report() string {
 	var b strings.Builder
-	if r.retried != "" {
-		fmt.Fprintf(&b, "kernel %s: %s\n", r.k.version, r.retried)
+	if r.retryWhy != "" {
+		fmt.Fprintf(&b, "kernel %s: %s\n", r.k.version, r.retryWhy)
 	}
 	if r.err != nil {
-		fmt.Fprintf(&b, "kernel %s: no result: %v (time=%.0fs)\n", r.k.version, r.err, r.elapsed.Seconds())
+		fmt.Fprintf(&b, "kernel %s: no result: %v (time=%.0fs retried=%d)\n", r.k.version, r.err, r.elapsed.Seconds(), r.retried)
 	} else {
-		fmt.Fprintf(&b, "kernel %s: queue=%s datapaths=%s passed=%d failed=%d skipped=%d time=%.0fs\n",
+		fmt.Fprintf(&b, "kernel %s: queue=%s datapaths=%s passed=%d failed=%d skipped=%d time=%.0fs retried=%d\n",
 			r.k.version, strings.Join(r.queue, ","), strings.Join(r.dps, ","),
-			r.count("PASS"), r.count("FAIL"), r.count("SKIP"), r.elapsed.Seconds())
+			r.count("PASS"), r.count("FAIL"), r.count("SKIP"), r.elapsed.Seconds(), r.retried)
+	}
+	if r.death != "" {
+		fmt.Fprintf(&b, "    the guest's kernel died: %s\n", r.death)
+	}
+	for _, p := range r.problems {
+		fmt.Fprintf(&b, "    %s\n", p)
 	}
 	var failed []string
 	for name, st := range r.tests {
@@ -468,6 +462,9 @@ func (r *result) report() string {
 	}
 	if !r.ok() {
 		fmt.Fprintf(&b, "    logs: %s/test.log, %s/console.log\n", r.out, r.out)
+		if r.logTail != "" {
+			fmt.Fprintf(&b, "    test.log, last lines:\n%s", indent(r.logTail, "      "))
+		}
 		if r.console != "" {
 			fmt.Fprintf(&b, "    console, last lines:\n%s", indent(r.console, "      "))
 		}

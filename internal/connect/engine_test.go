@@ -15,6 +15,7 @@ import (
 	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/owner"
 	"github.com/rerouted/rerouted/internal/policy"
+	"github.com/rerouted/rerouted/internal/testenv"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -22,12 +23,10 @@ import (
 // The program loads (the verifier accepts it), attaches and detaches. The
 // end-to-end tests judge what it does to real connections.
 func TestLoad(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root")
-	}
+	testenv.NeedRoot(t, "to load and attach a cgroup program")
 	root, err := owner.Cgroup2Mount("/proc/self/mountinfo")
 	if err != nil || root == "" {
-		t.Skipf("no cgroup v2 mount: %v", err)
+		testenv.Skip(t, "no cgroup v2 mount: %v", err)
 	}
 	// In a network namespace of its own: the program acts on that
 	// namespace's sockets only, and the machine's own is left alone.
@@ -61,12 +60,10 @@ func TestLoad(t *testing.T) {
 // address the program bound the socket to. Connections come from this
 // process: its uid, its comm, its cgroup.
 func TestKernelAgreesWithImage(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root")
-	}
+	testenv.NeedRoot(t, "to load and attach a cgroup program")
 	root, err := owner.Cgroup2Mount("/proc/self/mountinfo")
 	if err != nil || root == "" {
-		t.Skipf("no cgroup v2 mount: %v", err)
+		testenv.Skip(t, "no cgroup v2 mount: %v", err)
 	}
 	done := make(chan error)
 	go func() {

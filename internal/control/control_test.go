@@ -13,6 +13,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/rerouted/rerouted/internal/testenv"
 )
 
 // A user the control socket keeps out is told that root is needed, not
@@ -49,9 +51,7 @@ func (s fakeSource) Uplinks() []UplinkInfo { return s.uplinks }
 // The server streams what its Source lists, and the client reads it back;
 // no uplinks is an empty list, not null. (The server answers root only.)
 func TestServeAndQuery(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("the control socket answers root only")
-	}
+	testenv.NeedRoot(t, "the control socket answers root only")
 	path := filepath.Join(t.TempDir(), "control.sock")
 	ln, err := net.Listen("unix", path)
 	if err != nil {

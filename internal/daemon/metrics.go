@@ -145,12 +145,20 @@ func newMetrics(d *Daemon) *metrics {
 	m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "rerouted_kernel_moved_total",
 		Help: "Kernel-decided flows moved to another port because a native socket owned their wire tuple."},
 		func() float64 { return float64(d.stats.Moved.Load()) }))
-	for k := packet.ErrKind(0); k < packet.ErrKinds; k++ {
-		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "rerouted_errors_total",
-			Help: "Errors, by kind.", ConstLabels: prometheus.Labels{"kind": packet.ErrKindNames[k]}},
-			func() float64 { return float64(d.stats.Errors[k].Load()) }))
-	}
+	m.reg.MustRegister(errorCounters(&d.stats)...)
 	return m
+}
+
+// errorCounters are rerouted_errors_total, one per kind, read from stats
+// at scrape time.
+func errorCounters(stats *packet.Stats) []prometheus.Collector {
+	var cs []prometheus.Collector
+	for k := packet.ErrKind(0); k < packet.ErrKinds; k++ {
+		cs = append(cs, prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "rerouted_errors_total",
+			Help: "Errors, by kind.", ConstLabels: prometheus.Labels{"kind": packet.ErrKindNames[k]}},
+			func() float64 { return float64(stats.Errors[k].Load()) }))
+	}
+	return cs
 }
 
 // serveMetrics serves /metrics on addr until ctx is done.

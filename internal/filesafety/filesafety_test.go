@@ -6,14 +6,15 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/rerouted/rerouted/internal/testenv"
 )
 
-// needRoot skips a test that must chown files.
+// needRoot skips (fails under REROUTED_REQUIRE_E2E=1) a test that must
+// chown files.
 func needRoot(t *testing.T) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to chown test files")
-	}
+	testenv.NeedRoot(t, "to chown test files")
 }
 
 // secureDir is a fresh root-owned 0700 directory (t.TempDir's, under the
@@ -27,7 +28,7 @@ func secureDir(t *testing.T) string {
 			t.Fatal(err)
 		}
 		if uid, _ := owner(fi); uid != 0 || (fi.Mode().Perm()&0o022 != 0 && fi.Mode()&os.ModeSticky == 0) {
-			t.Skipf("the test directory's ancestor %s is not root's and safe (%v, uid %d): no baseline", p, fi.Mode(), uid)
+			testenv.Skip(t, "the test directory's ancestor %s is not root's and safe (%v, uid %d): no baseline", p, fi.Mode(), uid)
 		}
 	}
 	return d

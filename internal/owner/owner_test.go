@@ -9,6 +9,7 @@ import (
 
 	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/sockdiag"
+	"github.com/rerouted/rerouted/internal/testenv"
 )
 
 // pair returns the addresses of a connected loopback TCP socket of this
@@ -63,7 +64,7 @@ func TestOwnerOfOwnSocket(t *testing.T) {
 		t.Fatal("found a process for an inode nobody holds")
 	}
 	if o.CgroupRoot == "" {
-		t.Skip("no cgroup v2 on this machine")
+		testenv.Skip(t, "no cgroup v2 on this machine")
 	}
 	if s.CgroupID == 0 {
 		t.Fatal("sock_diag reported no cgroup id")

@@ -42,14 +42,7 @@ func RunProbes(ctx context.Context, u *policy.Uplink, s *States, report func([]T
 		}
 		fams[fi] = append(fams[fi], t)
 	}
-	type famState struct {
-		up          bool
-		fails, oks  int
-		lost        [lossWindow]bool
-		round       int
-		lastFailure string
-	}
-	var st [2]famState
+	var st [2]hysteresis
 	st[0].up, st[1].up = true, true // until proven otherwise: no flap at start
 	id := uint16(rand.Uint32())
 	seq := uint16(0)
@@ -71,34 +64,8 @@ func RunProbes(ctx context.Context, u *policy.Uplink, s *States, report func([]T
 			if ctx.Err() != nil {
 				return
 			}
-			failed := failure != ""
-			f.lost[f.round%lossWindow] = failed
-			f.round++
-			lost := 0
-			for _, l := range f.lost[:min(f.round, lossWindow)] {
-				if l {
-					lost++
-				}
-			}
-			if failed {
-				f.fails, f.oks, f.lastFailure = f.fails+1, 0, failure
-			} else {
-				f.fails, f.oks = 0, f.oks+1
-			}
-			switch {
-			case f.up && f.fails >= h.DownAfter:
-				f.up = false
-			case !f.up && f.oks >= h.UpAfter:
-				f.up = true
-			}
-			why := ""
-			if !f.up {
-				why = fmt.Sprintf("%d rounds without an answer (%s)", f.fails, f.lastFailure)
-				if f.oks > 0 {
-					why = fmt.Sprintf("%d good rounds of %d needed (last failure: %s)", f.oks, h.UpAfter, f.lastFailure)
-				}
-			}
-			if ts := s.SetProbe(u.Mark, fi == 1, f.up, why, rtt, float64(lost)/float64(min(f.round, lossWindow)), time.Now()); len(ts) > 0 {
+			up, why, loss := f.observe(failure, h.DownAfter, h.UpAfter)
+			if ts := s.SetProbe(u.Mark, fi == 1, up, why, rtt, loss, time.Now()); len(ts) > 0 {
 				report(ts)
 			}
 		}
@@ -108,6 +75,49 @@ func RunProbes(ctx context.Context, u *policy.Uplink, s *States, report func([]T
 		case <-tick.C:
 		}
 	}
+}
+
+// hysteresis is one family's verdict from its probe rounds.
+type hysteresis struct {
+	up          bool
+	fails, oks  int // consecutive failed, good rounds
+	lost        [lossWindow]bool
+	round       int
+	lastFailure string
+}
+
+// observe takes one round's outcome (failure: what failed, "" for a good
+// round) and returns the family's verdict: down after downAfter failed
+// rounds in a row, up again after upAfter good ones; why it is down; and
+// the share of the last lossWindow rounds that failed.
+func (f *hysteresis) observe(failure string, downAfter, upAfter int) (up bool, why string, loss float64) {
+	failed := failure != ""
+	f.lost[f.round%lossWindow] = failed
+	f.round++
+	lost := 0
+	for _, l := range f.lost[:min(f.round, lossWindow)] {
+		if l {
+			lost++
+		}
+	}
+	if failed {
+		f.fails, f.oks, f.lastFailure = f.fails+1, 0, failure
+	} else {
+		f.fails, f.oks = 0, f.oks+1
+	}
+	switch {
+	case f.up && f.fails >= downAfter:
+		f.up = false
+	case !f.up && f.oks >= upAfter:
+		f.up = true
+	}
+	if !f.up {
+		why = fmt.Sprintf("%d rounds without an answer (%s)", f.fails, f.lastFailure)
+		if f.oks > 0 {
+			why = fmt.Sprintf("%d good rounds of %d needed (last failure: %s)", f.oks, upAfter, f.lastFailure)
+		}
+	}
+	return f.up, why, float64(lost) / float64(min(f.round, lossWindow))
 }
 
 // round probes every target at once; it succeeds if any answers. It

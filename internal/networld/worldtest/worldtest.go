@@ -11,11 +11,12 @@ import (
 	"testing"
 
 	"github.com/rerouted/rerouted/internal/networld"
+	"github.com/rerouted/rerouted/internal/testenv"
 )
 
 // RequireEnv is the variable that turns a skip for missing privileges into a
-// failure.
-const RequireEnv = "REROUTED_REQUIRE_E2E"
+// failure (testenv's).
+const RequireEnv = testenv.RequireEnv
 
 // Require skips (or, under RequireEnv, fails) a test that cannot run here.
 func Require(t testing.TB) {
@@ -34,11 +35,7 @@ func Require(t testing.TB) {
 	if missing == "" {
 		return
 	}
-	msg := fmt.Sprintf("end-to-end test needs %s; run it as root (see README)", missing)
-	if os.Getenv(RequireEnv) == "1" {
-		t.Fatalf("%s, and %s=1 forbids skipping", msg, RequireEnv)
-	}
-	t.Skip(msg)
+	testenv.Skip(t, "end-to-end test needs %s; run it as root (see README)", missing)
 }
 
 var seq atomic.Int64
