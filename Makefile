@@ -10,8 +10,15 @@ TOOLS       := systemd-analyze:systemd ip:iproute2 nsenter:util-linux ethtool:et
 
 all: build
 
+# rerouted version prints them; a plain go build falls back to the module's
+# version. COMMIT is used where go build leaves no VCS stamp (a git worktree).
+VERSION     ?= $(shell git describe --tags --always --dirty 2>/dev/null)
+COMMIT      ?= $(shell git rev-parse HEAD 2>/dev/null)
+MODIFIED    ?= $(shell git diff-index --quiet HEAD -- 2>/dev/null && echo false || echo true)
+LDFLAGS     := -X main.version=$(VERSION) -X main.commit=$(COMMIT) -X main.modified=$(MODIFIED)
+
 build:
-	$(GO) build -o bin/rerouted ./cmd/rerouted
+	$(GO) build -ldflags '$(LDFLAGS)' -o bin/rerouted ./cmd/rerouted
 
 deps:
 	@missing=""; for t in $(TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t##*:}"; done; \

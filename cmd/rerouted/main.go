@@ -48,6 +48,7 @@ const usage = `usage:
                                            which rule a new connection from PID would match, and why
   rerouted demo                            show the problem and the fix in network namespaces
   rerouted bench [--record BENCHMARKS.md]  measure rerouted against the limit and MASQUERADE
+  rerouted version                         version, commit and Go version of this binary
 `
 
 // Exit codes.
@@ -82,6 +83,8 @@ func main() {
 		code = cmdDemo(args)
 	case "bench":
 		code = cmdBench(args)
+	case "version", "--version":
+		code = cmdVersion(args)
 	case "bench-client": // the bench's helper process
 		code = cmdBenchClient(args)
 	case "bench-busy": // the bench's busy host
