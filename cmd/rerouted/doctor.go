@@ -14,7 +14,7 @@ import (
 func cmdDoctor(args []string) int {
 	var file string
 	flags("doctor", args, func(fs *flag.FlagSet) {
-		fs.StringVar(&file, "config", "", "configuration file")
+		configFlag(fs, &file, "configuration file")
 	})
 	cfg, code := loadConfig(file)
 	if cfg == nil {
