@@ -4,9 +4,9 @@
 GO          ?= go
 STATICCHECK := $(shell $(GO) env GOPATH)/bin/staticcheck
 # command:package pairs the tests and the demo need (the daemon itself needs none)
-TOOLS       := systemd-analyze:systemd ip:iproute2 nsenter:util-linux ethtool:ethtool ss:iproute2 sysctl:procps nft:nftables iptables:iptables conntrack:conntrack
+TOOLS       := systemd-analyze:systemd dpkg-deb:dpkg lintian:lintian ip:iproute2 nsenter:util-linux ethtool:ethtool ss:iproute2 sysctl:procps nft:nftables iptables:iptables conntrack:conntrack
 
-.PHONY: all build deps deps-kernels demo test test-kernels kernels-clean lint unit e2e fuzz
+.PHONY: all build deb deps deps-kernels demo test test-kernels kernels-clean lint unit e2e fuzz
 
 all: build
 
@@ -19,6 +19,15 @@ LDFLAGS     := -X main.version=$(VERSION) -X main.commit=$(COMMIT) -X main.modif
 
 build:
 	$(GO) build -ldflags '$(LDFLAGS)' -o bin/rerouted ./cmd/rerouted
+
+# The Debian package, rerouted_VERSION_amd64.deb here: built by tools/mkdeb
+# (nfpm as a Go library, in a module of its own, so the daemon's module
+# never sees it), versioned from git describe, its files dated by the commit.
+DEB_MAINTAINER ?= $(shell git log -1 --format='%an <%ae>' 2>/dev/null)
+deb:
+	$(GO) build -trimpath -buildmode=pie -ldflags '$(LDFLAGS) -s -w' -o bin/deb/rerouted ./cmd/rerouted
+	cd tools/mkdeb && SOURCE_DATE_EPOCH=$$(git log -1 --format=%ct 2>/dev/null) \
+		$(GO) run . -root ../.. -binary ../../bin/deb/rerouted -describe '$(VERSION)' -maintainer '$(DEB_MAINTAINER)' -out ../..
 
 deps:
 	@missing=""; for t in $(TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t##*:}"; done; \
@@ -51,12 +60,14 @@ lint: deps
 	if [ -n "$$bad" ]; then echo "gofmt needed:"; echo "$$bad"; exit 1; fi
 	$(GO) vet ./...
 	$(STATICCHECK) ./...
+	cd tools/mkdeb && $(GO) vet ./... && $(STATICCHECK) ./...
 
 # Every test, unit and end-to-end, under the race detector (the daemon the
 # end-to-end tests run is built with -race too), then a short run of each
 # fuzz target (FUZZTIME inputs each; longer: make fuzz FUZZTIME=50000000x).
 test: lint
 	$(GO) test -race -count=1 -timeout 15m ./...
+	cd tools/mkdeb && $(GO) test -count=1 -timeout 5m ./...
 	$(MAKE) --no-print-directory fuzz
 	$(MAKE) --no-print-directory test-kernels E2E_RUN='$(KERNEL_CORE)' KERNEL_TIMEOUT=15m
 
