@@ -26,7 +26,7 @@ var hashRE = regexp.MustCompile(`^[0-9a-f]{7,40}$`)
 // The leading v goes; a hyphen in the tag (a pre-release) becomes ~, so
 // the release sorts after it; any other character Debian does not allow
 // becomes a dot. A version that would not start with a digit gets "0~".
-// There is no Debian revision: the package is built from its own source.
+// This is the upstream part; Build appends the Debian revision, -1.
 func debVersion(describe string) (string, error) {
 	d := strings.TrimSpace(describe)
 	if d == "" {
