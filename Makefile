@@ -4,14 +4,30 @@
 GO          ?= go
 STATICCHECK := $(shell $(GO) env GOPATH)/bin/staticcheck
 # command:package pairs the tests and the demo need (the daemon itself needs none)
-TOOLS       := systemd-analyze:systemd ip:iproute2 nsenter:util-linux ethtool:ethtool ss:iproute2 sysctl:procps nft:nftables iptables:iptables conntrack:conntrack
+TOOLS       := systemd-analyze:systemd dpkg-deb:dpkg lintian:lintian ip:iproute2 nsenter:util-linux ethtool:ethtool ss:iproute2 sysctl:procps nft:nftables iptables:iptables conntrack:conntrack
 
-.PHONY: all build deps deps-kernels demo test test-kernels kernels-clean lint unit fuzz
+.PHONY: all build deb deps deps-kernels demo test test-kernels kernels-clean lint unit fuzz
 
 all: build
 
+# rerouted version prints them; a plain go build falls back to the module's
+# version. COMMIT is used where go build leaves no VCS stamp (a git worktree).
+VERSION     ?= $(shell git describe --tags --always --dirty 2>/dev/null)
+COMMIT      ?= $(shell git rev-parse HEAD 2>/dev/null)
+MODIFIED    ?= $(shell git diff-index --quiet HEAD -- 2>/dev/null && echo false || echo true)
+LDFLAGS     := -X main.version=$(VERSION) -X main.commit=$(COMMIT) -X main.modified=$(MODIFIED)
+
 build:
-	$(GO) build -o bin/rerouted ./cmd/rerouted
+	$(GO) build -ldflags '$(LDFLAGS)' -o bin/rerouted ./cmd/rerouted
+
+# The Debian package, rerouted_VERSION_amd64.deb here: built by tools/mkdeb
+# (nfpm as a Go library, in a module of its own, so the daemon's module
+# never sees it), versioned from git describe, its files dated by the commit.
+DEB_MAINTAINER ?= $(shell git log -1 --format='%an <%ae>' 2>/dev/null)
+deb:
+	$(GO) build -trimpath -buildmode=pie -ldflags '$(LDFLAGS) -s -w' -o bin/deb/rerouted ./cmd/rerouted
+	cd tools/mkdeb && SOURCE_DATE_EPOCH=$$(git log -1 --format=%ct 2>/dev/null) \
+		$(GO) run . -root ../.. -binary ../../bin/deb/rerouted -describe '$(VERSION)' -maintainer '$(DEB_MAINTAINER)' -out ../..
 
 deps:
 	@missing=""; for t in $(TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t##*:}"; done; \
@@ -45,6 +61,7 @@ lint: deps
 	$(GO) mod tidy -diff
 	$(GO) vet ./...
 	$(STATICCHECK) ./...
+	cd tools/mkdeb && $(GO) vet ./... && $(STATICCHECK) ./...
 
 # The unit tests alone, in under a minute: no root needed (tests that need
 # it or a kernel feature skip, even under REROUTED_REQUIRE_E2E), no
@@ -58,6 +75,7 @@ unit:
 # fuzz target (FUZZTIME inputs each; longer: make fuzz FUZZTIME=50000000x).
 test: lint
 	$(GO) test -race -count=1 -timeout 15m ./...
+	cd tools/mkdeb && $(GO) test -count=1 -timeout 5m ./...
 	$(MAKE) --no-print-directory fuzz
 	$(MAKE) --no-print-directory test-kernels E2E_RUN='$(KERNEL_CORE)' KERNEL_EXPECT=$(KERNEL_CORE_PASSES) KERNEL_TIMEOUT=15m
 

@@ -10,11 +10,12 @@ import (
 )
 
 // cmdDoctor checks the host for what breaks multi-ISP setups. Exit 0: no
-// problem found; 1: problems, each with its fix; 2: bad configuration.
+// problem found (notes, what works as documented but is worth knowing, do
+// not count); 1: problems, each with its fix; 2: bad configuration.
 func cmdDoctor(args []string) int {
 	var file string
 	flags("doctor", args, func(fs *flag.FlagSet) {
-		fs.StringVar(&file, "config", "", "configuration file")
+		configFlag(fs, &file, "configuration file")
 	})
 	cfg, code := loadConfig(file)
 	if cfg == nil {

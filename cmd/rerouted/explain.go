@@ -27,7 +27,7 @@ func cmdExplain(args []string) int {
 	var file, dst, proto string
 	var pid int
 	flags("explain", args, func(fs *flag.FlagSet) {
-		fs.StringVar(&file, "config", "", "configuration file")
+		configFlag(fs, &file, "configuration file")
 		fs.IntVar(&pid, "pid", 0, "process that would open the connection")
 		fs.StringVar(&dst, "dst", "", "destination ADDR:PORT ([ADDR]:PORT for IPv6)")
 		fs.StringVar(&proto, "protocol", "tcp", "tcp, udp or icmp (ping; --dst's port is then ignored)")

@@ -1,17 +1,7 @@
 // Command rerouted gives locally originated connections the source address of
 // the uplink their fwmark routes them through, without conntrack.
 //
-//	rerouted run --config FILE [--debug]     run the daemon in the foreground
-//	rerouted check --config FILE             validate a configuration
-//	                                         (both refuse a file users other than root can
-//	                                         change, unless --insecure-config)
-//	rerouted doctor --config FILE            check the host for what breaks multi-ISP setups
-//	rerouted flows --config FILE [--json]    list the running daemon's flows
-//	rerouted uplinks --config FILE [--json]  each uplink's state, per family
-//	rerouted explain --config FILE --pid PID --dst ADDR:PORT
-//	                                         which rule a new connection would match, and why
-//	rerouted demo                            show the problem and the fix in namespaces
-//	rerouted bench                           measure against the limit and MASQUERADE
+// Its commands and flags are listed once, in usage below (rerouted help).
 package main
 
 import (
@@ -36,18 +26,36 @@ import (
 	"github.com/rerouted/rerouted/internal/policy"
 )
 
-const usage = `usage:
-  rerouted run --config FILE [--debug]     run the daemon in the foreground
-  rerouted check --config FILE             validate a configuration (exit 2 if invalid)
-                                           run and check refuse a file users other than root
-                                           can change, unless given --insecure-config
-  rerouted doctor --config FILE            check the host for what breaks multi-ISP setups (exit 1 if any)
-  rerouted flows --config FILE [--json]    list the running daemon's translated flows
-  rerouted uplinks --config FILE [--json]  each uplink's state per family (up/down, since, why), addresses, flows
-  rerouted explain --config FILE --pid PID --dst ADDR:PORT [--protocol tcp|udp|icmp]
-                                           which rule a new connection from PID would match, and why
-  rerouted demo                            show the problem and the fix in network namespaces
-  rerouted bench [--record BENCHMARKS.md]  measure rerouted against the limit and MASQUERADE
+// defaultConfig is the configuration file every command that reads one
+// uses without --config (a variable for the tests).
+var defaultConfig = "/etc/rerouted/rerouted.toml"
+
+// usage is the one list of commands and flags (rerouted help).
+var usage = `usage: rerouted COMMAND [FLAGS]
+
+  run [--config FILE] [--debug[=KINDS]] [--insecure-config]
+                      run the daemon in the foreground
+  check [--config FILE] [--insecure-config]
+                      validate a configuration (exit 2 if invalid); run and check
+                      refuse a file users other than root can change, unless given
+                      --insecure-config
+  doctor [--config FILE]
+                      check the host for what breaks multi-ISP setups (exit 1 if any)
+  flows [--config FILE] [--json]
+                      list the running daemon's translated flows
+  uplinks [--config FILE] [--json]
+                      each uplink's state per family (up/down, since, why),
+                      addresses, flows
+  explain [--config FILE] --pid PID --dst ADDR:PORT [--protocol tcp|udp|icmp]
+                      which rule a new connection from PID would match, and why
+  demo                show the problem and the fix in network namespaces
+  bench [--record BENCHMARKS.md]
+                      measure rerouted against the limit and MASQUERADE
+  version             version, commit and Go version of this binary
+  help                this text
+
+--config FILE defaults to ` + defaultConfig + `.
+'COMMAND --help' lists a command's flags.
 `
 
 // Exit codes.
@@ -82,6 +90,8 @@ func main() {
 		code = cmdDemo(args)
 	case "bench":
 		code = cmdBench(args)
+	case "version", "--version":
+		code = cmdVersion(args)
 	case "bench-client": // the bench's helper process
 		code = cmdBenchClient(args)
 	case "bench-busy": // the bench's busy host
@@ -106,10 +116,15 @@ func flags(name string, args []string, define func(*flag.FlagSet)) {
 	}
 }
 
+// configFlag defines --config, defaultConfig unless given.
+func configFlag(fs *flag.FlagSet, file *string, what string) {
+	fs.StringVar(file, "config", defaultConfig, what)
+}
+
 // loadConfig loads and validates the file, printing FILE:LINE:COL errors.
 func loadConfig(file string) (*policy.Config, int) {
-	if file == "" {
-		fmt.Fprintln(os.Stderr, "rerouted: --config FILE is required")
+	if msg := missingConfig(file); msg != "" {
+		fmt.Fprintln(os.Stderr, msg)
 		return nil, exitUsage
 	}
 	cfg, err := policy.Load(file)
@@ -123,6 +138,22 @@ func loadConfig(file string) (*policy.Config, int) {
 		return nil, exitUsage
 	}
 	return cfg, exitOK
+}
+
+// missingConfig words the error for a configuration file that does not
+// exist: for the default one, how to name another. "" if it exists (or
+// fails otherwise: policy.Load says how).
+func missingConfig(file string) string {
+	if file == "" {
+		return "rerouted: --config FILE: the file name is empty"
+	}
+	if _, err := os.Stat(file); !errors.Is(err, os.ErrNotExist) {
+		return ""
+	}
+	if file == defaultConfig {
+		return fmt.Sprintf("rerouted: %s does not exist (the default configuration file): create it, or name another with --config FILE", file)
+	}
+	return fmt.Sprintf("rerouted: --config %s: the file does not exist", file)
 }
 
 // insecureWarning words a filesafety.Check error for a warning: its fix,
@@ -144,7 +175,7 @@ func cmdCheck(args []string) int {
 	var file string
 	var insecure bool
 	flags("check", args, func(fs *flag.FlagSet) {
-		fs.StringVar(&file, "config", "", "configuration file")
+		configFlag(fs, &file, "configuration file")
 		insecureConfigFlag(fs, &insecure)
 	})
 	cfg, code := loadConfig(file)
@@ -185,7 +216,7 @@ func cmdRun(args []string) int {
 		}
 	}
 	flags("run", args, func(fs *flag.FlagSet) {
-		fs.StringVar(&file, "config", "", "configuration file")
+		configFlag(fs, &file, "configuration file")
 		fs.Var(&debug, "debug", "print the debug stream on standard output: every event, and debug logs; or only some kinds:\n"+
 			"--debug=new,destroy,pass,move,refused,uplink,log (log: the DEBUG log lines)")
 		insecureConfigFlag(fs, &insecure)
@@ -279,7 +310,7 @@ func listCmd[T any](name string, args []string, ask func(string) ([]T, error), r
 	var file string
 	var asJSON bool
 	flags(name, args, func(fs *flag.FlagSet) {
-		fs.StringVar(&file, "config", "", "configuration file (for the control socket's path)")
+		configFlag(fs, &file, "configuration file (for the control socket's path)")
 		fs.BoolVar(&asJSON, "json", false, fmt.Sprintf(`print {%q: [...]}`, name))
 	})
 	cfg, code := loadConfig(file)

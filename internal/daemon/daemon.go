@@ -36,7 +36,6 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"reflect"
 	"runtime/debug"
 	"strconv"
 	"strings"
@@ -479,23 +478,10 @@ func (d *Daemon) reload() {
 		d.log.Error("reload rejected; the current policy stays in force", "config", old.File, "err", err)
 		return
 	}
-	if cfg.Daemon != old.Daemon {
-		d.log.Warn("reload: [daemon] settings take effect at the next start", "config", cfg.File)
-		cfg.Daemon = old.Daemon
-	}
-	// Probes and managed routing are set up at the start; rules and
-	// uplinks' marks and fallbacks change now.
-	for _, u := range cfg.Uplinks {
-		o := old.UplinkByName(u.Name)
-		switch {
-		case o == nil && (u.Health != nil || u.Managed()):
-			d.log.Warn("reload: a new uplink's [uplink.health] and managed routing take effect at the next start", "uplink", u.Name)
-		case o == nil:
-		case !reflect.DeepEqual(o.Health, u.Health):
-			d.log.Warn("reload: [uplink.health] changes take effect at the next start", "uplink", u.Name)
-		case o.Interface != u.Interface || o.Gateway != u.Gateway || o.Gateway6 != u.Gateway6 || o.GatewayAuto != u.GatewayAuto || o.Table != u.Table:
-			d.log.Warn("reload: managed routing changes take effect at the next start", "uplink", u.Name)
-		}
+	if keys := restartKeys(old, cfg); len(keys) > 0 {
+		d.log.Error("reload rejected: changed keys take effect only at a start (systemctl restart rerouted, or SIGUSR2 to keep live flows); the current policy stays in force",
+			"config", cfg.File, "keys", strings.Join(keys, ", "))
+		return
 	}
 	// The kernel's prefilter and the policy change together: first a
 	// filter that queues what either policy concerns, then the policy,

@@ -37,13 +37,17 @@ type Finding struct {
 	Fix     string
 }
 
-// Report is the outcome of a check: what is fine and what is not.
+// Report is the outcome of a check: what is fine, what is worth knowing
+// but works as documented (notes), and what is not fine (findings).
 type Report struct {
 	OK       []string
+	Notes    []string
 	Findings []Finding
 }
 
 func (r *Report) ok(format string, a ...any) { r.OK = append(r.OK, fmt.Sprintf(format, a...)) }
+
+func (r *Report) note(format string, a ...any) { r.Notes = append(r.Notes, fmt.Sprintf(format, a...)) }
 
 func (r *Report) problem(fix, format string, a ...any) {
 	r.Findings = append(r.Findings, Finding{Problem: fmt.Sprintf(format, a...), Fix: fix})
@@ -77,7 +81,7 @@ func Check(cfg *policy.Config, o Options) (*Report, error) {
 	defer h.Close()
 
 	checkNetfilter(r, cfg, o)
-	checkSteering(r, cfg)
+	checkSteering(r, cfg, probeSteering)
 	rules := map[int][]netlink.Rule{}
 	for _, f := range []int{unix.AF_INET, unix.AF_INET6} {
 		if rules[f], err = h.RuleList(f); err != nil {
@@ -98,11 +102,28 @@ func Check(cfg *policy.Config, o Options) (*Report, error) {
 	return r, nil
 }
 
-// checkSteering says whether steering = "connect" can work here.
-func checkSteering(r *Report, cfg *policy.Config) {
+// checkSteering says whether steering = "connect" can work here. Where it
+// cannot, the daemon decides every flow at the queue, as documented: under
+// the default that is a note; written in the file, it is a problem.
+func checkSteering(r *Report, cfg *policy.Config, probe func(*policy.Config) (string, error)) {
 	if cfg.Daemon.Steering != "connect" {
 		return
 	}
+	root, err := probe(cfg)
+	switch {
+	case err == nil:
+		r.ok("steering = \"connect\": the connect-time program loads, cgroup v2 at %s", root)
+	case cfg.Daemon.SteeringSet:
+		r.problem("set steering = \"queue\", or use a kernel with cgroup v2 and Linux 5.14 or later; meanwhile every flow is decided at the queue",
+			"steering = \"connect\" cannot work here: %v", err)
+	default:
+		r.note("connect-time steering (the default, steering = \"connect\") cannot work here, so every flow is decided at the queue, which works; it needs cgroup v2 and Linux 5.14 or later: %v", err)
+	}
+}
+
+// probeSteering loads the connect-time program for cfg, and returns the
+// cgroup v2 mount it would attach at.
+func probeSteering(cfg *policy.Config) (string, error) {
 	root, err := owner.Cgroup2Mount("/proc/self/mountinfo")
 	if err == nil {
 		_, err = connect.Compile(cfg, root)
@@ -110,12 +131,7 @@ func checkSteering(r *Report, cfg *policy.Config) {
 	if err == nil {
 		err = connect.Probe()
 	}
-	if err != nil {
-		r.problem("set steering = \"queue\", or use a kernel with cgroup v2 and Linux 5.14 or later; meanwhile every flow is decided at the queue",
-			"steering = \"connect\" cannot work here: %v", err)
-		return
-	}
-	r.ok("steering = \"connect\": the connect-time program loads, cgroup v2 at %s", root)
+	return root, err
 }
 
 // resolveInterfaces returns the uplinks as the checks see them: one without
@@ -530,6 +546,9 @@ func familyName(f nftables.TableFamily) string {
 func (r *Report) Print(w io.Writer) {
 	for _, s := range r.OK {
 		fmt.Fprintf(w, "ok       %s\n", s)
+	}
+	for _, s := range r.Notes {
+		fmt.Fprintf(w, "NOTE     %s\n", s)
 	}
 	for _, f := range r.Findings {
 		fmt.Fprintf(w, "PROBLEM  %s\n         fix: %s\n", f.Problem, f.Fix)

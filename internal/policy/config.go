@@ -50,6 +50,10 @@ type Daemon struct {
 	// uplink's address, where the kernel supports it; "queue" decides
 	// each new flow at its first packet, in the daemon.
 	Steering string
+	// SteeringSet: steering was written in the file, not defaulted. An
+	// explicit "connect" is a requirement (doctor calls its fallback to
+	// the queue a problem); the default is a preference.
+	SteeringSet bool
 	// NewFlowsPerUID: each user's budget of new connections a second,
 	// and as many new UDP and echo flows, that go to the daemon's queues
 	// (twice that at once); past it that user's new flows go to the
@@ -256,6 +260,7 @@ func (p *parser) daemon(d *Daemon, v any) {
 			switch t[k] {
 			case "queue", "connect":
 				d.Steering = t[k].(string)
+				d.SteeringSet = true
 			default:
 				p.errorf(path, "steering must be \"connect\" (rules decided at connect(): the socket is bound to its uplink's address) or \"queue\" (every new flow's first packet goes to the daemon)")
 			}

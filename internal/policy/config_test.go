@@ -255,3 +255,21 @@ func TestProtocolExplained(t *testing.T) {
 		t.Errorf("protocol = \"icmpv6\": %v, want not supported", err)
 	}
 }
+
+// SteeringSet tells a written steering key from the default.
+func TestSteeringSet(t *testing.T) {
+	for src, want := range map[string]bool{
+		"":                                   false,
+		"[daemon]\nqueue = 3\n":              false,
+		"[daemon]\nsteering = \"connect\"\n": true,
+		"[daemon]\nsteering = \"queue\"\n":   true,
+	} {
+		cfg, err := Parse("t.toml", []byte(src))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if cfg.Daemon.SteeringSet != want || cfg.Daemon.Steering == "" {
+			t.Errorf("%q: SteeringSet %v (steering %q), want %v", src, cfg.Daemon.SteeringSet, cfg.Daemon.Steering, want)
+		}
+	}
+}
