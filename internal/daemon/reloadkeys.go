@@ -26,6 +26,7 @@ func restartKeys(old, cfg *policy.Config) []string {
 		{"datapath", o.Datapath != n.Datapath}, {"metrics_listen", o.MetricsListen != n.MetricsListen},
 		{"on_failure", o.FailClosed != n.FailClosed}, {"steering", o.Steering != n.Steering},
 		{"new_flows_per_uid", o.NewFlowsPerUID != n.NewFlowsPerUID},
+		{"host_marks", o.HostMarks != n.HostMarks},
 	} {
 		if k.changed {
 			keys = append(keys, "daemon."+k.key)

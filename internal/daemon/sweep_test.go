@@ -314,7 +314,7 @@ func TestOverBudgetReportedOncePerRise(t *testing.T) {
 			t.Errorf("no warning with %q in %q", w, got)
 		}
 	}
-	if !strings.Contains(got[0], "left untranslated") || !strings.Contains(got[0], "budget_per_second=50") {
+	if !strings.Contains(got[0], "sent to the overflow queue") || !strings.Contains(got[0], "budget_per_second=50") {
 		t.Errorf("warning %q does not say what happened to the rest, or the budget", got[0])
 	}
 }
