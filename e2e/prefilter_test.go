@@ -171,9 +171,10 @@ dport = [8080, 8081]
 var _ = fmt.Sprint
 
 // on_failure = "closed": while no daemon runs (it was killed), traffic the
-// policy concerns (a rule's TCP and UDP, a host-marked connection) never
-// leaves through ISP A; it waits, and completes through ISP B once a new
-// daemon runs. Traffic no rule concerns works throughout.
+// policy concerns (a rule's TCP and UDP) never leaves through ISP A; it
+// waits, and completes through ISP B once a new daemon runs. A host-marked
+// connection needs no daemon: the kernel decides it, through ISP B.
+// Traffic no rule concerns works throughout.
 func TestFailClosed(t *testing.T) {
 	e := newEnv(t, "kernel", "")
 	e.writeConfig(webRule + `
@@ -244,7 +245,15 @@ dport = [53]
 	if peer, err := e.w.Fetch(8080, 3*time.Second); err != nil || peer.Addr() != networld.HostA {
 		t.Errorf("unconcerned traffic while no daemon runs: server saw %v, err %v", peer, err)
 	}
-	time.Sleep(1500 * time.Millisecond)
+	select {
+	case r := <-pending[8081]:
+		if r.err != nil || r.peer.Addr() != networld.HostB {
+			t.Errorf("host-marked port 8081 while no daemon ran: server saw %v, err %v; want ISP B's address, decided by the kernel", r.peer, r.err)
+		}
+		delete(pending, 8081)
+	case <-time.After(1500 * time.Millisecond):
+		t.Error("host-marked port 8081 did not complete while no daemon ran: the kernel decides it")
+	}
 	for port, ch := range pending {
 		select {
 		case r := <-ch:

@@ -155,7 +155,7 @@ func TestTableRepair(t *testing.T) {
 		{"flush-ruleset", "flush ruleset", "table"},
 		{"delete-table", "delete table inet rerouted", "table"},
 		{"flush-map", "flush map inet rerouted %s", "element"},
-		{"delete-map", "flush chain inet rerouted output\ndelete %s inet rerouted %s", "set"},
+		{"delete-map", "flush chain inet rerouted output\nflush chain inet rerouted prerouting\ndelete %s inet rerouted %s", "set"},
 	}
 	datapaths(t, func(t *testing.T, dp string) {
 		for _, dmg := range damages {

@@ -42,6 +42,8 @@ func (d *Daemon) startLearning(ctx context.Context) (func() error, error) {
 		return nil, err
 	}
 	l := packet.NewLearner(d.shared, packet.DiagSockets{Conn: diag}, owner.NewOwners())
+	described := make(chan struct{})
+	go func() { defer close(described); l.Describe() }()
 	g.Start(ctx, func(r *nflog.Record) {
 		switch {
 		case bytes.HasPrefix(r.Prefix, []byte(nftdp.LogNew)):
@@ -64,7 +66,12 @@ func (d *Daemon) startLearning(ctx context.Context) (func() error, error) {
 		}
 		d.log.Error("the kernel's decisions: receive", "err", err)
 	})
-	return func() error { return errors.Join(g.Close(), diag.Close()) }, nil
+	return func() error {
+		err := g.Close() // the reader has stopped: nothing more for Describe
+		l.Close()
+		<-described
+		return errors.Join(err, diag.Close())
+	}, nil
 }
 
 // republish tells both the connect-time program and the table's kernel

@@ -117,7 +117,12 @@ func decideRule(f *family, p *proto, h HostMark) [][]byte {
 	addr := h.Addr.AsSlice()
 	m := matchProto(f, p, 0)
 	if p.num == ipproto.TCP {
-		m = append(m, tcpFlags(0x17, 0x02)...) // a SYN
+		// A SYN of a connecting TCP socket, whose address is bound: not
+		// a raw socket's (traceroute -T, a SYN scan), which has no TCP
+		// socket for the daemon to follow and is the daemon's to decide.
+		m = append(m, tcpFlags(0x17, 0x02)...)
+		m = append(m, &expr.Socket{Key: expr.SocketKeyWildcard, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0}})
 	}
 	m = append(m,
 		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
@@ -202,6 +207,9 @@ func (d *Datapath) takenRules() []nftbatch.Rule {
 			rules = append(rules, nftbatch.Rule{Chain: "prerouting", Exprs: exprs(append(append(matchProto(f, p, 1),
 				loadTuple(f, f.daddr, p.dport, f.saddr, p.sport)...),
 				&expr.Lookup{SourceRegister: 8, SetName: p.in.Name},
+				// (A local socket on the tuple that is itself translated
+				// elsewhere owns nothing here.)
+				&expr.Lookup{SourceRegister: 8, SetName: p.out.Name, Invert: true},
 				&expr.Socket{Key: expr.SocketKeyWildcard, Register: 1},
 				&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0}},
 				&expr.Log{Key: 1<<unix.NFTA_LOG_GROUP | 1<<unix.NFTA_LOG_PREFIX | 1<<unix.NFTA_LOG_SNAPLEN,

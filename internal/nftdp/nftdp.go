@@ -644,20 +644,35 @@ func (d *Datapath) rules(first, total uint16, native bool) []nftbatch.Rule {
 	for _, h := range d.hostMarks {
 		onUplink = append(onUplink, Steered{Mark: h.Mark, Addr: h.Addr})
 	}
+	// (A TCP socket there that the daemon moved to another port, its
+	// tuple being a translation's, is translated like any other.)
 	for _, st := range onUplink {
-		fam, off, a := byte(unix.NFPROTO_IPV4), uint32(12), st.Addr.AsSlice()
+		f := &d.fams[0]
 		if st.Addr.Is6() {
-			fam, off = unix.NFPROTO_IPV6, 8
+			f = &d.fams[1]
 		}
-		rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: exprs(
+		on := []expr.Any{
 			&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{fam}},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{f.nfproto}},
 			&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(st.Mark)},
-			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: uint32(len(a))},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: a},
-			&expr.Verdict{Kind: expr.VerdictAccept},
-		)})
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: f.saddr, Len: uint32(f.addrLen)},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: st.Addr.AsSlice()},
+			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		}
+		tcp := &f.protos[0]
+		rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: exprs(append(slices.Clone(on),
+			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{byte(ipproto.TCP)}},
+			&expr.Verdict{Kind: expr.VerdictAccept})...)})
+		if d.userspace {
+			rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: exprs(append(on, &expr.Verdict{Kind: expr.VerdictAccept})...)})
+			continue
+		}
+		rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: exprs(append(append(on,
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{byte(ipproto.TCP)}}),
+			append(loadTuple(f, f.saddr, tcp.sport, f.daddr, tcp.dport),
+				&expr.Lookup{SourceRegister: 8, SetName: tcp.out.Name, Invert: true},
+				&expr.Verdict{Kind: expr.VerdictAccept})...)...)})
 	}
 	// A host-marked SYN of an uplink that is up is decided here.
 	for i := range d.fams {

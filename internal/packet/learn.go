@@ -26,19 +26,41 @@ import (
 // logs them as taken; the learner moves the translation to a free port,
 // and the connection's next SYN goes out on it.
 
-// Learner follows the kernel's decisions. One goroutine owns it.
+// Learner follows the kernel's decisions. One goroutine owns it; with the
+// debug stream on, a second one (Describe) names each new flow's owner, a
+// /proc scan that must not hold up the next flow's socket lookup.
 type Learner struct {
-	s    *Shared
-	diag Sockets
-	w    *Worker // its owner lookups, for the debug stream
+	s       *Shared
+	diag    Sockets
+	w       *Worker // Describe's owner lookups
+	pending chan learned
+}
+
+// learned is a flow to print, with the socket its owner is found by.
+type learned struct {
+	f    flow.Flow
+	sock sockdiag.Socket
 }
 
 // NewLearner returns the follower of the kernel's decisions, with sockets
 // and owners of its own: it looks each flow's socket up (its cookie, which
 // the sweeper follows), and with the debug stream on, its owner.
 func NewLearner(s *Shared, diag Sockets, owners Owners) *Learner {
-	return &Learner{s: s, diag: diag, w: NewWorker(s, nil, diag, nil, owners)}
+	return &Learner{s: s, diag: diag, w: NewWorker(s, nil, nil, nil, owners), pending: make(chan learned, 4096)}
 }
+
+// Describe prints the [NEW] line of each flow learned, with its owner,
+// until Close.
+func (l *Learner) Describe() {
+	for p := range l.pending {
+		l.w.owner.reset(&p.sock)
+		l.w.describeOwner(&p.f)
+		l.s.Events.Flow("NEW", &p.f)
+	}
+}
+
+// Close ends Describe.
+func (l *Learner) Close() { close(l.pending) }
 
 // Decided enters a flow the kernel decided: pkt is its first packet as
 // the socket sent it (up to the log's snap length), mark the host's mark,
@@ -62,13 +84,18 @@ func (l *Learner) Decided(pkt []byte, mark, uid uint32, wire netip.Addr) {
 	// already (or a raw socket's SYN) is followed by its tuple: the
 	// sweeper ends its flow.
 	var sock sockdiag.Socket
+	gone := false
 	if t.Proto == ipproto.TCP || t.Proto == ipproto.UDP {
 		so, err := l.diag.Lookup(t.Proto, t.Src, t.Dst)
 		switch {
 		case err == nil:
 			sock = so
 			f.Cookie, f.Inode, f.UID = so.Cookie, so.Inode, so.UID
-		case !errors.Is(err, sockdiag.ErrNotFound):
+		case errors.Is(err, sockdiag.ErrNotFound):
+			// A UDP socket closed already (a TCP one may be a raw
+			// socket's SYN: the sweeper ends it).
+			gone = t.Proto == ipproto.UDP
+		default:
 			s.Stats.Errors[ErrSocketLookup].Add(1)
 			s.Log.Error("socket lookup", "proto", t.Proto.String(), "src", t.Src, "dst", t.Dst, "err", err)
 		}
@@ -86,13 +113,22 @@ func (l *Learner) Decided(pkt []byte, mark, uid uint32, wire netip.Addr) {
 		return
 	}
 	s.Stats.KernelDecided.Add(1)
-	if s.Events.On(events.New) {
-		// The owner, for the debug line only: the flow is in the table
-		// already, where a native socket's SYN may look for it.
-		ev := *f
-		l.w.owner.reset(&sock)
-		l.w.describeOwner(&ev)
-		s.Events.Flow("NEW", &ev)
+	switch {
+	case !s.Events.On(events.New):
+	case gone:
+		s.Events.Flow("NEW", f) // no owner to name, and its DESTROY follows
+	default:
+		select {
+		case l.pending <- learned{f: *f, sock: sock}:
+		default:
+			s.Events.Flow("NEW", f) // Describe is behind: without the owner
+		}
+	}
+	if gone {
+		// Its socket closed before the daemon looked: its elements must
+		// not wait for idleness, a new socket on the tuple would take
+		// them over.
+		s.Forget(f)
 	}
 }
 

@@ -26,6 +26,7 @@ package packet
 
 import (
 	"errors"
+	"log/slog"
 	"math/rand/v2"
 	"net/netip"
 	"time"
@@ -163,7 +164,7 @@ func (w *Worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 		var err error
 		if sock, err = w.diag.Lookup(ipproto.UDP, t.Src, t.Dst); err != nil && !errors.Is(err, sockdiag.ErrNotFound) {
 			d.Stats.Errors[ErrSocketLookup].Add(1)
-			d.Log.Error("socket lookup", "proto", "udp", "src", t.Src, "dst", t.Dst, "err", err)
+			d.logf(slog.LevelError, "socket lookup", "proto", "udp", "src", t.Src, "dst", t.Dst, "err", err)
 			if d.FailClosed {
 				w.fail(p, t, FailSocketLookup)
 				return
@@ -234,7 +235,7 @@ func (w *Worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 	if echo && onWire {
 		// An echo keeps its identifier, and another flow has it on the wire
 		// to the same peer: replies could not be told apart.
-		d.Log.Warn("echo identifier in use on the wire: cannot translate", "src", t.Src, "dst", t.Dst, "new_src", want)
+		d.logf(slog.LevelWarn, "echo identifier in use on the wire: cannot translate", "src", t.Src, "dst", t.Dst, "new_src", want)
 		w.fail(p, t, FailEchoID)
 		return
 	}
@@ -256,7 +257,7 @@ func (w *Worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 	if !ok {
 		d.Stats.Errors[ErrNoPort].Add(1)
 		d.Stats.Failed[FailNoPort].Add(1)
-		d.Log.Error("no free source port for translation; dropping the datagram", "proto", t.Proto.String(), "src", t.Src, "dst", t.Dst, "new_src", rt.Src)
+		d.logf(slog.LevelError, "no free source port for translation; dropping the datagram", "proto", t.Proto.String(), "src", t.Src, "dst", t.Dst, "new_src", rt.Src)
 		w.drop(p)
 		return
 	}
@@ -294,14 +295,14 @@ func (w *Worker) syn(p *queue.Packet, t *rewrite.Packet) {
 	if err != nil {
 		if !errors.Is(err, sockdiag.ErrNotFound) {
 			d.Stats.Errors[ErrSocketLookup].Add(1)
-			d.Log.Error("socket lookup", "src", t.Src, "dst", t.Dst, "err", err)
+			d.logf(slog.LevelError, "socket lookup", "src", t.Src, "dst", t.Dst, "err", err)
 			w.fail(p, t, FailSocketLookup)
 			return
 		}
 		raw, err := w.diag.HasRawSocket(t.Src.Addr().Is6(), p.UID)
 		if err != nil {
 			d.Stats.Errors[ErrSocketLookup].Add(1)
-			d.Log.Error("raw socket lookup", "src", t.Src, "dst", t.Dst, "err", err)
+			d.logf(slog.LevelError, "raw socket lookup", "src", t.Src, "dst", t.Dst, "err", err)
 		}
 		if !raw || !p.HasUID {
 			// The SYN of a TCP socket closed before the daemon looked:
@@ -404,7 +405,7 @@ func (w *Worker) syn(p *queue.Packet, t *rewrite.Packet) {
 	if !ok {
 		d.Stats.Errors[ErrNoPort].Add(1)
 		d.Stats.Failed[FailNoPort].Add(1)
-		d.Log.Error("no free source port for translation; dropping SYN (the socket will retry)", "src", t.Src, "dst", t.Dst, "new_src", rt.Src)
+		d.logf(slog.LevelError, "no free source port for translation; dropping SYN (the socket will retry)", "src", t.Src, "dst", t.Dst, "new_src", rt.Src)
 		w.drop(p)
 		return
 	}
@@ -458,7 +459,7 @@ func (w *Worker) route(p *queue.Packet, t *rewrite.Packet, mark, uid uint32) (ro
 	rt, err := w.routes.Lookup(t.Dst.Addr(), mark, uid, true)
 	if err != nil {
 		w.s.Stats.Errors[ErrNoRoute].Add(1)
-		w.s.Log.Warn("no route for marked flow", "proto", t.Proto.String(), "src", t.Src, "dst", t.Dst, "mark", mark, "err", err)
+		w.s.logf(slog.LevelWarn, "no route for marked flow", "proto", t.Proto.String(), "src", t.Src, "dst", t.Dst, "mark", mark, "err", err)
 		return route.Route{}, false
 	}
 	return rt, true
@@ -632,7 +633,7 @@ func (w *Worker) noOtherSocket(proto ipproto.Proto, src, dst netip.AddrPort, coo
 // the policy's on_failure says.
 func (w *Worker) lookupFailed(p *queue.Packet, t *rewrite.Packet, err error) {
 	w.s.Stats.Errors[ErrSocketLookup].Add(1)
-	w.s.Log.Error("socket lookup: is the new source port free?", "proto", t.Proto.String(), "src", t.Src, "dst", t.Dst, "err", err)
+	w.s.logf(slog.LevelError, "socket lookup: is the new source port free?", "proto", t.Proto.String(), "src", t.Src, "dst", t.Dst, "err", err)
 	w.fail(p, t, FailSocketLookup)
 }
 
@@ -687,7 +688,7 @@ func (w *Worker) release(id uint32, f *flow.Flow, pkt []byte) {
 func (w *Worker) verdicted(id uint32, err error) {
 	if err != nil {
 		w.s.Stats.Errors[ErrVerdict].Add(1)
-		w.s.Log.Error("verdict", "id", id, "err", err)
+		w.s.logf(slog.LevelError, "verdict", "id", id, "err", err)
 	}
 }
 
@@ -724,7 +725,7 @@ func (w *Worker) fail(p *queue.Packet, t *rewrite.Packet, reason FailReason) {
 	d := w.s
 	d.Stats.Failed[reason].Add(1)
 	if d.FailClosed {
-		d.Log.Warn("cannot decide a new flow; dropped (on_failure = \"closed\")", "proto", t.Proto.String(), "src", t.Src, "dst", t.Dst,
+		d.logf(slog.LevelWarn, "cannot decide a new flow; dropped (on_failure = \"closed\")", "proto", t.Proto.String(), "src", t.Src, "dst", t.Dst,
 			"mark", p.Mark, "reason", FailReasonNames[reason])
 		w.drop(p)
 		return

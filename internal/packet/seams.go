@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"sync/atomic"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rerouted/rerouted/internal/events"
@@ -72,6 +73,8 @@ type Shared struct {
 	// are up; published by the daemon.
 	Kernel atomic.Pointer[KernelDecisions]
 
+	logs limiter // per-packet log lines (logf)
+
 	PortLo, PortHi uint16 // the ephemeral ports new source ports are drawn from
 	Userspace      bool   // every packet of a translated flow comes to the workers
 	FailClosed     bool   // on_failure = "closed"
@@ -87,6 +90,20 @@ func NewWorker(s *Shared, q Verdicts, diag Sockets, routes Routes, owners Owners
 // debug reports whether debug lines are logged: the path builds their
 // arguments only then, since building them allocates.
 func (s *Shared) debug() bool { return s.Log.Enabled(context.Background(), slog.LevelDebug) }
+
+// logf logs a line about one packet at level, within linesPerSecond: a
+// flood is counted (every such event has its metric), and the next line
+// logged says how many were not.
+func (s *Shared) logf(level slog.Level, msg string, args ...any) {
+	ok, suppressed := s.logs.allow(time.Now().UnixNano())
+	if !ok {
+		return
+	}
+	if suppressed > 0 {
+		args = append(args, "suppressed_before", suppressed)
+	}
+	s.Log.Log(context.Background(), level, msg, args...)
+}
 
 // kernelDecides reports whether the kernel decides flows with the host's
 // mark itself: such a first packet reaches the daemon only as an exception.

@@ -67,3 +67,30 @@ const (
 
 // ExceptionReasonNames are the exceptions metric's reason labels.
 var ExceptionReasonNames = [ExceptionReasons]string{"known_tuple", "wire_taken", "other"}
+
+// limiter bounds the log lines of what can happen per packet (a flow that
+// could not be decided, a failed lookup): a flood must be counted, not
+// logged line by line at the cost of the daemon's time. Every kind is
+// counted in the metrics regardless.
+type limiter struct {
+	second     atomic.Int64  // the second the lines below were counted in
+	lines      atomic.Int64  // lines logged in it
+	suppressed atomic.Uint64 // lines not logged since the last one that was
+}
+
+// linesPerSecond is how many per-packet lines are logged a second.
+const linesPerSecond = 20
+
+// allow reports whether a line may be logged now, and how many were
+// suppressed before it.
+func (l *limiter) allow(now int64) (bool, uint64) {
+	sec := now / 1e9
+	if old := l.second.Load(); old != sec && l.second.CompareAndSwap(old, sec) {
+		l.lines.Store(0)
+	}
+	if l.lines.Add(1) > linesPerSecond {
+		l.suppressed.Add(1)
+		return false, 0
+	}
+	return true, l.suppressed.Swap(0)
+}
