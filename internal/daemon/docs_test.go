@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"fmt"
 	"go/ast"
 	"go/parser"
 	"go/token"
@@ -157,5 +158,77 @@ func TestMetricsReferenceComplete(t *testing.T) {
 				t.Errorf("docs/operations.md, Metrics: the labels of %s do not name `%s` (they say %q)", name, l, cell)
 			}
 		}
+	}
+}
+
+// The "reload" column of docs/configuration.md says what a reload does
+// with a change to each key: "restart" where restartKeys refuses it,
+// "yes" where it is applied.
+func TestConfigurationReloadColumn(t *testing.T) {
+	b, err := os.ReadFile("../../docs/configuration.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	reload := map[string]string{} // "daemon.queue": "restart"
+	section := ""
+	tables := map[string]string{"## [daemon]": "daemon", "## [[uplink]]": "uplink", "## [uplink.health]": "health", "## [[rule]]": "rule"}
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(l, "## ") {
+			section = tables[l]
+			continue
+		}
+		if c := strings.Split(l, " | "); section != "" && strings.HasPrefix(l, "| `") && len(c) == 5 {
+			reload[section+"."+strings.Trim(c[0], "|` ")] = c[3]
+		}
+	}
+	plain := "[[uplink]]\nname = \"b\"\nmark = 1\ninterface = \"eth1\"\n%s\n[[uplink]]\nname = \"c\"\nmark = 2\n"
+	managed := "[[uplink]]\nname = \"b\"\nmark = 1\ninterface = \"eth1\"\ngateway = \"192.0.2.1\"\ntable = 100\n%s\n[uplink.health]\ntargets = [\"192.0.2.53\"]\n%s\n"
+	cases := map[string][2]string{ // key: the file before and after the change
+		"daemon.queue":             {"", "[daemon]\nqueue = 5"},
+		"daemon.queues":            {"[daemon]\nqueues = 62", "[daemon]\nqueues = 63"},
+		"daemon.honor_marks":       {"", "[daemon]\nhonor_marks = false"},
+		"daemon.control_socket":    {"", "[daemon]\ncontrol_socket = \"/run/x.sock\""},
+		"daemon.metrics_listen":    {"", "[daemon]\nmetrics_listen = \"127.0.0.1:1\""},
+		"daemon.gc_interval":       {"", "[daemon]\ngc_interval = \"5s\""},
+		"daemon.idle_timeout":      {"", "[daemon]\nidle_timeout = \"60s\""},
+		"daemon.datapath":          {"", "[daemon]\ndatapath = \"userspace\""},
+		"daemon.on_failure":        {"", "[daemon]\non_failure = \"closed\""},
+		"daemon.steering":          {"", "[daemon]\nsteering = \"queue\""},
+		"daemon.host_marks":        {"", "[daemon]\nhost_marks = \"queue\""},
+		"daemon.new_flows_per_uid": {"", "[daemon]\nnew_flows_per_uid = 5"},
+		"uplink.name":              {fmt.Sprintf(plain, ""), strings.Replace(fmt.Sprintf(plain, ""), `"b"`, `"d"`, 1)},
+		"uplink.mark":              {fmt.Sprintf(plain, ""), strings.Replace(fmt.Sprintf(plain, ""), "mark = 1", "mark = 3", 1)},
+		"uplink.interface":         {fmt.Sprintf(plain, ""), strings.Replace(fmt.Sprintf(plain, ""), "eth1", "eth2", 1)},
+		"uplink.fallback":          {fmt.Sprintf(plain, ""), fmt.Sprintf(plain, "fallback = \"c\"")},
+		"uplink.reset_tcp":         {fmt.Sprintf(plain, ""), fmt.Sprintf(plain, "reset_tcp = false")},
+		"uplink.gateway":           {fmt.Sprintf(managed, "", ""), strings.Replace(fmt.Sprintf(managed, "", ""), "192.0.2.1", "192.0.2.2", 1)},
+		"uplink.gateway6":          {fmt.Sprintf(managed, "", ""), fmt.Sprintf(managed, "gateway6 = \"2001:db8::1\"", "")},
+		"uplink.table":             {fmt.Sprintf(managed, "", ""), strings.Replace(fmt.Sprintf(managed, "", ""), "table = 100", "table = 101", 1)},
+		"uplink.health":            {fmt.Sprintf(plain, ""), fmt.Sprintf(plain, "[uplink.health]\ntargets = [\"192.0.2.53\"]")},
+		"health.targets":           {fmt.Sprintf(managed, "", ""), strings.Replace(fmt.Sprintf(managed, "", ""), "192.0.2.53", "192.0.2.54", 1)},
+		"health.interval":          {fmt.Sprintf(managed, "", ""), fmt.Sprintf(managed, "", "interval = \"3s\"")},
+		"health.timeout":           {fmt.Sprintf(managed, "", ""), fmt.Sprintf(managed, "", "timeout = \"500ms\"")},
+		"health.down_after":        {fmt.Sprintf(managed, "", ""), fmt.Sprintf(managed, "", "down_after = 4")},
+		"health.up_after":          {fmt.Sprintf(managed, "", ""), fmt.Sprintf(managed, "", "up_after = 3")},
+	}
+	for key, cell := range reload {
+		if strings.HasPrefix(key, "rule.") {
+			if cell != "yes" { // restartKeys reads no rule key
+				t.Errorf("docs/configuration.md: %s: reload is %q; a reload applies every rule key (yes)", key, cell)
+			}
+			continue
+		}
+		c, ok := cases[key]
+		if !ok {
+			t.Errorf("docs/configuration.md documents %s, which this test cannot change (add a case)", key)
+			continue
+		}
+		keys := restartKeys(parse(t, c[0]), parse(t, c[1]))
+		if got := map[bool]string{true: "restart", false: "yes"}[len(keys) > 0]; got != cell {
+			t.Errorf("docs/configuration.md: %s: reload is %q, but a reload of that change says %q (restart keys %q)", key, cell, got, keys)
+		}
+	}
+	if len(reload) < len(cases) {
+		t.Errorf("found the reload column of %d keys in docs/configuration.md, want at least %d", len(reload), len(cases))
 	}
 }
