@@ -52,7 +52,7 @@ var usage = `usage: rerouted COMMAND [FLAGS]
   bench [--record BENCHMARKS.md]
                       measure rerouted against the limit and MASQUERADE
   version             version, commit and Go version of this binary
-  help                this text
+  help                print this list of commands
 
 --config FILE defaults to ` + defaultConfig + `.
 'COMMAND --help' lists a command's flags.

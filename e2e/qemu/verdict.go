@@ -16,7 +16,7 @@ import (
 // directory (test.log, status, console.log), so that it is tested with
 // fixtures (testdata) and without QEMU.
 
-// versionSuites are the kernels the README names by version, as the
+// versionSuites are the kernels docs/testing.md names by version, as the
 // Debian suites whose kernel they are.
 var versionSuites = map[string]string{"5.10": "bullseye", "6.1": "bookworm", "6.12": "trixie"}
 
@@ -27,7 +27,7 @@ var suites = []string{"bullseye", "bookworm", "trixie", "forky", "sid", "oldstab
 var packageRE = regexp.MustCompile(`^linux-image-[0-9][A-Za-z0-9.+~-]*$`)
 
 // resolveKernels turns the names KERNELS gives into what fetch.sh takes:
-// a version the README prints (6.1) becomes its suite (bookworm); a suite
+// a version docs/testing.md prints (6.1) becomes its suite (bookworm); a suite
 // or a linux-image package stays; anything else is an error naming what is
 // known.
 func resolveKernels(names, extraSuites []string) ([]string, error) {

@@ -3,8 +3,8 @@
 // translated flow in both directions, and queue rules hand the first packet
 // of each new flow to the daemon.
 //
-// The table's sets, maps and chains are described once, in the README's
-// "How it works" (TestNftListClean and the golden batches in testdata hold
+// The table's sets, maps and chains are described once, in docs/design.md's
+// "The table" (TestNftListClean and the golden batches in testdata hold
 // the code to what nft prints and what is sent). In short: for each
 // protocol P and family F, maps P_outF, P_sportF and P_markF give a socket
 // tuple its wire source address, port and mark; P_inF and P_dportF give a

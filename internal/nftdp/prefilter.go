@@ -21,7 +21,7 @@ import (
 // echo request the kernel has no decision for) goes to the daemon only if
 // the policy may concern it. Chains filter_syn and filter_new hold the
 // policy as nftables can test it in the output hook, rule by rule in the
-// file's order (the README's "How it works" shows them with the rest of the
+// file's order (docs/design.md, "The table", shows them with the rest of the
 // table). Keys the kernel cannot test here (process, exe, cgroup) count as
 // "may match": the daemon decides. Destination lists, ports and ids live in
 // sets named after the rule (f<generation>_r<n>_dst4 ...), a new

@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/user"
 	"runtime"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -185,6 +186,10 @@ func (p *parser) config(raw map[string]any) *Config {
 	}}
 	for _, k := range sortedKeys(raw) {
 		v := raw[k]
+		if !slices.Contains(Keys[""], k) {
+			p.errorf(k, "unknown key %q (expected daemon, uplink or rule)", k)
+			continue
+		}
 		switch k {
 		case "daemon":
 			p.daemon(&cfg.Daemon, v)
@@ -201,7 +206,7 @@ func (p *parser) config(raw map[string]any) *Config {
 				}
 			}
 		default:
-			p.errorf(k, "unknown key %q (expected daemon, uplink or rule)", k)
+			p.undecoded(k, k)
 		}
 	}
 	p.link(cfg)
@@ -216,6 +221,10 @@ func (p *parser) daemon(d *Daemon, v any) {
 	}
 	for _, k := range sortedKeys(t) {
 		path := "daemon." + k
+		if !slices.Contains(Keys["daemon"], k) {
+			p.errorf(path, "unknown key %q in [daemon]", k)
+			continue
+		}
 		switch k {
 		case "queue":
 			if n, ok := p.integer(path, t[k], 0, 65535); ok {
@@ -295,7 +304,7 @@ func (p *parser) daemon(d *Daemon, v any) {
 			}
 			d.IdleTimeout = dur
 		default:
-			p.errorf(path, "unknown key %q in [daemon]", k)
+			p.undecoded(path, k)
 		}
 	}
 }
@@ -304,6 +313,10 @@ func (p *parser) uplink(path string, t map[string]any) *Uplink {
 	u := &Uplink{}
 	for _, k := range sortedKeys(t) {
 		kp := path + "." + k
+		if !slices.Contains(Keys["uplink"], k) {
+			p.errorf(kp, "unknown key %q in [[uplink]]", k)
+			continue
+		}
 		switch k {
 		case "name":
 			u.Name = p.name(kp, t[k])
@@ -364,7 +377,7 @@ func (p *parser) uplink(path string, t map[string]any) *Uplink {
 				u.Table = uint32(n)
 			}
 		default:
-			p.errorf(kp, "unknown key %q in [[uplink]]", k)
+			p.undecoded(kp, k)
 		}
 	}
 	_, hasTable := t["table"]
@@ -399,8 +412,12 @@ func (p *parser) rule(path string, t map[string]any) *Rule {
 		kp := path + "." + k
 		v := t[k]
 		base, neg := strings.CutPrefix(k, "not_")
-		if neg && !negatable[base] {
-			p.errorf(kp, "unknown key %q in [[rule]] (not_ works with %s)", k, negatableList)
+		if !slices.Contains(Keys["rule"], k) {
+			if neg {
+				p.errorf(kp, "unknown key %q in [[rule]] (not_ works with %s)", k, strings.Join(negatable, ", "))
+			} else {
+				p.errorf(kp, "unknown key %q in [[rule]]", k)
+			}
 			continue
 		}
 		var c cond
@@ -581,7 +598,7 @@ func (p *parser) rule(path string, t map[string]any) *Rule {
 			}
 			c = condCgroup(cgs)
 		default:
-			p.errorf(kp, "unknown key %q in [[rule]]", k)
+			p.undecoded(kp, k)
 			continue
 		}
 		c.key, c.neg = k, neg
@@ -638,11 +655,35 @@ func (p *parser) rule(path string, t map[string]any) *Rule {
 // idKeys maps names written by name to the numeric key they are one with.
 var idKeys = map[string]string{"user": "uid", "not_user": "not_uid", "group": "gid", "not_group": "not_gid"}
 
-// Keys that take a not_ form.
-var negatable = map[string]bool{"dst": true, "dport": true, "uid": true, "user": true, "gid": true,
-	"group": true, "process": true, "exe": true, "cgroup": true}
+// Keys is every key the parser accepts, by table ("": the top level,
+// "uplink.health": [uplink.health]). Any other key is an unknown key, an
+// error; docs/configuration.md documents each of these (its test checks).
+var Keys = map[string][]string{
+	"":              {"daemon", "uplink", "rule"},
+	"daemon":        {"queue", "queues", "honor_marks", "control_socket", "metrics_listen", "gc_interval", "idle_timeout", "datapath", "on_failure", "steering", "host_marks", "new_flows_per_uid"},
+	"uplink":        {"name", "mark", "interface", "gateway", "gateway6", "table", "fallback", "reset_tcp", "health"},
+	"uplink.health": {"targets", "interval", "timeout", "down_after", "up_after"},
+	"rule": append([]string{"name", "uplink", "balance", "sticky", "sticky_for", "on_down", "mark",
+		"protocol", "dst", "dport", "user", "uid", "group", "gid", "process", "exe", "cgroup"},
+		notKeys()...),
+}
 
-const negatableList = "dst, dport, user, uid, group, gid, process, exe, cgroup"
+// negatable are the rule keys that take a not_ form.
+var negatable = []string{"dst", "dport", "user", "uid", "group", "gid", "process", "exe", "cgroup"}
+
+func notKeys() []string {
+	ks := make([]string, len(negatable))
+	for i, k := range negatable {
+		ks[i] = "not_" + k
+	}
+	return ks
+}
+
+// undecoded reports a key Keys lists that the parser has no decoder for:
+// a mistake in this package, which its tests catch.
+func (p *parser) undecoded(path, k string) {
+	p.errorf(path, "internal error: key %q is known but not decoded", k)
+}
 
 func lookupID(kind, name string) (uint32, error) {
 	var id string

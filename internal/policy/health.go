@@ -3,6 +3,7 @@ package policy
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 	"time"
 )
@@ -58,6 +59,10 @@ func (p *parser) health(path string, v any) *Health {
 	}
 	for _, k := range sortedKeys(t) {
 		kp := path + "." + k
+		if !slices.Contains(Keys["uplink.health"], k) {
+			p.errorf(kp, "unknown key %q in [uplink.health]", k)
+			continue
+		}
 		switch k {
 		case "targets":
 			for _, s := range p.strings(kp, t[k]) {
@@ -85,7 +90,7 @@ func (p *parser) health(path string, v any) *Health {
 				h.UpAfter = int(n)
 			}
 		default:
-			p.errorf(kp, "unknown key %q in [uplink.health]", k)
+			p.undecoded(kp, k)
 		}
 	}
 	if len(h.Targets) == 0 {

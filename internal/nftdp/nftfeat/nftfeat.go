@@ -2,7 +2,7 @@
 // may lack: the features (each with a probe, Probe to try them all), the
 // error that names those missing (KernelError), and the one thing kernels
 // differ in that the table adapts to, the enqueue statement (QueueTo builds
-// either form). The README's table of kernels lists the same features.
+// either form). The table of kernels in docs/design.md lists the same features.
 package nftfeat
 
 import (
@@ -23,7 +23,7 @@ import (
 // it is too old, was built without it, or a module is missing or could not
 // be loaded (a chroot without the kernel's modules, say).
 type Feature struct {
-	Name    string   // what it is, as the README's table names it
+	Name    string   // what it is, as docs/design.md's table of kernels names it
 	Modules []string // the modules that provide it, where it is not built in
 	Since   string   // the mainline kernel that brought it
 	// alt: another feature that does the same job (the two enqueue forms).
@@ -53,7 +53,7 @@ const (
 
 // Features are the kernel features the table uses, in the order a missing
 // one is best reported. A feature the table comes to use gets a probe here
-// (and a row in the README's table of kernels).
+// (and a row in docs/design.md's table of kernels).
 var Features = []Feature{
 	{Name: "the nft queue statement", Modules: []string{"nft_queue", "nfnetlink_queue"}, Since: "3.14", alt: QueueXT,
 		probe: rule(QueueTo(0, 1, true, true, true))},
