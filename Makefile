@@ -99,7 +99,7 @@ KERNEL_JOBS  ?= 1
 KERNEL_CACHE ?= .cache/kernels
 KERNEL_TIMEOUT ?= 90m
 KERNEL_EXPECT ?= 0
-# KERNEL_ACCEL: auto (KVM where /dev/kvm opens), kvm or tcg (for a nested
+# KERNEL_ACCEL: auto (KVM where QEMU can run a guest with it, else TCG), kvm or tcg (for a nested
 # /dev/kvm that cannot run the guest: "failed to set MSR").
 KERNEL_ACCEL ?= auto
 # What make test runs on each kernel: the core of rerouted, on both

@@ -82,9 +82,9 @@ func main() {
 		g.kvm = true
 	case "tcg":
 	case "auto":
-		if f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0); err == nil {
-			f.Close()
-			g.kvm = true
+		g.kvm = kvmWorks()
+		if !g.kvm {
+			fmt.Println("kernels: QEMU emulates the CPU (TCG): KVM is not available here, or cannot run a guest (a nested /dev/kvm)")
 		}
 	default:
 		fatal(fmt.Errorf("-accel %q: kvm, tcg or auto", *accel))
@@ -490,4 +490,31 @@ func indent(s, pre string) string {
 		b.WriteString(pre + l + "\n")
 	}
 	return b.String()
+}
+
+// kvmWorks reports whether QEMU can run a guest with KVM: /dev/kvm opens,
+// and a paused machine with the host's CPU starts and keeps running for a
+// second. (A nested /dev/kvm can open and then abort QEMU while it sets up
+// the virtual CPU: "failed to set MSR".)
+func kvmWorks() bool {
+	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
+	if err != nil {
+		return false
+	}
+	f.Close()
+	cmd := exec.Command("qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-S", "-display", "none", "-serial", "none",
+		"-monitor", "none", "-nodefaults")
+	if err := cmd.Start(); err != nil {
+		return false
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case <-done:
+		return false // it ended by itself: it could not run the machine
+	case <-time.After(time.Second):
+		cmd.Process.Kill()
+		<-done
+		return true
+	}
 }
