@@ -76,7 +76,7 @@ func TestForeignSourceFixedForHostMarks(t *testing.T) {
 				// unless the process closed its socket already (this one
 				// closes at once).
 				owner, suffix := fmt.Sprintf(`pid=%d comm="[^"]+" exe=%s `, os.Getpid(), regexp.QuoteMeta(exe)), ""
-				if dp == "kernel" {
+				if e.kernelDecides() {
 					owner, suffix = "(?:"+owner+")?", " decided_by=kernel"
 				}
 				want := regexp.MustCompile(fmt.Sprintf(`^\[NEW\] tcp src=198\.51\.100\.2 dst=192\.0\.2\.80 sport=%d dport=80 mark=100 => src=203\.0\.113\.2 sport=%d dev=hb uid=0 %scgroup=/\S* rule="host mark"%s$`,

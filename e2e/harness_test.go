@@ -86,6 +86,14 @@ func newEnvSteering(t *testing.T, dp, steering, rules string) *env {
 	return e
 }
 
+// kernelDecides says whether the daemon's ready line says that the kernel
+// decides host marks (call after start): on the kernel datapath, wherever
+// the kernel can (TestKernelHasEveryFeature checks where).
+func (e *env) kernelDecides() bool {
+	_, err := e.d.WaitFor("host_marks=kernel", 0)
+	return err == nil
+}
+
 // steers says whether the daemon announced connect-time steering (call
 // after start).
 func (e *env) steers() bool {

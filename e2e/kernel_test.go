@@ -25,4 +25,14 @@ func TestKernelHasEveryFeature(t *testing.T) {
 		t.Error("the kernel has neither enqueue form")
 	}
 	t.Logf("enqueue form: %s", queue)
+	// What the kernel needs to decide host-marked flows itself: every
+	// kernel the matrix runs has it (without it the daemon decides them at
+	// the queue, and says so).
+	var lacks []nftfeat.Feature
+	if err := ns.Do(func() (err error) { lacks, err = nftfeat.ProbeKernelDecisions(); return err }); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range lacks {
+		t.Errorf("the kernel lacks %s: host marks would be decided at the queue", f)
+	}
 }

@@ -93,6 +93,7 @@ func (d *Daemon) adopt(diag socketTable, maps flowMaps, rt packet.Routes) error 
 // until closing is set and the subscription closed.
 func (d *Daemon) watchUDPCloses(w *sockdiag.Destroyed, closing *atomic.Bool) {
 	ended := func(s *sockdiag.Socket) {
+		d.shared.Closed.Add(s.Cookie)
 		for _, f := range d.flows.ByCookie(s.Cookie) {
 			d.stats.UDPClosed.Add(1)
 			d.log.Debug("socket closed", "proto", "udp", "src", f.Src, "dst", f.Dst, "cookie", f.Cookie)

@@ -117,12 +117,7 @@ func decideRule(f *family, p *proto, h HostMark) [][]byte {
 	addr := h.Addr.AsSlice()
 	m := matchProto(f, p, 0)
 	if p.num == ipproto.TCP {
-		// A SYN of a connecting TCP socket, whose address is bound: not
-		// a raw socket's (traceroute -T, a SYN scan), which has no TCP
-		// socket for the daemon to follow and is the daemon's to decide.
-		m = append(m, tcpFlags(0x17, 0x02)...)
-		m = append(m, &expr.Socket{Key: expr.SocketKeyWildcard, Register: 1},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0}})
+		m = append(m, tcpFlags(0x17, 0x02)...) // a SYN (a raw socket's too: the learner tells)
 	}
 	m = append(m,
 		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},

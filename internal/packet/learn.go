@@ -4,6 +4,7 @@ import (
 	"errors"
 	"math/rand/v2"
 	"net/netip"
+	"sync"
 	"time"
 
 	"github.com/rerouted/rerouted/internal/events"
@@ -91,10 +92,16 @@ func (l *Learner) Decided(pkt []byte, mark, uid uint32, wire netip.Addr) {
 		case err == nil:
 			sock = so
 			f.Cookie, f.Inode, f.UID = so.Cookie, so.Inode, so.UID
+		case errors.Is(err, sockdiag.ErrNotFound) && t.Proto == ipproto.TCP && l.rawSYN(uid, t.Src.Addr().Is6()):
+			// A raw socket's SYN (traceroute -T, a SYN scan): no TCP
+			// socket to follow, so it ends by idleness, as the
+			// daemon's raw SYNs do.
+			f.Kernel = false
+			s.Stats.RawSYNs.Add(1)
 		case errors.Is(err, sockdiag.ErrNotFound):
-			// A UDP socket closed already (a TCP one may be a raw
-			// socket's SYN: the sweeper ends it).
-			gone = t.Proto == ipproto.UDP
+			// The socket closed already: nothing to keep its elements
+			// for, and a new socket on the tuple must be decided afresh.
+			gone = true
 		default:
 			s.Stats.Errors[ErrSocketLookup].Add(1)
 			s.Log.Error("socket lookup", "proto", t.Proto.String(), "src", t.Src, "dst", t.Dst, "err", err)
@@ -124,12 +131,23 @@ func (l *Learner) Decided(pkt []byte, mark, uid uint32, wire netip.Addr) {
 			s.Events.Flow("NEW", f) // Describe is behind: without the owner
 		}
 	}
-	if gone {
-		// Its socket closed before the daemon looked: its elements must
-		// not wait for idleness, a new socket on the tuple would take
-		// them over.
+	// Its socket closed before the daemon looked, or its end was
+	// announced while the daemon looked: its elements must not wait for
+	// idleness, a new socket on the tuple would take them over.
+	if gone || (f.Proto == ipproto.UDP && f.Cookie != 0 && s.Closed.Has(f.Cookie)) {
 		s.Forget(f)
 	}
+}
+
+// rawSYN reports whether uid has a raw socket of the family: a SYN no TCP
+// socket owns is then taken for that raw socket's.
+func (l *Learner) rawSYN(uid uint32, v6 bool) bool {
+	raw, err := l.diag.HasRawSocket(v6, uid)
+	if err != nil {
+		l.s.Stats.Errors[ErrSocketLookup].Add(1)
+		l.s.Log.Error("raw socket lookup", "uid", uid, "err", err)
+	}
+	return raw
 }
 
 // Taken moves the translation whose wire tuple a native socket owns to a
@@ -193,4 +211,37 @@ func MSS(mtu int, v6 bool) uint16 {
 		return 0
 	}
 	return uint16(min(mtu-headers, 0xffff))
+}
+
+// ClosedSockets remembers the last closedKept cookies of UDP sockets that
+// ended: the learner of the kernel's decisions may look a flow's socket
+// up just before its end is announced, and enter the flow just after.
+type ClosedSockets struct {
+	mu   sync.Mutex
+	ring [closedKept]uint64
+	next int
+	set  map[uint64]struct{}
+}
+
+const closedKept = 4096
+
+// Add remembers a closed socket's cookie.
+func (c *ClosedSockets) Add(cookie uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.set == nil {
+		c.set = make(map[uint64]struct{}, closedKept)
+	}
+	delete(c.set, c.ring[c.next])
+	c.ring[c.next] = cookie
+	c.set[cookie] = struct{}{}
+	c.next = (c.next + 1) % closedKept
+}
+
+// Has reports whether a socket's end was announced lately.
+func (c *ClosedSockets) Has(cookie uint64) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	_, ok := c.set[cookie]
+	return ok
 }

@@ -75,6 +75,11 @@ type Shared struct {
 
 	logs limiter // per-packet log lines (logf)
 
+	// Closed: the cookies of UDP sockets whose end the kernel announced
+	// lately (the daemon's watcher adds them), for a flow learned while
+	// its socket's end was on its way.
+	Closed ClosedSockets
+
 	PortLo, PortHi uint16 // the ephemeral ports new source ports are drawn from
 	Userspace      bool   // every packet of a translated flow comes to the workers
 	FailClosed     bool   // on_failure = "closed"
