@@ -22,7 +22,7 @@ func commandFlags(t *testing.T) map[string][]string {
 	t.Helper()
 	flagRE := regexp.MustCompile(`(?m)^  -([a-z0-9-]+)`)
 	out := map[string][]string{}
-	for _, c := range []string{"run", "check", "doctor", "flows", "uplinks", "explain", "demo", "bench", "version"} {
+	for _, c := range []string{"run", "check", "doctor", "flows", "uplinks", "explain", "version"} {
 		cmd := exec.Command(os.Args[0], c, "--help")
 		cmd.Env = append(os.Environ(), "REROUTED_TEST_MAIN=1")
 		b, _ := cmd.CombinedOutput() // --help exits 0 (flag.ExitOnError)
