@@ -84,20 +84,21 @@ type Options struct {
 	InsecureConfig bool
 }
 
-// Daemon is one running instance.
+// Daemon is one running instance. What the packet path shares with the
+// rest (the installer and, through it, the flow table; the datapath, the
+// failure mode and the port range; the packet path's counts) is in shared,
+// once: the daemon reads it there.
 type Daemon struct {
 	cfg     atomic.Pointer[policy.Config] // swapped whole on reload
 	log     *slog.Logger
 	events  *events.Writer
 	steer   atomic.Pointer[steer.Steering] // connect-time steering, once it runs; nil when off (read by the probes, the routing keeper, the control server, the metrics)
 	dp      *nftdp.Datapath
-	flows   *flow.Table     // read anywhere; flows enter and leave only through inst
 	uplinks uplink.States   // each uplink's state, per family
 	balance uplink.Balancer // balance rules' choices, and the sticky ones kept
 	// routingChanged wakes the routing keeper (keepRouting), as a routing
 	// change does.
 	routingChanged chan<- struct{}
-	inst           *flow.Installer
 	shared         *packet.Shared // what the packet path shares with the rest
 	metrics        *metrics
 	suspects       map[*flow.Flow]struct{} // flows whose socket the last sweep found gone (sweeper only)
@@ -106,12 +107,15 @@ type Daemon struct {
 	notify         func(state string)
 	insecure       bool // InsecureConfig
 
-	userspace      bool          // every packet of a translated flow goes through the workers
-	failClosed     bool          // on_failure = "closed"
-	routing        atomic.Uint64 // bumped on every routing change: route caches are stale
-	portLo, portHi uint16
-	stats          packet.Stats
+	routing atomic.Uint64 // bumped on every routing change: route caches are stale
+	counts                // the daemon's own counts (the packet path's are shared.Stats)
 }
+
+// inst is the installer: flows enter and leave the table only through it.
+func (d *Daemon) inst() *flow.Installer { return d.shared.Install }
+
+// flows is the flow table, for reading (the installer's).
+func (d *Daemon) flows() *flow.Table { return d.shared.Install.Table() }
 
 // ErrDetached is returned by Run when it stopped for a restart (Detach),
 // leaving the kernel state for the next start.
@@ -132,30 +136,30 @@ func Run(ctx context.Context, o Options) (err error) {
 	// The heap is mostly long-lived flow state: collect at 50% growth
 	// rather than 100%, a little CPU for a third less memory.
 	debug.SetGCPercent(50)
-	d := &Daemon{log: o.Log, flows: flow.NewTable(), userspace: cfg.Daemon.Datapath == "userspace", notify: o.Notify,
-		insecure: o.InsecureConfig, failClosed: cfg.Daemon.FailClosed}
+	d := &Daemon{log: o.Log, notify: o.Notify, insecure: o.InsecureConfig}
 	if d.notify == nil {
 		d.notify = func(string) {}
 	}
 	d.cfg.Store(cfg)
-	d.inst = flow.NewInstaller(d.flows, newFlowKernel(d), d.installFailed)
+	d.shared = &packet.Shared{Config: &d.cfg, Uplinks: &d.uplinks, Balance: &d.balance, Log: d.log, Stats: new(packet.Stats),
+		Userspace: cfg.Daemon.Datapath == "userspace", FailClosed: cfg.Daemon.FailClosed}
+	d.shared.Install = flow.NewInstaller(newFlowKernel(d), d.installFailed)
 	d.metrics = newMetrics(d)
+	d.shared.Decisions, d.shared.Latency = d.metrics.decisions, d.metrics.latency
 	if o.Events != nil {
 		kinds := o.EventKinds
 		if kinds == 0 {
 			kinds = events.All
 		}
 		d.events = events.NewWriter(o.Events, kinds)
+		d.shared.Events = d.events
 	}
 	if err := uplink.CheckInterfaces(cfg.Uplinks); err != nil {
 		return err
 	}
-	if d.portLo, d.portHi, err = localPortRange(); err != nil {
+	if d.shared.PortLo, d.shared.PortHi, err = localPortRange(); err != nil {
 		return err
 	}
-	d.shared = &packet.Shared{Config: &d.cfg, Install: d.inst, Uplinks: &d.uplinks, Balance: &d.balance,
-		Events: d.events, Log: d.log, Stats: &d.stats, Decisions: d.metrics.decisions, Latency: d.metrics.latency,
-		PortLo: d.portLo, PortHi: d.portHi, Userspace: d.userspace, FailClosed: d.failClosed}
 	// One daemon per table, before anything is touched: a second one
 	// must leave the first one's table, queues and routing alone.
 	lock, err := instance.Acquire(nftdp.TableName)
@@ -252,7 +256,7 @@ func Run(ctx context.Context, o Options) (err error) {
 	})
 
 	nq := uint16(cfg.Daemon.Queues)
-	if d.dp, err = nftdp.Install(cfg.Daemon.Queue, nq, d.userspace, cfg.Daemon.IdleTimeout, nftdp.FilterOf(cfg)); err != nil {
+	if d.dp, err = nftdp.Install(cfg.Daemon.Queue, nq, d.shared.Userspace, cfg.Daemon.IdleTimeout, nftdp.FilterOf(cfg)); err != nil {
 		return err
 	}
 	if d.dp.DefragErr != nil {
@@ -263,7 +267,7 @@ func Run(ctx context.Context, o Options) (err error) {
 		d.log.Warn("removed a table left by an earlier run; its flows are no longer translated", "table", "inet "+nftdp.TableName)
 	}
 	undo = append(undo, func() error {
-		n := d.flows.Len()
+		n := d.flows().Len()
 		if detached {
 			d.log.Info("left the table for the next start", "table", "inet "+nftdp.TableName, "flows", n)
 			return d.dp.Close()
@@ -341,7 +345,7 @@ func Run(ctx context.Context, o Options) (err error) {
 		go func() { defer wg.Done(); d.serveMetrics(runCtx, ln) }()
 	}
 	wg.Add(4)
-	go func() { defer wg.Done(); d.inst.Run(runCtx) }()
+	go func() { defer wg.Done(); d.inst().Run(runCtx) }()
 	go func() { defer wg.Done(); d.sweepLoop(runCtx, sweepDiag, d.dp) }()
 	go func() { defer wg.Done(); control.Serve(runCtx, ctl, controlSource{d}, d.log) }()
 	go func() { defer wg.Done(); d.reloadLoop(runCtx, o.Reload) }()
@@ -368,7 +372,7 @@ func Run(ctx context.Context, o Options) (err error) {
 		}
 		undo = append(undo, closeWorker)
 		if err := q.Start(runCtx, wk.Handle, wk.EndBatch, func(err error) {
-			d.stats.Errors[packet.ErrQueueReceive].Add(1)
+			d.errors[errQueueReceive].Add(1)
 			d.log.Error("nfqueue receive", "queue", q.Num, "err", err)
 		}); err != nil {
 			return err
@@ -385,11 +389,11 @@ func Run(ctx context.Context, o Options) (err error) {
 		stop() // as a done ctx would: every goroutine ends before teardown
 	}
 	d.notify("STOPPING=1")
-	d.log.Info("stopping", "syns", d.stats.SYNs.Load(), "datagram_flows", d.stats.Datagrams.Load(), "idle_ended", d.stats.Idle.Load(),
-		"translated", d.stats.Translated.Load(),
-		"retransmitted_syns", d.stats.Retrans.Load(),
-		"dropped", d.stats.Dropped.Load(), "icmp_errors", d.stats.ICMPErrors.Load(), "forwarded", d.stats.Forwarded.Load(),
-		"forwarded_bytes", d.stats.Bytes.Load(), "flows", d.flows.Len())
+	d.log.Info("stopping", "syns", d.shared.Stats.SYNs.Load(), "datagram_flows", d.shared.Stats.Datagrams.Load(), "idle_ended", d.idle.Load(),
+		"translated", d.shared.Stats.Translated.Load(),
+		"retransmitted_syns", d.shared.Stats.Retrans.Load(),
+		"dropped", d.shared.Stats.Dropped.Load(), "icmp_errors", d.shared.Stats.ICMPErrors.Load(), "forwarded", d.shared.Stats.Forwarded.Load(),
+		"forwarded_bytes", d.shared.Stats.Bytes.Load(), "flows", d.flows().Len())
 	if detached {
 		return ErrDetached
 	}
@@ -410,8 +414,8 @@ func (d *Daemon) newWorker(num uint16, overflow bool) (*packet.Worker, *queue.Qu
 		diag.Close()
 		return nil, nil, nil, err
 	}
-	o := queue.Options{Rcvbuf: queueRcvbuf, FailClosed: d.failClosed || overflow}
-	if d.userspace {
+	o := queue.Options{Rcvbuf: queueRcvbuf, FailClosed: d.shared.FailClosed || overflow}
+	if d.shared.Userspace {
 		// GSO packets whole: a 64 KB segment is one packet to rewrite, not
 		// 45 (the kernel segments it after the verdict).
 		o.Rcvbuf, o.GSO = queueRcvbufUserspace, true
@@ -489,7 +493,7 @@ func (d *Daemon) reload() {
 	// concerns slips past the queue meanwhile.
 	oldFilter, newFilter := nftdp.FilterOf(old), nftdp.FilterOf(cfg)
 	if err := d.dp.SetFilter(nftdp.Union(oldFilter, newFilter)); err != nil {
-		d.stats.Errors[packet.ErrInstall].Add(1)
+		d.errors[errInstall].Add(1)
 		d.log.Error("reload rejected: the kernel refused the new prefilter; the current policy stays in force", "config", cfg.File, "err", err)
 		if err := d.dp.SetFilter(oldFilter); err != nil {
 			d.log.Error("restore the prefilter", "err", err)
@@ -499,7 +503,7 @@ func (d *Daemon) reload() {
 	d.cfg.Store(cfg)
 	d.applySteering(cfg)
 	if err := d.dp.SetFilter(newFilter); err != nil {
-		d.stats.Errors[packet.ErrInstall].Add(1)
+		d.errors[errInstall].Add(1)
 		d.log.Error("reload: the kernel refused the new prefilter; the union of both stays, so more reaches the daemon than needs to", "err", err)
 	}
 	select { // the uplinks may have changed: their states

@@ -27,7 +27,7 @@ import (
 func (d *Daemon) moveStale(r *uplink.Routing, diag *sockdiag.Conn, rt *route.Cache) {
 	local, err := r.LocalAddrs()
 	if err != nil {
-		d.stats.Errors[packet.ErrRepair].Add(1)
+		d.errors[errRepair].Add(1)
 		d.log.Error("check flows' addresses", "err", err)
 		return
 	}
@@ -36,7 +36,7 @@ func (d *Daemon) moveStale(r *uplink.Routing, diag *sockdiag.Conn, rt *route.Cac
 	for _, u := range cfg.Uplinks {
 		names[u.Mark] = u.Name
 	}
-	for _, f := range d.flows.Snapshot() {
+	for _, f := range d.flows().Snapshot() {
 		if f.Pass || local[f.NewSrc.Addr()] {
 			continue
 		}
@@ -52,7 +52,7 @@ func (d *Daemon) moveStale(r *uplink.Routing, diag *sockdiag.Conn, rt *route.Cac
 				d.log.Debug("a connection whose address went away cannot be closed; its translation is removed", "src", f.Src, "dst", f.Dst, "err", err)
 				how = "removed"
 			} else if err != nil && !errors.Is(err, sockdiag.ErrNotFound) {
-				d.stats.Errors[packet.ErrSocketLookup].Add(1)
+				d.shared.Stats.Errors[packet.ErrSocketLookup].Add(1)
 				d.log.Error("close a connection whose address went away", "src", f.Src, "dst", f.Dst, "wire", f.NewSrc, "err", err)
 				how = "removed"
 			}

@@ -71,7 +71,7 @@ func (d *Daemon) adopt(diag socketTable, maps flowMaps, rt packet.Routes) error 
 				}
 			}
 		}
-		if !d.inst.Adopt(f) {
+		if !d.inst().Adopt(f) {
 			gone = append(gone, e) // two elements claim one tuple: keep the first
 			continue
 		}
@@ -93,8 +93,8 @@ func (d *Daemon) adopt(diag socketTable, maps flowMaps, rt packet.Routes) error 
 // until closing is set and the subscription closed.
 func (d *Daemon) watchUDPCloses(w *sockdiag.Destroyed, closing *atomic.Bool) {
 	ended := func(s *sockdiag.Socket) {
-		for _, f := range d.flows.ByCookie(s.Cookie) {
-			d.stats.UDPClosed.Add(1)
+		for _, f := range d.flows().ByCookie(s.Cookie) {
+			d.udpClosed.Add(1)
 			d.log.Debug("socket closed", "proto", "udp", "src", f.Src, "dst", f.Dst, "cookie", f.Cookie)
 			d.shared.Forget(f)
 		}
@@ -106,10 +106,10 @@ func (d *Daemon) watchUDPCloses(w *sockdiag.Destroyed, closing *atomic.Bool) {
 		case closing.Load():
 			return
 		case errors.Is(err, sockdiag.ErrLost):
-			d.stats.Errors[packet.ErrCloseEvents].Add(1)
+			d.errors[errCloseEvents].Add(1)
 			d.log.Warn("UDP socket ends were lost (too many at once); the sweep ends their flows", "err", err)
 		default:
-			d.stats.Errors[packet.ErrCloseEvents].Add(1)
+			d.errors[errCloseEvents].Add(1)
 			d.log.Error("UDP socket ends: no longer received; the sweep ends their flows", "err", err)
 			return
 		}
@@ -136,7 +136,7 @@ func (d *Daemon) sweepLoop(ctx context.Context, diag socketTable, maps flowMaps)
 		if d.resync.Swap(false) {
 			d.resyncKernel(maps)
 		}
-		if d.flows.Len() == 0 {
+		if d.flows().Len() == 0 {
 			continue
 		}
 		d.sweep(diag, udp)
@@ -161,7 +161,7 @@ func (d *Daemon) sweepLoop(ctx context.Context, diag socketTable, maps flowMaps)
 // many tuples). Echo flows, and UDP flows whose socket was never found,
 // end by idleness only.
 func (d *Daemon) sweep(diag socketTable, udp map[uint64]struct{}) {
-	s := d.flows.BeginSweep(time.Now())
+	s := d.flows().BeginSweep(time.Now())
 	clear(udp)
 	tcp := func(so *sockdiag.Socket) {
 		s.Seen(flow.Key{Proto: ipproto.TCP, Src: so.Local, Dst: so.Remote}, so.Cookie)
@@ -182,7 +182,7 @@ func (d *Daemon) sweep(diag socketTable, udp map[uint64]struct{}) {
 	}
 	if err != nil {
 		// An incomplete dump must not be taken as "sockets gone".
-		d.stats.Errors[packet.ErrSweep].Add(1)
+		d.errors[errSweep].Add(1)
 		d.log.Error("socket dump failed; no flow removed this round", "err", err)
 		return
 	}
@@ -206,7 +206,7 @@ func (d *Daemon) sweep(diag socketTable, udp map[uint64]struct{}) {
 		case err == nil && (so.Cookie == f.Cookie || f.Cookie == 0):
 			continue // alive: the dump missed it
 		case err != nil && !errors.Is(err, sockdiag.ErrNotFound):
-			d.stats.Errors[packet.ErrSocketLookup].Add(1)
+			d.shared.Stats.Errors[packet.ErrSocketLookup].Add(1)
 			d.log.Error("socket lookup", "src", f.Src, "dst", f.Dst, "err", err)
 			continue
 		}
@@ -226,7 +226,7 @@ func (d *Daemon) sweep(diag socketTable, udp map[uint64]struct{}) {
 func (d *Daemon) expireIdle(maps flowMaps, now time.Time, timeout time.Duration) {
 	uses, err := maps.Uses()
 	if err != nil {
-		d.stats.Errors[packet.ErrSweep].Add(1)
+		d.errors[errSweep].Add(1)
 		d.log.Error("read flow packet counters; no flow ended by idleness this round", "err", err)
 		return
 	}
@@ -234,15 +234,15 @@ func (d *Daemon) expireIdle(maps flowMaps, now time.Time, timeout time.Duration)
 	for _, u := range uses {
 		var f *flow.Flow
 		if u.Reply {
-			f = d.flows.ByWire(flow.Key{Proto: u.Proto, Src: u.Src, Dst: u.Dst})
+			f = d.flows().ByWire(flow.Key{Proto: u.Proto, Src: u.Src, Dst: u.Dst})
 		} else {
-			f = d.flows.Get(flow.Key{Proto: u.Proto, Src: u.Src, Dst: u.Dst})
+			f = d.flows().Get(flow.Key{Proto: u.Proto, Src: u.Src, Dst: u.Dst})
 		}
 		if f != nil {
 			total[f] += u.Packets
 		}
 	}
-	for _, f := range d.flows.Snapshot() {
+	for _, f := range d.flows().Snapshot() {
 		if !f.Idles() {
 			continue
 		}
@@ -251,7 +251,7 @@ func (d *Daemon) expireIdle(maps flowMaps, now time.Time, timeout time.Duration)
 			continue
 		}
 		if now.Sub(f.UsedAt) >= timeout {
-			d.stats.Idle.Add(1)
+			d.idle.Add(1)
 			d.log.Debug("flow idle", "proto", f.Proto.String(), "src", f.Src, "dst", f.Dst, "pass", f.Pass, "idle", now.Sub(f.UsedAt).Round(time.Second))
 			d.shared.Forget(f)
 		}
@@ -271,7 +271,7 @@ func lookupResult(err error) string {
 func (d *Daemon) reportOverBudget(maps flowMaps) {
 	over, err := maps.OverBudget()
 	if err != nil {
-		d.stats.Errors[packet.ErrSweep].Add(1)
+		d.errors[errSweep].Add(1)
 		d.log.Error("read the per-user budget's counts", "err", err)
 		return
 	}

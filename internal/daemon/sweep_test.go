@@ -91,10 +91,15 @@ func (k *recordingKernel) Apply(cs []flow.Change) error {
 func newSweepDaemon(t *testing.T) (*Daemon, *recordingKernel) {
 	t.Helper()
 	k := &recordingKernel{}
-	d := &Daemon{log: slog.New(slog.DiscardHandler), flows: flow.NewTable()}
-	d.inst = flow.NewInstaller(d.flows, k, d.installFailed)
-	d.shared = &packet.Shared{Install: d.inst, Log: d.log, Stats: &d.stats}
-	return d, k
+	return newTestDaemon(slog.New(slog.DiscardHandler), k), k
+}
+
+// newTestDaemon is a daemon with an installer into k, and nothing else.
+func newTestDaemon(log *slog.Logger, k flow.Kernel) *Daemon {
+	d := &Daemon{log: log}
+	d.shared = &packet.Shared{Log: log, Stats: &packet.Stats{}}
+	d.shared.Install = flow.NewInstaller(k, d.installFailed)
+	return d
 }
 
 var (
@@ -111,17 +116,17 @@ func addFlow(t *testing.T, d *Daemon, proto ipproto.Proto, src netip.AddrPort, c
 	t.Helper()
 	f := &flow.Flow{Key: flow.Key{Proto: proto, Src: src, Dst: peer}, Mark: 200, Cookie: cookie, Start: time.Now().Add(-time.Minute)}
 	f.UsedAt = f.Start
-	if !d.inst.Add(f, netip.AddrPortFrom(ispB, src.Port())) {
+	if !d.inst().Add(f, netip.AddrPortFrom(ispB, src.Port())) {
 		t.Fatalf("flow %v not added", src)
 	}
-	d.inst.Flush()
+	d.inst().Flush()
 	return f
 }
 
 // removed applies the pending changes, as the installer's goroutine
 // would, and returns the flows removed from the kernel so far.
 func removed(d *Daemon, k *recordingKernel) []netip.AddrPort {
-	d.inst.Flush()
+	d.inst().Flush()
 	var out []netip.AddrPort
 	for _, c := range k.changes {
 		if c.Delete {
@@ -163,8 +168,8 @@ func TestSweepRemovesOnlyWhatIsGoneTwice(t *testing.T) {
 	if got := removed(d, k); len(got) != len(want) || got[0] != want[0] || got[1] != want[1] || got[2] != want[2] {
 		t.Fatalf("removed %v, want %v", got, want)
 	}
-	if d.flows.Len() != 4 || d.flows.Get(echo.Key) == nil {
-		t.Fatalf("%d flows left, want 4 (the echo ends by idleness only)", d.flows.Len())
+	if d.flows().Len() != 4 || d.flows().Get(echo.Key) == nil {
+		t.Fatalf("%d flows left, want 4 (the echo ends by idleness only)", d.flows().Len())
 	}
 }
 
@@ -177,8 +182,8 @@ func TestSweepDumpErrorRemovesNothing(t *testing.T) {
 	for range 3 {
 		d.sweep(socks, map[uint64]struct{}{})
 	}
-	if len(removed(d, k)) != 0 || d.stats.Errors[packet.ErrSweep].Load() != 3 {
-		t.Fatalf("removed %v, sweep errors %d", removed(d, k), d.stats.Errors[packet.ErrSweep].Load())
+	if len(removed(d, k)) != 0 || d.errors[errSweep].Load() != 3 {
+		t.Fatalf("removed %v, sweep errors %d", removed(d, k), d.errors[errSweep].Load())
 	}
 }
 
@@ -203,11 +208,11 @@ func TestExpireIdle(t *testing.T) {
 	}
 	d.expireIdle(maps, now.Add(29*time.Second), 30*time.Second)
 	d.expireIdle(maps, now.Add(31*time.Second), 30*time.Second)
-	if got := removed(d, k); len(got) != 2 || d.flows.Get(tcp.Key) == nil {
+	if got := removed(d, k); len(got) != 2 || d.flows().Get(tcp.Key) == nil {
 		t.Fatalf("removed %v; a TCP flow with a socket must never idle", got)
 	}
-	if d.stats.Idle.Load() != 2 {
-		t.Fatalf("idle counter %d", d.stats.Idle.Load())
+	if d.idle.Load() != 2 {
+		t.Fatalf("idle counter %d", d.idle.Load())
 	}
 }
 
@@ -232,11 +237,11 @@ func TestAdopt(t *testing.T) {
 	if len(maps.deleted) != 2 || maps.deleted[0] != gone || maps.deleted[1] != dup {
 		t.Fatalf("deleted %+v, want the gone socket's and the duplicate", maps.deleted)
 	}
-	f := d.flows.Get(flow.Key{Proto: ipproto.TCP, Src: sock(1001), Dst: peer})
-	if d.flows.Len() != 3 || f == nil || f.Cookie != 11 || f.UID != 1000 || f.Dev != "isp-b" || f.NewSrc != live.NewSrc {
-		t.Fatalf("%d flows; adopted %+v", d.flows.Len(), f)
+	f := d.flows().Get(flow.Key{Proto: ipproto.TCP, Src: sock(1001), Dst: peer})
+	if d.flows().Len() != 3 || f == nil || f.Cookie != 11 || f.UID != 1000 || f.Dev != "isp-b" || f.NewSrc != live.NewSrc {
+		t.Fatalf("%d flows; adopted %+v", d.flows().Len(), f)
 	}
-	if !d.inst.Installed(f) {
+	if !d.inst().Installed(f) {
 		t.Fatal("an adopted flow's elements are in the kernel already: it must count as installed")
 	}
 }
@@ -270,8 +275,8 @@ func TestSweepLookupErrorRemovesNothing(t *testing.T) {
 	for range 3 {
 		d.sweep(broken, map[uint64]struct{}{})
 	}
-	if got := removed(d, k); len(got) != 0 || d.stats.Errors[packet.ErrSocketLookup].Load() != 3 {
-		t.Fatalf("removed %v, lookup errors %d", got, d.stats.Errors[packet.ErrSocketLookup].Load())
+	if got := removed(d, k); len(got) != 0 || d.shared.Stats.Errors[packet.ErrSocketLookup].Load() != 3 {
+		t.Fatalf("removed %v, lookup errors %d", got, d.shared.Stats.Errors[packet.ErrSocketLookup].Load())
 	}
 }
 

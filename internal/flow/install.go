@@ -52,15 +52,15 @@ type Kernel interface {
 // MaxBatch bounds one transaction.
 const MaxBatch = 1024
 
-// NewInstaller returns the installer of t's flows into k. failed is told of
-// each change the kernel refused, after a refused addition has left the
-// table (its packets are dropped, and the socket's retransmission is
-// decided again).
-func NewInstaller(t *Table, k Kernel, failed func(Change, error)) *Installer {
-	return &Installer{table: t, kernel: k, failed: failed, ops: make(chan Change, 1<<16), kick: make(chan struct{}, 1)}
+// NewInstaller returns the installer of flows into k, with its table,
+// empty. failed is told of each change the kernel refused, after a refused
+// addition has left the table (its packets are dropped, and the socket's
+// retransmission is decided again).
+func NewInstaller(k Kernel, failed func(Change, error)) *Installer {
+	return &Installer{table: newTable(), kernel: k, failed: failed, ops: make(chan Change, 1<<16), kick: make(chan struct{}, 1)}
 }
 
-// Table is the table the installer writes.
+// Table is the installer's table, for reading: the one handle on it.
 func (in *Installer) Table() *Table { return in.table }
 
 // Add puts f in the table with wire source src, and its kernel state in
@@ -72,7 +72,7 @@ func (in *Installer) Add(f *Flow, src netip.AddrPort) bool {
 	// Before the table publishes f: a worker that finds f holds its
 	// packets until this change is applied (Installed).
 	f.Seq = in.next + 1
-	if !in.table.Reserve(f) {
+	if !in.table.reserve(f) {
 		return false
 	}
 	in.enqueue(f, false)
@@ -84,7 +84,7 @@ func (in *Installer) Add(f *Flow, src netip.AddrPort) bool {
 func (in *Installer) Adopt(f *Flow) bool {
 	in.mu.Lock()
 	defer in.mu.Unlock()
-	return in.table.Reserve(f)
+	return in.table.reserve(f)
 }
 
 // Remove takes f out of the table and, in order, its state out of the
@@ -92,7 +92,7 @@ func (in *Installer) Adopt(f *Flow) bool {
 func (in *Installer) Remove(f *Flow) bool {
 	in.mu.Lock()
 	defer in.mu.Unlock()
-	removed := in.table.Remove(f)
+	removed := in.table.remove(f)
 	if removed {
 		in.enqueue(f, true)
 	}
@@ -172,7 +172,7 @@ func (in *Installer) apply() {
 		for i, c := range in.batch {
 			if err := in.kernel.Apply(in.batch[i : i+1]); err != nil {
 				if !c.Delete {
-					in.table.Remove(c.Flow) // not in the kernel: nothing to enqueue
+					in.table.remove(c.Flow) // not in the kernel: nothing to enqueue
 				}
 				in.failed(c, err)
 			}

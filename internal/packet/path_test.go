@@ -176,9 +176,8 @@ func newWorld(t *testing.T, conf string) *world {
 	wd.kernel = &fakeKernel{r: wd.r}
 	var ptr atomic.Pointer[policy.Config]
 	ptr.Store(cfg)
-	table := flow.NewTable()
 	wd.s = &Shared{Config: &ptr,
-		Install: flow.NewInstaller(table, wd.kernel, func(c flow.Change, err error) { wd.failed = append(wd.failed, c) }),
+		Install: flow.NewInstaller(wd.kernel, func(c flow.Change, err error) { wd.failed = append(wd.failed, c) }),
 		Uplinks: &uplink.States{}, Balance: &uplink.Balancer{}, Log: slog.New(slog.DiscardHandler), Stats: &Stats{},
 		Decisions: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "d"}, []string{"rule"}),
 		Latency:   prometheus.NewHistogram(prometheus.HistogramOpts{Name: "l"}),
