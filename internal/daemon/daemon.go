@@ -426,7 +426,7 @@ func (d *Daemon) newWorker(num uint16, overflow bool) (*packet.Worker, *queue.Qu
 		routes.Close()
 		return nil, nil, nil, err
 	}
-	w := packet.NewWorker(d.shared, q, packet.DiagSockets{Conn: diag}, routes, owner.NewOwners())
+	w := packet.NewWorker(d.shared, q, diag, routes, owner.NewOwners())
 	return w, q, func() error {
 		err := q.Close()
 		routes.Close()

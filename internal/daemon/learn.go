@@ -41,7 +41,7 @@ func (d *Daemon) startLearning(ctx context.Context) (func() error, error) {
 		g.Close()
 		return nil, err
 	}
-	l := packet.NewLearner(d.shared, packet.DiagSockets{Conn: diag}, owner.NewOwners())
+	l := packet.NewLearner(d.shared, diag, owner.NewOwners())
 	g.Start(ctx, func(r *nflog.Record) {
 		switch {
 		case bytes.HasPrefix(r.Prefix, []byte(nftdp.LogNew)):

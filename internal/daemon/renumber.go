@@ -24,7 +24,7 @@ import (
 //     translation is removed.
 
 // moveStale moves the flows whose wire source is no longer the host's.
-func (d *Daemon) moveStale(r *uplink.Routing, diag *sockdiag.Conn, rt *route.Cache) {
+func (d *Daemon) moveStale(r *uplink.Routing, diag sockdiag.Sockets, rt *route.Cache) {
 	local, err := r.LocalAddrs()
 	if err != nil {
 		d.errors[errRepair].Add(1)
@@ -46,7 +46,7 @@ func (d *Daemon) moveStale(r *uplink.Routing, diag *sockdiag.Conn, rt *route.Cac
 			how = "reset"
 			if u := cfg.UplinkByMark(f.Mark); u != nil && u.KeepTCP {
 				how = "removed"
-			} else if err := diag.Destroy(f.Src, f.Dst, f.Cookie); errors.Is(err, sockdiag.ErrCannotDestroy) {
+			} else if err := diag.Destroy(ipproto.TCP, f.Src, f.Dst, f.Cookie); errors.Is(err, sockdiag.ErrCannotDestroy) {
 				// A TIME_WAIT socket on a kernel before 6.0: it sends
 				// nothing of its own; its element goes.
 				d.log.Debug("a connection whose address went away cannot be closed; its translation is removed", "src", f.Src, "dst", f.Dst, "err", err)

@@ -18,7 +18,7 @@ import (
 // coming up.
 //
 // It owns r's socket, diag and rt while it runs.
-func (d *Daemon) keepRouting(ctx context.Context, r *uplink.Routing, diag *sockdiag.Conn, rt *route.Cache, changed <-chan struct{}) {
+func (d *Daemon) keepRouting(ctx context.Context, r *uplink.Routing, diag sockdiag.Sockets, rt *route.Cache, changed <-chan struct{}) {
 	waiting := map[string]bool{} // pending items already logged
 	for {
 		select {

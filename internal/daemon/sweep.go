@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/netip"
 	"sync/atomic"
 	"time"
 
@@ -18,15 +17,8 @@ import (
 
 // The flows' end: the sweeper, which follows sockets and idleness; the
 // watcher of UDP sockets' ends; and adoption of an earlier run's flows.
-// They are given the kernel as the two interfaces below (a sock_diag
-// socket and the datapath), so that their tests run without root.
-
-// socketTable is what the sweeper and adoption ask of sock_diag
-// (sockdiag.Conn).
-type socketTable interface {
-	Dump(family uint8, proto ipproto.Proto, fn func(*sockdiag.Socket)) error
-	Lookup(proto ipproto.Proto, local, remote netip.AddrPort, s *sockdiag.Socket) error
-}
+// They are given the kernel as two interfaces (sockdiag.Sockets, and
+// flowMaps below for the datapath), so that their tests run without root.
 
 // flowMaps is what they ask of the datapath's flow maps (nftdp.Datapath).
 type flowMaps interface {
@@ -40,7 +32,7 @@ type flowMaps interface {
 // table: each keeps its translation while its socket lives (TCP and UDP,
 // found again by sock_diag) or, with no socket to follow, until idle.
 // Elements whose socket is gone are removed.
-func (d *Daemon) adopt(diag socketTable, maps flowMaps, rt packet.Routes) error {
+func (d *Daemon) adopt(diag sockdiag.Sockets, maps flowMaps, rt packet.Routes) error {
 	entries, err := maps.Entries()
 	if err != nil {
 		return fmt.Errorf("adopt flows: %w", err)
@@ -52,8 +44,7 @@ func (d *Daemon) adopt(diag socketTable, maps flowMaps, rt packet.Routes) error 
 		f := &flow.Flow{Key: flow.Key{Proto: e.Proto, Src: e.Src, Dst: e.Dst}, NewSrc: e.NewSrc, Mark: e.Mark, Pass: e.Pass,
 			Rule: "adopted", Start: now, UsedAt: now}
 		if e.Proto == ipproto.TCP || e.Proto == ipproto.UDP {
-			var so sockdiag.Socket
-			err := diag.Lookup(e.Proto, e.Src, e.Dst, &so)
+			so, err := diag.Lookup(e.Proto, e.Src, e.Dst)
 			if errors.Is(err, sockdiag.ErrNotFound) {
 				gone = append(gone, e)
 				continue
@@ -120,7 +111,7 @@ func (d *Daemon) watchUDPCloses(w *sockdiag.Destroyed, closing *atomic.Bool) {
 // that have been idle for the idle timeout. A dump (not destroy
 // notifications) is what shows TIME_WAIT sockets, which still own their
 // tuple.
-func (d *Daemon) sweepLoop(ctx context.Context, diag socketTable, maps flowMaps) {
+func (d *Daemon) sweepLoop(ctx context.Context, diag sockdiag.Sockets, maps flowMaps) {
 	every := d.cfg.Load().Daemon.GCInterval
 	t := time.NewTicker(every)
 	defer t.Stop()
@@ -160,7 +151,7 @@ func (d *Daemon) sweepLoop(ctx context.Context, diag socketTable, maps flowMaps)
 // tuple and cookie, UDP sockets by cookie (an unconnected socket serves
 // many tuples). Echo flows, and UDP flows whose socket was never found,
 // end by idleness only.
-func (d *Daemon) sweep(diag socketTable, udp map[uint64]struct{}) {
+func (d *Daemon) sweep(diag sockdiag.Sockets, udp map[uint64]struct{}) {
 	s := d.flows().BeginSweep(time.Now())
 	clear(udp)
 	tcp := func(so *sockdiag.Socket) {
@@ -191,7 +182,6 @@ func (d *Daemon) sweep(diag socketTable, udp map[uint64]struct{}) {
 	// to TIME_WAIT was once missed by both the dump and the lookup (seen
 	// once in many thousands, age 100 ms), and removing a TIME_WAIT
 	// socket's translation early resets its peer.
-	var so sockdiag.Socket
 	suspects := make(map[*flow.Flow]struct{}, len(d.suspects))
 	defer func() { d.suspects = suspects }()
 	for _, f := range s.End() {
@@ -201,7 +191,7 @@ func (d *Daemon) sweep(diag socketTable, udp map[uint64]struct{}) {
 		if _, ok := udp[f.Cookie]; ok && f.Proto == ipproto.UDP {
 			continue
 		}
-		err := diag.Lookup(f.Proto, f.Src, f.Dst, &so)
+		so, err := diag.Lookup(f.Proto, f.Src, f.Dst)
 		switch {
 		case err == nil && (so.Cookie == f.Cookie || f.Cookie == 0):
 			continue // alive: the dump missed it

@@ -17,6 +17,7 @@ import (
 	"github.com/rerouted/rerouted/internal/policy"
 	"github.com/rerouted/rerouted/internal/route"
 	"github.com/rerouted/rerouted/internal/sockdiag"
+	"github.com/rerouted/rerouted/internal/sockdiag/sockdiagtest"
 	"golang.org/x/sys/unix"
 )
 
@@ -24,39 +25,7 @@ import (
 // datapath: no root, no kernel. What they check is which flows leave the
 // table, and which removals reach the kernel.
 
-type tuple struct {
-	proto       ipproto.Proto
-	local, peer netip.AddrPort
-}
-
-// fakeSocketTable is the host's sockets. missed sockets are left out of
-// dumps (a dump is not atomic) but found by an exact lookup.
-type fakeSocketTable struct {
-	socks   map[tuple]sockdiag.Socket
-	missed  map[tuple]bool
-	dumpErr error
-}
-
-func (s *fakeSocketTable) Dump(family uint8, proto ipproto.Proto, fn func(*sockdiag.Socket)) error {
-	if s.dumpErr != nil {
-		return s.dumpErr
-	}
-	for k, so := range s.socks {
-		if k.proto == proto && k.local.Addr().Is6() == (family == unix.AF_INET6) && !s.missed[k] {
-			fn(&so)
-		}
-	}
-	return nil
-}
-
-func (s *fakeSocketTable) Lookup(proto ipproto.Proto, local, remote netip.AddrPort, out *sockdiag.Socket) error {
-	so, ok := s.socks[tuple{proto, local, remote}]
-	if !ok {
-		return sockdiag.ErrNotFound
-	}
-	*out = so
-	return nil
-}
+type tuple = sockdiagtest.Tuple
 
 // fakeMaps is the datapath's flow maps.
 type fakeMaps struct {
@@ -141,9 +110,9 @@ func removed(d *Daemon, k *recordingKernel) []netip.AddrPort {
 // that misses a live socket removes nothing, and neither does one miss.
 func TestSweepRemovesOnlyWhatIsGoneTwice(t *testing.T) {
 	d, k := newSweepDaemon(t)
-	socks := &fakeSocketTable{socks: map[tuple]sockdiag.Socket{}, missed: map[tuple]bool{}}
+	socks := &sockdiagtest.Sockets{Socks: map[tuple]sockdiag.Socket{}, Missed: map[tuple]bool{}}
 	live := func(proto ipproto.Proto, port uint16, cookie uint64) {
-		socks.socks[tuple{proto, sock(port), peer}] = sockdiag.Socket{Local: sock(port), Remote: peer, Cookie: cookie}
+		socks.Socks[tuple{Proto: proto, Local: sock(port), Remote: peer}] = sockdiag.Socket{Local: sock(port), Remote: peer, Cookie: cookie}
 	}
 	addFlow(t, d, ipproto.TCP, sock(1001), 1) // alive, in the dump
 	addFlow(t, d, ipproto.TCP, sock(1002), 2) // alive, missed by the dump
@@ -154,9 +123,9 @@ func TestSweepRemovesOnlyWhatIsGoneTwice(t *testing.T) {
 	echo := addFlow(t, d, ipproto.ICMP, sock(77), 0)
 	live(ipproto.TCP, 1001, 1)
 	live(ipproto.TCP, 1002, 2)
-	socks.missed[tuple{ipproto.TCP, sock(1002), peer}] = true
+	socks.Missed[tuple{Proto: ipproto.TCP, Local: sock(1002), Remote: peer}] = true
 	live(ipproto.TCP, 1004, 40)
-	socks.socks[tuple{ipproto.UDP, sock(1005), netip.AddrPort{}}] = sockdiag.Socket{Local: sock(1005), Cookie: 5}
+	socks.Socks[tuple{Proto: ipproto.UDP, Local: sock(1005)}] = sockdiag.Socket{Local: sock(1005), Cookie: 5}
 
 	udp := map[uint64]struct{}{}
 	d.sweep(socks, udp)
@@ -178,7 +147,7 @@ func TestSweepRemovesOnlyWhatIsGoneTwice(t *testing.T) {
 func TestSweepDumpErrorRemovesNothing(t *testing.T) {
 	d, k := newSweepDaemon(t)
 	addFlow(t, d, ipproto.TCP, sock(1001), 1)
-	socks := &fakeSocketTable{socks: map[tuple]sockdiag.Socket{}, dumpErr: unix.ENOBUFS}
+	socks := &sockdiagtest.Sockets{Socks: map[tuple]sockdiag.Socket{}, DumpErr: unix.ENOBUFS}
 	for range 3 {
 		d.sweep(socks, map[uint64]struct{}{})
 	}
@@ -220,9 +189,9 @@ func TestExpireIdle(t *testing.T) {
 // have none to follow), and removes the rest and duplicates.
 func TestAdopt(t *testing.T) {
 	d, _ := newSweepDaemon(t)
-	socks := &fakeSocketTable{socks: map[tuple]sockdiag.Socket{
-		{ipproto.TCP, sock(1001), peer}: {Cookie: 11, UID: 1000, Inode: 5},
-		{ipproto.UDP, sock(1003), peer}: {Cookie: 13},
+	socks := &sockdiagtest.Sockets{Socks: map[tuple]sockdiag.Socket{
+		{Proto: ipproto.TCP, Local: sock(1001), Remote: peer}: {Cookie: 11, UID: 1000, Inode: 5},
+		{Proto: ipproto.UDP, Local: sock(1003), Remote: peer}: {Cookie: 13},
 	}}
 	tr := func(proto ipproto.Proto, port uint16) nftdp.Entry {
 		return nftdp.Entry{Proto: proto, Src: sock(port), Dst: peer, NewSrc: netip.AddrPortFrom(ispB, port), Mark: 200}
@@ -251,8 +220,8 @@ func TestAdopt(t *testing.T) {
 func TestSweepSuspicionClearsWhenSeen(t *testing.T) {
 	d, k := newSweepDaemon(t)
 	addFlow(t, d, ipproto.TCP, sock(1001), 1)
-	gone := &fakeSocketTable{socks: map[tuple]sockdiag.Socket{}}
-	back := &fakeSocketTable{socks: map[tuple]sockdiag.Socket{{ipproto.TCP, sock(1001), peer}: {Local: sock(1001), Remote: peer, Cookie: 1}}}
+	gone := &sockdiagtest.Sockets{Socks: map[tuple]sockdiag.Socket{}}
+	back := &sockdiagtest.Sockets{Socks: map[tuple]sockdiag.Socket{{Proto: ipproto.TCP, Local: sock(1001), Remote: peer}: {Local: sock(1001), Remote: peer, Cookie: 1}}}
 	udp := map[uint64]struct{}{}
 	d.sweep(gone, udp) // missed: a suspect
 	d.sweep(back, udp) // seen
@@ -271,21 +240,13 @@ func TestSweepSuspicionClearsWhenSeen(t *testing.T) {
 func TestSweepLookupErrorRemovesNothing(t *testing.T) {
 	d, k := newSweepDaemon(t)
 	addFlow(t, d, ipproto.TCP, sock(1001), 1)
-	broken := failingLookups{}
+	broken := &sockdiagtest.Sockets{LookupErr: unix.ENOBUFS} // no socket in dumps; every exact lookup fails
 	for range 3 {
 		d.sweep(broken, map[uint64]struct{}{})
 	}
 	if got := removed(d, k); len(got) != 0 || d.shared.Stats.Errors[packet.ErrSocketLookup].Load() != 3 {
 		t.Fatalf("removed %v, lookup errors %d", got, d.shared.Stats.Errors[packet.ErrSocketLookup].Load())
 	}
-}
-
-// failingLookups dumps no socket, and fails every exact lookup.
-type failingLookups struct{}
-
-func (failingLookups) Dump(uint8, ipproto.Proto, func(*sockdiag.Socket)) error { return nil }
-func (failingLookups) Lookup(ipproto.Proto, netip.AddrPort, netip.AddrPort, *sockdiag.Socket) error {
-	return unix.ENOBUFS
 }
 
 // Each user whose new flows went past the per-user budget is reported at

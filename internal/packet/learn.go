@@ -29,14 +29,14 @@ import (
 // Learner follows the kernel's decisions. One goroutine owns it.
 type Learner struct {
 	s    *Shared
-	diag Sockets
+	diag sockdiag.Sockets
 	w    *Worker // its owner lookups, for the debug stream
 }
 
 // NewLearner returns the follower of the kernel's decisions, with sockets
 // and owners of its own: it looks each flow's socket up (its cookie, which
 // the sweeper follows), and with the debug stream on, its owner.
-func NewLearner(s *Shared, diag Sockets, owners Owners) *Learner {
+func NewLearner(s *Shared, diag sockdiag.Sockets, owners Owners) *Learner {
 	return &Learner{s: s, diag: diag, w: NewWorker(s, nil, diag, nil, owners)}
 }
 

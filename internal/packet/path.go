@@ -45,7 +45,7 @@ import (
 type Worker struct {
 	s      *Shared
 	q      Verdicts
-	diag   Sockets
+	diag   sockdiag.Sockets
 	routes Routes
 	owner  sockOwner   // the socket being decided
 	query  policy.Flow // the flow being decided (reused: no allocation)
@@ -298,7 +298,7 @@ func (w *Worker) syn(p *queue.Packet, t *rewrite.Packet) {
 			w.fail(p, t, FailSocketLookup)
 			return
 		}
-		raw, err := w.diag.HasRawSocket(t.Src.Addr().Is6(), p.UID)
+		raw, err := w.owner.owners.HasRawSocket(t.Src.Addr().Is6(), p.UID)
 		if err != nil {
 			d.Stats.Errors[ErrSocketLookup].Add(1)
 			d.Log.Error("raw socket lookup", "src", t.Src, "dst", t.Dst, "err", err)
@@ -551,7 +551,7 @@ func (w *Worker) refuse(p *queue.Packet, t *rewrite.Packet, rule string, sock *s
 	d := w.s
 	d.Stats.Refused.Add(1)
 	if sock != nil && sock.Cookie != 0 {
-		if err := w.diag.Destroy(t.Src, t.Dst, sock.Cookie); err != nil && !errors.Is(err, sockdiag.ErrNotFound) {
+		if err := w.diag.Destroy(ipproto.TCP, t.Src, t.Dst, sock.Cookie); err != nil && !errors.Is(err, sockdiag.ErrNotFound) {
 			d.Stats.Errors[ErrSocketLookup].Add(1)
 			d.Log.Error("refuse a connection: close its socket", "src", t.Src, "dst", t.Dst, "err", err)
 		}
