@@ -28,12 +28,31 @@ type flowMaps interface {
 	OverBudget() (map[uint32]uint64, error)
 }
 
+// sweeper ends the flows whose socket is gone and those idle for the idle
+// timeout, reads the maps again when records of the kernel's decisions
+// were lost, and reports users over their budget. One goroutine runs it
+// (run), after it adopted an earlier run's flows (adopt); it owns its
+// sock_diag socket and what it remembers between sweeps.
+type sweeper struct {
+	d        *Daemon
+	diag     sockdiag.Sockets
+	maps     flowMaps
+	udp      map[uint64]struct{}     // cookies of live UDP sockets, reused
+	suspects map[*flow.Flow]struct{} // flows whose socket the last sweep found gone
+	overSeen map[uint32]uint64       // each uid's over-budget count last reported
+}
+
+func newSweeper(d *Daemon, diag sockdiag.Sockets, maps flowMaps) *sweeper {
+	return &sweeper{d: d, diag: diag, maps: maps, udp: map[uint64]struct{}{}, overSeen: map[uint32]uint64{}}
+}
+
 // adopt takes over the flows whose elements an earlier run left in the
 // table: each keeps its translation while its socket lives (TCP and UDP,
 // found again by sock_diag) or, with no socket to follow, until idle.
 // Elements whose socket is gone are removed.
-func (d *Daemon) adopt(diag sockdiag.Sockets, maps flowMaps, rt packet.Routes) error {
-	entries, err := maps.Entries()
+func (sw *sweeper) adopt(rt packet.Routes) error {
+	d, diag := sw.d, sw.diag
+	entries, err := sw.maps.Entries()
 	if err != nil {
 		return fmt.Errorf("adopt flows: %w", err)
 	}
@@ -72,7 +91,7 @@ func (d *Daemon) adopt(diag sockdiag.Sockets, maps flowMaps, rt packet.Routes) e
 		}
 	}
 	if len(gone) > 0 {
-		if err := maps.Delete(gone...); err != nil {
+		if err := sw.maps.Delete(gone...); err != nil {
 			return fmt.Errorf("adopt flows: remove %d whose socket is gone: %w", len(gone), err)
 		}
 	}
@@ -107,15 +126,15 @@ func (d *Daemon) watchUDPCloses(w *sockdiag.Destroyed, closing *atomic.Bool) {
 	}
 }
 
-// sweepLoop removes flows whose socket is gone, and UDP and echo flows
+// run removes flows whose socket is gone, and UDP and echo flows
 // that have been idle for the idle timeout. A dump (not destroy
 // notifications) is what shows TIME_WAIT sockets, which still own their
 // tuple.
-func (d *Daemon) sweepLoop(ctx context.Context, diag sockdiag.Sockets, maps flowMaps) {
+func (sw *sweeper) run(ctx context.Context) {
+	d := sw.d
 	every := d.cfg.Load().Daemon.GCInterval
 	t := time.NewTicker(every)
 	defer t.Stop()
-	udp := map[uint64]struct{}{} // cookies of live UDP sockets, reused
 	var lastIdle time.Time
 	var listing time.Duration // what the last idle check took
 	for {
@@ -125,14 +144,14 @@ func (d *Daemon) sweepLoop(ctx context.Context, diag sockdiag.Sockets, maps flow
 		case <-t.C:
 		}
 		if d.resync.Swap(false) {
-			d.resyncKernel(maps)
+			d.resyncKernel(sw.maps)
 		}
 		if d.flows().Len() == 0 {
 			continue
 		}
-		d.sweep(diag, udp)
+		sw.sweep()
 		d.balance.Expire(time.Now())
-		d.reportOverBudget(maps)
+		sw.reportOverBudget()
 		// Idleness is read from the kernel's packet counters, a listing of
 		// every UDP and echo element: often enough to end flows within an
 		// eighth of the timeout of it, and at most a tenth of the time (the
@@ -141,7 +160,7 @@ func (d *Daemon) sweepLoop(ctx context.Context, diag sockdiag.Sockets, maps flow
 		idle := d.cfg.Load().Daemon.IdleTimeout
 		if now := time.Now(); now.Sub(lastIdle) >= max(every, idle/8, 10*listing) {
 			lastIdle = now
-			d.expireIdle(maps, now, idle)
+			sw.expireIdle(now, idle)
 			listing = time.Since(now)
 		}
 	}
@@ -151,7 +170,8 @@ func (d *Daemon) sweepLoop(ctx context.Context, diag sockdiag.Sockets, maps flow
 // tuple and cookie, UDP sockets by cookie (an unconnected socket serves
 // many tuples). Echo flows, and UDP flows whose socket was never found,
 // end by idleness only.
-func (d *Daemon) sweep(diag sockdiag.Sockets, udp map[uint64]struct{}) {
+func (sw *sweeper) sweep() {
+	d, diag, udp := sw.d, sw.diag, sw.udp
 	s := d.flows().BeginSweep(time.Now())
 	clear(udp)
 	tcp := func(so *sockdiag.Socket) {
@@ -182,8 +202,8 @@ func (d *Daemon) sweep(diag sockdiag.Sockets, udp map[uint64]struct{}) {
 	// to TIME_WAIT was once missed by both the dump and the lookup (seen
 	// once in many thousands, age 100 ms), and removing a TIME_WAIT
 	// socket's translation early resets its peer.
-	suspects := make(map[*flow.Flow]struct{}, len(d.suspects))
-	defer func() { d.suspects = suspects }()
+	suspects := make(map[*flow.Flow]struct{}, len(sw.suspects))
+	defer func() { sw.suspects = suspects }()
 	for _, f := range s.End() {
 		if f.Cookie == 0 && (!f.Kernel || f.Proto.IsICMP()) {
 			continue // no socket to follow: idleness ends it
@@ -200,7 +220,7 @@ func (d *Daemon) sweep(diag sockdiag.Sockets, udp map[uint64]struct{}) {
 			d.log.Error("socket lookup", "src", f.Src, "dst", f.Dst, "err", err)
 			continue
 		}
-		if _, again := d.suspects[f]; !again {
+		if _, again := sw.suspects[f]; !again {
 			suspects[f] = struct{}{}
 			continue
 		}
@@ -213,8 +233,9 @@ func (d *Daemon) sweep(diag sockdiag.Sockets, udp map[uint64]struct{}) {
 // expireIdle ends the UDP and echo flows none of whose elements counted a
 // packet for the idle timeout. With the userspace datapath the selector
 // sets count them.
-func (d *Daemon) expireIdle(maps flowMaps, now time.Time, timeout time.Duration) {
-	uses, err := maps.Uses()
+func (sw *sweeper) expireIdle(now time.Time, timeout time.Duration) {
+	d := sw.d
+	uses, err := sw.maps.Uses()
 	if err != nil {
 		d.errors[errSweep].Add(1)
 		d.log.Error("read flow packet counters; no flow ended by idleness this round", "err", err)
@@ -258,22 +279,20 @@ func lookupResult(err error) string {
 
 // reportOverBudget logs, at WARNING, each user whose new flows went past
 // its budget since the last sweep: they failed open (or closed).
-func (d *Daemon) reportOverBudget(maps flowMaps) {
-	over, err := maps.OverBudget()
+func (sw *sweeper) reportOverBudget() {
+	d := sw.d
+	over, err := sw.maps.OverBudget()
 	if err != nil {
 		d.errors[errSweep].Add(1)
 		d.log.Error("read the per-user budget's counts", "err", err)
 		return
 	}
-	if d.overSeen == nil {
-		d.overSeen = map[uint32]uint64{}
-	}
 	how := "sent to the overflow queue (served after the others; dropped while it is full, and their sockets retry)"
 	for uid, n := range over {
-		if n > d.overSeen[uid] {
+		if n > sw.overSeen[uid] {
 			d.log.Warn("a user opened new flows faster than its budget; the rest were "+how, "uid", uid,
-				"over_budget", n-d.overSeen[uid], "total", n, "budget_per_second", d.cfg.Load().Daemon.NewFlowsPerUID)
-			d.overSeen[uid] = n
+				"over_budget", n-sw.overSeen[uid], "total", n, "budget_per_second", d.cfg.Load().Daemon.NewFlowsPerUID)
+			sw.overSeen[uid] = n
 		}
 	}
 }

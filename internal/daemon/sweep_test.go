@@ -127,12 +127,12 @@ func TestSweepRemovesOnlyWhatIsGoneTwice(t *testing.T) {
 	live(ipproto.TCP, 1004, 40)
 	socks.Socks[tuple{Proto: ipproto.UDP, Local: sock(1005)}] = sockdiag.Socket{Local: sock(1005), Cookie: 5}
 
-	udp := map[uint64]struct{}{}
-	d.sweep(socks, udp)
+	sw := newSweeper(d, socks, nil)
+	sw.sweep()
 	if got := removed(d, k); len(got) != 0 {
 		t.Fatalf("the first sweep removed %v: one miss is not enough", got)
 	}
-	d.sweep(socks, udp)
+	sw.sweep()
 	want := []netip.AddrPort{sock(1003), sock(1004), sock(1006)}
 	if got := removed(d, k); len(got) != len(want) || got[0] != want[0] || got[1] != want[1] || got[2] != want[2] {
 		t.Fatalf("removed %v, want %v", got, want)
@@ -148,8 +148,9 @@ func TestSweepDumpErrorRemovesNothing(t *testing.T) {
 	d, k := newSweepDaemon(t)
 	addFlow(t, d, ipproto.TCP, sock(1001), 1)
 	socks := &sockdiagtest.Sockets{Socks: map[tuple]sockdiag.Socket{}, DumpErr: unix.ENOBUFS}
+	sw := newSweeper(d, socks, nil)
 	for range 3 {
-		d.sweep(socks, map[uint64]struct{}{})
+		sw.sweep()
 	}
 	if len(removed(d, k)) != 0 || d.errors[errSweep].Load() != 3 {
 		t.Fatalf("removed %v, sweep errors %d", removed(d, k), d.errors[errSweep].Load())
@@ -168,15 +169,15 @@ func TestExpireIdle(t *testing.T) {
 		{Proto: ipproto.UDP, Reply: true, Src: busy.NewSrc, Dst: busy.Dst, Packets: 5},
 	}}
 	now := time.Now()
-	d.expireIdle(maps, now, 30*time.Second)
+	newSweeper(d, nil, maps).expireIdle(now, 30*time.Second)
 	if busy.Used != 15 || !busy.UsedAt.Equal(now) {
 		t.Fatalf("busy flow's count %d at %v", busy.Used, busy.UsedAt)
 	}
 	if got := removed(d, k); len(got) != 1 || got[0] != idle.Src {
 		t.Fatalf("removed %v, want only the idle flow %v", got, idle.Src)
 	}
-	d.expireIdle(maps, now.Add(29*time.Second), 30*time.Second)
-	d.expireIdle(maps, now.Add(31*time.Second), 30*time.Second)
+	newSweeper(d, nil, maps).expireIdle(now.Add(29*time.Second), 30*time.Second)
+	newSweeper(d, nil, maps).expireIdle(now.Add(31*time.Second), 30*time.Second)
 	if got := removed(d, k); len(got) != 2 || d.flows().Get(tcp.Key) == nil {
 		t.Fatalf("removed %v; a TCP flow with a socket must never idle", got)
 	}
@@ -200,7 +201,7 @@ func TestAdopt(t *testing.T) {
 	dup := live
 	dup.NewSrc = netip.AddrPortFrom(ispB, 2001) // a second element for the same socket tuple
 	maps := &fakeMaps{entries: []nftdp.Entry{live, gone, udp, ping, dup}}
-	if err := d.adopt(socks, maps, noRoutes{}); err != nil {
+	if err := newSweeper(d, socks, maps).adopt(noRoutes{}); err != nil {
 		t.Fatal(err)
 	}
 	if len(maps.deleted) != 2 || maps.deleted[0] != gone || maps.deleted[1] != dup {
@@ -222,14 +223,15 @@ func TestSweepSuspicionClearsWhenSeen(t *testing.T) {
 	addFlow(t, d, ipproto.TCP, sock(1001), 1)
 	gone := &sockdiagtest.Sockets{Socks: map[tuple]sockdiag.Socket{}}
 	back := &sockdiagtest.Sockets{Socks: map[tuple]sockdiag.Socket{{Proto: ipproto.TCP, Local: sock(1001), Remote: peer}: {Local: sock(1001), Remote: peer, Cookie: 1}}}
-	udp := map[uint64]struct{}{}
-	d.sweep(gone, udp) // missed: a suspect
-	d.sweep(back, udp) // seen
-	d.sweep(gone, udp) // missed once more: a suspect again, not removed
+	sw := newSweeper(d, gone, nil)
+	sweep := func(diag sockdiag.Sockets) { sw.diag = diag; sw.sweep() }
+	sweep(gone) // missed: a suspect
+	sweep(back) // seen
+	sweep(gone) // missed once more: a suspect again, not removed
 	if got := removed(d, k); len(got) != 0 {
 		t.Fatalf("removed %v after misses that were not in a row", got)
 	}
-	d.sweep(gone, udp)
+	sweep(gone)
 	if got := removed(d, k); len(got) != 1 {
 		t.Fatalf("removed %v after two misses in a row, want the flow", got)
 	}
@@ -241,8 +243,9 @@ func TestSweepLookupErrorRemovesNothing(t *testing.T) {
 	d, k := newSweepDaemon(t)
 	addFlow(t, d, ipproto.TCP, sock(1001), 1)
 	broken := &sockdiagtest.Sockets{LookupErr: unix.ENOBUFS} // no socket in dumps; every exact lookup fails
+	sw := newSweeper(d, broken, nil)
 	for range 3 {
-		d.sweep(broken, map[uint64]struct{}{})
+		sw.sweep()
 	}
 	if got := removed(d, k); len(got) != 0 || d.shared.Stats.Errors[packet.ErrSocketLookup].Load() != 3 {
 		t.Fatalf("removed %v, lookup errors %d", got, d.shared.Stats.Errors[packet.ErrSocketLookup].Load())
@@ -262,10 +265,11 @@ func TestOverBudgetReportedOncePerRise(t *testing.T) {
 	}
 	d.cfg.Store(cfg)
 	maps := &fakeMaps{over: map[uint32]uint64{1000: 7}}
-	d.reportOverBudget(maps)
-	d.reportOverBudget(maps) // no change: nothing more
+	sw := newSweeper(d, nil, maps)
+	sw.reportOverBudget()
+	sw.reportOverBudget() // no change: nothing more
 	maps.over[1000], maps.over[1001] = 10, 1
-	d.reportOverBudget(maps)
+	sw.reportOverBudget()
 	got := logs.warnings()
 	want := []string{"uid=1000 over_budget=7 total=7", "uid=1000 over_budget=3 total=10", "uid=1001 over_budget=1 total=1"}
 	if len(got) != len(want) {
