@@ -22,10 +22,8 @@
 // removed after everything else, on their own rtnetlink socket (package
 // uplink).
 //
-// The installer (flow.Installer) owns the ordering rule: it alone changes
-// the flow table, each change and its kernel change one step, so the
-// kernel sees them in table order and a flow's elements are in before its
-// first packet is released.
+// The installer (flow.Installer) owns the ordering rule (explained in
+// internal/flow/install.go): it alone changes the flow table.
 package daemon
 
 import (

@@ -9,8 +9,7 @@
 // idle; an echo (ping sockets are not in sock_diag) only so.
 //
 // The table has one writer, the Installer (install.go), which owns the
-// ordering rule: a flow's kernel state is installed before its first
-// packet is released, and changes reach the kernel in table order.
+// ordering rule (explained there).
 package flow
 
 import (

@@ -7,20 +7,34 @@ import (
 	"sync/atomic"
 )
 
-// Installer owns the ordering rule: a flow's kernel state is installed
+// Installer owns the ordering rule, and this is where it is explained;
+// other comments refer here.
+//
+// The ordering rule: a flow's kernel state (its elements) is installed
 // before its first packet is released, and every change to the kernel's
 // flow maps reaches the kernel in the order the table saw it, in as few
 // transactions as possible.
 //
-// It is the only writer of its table (anyone may read it): Add and Remove
-// change the table and enqueue the kernel change as one step, under mu, so
-// that a removal and a later flow with the same tuple reach the kernel in
-// that order. (One write is not under mu: a flow whose kernel state the
-// kernel refused leaves the table from Flush, under flushMu, which
-// Exclusive takes after mu. It needs no kernel change to order.) Whoever
-// needs the changes applied calls Flush: a packet worker before it releases
-// the first packets of a burst, Run for removals. Installed tells whether a
-// flow's state is in.
+// Why: once the first packet (a SYN, a datagram) leaves with the new
+// source, the peer's reply can come back at once, and only the flow's
+// elements turn it back into the socket's tuple; a reply that arrives
+// before them finds no socket on the wire tuple (a SYN-ACK is answered
+// with a reset). The flow's later packets, too, are translated by the
+// elements on the kernel datapath; one that left before them would leave
+// with the socket's own source. And a removal followed by a new flow on
+// the same tuple must reach the kernel in that order, or the new flow's
+// elements would be deleted.
+//
+// How: the installer is the only writer of its table (anyone may read
+// it): Add and Remove change the table and enqueue the kernel change as
+// one step, under mu, so that changes are enqueued in table order. (One
+// write is not under mu: a flow whose kernel state the kernel refused
+// leaves the table from Flush, under flushMu, which Exclusive takes after
+// mu. It needs no kernel change to order.) Whoever needs the changes
+// applied calls Flush: a packet worker before it releases the first
+// packets of a burst (it holds them until then), Run for removals.
+// Installed tells whether a flow's state is in, so that a later packet of
+// a flow whose elements are on their way waits too.
 type Installer struct {
 	table  *Table
 	kernel Kernel

@@ -267,8 +267,8 @@ func (w *Worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 
 // follow sends a datagram of a decided flow the way its first went: as it
 // is for a pass; translated for a translation, held behind the batch's
-// transaction if its elements are not in yet, so it cannot overtake the
-// first.
+// transaction if its elements are not in yet (the ordering rule,
+// flow.Installer), so it cannot overtake the first.
 func (w *Worker) follow(p *queue.Packet, t *rewrite.Packet, f *flow.Flow) {
 	switch {
 	case f.Pass:
@@ -637,7 +637,8 @@ func (w *Worker) lookupFailed(p *queue.Packet, t *rewrite.Packet, err error) {
 }
 
 // hold rewrites a flow's first packet (a SYN: with its MSS clamped) and
-// keeps it until the batch's elements are installed (see EndBatch).
+// keeps it until the batch's elements are installed (see EndBatch; the
+// ordering rule, flow.Installer).
 func (w *Worker) hold(p *queue.Packet, t *rewrite.Packet, f *flow.Flow) {
 	rewrite.SetSource(p.Payload, t, f.NewSrc)
 	if f.MSS != 0 {
@@ -655,7 +656,7 @@ func (w *Worker) hold(p *queue.Packet, t *rewrite.Packet, f *flow.Flow) {
 
 // EndBatch runs before the queue sends its batch of verdicts: install the
 // batch's elements in one transaction (the passes' too), then release its
-// held packets, in the order they came.
+// held packets, in the order they came (the ordering rule, flow.Installer).
 func (w *Worker) EndBatch() {
 	if w.nheld == 0 && !w.passed {
 		return
