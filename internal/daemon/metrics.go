@@ -35,15 +35,22 @@ type metrics struct {
 func newMetrics(d *Daemon) *metrics {
 	m := &metrics{
 		reg: prometheus.NewRegistry(),
+		// rule: the rule's name, "host mark", or "none" (the normal route).
 		decisions: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rerouted_decisions_total",
-			Help: "New flows decided, by the rule that decided them (\"host mark\", or \"none\": the normal route)."}, []string{"rule"}),
+			Help: "New flows decided, by the rule that decided them."}, []string{"rule"}),
+		// Its decision: the socket, the owner, the policy, the route, the port.
 		latency: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "rerouted_decision_seconds",
-			Help:    "Time from a new flow's first packet reaching the daemon to its decision (socket, owner, policy, route, port).",
+			Help:    "Time from a new flow's first packet at the daemon to its decision.",
 			Buckets: prometheus.ExponentialBuckets(5e-6, 2.5, 12)}),
+		// what: of the nft table, table, chain, set, rule, element, foreign
+		// or check; of managed routing, route or ip_rule.
 		repairs: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rerouted_repairs_total",
-			Help: "Repairs of rerouted's state after another program changed it: its nft table (what: table, chain, set, rule, element, foreign, check) or managed routing (route, ip_rule)."}, []string{"what"}),
+			Help: "Repairs of rerouted's table or routing after another program changed it."}, []string{"what"}),
+		// how: redecided (UDP and ping flows, with the uplink's new
+		// address), reset (TCP connections), removed (with reset_tcp =
+		// false, or a socket that cannot be reset: the translation only).
 		moved: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rerouted_flows_moved_total",
-			Help: "Flows whose source address went away: UDP and ping flows redecided with the uplink's new address, TCP connections reset (or, with reset_tcp = false, their translation removed)."}, []string{"uplink", "how"}),
+			Help: "Flows whose source address went away, by uplink and how they moved."}, []string{"uplink", "how"}),
 		transitions: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rerouted_uplink_transitions_total",
 			Help: "Uplink state changes (up to down or back), by uplink and family."}, []string{"uplink", "family"}),
 	}
@@ -56,23 +63,29 @@ func newMetrics(d *Daemon) *metrics {
 		{"rerouted_syns_total", "TCP SYNs decided.", d.shared.Stats.SYNs.Load},
 		{"rerouted_datagram_flows_total", "UDP and echo flows decided.", d.shared.Stats.Datagrams.Load},
 		{"rerouted_translated_total", "New flows translated.", d.shared.Stats.Translated.Load},
-		{"rerouted_raw_syns_total", "SYNs no TCP socket owns (sent on raw sockets: traceroute -T, SYN scans): decided by the rules without owner keys; their flows end by idleness.", d.shared.Stats.RawSYNs.Load},
+		// Sent on raw sockets (traceroute -T, SYN scans): decided by the
+		// rules without owner keys; their flows end by idleness.
+		{"rerouted_raw_syns_total", "SYNs no TCP socket owns (raw sockets).", d.shared.Stats.RawSYNs.Load},
 		{"rerouted_retransmitted_syns_total", "Retransmitted SYNs of translated flows.", d.shared.Stats.Retrans.Load},
 		{"rerouted_dropped_packets_total", "Packets the daemon dropped (their sockets retry).", d.shared.Stats.Dropped.Load},
-		{"rerouted_service_datagram_flows_total", "UDP flows from a local service's socket (unconnected, bound outside the ephemeral ports) that reached the daemon: decided by owner rules only.", d.shared.Stats.Service.Load},
-		{"rerouted_refused_total", "New flows refused because every uplink of their rule was down (on_down = \"drop\").", d.shared.Stats.Refused.Load},
+		// A service's socket: unconnected, bound outside the ephemeral ports.
+		{"rerouted_service_datagram_flows_total", "UDP flows from a local service's socket, decided by owner rules only.", d.shared.Stats.Service.Load},
+		{"rerouted_refused_total", "New flows refused: every uplink of their rule was down (on_down = \"drop\").", d.shared.Stats.Refused.Load},
 		{"rerouted_icmp_errors_readdressed_total", "ICMP errors readdressed to a translated flow's socket.", d.shared.Stats.ICMPErrors.Load},
 		{"rerouted_udp_socket_closed_total", "UDP flows ended as the kernel announced their socket's end.", d.udpClosed.Load},
 		{"rerouted_idle_ended_total", "UDP and echo flows ended by idleness.", d.idle.Load},
 		{"rerouted_forwarded_packets_total", "Userspace datapath: packets rewritten after the first.", d.shared.Stats.Forwarded.Load},
 		{"rerouted_forwarded_bytes_total", "Userspace datapath: their bytes.", d.shared.Stats.Bytes.Load},
-		{"rerouted_flow_transactions_total", "nftables transactions that installed or removed flows' elements; each is a new generation of the host's ruleset, which restarts an nft listing in progress.", func() uint64 { return d.dp.Transactions() }},
+		// Each is a new generation of the host's ruleset, which restarts an
+		// nft listing in progress.
+		{"rerouted_flow_transactions_total", "nftables transactions that installed or removed flows' elements.", func() uint64 { return d.dp.Transactions() }},
 	} {
 		v := c.v
 		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: c.name, Help: c.help}, func() float64 { return float64(v()) }))
 	}
+	// The new source went away when an uplink was renumbered.
 	m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "rerouted_stale_source_drops_total",
-		Help: "Translated packets dropped in the kernel because their new source was no longer the host's (an uplink renumbered)."},
+		Help: "Translated packets the kernel dropped: their new source is no longer the host's."},
 		func() float64 {
 			n, err := d.dp.StaleDrops()
 			if err != nil {
@@ -140,11 +153,11 @@ func newMetrics(d *Daemon) *metrics {
 	}
 	for r := packet.ExceptionReason(0); r < packet.ExceptionReasons; r++ {
 		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "rerouted_kernel_exceptions_total",
-			Help: "Host-marked first packets the kernel could not decide, which the daemon did, by reason.", ConstLabels: prometheus.Labels{"reason": packet.ExceptionReasonNames[r]}},
+			Help: "Host-marked first packets the kernel left to the daemon, by reason.", ConstLabels: prometheus.Labels{"reason": packet.ExceptionReasonNames[r]}},
 			func() float64 { return float64(d.shared.Stats.Exceptions[r].Load()) }))
 	}
 	m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "rerouted_kernel_moved_total",
-		Help: "Kernel-decided flows moved to another port because a native socket owned their wire tuple."},
+		Help: "Kernel-decided flows moved to another port: a socket owned their wire tuple."},
 		func() float64 { return float64(d.shared.Stats.Moved.Load()) }))
 	m.reg.MustRegister(errorCounters(d.shared.Stats, &d.counts)...)
 	return m
@@ -230,8 +243,9 @@ func uplinkName(names map[uint32]string, f *flow.Flow) string {
 
 var (
 	queuePacketsDesc = prometheus.NewDesc("rerouted_queue_packets_total", "Packets the kernel queued to the daemon.", []string{"queue"}, nil)
-	queueDropsDesc   = prometheus.NewDesc("rerouted_queue_drops_total",
-		"Packets the kernel could not queue: the queue was full (reason queue_full) or the socket buffer was (reason socket_full).", []string{"queue", "reason"}, nil)
+	// reason: queue_full (the queue was), socket_full (the socket's buffer was).
+	queueDropsDesc = prometheus.NewDesc("rerouted_queue_drops_total",
+		"Packets the kernel could not queue, by queue and reason.", []string{"queue", "reason"}, nil)
 )
 
 // queueCollector reads the kernel's per-queue counters
@@ -270,7 +284,7 @@ func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
 
 var (
 	uplinkUpDesc  = prometheus.NewDesc("rerouted_uplink_up", "1 if the uplink is up for the family (link, address, route, probes), else 0.", []string{"uplink", "family"}, nil)
-	probeRTTDesc  = prometheus.NewDesc("rerouted_uplink_probe_rtt_seconds", "The last probe round's best round-trip time through the uplink ([uplink.health]).", []string{"uplink", "family"}, nil)
+	probeRTTDesc  = prometheus.NewDesc("rerouted_uplink_probe_rtt_seconds", "The best round-trip time of the uplink's last probe round.", []string{"uplink", "family"}, nil)
 	probeLossDesc = prometheus.NewDesc("rerouted_uplink_probe_loss_ratio", "The share of the last 10 probe rounds in which every target failed.", []string{"uplink", "family"}, nil)
 )
 
@@ -297,8 +311,9 @@ func (c *uplinkCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
+// Past its budget (new_flows_per_uid): sent to the overflow queue.
 var overBudgetDesc = prometheus.NewDesc("rerouted_uid_over_budget_total",
-	"New flows of a user past its budget (new_flows_per_uid), sent to the overflow queue, by uid.", []string{"uid"}, nil)
+	"New flows of a user past its budget, by uid.", []string{"uid"}, nil)
 
 // budgetCollector reads the kernel's per-uid counts at scrape time.
 type budgetCollector struct{ d *Daemon }

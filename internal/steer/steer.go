@@ -336,9 +336,14 @@ func (s *Steering) List(cfg *policy.Config, fn func(control.FlowInfo) error) err
 	return nil
 }
 
-// Desc describes the program's counts (Collect).
+// Desc describes the program's counts (Collect). result: steered (bound
+// to an uplink), default (left to the host's routing), refused (on_down =
+// "drop"), stopped (a rule only the daemon can decide: left to the
+// queue), bind_failed (bound already: left to the queue), no_match; and
+// datagram_source: unconnected UDP datagrams given their uplink's source
+// address (sendmsg).
 var Desc = prometheus.NewDesc("rerouted_connect_decisions_total",
-	"connect() calls the connect-time program decided, by result: steered (bound to an uplink), default (left to the host's routing), refused (on_down = \"drop\"), stopped (a rule only the daemon can decide: left to the queue), bind_failed (bound already: left to the queue), no_match; datagram_source: unconnected UDP datagrams given their uplink's source address (sendmsg).",
+	"connect() calls the connect-time program decided, by result.",
 	[]string{"result"}, nil)
 
 // Collect reports the program's counts.
