@@ -84,12 +84,11 @@ type Options struct {
 
 // Daemon is one running instance. What the packet path shares with the
 // rest (the installer and, through it, the flow table; the datapath, the
-// failure mode and the port range; the packet path's counts) is in shared,
-// once: the daemon reads it there.
+// failure mode and the port range; the debug stream; the packet path's
+// counts) is in shared, once: the daemon reads it there.
 type Daemon struct {
 	cfg     atomic.Pointer[policy.Config] // swapped whole on reload
 	log     *slog.Logger
-	events  *events.Writer
 	steer   atomic.Pointer[steer.Steering] // connect-time steering, once it runs; nil when off (read by the probes, the routing keeper, the control server, the metrics)
 	dp      *nftdp.Datapath
 	uplinks uplink.States   // each uplink's state, per family
@@ -169,8 +168,7 @@ func newDaemon(o Options) *Daemon {
 		if kinds == 0 {
 			kinds = events.All
 		}
-		d.events = events.NewWriter(o.Events, kinds)
-		d.shared.Events = d.events
+		d.shared.Events = events.NewWriter(o.Events, kinds)
 	}
 	return d
 }

@@ -65,7 +65,7 @@ func (d *Daemon) moveStale(r *uplink.Routing, diag sockdiag.Sockets, rt *route.C
 				to = r.Src
 			}
 		}
-		d.events.Move(f, how, to)
+		d.shared.Events.Move(f, how, to)
 		d.log.Warn("a flow's source address went away; moved it", "proto", f.Proto.String(), "src", f.Src, "dst", f.Dst,
 			"gone", f.NewSrc.Addr(), "how", how, "next_src", to, "uplink", name)
 	}

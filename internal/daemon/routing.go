@@ -79,7 +79,7 @@ func (d *Daemon) keepRouting(ctx context.Context, r *uplink.Routing, diag sockdi
 // stream, the metrics.
 func (d *Daemon) uplinkChanged(st uplink.Status) {
 	d.metrics.transitions.WithLabelValues(st.Uplink, st.Family).Inc()
-	d.events.Uplink(st)
+	d.shared.Events.Uplink(st)
 	if st.Up {
 		d.log.Warn("uplink is up", "uplink", st.Uplink, "family", st.Family)
 		return

@@ -12,7 +12,7 @@ import (
 
 // startSteering loads and attaches the program, and installs cfg's image.
 func (d *Daemon) startSteering(cfg *policy.Config) error {
-	s, err := steer.Open(cfg, steer.Deps{Datapath: d.dp, States: &d.uplinks, Events: d.events, Log: d.log,
+	s, err := steer.Open(cfg, steer.Deps{Datapath: d.dp, States: &d.uplinks, Events: d.shared.Events, Log: d.log,
 		Moved: d.metrics.moved, LookupErrors: &d.shared.Stats.Errors[packet.ErrSocketLookup]})
 	if err != nil {
 		return err

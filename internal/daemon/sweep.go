@@ -87,7 +87,7 @@ func (sw *sweeper) adopt(rt packet.Routes) error {
 		}
 		adopted++
 		if !f.Pass {
-			d.events.Flow("ADOPT", f)
+			d.shared.Events.Flow("ADOPT", f)
 		}
 	}
 	if len(gone) > 0 {
