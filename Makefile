@@ -58,8 +58,12 @@ deps-kernels:
 		else echo "not root: not installing$$missing (make test-kernels will skip)"; fi; \
 	fi
 
+# The demo runs in rerouted-lab, which runs the rerouted built beside it
+# (the daemon does not link the namespace world).
 demo: deps
-	$(GO) run ./cmd/rerouted demo
+	@$(GO) build -ldflags '$(LDFLAGS)' -o bin/rerouted ./cmd/rerouted
+	@$(GO) build -o bin/rerouted-lab ./cmd/rerouted-lab
+	bin/rerouted-lab demo
 
 lint: deps
 	@bad=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \

@@ -12,9 +12,9 @@ import (
 // problem, fixes it, and cleans up after itself.
 func TestDemo(t *testing.T) {
 	worldtest.Require(t)
-	out, err := exec.Command(bin, "demo").CombinedOutput()
+	out, err := exec.Command(lab, "demo").CombinedOutput()
 	if err != nil {
-		t.Fatalf("rerouted demo: %v\n%s", err, out)
+		t.Fatalf("rerouted-lab demo: %v\n%s", err, out)
 	}
 	for _, want := range []string{
 		"packets with a foreign source: the SYN left through ISP B carrying 198.51.100.2",

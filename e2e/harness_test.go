@@ -21,12 +21,13 @@ import (
 	"github.com/rerouted/rerouted/internal/networld/worldtest"
 )
 
-// BinEnv names a directory holding rerouted and worldclient already built;
+// BinEnv names a directory holding rerouted, rerouted-lab and worldclient already built;
 // without it TestMain builds them (with the tests' -race, if any).
 const BinEnv = "REROUTED_E2E_BIN"
 
 var (
 	bin        string   // the rerouted binary under test
+	lab        string   // rerouted-lab (demo, bench), beside bin: it runs that rerouted
 	client     string   // the test world's client program (internal/networld/cmd/worldclient)
 	buildFlags []string // -race when the tests run under the race detector
 )
@@ -38,12 +39,13 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	bin = filepath.Join(dir, "rerouted")
+	lab = filepath.Join(dir, "rerouted-lab")
 	client = filepath.Join(dir, "worldclient")
 	if pre := os.Getenv(BinEnv); pre != "" {
 		// Built beforehand: a guest of `make test-kernels` runs no go.
-		bin, client = filepath.Join(pre, "rerouted"), filepath.Join(pre, "worldclient")
+		bin, lab, client = filepath.Join(pre, "rerouted"), filepath.Join(pre, "rerouted-lab"), filepath.Join(pre, "worldclient")
 	} else {
-		for out, pkg := range map[string]string{bin: "../cmd/rerouted", client: "../internal/networld/cmd/worldclient"} {
+		for out, pkg := range map[string]string{bin: "../cmd/rerouted", lab: "../cmd/rerouted-lab", client: "../internal/networld/cmd/worldclient"} {
 			if b, err := exec.Command("go", append(append([]string{"build"}, buildFlags...), "-o", out, pkg)...).CombinedOutput(); err != nil {
 				fmt.Fprintf(os.Stderr, "build %s: %v\n%s", pkg, err, b)
 				os.Exit(1)

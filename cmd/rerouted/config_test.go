@@ -81,7 +81,7 @@ func TestDefaultConfigAndOverride(t *testing.T) {
 
 // The usage text is the one list of the commands main dispatches.
 func TestUsageListsEveryCommand(t *testing.T) {
-	for _, c := range []string{"run", "check", "doctor", "flows", "uplinks", "explain", "demo", "bench", "version", "help"} {
+	for _, c := range []string{"run", "check", "doctor", "flows", "uplinks", "explain", "version", "help"} {
 		if !strings.Contains(usage, "\n  "+c+" ") {
 			t.Errorf("usage does not list %q", c)
 		}

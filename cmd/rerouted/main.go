@@ -48,9 +48,6 @@ var usage = `usage: rerouted COMMAND [FLAGS]
                       addresses, flows
   explain [--config FILE] --pid PID --dst ADDR:PORT [--protocol tcp|udp|icmp]
                       which rule a new connection from PID would match, and why
-  demo                show the problem and the fix in network namespaces
-  bench [--record BENCHMARKS.md]
-                      measure rerouted against the limit and MASQUERADE
   version             version, commit and Go version of this binary
   help                print this list of commands
 
@@ -86,16 +83,8 @@ func main() {
 		code = cmdUplinks(args)
 	case "explain":
 		code = cmdExplain(args)
-	case "demo":
-		code = cmdDemo(args)
-	case "bench":
-		code = cmdBench(args)
 	case "version", "--version":
 		code = cmdVersion(args)
-	case "bench-client": // the bench's helper process
-		code = cmdBenchClient(args)
-	case "bench-busy": // the bench's busy host
-		code = cmdBenchBusy(args)
 	case "-h", "--help", "help":
 		fmt.Print(usage)
 	default:

@@ -170,6 +170,7 @@ func buildTests(ctx context.Context, dir string) error {
 	for _, args := range [][]string{
 		{"test", "-c", "-o", filepath.Join(dir, "e2e.test"), "./e2e"},
 		{"build", "-o", filepath.Join(dir, "rerouted"), "./cmd/rerouted"},
+		{"build", "-o", filepath.Join(dir, "rerouted-lab"), "./cmd/rerouted-lab"},
 		{"build", "-o", filepath.Join(dir, "worldclient"), "./internal/networld/cmd/worldclient"},
 	} {
 		cmd := exec.CommandContext(ctx, "go", args...)

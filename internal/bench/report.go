@@ -72,7 +72,7 @@ func Machine() string {
 		unix.ByteSliceToString(u.Release[:]), runtime.Version(), time.Now().UTC().Format("2006-01-02"))
 }
 
-// Markers delimit the section of BENCHMARKS.md that `rerouted bench
+// Markers delimit the section of BENCHMARKS.md that `rerouted-lab bench
 // --record` rewrites.
 const (
 	markStart = "<!-- rerouted bench: start -->"

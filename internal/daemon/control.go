@@ -15,7 +15,7 @@ type controlSource struct{ d *Daemon }
 func (s controlSource) Flows(fn func(control.FlowInfo) error) error {
 	d := s.d
 	now := time.Now()
-	for _, f := range d.flows.Snapshot() {
+	for _, f := range d.flows().Snapshot() {
 		if f.Pass {
 			continue // a cached decision not to translate: nothing to show
 		}
@@ -40,7 +40,7 @@ func (s controlSource) Uplinks() []control.UplinkInfo {
 		v6   bool
 	}
 	flows := map[key]int{}
-	for _, f := range d.flows.Snapshot() {
+	for _, f := range d.flows().Snapshot() {
 		if !f.Pass {
 			flows[key{f.Mark, f.Dst.Addr().Is6()}]++
 		}

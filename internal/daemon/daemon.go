@@ -22,10 +22,8 @@
 // removed after everything else, on their own rtnetlink socket (package
 // uplink).
 //
-// The installer (flow.Installer) owns the ordering rule: it alone changes
-// the flow table, each change and its kernel change one step, so the
-// kernel sees them in table order and a flow's elements are in before its
-// first packet is released.
+// The installer (flow.Installer) owns the ordering rule (explained in
+// internal/flow/install.go): it alone changes the flow table.
 package daemon
 
 import (
@@ -84,34 +82,45 @@ type Options struct {
 	InsecureConfig bool
 }
 
-// Daemon is one running instance.
+// Daemon is one running instance. What the packet path shares with the
+// rest (the installer and, through it, the flow table; the datapath, the
+// failure mode and the port range; the debug stream; the packet path's
+// counts) is in shared, once: the daemon reads it there.
 type Daemon struct {
 	cfg     atomic.Pointer[policy.Config] // swapped whole on reload
 	log     *slog.Logger
-	events  *events.Writer
 	steer   atomic.Pointer[steer.Steering] // connect-time steering, once it runs; nil when off (read by the probes, the routing keeper, the control server, the metrics)
 	dp      *nftdp.Datapath
-	flows   *flow.Table     // read anywhere; flows enter and leave only through inst
 	uplinks uplink.States   // each uplink's state, per family
 	balance uplink.Balancer // balance rules' choices, and the sticky ones kept
 	// routingChanged wakes the routing keeper (keepRouting), as a routing
 	// change does.
 	routingChanged chan<- struct{}
-	inst           *flow.Installer
 	shared         *packet.Shared // what the packet path shares with the rest
 	metrics        *metrics
-	suspects       map[*flow.Flow]struct{} // flows whose socket the last sweep found gone (sweeper only)
-	overSeen       map[uint32]uint64       // each uid's over-budget count last reported (sweeper only)
-	resync         atomic.Bool             // records of the kernel's decisions were lost: the sweeper reads the maps
+	resync         atomic.Bool // records of the kernel's decisions were lost: the sweeper reads the maps
 	notify         func(state string)
 	insecure       bool // InsecureConfig
 
-	userspace      bool          // every packet of a translated flow goes through the workers
-	failClosed     bool          // on_failure = "closed"
-	routing        atomic.Uint64 // bumped on every routing change: route caches are stale
-	portLo, portHi uint16
-	stats          packet.Stats
+	routing atomic.Uint64   // bumped on every routing change: route caches are stale
+	counts                  // the daemon's own counts (the packet path's are shared.Stats)
+	sweeper *sweeper        // once the table is open
+	reloads <-chan struct{} // Options.Reload
+
+	// The lifecycle (Run): open adds to undo what close undoes; stop ends
+	// every goroutine's context; detached (set by serve, read by close)
+	// leaves the kernel state for the next start.
+	undo     []func() error
+	stop     context.CancelFunc
+	wg       sync.WaitGroup
+	detached bool
 }
+
+// inst is the installer: flows enter and leave the table only through it.
+func (d *Daemon) inst() *flow.Installer { return d.shared.Install }
+
+// flows is the flow table, for reading (the installer's).
+func (d *Daemon) flows() *flow.Table { return d.shared.Install.Table() }
 
 // ErrDetached is returned by Run when it stopped for a restart (Detach),
 // leaving the kernel state for the next start.
@@ -128,59 +137,118 @@ const (
 // Run runs the daemon until ctx is done, then removes everything it
 // installed. It returns once the host is back as it found it.
 func Run(ctx context.Context, o Options) (err error) {
-	cfg := o.Config
 	// The heap is mostly long-lived flow state: collect at 50% growth
 	// rather than 100%, a little CPU for a third less memory.
 	debug.SetGCPercent(50)
-	d := &Daemon{log: o.Log, flows: flow.NewTable(), userspace: cfg.Daemon.Datapath == "userspace", notify: o.Notify,
-		insecure: o.InsecureConfig, failClosed: cfg.Daemon.FailClosed}
+	d := newDaemon(o)
+	runCtx, stop := context.WithCancel(ctx)
+	d.stop = stop
+	defer func() { err = errors.Join(err, d.close()) }()
+	if err := d.open(runCtx); err != nil {
+		return err
+	}
+	return d.serve(ctx, o.Detach)
+}
+
+// newDaemon is the daemon of o, with nothing opened yet.
+func newDaemon(o Options) *Daemon {
+	cfg := o.Config
+	d := &Daemon{log: o.Log, notify: o.Notify, insecure: o.InsecureConfig, reloads: o.Reload}
 	if d.notify == nil {
 		d.notify = func(string) {}
 	}
 	d.cfg.Store(cfg)
-	d.inst = flow.NewInstaller(d.flows, newFlowKernel(d), d.installFailed)
+	d.shared = &packet.Shared{Config: &d.cfg, Uplinks: &d.uplinks, Balance: &d.balance, Log: d.log, Stats: new(packet.Stats),
+		Userspace: cfg.Daemon.Datapath == "userspace", FailClosed: cfg.Daemon.FailClosed}
+	d.shared.Install = flow.NewInstaller(newFlowKernel(d), d.installFailed)
 	d.metrics = newMetrics(d)
+	d.shared.Decisions, d.shared.Latency = d.metrics.decisions, d.metrics.latency
 	if o.Events != nil {
 		kinds := o.EventKinds
 		if kinds == 0 {
 			kinds = events.All
 		}
-		d.events = events.NewWriter(o.Events, kinds)
+		d.shared.Events = events.NewWriter(o.Events, kinds)
 	}
+	return d
+}
+
+// atClose adds to what close undoes, last first.
+func (d *Daemon) atClose(undo func() error) { d.undo = append(d.undo, undo) }
+
+// close stops every goroutine and removes what open installed, in the
+// reverse order (with detached, leaving the kernel state for the next
+// start).
+func (d *Daemon) close() error {
+	var err error
+	for i := len(d.undo) - 1; i >= 0; i-- {
+		err = errors.Join(err, d.undo[i]())
+	}
+	d.undo = nil
+	return err
+}
+
+// open installs everything and starts every goroutine, each under ctx,
+// the packet workers last. What it did is undone by close, also when it
+// fails part of the way.
+func (d *Daemon) open(ctx context.Context) error {
+	cfg := d.cfg.Load()
 	if err := uplink.CheckInterfaces(cfg.Uplinks); err != nil {
 		return err
 	}
-	if d.portLo, d.portHi, err = localPortRange(); err != nil {
+	var err error
+	if d.shared.PortLo, d.shared.PortHi, err = localPortRange(); err != nil {
 		return err
 	}
-	d.shared = &packet.Shared{Config: &d.cfg, Install: d.inst, Uplinks: &d.uplinks, Balance: &d.balance,
-		Events: d.events, Log: d.log, Stats: &d.stats, Decisions: d.metrics.decisions, Latency: d.metrics.latency,
-		PortLo: d.portLo, PortHi: d.portHi, Userspace: d.userspace, FailClosed: d.failClosed}
 	// One daemon per table, before anything is touched: a second one
 	// must leave the first one's table, queues and routing alone.
 	lock, err := instance.Acquire(nftdp.TableName)
 	if err != nil {
 		return err
 	}
-	var undo []func() error // teardown, run in reverse
-	defer func() {
-		for i := len(undo) - 1; i >= 0; i-- {
-			err = errors.Join(err, undo[i]())
+	d.atClose(lock.Release)
+	d.atClose(func() error { d.stop(); d.wg.Wait(); return nil })
+	if err := d.openRouting(ctx, cfg); err != nil {
+		return err
+	}
+	sweepDiag, err := sockdiag.Open()
+	if err != nil {
+		return err
+	}
+	d.atClose(sweepDiag.Close)
+	ctl, err := instance.ListenControl(cfg.Daemon.ControlSocket, d.log)
+	if err != nil {
+		return err
+	}
+	d.atClose(func() error {
+		err := ctl.Close() // the control server may have closed it already
+		if errors.Is(err, net.ErrClosed) {
+			err = nil
 		}
-	}()
-	undo = append(undo, lock.Release)
-	runCtx, stop := context.WithCancel(ctx)
-	var wg sync.WaitGroup
-	undo = append(undo, func() error { stop(); wg.Wait(); return nil })
+		if rerr := os.Remove(cfg.Daemon.ControlSocket); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
+			err = errors.Join(err, rerr)
+		}
+		return err
+	})
+	if err := d.openTable(ctx, cfg, sweepDiag); err != nil {
+		return err
+	}
+	if err := d.startServices(ctx, cfg, sweepDiag, ctl); err != nil {
+		return err
+	}
+	return d.startWorkers(ctx, cfg)
+}
 
-	// Managed uplinks' routing first: the table's rules rely on it.
+// openRouting installs managed uplinks' routing (the table's rules rely on
+// it), reads every uplink's state, and starts what keeps them current:
+// the routing watcher, the health probes and the routing keeper.
+func (d *Daemon) openRouting(ctx context.Context, cfg *policy.Config) error {
 	routing, err := uplink.Install(cfg, d.log)
 	if err != nil {
 		return err
 	}
-	var detached bool // set before the undo list runs: keep the kernel state
-	undo = append(undo, func() error {
-		if detached {
+	d.atClose(func() error {
+		if d.detached {
 			routing.Close()
 			return nil
 		}
@@ -198,27 +266,27 @@ func Run(ctx context.Context, o Options) (err error) {
 	}
 	changed := make(chan struct{}, 1) // a routing change: check the managed routing, states and flows
 	d.routingChanged = changed
-	watched, err := route.Watch(runCtx, &d.routing, changed)
+	watched, err := route.Watch(ctx, &d.routing, changed)
 	if err != nil {
 		return err
 	}
-	undo = append(undo, func() error { stop(); <-watched; return nil })
+	d.atClose(func() error { d.stop(); <-watched; return nil })
 	moveDiag, err := sockdiag.Open()
 	if err != nil {
 		return err
 	}
-	undo = append(undo, moveDiag.Close)
+	d.atClose(moveDiag.Close)
 	moveRoutes, err := route.NewCache(&d.routing)
 	if err != nil {
 		return err
 	}
-	undo = append(undo, func() error { moveRoutes.Close(); return nil })
+	d.atClose(func() error { moveRoutes.Close(); return nil })
 	for _, u := range cfg.Uplinks {
 		if u.Health != nil {
-			wg.Add(1)
+			d.wg.Add(1)
 			go func() {
-				defer wg.Done()
-				uplink.RunProbes(runCtx, u, &d.uplinks, func(ts []uplink.Transition) {
+				defer d.wg.Done()
+				uplink.RunProbes(ctx, u, &d.uplinks, func(ts []uplink.Transition) {
 					d.republish() // before the announcement, as keepRouting does
 					for _, tr := range ts {
 						d.uplinkChanged(tr.Status)
@@ -228,31 +296,17 @@ func Run(ctx context.Context, o Options) (err error) {
 		}
 	}
 	kept := make(chan struct{})
-	go func() { defer close(kept); d.keepRouting(runCtx, routing, moveDiag, moveRoutes, changed) }()
-	undo = append(undo, func() error { stop(); <-kept; return nil }) // before its sockets close
-	sweepDiag, err := sockdiag.Open()
-	if err != nil {
-		return err
-	}
-	undo = append(undo, sweepDiag.Close)
+	go func() { defer close(kept); d.keepRouting(ctx, routing, moveDiag, moveRoutes, changed) }()
+	d.atClose(func() error { d.stop(); <-kept; return nil }) // before its sockets close
+	return nil
+}
 
-	ctl, err := instance.ListenControl(cfg.Daemon.ControlSocket, d.log)
-	if err != nil {
-		return err
-	}
-	undo = append(undo, func() error {
-		err := ctl.Close() // the control server may have closed it already
-		if errors.Is(err, net.ErrClosed) {
-			err = nil
-		}
-		if rerr := os.Remove(cfg.Daemon.ControlSocket); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
-			err = errors.Join(err, rerr)
-		}
-		return err
-	})
-
+// openTable installs the nftables table (or adopts the flows of the one
+// an earlier run left, with the sweeper's socket), and starts guarding it.
+func (d *Daemon) openTable(ctx context.Context, cfg *policy.Config, sweepDiag sockdiag.Sockets) error {
+	var err error
 	nq := uint16(cfg.Daemon.Queues)
-	if d.dp, err = nftdp.Install(cfg.Daemon.Queue, nq, d.userspace, cfg.Daemon.IdleTimeout, nftdp.FilterOf(cfg)); err != nil {
+	if d.dp, err = nftdp.Install(cfg.Daemon.Queue, nq, d.shared.Userspace, cfg.Daemon.IdleTimeout, nftdp.FilterOf(cfg)); err != nil {
 		return err
 	}
 	if d.dp.DefragErr != nil {
@@ -262,9 +316,9 @@ func Run(ctx context.Context, o Options) (err error) {
 	if d.dp.Replaced {
 		d.log.Warn("removed a table left by an earlier run; its flows are no longer translated", "table", "inet "+nftdp.TableName)
 	}
-	undo = append(undo, func() error {
-		n := d.flows.Len()
-		if detached {
+	d.atClose(func() error {
+		n := d.flows().Len()
+		if d.detached {
 			d.log.Info("left the table for the next start", "table", "inet "+nftdp.TableName, "flows", n)
 			return d.dp.Close()
 		}
@@ -272,12 +326,13 @@ func Run(ctx context.Context, o Options) (err error) {
 		d.log.Info("removed table", "table", "inet "+nftdp.TableName, "flows", n)
 		return err
 	})
+	d.sweeper = newSweeper(d, sweepDiag, d.dp)
 	if d.dp.Adopted {
 		rt, err := route.NewCache(&d.routing)
 		if err != nil {
 			return err
 		}
-		err = d.adopt(sweepDiag, d.dp, rt)
+		err = d.sweeper.adopt(rt)
 		rt.Close()
 		if err != nil {
 			return err
@@ -290,14 +345,21 @@ func Run(ctx context.Context, o Options) (err error) {
 		return err
 	}
 	guarded := make(chan struct{})
-	go func() { defer close(guarded); d.guardTable(runCtx, mon) }()
-	undo = append(undo, func() error { stop(); <-guarded; return mon.Close() })
+	go func() { defer close(guarded); d.guardTable(ctx, mon) }()
+	d.atClose(func() error { d.stop(); <-guarded; return mon.Close() })
+	return nil
+}
 
+// startServices starts what works beside the packet path: connect-time
+// steering, the learner of the kernel's decisions, the watcher of UDP
+// sockets' ends, the metrics server, the installer, the sweeper, the
+// control server and the reloader.
+func (d *Daemon) startServices(ctx context.Context, cfg *policy.Config, sweepDiag sockdiag.Sockets, ctl net.Listener) error {
 	if cfg.Daemon.Steering == "connect" {
 		if err := d.startSteering(cfg); err != nil {
 			d.log.Warn("connect-time steering is not available: every new flow is decided at the queue", "err", err)
 		} else {
-			undo = append(undo, func() error { return d.stopSteering(detached) })
+			d.atClose(func() error { return d.stopSteering(d.detached) })
 		}
 	}
 
@@ -306,11 +368,11 @@ func Run(ctx context.Context, o Options) (err error) {
 	if d.dp.HostMarkErr != nil {
 		d.log.Warn("the kernel cannot decide host-marked flows itself: they are decided at the queue", "err", d.dp.HostMarkErr)
 	} else if cfg.Daemon.HonorMarks && cfg.Daemon.HostMarks == "kernel" {
-		stopLearning, err := d.startLearning(runCtx)
+		stopLearning, err := d.startLearning(ctx)
 		if err != nil {
 			return err
 		}
-		undo = append(undo, stopLearning)
+		d.atClose(stopLearning)
 		d.publishHostMarks()
 	}
 
@@ -323,7 +385,7 @@ func Run(ctx context.Context, o Options) (err error) {
 		var closing atomic.Bool
 		watched := make(chan struct{})
 		go func() { defer close(watched); d.watchUDPCloses(closes, &closing) }()
-		undo = append(undo, func() error { closing.Store(true); err := closes.Close(); <-watched; return err })
+		d.atClose(func() error { closing.Store(true); err := closes.Close(); <-watched; return err })
 	}
 
 	if addr := cfg.Daemon.MetricsListen; addr != "" {
@@ -331,29 +393,34 @@ func Run(ctx context.Context, o Options) (err error) {
 		if err != nil {
 			return fmt.Errorf("metrics_listen: %w", err)
 		}
-		undo = append(undo, func() error {
+		d.atClose(func() error {
 			if err := ln.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
 				return err
 			}
 			return nil
 		})
-		wg.Add(1)
-		go func() { defer wg.Done(); d.serveMetrics(runCtx, ln) }()
+		d.wg.Add(1)
+		go func() { defer d.wg.Done(); d.serveMetrics(ctx, ln) }()
 	}
-	wg.Add(4)
-	go func() { defer wg.Done(); d.inst.Run(runCtx) }()
-	go func() { defer wg.Done(); d.sweepLoop(runCtx, sweepDiag, d.dp) }()
-	go func() { defer wg.Done(); control.Serve(runCtx, ctl, controlSource{d}, d.log) }()
-	go func() { defer wg.Done(); d.reloadLoop(runCtx, o.Reload) }()
+	d.wg.Add(4)
+	go func() { defer d.wg.Done(); d.inst().Run(ctx) }()
+	go func() { defer d.wg.Done(); d.sweeper.run(ctx) }()
+	go func() { defer d.wg.Done(); control.Serve(ctx, ctl, controlSource{d}, d.log) }()
+	go func() { defer d.wg.Done(); d.reloadLoop(ctx, d.reloads) }()
 	// Teardown stops these goroutines (and the probes, and the metrics
 	// server) before it closes anything they use: the table, the sockets,
 	// the routing.
-	undo = append(undo, func() error { stop(); wg.Wait(); return nil })
+	d.atClose(func() error { d.stop(); d.wg.Wait(); return nil })
+	return nil
+}
 
-	// Workers last: binding a queue is what makes new connections ours, so
-	// "ready" means they are translated, not passed by the queue's bypass.
-	// With a per-user budget, one more queue after them: the overflow,
-	// where flows over their user's budget wait (nftdp.Filter).
+// startWorkers binds the queues, each with its packet path: last, since
+// binding a queue is what makes new connections ours, so "ready" means
+// they are translated, not passed by the queue's bypass. With a per-user
+// budget, one more queue after them: the overflow, where flows over their
+// user's budget wait (nftdp.Filter).
+func (d *Daemon) startWorkers(ctx context.Context, cfg *policy.Config) error {
+	nq := uint16(cfg.Daemon.Queues)
 	queues := []uint16{}
 	for i := uint16(0); i < nq; i++ {
 		queues = append(queues, cfg.Daemon.Queue+i)
@@ -366,31 +433,40 @@ func Run(ctx context.Context, o Options) (err error) {
 		if err != nil {
 			return err
 		}
-		undo = append(undo, closeWorker)
-		if err := q.Start(runCtx, wk.Handle, wk.EndBatch, func(err error) {
-			d.stats.Errors[packet.ErrQueueReceive].Add(1)
+		d.atClose(closeWorker)
+		if err := q.Start(ctx, wk.Handle, wk.EndBatch, func(err error) {
+			d.errors[errQueueReceive].Add(1)
 			d.log.Error("nfqueue receive", "queue", q.Num, "err", err)
 		}); err != nil {
 			return err
 		}
 	}
-	d.log.Info("ready", "config", cfg.File, "host_marks", hostMarksWhere(d.dp, cfg), "queue", cfg.Daemon.Queue, "queues", nq, "queue_method", d.dp.QueueMethod, "datapath", cfg.Daemon.Datapath,
+	return nil
+}
+
+// serve says the daemon is ready, and waits until ctx is done or detach
+// receives. It returns ErrDetached for the latter; close then leaves the
+// kernel state in place.
+func (d *Daemon) serve(ctx context.Context, detach <-chan struct{}) error {
+	cfg := d.cfg.Load()
+	d.log.Info("ready", "config", cfg.File, "host_marks", hostMarksWhere(d.dp, cfg), "queue", cfg.Daemon.Queue, "queues", cfg.Daemon.Queues, "queue_method", d.dp.QueueMethod, "datapath", cfg.Daemon.Datapath,
 		"table", "inet "+nftdp.TableName, "honor_marks", cfg.Daemon.HonorMarks, "uplinks", len(cfg.Uplinks),
 		"rules", len(cfg.Rules), "control_socket", cfg.Daemon.ControlSocket, "metrics_listen", cfg.Daemon.MetricsListen)
 	d.notify("READY=1")
 	select {
 	case <-ctx.Done():
-	case <-o.Detach:
-		detached = true
-		stop() // as a done ctx would: every goroutine ends before teardown
+	case <-detach:
+		d.detached = true
+		d.stop() // as a done ctx would: every goroutine ends before teardown
 	}
 	d.notify("STOPPING=1")
-	d.log.Info("stopping", "syns", d.stats.SYNs.Load(), "datagram_flows", d.stats.Datagrams.Load(), "idle_ended", d.stats.Idle.Load(),
-		"translated", d.stats.Translated.Load(),
-		"retransmitted_syns", d.stats.Retrans.Load(),
-		"dropped", d.stats.Dropped.Load(), "icmp_errors", d.stats.ICMPErrors.Load(), "forwarded", d.stats.Forwarded.Load(),
-		"forwarded_bytes", d.stats.Bytes.Load(), "flows", d.flows.Len())
-	if detached {
+	st := d.shared.Stats
+	d.log.Info("stopping", "syns", st.SYNs.Load(), "datagram_flows", st.Datagrams.Load(), "idle_ended", d.idle.Load(),
+		"translated", st.Translated.Load(),
+		"retransmitted_syns", st.Retrans.Load(),
+		"dropped", st.Dropped.Load(), "icmp_errors", st.ICMPErrors.Load(), "forwarded", st.Forwarded.Load(),
+		"forwarded_bytes", st.Bytes.Load(), "flows", d.flows().Len())
+	if d.detached {
 		return ErrDetached
 	}
 	return nil
@@ -410,8 +486,8 @@ func (d *Daemon) newWorker(num uint16, overflow bool) (*packet.Worker, *queue.Qu
 		diag.Close()
 		return nil, nil, nil, err
 	}
-	o := queue.Options{Rcvbuf: queueRcvbuf, FailClosed: d.failClosed || overflow}
-	if d.userspace {
+	o := queue.Options{Rcvbuf: queueRcvbuf, FailClosed: d.shared.FailClosed || overflow}
+	if d.shared.Userspace {
 		// GSO packets whole: a 64 KB segment is one packet to rewrite, not
 		// 45 (the kernel segments it after the verdict).
 		o.Rcvbuf, o.GSO = queueRcvbufUserspace, true
@@ -422,7 +498,7 @@ func (d *Daemon) newWorker(num uint16, overflow bool) (*packet.Worker, *queue.Qu
 		routes.Close()
 		return nil, nil, nil, err
 	}
-	w := packet.NewWorker(d.shared, q, packet.DiagSockets{Conn: diag}, routes, owner.NewOwners())
+	w := packet.NewWorker(d.shared, q, diag, routes, owner.NewOwners())
 	return w, q, func() error {
 		err := q.Close()
 		routes.Close()
@@ -489,7 +565,7 @@ func (d *Daemon) reload() {
 	// concerns slips past the queue meanwhile.
 	oldFilter, newFilter := nftdp.FilterOf(old), nftdp.FilterOf(cfg)
 	if err := d.dp.SetFilter(nftdp.Union(oldFilter, newFilter)); err != nil {
-		d.stats.Errors[packet.ErrInstall].Add(1)
+		d.errors[errInstall].Add(1)
 		d.log.Error("reload rejected: the kernel refused the new prefilter; the current policy stays in force", "config", cfg.File, "err", err)
 		if err := d.dp.SetFilter(oldFilter); err != nil {
 			d.log.Error("restore the prefilter", "err", err)
@@ -499,7 +575,7 @@ func (d *Daemon) reload() {
 	d.cfg.Store(cfg)
 	d.applySteering(cfg)
 	if err := d.dp.SetFilter(newFilter); err != nil {
-		d.stats.Errors[packet.ErrInstall].Add(1)
+		d.errors[errInstall].Add(1)
 		d.log.Error("reload: the kernel refused the new prefilter; the union of both stays, so more reaches the daemon than needs to", "err", err)
 	}
 	select { // the uplinks may have changed: their states

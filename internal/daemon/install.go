@@ -6,7 +6,6 @@ import (
 
 	"github.com/rerouted/rerouted/internal/flow"
 	"github.com/rerouted/rerouted/internal/nftdp"
-	"github.com/rerouted/rerouted/internal/packet"
 )
 
 // flowKernel is the flow installer's kernel: each batch of flow changes is
@@ -50,10 +49,10 @@ func (d *Daemon) installFailed(c flow.Change, err error) {
 	case c.Delete && benignRemoval(err):
 		d.log.Debug("flow's elements were gone already", "src", f.Src, "dst", f.Dst)
 	case c.Delete:
-		d.stats.Errors[packet.ErrRemove].Add(1)
+		d.errors[errRemove].Add(1)
 		d.log.Error("remove flow from kernel", "src", f.Src, "dst", f.Dst, "err", err)
 	default:
-		d.stats.Errors[packet.ErrInstall].Add(1)
+		d.errors[errInstall].Add(1)
 		d.log.Error("install flow in kernel", "src", f.Src, "dst", f.Dst, "new_src", f.NewSrc, "err", err)
 	}
 }

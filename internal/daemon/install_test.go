@@ -15,7 +15,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/rerouted/rerouted/internal/flow"
 	"github.com/rerouted/rerouted/internal/ipproto"
-	"github.com/rerouted/rerouted/internal/packet"
 	"golang.org/x/sys/unix"
 )
 
@@ -43,8 +42,7 @@ func (k *refusingKernel) Apply(cs []flow.Change) error {
 func TestInstallAndRemoveErrorsCounted(t *testing.T) {
 	var logs bytes.Buffer
 	k := &refusingKernel{refuse: map[flow.Change]error{}}
-	d := &Daemon{log: slog.New(slog.NewTextHandler(&logs, nil)), flows: flow.NewTable()}
-	d.inst = flow.NewInstaller(d.flows, k, d.installFailed)
+	d := newTestDaemon(slog.New(slog.NewTextHandler(&logs, nil)), k)
 	f := func(port uint16) *flow.Flow {
 		return &flow.Flow{Key: flow.Key{Proto: ipproto.TCP, Src: netip.AddrPortFrom(netip.MustParseAddr("192.0.2.2"), port),
 			Dst: netip.MustParseAddrPort("203.0.113.80:443")}, Mark: 200}
@@ -55,21 +53,21 @@ func TestInstallAndRemoveErrorsCounted(t *testing.T) {
 	k.refuse[flow.Change{Flow: kept, Delete: true}] = unix.EBUSY
 	k.refuse[flow.Change{Flow: gone, Delete: true}] = unix.ENOENT
 	for _, fl := range []*flow.Flow{refused, kept, gone} {
-		if !d.inst.Add(fl, wire(fl.Src.Port())) {
+		if !d.inst().Add(fl, wire(fl.Src.Port())) {
 			t.Fatalf("flow %v not added", fl.Src)
 		}
 	}
-	d.inst.Flush()
-	if d.flows.Get(refused.Key) != nil || d.flows.Get(kept.Key) != kept {
+	d.inst().Flush()
+	if d.flows().Get(refused.Key) != nil || d.flows().Get(kept.Key) != kept {
 		t.Fatal("the refused flow is still in the table, or another one left it")
 	}
-	d.inst.Remove(kept)
-	d.inst.Remove(gone)
-	d.inst.Flush()
+	d.inst().Remove(kept)
+	d.inst().Remove(gone)
+	d.inst().Flush()
 
-	for kind, want := range map[packet.ErrKind]uint64{packet.ErrInstall: 1, packet.ErrRemove: 1, packet.ErrRepair: 0} {
-		if got := d.stats.Errors[kind].Load(); got != want {
-			t.Errorf("%s errors: %d, want %d", packet.ErrKindNames[kind], got, want)
+	for kind, want := range map[errKind]uint64{errInstall: 1, errRemove: 1, errRepair: 0} {
+		if got := d.errors[kind].Load(); got != want {
+			t.Errorf("%s errors: %d, want %d", errKindNames[kind], got, want)
 		}
 	}
 	for _, want := range []string{
@@ -87,7 +85,7 @@ func TestInstallAndRemoveErrorsCounted(t *testing.T) {
 	// As Prometheus scrapes them: the daemon's own counters, served as
 	// /metrics serves its registry.
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(errorCounters(&d.stats)...)
+	reg.MustRegister(errorCounters(d.shared.Stats, &d.counts)...)
 	srv := httptest.NewServer(promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	defer srv.Close()
 	resp, err := http.Get(srv.URL + "/metrics")

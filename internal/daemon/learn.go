@@ -41,7 +41,7 @@ func (d *Daemon) startLearning(ctx context.Context) (func() error, error) {
 		g.Close()
 		return nil, err
 	}
-	l := packet.NewLearner(d.shared, packet.DiagSockets{Conn: diag}, owner.NewOwners())
+	l := packet.NewLearner(d.shared, diag, owner.NewOwners())
 	described := make(chan struct{})
 	go func() { defer close(described); l.Describe() }()
 	g.Start(ctx, func(r *nflog.Record) {
@@ -49,7 +49,7 @@ func (d *Daemon) startLearning(ctx context.Context) (func() error, error) {
 		case bytes.HasPrefix(r.Prefix, []byte(nftdp.LogNew)):
 			wire, err := netip.ParseAddr(string(r.Prefix[len(nftdp.LogNew):]))
 			if err != nil {
-				d.stats.Errors[packet.ErrLearn].Add(1)
+				d.shared.Stats.Errors[packet.ErrLearn].Add(1)
 				d.log.Error("a flow the kernel decided: unreadable log prefix", "prefix", string(r.Prefix))
 				return
 			}
@@ -58,7 +58,7 @@ func (d *Daemon) startLearning(ctx context.Context) (func() error, error) {
 			l.Taken(r.Payload)
 		}
 	}, func(err error) {
-		d.stats.Errors[packet.ErrLearn].Add(1)
+		d.shared.Stats.Errors[packet.ErrLearn].Add(1)
 		if errors.Is(err, nflog.ErrLost) {
 			d.log.Warn("records of flows the kernel decided were lost; the sweeper reads them from the table", "err", err)
 			d.resync.Store(true)
@@ -86,12 +86,12 @@ func (d *Daemon) republish() {
 // kernel decides, each with its current source address and MSS.
 func (d *Daemon) publishHostMarks() {
 	cfg := d.cfg.Load()
-	if d.dp == nil || d.dp.HostMarkErr != nil || d.userspace || !cfg.Daemon.HonorMarks || cfg.Daemon.HostMarks != "kernel" {
+	if d.dp == nil || d.dp.HostMarkErr != nil || d.shared.Userspace || !cfg.Daemon.HonorMarks || cfg.Daemon.HostMarks != "kernel" {
 		return
 	}
 	hm := hostMarks(cfg, &d.uplinks)
 	if err := d.dp.SetHostMarks(hm); err != nil {
-		d.stats.Errors[packet.ErrInstall].Add(1)
+		d.errors[errInstall].Add(1)
 		d.log.Error("the kernel's decisions of host marks: publish uplink states", "err", err)
 		return
 	}
@@ -135,7 +135,7 @@ func hostMarksWhere(dp *nftdp.Datapath, cfg *policy.Config) string {
 func (d *Daemon) resyncKernel(maps flowMaps) {
 	entries, err := maps.Entries()
 	if err != nil {
-		d.stats.Errors[packet.ErrSweep].Add(1)
+		d.errors[errSweep].Add(1)
 		d.log.Error("read the flows the kernel decided", "err", err)
 		d.resync.Store(true)
 		return
@@ -143,13 +143,13 @@ func (d *Daemon) resyncKernel(maps flowMaps) {
 	now := time.Now()
 	n := 0
 	for _, e := range entries {
-		if e.Pass || d.flows.Get(flow.Key{Proto: e.Proto, Src: e.Src, Dst: e.Dst}) != nil {
+		if e.Pass || d.flows().Get(flow.Key{Proto: e.Proto, Src: e.Src, Dst: e.Dst}) != nil {
 			continue
 		}
 		f := &flow.Flow{Key: flow.Key{Proto: e.Proto, Src: e.Src, Dst: e.Dst}, NewSrc: e.NewSrc, Mark: e.Mark,
 			Rule: "host mark", Start: now, UsedAt: now, Kernel: true}
-		if d.inst.Adopt(f) {
-			d.stats.KernelDecided.Add(1)
+		if d.inst().Adopt(f) {
+			d.shared.Stats.KernelDecided.Add(1)
 			n++
 		}
 	}

@@ -10,6 +10,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -34,15 +35,22 @@ type metrics struct {
 func newMetrics(d *Daemon) *metrics {
 	m := &metrics{
 		reg: prometheus.NewRegistry(),
+		// rule: the rule's name, "host mark", or "none" (the normal route).
 		decisions: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rerouted_decisions_total",
-			Help: "New flows decided, by the rule that decided them (\"host mark\", or \"none\": the normal route)."}, []string{"rule"}),
+			Help: "New flows decided, by the rule that decided them."}, []string{"rule"}),
+		// Its decision: the socket, the owner, the policy, the route, the port.
 		latency: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "rerouted_decision_seconds",
-			Help:    "Time from a new flow's first packet reaching the daemon to its decision (socket, owner, policy, route, port).",
+			Help:    "Time from a new flow's first packet at the daemon to its decision.",
 			Buckets: prometheus.ExponentialBuckets(5e-6, 2.5, 12)}),
+		// what: of the nft table, table, chain, set, rule, element, foreign
+		// or check; of managed routing, route or ip_rule.
 		repairs: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rerouted_repairs_total",
-			Help: "Repairs of rerouted's state after another program changed it: its nft table (what: table, chain, set, rule, element, foreign, check) or managed routing (route, ip_rule)."}, []string{"what"}),
+			Help: "Repairs of rerouted's table or routing after another program changed it."}, []string{"what"}),
+		// how: redecided (UDP and ping flows, with the uplink's new
+		// address), reset (TCP connections), removed (with reset_tcp =
+		// false, or a socket that cannot be reset: the translation only).
 		moved: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rerouted_flows_moved_total",
-			Help: "Flows whose source address went away: UDP and ping flows redecided with the uplink's new address, TCP connections reset (or, with reset_tcp = false, their translation removed)."}, []string{"uplink", "how"}),
+			Help: "Flows whose source address went away, by uplink and how they moved."}, []string{"uplink", "how"}),
 		transitions: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rerouted_uplink_transitions_total",
 			Help: "Uplink state changes (up to down or back), by uplink and family."}, []string{"uplink", "family"}),
 	}
@@ -52,26 +60,32 @@ func newMetrics(d *Daemon) *metrics {
 		name, help string
 		v          func() uint64
 	}{
-		{"rerouted_syns_total", "TCP SYNs decided.", d.stats.SYNs.Load},
-		{"rerouted_datagram_flows_total", "UDP and echo flows decided.", d.stats.Datagrams.Load},
-		{"rerouted_translated_total", "New flows translated.", d.stats.Translated.Load},
-		{"rerouted_raw_syns_total", "SYNs no TCP socket owns (sent on raw sockets: traceroute -T, SYN scans): decided by the rules without owner keys; their flows end by idleness.", d.stats.RawSYNs.Load},
-		{"rerouted_retransmitted_syns_total", "Retransmitted SYNs of translated flows.", d.stats.Retrans.Load},
-		{"rerouted_dropped_packets_total", "Packets the daemon dropped (their sockets retry).", d.stats.Dropped.Load},
-		{"rerouted_service_datagram_flows_total", "UDP flows from a local service's socket (unconnected, bound outside the ephemeral ports) that reached the daemon: decided by owner rules only.", d.stats.Service.Load},
-		{"rerouted_refused_total", "New flows refused because every uplink of their rule was down (on_down = \"drop\").", d.stats.Refused.Load},
-		{"rerouted_icmp_errors_readdressed_total", "ICMP errors readdressed to a translated flow's socket.", d.stats.ICMPErrors.Load},
-		{"rerouted_udp_socket_closed_total", "UDP flows ended as the kernel announced their socket's end.", d.stats.UDPClosed.Load},
-		{"rerouted_idle_ended_total", "UDP and echo flows ended by idleness.", d.stats.Idle.Load},
-		{"rerouted_forwarded_packets_total", "Userspace datapath: packets rewritten after the first.", d.stats.Forwarded.Load},
-		{"rerouted_forwarded_bytes_total", "Userspace datapath: their bytes.", d.stats.Bytes.Load},
-		{"rerouted_flow_transactions_total", "nftables transactions that installed or removed flows' elements; each is a new generation of the host's ruleset, which restarts an nft listing in progress.", func() uint64 { return d.dp.Transactions() }},
+		{"rerouted_syns_total", "TCP SYNs decided.", d.shared.Stats.SYNs.Load},
+		{"rerouted_datagram_flows_total", "UDP and echo flows decided.", d.shared.Stats.Datagrams.Load},
+		{"rerouted_translated_total", "New flows translated.", d.shared.Stats.Translated.Load},
+		// Sent on raw sockets (traceroute -T, SYN scans): decided by the
+		// rules without owner keys; their flows end by idleness.
+		{"rerouted_raw_syns_total", "SYNs no TCP socket owns (raw sockets).", d.shared.Stats.RawSYNs.Load},
+		{"rerouted_retransmitted_syns_total", "Retransmitted SYNs of translated flows.", d.shared.Stats.Retrans.Load},
+		{"rerouted_dropped_packets_total", "Packets the daemon dropped (their sockets retry).", d.shared.Stats.Dropped.Load},
+		// A service's socket: unconnected, bound outside the ephemeral ports.
+		{"rerouted_service_datagram_flows_total", "UDP flows from a local service's socket, decided by owner rules only.", d.shared.Stats.Service.Load},
+		{"rerouted_refused_total", "New flows refused: every uplink of their rule was down (on_down = \"drop\").", d.shared.Stats.Refused.Load},
+		{"rerouted_icmp_errors_readdressed_total", "ICMP errors readdressed to a translated flow's socket.", d.shared.Stats.ICMPErrors.Load},
+		{"rerouted_udp_socket_closed_total", "UDP flows ended as the kernel announced their socket's end.", d.udpClosed.Load},
+		{"rerouted_idle_ended_total", "UDP and echo flows ended by idleness.", d.idle.Load},
+		{"rerouted_forwarded_packets_total", "Userspace datapath: packets rewritten after the first.", d.shared.Stats.Forwarded.Load},
+		{"rerouted_forwarded_bytes_total", "Userspace datapath: their bytes.", d.shared.Stats.Bytes.Load},
+		// Each is a new generation of the host's ruleset, which restarts an
+		// nft listing in progress.
+		{"rerouted_flow_transactions_total", "nftables transactions that installed or removed flows' elements.", func() uint64 { return d.dp.Transactions() }},
 	} {
 		v := c.v
 		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: c.name, Help: c.help}, func() float64 { return float64(v()) }))
 	}
+	// The new source went away when an uplink was renumbered.
 	m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "rerouted_stale_source_drops_total",
-		Help: "Translated packets dropped in the kernel because their new source was no longer the host's (an uplink renumbered)."},
+		Help: "Translated packets the kernel dropped: their new source is no longer the host's."},
 		func() float64 {
 			n, err := d.dp.StaleDrops()
 			if err != nil {
@@ -80,7 +94,7 @@ func newMetrics(d *Daemon) *metrics {
 			return float64(n)
 		}))
 	mode := "open"
-	if d.failClosed {
+	if d.shared.FailClosed {
 		mode = "closed"
 	}
 	for r := packet.FailReason(0); r < packet.FailReasons; r++ {
@@ -91,14 +105,14 @@ func newMetrics(d *Daemon) *metrics {
 		}
 		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help,
 			ConstLabels: prometheus.Labels{"reason": packet.FailReasonNames[r]}},
-			func() float64 { return float64(d.stats.Failed[r].Load()) }))
+			func() float64 { return float64(d.shared.Stats.Failed[r].Load()) }))
 	}
 	// The kernel fails open silently when the queue (or the socket's
 	// buffer) is full: what the prefilter offered the queue and the
 	// daemon never received. Exact when no burst is in flight; latched so
 	// that it never goes down.
 	queueFullName := "rerouted_failed_open_total"
-	if d.failClosed {
+	if d.shared.FailClosed {
 		queueFullName = "rerouted_failed_closed_total"
 	}
 	m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: queueFullName,
@@ -108,15 +122,15 @@ func newMetrics(d *Daemon) *metrics {
 			if err != nil {
 				d.log.Error("metrics: read the queue rules' counters", "err", err)
 			}
-			if got := d.stats.Received.Load(); offered > got {
+			if got := d.shared.Stats.Received.Load(); offered > got {
 				for {
-					old := d.stats.QueueFull.Load()
-					if offered-got <= old || d.stats.QueueFull.CompareAndSwap(old, offered-got) {
+					old := d.shared.Stats.QueueFull.Load()
+					if offered-got <= old || d.shared.Stats.QueueFull.CompareAndSwap(old, offered-got) {
 						break
 					}
 				}
 			}
-			return float64(d.stats.QueueFull.Load())
+			return float64(d.shared.Stats.QueueFull.Load())
 		}))
 	// New flows by who decided them: the kernel's rules (host marks),
 	// the daemon (at the queue), the connect-time program.
@@ -124,8 +138,8 @@ func newMetrics(d *Daemon) *metrics {
 		by string
 		v  func() uint64
 	}{
-		{"kernel", d.stats.KernelDecided.Load},
-		{"daemon", d.stats.Translated.Load},
+		{"kernel", d.shared.Stats.KernelDecided.Load},
+		{"daemon", d.shared.Stats.Translated.Load},
 		{"connect", func() uint64 {
 			if s := d.steer.Load(); s != nil {
 				return s.Steered()
@@ -139,24 +153,30 @@ func newMetrics(d *Daemon) *metrics {
 	}
 	for r := packet.ExceptionReason(0); r < packet.ExceptionReasons; r++ {
 		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "rerouted_kernel_exceptions_total",
-			Help: "Host-marked first packets the kernel could not decide, which the daemon did, by reason.", ConstLabels: prometheus.Labels{"reason": packet.ExceptionReasonNames[r]}},
-			func() float64 { return float64(d.stats.Exceptions[r].Load()) }))
+			Help: "Host-marked first packets the kernel left to the daemon, by reason.", ConstLabels: prometheus.Labels{"reason": packet.ExceptionReasonNames[r]}},
+			func() float64 { return float64(d.shared.Stats.Exceptions[r].Load()) }))
 	}
 	m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "rerouted_kernel_moved_total",
-		Help: "Kernel-decided flows moved to another port because a native socket owned their wire tuple."},
-		func() float64 { return float64(d.stats.Moved.Load()) }))
-	m.reg.MustRegister(errorCounters(&d.stats)...)
+		Help: "Kernel-decided flows moved to another port: a socket owned their wire tuple."},
+		func() float64 { return float64(d.shared.Stats.Moved.Load()) }))
+	m.reg.MustRegister(errorCounters(d.shared.Stats, &d.counts)...)
 	return m
 }
 
-// errorCounters are rerouted_errors_total, one per kind, read from stats
-// at scrape time.
-func errorCounters(stats *packet.Stats) []prometheus.Collector {
+// errorCounters are rerouted_errors_total, one per kind, read at scrape
+// time: the packet path's kinds from stats, the daemon's own from c.
+func errorCounters(stats *packet.Stats, c *counts) []prometheus.Collector {
 	var cs []prometheus.Collector
-	for k := packet.ErrKind(0); k < packet.ErrKinds; k++ {
+	counter := func(kind string, n *atomic.Uint64) {
 		cs = append(cs, prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "rerouted_errors_total",
-			Help: "Errors, by kind.", ConstLabels: prometheus.Labels{"kind": packet.ErrKindNames[k]}},
-			func() float64 { return float64(stats.Errors[k].Load()) }))
+			Help: "Errors, by kind.", ConstLabels: prometheus.Labels{"kind": kind}},
+			func() float64 { return float64(n.Load()) }))
+	}
+	for k := packet.ErrKind(0); k < packet.ErrKinds; k++ {
+		counter(packet.ErrKindNames[k], &stats.Errors[k])
+	}
+	for k := errKind(0); k < errKinds; k++ {
+		counter(errKindNames[k], &c.errors[k])
 	}
 	return cs
 }
@@ -196,7 +216,7 @@ func (c *flowCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	type key struct{ uplink, proto string }
 	flows, passes := map[key]int{}, map[string]int{}
-	for _, f := range c.d.flows.Snapshot() {
+	for _, f := range c.d.flows().Snapshot() {
 		if f.Pass {
 			passes[f.Proto.String()]++
 			continue
@@ -223,8 +243,9 @@ func uplinkName(names map[uint32]string, f *flow.Flow) string {
 
 var (
 	queuePacketsDesc = prometheus.NewDesc("rerouted_queue_packets_total", "Packets the kernel queued to the daemon.", []string{"queue"}, nil)
-	queueDropsDesc   = prometheus.NewDesc("rerouted_queue_drops_total",
-		"Packets the kernel could not queue: the queue was full (reason queue_full) or the socket buffer was (reason socket_full).", []string{"queue", "reason"}, nil)
+	// reason: queue_full (the queue was), socket_full (the socket's buffer was).
+	queueDropsDesc = prometheus.NewDesc("rerouted_queue_drops_total",
+		"Packets the kernel could not queue, by queue and reason.", []string{"queue", "reason"}, nil)
 )
 
 // queueCollector reads the kernel's per-queue counters
@@ -263,7 +284,7 @@ func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
 
 var (
 	uplinkUpDesc  = prometheus.NewDesc("rerouted_uplink_up", "1 if the uplink is up for the family (link, address, route, probes), else 0.", []string{"uplink", "family"}, nil)
-	probeRTTDesc  = prometheus.NewDesc("rerouted_uplink_probe_rtt_seconds", "The last probe round's best round-trip time through the uplink ([uplink.health]).", []string{"uplink", "family"}, nil)
+	probeRTTDesc  = prometheus.NewDesc("rerouted_uplink_probe_rtt_seconds", "The best round-trip time of the uplink's last probe round.", []string{"uplink", "family"}, nil)
 	probeLossDesc = prometheus.NewDesc("rerouted_uplink_probe_loss_ratio", "The share of the last 10 probe rounds in which every target failed.", []string{"uplink", "family"}, nil)
 )
 
@@ -290,8 +311,9 @@ func (c *uplinkCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
+// Past its budget (new_flows_per_uid): sent to the overflow queue.
 var overBudgetDesc = prometheus.NewDesc("rerouted_uid_over_budget_total",
-	"New flows of a user past its budget (new_flows_per_uid), sent to the overflow queue, by uid.", []string{"uid"}, nil)
+	"New flows of a user past its budget, by uid.", []string{"uid"}, nil)
 
 // budgetCollector reads the kernel's per-uid counts at scrape time.
 type budgetCollector struct{ d *Daemon }

@@ -24,10 +24,10 @@ import (
 //     translation is removed.
 
 // moveStale moves the flows whose wire source is no longer the host's.
-func (d *Daemon) moveStale(r *uplink.Routing, diag *sockdiag.Conn, rt *route.Cache) {
+func (d *Daemon) moveStale(r *uplink.Routing, diag sockdiag.Sockets, rt *route.Cache) {
 	local, err := r.LocalAddrs()
 	if err != nil {
-		d.stats.Errors[packet.ErrRepair].Add(1)
+		d.errors[errRepair].Add(1)
 		d.log.Error("check flows' addresses", "err", err)
 		return
 	}
@@ -36,7 +36,7 @@ func (d *Daemon) moveStale(r *uplink.Routing, diag *sockdiag.Conn, rt *route.Cac
 	for _, u := range cfg.Uplinks {
 		names[u.Mark] = u.Name
 	}
-	for _, f := range d.flows.Snapshot() {
+	for _, f := range d.flows().Snapshot() {
 		if f.Pass || local[f.NewSrc.Addr()] {
 			continue
 		}
@@ -46,13 +46,13 @@ func (d *Daemon) moveStale(r *uplink.Routing, diag *sockdiag.Conn, rt *route.Cac
 			how = "reset"
 			if u := cfg.UplinkByMark(f.Mark); u != nil && u.KeepTCP {
 				how = "removed"
-			} else if err := diag.Destroy(f.Src, f.Dst, f.Cookie); errors.Is(err, sockdiag.ErrCannotDestroy) {
+			} else if err := diag.Destroy(ipproto.TCP, f.Src, f.Dst, f.Cookie); errors.Is(err, sockdiag.ErrCannotDestroy) {
 				// A TIME_WAIT socket on a kernel before 6.0: it sends
 				// nothing of its own; its element goes.
 				d.log.Debug("a connection whose address went away cannot be closed; its translation is removed", "src", f.Src, "dst", f.Dst, "err", err)
 				how = "removed"
 			} else if err != nil && !errors.Is(err, sockdiag.ErrNotFound) {
-				d.stats.Errors[packet.ErrSocketLookup].Add(1)
+				d.shared.Stats.Errors[packet.ErrSocketLookup].Add(1)
 				d.log.Error("close a connection whose address went away", "src", f.Src, "dst", f.Dst, "wire", f.NewSrc, "err", err)
 				how = "removed"
 			}
@@ -65,7 +65,7 @@ func (d *Daemon) moveStale(r *uplink.Routing, diag *sockdiag.Conn, rt *route.Cac
 				to = r.Src
 			}
 		}
-		d.events.Move(f, how, to)
+		d.shared.Events.Move(f, how, to)
 		d.log.Warn("a flow's source address went away; moved it", "proto", f.Proto.String(), "src", f.Src, "dst", f.Dst,
 			"gone", f.NewSrc.Addr(), "how", how, "next_src", to, "uplink", name)
 	}

@@ -10,7 +10,6 @@ import (
 	"github.com/rerouted/rerouted/internal/flow"
 	"github.com/rerouted/rerouted/internal/nftdp"
 	"github.com/rerouted/rerouted/internal/nftmon"
-	"github.com/rerouted/rerouted/internal/packet"
 	"golang.org/x/sys/unix"
 )
 
@@ -44,7 +43,7 @@ func (d *Daemon) guardTable(ctx context.Context, m *nftmon.Monitor) {
 		case err != nil && errors.Is(err, os.ErrDeadlineExceeded):
 			dmg = &nftmon.Damage{At: time.Now()}
 		case err != nil:
-			d.stats.Errors[packet.ErrRepair].Add(1)
+			d.errors[errRepair].Add(1)
 			d.log.Error("nftables notifications: read failed; checking the table", "err", err)
 			time.Sleep(100 * time.Millisecond)
 			dmg = &nftmon.Damage{At: time.Now(), Overflow: true}
@@ -53,7 +52,7 @@ func (d *Daemon) guardTable(ctx context.Context, m *nftmon.Monitor) {
 			// Nothing said what happened: look.
 			missing, err := d.dp.Missing()
 			if err != nil {
-				d.stats.Errors[packet.ErrRepair].Add(1)
+				d.errors[errRepair].Add(1)
 				d.log.Error("check table", "table", "inet "+nftdp.TableName, "err", err)
 				continue
 			}
@@ -77,20 +76,20 @@ func (d *Daemon) guardTable(ctx context.Context, m *nftmon.Monitor) {
 // changes the table meanwhile: the flow table is held (no flow comes or
 // goes) and so is the installer (no transaction interleaves).
 func (d *Daemon) repairTable(dmg *nftmon.Damage) {
-	d.inst.Exclusive(func() { d.repairTableHeld(dmg) })
+	d.inst().Exclusive(func() { d.repairTableHeld(dmg) })
 }
 
-// repairTableHeld is repairTable's work; call it inside d.inst.Exclusive.
+// repairTableHeld is repairTable's work; call it inside d.inst().Exclusive.
 func (d *Daemon) repairTableHeld(dmg *nftmon.Damage) {
 	if err := d.dp.Repair(); err != nil {
-		d.stats.Errors[packet.ErrRepair].Add(1)
+		d.errors[errRepair].Add(1)
 		d.log.Error("repair failed: marked connections may leave untranslated until the next attempt",
 			"table", "inet "+nftdp.TableName, "damage", dmg.String(), "err", err)
 		return
 	}
 	restored, failed := d.addAll()
 	removed := 0
-	if dmg.Foreign && !d.userspace {
+	if dmg.Foreign && !d.shared.Userspace {
 		removed = d.removeForeign()
 	}
 
@@ -111,15 +110,15 @@ func (d *Daemon) repairTableHeld(dmg *nftmon.Damage) {
 // been deleted unseen.
 func (d *Daemon) restoreElements() {
 	var restored, failed int
-	d.inst.Exclusive(func() { restored, failed = d.addAll() })
+	d.inst().Exclusive(func() { restored, failed = d.addAll() })
 	d.log.Info("nftables notifications were lost (another program's busy ruleset); the table is whole, flows' elements re-added",
 		"flows", restored, "failed", failed)
 }
 
 // addAll adds every flow's elements (again); elements that are there stay.
-// Call inside d.inst.Exclusive.
+// Call inside d.inst().Exclusive.
 func (d *Daemon) addAll() (restored, failed int) {
-	flows := d.flows.Snapshot()
+	flows := d.flows().Snapshot()
 	changes := make([]nftdp.Op, 0, flow.MaxBatch)
 	apply := func() {
 		if err := d.dp.Apply(changes); err != nil {
@@ -148,13 +147,13 @@ func (d *Daemon) addAll() (restored, failed int) {
 func (d *Daemon) removeForeign() int {
 	entries, err := d.dp.Entries()
 	if err != nil {
-		d.stats.Errors[packet.ErrRepair].Add(1)
+		d.errors[errRepair].Add(1)
 		d.log.Error("repair: list elements", "err", err)
 		return 0
 	}
 	var foreign []nftdp.Entry
 	for _, e := range entries {
-		f := d.flows.Get(flow.Key{Proto: e.Proto, Src: e.Src, Dst: e.Dst})
+		f := d.flows().Get(flow.Key{Proto: e.Proto, Src: e.Src, Dst: e.Dst})
 		if f == nil || entry(f) != e {
 			foreign = append(foreign, e)
 		}
@@ -163,7 +162,7 @@ func (d *Daemon) removeForeign() int {
 		return 0
 	}
 	if err := d.dp.Delete(foreign...); err != nil {
-		d.stats.Errors[packet.ErrRepair].Add(1)
+		d.errors[errRepair].Add(1)
 		d.log.Error("repair: remove elements others added", "elements", len(foreign), "err", err)
 		return 0
 	}

@@ -5,7 +5,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/rerouted/rerouted/internal/packet"
 	"github.com/rerouted/rerouted/internal/route"
 	"github.com/rerouted/rerouted/internal/sockdiag"
 	"github.com/rerouted/rerouted/internal/uplink"
@@ -19,7 +18,7 @@ import (
 // coming up.
 //
 // It owns r's socket, diag and rt while it runs.
-func (d *Daemon) keepRouting(ctx context.Context, r *uplink.Routing, diag *sockdiag.Conn, rt *route.Cache, changed <-chan struct{}) {
+func (d *Daemon) keepRouting(ctx context.Context, r *uplink.Routing, diag sockdiag.Sockets, rt *route.Cache, changed <-chan struct{}) {
 	waiting := map[string]bool{} // pending items already logged
 	for {
 		select {
@@ -40,7 +39,7 @@ func (d *Daemon) keepRouting(ctx context.Context, r *uplink.Routing, diag *sockd
 		}
 		restored, pending, err := r.Ensure()
 		if err != nil {
-			d.stats.Errors[packet.ErrRepair].Add(1)
+			d.errors[errRepair].Add(1)
 			d.log.Error("check managed uplink routing", "err", err)
 		}
 		for _, what := range restored {
@@ -63,7 +62,7 @@ func (d *Daemon) keepRouting(ctx context.Context, r *uplink.Routing, diag *sockd
 		// The states first: new flows choose by them.
 		transitions, err := r.UpdateStates(&d.uplinks, d.cfg.Load().Uplinks, time.Now())
 		if err != nil {
-			d.stats.Errors[packet.ErrRepair].Add(1)
+			d.errors[errRepair].Add(1)
 			d.log.Error("read uplink states", "err", err)
 		}
 		// The connect-time program next, then the announcement: once the
@@ -80,7 +79,7 @@ func (d *Daemon) keepRouting(ctx context.Context, r *uplink.Routing, diag *sockd
 // stream, the metrics.
 func (d *Daemon) uplinkChanged(st uplink.Status) {
 	d.metrics.transitions.WithLabelValues(st.Uplink, st.Family).Inc()
-	d.events.Uplink(st)
+	d.shared.Events.Uplink(st)
 	if st.Up {
 		d.log.Warn("uplink is up", "uplink", st.Uplink, "family", st.Family)
 		return

@@ -12,12 +12,12 @@ import (
 
 // startSteering loads and attaches the program, and installs cfg's image.
 func (d *Daemon) startSteering(cfg *policy.Config) error {
-	s, err := steer.Open(cfg, steer.Deps{Datapath: d.dp, States: &d.uplinks, Events: d.events, Log: d.log,
-		Moved: d.metrics.moved, LookupErrors: &d.stats.Errors[packet.ErrSocketLookup]})
+	s, err := steer.Open(cfg, steer.Deps{Datapath: d.dp, States: &d.uplinks, Events: d.shared.Events, Log: d.log,
+		Moved: d.metrics.moved, LookupErrors: &d.shared.Stats.Errors[packet.ErrSocketLookup]})
 	if err != nil {
 		return err
 	}
-	if err := s.Start(cfg, d.portLo, d.portHi); err != nil {
+	if err := s.Start(cfg, d.shared.PortLo, d.shared.PortHi); err != nil {
 		return err
 	}
 	// Published for the other goroutines only once it runs; a change of
@@ -44,7 +44,7 @@ func (d *Daemon) applySteering(cfg *policy.Config) {
 		return
 	}
 	if err := s.Apply(cfg); err != nil {
-		d.stats.Errors[packet.ErrInstall].Add(1)
+		d.errors[errInstall].Add(1)
 		d.log.Error("reload: connect steering keeps the earlier policy's rules", "err", err)
 	}
 }
@@ -63,7 +63,7 @@ func (d *Daemon) publishSteering() error {
 // routing changes or a probe's verdicts, counting and logging a failure.
 func (d *Daemon) republishSteering() {
 	if err := d.publishSteering(); err != nil {
-		d.stats.Errors[packet.ErrInstall].Add(1)
+		d.errors[errInstall].Add(1)
 		d.log.Error("connect steering: publish uplink states", "err", err)
 	}
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/netip"
 	"sync/atomic"
 	"time"
 
@@ -18,15 +17,8 @@ import (
 
 // The flows' end: the sweeper, which follows sockets and idleness; the
 // watcher of UDP sockets' ends; and adoption of an earlier run's flows.
-// They are given the kernel as the two interfaces below (a sock_diag
-// socket and the datapath), so that their tests run without root.
-
-// socketTable is what the sweeper and adoption ask of sock_diag
-// (sockdiag.Conn).
-type socketTable interface {
-	Dump(family uint8, proto ipproto.Proto, fn func(*sockdiag.Socket)) error
-	Lookup(proto ipproto.Proto, local, remote netip.AddrPort, s *sockdiag.Socket) error
-}
+// They are given the kernel as two interfaces (sockdiag.Sockets, and
+// flowMaps below for the datapath), so that their tests run without root.
 
 // flowMaps is what they ask of the datapath's flow maps (nftdp.Datapath).
 type flowMaps interface {
@@ -36,12 +28,31 @@ type flowMaps interface {
 	OverBudget() (map[uint32]uint64, error)
 }
 
+// sweeper ends the flows whose socket is gone and those idle for the idle
+// timeout, reads the maps again when records of the kernel's decisions
+// were lost, and reports users over their budget. One goroutine runs it
+// (run), after it adopted an earlier run's flows (adopt); it owns its
+// sock_diag socket and what it remembers between sweeps.
+type sweeper struct {
+	d        *Daemon
+	diag     sockdiag.Sockets
+	maps     flowMaps
+	udp      map[uint64]struct{}     // cookies of live UDP sockets, reused
+	suspects map[*flow.Flow]struct{} // flows whose socket the last sweep found gone
+	overSeen map[uint32]uint64       // each uid's over-budget count last reported
+}
+
+func newSweeper(d *Daemon, diag sockdiag.Sockets, maps flowMaps) *sweeper {
+	return &sweeper{d: d, diag: diag, maps: maps, udp: map[uint64]struct{}{}, overSeen: map[uint32]uint64{}}
+}
+
 // adopt takes over the flows whose elements an earlier run left in the
 // table: each keeps its translation while its socket lives (TCP and UDP,
 // found again by sock_diag) or, with no socket to follow, until idle.
 // Elements whose socket is gone are removed.
-func (d *Daemon) adopt(diag socketTable, maps flowMaps, rt packet.Routes) error {
-	entries, err := maps.Entries()
+func (sw *sweeper) adopt(rt packet.Routes) error {
+	d, diag := sw.d, sw.diag
+	entries, err := sw.maps.Entries()
 	if err != nil {
 		return fmt.Errorf("adopt flows: %w", err)
 	}
@@ -52,8 +63,7 @@ func (d *Daemon) adopt(diag socketTable, maps flowMaps, rt packet.Routes) error 
 		f := &flow.Flow{Key: flow.Key{Proto: e.Proto, Src: e.Src, Dst: e.Dst}, NewSrc: e.NewSrc, Mark: e.Mark, Pass: e.Pass,
 			Rule: "adopted", Start: now, UsedAt: now}
 		if e.Proto == ipproto.TCP || e.Proto == ipproto.UDP {
-			var so sockdiag.Socket
-			err := diag.Lookup(e.Proto, e.Src, e.Dst, &so)
+			so, err := diag.Lookup(e.Proto, e.Src, e.Dst)
 			if errors.Is(err, sockdiag.ErrNotFound) {
 				gone = append(gone, e)
 				continue
@@ -71,17 +81,17 @@ func (d *Daemon) adopt(diag socketTable, maps flowMaps, rt packet.Routes) error 
 				}
 			}
 		}
-		if !d.inst.Adopt(f) {
+		if !d.inst().Adopt(f) {
 			gone = append(gone, e) // two elements claim one tuple: keep the first
 			continue
 		}
 		adopted++
 		if !f.Pass {
-			d.events.Flow("ADOPT", f)
+			d.shared.Events.Flow("ADOPT", f)
 		}
 	}
 	if len(gone) > 0 {
-		if err := maps.Delete(gone...); err != nil {
+		if err := sw.maps.Delete(gone...); err != nil {
 			return fmt.Errorf("adopt flows: remove %d whose socket is gone: %w", len(gone), err)
 		}
 	}
@@ -94,8 +104,8 @@ func (d *Daemon) adopt(diag socketTable, maps flowMaps, rt packet.Routes) error 
 func (d *Daemon) watchUDPCloses(w *sockdiag.Destroyed, closing *atomic.Bool) {
 	ended := func(s *sockdiag.Socket) {
 		d.shared.Closed.Add(s.Cookie)
-		for _, f := range d.flows.ByCookie(s.Cookie) {
-			d.stats.UDPClosed.Add(1)
+		for _, f := range d.flows().ByCookie(s.Cookie) {
+			d.udpClosed.Add(1)
 			d.log.Debug("socket closed", "proto", "udp", "src", f.Src, "dst", f.Dst, "cookie", f.Cookie)
 			d.shared.Forget(f)
 		}
@@ -107,25 +117,25 @@ func (d *Daemon) watchUDPCloses(w *sockdiag.Destroyed, closing *atomic.Bool) {
 		case closing.Load():
 			return
 		case errors.Is(err, sockdiag.ErrLost):
-			d.stats.Errors[packet.ErrCloseEvents].Add(1)
+			d.errors[errCloseEvents].Add(1)
 			d.log.Warn("UDP socket ends were lost (too many at once); the sweep ends their flows", "err", err)
 		default:
-			d.stats.Errors[packet.ErrCloseEvents].Add(1)
+			d.errors[errCloseEvents].Add(1)
 			d.log.Error("UDP socket ends: no longer received; the sweep ends their flows", "err", err)
 			return
 		}
 	}
 }
 
-// sweepLoop removes flows whose socket is gone, and UDP and echo flows
+// run removes flows whose socket is gone, and UDP and echo flows
 // that have been idle for the idle timeout. A dump (not destroy
 // notifications) is what shows TIME_WAIT sockets, which still own their
 // tuple.
-func (d *Daemon) sweepLoop(ctx context.Context, diag socketTable, maps flowMaps) {
+func (sw *sweeper) run(ctx context.Context) {
+	d := sw.d
 	every := d.cfg.Load().Daemon.GCInterval
 	t := time.NewTicker(every)
 	defer t.Stop()
-	udp := map[uint64]struct{}{} // cookies of live UDP sockets, reused
 	var lastIdle time.Time
 	var listing time.Duration // what the last idle check took
 	for {
@@ -135,14 +145,14 @@ func (d *Daemon) sweepLoop(ctx context.Context, diag socketTable, maps flowMaps)
 		case <-t.C:
 		}
 		if d.resync.Swap(false) {
-			d.resyncKernel(maps)
+			d.resyncKernel(sw.maps)
 		}
-		if d.flows.Len() == 0 {
+		if d.flows().Len() == 0 {
 			continue
 		}
-		d.sweep(diag, udp)
+		sw.sweep()
 		d.balance.Expire(time.Now())
-		d.reportOverBudget(maps)
+		sw.reportOverBudget()
 		// Idleness is read from the kernel's packet counters, a listing of
 		// every UDP and echo element: often enough to end flows within an
 		// eighth of the timeout of it, and at most a tenth of the time (the
@@ -151,7 +161,7 @@ func (d *Daemon) sweepLoop(ctx context.Context, diag socketTable, maps flowMaps)
 		idle := d.cfg.Load().Daemon.IdleTimeout
 		if now := time.Now(); now.Sub(lastIdle) >= max(every, idle/8, 10*listing) {
 			lastIdle = now
-			d.expireIdle(maps, now, idle)
+			sw.expireIdle(now, idle)
 			listing = time.Since(now)
 		}
 	}
@@ -161,8 +171,9 @@ func (d *Daemon) sweepLoop(ctx context.Context, diag socketTable, maps flowMaps)
 // tuple and cookie, UDP sockets by cookie (an unconnected socket serves
 // many tuples). Echo flows, and UDP flows whose socket was never found,
 // end by idleness only.
-func (d *Daemon) sweep(diag socketTable, udp map[uint64]struct{}) {
-	s := d.flows.BeginSweep(time.Now())
+func (sw *sweeper) sweep() {
+	d, diag, udp := sw.d, sw.diag, sw.udp
+	s := d.flows().BeginSweep(time.Now())
 	clear(udp)
 	tcp := func(so *sockdiag.Socket) {
 		s.Seen(flow.Key{Proto: ipproto.TCP, Src: so.Local, Dst: so.Remote}, so.Cookie)
@@ -183,7 +194,7 @@ func (d *Daemon) sweep(diag socketTable, udp map[uint64]struct{}) {
 	}
 	if err != nil {
 		// An incomplete dump must not be taken as "sockets gone".
-		d.stats.Errors[packet.ErrSweep].Add(1)
+		d.errors[errSweep].Add(1)
 		d.log.Error("socket dump failed; no flow removed this round", "err", err)
 		return
 	}
@@ -192,9 +203,8 @@ func (d *Daemon) sweep(diag socketTable, udp map[uint64]struct{}) {
 	// to TIME_WAIT was once missed by both the dump and the lookup (seen
 	// once in many thousands, age 100 ms), and removing a TIME_WAIT
 	// socket's translation early resets its peer.
-	var so sockdiag.Socket
-	suspects := make(map[*flow.Flow]struct{}, len(d.suspects))
-	defer func() { d.suspects = suspects }()
+	suspects := make(map[*flow.Flow]struct{}, len(sw.suspects))
+	defer func() { sw.suspects = suspects }()
 	for _, f := range s.End() {
 		if f.Cookie == 0 && (!f.Kernel || f.Proto.IsICMP()) {
 			continue // no socket to follow: idleness ends it
@@ -202,16 +212,16 @@ func (d *Daemon) sweep(diag socketTable, udp map[uint64]struct{}) {
 		if _, ok := udp[f.Cookie]; ok && f.Proto == ipproto.UDP {
 			continue
 		}
-		err := diag.Lookup(f.Proto, f.Src, f.Dst, &so)
+		so, err := diag.Lookup(f.Proto, f.Src, f.Dst)
 		switch {
 		case err == nil && (so.Cookie == f.Cookie || f.Cookie == 0):
 			continue // alive: the dump missed it
 		case err != nil && !errors.Is(err, sockdiag.ErrNotFound):
-			d.stats.Errors[packet.ErrSocketLookup].Add(1)
+			d.shared.Stats.Errors[packet.ErrSocketLookup].Add(1)
 			d.log.Error("socket lookup", "src", f.Src, "dst", f.Dst, "err", err)
 			continue
 		}
-		if _, again := d.suspects[f]; !again {
+		if _, again := sw.suspects[f]; !again {
 			suspects[f] = struct{}{}
 			continue
 		}
@@ -224,10 +234,11 @@ func (d *Daemon) sweep(diag socketTable, udp map[uint64]struct{}) {
 // expireIdle ends the UDP and echo flows none of whose elements counted a
 // packet for the idle timeout. With the userspace datapath the selector
 // sets count them.
-func (d *Daemon) expireIdle(maps flowMaps, now time.Time, timeout time.Duration) {
-	uses, err := maps.Uses()
+func (sw *sweeper) expireIdle(now time.Time, timeout time.Duration) {
+	d := sw.d
+	uses, err := sw.maps.Uses()
 	if err != nil {
-		d.stats.Errors[packet.ErrSweep].Add(1)
+		d.errors[errSweep].Add(1)
 		d.log.Error("read flow packet counters; no flow ended by idleness this round", "err", err)
 		return
 	}
@@ -235,15 +246,15 @@ func (d *Daemon) expireIdle(maps flowMaps, now time.Time, timeout time.Duration)
 	for _, u := range uses {
 		var f *flow.Flow
 		if u.Reply {
-			f = d.flows.ByWire(flow.Key{Proto: u.Proto, Src: u.Src, Dst: u.Dst})
+			f = d.flows().ByWire(flow.Key{Proto: u.Proto, Src: u.Src, Dst: u.Dst})
 		} else {
-			f = d.flows.Get(flow.Key{Proto: u.Proto, Src: u.Src, Dst: u.Dst})
+			f = d.flows().Get(flow.Key{Proto: u.Proto, Src: u.Src, Dst: u.Dst})
 		}
 		if f != nil {
 			total[f] += u.Packets
 		}
 	}
-	for _, f := range d.flows.Snapshot() {
+	for _, f := range d.flows().Snapshot() {
 		if !f.Idles() {
 			continue
 		}
@@ -252,7 +263,7 @@ func (d *Daemon) expireIdle(maps flowMaps, now time.Time, timeout time.Duration)
 			continue
 		}
 		if now.Sub(f.UsedAt) >= timeout {
-			d.stats.Idle.Add(1)
+			d.idle.Add(1)
 			d.log.Debug("flow idle", "proto", f.Proto.String(), "src", f.Src, "dst", f.Dst, "pass", f.Pass, "idle", now.Sub(f.UsedAt).Round(time.Second))
 			d.shared.Forget(f)
 		}
@@ -269,22 +280,20 @@ func lookupResult(err error) string {
 
 // reportOverBudget logs, at WARNING, each user whose new flows went past
 // its budget since the last sweep: they failed open (or closed).
-func (d *Daemon) reportOverBudget(maps flowMaps) {
-	over, err := maps.OverBudget()
+func (sw *sweeper) reportOverBudget() {
+	d := sw.d
+	over, err := sw.maps.OverBudget()
 	if err != nil {
-		d.stats.Errors[packet.ErrSweep].Add(1)
+		d.errors[errSweep].Add(1)
 		d.log.Error("read the per-user budget's counts", "err", err)
 		return
 	}
-	if d.overSeen == nil {
-		d.overSeen = map[uint32]uint64{}
-	}
 	how := "sent to the overflow queue (served after the others; dropped while it is full, and their sockets retry)"
 	for uid, n := range over {
-		if n > d.overSeen[uid] {
+		if n > sw.overSeen[uid] {
 			d.log.Warn("a user opened new flows faster than its budget; the rest were "+how, "uid", uid,
-				"over_budget", n-d.overSeen[uid], "total", n, "budget_per_second", d.cfg.Load().Daemon.NewFlowsPerUID)
-			d.overSeen[uid] = n
+				"over_budget", n-sw.overSeen[uid], "total", n, "budget_per_second", d.cfg.Load().Daemon.NewFlowsPerUID)
+			sw.overSeen[uid] = n
 		}
 	}
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/rerouted/rerouted/internal/policy"
 	"github.com/rerouted/rerouted/internal/route"
 	"github.com/rerouted/rerouted/internal/sockdiag"
+	"github.com/rerouted/rerouted/internal/sockdiag/sockdiagtest"
 	"golang.org/x/sys/unix"
 )
 
@@ -24,39 +25,7 @@ import (
 // datapath: no root, no kernel. What they check is which flows leave the
 // table, and which removals reach the kernel.
 
-type tuple struct {
-	proto       ipproto.Proto
-	local, peer netip.AddrPort
-}
-
-// fakeSocketTable is the host's sockets. missed sockets are left out of
-// dumps (a dump is not atomic) but found by an exact lookup.
-type fakeSocketTable struct {
-	socks   map[tuple]sockdiag.Socket
-	missed  map[tuple]bool
-	dumpErr error
-}
-
-func (s *fakeSocketTable) Dump(family uint8, proto ipproto.Proto, fn func(*sockdiag.Socket)) error {
-	if s.dumpErr != nil {
-		return s.dumpErr
-	}
-	for k, so := range s.socks {
-		if k.proto == proto && k.local.Addr().Is6() == (family == unix.AF_INET6) && !s.missed[k] {
-			fn(&so)
-		}
-	}
-	return nil
-}
-
-func (s *fakeSocketTable) Lookup(proto ipproto.Proto, local, remote netip.AddrPort, out *sockdiag.Socket) error {
-	so, ok := s.socks[tuple{proto, local, remote}]
-	if !ok {
-		return sockdiag.ErrNotFound
-	}
-	*out = so
-	return nil
-}
+type tuple = sockdiagtest.Tuple
 
 // fakeMaps is the datapath's flow maps.
 type fakeMaps struct {
@@ -91,10 +60,15 @@ func (k *recordingKernel) Apply(cs []flow.Change) error {
 func newSweepDaemon(t *testing.T) (*Daemon, *recordingKernel) {
 	t.Helper()
 	k := &recordingKernel{}
-	d := &Daemon{log: slog.New(slog.DiscardHandler), flows: flow.NewTable()}
-	d.inst = flow.NewInstaller(d.flows, k, d.installFailed)
-	d.shared = &packet.Shared{Install: d.inst, Log: d.log, Stats: &d.stats}
-	return d, k
+	return newTestDaemon(slog.New(slog.DiscardHandler), k), k
+}
+
+// newTestDaemon is a daemon with an installer into k, and nothing else.
+func newTestDaemon(log *slog.Logger, k flow.Kernel) *Daemon {
+	d := &Daemon{log: log}
+	d.shared = &packet.Shared{Log: log, Stats: &packet.Stats{}}
+	d.shared.Install = flow.NewInstaller(k, d.installFailed)
+	return d
 }
 
 var (
@@ -111,17 +85,17 @@ func addFlow(t *testing.T, d *Daemon, proto ipproto.Proto, src netip.AddrPort, c
 	t.Helper()
 	f := &flow.Flow{Key: flow.Key{Proto: proto, Src: src, Dst: peer}, Mark: 200, Cookie: cookie, Start: time.Now().Add(-time.Minute)}
 	f.UsedAt = f.Start
-	if !d.inst.Add(f, netip.AddrPortFrom(ispB, src.Port())) {
+	if !d.inst().Add(f, netip.AddrPortFrom(ispB, src.Port())) {
 		t.Fatalf("flow %v not added", src)
 	}
-	d.inst.Flush()
+	d.inst().Flush()
 	return f
 }
 
 // removed applies the pending changes, as the installer's goroutine
 // would, and returns the flows removed from the kernel so far.
 func removed(d *Daemon, k *recordingKernel) []netip.AddrPort {
-	d.inst.Flush()
+	d.inst().Flush()
 	var out []netip.AddrPort
 	for _, c := range k.changes {
 		if c.Delete {
@@ -136,9 +110,9 @@ func removed(d *Daemon, k *recordingKernel) []netip.AddrPort {
 // that misses a live socket removes nothing, and neither does one miss.
 func TestSweepRemovesOnlyWhatIsGoneTwice(t *testing.T) {
 	d, k := newSweepDaemon(t)
-	socks := &fakeSocketTable{socks: map[tuple]sockdiag.Socket{}, missed: map[tuple]bool{}}
+	socks := &sockdiagtest.Sockets{Socks: map[tuple]sockdiag.Socket{}, Missed: map[tuple]bool{}}
 	live := func(proto ipproto.Proto, port uint16, cookie uint64) {
-		socks.socks[tuple{proto, sock(port), peer}] = sockdiag.Socket{Local: sock(port), Remote: peer, Cookie: cookie}
+		socks.Socks[tuple{Proto: proto, Local: sock(port), Remote: peer}] = sockdiag.Socket{Local: sock(port), Remote: peer, Cookie: cookie}
 	}
 	addFlow(t, d, ipproto.TCP, sock(1001), 1) // alive, in the dump
 	addFlow(t, d, ipproto.TCP, sock(1002), 2) // alive, missed by the dump
@@ -149,22 +123,22 @@ func TestSweepRemovesOnlyWhatIsGoneTwice(t *testing.T) {
 	echo := addFlow(t, d, ipproto.ICMP, sock(77), 0)
 	live(ipproto.TCP, 1001, 1)
 	live(ipproto.TCP, 1002, 2)
-	socks.missed[tuple{ipproto.TCP, sock(1002), peer}] = true
+	socks.Missed[tuple{Proto: ipproto.TCP, Local: sock(1002), Remote: peer}] = true
 	live(ipproto.TCP, 1004, 40)
-	socks.socks[tuple{ipproto.UDP, sock(1005), netip.AddrPort{}}] = sockdiag.Socket{Local: sock(1005), Cookie: 5}
+	socks.Socks[tuple{Proto: ipproto.UDP, Local: sock(1005)}] = sockdiag.Socket{Local: sock(1005), Cookie: 5}
 
-	udp := map[uint64]struct{}{}
-	d.sweep(socks, udp)
+	sw := newSweeper(d, socks, nil)
+	sw.sweep()
 	if got := removed(d, k); len(got) != 0 {
 		t.Fatalf("the first sweep removed %v: one miss is not enough", got)
 	}
-	d.sweep(socks, udp)
+	sw.sweep()
 	want := []netip.AddrPort{sock(1003), sock(1004), sock(1006)}
 	if got := removed(d, k); len(got) != len(want) || got[0] != want[0] || got[1] != want[1] || got[2] != want[2] {
 		t.Fatalf("removed %v, want %v", got, want)
 	}
-	if d.flows.Len() != 4 || d.flows.Get(echo.Key) == nil {
-		t.Fatalf("%d flows left, want 4 (the echo ends by idleness only)", d.flows.Len())
+	if d.flows().Len() != 4 || d.flows().Get(echo.Key) == nil {
+		t.Fatalf("%d flows left, want 4 (the echo ends by idleness only)", d.flows().Len())
 	}
 }
 
@@ -173,12 +147,13 @@ func TestSweepRemovesOnlyWhatIsGoneTwice(t *testing.T) {
 func TestSweepDumpErrorRemovesNothing(t *testing.T) {
 	d, k := newSweepDaemon(t)
 	addFlow(t, d, ipproto.TCP, sock(1001), 1)
-	socks := &fakeSocketTable{socks: map[tuple]sockdiag.Socket{}, dumpErr: unix.ENOBUFS}
+	socks := &sockdiagtest.Sockets{Socks: map[tuple]sockdiag.Socket{}, DumpErr: unix.ENOBUFS}
+	sw := newSweeper(d, socks, nil)
 	for range 3 {
-		d.sweep(socks, map[uint64]struct{}{})
+		sw.sweep()
 	}
-	if len(removed(d, k)) != 0 || d.stats.Errors[packet.ErrSweep].Load() != 3 {
-		t.Fatalf("removed %v, sweep errors %d", removed(d, k), d.stats.Errors[packet.ErrSweep].Load())
+	if len(removed(d, k)) != 0 || d.errors[errSweep].Load() != 3 {
+		t.Fatalf("removed %v, sweep errors %d", removed(d, k), d.errors[errSweep].Load())
 	}
 }
 
@@ -194,20 +169,20 @@ func TestExpireIdle(t *testing.T) {
 		{Proto: ipproto.UDP, Reply: true, Src: busy.NewSrc, Dst: busy.Dst, Packets: 5},
 	}}
 	now := time.Now()
-	d.expireIdle(maps, now, 30*time.Second)
+	newSweeper(d, nil, maps).expireIdle(now, 30*time.Second)
 	if busy.Used != 15 || !busy.UsedAt.Equal(now) {
 		t.Fatalf("busy flow's count %d at %v", busy.Used, busy.UsedAt)
 	}
 	if got := removed(d, k); len(got) != 1 || got[0] != idle.Src {
 		t.Fatalf("removed %v, want only the idle flow %v", got, idle.Src)
 	}
-	d.expireIdle(maps, now.Add(29*time.Second), 30*time.Second)
-	d.expireIdle(maps, now.Add(31*time.Second), 30*time.Second)
-	if got := removed(d, k); len(got) != 2 || d.flows.Get(tcp.Key) == nil {
+	newSweeper(d, nil, maps).expireIdle(now.Add(29*time.Second), 30*time.Second)
+	newSweeper(d, nil, maps).expireIdle(now.Add(31*time.Second), 30*time.Second)
+	if got := removed(d, k); len(got) != 2 || d.flows().Get(tcp.Key) == nil {
 		t.Fatalf("removed %v; a TCP flow with a socket must never idle", got)
 	}
-	if d.stats.Idle.Load() != 2 {
-		t.Fatalf("idle counter %d", d.stats.Idle.Load())
+	if d.idle.Load() != 2 {
+		t.Fatalf("idle counter %d", d.idle.Load())
 	}
 }
 
@@ -215,9 +190,9 @@ func TestExpireIdle(t *testing.T) {
 // have none to follow), and removes the rest and duplicates.
 func TestAdopt(t *testing.T) {
 	d, _ := newSweepDaemon(t)
-	socks := &fakeSocketTable{socks: map[tuple]sockdiag.Socket{
-		{ipproto.TCP, sock(1001), peer}: {Cookie: 11, UID: 1000, Inode: 5},
-		{ipproto.UDP, sock(1003), peer}: {Cookie: 13},
+	socks := &sockdiagtest.Sockets{Socks: map[tuple]sockdiag.Socket{
+		{Proto: ipproto.TCP, Local: sock(1001), Remote: peer}: {Cookie: 11, UID: 1000, Inode: 5},
+		{Proto: ipproto.UDP, Local: sock(1003), Remote: peer}: {Cookie: 13},
 	}}
 	tr := func(proto ipproto.Proto, port uint16) nftdp.Entry {
 		return nftdp.Entry{Proto: proto, Src: sock(port), Dst: peer, NewSrc: netip.AddrPortFrom(ispB, port), Mark: 200}
@@ -226,17 +201,17 @@ func TestAdopt(t *testing.T) {
 	dup := live
 	dup.NewSrc = netip.AddrPortFrom(ispB, 2001) // a second element for the same socket tuple
 	maps := &fakeMaps{entries: []nftdp.Entry{live, gone, udp, ping, dup}}
-	if err := d.adopt(socks, maps, noRoutes{}); err != nil {
+	if err := newSweeper(d, socks, maps).adopt(noRoutes{}); err != nil {
 		t.Fatal(err)
 	}
 	if len(maps.deleted) != 2 || maps.deleted[0] != gone || maps.deleted[1] != dup {
 		t.Fatalf("deleted %+v, want the gone socket's and the duplicate", maps.deleted)
 	}
-	f := d.flows.Get(flow.Key{Proto: ipproto.TCP, Src: sock(1001), Dst: peer})
-	if d.flows.Len() != 3 || f == nil || f.Cookie != 11 || f.UID != 1000 || f.Dev != "isp-b" || f.NewSrc != live.NewSrc {
-		t.Fatalf("%d flows; adopted %+v", d.flows.Len(), f)
+	f := d.flows().Get(flow.Key{Proto: ipproto.TCP, Src: sock(1001), Dst: peer})
+	if d.flows().Len() != 3 || f == nil || f.Cookie != 11 || f.UID != 1000 || f.Dev != "isp-b" || f.NewSrc != live.NewSrc {
+		t.Fatalf("%d flows; adopted %+v", d.flows().Len(), f)
 	}
-	if !d.inst.Installed(f) {
+	if !d.inst().Installed(f) {
 		t.Fatal("an adopted flow's elements are in the kernel already: it must count as installed")
 	}
 }
@@ -246,16 +221,17 @@ func TestAdopt(t *testing.T) {
 func TestSweepSuspicionClearsWhenSeen(t *testing.T) {
 	d, k := newSweepDaemon(t)
 	addFlow(t, d, ipproto.TCP, sock(1001), 1)
-	gone := &fakeSocketTable{socks: map[tuple]sockdiag.Socket{}}
-	back := &fakeSocketTable{socks: map[tuple]sockdiag.Socket{{ipproto.TCP, sock(1001), peer}: {Local: sock(1001), Remote: peer, Cookie: 1}}}
-	udp := map[uint64]struct{}{}
-	d.sweep(gone, udp) // missed: a suspect
-	d.sweep(back, udp) // seen
-	d.sweep(gone, udp) // missed once more: a suspect again, not removed
+	gone := &sockdiagtest.Sockets{Socks: map[tuple]sockdiag.Socket{}}
+	back := &sockdiagtest.Sockets{Socks: map[tuple]sockdiag.Socket{{Proto: ipproto.TCP, Local: sock(1001), Remote: peer}: {Local: sock(1001), Remote: peer, Cookie: 1}}}
+	sw := newSweeper(d, gone, nil)
+	sweep := func(diag sockdiag.Sockets) { sw.diag = diag; sw.sweep() }
+	sweep(gone) // missed: a suspect
+	sweep(back) // seen
+	sweep(gone) // missed once more: a suspect again, not removed
 	if got := removed(d, k); len(got) != 0 {
 		t.Fatalf("removed %v after misses that were not in a row", got)
 	}
-	d.sweep(gone, udp)
+	sweep(gone)
 	if got := removed(d, k); len(got) != 1 {
 		t.Fatalf("removed %v after two misses in a row, want the flow", got)
 	}
@@ -266,21 +242,14 @@ func TestSweepSuspicionClearsWhenSeen(t *testing.T) {
 func TestSweepLookupErrorRemovesNothing(t *testing.T) {
 	d, k := newSweepDaemon(t)
 	addFlow(t, d, ipproto.TCP, sock(1001), 1)
-	broken := failingLookups{}
+	broken := &sockdiagtest.Sockets{LookupErr: unix.ENOBUFS} // no socket in dumps; every exact lookup fails
+	sw := newSweeper(d, broken, nil)
 	for range 3 {
-		d.sweep(broken, map[uint64]struct{}{})
+		sw.sweep()
 	}
-	if got := removed(d, k); len(got) != 0 || d.stats.Errors[packet.ErrSocketLookup].Load() != 3 {
-		t.Fatalf("removed %v, lookup errors %d", got, d.stats.Errors[packet.ErrSocketLookup].Load())
+	if got := removed(d, k); len(got) != 0 || d.shared.Stats.Errors[packet.ErrSocketLookup].Load() != 3 {
+		t.Fatalf("removed %v, lookup errors %d", got, d.shared.Stats.Errors[packet.ErrSocketLookup].Load())
 	}
-}
-
-// failingLookups dumps no socket, and fails every exact lookup.
-type failingLookups struct{}
-
-func (failingLookups) Dump(uint8, ipproto.Proto, func(*sockdiag.Socket)) error { return nil }
-func (failingLookups) Lookup(ipproto.Proto, netip.AddrPort, netip.AddrPort, *sockdiag.Socket) error {
-	return unix.ENOBUFS
 }
 
 // Each user whose new flows went past the per-user budget is reported at
@@ -296,10 +265,11 @@ func TestOverBudgetReportedOncePerRise(t *testing.T) {
 	}
 	d.cfg.Store(cfg)
 	maps := &fakeMaps{over: map[uint32]uint64{1000: 7}}
-	d.reportOverBudget(maps)
-	d.reportOverBudget(maps) // no change: nothing more
+	sw := newSweeper(d, nil, maps)
+	sw.reportOverBudget()
+	sw.reportOverBudget() // no change: nothing more
 	maps.over[1000], maps.over[1001] = 10, 1
-	d.reportOverBudget(maps)
+	sw.reportOverBudget()
 	got := logs.warnings()
 	want := []string{"uid=1000 over_budget=7 total=7", "uid=1000 over_budget=3 total=10", "uid=1001 over_budget=1 total=1"}
 	if len(got) != len(want) {

@@ -9,8 +9,7 @@
 // idle; an echo (ping sockets are not in sock_diag) only so.
 //
 // The table has one writer, the Installer (install.go), which owns the
-// ordering rule: a flow's kernel state is installed before its first
-// packet is released, and changes reach the kernel in table order.
+// ordering rule (explained there).
 package flow
 
 import (
@@ -98,8 +97,9 @@ func pack(k Key) packed {
 		proto: k.Proto, v4: k.Src.Addr().Is4()}
 }
 
-// NewTable returns an empty table.
-func NewTable() *Table {
+// newTable returns an empty table. Its installer makes it (NewInstaller):
+// flows enter and leave only through that.
+func newTable() *Table {
 	return &Table{bySock: map[packed]*Flow{}, byWire: map[packed]*Flow{}, byCookie: map[uint64][]*Flow{}}
 }
 
@@ -125,8 +125,9 @@ func (t *Table) ByWire(k Key) *Flow {
 	return t.byWire[pack(k)]
 }
 
-// Reserve adds f unless its socket tuple or its wire tuple is taken.
-func (t *Table) Reserve(f *Flow) bool {
+// reserve adds f unless its socket tuple or its wire tuple is taken.
+// Only the installer calls it (Installer.Add, Adopt).
+func (t *Table) reserve(f *Flow) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	ks, kw := pack(f.Key), pack(f.Wire())
@@ -149,14 +150,15 @@ func (t *Table) ByCookie(cookie uint64) []*Flow {
 	return append([]*Flow(nil), t.byCookie[cookie]...)
 }
 
-// Remove deletes f and reports whether it was still in the table.
-func (t *Table) Remove(f *Flow) bool {
+// remove deletes f and reports whether it was still in the table. Only
+// the installer calls it (Installer.Remove, and a refused addition).
+func (t *Table) remove(f *Flow) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return t.remove(f)
+	return t.removeLocked(f)
 }
 
-func (t *Table) remove(f *Flow) bool {
+func (t *Table) removeLocked(f *Flow) bool {
 	ks, kw := pack(f.Key), pack(f.Wire())
 	if t.bySock[ks] != f {
 		return false

@@ -14,31 +14,31 @@ func key(src, dst string) Key {
 }
 
 func TestIndexes(t *testing.T) {
-	tb := NewTable()
+	tb := newTable()
 	f := &Flow{Key: key("198.51.100.2:1000", "192.0.2.80:80"), NewSrc: netip.MustParseAddrPort("203.0.113.2:1000"), Cookie: 1, Start: time.Now()}
-	tb.Reserve(f)
+	tb.reserve(f)
 	if tb.Get(f.Key) != f || !tb.OnWire(key("203.0.113.2:1000", "192.0.2.80:80")) || tb.OnWire(f.Key) {
 		t.Fatal("indexes disagree with the inserted flow")
 	}
-	tb.Remove(f)
+	tb.remove(f)
 	if tb.Len() != 0 || tb.OnWire(f.Wire()) {
 		t.Fatal("Remove left state behind")
 	}
 }
 
 func TestSweep(t *testing.T) {
-	tb := NewTable()
+	tb := newTable()
 	t0 := time.Now()
 	alive := &Flow{Key: key("198.51.100.2:1", "192.0.2.80:80"), NewSrc: netip.MustParseAddrPort("203.0.113.2:1"), Cookie: 10, Start: t0}
 	gone := &Flow{Key: key("198.51.100.2:2", "192.0.2.80:80"), NewSrc: netip.MustParseAddrPort("203.0.113.2:2"), Cookie: 20, Start: t0}
 	reused := &Flow{Key: key("198.51.100.2:3", "192.0.2.80:80"), NewSrc: netip.MustParseAddrPort("203.0.113.2:3"), Cookie: 30, Start: t0}
 	for _, f := range []*Flow{alive, gone, reused} {
-		tb.Reserve(f)
+		tb.reserve(f)
 	}
 	s := tb.BeginSweep(t0.Add(time.Second))
 	// Created after the dump began: must survive even though not seen.
 	young := &Flow{Key: key("198.51.100.2:4", "192.0.2.80:80"), NewSrc: netip.MustParseAddrPort("203.0.113.2:4"), Cookie: 40, Start: t0.Add(2 * time.Second)}
-	tb.Reserve(young)
+	tb.reserve(young)
 	s.Seen(alive.Key, 10)
 	s.Seen(reused.Key, 31) // same tuple, another socket: the translated one is gone
 	missing := s.End()
@@ -53,7 +53,7 @@ func TestSweep(t *testing.T) {
 }
 
 func TestConcurrent(t *testing.T) {
-	tb := NewTable()
+	tb := newTable()
 	var wg sync.WaitGroup
 	for g := 0; g < 4; g++ {
 		wg.Add(1)
@@ -62,7 +62,7 @@ func TestConcurrent(t *testing.T) {
 			for i := 0; i < 500; i++ {
 				f := &Flow{Key: Key{Proto: ipproto.TCP, Src: netip.AddrPortFrom(netip.MustParseAddr("198.51.100.2"), uint16(g*1000+i)),
 					Dst: netip.MustParseAddrPort("192.0.2.80:80")}, Start: time.Now()}
-				tb.Reserve(f)
+				tb.reserve(f)
 				_ = tb.Snapshot()
 				s := tb.BeginSweep(time.Now())
 				s.Seen(f.Key, 0)
@@ -74,7 +74,7 @@ func TestConcurrent(t *testing.T) {
 }
 
 func TestByCookie(t *testing.T) {
-	tb := NewTable()
+	tb := newTable()
 	udp := func(dst string, cookie uint64) *Flow {
 		k := key("198.51.100.2:5000", dst)
 		k.Proto = ipproto.UDP
@@ -83,19 +83,19 @@ func TestByCookie(t *testing.T) {
 	a, b, c := udp("192.0.2.80:53", 7), udp("192.0.2.81:53", 7), udp("192.0.2.82:53", 8)
 	tcp := &Flow{Key: key("198.51.100.2:6000", "192.0.2.80:80"), NewSrc: netip.MustParseAddrPort("203.0.113.2:6000"), Cookie: 7}
 	for _, f := range []*Flow{a, b, c, tcp} {
-		if !tb.Reserve(f) {
+		if !tb.reserve(f) {
 			t.Fatalf("reserve %v", f.Key)
 		}
 	}
 	if got := tb.ByCookie(7); len(got) != 2 {
 		t.Fatalf("cookie 7: %d flows, want the 2 UDP ones", len(got))
 	}
-	tb.Remove(a)
+	tb.remove(a)
 	if got := tb.ByCookie(7); len(got) != 1 || got[0] != b {
 		t.Fatalf("cookie 7 after removing one: %v", got)
 	}
-	tb.Remove(b)
-	tb.Remove(c)
+	tb.remove(b)
+	tb.remove(c)
 	if len(tb.byCookie) != 0 {
 		t.Fatalf("index left behind: %v", tb.byCookie)
 	}

@@ -7,20 +7,34 @@ import (
 	"sync/atomic"
 )
 
-// Installer owns the ordering rule: a flow's kernel state is installed
+// Installer owns the ordering rule, and this is where it is explained;
+// other comments refer here.
+//
+// The ordering rule: a flow's kernel state (its elements) is installed
 // before its first packet is released, and every change to the kernel's
 // flow maps reaches the kernel in the order the table saw it, in as few
 // transactions as possible.
 //
-// It is the only writer of its table (anyone may read it): Add and Remove
-// change the table and enqueue the kernel change as one step, under mu, so
-// that a removal and a later flow with the same tuple reach the kernel in
-// that order. (One write is not under mu: a flow whose kernel state the
-// kernel refused leaves the table from Flush, under flushMu, which
-// Exclusive takes after mu. It needs no kernel change to order.) Whoever
-// needs the changes applied calls Flush: a packet worker before it releases
-// the first packets of a burst, Run for removals. Installed tells whether a
-// flow's state is in.
+// Why: once the first packet (a SYN, a datagram) leaves with the new
+// source, the peer's reply can come back at once, and only the flow's
+// elements turn it back into the socket's tuple; a reply that arrives
+// before them finds no socket on the wire tuple (a SYN-ACK is answered
+// with a reset). The flow's later packets, too, are translated by the
+// elements on the kernel datapath; one that left before them would leave
+// with the socket's own source. And a removal followed by a new flow on
+// the same tuple must reach the kernel in that order, or the new flow's
+// elements would be deleted.
+//
+// How: the installer is the only writer of its table (anyone may read
+// it): Add and Remove change the table and enqueue the kernel change as
+// one step, under mu, so that changes are enqueued in table order. (One
+// write is not under mu: a flow whose kernel state the kernel refused
+// leaves the table from Flush, under flushMu, which Exclusive takes after
+// mu. It needs no kernel change to order.) Whoever needs the changes
+// applied calls Flush: a packet worker before it releases the first
+// packets of a burst (it holds them until then), Run for removals.
+// Installed tells whether a flow's state is in, so that a later packet of
+// a flow whose elements are on their way waits too.
 type Installer struct {
 	table  *Table
 	kernel Kernel
@@ -52,15 +66,15 @@ type Kernel interface {
 // MaxBatch bounds one transaction.
 const MaxBatch = 1024
 
-// NewInstaller returns the installer of t's flows into k. failed is told of
-// each change the kernel refused, after a refused addition has left the
-// table (its packets are dropped, and the socket's retransmission is
-// decided again).
-func NewInstaller(t *Table, k Kernel, failed func(Change, error)) *Installer {
-	return &Installer{table: t, kernel: k, failed: failed, ops: make(chan Change, 1<<16), kick: make(chan struct{}, 1)}
+// NewInstaller returns the installer of flows into k, with its table,
+// empty. failed is told of each change the kernel refused, after a refused
+// addition has left the table (its packets are dropped, and the socket's
+// retransmission is decided again).
+func NewInstaller(k Kernel, failed func(Change, error)) *Installer {
+	return &Installer{table: newTable(), kernel: k, failed: failed, ops: make(chan Change, 1<<16), kick: make(chan struct{}, 1)}
 }
 
-// Table is the table the installer writes.
+// Table is the installer's table, for reading: the one handle on it.
 func (in *Installer) Table() *Table { return in.table }
 
 // Add puts f in the table with wire source src, and its kernel state in
@@ -72,7 +86,7 @@ func (in *Installer) Add(f *Flow, src netip.AddrPort) bool {
 	// Before the table publishes f: a worker that finds f holds its
 	// packets until this change is applied (Installed).
 	f.Seq = in.next + 1
-	if !in.table.Reserve(f) {
+	if !in.table.reserve(f) {
 		return false
 	}
 	in.enqueue(f, false)
@@ -84,7 +98,7 @@ func (in *Installer) Add(f *Flow, src netip.AddrPort) bool {
 func (in *Installer) Adopt(f *Flow) bool {
 	in.mu.Lock()
 	defer in.mu.Unlock()
-	return in.table.Reserve(f)
+	return in.table.reserve(f)
 }
 
 // Remove takes f out of the table and, in order, its state out of the
@@ -92,7 +106,7 @@ func (in *Installer) Adopt(f *Flow) bool {
 func (in *Installer) Remove(f *Flow) bool {
 	in.mu.Lock()
 	defer in.mu.Unlock()
-	removed := in.table.Remove(f)
+	removed := in.table.remove(f)
 	if removed {
 		in.enqueue(f, true)
 	}
@@ -172,7 +186,7 @@ func (in *Installer) apply() {
 		for i, c := range in.batch {
 			if err := in.kernel.Apply(in.batch[i : i+1]); err != nil {
 				if !c.Delete {
-					in.table.Remove(c.Flow) // not in the kernel: nothing to enqueue
+					in.table.remove(c.Flow) // not in the kernel: nothing to enqueue
 				}
 				in.failed(c, err)
 			}

@@ -43,7 +43,7 @@ func newInstaller(t *testing.T) (*Installer, *kernel, *[]refusal) {
 	t.Helper()
 	k := &kernel{refuse: map[*Flow]bool{}}
 	var failed []refusal
-	return NewInstaller(NewTable(), k, func(c Change, err error) { failed = append(failed, refusal{c, err}) }), k, &failed
+	return NewInstaller(k, func(c Change, err error) { failed = append(failed, refusal{c, err}) }), k, &failed
 }
 
 func tcpFlow(port uint16) *Flow {

@@ -423,6 +423,12 @@ func removeInt(xs []int, v int) []int {
 	return out
 }
 
+// HasRawSocket is HasRawSocket in the network namespace of the /proc the
+// Owners reads.
+func (o *Owners) HasRawSocket(v6 bool, uid uint32) (bool, error) {
+	return HasRawSocket(o.proc+"/net", v6, uid)
+}
+
 // HasRawSocket reports whether uid owns a raw socket (IPv6 with v6) that
 // can send TCP segments: protocol IPPROTO_TCP, or IPPROTO_RAW with its own
 // IP headers. That is what sends a SYN no TCP socket owns (traceroute -T,

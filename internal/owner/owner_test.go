@@ -43,8 +43,8 @@ func TestOwnerOfOwnSocket(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer d.Close()
-	var s sockdiag.Socket
-	if err := d.Lookup(ipproto.TCP, local, remote, &s); err != nil {
+	s, err := d.Lookup(ipproto.TCP, local, remote)
+	if err != nil {
 		t.Fatal(err)
 	}
 	o := NewOwners()

@@ -106,7 +106,7 @@ func newDecider(tb testing.TB) *Worker {
 		tb.Fatal(err)
 	}
 	tb.Cleanup(func() { diag.Close() })
-	return NewWorker(&Shared{Uplinks: &uplink.States{}, Balance: &uplink.Balancer{}}, nil, DiagSockets{Conn: diag}, nil, owner.NewOwners())
+	return NewWorker(&Shared{Uplinks: &uplink.States{}, Balance: &uplink.Balancer{}}, nil, diag, nil, owner.NewOwners())
 }
 
 func TestDecideMatchesEachCase(t *testing.T) {

@@ -32,7 +32,7 @@ import (
 // /proc scan that must not hold up the next flow's socket lookup.
 type Learner struct {
 	s       *Shared
-	diag    Sockets
+	diag    sockdiag.Sockets
 	w       *Worker // Describe's owner lookups
 	pending chan learned
 }
@@ -46,8 +46,8 @@ type learned struct {
 // NewLearner returns the follower of the kernel's decisions, with sockets
 // and owners of its own: it looks each flow's socket up (its cookie, which
 // the sweeper follows), and with the debug stream on, its owner.
-func NewLearner(s *Shared, diag Sockets, owners Owners) *Learner {
-	return &Learner{s: s, diag: diag, w: NewWorker(s, nil, nil, nil, owners), pending: make(chan learned, 4096)}
+func NewLearner(s *Shared, diag sockdiag.Sockets, owners Owners) *Learner {
+	return &Learner{s: s, diag: diag, w: NewWorker(s, nil, diag, nil, owners), pending: make(chan learned, 4096)}
 }
 
 // Describe prints the [NEW] line of each flow learned, with its owner,
@@ -142,7 +142,7 @@ func (l *Learner) Decided(pkt []byte, mark, uid uint32, wire netip.Addr) {
 // rawSYN reports whether uid has a raw socket of the family: a SYN no TCP
 // socket owns is then taken for that raw socket's.
 func (l *Learner) rawSYN(uid uint32, v6 bool) bool {
-	raw, err := l.diag.HasRawSocket(v6, uid)
+	raw, err := l.w.owner.owners.HasRawSocket(v6, uid) // stateless: /proc/net/raw
 	if err != nil {
 		l.s.Stats.Errors[ErrSocketLookup].Add(1)
 		l.s.Log.Error("raw socket lookup", "uid", uid, "err", err)

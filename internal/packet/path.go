@@ -46,7 +46,7 @@ import (
 type Worker struct {
 	s      *Shared
 	q      Verdicts
-	diag   Sockets
+	diag   sockdiag.Sockets
 	routes Routes
 	owner  sockOwner   // the socket being decided
 	query  policy.Flow // the flow being decided (reused: no allocation)
@@ -268,8 +268,8 @@ func (w *Worker) datagram(p *queue.Packet, t *rewrite.Packet) {
 
 // follow sends a datagram of a decided flow the way its first went: as it
 // is for a pass; translated for a translation, held behind the batch's
-// transaction if its elements are not in yet, so it cannot overtake the
-// first.
+// transaction if its elements are not in yet (the ordering rule,
+// flow.Installer), so it cannot overtake the first.
 func (w *Worker) follow(p *queue.Packet, t *rewrite.Packet, f *flow.Flow) {
 	switch {
 	case f.Pass:
@@ -299,7 +299,7 @@ func (w *Worker) syn(p *queue.Packet, t *rewrite.Packet) {
 			w.fail(p, t, FailSocketLookup)
 			return
 		}
-		raw, err := w.diag.HasRawSocket(t.Src.Addr().Is6(), p.UID)
+		raw, err := w.owner.owners.HasRawSocket(t.Src.Addr().Is6(), p.UID)
 		if err != nil {
 			d.Stats.Errors[ErrSocketLookup].Add(1)
 			d.logf(slog.LevelError, "raw socket lookup", "src", t.Src, "dst", t.Dst, "err", err)
@@ -552,7 +552,7 @@ func (w *Worker) refuse(p *queue.Packet, t *rewrite.Packet, rule string, sock *s
 	d := w.s
 	d.Stats.Refused.Add(1)
 	if sock != nil && sock.Cookie != 0 {
-		if err := w.diag.Destroy(t.Src, t.Dst, sock.Cookie); err != nil && !errors.Is(err, sockdiag.ErrNotFound) {
+		if err := w.diag.Destroy(ipproto.TCP, t.Src, t.Dst, sock.Cookie); err != nil && !errors.Is(err, sockdiag.ErrNotFound) {
 			d.Stats.Errors[ErrSocketLookup].Add(1)
 			d.Log.Error("refuse a connection: close its socket", "src", t.Src, "dst", t.Dst, "err", err)
 		}
@@ -638,7 +638,8 @@ func (w *Worker) lookupFailed(p *queue.Packet, t *rewrite.Packet, err error) {
 }
 
 // hold rewrites a flow's first packet (a SYN: with its MSS clamped) and
-// keeps it until the batch's elements are installed (see EndBatch).
+// keeps it until the batch's elements are installed (see EndBatch; the
+// ordering rule, flow.Installer).
 func (w *Worker) hold(p *queue.Packet, t *rewrite.Packet, f *flow.Flow) {
 	rewrite.SetSource(p.Payload, t, f.NewSrc)
 	if f.MSS != 0 {
@@ -656,7 +657,7 @@ func (w *Worker) hold(p *queue.Packet, t *rewrite.Packet, f *flow.Flow) {
 
 // EndBatch runs before the queue sends its batch of verdicts: install the
 // batch's elements in one transaction (the passes' too), then release its
-// held packets, in the order they came.
+// held packets, in the order they came (the ordering rule, flow.Installer).
 func (w *Worker) EndBatch() {
 	if w.nheld == 0 && !w.passed {
 		return

@@ -18,6 +18,7 @@ import (
 	"github.com/rerouted/rerouted/internal/queue"
 	"github.com/rerouted/rerouted/internal/route"
 	"github.com/rerouted/rerouted/internal/sockdiag"
+	"github.com/rerouted/rerouted/internal/sockdiag/sockdiagtest"
 	"github.com/rerouted/rerouted/internal/uplink"
 	"golang.org/x/sys/unix"
 )
@@ -89,45 +90,7 @@ func (k *fakeKernel) Apply(cs []flow.Change) error {
 	return nil
 }
 
-type sockKey struct {
-	proto       ipproto.Proto
-	local, peer netip.AddrPort
-}
-
-// fakeSockets is the host's sockets: by exact tuple.
-type fakeSockets struct {
-	socks     map[sockKey]sockdiag.Socket
-	err       error            // every lookup fails with it
-	failFirst int              // or only this many lookups (with ENOBUFS)
-	failAt    map[sockKey]bool // or lookups of these tuples (ENOBUFS)
-	raw       bool
-	destroyed []sockKey
-}
-
-func (s *fakeSockets) Lookup(proto ipproto.Proto, local, remote netip.AddrPort) (sockdiag.Socket, error) {
-	if s.err != nil {
-		return sockdiag.Socket{}, s.err
-	}
-	if s.failFirst > 0 {
-		s.failFirst--
-		return sockdiag.Socket{}, unix.ENOBUFS
-	}
-	if s.failAt[sockKey{proto, local, remote}] {
-		return sockdiag.Socket{}, unix.ENOBUFS
-	}
-	so, ok := s.socks[sockKey{proto, local, remote}]
-	if !ok {
-		return sockdiag.Socket{}, sockdiag.ErrNotFound
-	}
-	return so, nil
-}
-
-func (s *fakeSockets) Destroy(local, remote netip.AddrPort, cookie uint64) error {
-	s.destroyed = append(s.destroyed, sockKey{ipproto.TCP, local, remote})
-	return nil
-}
-
-func (s *fakeSockets) HasRawSocket(v6 bool, uid uint32) (bool, error) { return s.raw, nil }
+type sockKey = sockdiagtest.Tuple
 
 // fakeRoutes routes mark 200 via ISP B, anything else via ISP A.
 type fakeRoutes struct{ noRoute bool }
@@ -151,7 +114,8 @@ type fakeOwners struct{}
 func (fakeOwners) Process(inode, uid uint32, cg uint64) (owner.Process, bool) {
 	return owner.Process{PID: 42, Comm: "curl", Exe: "/usr/bin/curl"}, true
 }
-func (fakeOwners) Cgroup(id uint64) (string, bool) { return "system.slice/web.service", true }
+func (fakeOwners) Cgroup(id uint64) (string, bool)                { return "system.slice/web.service", true }
+func (fakeOwners) HasRawSocket(v6 bool, uid uint32) (bool, error) { return false, nil }
 
 // world is a worker and everything around it.
 type world struct {
@@ -159,7 +123,7 @@ type world struct {
 	r      *recorder
 	w      *Worker
 	s      *Shared
-	socks  *fakeSockets
+	socks  *sockdiagtest.Sockets
 	kernel *fakeKernel
 	routes *fakeRoutes
 	failed []flow.Change
@@ -172,13 +136,12 @@ func newWorld(t *testing.T, conf string) *world {
 	if err != nil {
 		t.Fatal(err)
 	}
-	wd := &world{t: t, r: &recorder{}, socks: &fakeSockets{socks: map[sockKey]sockdiag.Socket{}}, routes: &fakeRoutes{}}
+	wd := &world{t: t, r: &recorder{}, socks: &sockdiagtest.Sockets{}, routes: &fakeRoutes{}}
 	wd.kernel = &fakeKernel{r: wd.r}
 	var ptr atomic.Pointer[policy.Config]
 	ptr.Store(cfg)
-	table := flow.NewTable()
 	wd.s = &Shared{Config: &ptr,
-		Install: flow.NewInstaller(table, wd.kernel, func(c flow.Change, err error) { wd.failed = append(wd.failed, c) }),
+		Install: flow.NewInstaller(wd.kernel, func(c flow.Change, err error) { wd.failed = append(wd.failed, c) }),
 		Uplinks: &uplink.States{}, Balance: &uplink.Balancer{}, Log: slog.New(slog.DiscardHandler), Stats: &Stats{},
 		Decisions: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "d"}, []string{"rule"}),
 		Latency:   prometheus.NewHistogram(prometheus.HistogramOpts{Name: "l"}),
@@ -189,7 +152,7 @@ func newWorld(t *testing.T, conf string) *world {
 
 // socket makes a socket exist on a tuple.
 func (wd *world) socket(proto ipproto.Proto, local, peer netip.AddrPort, cookie uint64) {
-	wd.socks.socks[sockKey{proto, local, peer}] = sockdiag.Socket{Local: local, Remote: peer, UID: 1000, Inode: uint32(cookie), Cookie: cookie}
+	wd.socks.Add(proto, sockdiag.Socket{Local: local, Remote: peer, UID: 1000, Inode: uint32(cookie), Cookie: cookie})
 }
 
 // send queues one outbound packet through the worker, and returns its id.
@@ -366,7 +329,7 @@ func TestFirstPacketVerdicts(t *testing.T) {
 			want: "accept", fail: FailNoSocket, failed: true},
 		{name: "socket closed, fail closed", pkt: func(t *testing.T) []byte { return syn(t, client, server, 1460) },
 			closed: true, want: "drop", fail: FailNoSocket, failed: true},
-		{name: "sock_diag fails", setup: func(wd *world) { wd.socks.err = unix.ENOBUFS },
+		{name: "sock_diag fails", setup: func(wd *world) { wd.socks.LookupErr = unix.ENOBUFS },
 			pkt: func(t *testing.T) []byte { return syn(t, client, server, 1460) }, want: "accept", fail: FailSocketLookup, failed: true},
 		{name: "no route for the mark", setup: func(wd *world) { wd.socket(ipproto.TCP, client, server, 1); wd.routes.noRoute = true },
 			pkt: func(t *testing.T) []byte { return syn(t, client, server, 1460) }, want: "accept", fail: FailNoRoute, failed: true},
@@ -376,18 +339,18 @@ func TestFirstPacketVerdicts(t *testing.T) {
 			wd.socket(ipproto.TCP, netip.AddrPortFrom(ispB, 40000), server, 1)
 		}, pkt: func(t *testing.T) []byte { return syn(t, netip.AddrPortFrom(ispB, 40000), server, 1460) }, want: "modified",
 			installed: netip.AddrPortFrom(ispB, 40000)}, // same address: only the mark is pinned
-		{name: "udp, the socket's lookup fails once", setup: func(wd *world) { wd.socks.failFirst = 1 },
+		{name: "udp, the socket's lookup fails once", setup: func(wd *world) { wd.socks.FailFirst = 1 },
 			pkt: func(t *testing.T) []byte { return udp(t, client, netip.AddrPortFrom(server.Addr(), 53), "q") }, want: "modified",
 			installed: netip.AddrPortFrom(ispB, client.Port())}, // decided without the socket, by the queue's uid
-		{name: "udp, sock_diag fails", setup: func(wd *world) { wd.socks.err = unix.ENOBUFS },
+		{name: "udp, sock_diag fails", setup: func(wd *world) { wd.socks.LookupErr = unix.ENOBUFS },
 			// The new source port cannot be checked: not translated.
 			pkt:  func(t *testing.T) []byte { return udp(t, client, netip.AddrPortFrom(server.Addr(), 53), "q") },
 			want: "accept", fail: FailSocketLookup, failed: true},
 		{name: "tcp, the port check fails", setup: func(wd *world) {
 			wd.socket(ipproto.TCP, client, server, 1)
-			wd.socks.failAt = map[sockKey]bool{{ipproto.TCP, netip.AddrPortFrom(ispB, client.Port()), server}: true}
+			wd.socks.FailAt = map[sockKey]bool{{Proto: ipproto.TCP, Local: netip.AddrPortFrom(ispB, client.Port()), Remote: server}: true}
 		}, pkt: func(t *testing.T) []byte { return syn(t, client, server, 1460) }, want: "accept", fail: FailSocketLookup, failed: true},
-		{name: "udp, sock_diag fails, fail closed", setup: func(wd *world) { wd.socks.err = unix.ENOBUFS },
+		{name: "udp, sock_diag fails, fail closed", setup: func(wd *world) { wd.socks.LookupErr = unix.ENOBUFS },
 			pkt: func(t *testing.T) []byte { return udp(t, client, netip.AddrPortFrom(server.Addr(), 53), "q") }, closed: true,
 			want: "drop", fail: FailSocketLookup, failed: true},
 		{name: "an ACK is not a first packet", pkt: func(t *testing.T) []byte {

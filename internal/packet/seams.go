@@ -10,7 +10,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rerouted/rerouted/internal/events"
 	"github.com/rerouted/rerouted/internal/flow"
-	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/owner"
 	"github.com/rerouted/rerouted/internal/policy"
 	"github.com/rerouted/rerouted/internal/route"
@@ -18,8 +17,8 @@ import (
 	"github.com/rerouted/rerouted/internal/uplink"
 )
 
-// What a Worker is given. The daemon gives it a queue, sock_diag and
-// rtnetlink sockets and a /proc scanner; the tests give it fakes, so the
+// What a Worker is given. The daemon gives it a queue, sock_diag
+// (sockdiag.Sockets) and rtnetlink sockets and a /proc scanner; the tests give it fakes, so the
 // path's decisions run without root. Each method returns values, not
 // pointers, so that nothing the path passes escapes to the heap.
 
@@ -33,16 +32,6 @@ type Verdicts interface {
 	Drop(id uint32) error
 }
 
-// Sockets finds and closes local sockets.
-type Sockets interface {
-	// Lookup finds the socket on a tuple; sockdiag.ErrNotFound if none.
-	Lookup(proto ipproto.Proto, local, remote netip.AddrPort) (sockdiag.Socket, error)
-	// Destroy closes the TCP socket on a tuple, if its cookie matches.
-	Destroy(local, remote netip.AddrPort, cookie uint64) error
-	// HasRawSocket reports whether uid has a raw socket of the family.
-	HasRawSocket(v6 bool, uid uint32) (bool, error)
-}
-
 // Routes resolves routes as the kernel would (route.Cache).
 type Routes interface {
 	Lookup(dst netip.Addr, mark, uid uint32, hasUID bool) (route.Route, error)
@@ -53,6 +42,8 @@ type Routes interface {
 type Owners interface {
 	Process(inode, uid uint32, cg uint64) (owner.Process, bool)
 	Cgroup(id uint64) (string, bool)
+	// HasRawSocket reports whether uid has a raw socket of the family.
+	HasRawSocket(v6 bool, uid uint32) (bool, error)
 }
 
 // Shared is the state every worker shares with the daemon's other
@@ -86,7 +77,7 @@ type Shared struct {
 }
 
 // NewWorker returns the packet path of one queue.
-func NewWorker(s *Shared, q Verdicts, diag Sockets, routes Routes, owners Owners) *Worker {
+func NewWorker(s *Shared, q Verdicts, diag sockdiag.Sockets, routes Routes, owners Owners) *Worker {
 	w := &Worker{s: s, q: q, diag: diag, routes: routes}
 	w.owner.owners = owners
 	return w
@@ -152,24 +143,4 @@ func (s *Shared) Forget(f *flow.Flow) {
 	if s.Install.Remove(f) && !f.Pass {
 		s.Events.Flow("DESTROY", f)
 	}
-}
-
-// DiagSockets is Sockets on a sock_diag socket and /proc/net.
-type DiagSockets struct{ Conn *sockdiag.Conn }
-
-// Lookup implements Sockets.
-func (d DiagSockets) Lookup(proto ipproto.Proto, local, remote netip.AddrPort) (sockdiag.Socket, error) {
-	var s sockdiag.Socket
-	err := d.Conn.Lookup(proto, local, remote, &s)
-	return s, err
-}
-
-// Destroy implements Sockets.
-func (d DiagSockets) Destroy(local, remote netip.AddrPort, cookie uint64) error {
-	return d.Conn.Destroy(local, remote, cookie)
-}
-
-// HasRawSocket implements Sockets.
-func (d DiagSockets) HasRawSocket(v6 bool, uid uint32) (bool, error) {
-	return owner.HasRawSocket("/proc/net", v6, uid)
 }

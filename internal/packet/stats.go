@@ -2,14 +2,13 @@ package packet
 
 import "sync/atomic"
 
-// Stats counts what the packet path did, and how flows ended, for the
-// logs and the metrics. The daemon's other goroutines count their errors
-// here too, so that one metric has every kind.
+// Stats counts what the packet path did, for the logs and the metrics.
+// The daemon's other goroutines count their own errors and ends of flows
+// (the daemon's counts); they add here only to the packet path's kinds
+// they share (a socket lookup, a kernel decision learned).
 type Stats struct {
 	SYNs       atomic.Uint64              // SYNs decided
 	Datagrams  atomic.Uint64              // UDP and echo flows decided
-	Idle       atomic.Uint64              // UDP and echo flows ended by idleness
-	UDPClosed  atomic.Uint64              // UDP flows ended when the kernel announced their socket's end
 	Translated atomic.Uint64              // new flows translated
 	Retrans    atomic.Uint64              // retransmitted SYNs of translated flows
 	RawSYNs    atomic.Uint64              // SYNs no TCP socket owns (raw sockets): decided without an owner
@@ -41,18 +40,12 @@ const (
 	ErrSocketLookup                // sock_diag failed (not: no such socket)
 	ErrNoRoute                     // a marked flow had no route: left untranslated
 	ErrNoPort                      // no free source port: the first packet dropped
-	ErrInstall                     // the kernel refused a flow's elements
-	ErrRemove                      // the kernel refused to remove a flow's elements
-	ErrQueueReceive                // reading the queue failed
-	ErrSweep                       // a socket dump or counter read failed: nothing removed that round
-	ErrRepair                      // the table could not be checked or put back
-	ErrCloseEvents                 // the kernel's announcements of UDP sockets' ends were lost
 	ErrLearn                       // a kernel decision's record was lost or could not be entered
 	ErrKinds
 )
 
 // ErrKindNames are the errors metric's kind labels.
-var ErrKindNames = [ErrKinds]string{"verdict", "socket_lookup", "no_route", "no_free_port", "install", "remove", "nfqueue_receive", "sweep", "repair", "udp_close_events", "learn"}
+var ErrKindNames = [ErrKinds]string{"verdict", "socket_lookup", "no_route", "no_free_port", "learn"}
 
 // ExceptionReason says why a host-marked first packet that the kernel could
 // have decided came to the daemon.

@@ -20,7 +20,6 @@ import (
 	"time"
 
 	"github.com/BurntSushi/toml"
-	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/policy/tomlpos"
 )
 
@@ -406,204 +405,27 @@ func (p *parser) uplink(path string, t map[string]any) *Uplink {
 func (p *parser) rule(path string, t map[string]any) *Rule {
 	r := &Rule{}
 	r.line, _ = p.pos.Of(path)
-	// user/uid and group/gid are one key each, written by name or number.
-	ids := map[string][]uint32{}
+	d := &ruleDraft{r: r, ids: map[string][]uint32{}}
 	for _, k := range sortedKeys(t) {
 		kp := path + "." + k
-		v := t[k]
 		base, neg := strings.CutPrefix(k, "not_")
-		if !slices.Contains(Keys["rule"], k) {
-			if neg {
-				p.errorf(kp, "unknown key %q in [[rule]] (not_ works with %s)", k, strings.Join(negatable, ", "))
-			} else {
-				p.errorf(kp, "unknown key %q in [[rule]]", k)
-			}
+		key, known := ruleKeys[base]
+		switch {
+		case neg && (!known || !key.negatable):
+			p.errorf(kp, "unknown key %q in [[rule]] (not_ works with %s)", k, negatableList)
+			continue
+		case !known:
+			p.errorf(kp, "unknown key %q in [[rule]]", k)
 			continue
 		}
-		var c cond
-		switch base {
-		case "name":
-			r.Name = p.name(kp, v)
-			continue
-		case "uplink":
-			// A name, or a list of names in order of preference.
-			var names []string
-			switch v := v.(type) {
-			case string:
-				names = []string{v}
-			case []any:
-				names = p.strings(kp, v)
-				if len(names) == 0 {
-					p.errorf(kp, "uplink must name at least one [[uplink]], or \"default\"")
-					continue
-				}
-			default:
-				p.errorf(kp, "uplink must be the name of an [[uplink]], \"default\", or a list of them")
-				continue
-			}
-			bad := false
-			for i, n := range names {
-				if n == "" {
-					p.errorf(kp, "uplink must be the name of an [[uplink]], or \"default\"")
-					bad = true
-				}
-				for _, m := range names[:i] {
-					if m == n {
-						p.errorf(kp, "uplink %q is listed twice", n)
-						bad = true
-					}
-				}
-			}
-			if bad {
-				continue
-			}
-			if names[0] == "default" {
-				r.Action = Action{Kind: ActDefault, UplinkName: "default"}
-				if len(names) > 1 {
-					p.errorf(kp, "\"default\" is always up: the uplinks after it would never be chosen")
-				}
-				continue
-			}
-			r.Action = Action{Kind: ActUplink, UplinkName: names[0]}
-			for _, n := range names {
-				r.Action.Choices = append(r.Action.Choices, Choice{Name: n})
-			}
-			continue
-		case "balance":
-			t, ok := v.(map[string]any)
-			if !ok || len(t) == 0 {
-				p.errorf(kp, "balance must be a table of uplinks and weights, like { \"isp-a\" = 3, \"isp-b\" = 1 }")
-				continue
-			}
-			r.Action = Action{Kind: ActBalance}
-			for _, n := range sortedKeys(t) {
-				w, ok := p.integer(kp+"."+n, t[n], 1, 1000000)
-				if !ok {
-					continue
-				}
-				r.Action.Choices = append(r.Action.Choices, Choice{Name: n})
-				r.Action.Weights = append(r.Action.Weights, int(w))
-			}
-			if len(r.Action.Choices) > 0 {
-				r.Action.UplinkName = r.Action.Choices[0].Name
-			}
-			continue
-		case "sticky":
-			if v != "destination" {
-				p.errorf(kp, "sticky must be \"destination\": a user's flows to one destination keep one uplink")
-				continue
-			}
-			r.sticky = true
-			continue
-		case "sticky_for":
-			str, _ := v.(string)
-			d, err := time.ParseDuration(str)
-			if err != nil || d < time.Second || d > 24*time.Hour {
-				p.errorf(kp, "sticky_for must be a duration between 1s and 24h, like \"10m\"")
-				continue
-			}
-			r.stickyFor = d
-			continue
-		case "on_down":
-			switch v {
-			case "default":
-			case "drop":
-				r.dropWhenDown = true
-			default:
-				p.errorf(kp, "on_down must be \"default\" (the host's routing) or \"drop\"")
-			}
-			continue
-		case "mark":
-			if n, ok := p.integer(kp, v, 1, 0xffffffff); ok {
-				r.Action = Action{Kind: ActMark, Mark: uint32(n)}
-			}
-			continue
-		case "dst":
-			// Straight into the trie: no second copy of a long list.
-			set := &prefixSet{}
-			for _, s := range p.strings(kp, v) {
-				pfx, err := netip.ParsePrefix(s)
-				if err != nil {
-					a, aerr := netip.ParseAddr(s)
-					if aerr != nil {
-						p.errorf(kp, "bad CIDR %q in %s", s, k)
-						continue
-					}
-					pfx = netip.PrefixFrom(a, a.BitLen())
-				}
-				if pfx != pfx.Masked() {
-					p.errorf(kp, "%s %q has host bits set (did you mean %s?)", k, s, pfx.Masked())
-					continue
-				}
-				set.add(pfx)
-			}
-			c = condDst(set)
-		case "dport":
-			c = condDport(p.ports(kp, v))
-		case "uid", "gid":
-			for _, x := range list(v) {
-				if n, ok := p.integer(kp, x, 0, 0xfffffffe); ok {
-					ids[k] = append(ids[k], uint32(n))
-				}
-			}
-			continue
-		case "user", "group":
-			for _, s := range p.strings(kp, v) {
-				id, err := lookupID(base, s)
-				if err != nil {
-					p.errorf(kp, "%v", err)
-					continue
-				}
-				idKey := idKeys[k]
-				ids[idKey] = append(ids[idKey], id)
-			}
-			continue
-		case "protocol":
-			ss := p.strings(kp, v)
-			ps := make([]ipproto.Proto, 0, len(ss)) // never nil: protocol = [] matches nothing
-			for _, s := range ss {
-				pr, ok := ParseProtocol(s)
-				if !ok {
-					p.errorf(kp, "protocol %q is not supported (supported: \"tcp\", \"udp\", \"icmp\" for ICMP and ICMPv6 echo)", s)
-					continue
-				}
-				ps = append(ps, pr)
-			}
-			c = condProtocol(ps)
-		case "process":
-			names := p.strings(kp, v)
-			for _, n := range names {
-				if n == "" || strings.Contains(n, "/") {
-					p.errorf(kp, "process %q must be a program name (comm or the exe's base name); use exe for paths", n)
-				}
-			}
-			c = condProcess(names)
-		case "exe":
-			paths := p.strings(kp, v)
-			for _, e := range paths {
-				if !strings.HasPrefix(e, "/") {
-					p.errorf(kp, "exe %q must be an absolute path", e)
-				}
-			}
-			c = condExe(paths)
-		case "cgroup":
-			var cgs []string
-			for _, cg := range p.strings(kp, v) {
-				clean := strings.Trim(cg, "/")
-				if strings.Contains(clean, "//") || strings.Contains("/"+clean+"/", "/../") || strings.Contains("/"+clean+"/", "/./") {
-					p.errorf(kp, "cgroup %q is not a clean path", cg)
-					continue
-				}
-				cgs = append(cgs, clean)
-			}
-			c = condCgroup(cgs)
-		default:
-			p.undecoded(kp, k)
+		c, isCond := key.decode(p, d, k, kp, t[k])
+		if !isCond {
 			continue
 		}
 		c.key, c.neg = k, neg
 		r.conds = append(r.conds, c)
 	}
+	ids := d.ids
 	for _, k := range []string{"uid", "not_uid", "gid", "not_gid"} {
 		if len(ids[k]) == 0 {
 			continue
@@ -658,25 +480,13 @@ var idKeys = map[string]string{"user": "uid", "not_user": "not_uid", "group": "g
 // Keys is every key the parser accepts, by table ("": the top level,
 // "uplink.health": [uplink.health]). Any other key is an unknown key, an
 // error; docs/configuration.md documents each of these (its test checks).
+// A [[rule]]'s keys are ruleKeys' (and not_ forms of the negatable).
 var Keys = map[string][]string{
 	"":              {"daemon", "uplink", "rule"},
 	"daemon":        {"queue", "queues", "honor_marks", "control_socket", "metrics_listen", "gc_interval", "idle_timeout", "datapath", "on_failure", "steering", "host_marks", "new_flows_per_uid"},
 	"uplink":        {"name", "mark", "interface", "gateway", "gateway6", "table", "fallback", "reset_tcp", "health"},
 	"uplink.health": {"targets", "interval", "timeout", "down_after", "up_after"},
-	"rule": append([]string{"name", "uplink", "balance", "sticky", "sticky_for", "on_down", "mark",
-		"protocol", "dst", "dport", "user", "uid", "group", "gid", "process", "exe", "cgroup"},
-		notKeys()...),
-}
-
-// negatable are the rule keys that take a not_ form.
-var negatable = []string{"dst", "dport", "user", "uid", "group", "gid", "process", "exe", "cgroup"}
-
-func notKeys() []string {
-	ks := make([]string, len(negatable))
-	for i, k := range negatable {
-		ks[i] = "not_" + k
-	}
-	return ks
+	"rule":          ruleKeyNames(),
 }
 
 // undecoded reports a key Keys lists that the parser has no decoder for:
@@ -684,6 +494,10 @@ func notKeys() []string {
 func (p *parser) undecoded(path, k string) {
 	p.errorf(path, "internal error: key %q is known but not decoded", k)
 }
+
+// negatableList names the keys that take a not_ form (ruleKeys), for
+// errors.
+const negatableList = "dst, dport, user, uid, group, gid, process, exe, cgroup"
 
 func lookupID(kind, name string) (uint32, error) {
 	var id string

@@ -19,18 +19,13 @@ const sockDestroy = 21
 // of its own any more (EOPNOTSUPP).
 var ErrCannotDestroy = errors.New("the kernel cannot destroy a socket in this state (TIME_WAIT before Linux 6.0)")
 
-// Destroy closes the TCP socket local→remote whose cookie is cookie from
-// outside, as `ss -K` does (the kernel needs CONFIG_INET_DIAG_DESTROY):
-// the application's next call on it fails at once (ECONNABORTED), and the
-// peer gets a reset. It returns ErrNotFound when the socket is gone, and
-// ErrCannotDestroy when the kernel cannot destroy it in its state.
-func (c *Conn) Destroy(local, remote netip.AddrPort, cookie uint64) error {
-	return c.DestroyProto(ipproto.TCP, local, remote, cookie)
-}
-
-// DestroyProto is Destroy for a TCP or a UDP socket (a UDP socket's next
-// call fails with ECONNABORTED).
-func (c *Conn) DestroyProto(proto ipproto.Proto, local, remote netip.AddrPort, cookie uint64) error {
+// Destroy closes the TCP or UDP socket local→remote whose cookie is
+// cookie from outside, as `ss -K` does (the kernel needs
+// CONFIG_INET_DIAG_DESTROY): the application's next call on it fails at
+// once (ECONNABORTED), and a TCP peer gets a reset. It returns ErrNotFound
+// when the socket is gone, and ErrCannotDestroy when the kernel cannot
+// destroy it in its state.
+func (c *Conn) Destroy(proto ipproto.Proto, local, remote netip.AddrPort, cookie uint64) error {
 	c.request(proto, local, remote, false)
 	nlmsg.PutHeader(c.req[:], nlmsg.Header{Len: uint32(len(c.req)), Type: sockDestroy, Flags: unix.NLM_F_REQUEST | unix.NLM_F_ACK, Seq: c.seq})
 	r := c.req[nlmsg.HeaderLen:]

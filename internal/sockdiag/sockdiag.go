@@ -54,6 +54,33 @@ const (
 	noCookie         = 0xffffffff
 )
 
+// Sockets is sock_diag as rerouted uses it, the one seam every user of
+// sock_diag takes: the packet path's exact lookups (allocation-free), the
+// sweeper's dumps, the closing of sockets whose address went away. A *Conn
+// is one; the tests' is sockdiagtest.Sockets. As a Conn, a Sockets is
+// used by one goroutine at a time.
+type Sockets interface {
+	// Lookup finds the socket on a tuple (Conn.Lookup); ErrNotFound if none.
+	Lookup(proto ipproto.Proto, local, remote netip.AddrPort) (Socket, error)
+	// Dump calls fn for every socket of proto in family (Conn.Dump).
+	Dump(family uint8, proto ipproto.Proto, fn func(*Socket)) error
+	// Destroy closes the socket on a tuple if its cookie matches
+	// (Conn.Destroy).
+	Destroy(proto ipproto.Proto, local, remote netip.AddrPort, cookie uint64) error
+	Close() error
+}
+
+// OpenSockets is Open as a Sockets, for those that open one per use.
+func OpenSockets() (Sockets, error) {
+	c, err := Open()
+	if err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+var _ Sockets = (*Conn)(nil)
+
 // Conn is a NETLINK_SOCK_DIAG socket with its buffers.
 type Conn struct {
 	nl  *nlmsg.Conn
@@ -78,37 +105,37 @@ func (c *Conn) Close() error { return c.nl.Close() }
 var ErrNotFound = errors.New("no such socket")
 
 // Lookup finds the socket that owns the connection local→remote, in any
-// state including TIME_WAIT, and fills s. It returns ErrNotFound when there
-// is none, and then s is zero: a Socket reused from an earlier lookup never
-// tells of another socket. For UDP it is the socket a datagram from remote to local would
-// be delivered to: a connected socket, else one bound to the port (wildcard
-// or local address), so an unconnected socket is found for every peer.
-func (c *Conn) Lookup(proto ipproto.Proto, local, remote netip.AddrPort, s *Socket) error {
+// state including TIME_WAIT. It returns ErrNotFound, and a zero Socket,
+// when there is none. For UDP it is the socket a datagram from remote to
+// local would be delivered to: a connected socket, else one bound to the
+// port (wildcard or local address), so an unconnected socket is found for
+// every peer. It allocates nothing: the Socket is returned by value, so
+// that nothing of a caller's escapes through an interface (Sockets).
+func (c *Conn) Lookup(proto ipproto.Proto, local, remote netip.AddrPort) (s Socket, err error) {
 	if proto == ipproto.UDP {
 		// The kernel's UDP lookup takes the request's source as the
 		// datagram's source, the peer (udp_dump_one: "src and dst are
 		// swapped for historical reasons").
 		local, remote = remote, local
 	}
-	*s = Socket{}
 	c.request(proto, local, remote, false)
 	if errno := c.nl.Send(c.req[:]); errno != 0 {
-		return fmt.Errorf("sock_diag request: %w", errno)
+		return Socket{}, fmt.Errorf("sock_diag request: %w", errno)
 	}
 	found := false
-	err := c.receive(func(m []byte) {
-		found = parseMsg(m, s) == nil
+	err = c.receive(func(m []byte) {
+		found = parseMsg(m, &s) == nil
 	})
 	if err != nil {
 		if errors.Is(err, unix.ENOENT) {
-			return ErrNotFound
+			return Socket{}, ErrNotFound
 		}
-		return err
+		return Socket{}, err
 	}
 	if !found {
-		return ErrNotFound
+		return Socket{}, ErrNotFound
 	}
-	return nil
+	return s, nil
 }
 
 // Dump calls fn for every socket of proto in family (unix.AF_INET or

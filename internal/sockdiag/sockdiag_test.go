@@ -46,7 +46,7 @@ func TestLookupAndDump(t *testing.T) {
 	defer d.Close()
 
 	var s Socket
-	if err := d.Lookup(ipproto.TCP, local, remote, &s); err != nil {
+	if err := lookup(d, ipproto.TCP, local, remote, &s); err != nil {
 		t.Fatalf("Lookup(%v, %v): %v", local, remote, err)
 	}
 	if s.State != StateEstablished || s.Local != local || s.Remote != remote {
@@ -60,7 +60,7 @@ func TestLookupAndDump(t *testing.T) {
 	// socket (the sweeper's "socket gone" line printed the earlier one's
 	// cookie and state).
 	unused := netip.AddrPortFrom(local.Addr(), 1)
-	if err := d.Lookup(ipproto.TCP, unused, remote, &s); err != ErrNotFound {
+	if err := lookup(d, ipproto.TCP, unused, remote, &s); err != ErrNotFound {
 		t.Fatalf("Lookup(unused) = %v, want ErrNotFound", err)
 	}
 	if s != (Socket{}) {
@@ -83,7 +83,7 @@ func TestLookupAndDump(t *testing.T) {
 	srv.Close()
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		err := d.Lookup(ipproto.TCP, local, remote, &s)
+		err := lookup(d, ipproto.TCP, local, remote, &s)
 		if err == nil && s.State == StateTimeWait {
 			break
 		}
@@ -103,7 +103,7 @@ func TestLookupAllocatesNothing(t *testing.T) {
 	defer d.Close()
 	var s Socket
 	allocs := testing.AllocsPerRun(200, func() {
-		if err := d.Lookup(ipproto.TCP, local, remote, &s); err != nil {
+		if err := lookup(d, ipproto.TCP, local, remote, &s); err != nil {
 			panic(err)
 		}
 	})
@@ -134,15 +134,15 @@ func TestLookupUDP(t *testing.T) {
 
 	var s Socket
 	local := c.LocalAddr().(*net.UDPAddr).AddrPort()
-	if err := d.Lookup(ipproto.UDP, local, peer, &s); err != nil || s.Local != local || s.Remote != peer {
+	if err := lookup(d, ipproto.UDP, local, peer, &s); err != nil || s.Local != local || s.Remote != peer {
 		t.Fatalf("connected: Lookup(%v, %v) = %+v, %v", local, peer, s, err)
 	}
 	connected := s.Cookie
-	if err := d.Lookup(ipproto.UDP, local, netip.MustParseAddrPort("127.0.0.9:54"), &s); err != ErrNotFound {
+	if err := lookup(d, ipproto.UDP, local, netip.MustParseAddrPort("127.0.0.9:54"), &s); err != ErrNotFound {
 		t.Fatalf("connected socket, another peer: %+v, %v; want ErrNotFound", s, err)
 	}
 	wild := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), u.LocalAddr().(*net.UDPAddr).AddrPort().Port())
-	if err := d.Lookup(ipproto.UDP, wild, netip.MustParseAddrPort("127.0.0.7:999"), &s); err != nil || s.Local.Port() != wild.Port() || s.Cookie == connected {
+	if err := lookup(d, ipproto.UDP, wild, netip.MustParseAddrPort("127.0.0.7:999"), &s); err != nil || s.Local.Port() != wild.Port() || s.Cookie == connected {
 		t.Fatalf("unconnected: Lookup(%v) = %+v, %v", wild, s, err)
 	}
 }
@@ -157,10 +157,10 @@ func TestDestroy(t *testing.T) {
 	}
 	defer d.Close()
 	var s Socket
-	if err := d.Lookup(ipproto.TCP, local, remote, &s); err != nil {
+	if err := lookup(d, ipproto.TCP, local, remote, &s); err != nil {
 		t.Fatal(err)
 	}
-	switch err := d.Destroy(local, remote, s.Cookie); {
+	switch err := d.Destroy(ipproto.TCP, local, remote, s.Cookie); {
 	case errors.Is(err, unix.EPERM) && os.Geteuid() != 0:
 		testenv.Skip(t, "destroying a socket needs root: %v", err)
 	case errors.Is(err, unix.EOPNOTSUPP):
@@ -171,7 +171,7 @@ func TestDestroy(t *testing.T) {
 	if _, err := c.Read(make([]byte, 1)); !errors.Is(err, unix.ECONNABORTED) {
 		t.Fatalf("read from a destroyed socket: %v, want ECONNABORTED", err)
 	}
-	if err := d.Destroy(local, remote, s.Cookie); err != ErrNotFound {
+	if err := d.Destroy(ipproto.TCP, local, remote, s.Cookie); err != ErrNotFound {
 		t.Fatalf("destroyed twice: %v, want ErrNotFound", err)
 	}
 }
@@ -203,8 +203,15 @@ func BenchmarkLookup(b *testing.B) {
 	var s Socket
 	b.ReportAllocs()
 	for b.Loop() {
-		if err := d.Lookup(ipproto.TCP, local, remote, &s); err != nil {
+		if err := lookup(d, ipproto.TCP, local, remote, &s); err != nil {
 			b.Fatal(err)
 		}
 	}
+}
+
+// lookup is Lookup into s.
+func lookup(d *Conn, proto ipproto.Proto, local, remote netip.AddrPort, s *Socket) error {
+	var err error
+	*s, err = d.Lookup(proto, local, remote)
+	return err
 }

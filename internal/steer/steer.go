@@ -205,7 +205,7 @@ func isLocal(a netip.Addr) bool {
 // no longer has: TCP ones unless reset_tcp = false, connected UDP ones
 // always (their datagrams cannot leave).
 func (s *Steering) closeSteered(u *policy.Uplink, a netip.Addr) {
-	diag, err := sockdiag.Open()
+	diag, err := sockdiag.OpenSockets() // one per call: the callers are any goroutine
 	if err != nil {
 		s.d.Log.Error("connect steering: close sockets on an address that went away", "uplink", u.Name, "address", a, "err", err)
 		return
@@ -233,7 +233,7 @@ func (s *Steering) closeSteered(u *policy.Uplink, a netip.Addr) {
 			how = "closed"
 		}
 		for _, so := range victims {
-			if err := diag.DestroyProto(proto, so.Local, so.Remote, so.Cookie); err != nil && !errors.Is(err, sockdiag.ErrNotFound) {
+			if err := diag.Destroy(proto, so.Local, so.Remote, so.Cookie); err != nil && !errors.Is(err, sockdiag.ErrNotFound) {
 				s.d.LookupErrors.Add(1)
 				s.d.Log.Error("connect steering: close a socket on an address that went away", "src", so.Local, "dst", so.Remote, "err", err)
 				continue
@@ -303,7 +303,7 @@ func (s *Steering) List(cfg *policy.Config, fn func(control.FlowInfo) error) err
 	if len(on) == 0 {
 		return nil
 	}
-	diag, err := sockdiag.Open()
+	diag, err := sockdiag.OpenSockets() // one per call: the callers are any goroutine
 	if err != nil {
 		return err
 	}
@@ -336,9 +336,14 @@ func (s *Steering) List(cfg *policy.Config, fn func(control.FlowInfo) error) err
 	return nil
 }
 
-// Desc describes the program's counts (Collect).
+// Desc describes the program's counts (Collect). result: steered (bound
+// to an uplink), default (left to the host's routing), refused (on_down =
+// "drop"), stopped (a rule only the daemon can decide: left to the
+// queue), bind_failed (bound already: left to the queue), no_match; and
+// datagram_source: unconnected UDP datagrams given their uplink's source
+// address (sendmsg).
 var Desc = prometheus.NewDesc("rerouted_connect_decisions_total",
-	"connect() calls the connect-time program decided, by result: steered (bound to an uplink), default (left to the host's routing), refused (on_down = \"drop\"), stopped (a rule only the daemon can decide: left to the queue), bind_failed (bound already: left to the queue), no_match; datagram_source: unconnected UDP datagrams given their uplink's source address (sendmsg).",
+	"connect() calls the connect-time program decided, by result.",
 	[]string{"result"}, nil)
 
 // Collect reports the program's counts.

@@ -45,25 +45,28 @@ protocol = "icmp"
 `
 
 func cmdDemo(args []string) int {
-	flags("demo", args, func(*flag.FlagSet) {})
+	var daemonBin string
+	flags("demo", args, func(fs *flag.FlagSet) { daemonFlag(fs, &daemonBin) })
 	if os.Geteuid() != 0 {
-		fmt.Fprintln(os.Stderr, "rerouted demo builds network namespaces and needs root: sudo rerouted demo")
+		fmt.Fprintln(os.Stderr, "rerouted-lab demo builds network namespaces and needs root: sudo rerouted-lab demo")
 		return exitFailure
 	}
-	if err := demo(os.Stdout); err != nil {
+	bin, err := findDaemon(daemonBin)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "rerouted-lab demo: %v\n", err)
+		return exitFailure
+	}
+	if err := demo(os.Stdout, bin); err != nil {
 		fmt.Fprintf(os.Stderr, "\ndemo failed: %v\n", err)
 		return exitFailure
 	}
 	return exitOK
 }
 
-func demo(out io.Writer) (err error) {
+// demo runs the demo with bin, the rerouted daemon.
+func demo(out io.Writer, bin string) (err error) {
 	say := func(format string, a ...any) { fmt.Fprintf(out, format+"\n", a...) }
 	step := func(format string, a ...any) { fmt.Fprintf(out, "\n== "+format+"\n", a...) }
-	bin, err := os.Executable()
-	if err != nil {
-		return err
-	}
 	dir, err := os.MkdirTemp("", "rerouted-demo-")
 	if err != nil {
 		return err

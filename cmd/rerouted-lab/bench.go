@@ -19,6 +19,7 @@ func cmdBench(args []string) int {
 	o := bench.Options{Out: os.Stdout}
 	var record string
 	var busy bool
+	var daemonBin string
 	flags("bench", args, func(fs *flag.FlagSet) {
 		fs.IntVar(&o.Rounds, "rounds", 3, "measurements of each path (alternating); figures are medians")
 		fs.DurationVar(&o.BulkTime, "bulk", 3*time.Second, "duration of each bulk transfer")
@@ -29,20 +30,24 @@ func cmdBench(args []string) int {
 		fs.Func("paths", pathsHelp(), func(v string) error { o.Paths = strings.Split(v, ","); return nil })
 		fs.BoolVar(&o.Untouched, "untouched", true, "also measure traffic no rule concerns, without and with rerouted")
 		fs.BoolVar(&busy, "busy", false, "keep every CPU busy at normal priority during the whole run, as on a production host")
+		daemonFlag(fs, &daemonBin)
 	})
 	if os.Geteuid() != 0 {
-		fmt.Fprintln(os.Stderr, "rerouted bench builds network namespaces and needs root")
+		fmt.Fprintln(os.Stderr, "rerouted-lab bench builds network namespaces and needs root")
 		return exitFailure
 	}
-	bin, err := os.Executable()
+	self, err := os.Executable()
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "rerouted bench: %v\n", err)
+		fmt.Fprintf(os.Stderr, "rerouted-lab bench: %v\n", err)
 		return exitFailure
 	}
-	o.Bin = bin
-	o.HoldCommand = []string{bin, "bench-client"}
+	if o.Bin, err = findDaemon(daemonBin); err != nil {
+		fmt.Fprintf(os.Stderr, "rerouted-lab bench: %v\n", err)
+		return exitFailure
+	}
+	o.HoldCommand = []string{self, "bench-client"}
 	if busy {
-		o.BusyCommand = []string{bin, "bench-busy"}
+		o.BusyCommand = []string{self, "bench-busy"}
 	}
 	var table bytes.Buffer
 	o.Out = io.MultiWriter(os.Stdout, &table)
@@ -50,7 +55,7 @@ func cmdBench(args []string) int {
 	fmt.Printf("machine: %s\n", machine)
 	rep, err := bench.Run(o)
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "rerouted bench: %v\n", err)
+		fmt.Fprintf(os.Stderr, "rerouted-lab bench: %v\n", err)
 		return exitFailure
 	}
 	if record != "" {
@@ -59,7 +64,7 @@ func cmdBench(args []string) int {
 		if busy {
 			extra += " --busy"
 		}
-		fmt.Fprintf(&sec, "Measured by `rerouted bench --rounds %d --bulk %s --conns %d --parallel %d --scale %d%s` on %s.\n",
+		fmt.Fprintf(&sec, "Measured by `rerouted-lab bench --rounds %d --bulk %s --conns %d --parallel %d --scale %d%s` on %s.\n",
 			o.Rounds, o.BulkTime, o.Conns, o.Parallel, o.Scale, extra, machine)
 		bench.Table(&sec, rep.Results)
 		if rep.Untouched != nil {
@@ -69,7 +74,7 @@ func cmdBench(args []string) int {
 			bench.ScaleTable(&sec, *rep.Scale)
 		}
 		if err := bench.Record(record, sec.String()); err != nil {
-			fmt.Fprintf(os.Stderr, "rerouted bench: %v\n", err)
+			fmt.Fprintf(os.Stderr, "rerouted-lab bench: %v\n", err)
 			return exitFailure
 		}
 		fmt.Printf("recorded in %s\n", record)
