@@ -92,15 +92,18 @@ func (l *Learner) Decided(pkt []byte, mark, uid uint32, wire netip.Addr) {
 		case err == nil:
 			sock = so
 			f.Cookie, f.Inode, f.UID = so.Cookie, so.Inode, so.UID
-		case errors.Is(err, sockdiag.ErrNotFound) && t.Proto == ipproto.TCP && l.rawSYN(uid, t.Src.Addr().Is6()):
-			// A raw socket's SYN (traceroute -T, a SYN scan): no TCP
-			// socket to follow, so it ends by idleness, as the
-			// daemon's raw SYNs do.
+		case errors.Is(err, sockdiag.ErrNotFound) && t.Proto == ipproto.TCP:
+			// No TCP socket owns the SYN: a raw socket's (traceroute
+			// -T, a SYN scan), gone as soon as its answer came, or a
+			// socket closed at once. Either way nothing to follow: it
+			// ends by idleness, as the daemon's raw SYNs do (and a new
+			// socket on the tuple is the daemon's: a cookie differs).
 			f.Kernel = false
 			s.Stats.RawSYNs.Add(1)
 		case errors.Is(err, sockdiag.ErrNotFound):
-			// The socket closed already: nothing to keep its elements
-			// for, and a new socket on the tuple must be decided afresh.
+			// The UDP socket closed already: nothing to keep its
+			// elements for, and a new socket on the tuple must be
+			// decided afresh.
 			gone = true
 		default:
 			s.Stats.Errors[ErrSocketLookup].Add(1)
@@ -137,17 +140,6 @@ func (l *Learner) Decided(pkt []byte, mark, uid uint32, wire netip.Addr) {
 	if gone || (f.Proto == ipproto.UDP && f.Cookie != 0 && s.Closed.Has(f.Cookie)) {
 		s.Forget(f)
 	}
-}
-
-// rawSYN reports whether uid has a raw socket of the family: a SYN no TCP
-// socket owns is then taken for that raw socket's.
-func (l *Learner) rawSYN(uid uint32, v6 bool) bool {
-	raw, err := l.w.owner.owners.HasRawSocket(v6, uid) // stateless: /proc/net/raw
-	if err != nil {
-		l.s.Stats.Errors[ErrSocketLookup].Add(1)
-		l.s.Log.Error("raw socket lookup", "uid", uid, "err", err)
-	}
-	return raw
 }
 
 // Taken moves the translation whose wire tuple a native socket owns to a
@@ -201,18 +193,6 @@ func (l *Learner) Taken(pkt []byte) {
 	s.Events.Flow("DESTROY", f)
 }
 
-// MSS is the largest MSS a SYN may announce on a route of mtu.
-func MSS(mtu int, v6 bool) uint16 {
-	headers := tcpIPv4Headers
-	if v6 {
-		headers = tcpIPv6Headers
-	}
-	if mtu <= headers {
-		return 0
-	}
-	return uint16(min(mtu-headers, 0xffff))
-}
-
 // ClosedSockets remembers the last closedKept cookies of UDP sockets that
 // ended: the learner of the kernel's decisions may look a flow's socket
 // up just before its end is announced, and enter the flow just after.
@@ -244,4 +224,16 @@ func (c *ClosedSockets) Has(cookie uint64) bool {
 	defer c.mu.Unlock()
 	_, ok := c.set[cookie]
 	return ok
+}
+
+// MSS is the largest MSS a SYN may announce on a route of mtu.
+func MSS(mtu int, v6 bool) uint16 {
+	headers := tcpIPv4Headers
+	if v6 {
+		headers = tcpIPv6Headers
+	}
+	if mtu <= headers {
+		return 0
+	}
+	return uint16(min(mtu-headers, 0xffff))
 }

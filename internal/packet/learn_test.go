@@ -69,7 +69,6 @@ func TestLearnerGoneAndRaw(t *testing.T) {
 		t.Errorf("%d removals sent to the kernel, want 2: %+v", deletes, wd.r.events)
 	}
 
-	l = NewLearner(wd.s, wd.socks, rawOwners{})
 	raw := netip.AddrPortFrom(hostA, 40003)
 	l.Decided(syn(t, raw, server, 0), 100, 0, hostB)
 	f := wd.s.Install.Table().Get(flow.Key{Proto: ipproto.TCP, Src: raw, Dst: server})
@@ -108,8 +107,3 @@ func TestLearnerMovesTakenFlow(t *testing.T) {
 		t.Errorf("kernel changes (delete?) %v, want [true false]", got)
 	}
 }
-
-// rawOwners is a host where every user has a raw socket.
-type rawOwners struct{ fakeOwners }
-
-func (rawOwners) HasRawSocket(v6 bool, uid uint32) (bool, error) { return true, nil }
