@@ -296,7 +296,8 @@ dport = [53]
 // A local user floods the queue with new flows the policy concerns: a
 // burst of 10,000 datagrams from 256 sockets, and 4 × 5,000 connections
 // started and abandoned to a filtered port. Meanwhile root makes 3,000
-// rule-matched TCP connections and 3,000 UDP exchanges, with the default
+// rule-matched TCP connections, 3,000 host-marked ones and 3,000 UDP
+// exchanges, with the default
 // budget: none of root's leaves untranslated, with on_failure "open" or
 // "closed". The flooder's excess is counted against its uid alone and goes
 // to the overflow queue, where it is decided or dropped, never sent
@@ -330,6 +331,11 @@ dport = [9]
 			if err := writeFile(e.cfg, strings.Replace(string(cfg), "[daemon]\n", fmt.Sprintf("[daemon]\non_failure = %q\n", mode), 1)); err != nil {
 				t.Fatal(err)
 			}
+			// Root's host-marked connections go to port 8081.
+			if _, err := e.w.Serve(8081); err != nil {
+				t.Fatal(err)
+			}
+			e.hostMark("nft", 8081)
 			// Root asks port 53; the flood goes to 5353, a socket of its
 			// own, so that its answers cannot crowd out root's.
 			for _, port := range []uint16{53, 5353} {
@@ -372,9 +378,15 @@ dport = [9]
 				go run("4321", "-connect", "192.0.2.80:9", "-flood-connect", "5000")
 			}
 
-			var wrongTCP, wrongUDP, failedTCP, failedUDP int
+			var wrongTCP, wrongUDP, failedTCP, failedUDP, wrongMark, failedMark int
 			dns := netip.AddrPortFrom(networld.ServerAddr, 53)
 			for i := 0; i < 3000; i++ {
+				// A host-marked connection: the kernel's to decide.
+				if peer, err := e.w.Fetch(8081, 5*time.Second); err != nil {
+					failedMark++
+				} else if peer.Addr() != networld.HostB {
+					wrongMark++
+				}
 				peer, err := e.w.Fetch(80, 5*time.Second)
 				switch {
 				case err != nil:
@@ -400,11 +412,11 @@ dport = [9]
 					t.Fatal(err)
 				}
 			}
-			if wrongTCP+wrongUDP > 0 {
-				t.Errorf("root's flows that left untranslated: %d TCP, %d UDP", wrongTCP, wrongUDP)
+			if wrongTCP+wrongUDP+wrongMark > 0 {
+				t.Errorf("root's flows that left untranslated: %d TCP, %d UDP, %d host-marked", wrongTCP, wrongUDP, wrongMark)
 			}
-			if failedTCP+failedUDP > 0 {
-				t.Errorf("root's flows that failed: %d TCP, %d UDP", failedTCP, failedUDP)
+			if failedTCP+failedUDP+failedMark > 0 {
+				t.Errorf("root's flows that failed: %d TCP, %d UDP, %d host-marked", failedTCP, failedUDP, failedMark)
 			}
 			time.Sleep(500 * time.Millisecond)
 			over := e.metric(`rerouted_uid_over_budget_total{uid="4321"}`)

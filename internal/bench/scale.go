@@ -51,7 +51,13 @@ func (b *run) scale(n int) (ScaleResult, error) {
 	}
 	sock := filepath.Join(b.dir, "scale.sock")
 	cfg := filepath.Join(b.dir, "scale.toml")
-	src := fmt.Sprintf("[daemon]\nsteering = \"queue\" # 100,000 translated flows\ncontrol_socket = %q\n\n[[uplink]]\nname = \"isp-b\"\nmark = 100\ninterface = \"hb\"\n\n[[rule]]\nname = \"scale\"\nuplink = \"isp-b\"\ndport = [\"5003-5003\", \"5201-5204\"]\n", sock)
+	// The host marks them, as rerouted-kernel's traffic: 100,000 flows
+	// the kernel decides, each entered in the daemon's table.
+	src := fmt.Sprintf("[daemon]\ncontrol_socket = %q\n\n[[uplink]]\nname = \"isp-b\"\nmark = 100\ninterface = \"hb\"\n", sock)
+	if err := b.w.Host.Nft("table inet scalemark {\n\tchain output {\n\t\ttype route hook output priority mangle; policy accept;\n\t\ttcp dport { 5003, 5201-5204 } meta mark set 100\n\t}\n}\n"); err != nil {
+		return r, err
+	}
+	defer b.w.Host.Nft("delete table inet scalemark\n")
 	if err := os.WriteFile(cfg, []byte(src), 0o600); err != nil {
 		return r, err
 	}
