@@ -56,6 +56,10 @@ type Steering struct {
 	pin     string
 	mu      sync.Mutex
 	uplinks []connect.Uplink // as last published, by the image's uplink index
+	// stopMu keeps the counts' readers (a metrics scrape in flight) off
+	// the program's maps while Stop closes them.
+	stopMu  sync.RWMutex
+	stopped bool
 }
 
 // Open compiles cfg's image and loads the program (or adopts the one an
@@ -116,6 +120,9 @@ func (s *Steering) Start(cfg *policy.Config, portLo, portHi uint16) error {
 // Stop detaches the program, or with keep leaves it pinned and deciding
 // for the next run.
 func (s *Steering) Stop(keep bool) error {
+	s.stopMu.Lock()
+	defer s.stopMu.Unlock()
+	s.stopped = true
 	if keep {
 		return s.e.Close()
 	}
@@ -348,6 +355,11 @@ var Desc = prometheus.NewDesc("rerouted_connect_decisions_total",
 
 // Collect reports the program's counts.
 func (s *Steering) Collect(ch chan<- prometheus.Metric) {
+	s.stopMu.RLock()
+	defer s.stopMu.RUnlock()
+	if s.stopped {
+		return
+	}
 	st, err := s.e.Stats()
 	if err != nil {
 		s.d.Log.Error("metrics: connect steering counts", "err", err)
@@ -365,6 +377,11 @@ func (s *Steering) Collect(ch chan<- prometheus.Metric) {
 // Steered is how many sockets the program bound to an uplink (0 if its
 // counts cannot be read).
 func (s *Steering) Steered() uint64 {
+	s.stopMu.RLock()
+	defer s.stopMu.RUnlock()
+	if s.stopped {
+		return 0
+	}
 	st, err := s.e.Stats()
 	if err != nil {
 		return 0
