@@ -45,6 +45,7 @@ import (
 	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/nftdp/nftbatch"
 	"github.com/rerouted/rerouted/internal/nftdp/nftfeat"
+	"github.com/rerouted/rerouted/internal/nlmsg"
 	"golang.org/x/sys/unix"
 )
 
@@ -250,7 +251,9 @@ func Install(first, total uint16, userspace bool, seen time.Duration, filter Fil
 	var connPort uint32
 	conn, err := nftables.New(nftables.AsLasting(), nftables.WithSockOptions(func(c *netlink.Conn) error {
 		connPort = c.PID()
-		return nil
+		// A transaction of thousands of sets (a large policy's
+		// prefilter) is acknowledged message by message.
+		return nlmsg.ForceReadBuffer(c, 16<<20)
 	}))
 	if err != nil {
 		return nil, fmt.Errorf("nftables netlink: %w", err)

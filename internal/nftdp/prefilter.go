@@ -111,7 +111,7 @@ func OverflowQueue(cfg *policy.Config) uint16 {
 // setsPerFlush bounds the sets and elements one prefilter transaction
 // adds: google/nftables sends a transaction in one message, which the
 // kernel refuses past its socket's buffer.
-const setsPerFlush = 2000
+const setsPerFlush = 500
 
 // compiled is one generation of the prefilter: its sets (with their
 // elements) and its rules.

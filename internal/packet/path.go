@@ -319,7 +319,15 @@ func (w *Worker) syn(p *queue.Packet, t *rewrite.Packet) {
 		d.Stats.RawSYNs.Add(1)
 	}
 	kernel := d.kernelDecides(p.Mark, t.Src.Addr().Is6())
-	if f := d.Install.Table().Get(key); f != nil {
+	known := d.Install.Table().Get(key)
+	// A SYN the kernel could have decided comes here when its tuple has
+	// elements already: most often a retransmission of a flow the kernel
+	// decided, whose record may still be on its way to the learner.
+	for i := 0; known == nil && kernel && i < 40; i++ {
+		time.Sleep(250 * time.Microsecond)
+		known = d.Install.Table().Get(key)
+	}
+	if f := known; f != nil {
 		if kernel {
 			d.Stats.Exceptions[ExcKnownTuple].Add(1)
 		}

@@ -116,10 +116,10 @@ var Features = []Feature{
 // host-marked flows itself (nftdp's hostmark.go). A kernel without them
 // still runs rerouted: the queue decides those flows.
 var KernelDecisions = []Feature{
-	{Name: "updates of maps with data from the packet path", Since: "4.3",
+	{Name: "updates of maps with data (and counters in their elements) from the packet path", Since: "5.11",
 		probe: func(c *nftables.Conn, t *nftables.Table, ch *nftables.Chain) error {
 			m := &nftables.Set{Table: t, Name: "learned", IsMap: true, KeyType: nftables.TypeIPAddr, DataType: nftables.TypeIPAddr,
-				Dynamic: true, Size: 16}
+				Dynamic: true, Size: 16, Counter: true}
 			if err := c.AddSet(m, nil); err != nil {
 				return err
 			}
