@@ -1,6 +1,7 @@
 package nftdp
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -9,6 +10,7 @@ import (
 	"github.com/google/nftables/expr"
 	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/nftdp/nftbatch"
+	"github.com/rerouted/rerouted/internal/nftdp/nftfeat"
 	"golang.org/x/sys/unix"
 )
 
@@ -65,32 +67,23 @@ func (d *Datapath) SetHostMarks(hm []HostMark) error {
 		return nil
 	}
 	d.hostMarks = slices.Clone(hm)
-	return d.applyFilter()
+	return d.applyRules()
 }
 
-// probeHostMarks installs the kernel-decision rules for a mark no packet
-// carries: a kernel that refuses them (no packet-path map updates, no
-// socket expression) leaves host marks to the queue (HostMarkErr). Call
-// with mu held, after the first applyFilter.
+// probeHostMarks checks, in a scratch table, that the kernel has what the
+// kernel-decision rules need (nftfeat.KernelDecisions); one that lacks it
+// leaves host marks to the queue (HostMarkErr).
 func (d *Datapath) probeHostMarks() {
 	if d.userspace {
 		d.HostMarkErr = fmt.Errorf("the userspace datapath translates in the daemon")
 		return
 	}
-	d.hostMarks = []HostMark{{Mark: StaleMark + 1, Addr: netip.MustParseAddr("192.0.2.1"), MSS: 1400},
-		{Mark: StaleMark + 1, Addr: netip.MustParseAddr("2001:db8::1"), MSS: 1400}}
-	err := d.applyFilter()
-	d.hostMarks = nil
-	if err != nil {
+	lacks, err := nftfeat.ProbeKernelDecisions()
+	switch {
+	case err != nil:
 		d.HostMarkErr = err
-		if err := d.applyFilter(); err != nil {
-			d.HostMarkErr = fmt.Errorf("%w; and without them: %v", d.HostMarkErr, err)
-		}
-		return
-	}
-	err = d.applyFilter()
-	if err != nil {
-		d.HostMarkErr = err
+	case len(lacks) > 0:
+		d.HostMarkErr = &nftfeat.KernelError{Missing: lacks, Err: errors.New("kernel decisions of host marks")}
 	}
 }
 

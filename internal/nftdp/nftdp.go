@@ -121,9 +121,10 @@ type Datapath struct {
 	total        uint16
 	// The prefilter (prefilter.go): the policy it holds, its generation,
 	// its sets, and how many rules each chain has with it.
-	filter     Filter
-	gen        int
-	filterSets []*nftables.Set
+	filter      Filter
+	gen         int
+	filterSets  []*nftables.Set
+	filterRules []nftbatch.Rule // the prefilter's rules, on its sets
 	ruleCount  map[string]int
 	// offeredBefore is what the queue rules this generation replaced had
 	// counted (under listMu).

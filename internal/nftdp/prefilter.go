@@ -84,7 +84,7 @@ func (d *Datapath) SetSteered(s []Steered) error {
 		return nil
 	}
 	d.steered = slices.Clone(s)
-	return d.applyFilter()
+	return d.applyRules()
 }
 
 // Chains of the prefilter.
@@ -348,23 +348,43 @@ func (d *Datapath) applyFilter() error {
 		}
 	}
 	d.listMu.Unlock()
-	rules := append(d.rules(d.first, d.total, native), c.rules...)
+	if err := d.swapRules(c.rules, native); err != nil {
+		d.dropSets(c.sets)
+		return err
+	}
+	old := d.filterSets
+	d.filterSets, d.filterRules = c.sets, c.rules
+	d.dropSets(old)
+	return nil
+}
+
+// applyRules sets every rule of the table again, the prefilter's as they
+// are (its sets stay): what a change of the uplinks' states (host marks,
+// steered sockets) needs, which with a large policy is much less than a
+// new generation of the prefilter. Call with mu held.
+func (d *Datapath) applyRules() error {
+	if d.filterRules == nil {
+		return d.applyFilter()
+	}
+	return d.swapRules(d.filterRules, d.QueueMethod != nftfeat.QueueXT)
+}
+
+// swapRules replaces every rule of both base chains and the prefilter's
+// chains with the table's own and filter's, in one transaction.
+func (d *Datapath) swapRules(filter []nftbatch.Rule, native bool) error {
+	rules := append(d.rules(d.first, d.total, native), filter...)
 	d.listMu.Lock()
 	if n, err := d.offeredNow(); err == nil && d.ruleCount != nil { // the replaced rules' counts go on (not an earlier run's)
 		d.offeredBefore += n
 	}
 	d.listMu.Unlock()
 	if err := d.batches.AddRules(rules, []string{"output", "prerouting", filterSYN, filterNew, enqueueSYN, enqueueNew}); err != nil {
-		d.dropSets(c.sets)
 		return fmt.Errorf("rules: %w", err)
 	}
 	d.ruleCount = map[string]int{}
 	for _, r := range rules {
 		d.ruleCount[r.Chain]++
 	}
-	old := d.filterSets
-	d.filterSets = c.sets
-	d.dropSets(old)
 	return nil
 }
 

@@ -330,6 +330,7 @@ func (w *Worker) syn(p *queue.Packet, t *rewrite.Packet) {
 	if f := known; f != nil {
 		if kernel {
 			d.Stats.Exceptions[ExcKnownTuple].Add(1)
+			kernel = false // counted
 		}
 		// A flow the kernel decided is followed by its tuple until the
 		// sweeper learns its socket's cookie.
