@@ -220,9 +220,13 @@ func (d *Datapath) compile(f Filter, gen int, native bool) compiled {
 						if fi == 1 {
 							key = nftables.TypeIP6Addr
 						}
+						m = append(m, &expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: fam.daddr, Len: uint32(fam.addrLen)})
+						if len(rs) == 1 { // one range: compared in the rule, no set
+							m = append(m, inRange(rs[0].First.AsSlice(), rs[0].Last.AsSlice(), a.neg))
+							continue
+						}
 						sn := set(name+a.n+v, key, true, addrElems(rs))
-						m = append(m, &expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: fam.daddr, Len: uint32(fam.addrLen)},
-							&expr.Lookup{SourceRegister: 1, SetName: sn, Invert: a.neg})
+						m = append(m, &expr.Lookup{SourceRegister: 1, SetName: sn, Invert: a.neg})
 					}
 					for _, p := range []struct {
 						rs  []policy.PortRange
@@ -235,9 +239,13 @@ func (d *Datapath) compile(f Filter, gen int, native bool) compiled {
 							ok = false // an echo has no port
 						case proto == ipproto.ICMP:
 						default:
+							m = append(m, &expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2})
+							if len(p.rs) == 1 {
+								m = append(m, inRange(binary.BigEndian.AppendUint16(nil, p.rs[0].Lo), binary.BigEndian.AppendUint16(nil, p.rs[0].Hi), p.neg))
+								continue
+							}
 							sn := set(name+p.n, nftables.TypeInetService, true, portElems(p.rs))
-							m = append(m, &expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
-								&expr.Lookup{SourceRegister: 1, SetName: sn, Invert: p.neg})
+							m = append(m, &expr.Lookup{SourceRegister: 1, SetName: sn, Invert: p.neg})
 						}
 					}
 					for _, id := range []struct {
@@ -249,6 +257,15 @@ func (d *Datapath) compile(f Filter, gen int, native bool) compiled {
 					}{{r.UIDs, false, expr.MetaKeySKUID, "uid", nftables.TypeUID}, {r.NotUIDs, true, expr.MetaKeySKUID, "not_uid", nftables.TypeUID},
 						{r.GIDs, false, expr.MetaKeySKGID, "gid", nftables.TypeGID}, {r.NotGIDs, true, expr.MetaKeySKGID, "not_gid", nftables.TypeGID}} {
 						if id.ids == nil {
+							continue
+						}
+						if len(id.ids) == 1 {
+							op := expr.CmpOpEq
+							if id.neg {
+								op = expr.CmpOpNeq
+							}
+							m = append(m, &expr.Meta{Key: id.key, Register: 1},
+								&expr.Cmp{Op: op, Register: 1, Data: binaryutil.NativeEndian.PutUint32(id.ids[0])})
 							continue
 						}
 						var els []nftables.SetElement
@@ -284,6 +301,21 @@ func (d *Datapath) compile(f Filter, gen int, native bool) compiled {
 	}
 	c.sets = sets
 	return c
+}
+
+// inRange matches register 1 (big-endian bytes: an address, a port)
+// against lo..hi, or outside it with neg: a key of one value or range needs
+// no set. (A large policy of single-port rules would otherwise be tens of
+// thousands of sets, which the kernel creates one name lookup at a time.)
+func inRange(lo, hi []byte, neg bool) expr.Any {
+	op := expr.CmpOpEq
+	if neg {
+		op = expr.CmpOpNeq
+	}
+	if string(lo) == string(hi) {
+		return &expr.Cmp{Op: op, Register: 1, Data: lo}
+	}
+	return &expr.Range{Op: op, Register: 1, FromData: lo, ToData: hi}
 }
 
 // addrElems are an interval set's elements for ranges: each range's first
