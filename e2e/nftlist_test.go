@@ -39,12 +39,12 @@ protocol = "icmp"
 name = "root but not ssh"
 uplink = "isp-b"
 uid = [0, 4321]
-not_dport = [22]
+not_dport = [22, 2222]
 
 [[rule]]
 name = "a group"
 uplink = "isp-b"
-gid = [4322]
+gid = [4322, 4323]
 `
 
 // runNft runs nft in the host namespace and returns its standard output
@@ -130,7 +130,9 @@ func TestNftListClean(t *testing.T) {
 		"ip6 daddr set ip6 daddr . tcp dport . ip6 saddr . tcp sport map @tcp_in6",
 		"tcp dport set ip6 daddr . tcp dport . ip6 saddr . tcp sport map @tcp_dport6",
 		"icmp type echo-request ip saddr set ip saddr . icmp id . ip daddr . icmp id map @icmp_out4",
-		"elements = { 0, 4321 }", "elements = { 4322 }", "th dport != @f", "meta skuid @f", "queue num 0")
+		"elements = { 0, 4321 }", "elements = { 4322, 4323 }", "th dport != @f", "meta skuid @f", "queue num 0",
+		// A key of one value is compared in the rule, without a set.
+		"meta nfproto ipv4 udp dport 53 goto enqueue_new")
 	// nft's one warning about a table holding an xtables expression is
 	// true where the kernel has no native queue statement (this table
 	// then queues through nft_compat's NFQUEUE target).

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"slices"
 
+	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
 	"github.com/rerouted/rerouted/internal/ipproto"
@@ -43,6 +44,54 @@ type HostMark struct {
 	MSS  uint16
 }
 
+// Maps of the uplinks' addresses by mark, per family: the kernel-decision
+// rules read the wire's source address from them, so that nft can print
+// the wire tuple they look up (an address put in a register as a constant
+// prints as "[invalid type]" in a concatenation).
+const (
+	hostAddr4 = "hostmark_addr4"
+	hostAddr6 = "hostmark_addr6"
+)
+
+// hostAddrSets are the maps of the uplinks' addresses by mark.
+func (d *Datapath) hostAddrSets() [2]*nftables.Set {
+	var out [2]*nftables.Set
+	for i, name := range []string{hostAddr4, hostAddr6} {
+		data := nftables.TypeIPAddr
+		if i == 1 {
+			data = nftables.TypeIP6Addr
+		}
+		out[i] = &nftables.Set{Table: d.table, Name: name, IsMap: true, KeyType: nftables.TypeMark,
+			KeyByteOrder: binaryutil.NativeEndian, DataType: data,
+			Comment: "an uplink's mark : its address, for the kernel's decisions of host marks"}
+	}
+	return out
+}
+
+// setHostAddrs makes the maps of addresses hold the host marks' uplinks,
+// in one transaction. Call with mu held.
+func (d *Datapath) setHostAddrs() error {
+	d.listMu.Lock()
+	defer d.listMu.Unlock()
+	sets := d.hostAddrSets()
+	for _, s := range sets {
+		d.conn.FlushSet(s)
+	}
+	for _, h := range d.hostMarks {
+		s := sets[0]
+		if h.Addr.Is6() {
+			s = sets[1]
+		}
+		if err := d.conn.SetAddElements(s, []nftables.SetElement{{Key: binaryutil.NativeEndian.PutUint32(h.Mark), Val: h.Addr.AsSlice()}}); err != nil {
+			return fmt.Errorf("map %s: %w", s.Name, err)
+		}
+	}
+	if err := d.conn.Flush(); err != nil {
+		return fmt.Errorf("maps of the host marks' addresses: %w", err)
+	}
+	return nil
+}
+
 // LogGroup is the NFLOG group the kernel's decisions are logged to.
 const LogGroup = 0x7272
 
@@ -67,6 +116,9 @@ func (d *Datapath) SetHostMarks(hm []HostMark) error {
 		return nil
 	}
 	d.hostMarks = slices.Clone(hm)
+	if err := d.setHostAddrs(); err != nil {
+		return err
+	}
 	return d.applyRules()
 }
 
@@ -122,7 +174,8 @@ func decideRule(f *family, p *proto, h HostMark) [][]byte {
 	// is not another translation's.
 	m = append(m, loadTuple(f, f.saddr, p.sport, f.daddr, p.dport)...)
 	m = append(m, &expr.Lookup{SourceRegister: 8, SetName: p.out.Name, Invert: true},
-		&expr.Immediate{Register: 8, Data: addr},
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 8},
+		&expr.Lookup{SourceRegister: 8, SetName: hostAddrName(f), DestRegister: 8, IsDestRegSet: true},
 		&expr.Lookup{SourceRegister: 8, SetName: p.in.Name, Invert: true},
 		// Replies: the wire tuple to the socket's address and port.
 		&expr.Payload{DestRegister: addrReg, Base: expr.PayloadBaseNetworkHeader, Offset: f.saddr, Len: uint32(f.addrLen)},
@@ -159,6 +212,14 @@ func decideRule(f *family, p *proto, h HostMark) [][]byte {
 	}
 	return append(out, exprs(&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: markReg},
 		&expr.Verdict{Kind: expr.VerdictAccept})...)
+}
+
+// hostAddrName is the family's map of addresses by mark.
+func hostAddrName(f *family) string {
+	if f.nfproto == unix.NFPROTO_IPV4 {
+		return hostAddr4
+	}
+	return hostAddr6
 }
 
 // nativeRules send a SYN whose own tuple is a translation's wire tuple (a

@@ -592,6 +592,14 @@ func (d *Datapath) build() error {
 	c.AddChain(&nftables.Chain{Name: filterNew, Table: t})
 	c.AddChain(&nftables.Chain{Name: enqueueSYN, Table: t})
 	c.AddChain(&nftables.Chain{Name: enqueueNew, Table: t})
+	for _, s := range d.hostAddrSets() {
+		if d.userspace {
+			break // the userspace datapath decides in the daemon
+		}
+		if err := c.AddSet(s, nil); err != nil {
+			return fmt.Errorf("add set %s: %w", s.Name, err)
+		}
+	}
 	for _, s := range []*nftables.Set{
 		{Table: t, Name: uidMeter, KeyType: nftables.TypeUID, KeyByteOrder: binaryutil.NativeEndian, Dynamic: true, HasTimeout: true, Timeout: 10 * time.Second, Size: 65536,
 			Comment: "each uid's rate of new connections to the daemon"},
