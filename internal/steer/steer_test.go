@@ -14,6 +14,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/rerouted/rerouted/internal/connect"
 	"github.com/rerouted/rerouted/internal/control"
 	"github.com/rerouted/rerouted/internal/events"
 	"github.com/rerouted/rerouted/internal/networld/worldtest"
@@ -202,3 +203,28 @@ type collector struct{ s *Steering }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) { ch <- Desc }
 func (c collector) Collect(ch chan<- prometheus.Metric) { c.s.Collect(ch) }
+
+// No cgroup v2 mount is a host without the feature, named in the error;
+// a mountinfo that cannot be read is a fault.
+func TestCgroupRootClassifies(t *testing.T) {
+	dir := t.TempDir()
+	with := dir + "/with"
+	without := dir + "/without"
+	if err := os.WriteFile(with, []byte("35 1 0:30 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(without, []byte("22 1 0:21 / /proc rw - proc proc rw\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if root, err := cgroupRoot(with); err != nil || root != "/sys/fs/cgroup" {
+		t.Errorf("with cgroup2: %q, %v", root, err)
+	}
+	_, err := cgroupRoot(without)
+	var ue *connect.UnsupportedError
+	if !errors.As(err, &ue) || ue.Reason != connect.ReasonNoCgroup2 {
+		t.Errorf("without cgroup2: %v, want an UnsupportedError for %q", err, connect.ReasonNoCgroup2)
+	}
+	if _, err := cgroupRoot(dir + "/missing"); err == nil || errors.Is(err, connect.ErrUnsupported) {
+		t.Errorf("unreadable mountinfo: %v, want an error other than ErrUnsupported", err)
+	}
+}
