@@ -183,6 +183,7 @@ func (e *env) start(env ...string) *networld.Daemon {
 	if err := d.WaitReady(); err != nil {
 		e.t.Fatalf("%v\n%s", err, d.Output())
 	}
+	checkSteering(e.t, d, e.cfg)
 	// Which enqueue form the kernel took (make test-kernels reports it).
 	if line, err := d.WaitFor("msg=ready", 0); err == nil {
 		if m := queueMethodRE.FindStringSubmatch(line); m != nil {
