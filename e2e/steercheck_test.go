@@ -24,8 +24,7 @@ import (
 // reports per kernel.
 func checkSteering(t *testing.T, d *networld.Daemon, cfgPath string) {
 	t.Helper()
-	cfg, err := policy.Load(cfgPath)
-	if err != nil || cfg.Daemon.Steering != "connect" {
+	if !steersAtConnect(cfgPath) {
 		return
 	}
 	if line, err := d.WaitFor("connect-time steering failed", 0); err == nil {
@@ -50,6 +49,13 @@ func checkSteering(t *testing.T, d *networld.Daemon, cfgPath string) {
 		t.Fatalf("connect-time steering fell back, but not for what this host lacks (%s): %s", want, line)
 	}
 	t.Logf("rerouted steering=queue (%s)", want)
+}
+
+// steersAtConnect says whether a configuration asks for connect-time
+// steering (steering = "connect", the default).
+func steersAtConnect(cfgPath string) bool {
+	cfg, err := policy.Load(cfgPath)
+	return err == nil && cfg.Daemon.Steering == "connect"
 }
 
 // expectedFallback is what this host lacks for connect-time steering, as
