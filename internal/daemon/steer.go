@@ -1,10 +1,7 @@
 package daemon
 
 import (
-	"errors"
-
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/rerouted/rerouted/internal/connect"
 	"github.com/rerouted/rerouted/internal/packet"
 	"github.com/rerouted/rerouted/internal/policy"
 	"github.com/rerouted/rerouted/internal/steer"
@@ -28,20 +25,6 @@ func (d *Daemon) startSteering(cfg *policy.Config) error {
 	d.steer.Store(s)
 	d.republishSteering()
 	return nil
-}
-
-// steeringFailed says why connect-time steering does not run. Every flow
-// is then decided at the queue, which works anywhere: the daemon must not
-// break a host for it. What the host is expected to lack (an old kernel,
-// no cgroup v2) is a warning; anything else, a program the verifier
-// refuses among them, is a fault and an error.
-func (d *Daemon) steeringFailed(err error) {
-	var ue *connect.UnsupportedError
-	if errors.As(err, &ue) {
-		d.log.Warn("connect-time steering is not available: every new flow is decided at the queue", "reason", ue.Reason, "err", err)
-		return
-	}
-	d.log.Error("connect-time steering failed: every new flow is decided at the queue", "err", err)
 }
 
 // stopSteering detaches the program, or with keep leaves it pinned and

@@ -99,6 +99,21 @@ func cgroupRoot(mountinfo string) (string, error) {
 	return root, nil
 }
 
+// LogFailure says why connect-time steering does not run. Every flow is
+// then decided at the queue, which works anywhere: the daemon must not
+// break a host for it. What the host is expected to lack (an old kernel,
+// no cgroup v2: connect.UnsupportedError) is a warning naming it;
+// anything else, a program the verifier refuses among them, is a fault
+// and an error.
+func LogFailure(log *slog.Logger, err error) {
+	var ue *connect.UnsupportedError
+	if errors.As(err, &ue) {
+		log.Warn("connect-time steering is not available: every new flow is decided at the queue", "reason", ue.Reason, "err", err)
+		return
+	}
+	log.Error("connect-time steering failed: every new flow is decided at the queue", "err", err)
+}
+
 // Start gives the program the ephemeral port range, installs the image
 // Open compiled and publishes the uplinks (cfg's). On an error the program
 // is detached again.

@@ -1,17 +1,21 @@
 package steer
 
 import (
+	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/netip"
 	"os"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/rerouted/rerouted/internal/connect"
@@ -226,5 +230,31 @@ func TestCgroupRootClassifies(t *testing.T) {
 	}
 	if _, err := cgroupRoot(dir + "/missing"); err == nil || errors.Is(err, connect.ErrUnsupported) {
 		t.Errorf("unreadable mountinfo: %v, want an error other than ErrUnsupported", err)
+	}
+}
+
+// Connect-time steering that does not start leaves every flow to the
+// queue either way; what the host is expected to lack is a warning naming
+// it, anything else (a verifier's refusal) an error.
+func TestLogFailureLevels(t *testing.T) {
+	for _, c := range []struct {
+		err   error
+		level string
+		want  string
+	}{
+		{fmt.Errorf("open: %w", &connect.UnsupportedError{Reason: connect.ReasonKernel, Err: errors.New("protocol not available")}),
+			"level=WARN", `msg="connect-time steering is not available: every new flow is decided at the queue" reason="` + connect.ReasonKernel + `"`},
+		{&connect.UnsupportedError{Reason: connect.ReasonNoCgroup2, Err: errors.New("no cgroup2 mount")},
+			"level=WARN", `reason="` + connect.ReasonNoCgroup2 + `"`},
+		{fmt.Errorf("the verifier refused the program: %w", &ebpf.VerifierError{}),
+			"level=ERROR", `msg="connect-time steering failed: every new flow is decided at the queue"`},
+		{errors.New("attach connect4 at /sys/fs/cgroup: operation not permitted"),
+			"level=ERROR", `msg="connect-time steering failed`},
+	} {
+		var b bytes.Buffer
+		LogFailure(slog.New(slog.NewTextHandler(&b, nil)), c.err)
+		if out := b.String(); !strings.Contains(out, c.level) || !strings.Contains(out, c.want) {
+			t.Errorf("%v: logged %q, want %s with %s", c.err, out, c.level, c.want)
+		}
 	}
 }
