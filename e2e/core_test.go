@@ -210,11 +210,15 @@ func TestStatefulFirewallFINAndRST(t *testing.T) {
 }
 
 // 200 connections: every flow keeps its entries while its socket is in
-// TIME_WAIT, and all are removed once the sockets are gone.
+// TIME_WAIT, and all are removed once the sockets are gone. Exactly: no
+// socket ends early (the host's TIME_WAIT ignores RSTs, see newEnv), and
+// none of their packets leaves through ISP A or with a foreign source
+// through ISP B, from the first SYN to the last flow's end.
 func TestFlowsLiveExactlyAsLongAsSockets(t *testing.T) {
 	datapaths(t, func(t *testing.T, dp string) {
 		e := newEnv(t, dp, webRule)
 		e.start()
+		fwdA, foreignB := e.counter(e.w.A, "forwarded"), e.counter(e.w.B, "foreign")
 		const n = 200
 		for i := 0; i < n; i++ {
 			peer, err := e.w.Fetch(80, 3*time.Second)
@@ -223,12 +227,7 @@ func TestFlowsLiveExactlyAsLongAsSockets(t *testing.T) {
 			}
 		}
 		// The client closed first: its sockets are in TIME_WAIT, and the
-		// sweeps (every 200 ms) must keep exactly their flows. (On the
-		// userspace datapath, with the race-built daemon, one connection
-		// in 200 has been seen, in about one run in twenty, to end
-		// before its TIME_WAIT did; why is not established. The flows must
-		// match the sockets, whichever they are; more than five such
-		// endings fail the test.)
+		// sweeps (every 200 ms) must keep exactly their flows.
 		time.Sleep(time.Second)
 		timeWait := func() map[uint16]bool {
 			tw, err := e.w.Host.Run("ss", "-Htan", "state", "time-wait", "dst", "192.0.2.80")
@@ -245,30 +244,23 @@ func TestFlowsLiveExactlyAsLongAsSockets(t *testing.T) {
 			}
 			return ports
 		}
-		var tw map[uint16]bool
-		eventually(t, 3*time.Second, "the flows to match the TIME_WAIT sockets", func() bool {
-			tw = timeWait()
-			fl := e.flows()
-			if len(fl) != len(tw) {
-				return false
+		tw := timeWait()
+		if len(tw) != n {
+			t.Fatalf("%d of %d sockets in TIME_WAIT, want all", len(tw), n)
+		}
+		fl := e.flows()
+		for _, f := range fl {
+			if !tw[f.Original.Sport] {
+				t.Errorf("a flow without a TIME_WAIT socket: %+v", f.Original)
 			}
-			for _, f := range fl {
-				if !tw[f.Original.Sport] {
-					return false
-				}
-			}
-			return true
-		})
-		if len(tw) < n-5 {
-			t.Fatalf("only %d of %d sockets in TIME_WAIT", len(tw), n)
+		}
+		if len(fl) != n {
+			t.Fatalf("%d flows for %d sockets in TIME_WAIT\n%s", len(fl), n, e.d.Output())
 		}
 		for _, m := range e.flowSets() {
-			if got := e.elements(m); got != len(tw) {
-				t.Fatalf("%s has %d elements while %d sockets are in TIME_WAIT", m, got, len(tw))
+			if got := e.elements(m); got != n {
+				t.Fatalf("%s has %d elements while %d sockets are in TIME_WAIT", m, got, n)
 			}
-		}
-		if len(tw) < n {
-			t.Logf("%d of %d connections ended before TIME_WAIT did", n-len(tw), n)
 		}
 		// End TIME_WAIT now instead of in 60 s; where the kernel cannot,
 		// wait for it.
@@ -282,6 +274,12 @@ func TestFlowsLiveExactlyAsLongAsSockets(t *testing.T) {
 		})
 		if c := strings.Count(e.d.Output(), "[DESTROY] tcp"); c != n {
 			t.Errorf("%d DESTROY lines, want %d", c, n)
+		}
+		if d := e.counter(e.w.A, "forwarded") - fwdA; d != 0 {
+			t.Errorf("ISP A forwarded %d packets of the translated connections", d)
+		}
+		if d := e.counter(e.w.B, "foreign") - foreignB; d != 0 {
+			t.Errorf("ISP B dropped %d packets with a foreign source", d)
 		}
 	})
 }

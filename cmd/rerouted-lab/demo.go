@@ -131,7 +131,7 @@ func demo(out io.Writer, bin string) (err error) {
 			d.Kill()
 		}
 	}()
-	if err := d.WaitReady(); err != nil {
+	if err := d.WaitReadyWithin(30 * time.Second); err != nil {
 		return fmt.Errorf("%w\n%s", err, d.Output())
 	}
 

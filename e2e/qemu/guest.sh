@@ -68,7 +68,7 @@ tests() {
 	start=$(date +%s)
 	set --
 	[ -n "$RUN" ] && set -- -test.run="$RUN"
-	env -i PATH="$PATH" HOME=/root TMPDIR=/tmp REROUTED_REQUIRE_E2E=1 REROUTED_E2E_BIN="$BIN" \
+	env -i PATH="$PATH" HOME=/root TMPDIR=/tmp REROUTED_REQUIRE_E2E=1 REROUTED_E2E_GUEST=1 REROUTED_E2E_BIN="$BIN" \
 		REROUTED_E2E_ECHO="$ECHO" \
 		"$TESTBIN" -test.v -test.count=1 -test.timeout="$TIMEOUT" "$@" 2>&1
 	echo $? >/run/rr/status

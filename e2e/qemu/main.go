@@ -4,7 +4,7 @@
 // (init.sh, then guest.sh inside the guest), runs the e2e test binary built
 // here, and prints one line per kernel:
 //
-//	kernel 6.1.0-50-amd64: queue=nft-queue datapaths=kernel,userspace passed=N failed=0 skipped=M time=95s retried=0
+//	kernel 6.1.0-50-amd64: queue=nft-queue steering=connect datapaths=kernel,userspace passed=N failed=0 skipped=M time=95s retried=0
 //
 // queue is the enqueue form the daemon chose there (nft-queue: the native
 // nft queue statement; xt-nfqueue: the xtables target through nft_compat);
@@ -223,6 +223,7 @@ type result struct {
 	elapsed  time.Duration
 	tests    map[string]string // leaf test -> PASS, FAIL, SKIP
 	queue    []string
+	steering []string // the connect-time steering the daemons ran: connect, queue (fallen back), - (none asked)
 	dps      []string
 	console  string // the console's last lines, when something went wrong
 	logTail  string // test.log's last lines, when there is no result
@@ -308,6 +309,7 @@ func (g *guest) test(ctx context.Context, k kernel) *result {
 var (
 	resultRE = regexp.MustCompile(`^\s*--- (PASS|FAIL|SKIP): (\S+) \(`)
 	queueRE  = regexp.MustCompile(`rerouted ready: queue_method="([^"]*)"`)
+	steerRE  = regexp.MustCompile(`rerouted steering=(connect|queue)\b`)
 	// A frame of a goroutine dump in the end-to-end tests' own code.
 	stuckRE = regexp.MustCompile(`(/e2e/[^/\s]+_test\.go:\d+)`)
 )
@@ -331,6 +333,7 @@ func (r *result) parse(path string) {
 	defer f.Close()
 	all := map[string]string{}
 	queues := map[string]bool{}
+	steerings := map[string]bool{}
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
 	var recent []string
@@ -365,6 +368,9 @@ func (r *result) parse(path string) {
 		if m := queueRE.FindStringSubmatch(line); m != nil {
 			queues[strings.ToLower(strings.ReplaceAll(m[1], " ", "-"))] = true
 		}
+		if m := steerRE.FindStringSubmatch(line); m != nil {
+			steerings[m[1]] = true
+		}
 	}
 	// Leaves only: a test with subtests counts as its subtests.
 	r.tests = map[string]string{}
@@ -390,6 +396,7 @@ func (r *result) parse(path string) {
 		}
 	}
 	r.queue = keys(queues)
+	r.steering = keys(steerings)
 	r.dps = keys(dps)
 }
 
@@ -429,8 +436,8 @@ func (r *result) report() string {
 	if r.err != nil {
 		fmt.Fprintf(&b, "kernel %s: no result: %v (time=%.0fs retried=%d)\n", r.k.version, r.err, r.elapsed.Seconds(), r.retried)
 	} else {
-		fmt.Fprintf(&b, "kernel %s: queue=%s datapaths=%s passed=%d failed=%d skipped=%d time=%.0fs retried=%d\n",
-			r.k.version, strings.Join(r.queue, ","), strings.Join(r.dps, ","),
+		fmt.Fprintf(&b, "kernel %s: queue=%s steering=%s datapaths=%s passed=%d failed=%d skipped=%d time=%.0fs retried=%d\n",
+			r.k.version, strings.Join(r.queue, ","), strings.Join(r.steering, ","), strings.Join(r.dps, ","),
 			r.count("PASS"), r.count("FAIL"), r.count("SKIP"), r.elapsed.Seconds(), r.retried)
 	}
 	if r.death != "" {

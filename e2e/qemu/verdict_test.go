@@ -57,7 +57,7 @@ func fakeRuns(t *testing.T, g *guest, runs ...run) (func() *result, *int) {
 var (
 	passed     = run{"console-clean.log", "test-pass.log", "0\n"}
 	int3Died   = run{"console-int3.log", "test-partial.log", "-"}
-	summaryRE  = regexp.MustCompile(`(?m)^kernel 6\.1\.0-50-amd64: queue=nft-queue datapaths=kernel,userspace passed=3 failed=0 skipped=0 time=\d+s retried=(\d)$`)
+	summaryRE  = regexp.MustCompile(`(?m)^kernel 6\.1\.0-50-amd64: queue=nft-queue steering=connect datapaths=kernel,userspace passed=4 failed=0 skipped=0 time=\d+s retried=(\d)$`)
 	noResultRE = regexp.MustCompile(`(?m)^kernel 6\.1\.0-50-amd64: no result: .* retried=(\d)\)$`)
 )
 
@@ -164,10 +164,10 @@ func TestExpectedTests(t *testing.T) {
 		expect  int
 		problem string // "" for none
 	}{
-		{`^(TestKernelHasEveryFeature|TestPingViaISPB)$`, 3, ""},
+		{`^(TestKernelHasEveryFeature|TestPingViaISPB|TestConnectSteering)$`, 4, ""},
 		{`^(TestKernelHasEveryFeature|TestPingViaISPB|TestIPv6TCP)$`, 0, "no result for TestIPv6TCP, which -run names"},
 		{`^TestIPv6TCP$`, 0, "no result for TestIPv6TCP, which -run names"},
-		{`^(TestKernelHasEveryFeature|TestPingViaISPB)$`, 31, "passed 3 subtests, expected 31"},
+		{`^(TestKernelHasEveryFeature|TestPingViaISPB)$`, 31, "passed 4 subtests, expected 31"},
 		{`Ping`, 0, ""}, // not a list: nothing is expected by name
 	} {
 		g := &guest{expect: tc.expect, expectTests: expectedTests(tc.run)}
@@ -232,5 +232,42 @@ func TestResolveKernels(t *testing.T) {
 	}
 	if _, err := resolveKernels(nil, nil); err == nil {
 		t.Error("no kernels: no error")
+	}
+}
+
+// The summary says which steering the daemons ran; a kernel of Linux 5.14
+// or later (the guest mounts cgroup v2) must not fall back to the queue.
+func TestSteeringFallbackOnlyBefore514(t *testing.T) {
+	for _, tc := range []struct {
+		version, log, steering string
+		ok                     bool
+	}{
+		{"6.1.0-50-amd64", "test-pass.log", "connect", true},
+		{"6.1.0-50-amd64", "test-pass-fellback.log", "queue", false},
+		{"6.12.117+deb13-amd64", "test-pass-fellback.log", "queue", false},
+		{"5.14.0-1-amd64", "test-pass-fellback.log", "queue", false},
+		{"5.10.0-32-amd64", "test-pass-fellback.log", "queue", true},
+	} {
+		out := t.TempDir()
+		for name, fixture := range map[string]string{"console.log": "console-clean.log", "test.log": tc.log} {
+			b, err := os.ReadFile(filepath.Join("testdata", fixture))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(filepath.Join(out, name), b, 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := os.WriteFile(filepath.Join(out, "status"), []byte("0\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		res := &result{k: kernel{version: tc.version}, out: out}
+		(&guest{}).collect(res, nil)
+		if res.ok() != tc.ok {
+			t.Errorf("%s with %s: ok=%v, want %v:\n%s", tc.version, tc.log, res.ok(), tc.ok, res.report())
+		}
+		if want := "steering=" + tc.steering + " "; !strings.Contains(res.report(), want) {
+			t.Errorf("%s with %s: the summary does not say %q:\n%s", tc.version, tc.log, want, res.report())
+		}
 	}
 }

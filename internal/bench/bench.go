@@ -332,7 +332,7 @@ func (b *run) setupReroutedWith(datapath, daemonExtra, extra string, mark bool) 
 		}
 		d, err := b.w.StartDaemon(b.o.Bin, cfg, nil)
 		if err == nil {
-			err = d.WaitReady()
+			err = d.WaitReadyWithin(30 * time.Second)
 		}
 		if err == nil && b.nice != 0 {
 			err = renice(d.PID(), b.nice)

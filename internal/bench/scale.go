@@ -66,7 +66,7 @@ func (b *run) scale(n int) (ScaleResult, error) {
 		return r, err
 	}
 	defer d.Stop()
-	if err := d.WaitReady(); err != nil {
+	if err := d.WaitReadyWithin(30 * time.Second); err != nil {
 		return r, err
 	}
 	const probes = 1000

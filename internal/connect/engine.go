@@ -46,8 +46,50 @@ type Uplink struct {
 	Addr6    netip.Addr
 }
 
-// ErrUnsupported wraps what the kernel lacks.
-var ErrUnsupported = errors.New("connect-time steering is not supported by this kernel")
+// ErrUnsupported is what an *UnsupportedError is: the host lacks what
+// connect-time steering needs, which is expected of some hosts (the daemon
+// then decides at the queue, and says so as a warning). Any other error
+// from Open or Probe (the verifier refusing the program, an attach that
+// fails) is a fault.
+var ErrUnsupported = errors.New("connect-time steering is not supported here")
+
+// The reasons a host may lack connect-time steering, and the only ones.
+const (
+	// ReasonKernel: the kernel has no SO_NETNS_COOKIE (Linux < 5.14).
+	ReasonKernel = "Linux < 5.14 (no SO_NETNS_COOKIE)"
+	// ReasonNoCgroup2: no cgroup v2 file system is mounted.
+	ReasonNoCgroup2 = "no cgroup v2 mount"
+)
+
+// UnsupportedError names what the host lacks (Reason, one of the Reason
+// constants) and the error that showed it.
+type UnsupportedError struct {
+	Reason string
+	Err    error
+}
+
+func (e *UnsupportedError) Error() string {
+	return ErrUnsupported.Error() + ": " + e.Reason + ": " + e.Err.Error()
+}
+func (e *UnsupportedError) Unwrap() error        { return e.Err }
+func (e *UnsupportedError) Is(target error) bool { return target == ErrUnsupported }
+
+// checkCookie reads the namespace's cookie: a kernel without the socket
+// option (ENOPROTOOPT) lacks the feature; any other error is one.
+func checkCookie() (uint64, error) {
+	c, err := netnsCookie()
+	return c, cookieError(err)
+}
+
+func cookieError(err error) error {
+	if errors.Is(err, unix.ENOPROTOOPT) {
+		return &UnsupportedError{Reason: ReasonKernel, Err: err}
+	}
+	if err != nil {
+		return fmt.Errorf("the network namespace's cookie (SO_NETNS_COOKIE): %w", err)
+	}
+	return nil
+}
 
 // Open loads the program and attaches it at the cgroup v2 root
 // (cgroupRoot), for this network namespace's sockets only. With pinDir,
@@ -55,9 +97,9 @@ var ErrUnsupported = errors.New("connect-time steering is not supported by this 
 // them: sockets connecting meanwhile were decided by the earlier run's
 // policy, never by none.
 func Open(cgroupRoot, pinDir string) (*Engine, error) {
-	netns, err := netnsCookie()
+	netns, err := checkCookie()
 	if err != nil {
-		return nil, fmt.Errorf("%w: the network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14): %v", ErrUnsupported, err)
+		return nil, err
 	}
 	spec, err := loadConnect()
 	if err != nil {
@@ -75,11 +117,7 @@ func Open(cgroupRoot, pinDir string) (*Engine, error) {
 		opts.Maps.PinPath = pinDir
 	}
 	if err := spec.LoadAndAssign(&e.objs, opts); err != nil {
-		var ve *ebpf.VerifierError
-		if errors.As(err, &ve) {
-			return nil, fmt.Errorf("%w: the verifier refused the program: %v", ErrUnsupported, ve)
-		}
-		return nil, fmt.Errorf("%w: load: %v", ErrUnsupported, err)
+		return nil, loadError(err)
 	}
 	// An adopted conf says which generations are active.
 	var c connectConf
@@ -110,7 +148,7 @@ func Open(cgroupRoot, pinDir string) (*Engine, error) {
 		l, err := link.AttachCgroup(link.CgroupOptions{Path: cgroupRoot, Attach: p.typ, Program: p.prog})
 		if err != nil {
 			e.Close()
-			return nil, fmt.Errorf("%w: attach %s at %s: %v", ErrUnsupported, p.name, cgroupRoot, err)
+			return nil, fmt.Errorf("attach %s at %s: %w", p.name, cgroupRoot, err)
 		}
 		if pin != "" {
 			if err := l.Pin(pin); err != nil {
@@ -127,14 +165,24 @@ func Open(cgroupRoot, pinDir string) (*Engine, error) {
 // Probe says whether this kernel can steer at connect(): the namespace
 // cookie, and the verifier's word on the program. Nothing is attached.
 func Probe() error {
-	if _, err := netnsCookie(); err != nil {
-		return fmt.Errorf("%w: the network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14): %v", ErrUnsupported, err)
+	if _, err := checkCookie(); err != nil {
+		return err
 	}
 	var objs connectObjects
 	if err := loadConnectObjects(&objs, nil); err != nil {
-		return fmt.Errorf("%w: load: %v", ErrUnsupported, err)
+		return loadError(err)
 	}
 	return objs.Close()
+}
+
+// loadError says why the program did not load: on a kernel that has the
+// namespace cookie, a refusal is a fault of the program, not of the host.
+func loadError(err error) error {
+	var ve *ebpf.VerifierError
+	if errors.As(err, &ve) {
+		return fmt.Errorf("the verifier refused the program: %w", err)
+	}
+	return fmt.Errorf("load: %w", err)
 }
 
 // netnsCookie is the calling thread's network namespace cookie.

@@ -357,7 +357,7 @@ func (d *Daemon) openTable(ctx context.Context, cfg *policy.Config, sweepDiag so
 func (d *Daemon) startServices(ctx context.Context, cfg *policy.Config, sweepDiag sockdiag.Sockets, ctl net.Listener) error {
 	if cfg.Daemon.Steering == "connect" {
 		if err := d.startSteering(cfg); err != nil {
-			d.log.Warn("connect-time steering is not available: every new flow is decided at the queue", "err", err)
+			steer.LogFailure(d.log, err)
 		} else {
 			d.atClose(func() error { return d.stopSteering(d.detached) })
 		}

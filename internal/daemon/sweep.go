@@ -199,10 +199,16 @@ func (sw *sweeper) sweep() {
 		return
 	}
 	// The dump only nominates: an exact lookup confirms each socket is
-	// gone, in two sweeps running. One is not enough: a connection moving
-	// to TIME_WAIT was once missed by both the dump and the lookup (seen
-	// once in many thousands, age 100 ms), and removing a TIME_WAIT
-	// socket's translation early resets its peer.
+	// gone, in two sweeps running, since removing a live socket's
+	// translation sends its last packets out with the wrong source. (The
+	// early ends once put down to a miss by both, age 100-400 ms with
+	// lookup "no such socket", were TIME_WAIT sockets a RST had really
+	// ended: the peer's FIN sent again by its tail loss probe, the
+	// TIME_WAIT socket's ACK of the copy, the peer's RST from its closed
+	// port, which Linux lets end TIME_WAIT unless net.ipv4.tcp_rfc1337 is
+	// set. ss did not show them either, and the lookup finds TIME_WAIT
+	// and orphaned FIN_WAIT2 sockets alike: both are timewait socks in
+	// the established hash, which the exact lookup searches.)
 	suspects := make(map[*flow.Flow]struct{}, len(sw.suspects))
 	defer func() { sw.suspects = suspects }()
 	for _, f := range s.End() {

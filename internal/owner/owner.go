@@ -110,8 +110,15 @@ func FindMount(mountinfo, fstype string) (string, error) {
 	if err := sc.Err(); err != nil {
 		return "", err
 	}
-	return "", fmt.Errorf("no %s mount", fstype)
+	return "", &NoMountError{FSType: fstype}
 }
+
+// NoMountError is FindMount's error when mountinfo lists no file system of
+// the type: the host has none mounted (an error reading mountinfo is
+// another).
+type NoMountError struct{ FSType string }
+
+func (e *NoMountError) Error() string { return "no " + e.FSType + " mount" }
 
 // unescapeMount undoes mountinfo's octal escapes (\040 for a space).
 func unescapeMount(s string) string {

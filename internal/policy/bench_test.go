@@ -67,7 +67,8 @@ func bigListPolicy(tb testing.TB, n int, hit string) *Config {
 
 // BenchmarkDecideBigList: one decision against a rule whose dst has 5 or
 // 500,000 prefixes; "miss" falls through to the next rule, "hit" matches
-// the list's last entry.
+// the list's last entry. Informational: its times are compared to nothing;
+// the floors are TestDecideBigListRatio and TestTrieMatchDoesNotAllocate.
 func BenchmarkDecideBigList(b *testing.B) {
 	for _, n := range bigListSizes {
 		for _, c := range []struct{ name, hit, want string }{
@@ -92,6 +93,8 @@ func BenchmarkDecideBigList(b *testing.B) {
 
 // BenchmarkLoadBigList: policy.Load of a file whose one rule has 500,000
 // prefixes in dst. heap-MB is what the loaded Config keeps alive.
+// Informational: compared to nothing; the floors are TestLoadScalesLinearly
+// and TestLoadBigList.
 func BenchmarkLoadBigList(b *testing.B) {
 	file := filepath.Join(b.TempDir(), "big.toml")
 	if err := os.WriteFile(file, bigListConfig(randomPrefixes(500_000), ""), 0o600); err != nil {

@@ -65,9 +65,9 @@ type Steering struct {
 // Open compiles cfg's image and loads the program (or adopts the one an
 // earlier run left pinned); Start makes it decide.
 func Open(cfg *policy.Config, deps Deps) (*Steering, error) {
-	root, err := owner.Cgroup2Mount("/proc/self/mountinfo")
+	root, err := cgroupRoot("/proc/self/mountinfo")
 	if err != nil {
-		return nil, fmt.Errorf("%w: %v", connect.ErrUnsupported, err)
+		return nil, err
 	}
 	im, err := connect.Compile(cfg, root)
 	if err != nil {
@@ -87,6 +87,35 @@ func Open(cfg *policy.Config, deps Deps) (*Steering, error) {
 		return nil, err
 	}
 	return &Steering{e: e, d: deps, im: im, root: root, pin: pin}, nil
+}
+
+// cgroupRoot is where cgroup v2 is mounted, as mountinfo lists it: none is
+// a host without the feature (connect.ErrUnsupported), an unreadable
+// mountinfo is a fault.
+func cgroupRoot(mountinfo string) (string, error) {
+	root, err := owner.Cgroup2Mount(mountinfo)
+	if nm := (*owner.NoMountError)(nil); errors.As(err, &nm) {
+		return "", &connect.UnsupportedError{Reason: connect.ReasonNoCgroup2, Err: err}
+	}
+	if err != nil {
+		return "", fmt.Errorf("the cgroup v2 mount: %w", err)
+	}
+	return root, nil
+}
+
+// LogFailure says why connect-time steering does not run. Every flow is
+// then decided at the queue, which works anywhere: the daemon must not
+// break a host for it. What the host is expected to lack (an old kernel,
+// no cgroup v2: connect.UnsupportedError) is a warning naming it;
+// anything else, a program the verifier refuses among them, is a fault
+// and an error.
+func LogFailure(log *slog.Logger, err error) {
+	var ue *connect.UnsupportedError
+	if errors.As(err, &ue) {
+		log.Warn("connect-time steering is not available: every new flow is decided at the queue", "reason", ue.Reason, "err", err)
+		return
+	}
+	log.Error("connect-time steering failed: every new flow is decided at the queue", "err", err)
 }
 
 // Start gives the program the ephemeral port range, installs the image

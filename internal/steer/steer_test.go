@@ -1,19 +1,24 @@
 package steer
 
 import (
+	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/netip"
 	"os"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/rerouted/rerouted/internal/connect"
 	"github.com/rerouted/rerouted/internal/control"
 	"github.com/rerouted/rerouted/internal/events"
 	"github.com/rerouted/rerouted/internal/networld/worldtest"
@@ -202,3 +207,54 @@ type collector struct{ s *Steering }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) { ch <- Desc }
 func (c collector) Collect(ch chan<- prometheus.Metric) { c.s.Collect(ch) }
+
+// No cgroup v2 mount is a host without the feature, named in the error;
+// a mountinfo that cannot be read is a fault.
+func TestCgroupRootClassifies(t *testing.T) {
+	dir := t.TempDir()
+	with := dir + "/with"
+	without := dir + "/without"
+	if err := os.WriteFile(with, []byte("35 1 0:30 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(without, []byte("22 1 0:21 / /proc rw - proc proc rw\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if root, err := cgroupRoot(with); err != nil || root != "/sys/fs/cgroup" {
+		t.Errorf("with cgroup2: %q, %v", root, err)
+	}
+	_, err := cgroupRoot(without)
+	var ue *connect.UnsupportedError
+	if !errors.As(err, &ue) || ue.Reason != connect.ReasonNoCgroup2 {
+		t.Errorf("without cgroup2: %v, want an UnsupportedError for %q", err, connect.ReasonNoCgroup2)
+	}
+	if _, err := cgroupRoot(dir + "/missing"); err == nil || errors.Is(err, connect.ErrUnsupported) {
+		t.Errorf("unreadable mountinfo: %v, want an error other than ErrUnsupported", err)
+	}
+}
+
+// Connect-time steering that does not start leaves every flow to the
+// queue either way; what the host is expected to lack is a warning naming
+// it, anything else (a verifier's refusal) an error.
+func TestLogFailureLevels(t *testing.T) {
+	for _, c := range []struct {
+		err   error
+		level string
+		want  string
+	}{
+		{fmt.Errorf("open: %w", &connect.UnsupportedError{Reason: connect.ReasonKernel, Err: errors.New("protocol not available")}),
+			"level=WARN", `msg="connect-time steering is not available: every new flow is decided at the queue" reason="` + connect.ReasonKernel + `"`},
+		{&connect.UnsupportedError{Reason: connect.ReasonNoCgroup2, Err: errors.New("no cgroup2 mount")},
+			"level=WARN", `reason="` + connect.ReasonNoCgroup2 + `"`},
+		{fmt.Errorf("the verifier refused the program: %w", &ebpf.VerifierError{}),
+			"level=ERROR", `msg="connect-time steering failed: every new flow is decided at the queue"`},
+		{errors.New("attach connect4 at /sys/fs/cgroup: operation not permitted"),
+			"level=ERROR", `msg="connect-time steering failed`},
+	} {
+		var b bytes.Buffer
+		LogFailure(slog.New(slog.NewTextHandler(&b, nil)), c.err)
+		if out := b.String(); !strings.Contains(out, c.level) || !strings.Contains(out, c.want) {
+			t.Errorf("%v: logged %q, want %s with %s", c.err, out, c.level, c.want)
+		}
+	}
+}

@@ -37,3 +37,11 @@ func NeedRoot(t testing.TB, why string) {
 		Skip(t, "needs root (%s)", why)
 	}
 }
+
+// GuestEnv is set (to 1) by the kernel matrix's guests (e2e/qemu), where
+// QEMU may emulate the CPU and everything runs several times slower: the
+// one place a test may allow more time than on the host.
+const GuestEnv = "REROUTED_E2E_GUEST"
+
+// InGuest reports whether the tests run in a kernel matrix guest.
+func InGuest() bool { return os.Getenv(GuestEnv) == "1" }
