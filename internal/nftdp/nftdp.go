@@ -125,7 +125,7 @@ type Datapath struct {
 	gen         int
 	filterSets  []*nftables.Set
 	filterRules []nftbatch.Rule // the prefilter's rules, on its sets
-	ruleCount  map[string]int
+	ruleCount   map[string]int
 	// offeredBefore is what the queue rules this generation replaced had
 	// counted (under listMu).
 	offeredBefore uint64
