@@ -30,7 +30,7 @@ func flowBatch(w *nftbatch.Writer, changes []Op, setsOf func(*Entry) *proto) (b 
 		// tuple, inbound ones the reply's view of the wire tuple.
 		sets := p.flowSets()
 		if pass {
-			sets = [6]*nftables.Set{5: p.pass}
+			sets = [7]*nftables.Set{5: p.pass}
 		} else {
 			sets[5] = nil
 		}
@@ -47,9 +47,15 @@ func flowBatch(w *nftbatch.Writer, changes []Op, setsOf func(*Entry) *proto) (b 
 				var key [40]byte
 				var val [16]byte
 				var kl, vl int
-				if k < 3 || k == 5 { // outbound and pass: the socket's tuple
+				switch {
+				case k < 3 || k == 5: // outbound and pass: the socket's tuple
 					kl = putTuple(key[:], ch.Src, ch.Dst)
-				} else {
+				case k == 6: // the wire: mark . port . destination
+					binary.NativeEndian.PutUint32(key[:], ch.Mark)
+					binary.BigEndian.PutUint16(key[4:], ch.NewSrc.Port())
+					key[6], key[7] = 0, 0
+					kl = 8 + putAddrPort(key[8:], ch.Dst)
+				default:
 					kl = putTuple(key[:], ch.NewSrc, ch.Dst)
 				}
 				switch k {

@@ -6,7 +6,6 @@ import (
 	"net/netip"
 	"slices"
 
-	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
 	"github.com/rerouted/rerouted/internal/ipproto"
@@ -44,54 +43,6 @@ type HostMark struct {
 	MSS  uint16
 }
 
-// Maps of the uplinks' addresses by mark, per family: the kernel-decision
-// rules read the wire's source address from them, so that nft can print
-// the wire tuple they look up (an address put in a register as a constant
-// prints as "[invalid type]" in a concatenation).
-const (
-	hostAddr4 = "hostmark_addr4"
-	hostAddr6 = "hostmark_addr6"
-)
-
-// hostAddrSets are the maps of the uplinks' addresses by mark.
-func (d *Datapath) hostAddrSets() [2]*nftables.Set {
-	var out [2]*nftables.Set
-	for i, name := range []string{hostAddr4, hostAddr6} {
-		data := nftables.TypeIPAddr
-		if i == 1 {
-			data = nftables.TypeIP6Addr
-		}
-		out[i] = &nftables.Set{Table: d.table, Name: name, IsMap: true, KeyType: nftables.TypeMark,
-			KeyByteOrder: binaryutil.NativeEndian, DataType: data,
-			Comment: "an uplink's mark : its address, for the kernel's decisions of host marks"}
-	}
-	return out
-}
-
-// setHostAddrs makes the maps of addresses hold the host marks' uplinks,
-// in one transaction. Call with mu held.
-func (d *Datapath) setHostAddrs() error {
-	d.listMu.Lock()
-	defer d.listMu.Unlock()
-	sets := d.hostAddrSets()
-	for _, s := range sets {
-		d.conn.FlushSet(s)
-	}
-	for _, h := range d.hostMarks {
-		s := sets[0]
-		if h.Addr.Is6() {
-			s = sets[1]
-		}
-		if err := d.conn.SetAddElements(s, []nftables.SetElement{{Key: binaryutil.NativeEndian.PutUint32(h.Mark), Val: h.Addr.AsSlice()}}); err != nil {
-			return fmt.Errorf("map %s: %w", s.Name, err)
-		}
-	}
-	if err := d.conn.Flush(); err != nil {
-		return fmt.Errorf("maps of the host marks' addresses: %w", err)
-	}
-	return nil
-}
-
 // LogGroup is the NFLOG group the kernel's decisions are logged to.
 const LogGroup = 0x7272
 
@@ -116,9 +67,6 @@ func (d *Datapath) SetHostMarks(hm []HostMark) error {
 		return nil
 	}
 	d.hostMarks = slices.Clone(hm)
-	if err := d.setHostAddrs(); err != nil {
-		return err
-	}
 	return d.applyRules()
 }
 
@@ -153,13 +101,18 @@ func (d *Datapath) hostMarkRules(f *family, p *proto) []nftbatch.Rule {
 }
 
 // decideRule is one uplink's kernel decision for proto in family f.
-// Registers: the tuple from 8 on (socket's, then wire's), the new address,
-// the mark, the MSS (IPv4: 12, 13, 14; IPv6: 18-21, 22, 23).
+// Registers: a tuple from 8 on; the new address (then the socket's own),
+// the mark and the MSS after it (IPv4: 12, 13, 14; IPv6: 18-21, 22, 23).
+// Every key the rule builds is made of packet fields and the mark, so that
+// nft can print it: the wire tuple is checked as mark . port . destination
+// (P_wireF), and the replies' elements are added once the packet carries
+// the uplink's address.
 func decideRule(f *family, p *proto, h HostMark) [][]byte {
 	regs := uint32(f.addrLen / 4)
 	addrReg := 8 + 2*regs + 2
 	markReg, mssReg := addrReg+regs, addrReg+regs+1
 	addr := h.Addr.AsSlice()
+	tuple := loadTuple(f, f.saddr, p.sport, f.daddr, p.dport)
 	m := matchProto(f, p, 0)
 	if p.num == ipproto.TCP {
 		m = append(m, tcpFlags(0x17, 0x02)...) // a SYN (a raw socket's too: the learner tells)
@@ -170,23 +123,20 @@ func decideRule(f *family, p *proto, h HostMark) [][]byte {
 		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: f.saddr, Len: uint32(f.addrLen)},
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: addr})
 	// The socket tuple has no elements (else: a retransmission, or a new
-	// socket on a tuple not yet swept: the daemon's), and the wire tuple
-	// is not another translation's.
-	m = append(m, loadTuple(f, f.saddr, p.sport, f.daddr, p.dport)...)
+	// socket on a tuple not yet swept: the daemon's), and no translation
+	// to this uplink has the port to this destination.
+	m = append(m, tuple...)
 	m = append(m, &expr.Lookup{SourceRegister: 8, SetName: p.out.Name, Invert: true},
 		&expr.Meta{Key: expr.MetaKeyMARK, Register: 8},
-		&expr.Lookup{SourceRegister: 8, SetName: hostAddrName(f), DestRegister: 8, IsDestRegSet: true},
-		&expr.Lookup{SourceRegister: 8, SetName: p.in.Name, Invert: true},
-		// Replies: the wire tuple to the socket's address and port.
-		&expr.Payload{DestRegister: addrReg, Base: expr.PayloadBaseNetworkHeader, Offset: f.saddr, Len: uint32(f.addrLen)},
-		&expr.Dynset{SrcRegKey: 8, SrcRegData: addrReg, SetName: p.in.Name, Operation: unix.NFT_DYNSET_OP_ADD})
-	if !p.isEcho() {
-		m = append(m, &expr.Dynset{SrcRegKey: 8, SrcRegData: 8 + regs, SetName: p.inPort.Name, Operation: unix.NFT_DYNSET_OP_ADD})
-	}
+		&expr.Payload{DestRegister: 9, Base: expr.PayloadBaseTransportHeader, Offset: p.sport, Len: 2},
+		&expr.Payload{DestRegister: 10, Base: expr.PayloadBaseNetworkHeader, Offset: f.daddr, Len: uint32(f.addrLen)},
+		&expr.Payload{DestRegister: 10 + regs, Base: expr.PayloadBaseTransportHeader, Offset: p.dport, Len: 2},
+		&expr.Lookup{SourceRegister: 8, SetName: p.wire.Name, Invert: true},
+		&expr.Dynset{SrcRegKey: 8, SetName: p.wire.Name, Operation: unix.NFT_DYNSET_OP_ADD})
 	// Outbound: the socket tuple to the new address, the same port, the
 	// mark.
+	m = append(m, tuple...)
 	m = append(m,
-		&expr.Payload{DestRegister: 8, Base: expr.PayloadBaseNetworkHeader, Offset: f.saddr, Len: uint32(f.addrLen)},
 		&expr.Immediate{Register: addrReg, Data: addr},
 		&expr.Immediate{Register: markReg, Data: binaryutil.NativeEndian.PutUint32(h.Mark)},
 		&expr.Dynset{SrcRegKey: 8, SrcRegData: addrReg, SetName: p.out.Name, Operation: unix.NFT_DYNSET_OP_ADD},
@@ -194,12 +144,23 @@ func decideRule(f *family, p *proto, h HostMark) [][]byte {
 	if !p.isEcho() {
 		m = append(m, &expr.Dynset{SrcRegKey: 8, SrcRegData: 8 + regs, SetName: p.outPort.Name, Operation: unix.NFT_DYNSET_OP_ADD})
 	}
+	// The daemon's copy, as the socket sent it.
 	m = append(m, &expr.Log{Key: 1<<unix.NFTA_LOG_GROUP | 1<<unix.NFTA_LOG_PREFIX | 1<<unix.NFTA_LOG_SNAPLEN,
-		Group: LogGroup, Snaplen: logSnap, Data: []byte(LogNew + h.Addr.String())})
+		Group: LogGroup, Snaplen: logSnap, Data: []byte(LogNew + h.Addr.String())},
+		// The socket's address, kept for the replies' element.
+		&expr.Payload{DestRegister: addrReg, Base: expr.PayloadBaseNetworkHeader, Offset: f.saddr, Len: uint32(f.addrLen)},
+		&expr.Immediate{Register: 8, Data: addr})
 	out := exprs(m...)
-	// The packet itself, as the translation rules would: the source (and
-	// the stale-source guard), the MSS of a SYN, the mark.
-	out = append(out, nftbatch.AddrWrite(f.addrLen, f.saddr, addrReg))
+	// The packet gets the uplink's address; then its tuple is the wire's,
+	// which replies are translated back from.
+	out = append(out, nftbatch.AddrWrite(f.addrLen, f.saddr, 8))
+	in := append(tuple, &expr.Dynset{SrcRegKey: 8, SrcRegData: addrReg, SetName: p.in.Name, Operation: unix.NFT_DYNSET_OP_ADD})
+	if !p.isEcho() {
+		in = append(in, &expr.Dynset{SrcRegKey: 8, SrcRegData: 8 + regs, SetName: p.inPort.Name, Operation: unix.NFT_DYNSET_OP_ADD})
+	}
+	out = append(out, exprs(in...)...)
+	// As the translation rules do: the stale-source guard, the MSS of a
+	// SYN, the mark.
 	out = append(out, exprs(
 		&expr.Immediate{Register: 1, Data: binaryutil.NativeEndian.PutUint32(StaleMark)},
 		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
@@ -212,14 +173,6 @@ func decideRule(f *family, p *proto, h HostMark) [][]byte {
 	}
 	return append(out, exprs(&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: markReg},
 		&expr.Verdict{Kind: expr.VerdictAccept})...)
-}
-
-// hostAddrName is the family's map of addresses by mark.
-func hostAddrName(f *family) string {
-	if f.nfproto == unix.NFPROTO_IPV4 {
-		return hostAddr4
-	}
-	return hostAddr6
 }
 
 // nativeRules send a SYN whose own tuple is a translation's wire tuple (a

@@ -168,6 +168,7 @@ type proto struct {
 	outMark      *nftables.Set // kernel datapath: socket tuple -> mark
 	inPort       *nftables.Set // kernel datapath: reply tuple -> the socket's port (not for echo)
 	pass         *nftables.Set // UDP and ICMP: tuples decided untranslated
+	wire         *nftables.Set // kernel datapath: mark . port . destination of every translation (the kernel's decisions check it)
 	seen         *nftables.Set // UDP: tuples a peer opened (a local server's), learned in the kernel
 	meter        *nftables.Set // UDP: each remote source's budget of new learned tuples
 }
@@ -182,8 +183,8 @@ func (p *proto) counted() bool { return p.num != ipproto.TCP }
 // order a transaction writes them: outbound (source address, port, mark),
 // inbound (address, port), then the untranslated ones; nil where the
 // protocol or datapath has none.
-func (p *proto) flowSets() [6]*nftables.Set {
-	return [6]*nftables.Set{p.out, p.outPort, p.outMark, p.in, p.inPort, p.pass}
+func (p *proto) flowSets() [7]*nftables.Set {
+	return [7]*nftables.Set{p.out, p.outPort, p.outMark, p.in, p.inPort, p.pass, p.wire}
 }
 
 func (d *Datapath) family(a netip.Addr) *family {
@@ -517,6 +518,12 @@ func (d *Datapath) defineSets() error {
 					Comment: "socket tuple : mark"}
 				p.in = &nftables.Set{Table: t, Name: n + "in" + v, IsMap: true, Concatenation: true, KeyType: keyType, DataType: addrType,
 					Comment: "translated tuple (reply view) : socket address"}
+				wireKey, err := nftables.ConcatSetType(nftables.TypeMark, nftables.TypeInetService, addrType, nftables.TypeInetService)
+				if err != nil {
+					return err
+				}
+				p.wire = &nftables.Set{Table: t, Name: n + "wire" + v, Concatenation: true, KeyType: wireKey,
+					Comment: "uplink mark . wire port . destination of each translation: a kernel decision's is free"}
 				if !p.isEcho() {
 					p.outPort = &nftables.Set{Table: t, Name: n + "sport" + v, IsMap: true, Concatenation: true, KeyType: keyType, DataType: nftables.TypeInetService,
 						Comment: "socket tuple : translated source port"}
@@ -592,14 +599,6 @@ func (d *Datapath) build() error {
 	c.AddChain(&nftables.Chain{Name: filterNew, Table: t})
 	c.AddChain(&nftables.Chain{Name: enqueueSYN, Table: t})
 	c.AddChain(&nftables.Chain{Name: enqueueNew, Table: t})
-	for _, s := range d.hostAddrSets() {
-		if d.userspace {
-			break // the userspace datapath decides in the daemon
-		}
-		if err := c.AddSet(s, nil); err != nil {
-			return fmt.Errorf("add set %s: %w", s.Name, err)
-		}
-	}
 	for _, s := range []*nftables.Set{
 		{Table: t, Name: uidMeter, KeyType: nftables.TypeUID, KeyByteOrder: binaryutil.NativeEndian, Dynamic: true, HasTimeout: true, Timeout: 10 * time.Second, Size: 65536,
 			Comment: "each uid's rate of new connections to the daemon"},
