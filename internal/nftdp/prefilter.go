@@ -14,6 +14,7 @@ import (
 	"github.com/rerouted/rerouted/internal/nftdp/nftbatch"
 	"github.com/rerouted/rerouted/internal/nftdp/nftfeat"
 	"github.com/rerouted/rerouted/internal/policy"
+	"github.com/rerouted/rerouted/internal/policy/prefixset"
 	"golang.org/x/sys/unix"
 )
 
@@ -202,7 +203,7 @@ func (d *Datapath) compile(f Filter, gen int, native bool) compiled {
 					v := fmt.Sprint(4 + 2*fi)
 					ok := true
 					for _, a := range []struct {
-						k   policy.KernelAddrs
+						k   prefixset.KernelAddrs
 						neg bool
 						n   string
 					}{{r.Dst, false, "dst"}, {r.NotDst, true, "not_dst"}} {
@@ -321,7 +322,7 @@ func inRange(lo, hi []byte, neg bool) expr.Any {
 // addrElems are an interval set's elements for ranges: each range's first
 // address, then the address after its last as an interval end (none after
 // the family's last address).
-func addrElems(rs []policy.AddrRange) []nftables.SetElement {
+func addrElems(rs []prefixset.AddrRange) []nftables.SetElement {
 	var els []nftables.SetElement
 	for _, r := range rs {
 		els = append(els, nftables.SetElement{Key: r.First.AsSlice()})
