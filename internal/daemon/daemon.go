@@ -16,7 +16,8 @@
 //   - the routing watcher (route.Watch) owns an rtnetlink notification
 //     socket; the routing keeper (routing.go) acts on what it sees;
 //   - the control server (package control) answers `rerouted flows` and
-//     `rerouted uplinks`; the metrics server, /metrics (metrics.go).
+//     `rerouted uplinks`; the metrics server, /metrics (package
+//     daemon/metrics).
 //
 // Managed uplinks' routes and rules are installed before anything else and
 // removed after everything else, on their own rtnetlink socket (package
@@ -42,6 +43,7 @@ import (
 	"time"
 
 	"github.com/rerouted/rerouted/internal/control"
+	"github.com/rerouted/rerouted/internal/daemon/metrics"
 	"github.com/rerouted/rerouted/internal/events"
 	"github.com/rerouted/rerouted/internal/filesafety"
 	"github.com/rerouted/rerouted/internal/flow"
@@ -97,7 +99,7 @@ type Daemon struct {
 	// change does.
 	routingChanged chan<- struct{}
 	shared         *packet.Shared // what the packet path shares with the rest
-	metrics        *metrics
+	metrics        *metrics.Metrics
 	resync         atomic.Bool // records of the kernel's decisions were lost: the sweeper reads the maps
 	notify         func(state string)
 	insecure       bool // InsecureConfig
@@ -161,8 +163,10 @@ func newDaemon(o Options) *Daemon {
 	d.shared = &packet.Shared{Config: &d.cfg, Uplinks: &d.uplinks, Balance: &d.balance, Log: d.log, Stats: new(packet.Stats),
 		Userspace: cfg.Daemon.Datapath == "userspace", FailClosed: cfg.Daemon.FailClosed}
 	d.shared.Install = flow.NewInstaller(newFlowKernel(d), d.installFailed)
-	d.metrics = newMetrics(d)
-	d.shared.Decisions, d.shared.Latency = d.metrics.decisions, d.metrics.latency
+	d.metrics = metrics.New(&metrics.Daemon{Log: d.log, Config: &d.cfg, Stats: d.shared.Stats, FailClosed: d.shared.FailClosed,
+		ErrorKinds: errKindNames[:], Errors: d.errors[:], Idle: &d.idle, UDPClosed: &d.udpClosed, Flows: d.flows, Uplinks: &d.uplinks,
+		Steer: &d.steer, Datapath: func() *nftdp.Datapath { return d.dp }})
+	d.shared.Decisions, d.shared.Latency = d.metrics.Decisions, d.metrics.Latency
 	if o.Events != nil {
 		kinds := o.EventKinds
 		if kinds == 0 {
@@ -400,7 +404,7 @@ func (d *Daemon) startServices(ctx context.Context, cfg *policy.Config, sweepDia
 			return nil
 		})
 		d.wg.Add(1)
-		go func() { defer d.wg.Done(); d.serveMetrics(ctx, ln) }()
+		go func() { defer d.wg.Done(); d.metrics.Serve(ctx, ln, d.log) }()
 	}
 	d.wg.Add(4)
 	go func() { defer d.wg.Done(); d.inst().Run(ctx) }()
