@@ -125,7 +125,7 @@ type Datapath struct {
 	gen         int
 	filterSets  []*nftables.Set
 	filterRules []nftbatch.Rule // the prefilter's rules, on its sets
-	ruleCount  map[string]int
+	ruleCount   map[string]int
 	// offeredBefore is what the queue rules this generation replaced had
 	// counted (under listMu).
 	offeredBefore uint64
@@ -631,11 +631,11 @@ func (d *Datapath) build() error {
 func (d *Datapath) rules(first, total uint16, native bool) []nftbatch.Rule {
 	// Loopback traffic never leaves the host, and the daemon's health
 	// probes choose their uplink themselves: leave them alone.
-	rules := []nftbatch.Rule{{Chain: "output", Exprs: exprs(
+	rules := []nftbatch.Rule{{Chain: "output", Exprs: nftbatch.Exprs(
 		&expr.Meta{Key: expr.MetaKeyOIFTYPE, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint16(unix.ARPHRD_LOOPBACK)},
 		&expr.Verdict{Kind: expr.VerdictAccept},
-	)}, {Chain: "output", Exprs: exprs(
+	)}, {Chain: "output", Exprs: nftbatch.Exprs(
 		&expr.Meta{Key: expr.MetaKeyPRIORITY, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(ProbePriority)},
 		&expr.Verdict{Kind: expr.VerdictAccept},
@@ -665,14 +665,14 @@ func (d *Datapath) rules(first, total uint16, native bool) []nftbatch.Rule {
 			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
 		}
 		tcp := &f.protos[0]
-		rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: exprs(append(slices.Clone(on),
+		rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: nftbatch.Exprs(append(slices.Clone(on),
 			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{byte(ipproto.TCP)}},
 			&expr.Verdict{Kind: expr.VerdictAccept})...)})
 		if d.userspace {
-			rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: exprs(append(on, &expr.Verdict{Kind: expr.VerdictAccept})...)})
+			rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: nftbatch.Exprs(append(on, &expr.Verdict{Kind: expr.VerdictAccept})...)})
 			continue
 		}
-		rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: exprs(append(append(on,
+		rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: nftbatch.Exprs(append(append(on,
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{byte(ipproto.TCP)}}),
 			append(loadTuple(f, f.saddr, tcp.sport, f.daddr, tcp.dport),
 				&expr.Lookup{SourceRegister: 8, SetName: tcp.out.Name, Invert: true},
@@ -685,7 +685,7 @@ func (d *Datapath) rules(first, total uint16, native bool) []nftbatch.Rule {
 	// Every other SYN, either family, goes to the daemon, translated
 	// flows' retransmissions too: the daemon checks that the socket is
 	// still the one it translated.
-	rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: exprs(append([]expr.Any{
+	rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: nftbatch.Exprs(append([]expr.Any{
 		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{byte(ipproto.TCP)}},
 	}, append(tcpFlags(0x17, 0x02), &expr.Verdict{Kind: expr.VerdictJump, Chain: filterSYN})...)...)})
@@ -705,7 +705,7 @@ func (d *Datapath) rules(first, total uint16, native bool) []nftbatch.Rule {
 		{unix.NFPROTO_IPV4, ipproto.ICMP, 11, 12},
 		{unix.NFPROTO_IPV6, ipproto.ICMPv6, 1, 4},
 	} {
-		rules = append(rules, nftbatch.Rule{Chain: "prerouting", Exprs: exprs(
+		rules = append(rules, nftbatch.Rule{Chain: "prerouting", Exprs: nftbatch.Exprs(
 			&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{r.nfproto}},
 			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
@@ -731,7 +731,7 @@ func (d *Datapath) rules(first, total uint16, native bool) []nftbatch.Rule {
 // locally sent datagram larger than the MTU needs nothing: it crosses the
 // output hook whole and is fragmented after the translation.)
 func defragRule() nftbatch.Rule {
-	return nftbatch.Rule{Chain: "prerouting", Exprs: exprs(
+	return nftbatch.Rule{Chain: "prerouting", Exprs: nftbatch.Exprs(
 		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.NFPROTO_IPV4}},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.NFPROTO_IPV6}},
@@ -758,10 +758,10 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []nftbatch.Rule {
 			inKey := loadTuple(f, f.daddr, p.dport, f.saddr, p.sport)
 			if d.userspace {
 				rules = append(rules,
-					nftbatch.Rule{Chain: "output", Exprs: exprs(append(append(matchProto(f, p, 0), outKey...),
+					nftbatch.Rule{Chain: "output", Exprs: nftbatch.Exprs(append(append(matchProto(f, p, 0), outKey...),
 						&expr.Lookup{SourceRegister: 8, SetName: p.out.Name},
 						nftfeat.QueueTo(first, total, native, false, !d.filter.FailClosed))...)},
-					nftbatch.Rule{Chain: "prerouting", Exprs: exprs(append(append(matchProto(f, p, 1), inKey...),
+					nftbatch.Rule{Chain: "prerouting", Exprs: nftbatch.Exprs(append(append(matchProto(f, p, 1), inKey...),
 						&expr.Lookup{SourceRegister: 8, SetName: p.in.Name},
 						nftfeat.QueueTo(first, total, native, false, !d.filter.FailClosed))...)})
 				continue
@@ -803,21 +803,21 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []nftbatch.Rule {
 				if !p.isEcho() {
 					look = append(look, lookup(p.outPort, portReg))
 				}
-				out := exprs(look...)
+				out := nftbatch.Exprs(look...)
 				out = append(out, nftbatch.AddrWrite(f.addrLen, f.saddr, addrReg))
 				// The new source must still be the host's: an address
 				// that went away (renumbering) must not reach the wire.
 				// Such a packet stops here, flagged, and the rule after
 				// the translation rules drops it.
-				out = append(out, exprs(
+				out = append(out, nftbatch.Exprs(
 					&expr.Immediate{Register: 1, Data: binaryutil.NativeEndian.PutUint32(StaleMark)},
 					&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
 					&expr.Fib{Register: 1, FlagSADDR: true, ResultADDRTYPE: true},
 					&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)})...)
 				if !p.isEcho() {
-					out = append(out, exprs(writePort(p, p.sport, portReg, fix))...)
+					out = append(out, nftbatch.Exprs(writePort(p, p.sport, portReg, fix))...)
 				}
-				out = append(out, exprs(&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: markReg},
+				out = append(out, nftbatch.Exprs(&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: markReg},
 					&expr.Verdict{Kind: expr.VerdictAccept})...)
 				// Inbound: reply to the translated tuple -> the socket's
 				// address and port.
@@ -826,18 +826,18 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []nftbatch.Rule {
 				if !p.isEcho() {
 					look = append(look, lookup(p.inPort, portReg))
 				}
-				in := exprs(look...)
+				in := nftbatch.Exprs(look...)
 				in = append(in, nftbatch.AddrWrite(f.addrLen, f.daddr, addrReg))
 				if !p.isEcho() {
-					in = append(in, exprs(writePort(p, p.dport, portReg, fix))...)
+					in = append(in, nftbatch.Exprs(writePort(p, p.dport, portReg, fix))...)
 				}
-				in = append(in, exprs(&expr.Verdict{Kind: expr.VerdictAccept})...)
+				in = append(in, nftbatch.Exprs(&expr.Verdict{Kind: expr.VerdictAccept})...)
 				rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: out}, nftbatch.Rule{Chain: "prerouting", Exprs: in})
 			}
 		}
 	}
 	if !d.userspace {
-		rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: exprs(
+		rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: nftbatch.Exprs(
 			&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(StaleMark)},
 			&expr.Counter{},
@@ -864,22 +864,22 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []nftbatch.Rule {
 				&expr.Fib{Register: 1, FlagDADDR: true, ResultADDRTYPE: true},
 				&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)},
 			}
-			rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: exprs(append(append(matchProto(f, p, 0), sockTuple...),
+			rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: nftbatch.Exprs(append(append(matchProto(f, p, 0), sockTuple...),
 				&expr.Lookup{SourceRegister: 8, SetName: p.pass.Name},
 				&expr.Verdict{Kind: expr.VerdictAccept})...)})
 			if p.seen != nil {
 				rules = append(rules,
-					nftbatch.Rule{Chain: "output", Exprs: exprs(append(append(matchProto(f, p, 0), sockTuple...),
+					nftbatch.Rule{Chain: "output", Exprs: nftbatch.Exprs(append(append(matchProto(f, p, 0), sockTuple...),
 						&expr.Lookup{SourceRegister: 8, SetName: p.seen.Name},
 						&expr.Verdict{Kind: expr.VerdictAccept})...)},
 					// Known tuples are refreshed; a new one is learned
 					// within its source's budget.
-					nftbatch.Rule{Chain: "prerouting", Exprs: exprs(append(append(append(matchProto(f, p, 1), toLocal...),
+					nftbatch.Rule{Chain: "prerouting", Exprs: nftbatch.Exprs(append(append(append(matchProto(f, p, 1), toLocal...),
 						loadTuple(f, f.daddr, p.dport, f.saddr, p.sport)...),
 						&expr.Lookup{SourceRegister: 8, SetName: p.seen.Name},
 						&expr.Dynset{SrcRegKey: 8, SetName: p.seen.Name, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: d.seenFor},
 						&expr.Verdict{Kind: expr.VerdictAccept})...)},
-					nftbatch.Rule{Chain: "prerouting", Exprs: exprs(append(append(append(append(matchProto(f, p, 1), toLocal...),
+					nftbatch.Rule{Chain: "prerouting", Exprs: nftbatch.Exprs(append(append(append(append(matchProto(f, p, 1), toLocal...),
 						&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: f.saddr, Len: p.meter.KeyType.Bytes},
 						&expr.Dynset{SrcRegKey: 1, SetName: p.meter.Name, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: meterFor,
 							Exprs: []expr.Any{&expr.Limit{Type: expr.LimitTypePkts, Rate: learnRate, Unit: expr.LimitTimeSecond, Burst: learnBurst}}}),
@@ -887,23 +887,10 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []nftbatch.Rule {
 						&expr.Dynset{SrcRegKey: 8, SetName: p.seen.Name, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: d.seenFor})...)})
 			}
 			rules = append(rules, d.hostMarkRules(f, p)...)
-			rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: exprs(append(matchProto(f, p, 0), &expr.Verdict{Kind: expr.VerdictJump, Chain: filterNew})...)})
+			rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: nftbatch.Exprs(append(matchProto(f, p, 0), &expr.Verdict{Kind: expr.VerdictJump, Chain: filterNew})...)})
 		}
 	}
 	return rules
-}
-
-// exprs marshals library expressions for a hand-built rule.
-func exprs(es ...expr.Any) [][]byte {
-	out := make([][]byte, len(es))
-	for i, e := range es {
-		b, err := expr.Marshal(byte(nftables.TableFamilyINet), e)
-		if err != nil {
-			panic(fmt.Sprintf("marshal %T: %v", e, err)) // a programming error: the expressions are fixed
-		}
-		out[i] = b
-	}
-	return out
 }
 
 // matchProto matches one family's protocol in an inet chain; for ICMP, the

@@ -158,17 +158,17 @@ func (d *Datapath) compile(f Filter, gen int, native bool) compiled {
 				&expr.Dynset{SrcRegKey: 1, SetName: uidOver, Operation: unix.NFT_DYNSET_OP_ADD, Exprs: []expr.Any{&expr.Counter{}}},
 				nftfeat.QueueTo(f.Overflow, 1, native, false, !f.FailClosed),
 			}
-			c.rules = append(c.rules, nftbatch.Rule{Chain: enqueue, Exprs: exprs(budget...)})
+			c.rules = append(c.rules, nftbatch.Rule{Chain: enqueue, Exprs: nftbatch.Exprs(budget...)})
 		}
 		// Counted: what the queue is offered, against what the daemon
 		// receives, shows the kernel's silent fail-open (a full queue).
-		c.rules = append(c.rules, nftbatch.Rule{Chain: enqueue, Exprs: exprs(&expr.Counter{},
+		c.rules = append(c.rules, nftbatch.Rule{Chain: enqueue, Exprs: nftbatch.Exprs(&expr.Counter{},
 			nftfeat.QueueTo(d.first, d.total, native, chain == filterSYN, !f.FailClosed))})
 		// goto, not jump: a return from the enqueue chain goes back to
 		// the output chain, past the filter.
 		verdict := &expr.Verdict{Kind: expr.VerdictGoto, Chain: enqueue}
 		if f.HonorMarks {
-			c.rules = append(c.rules, nftbatch.Rule{Chain: chain, Exprs: exprs(
+			c.rules = append(c.rules, nftbatch.Rule{Chain: chain, Exprs: nftbatch.Exprs(
 				&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
 				&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{0, 0, 0, 0}},
 				verdict)})
@@ -285,7 +285,7 @@ func (d *Datapath) compile(f Filter, gen int, native bool) compiled {
 					} else {
 						m = append(m, &expr.Verdict{Kind: expr.VerdictReturn})
 					}
-					c.rules = append(c.rules, nftbatch.Rule{Chain: chain, Exprs: exprs(m...)})
+					c.rules = append(c.rules, nftbatch.Rule{Chain: chain, Exprs: nftbatch.Exprs(m...)})
 				}
 			}
 		}
