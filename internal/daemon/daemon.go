@@ -49,6 +49,7 @@ import (
 	"github.com/rerouted/rerouted/internal/flow"
 	"github.com/rerouted/rerouted/internal/instance"
 	"github.com/rerouted/rerouted/internal/nftdp"
+	"github.com/rerouted/rerouted/internal/nftdp/prefilter"
 	"github.com/rerouted/rerouted/internal/owner"
 	"github.com/rerouted/rerouted/internal/packet"
 	"github.com/rerouted/rerouted/internal/policy"
@@ -310,7 +311,7 @@ func (d *Daemon) openRouting(ctx context.Context, cfg *policy.Config) error {
 func (d *Daemon) openTable(ctx context.Context, cfg *policy.Config, sweepDiag sockdiag.Sockets) error {
 	var err error
 	nq := uint16(cfg.Daemon.Queues)
-	if d.dp, err = nftdp.Install(cfg.Daemon.Queue, nq, d.shared.Userspace, cfg.Daemon.IdleTimeout, nftdp.FilterOf(cfg)); err != nil {
+	if d.dp, err = nftdp.Install(cfg.Daemon.Queue, nq, d.shared.Userspace, cfg.Daemon.IdleTimeout, prefilter.FilterOf(cfg)); err != nil {
 		return err
 	}
 	if d.dp.DefragErr != nil {
@@ -422,7 +423,7 @@ func (d *Daemon) startServices(ctx context.Context, cfg *policy.Config, sweepDia
 // binding a queue is what makes new connections ours, so "ready" means
 // they are translated, not passed by the queue's bypass. With a per-user
 // budget, one more queue after them: the overflow, where flows over their
-// user's budget wait (nftdp.Filter).
+// user's budget wait (prefilter.Filter).
 func (d *Daemon) startWorkers(ctx context.Context, cfg *policy.Config) error {
 	nq := uint16(cfg.Daemon.Queues)
 	queues := []uint16{}
@@ -430,7 +431,7 @@ func (d *Daemon) startWorkers(ctx context.Context, cfg *policy.Config) error {
 		queues = append(queues, cfg.Daemon.Queue+i)
 	}
 	if cfg.Daemon.NewFlowsPerUID > 0 {
-		queues = append(queues, nftdp.OverflowQueue(cfg))
+		queues = append(queues, prefilter.OverflowQueue(cfg))
 	}
 	for i, num := range queues {
 		wk, q, closeWorker, err := d.newWorker(num, i == int(nq))
@@ -567,8 +568,8 @@ func (d *Daemon) reload() {
 	// filter that queues what either policy concerns, then the policy,
 	// then the new policy's own filter. No packet the new policy
 	// concerns slips past the queue meanwhile.
-	oldFilter, newFilter := nftdp.FilterOf(old), nftdp.FilterOf(cfg)
-	if err := d.dp.SetFilter(nftdp.Union(oldFilter, newFilter)); err != nil {
+	oldFilter, newFilter := prefilter.FilterOf(old), prefilter.FilterOf(cfg)
+	if err := d.dp.SetFilter(prefilter.Union(oldFilter, newFilter)); err != nil {
 		d.errors[errInstall].Add(1)
 		d.log.Error("reload rejected: the kernel refused the new prefilter; the current policy stays in force", "config", cfg.File, "err", err)
 		if err := d.dp.SetFilter(oldFilter); err != nil {

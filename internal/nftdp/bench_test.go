@@ -5,6 +5,7 @@ import (
 
 	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/networld/worldtest"
+	"github.com/rerouted/rerouted/internal/nftdp/prefilter"
 )
 
 // BenchmarkFlowTransaction is one new TCP flow's elements added and removed,
@@ -12,7 +13,7 @@ import (
 func BenchmarkFlowTransaction(b *testing.B) {
 	ns := worldtest.NS(b)
 	var d *Datapath
-	if err := ns.Do(func() (err error) { d, err = Install(0, 1, false, 0, Filter{}); return err }); err != nil {
+	if err := ns.Do(func() (err error) { d, err = Install(0, 1, false, 0, prefilter.Filter{}); return err }); err != nil {
 		b.Fatal(err)
 	}
 	defer d.Remove()

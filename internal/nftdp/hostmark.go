@@ -11,6 +11,7 @@ import (
 	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/nftdp/nftbatch"
 	"github.com/rerouted/rerouted/internal/nftdp/nftfeat"
+	"github.com/rerouted/rerouted/internal/nftdp/prefilter"
 	"golang.org/x/sys/unix"
 )
 
@@ -175,7 +176,7 @@ func (d *Datapath) nativeRules() []nftbatch.Rule {
 		rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: nftbatch.Exprs(append(append(append(matchProto(f, p, 0), tcpFlags(0x17, 0x02)...),
 			loadTuple(f, f.saddr, p.sport, f.daddr, p.dport)...),
 			&expr.Lookup{SourceRegister: 8, SetName: p.in.Name},
-			&expr.Verdict{Kind: expr.VerdictGoto, Chain: enqueueSYN})...)})
+			&expr.Verdict{Kind: expr.VerdictGoto, Chain: prefilter.EnqueueSYN})...)})
 	}
 	return rules
 }

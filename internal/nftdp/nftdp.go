@@ -45,6 +45,7 @@ import (
 	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/nftdp/nftbatch"
 	"github.com/rerouted/rerouted/internal/nftdp/nftfeat"
+	"github.com/rerouted/rerouted/internal/nftdp/prefilter"
 	"github.com/rerouted/rerouted/internal/nlmsg"
 	"golang.org/x/sys/unix"
 )
@@ -121,7 +122,7 @@ type Datapath struct {
 	total        uint16
 	// The prefilter (prefilter.go): the policy it holds, its generation,
 	// its sets, and how many rules each chain has with it.
-	filter      Filter
+	filter      prefilter.Filter
 	gen         int
 	filterSets  []*nftables.Set
 	filterRules []nftbatch.Rule // the prefilter's rules, on its sets
@@ -243,7 +244,7 @@ func (d *Datapath) StaleDrops() (uint64, error) {
 //
 // seen is how long a UDP tuple a peer opened stays known after its last
 // inbound packet (0: two minutes); see flowRules.
-func Install(first, total uint16, userspace bool, seen time.Duration, filter Filter) (*Datapath, error) {
+func Install(first, total uint16, userspace bool, seen time.Duration, filter prefilter.Filter) (*Datapath, error) {
 	if seen <= 0 {
 		seen = 2 * time.Minute
 	}
@@ -403,7 +404,7 @@ func (d *Datapath) Missing() ([]string, error) {
 			missing = append(missing, "set "+s.Name)
 		}
 	}
-	for _, chain := range []string{"output", "prerouting", filterSYN, filterNew, enqueueSYN, enqueueNew} {
+	for _, chain := range []string{"output", "prerouting", prefilter.FilterSYN, prefilter.FilterNew, prefilter.EnqueueSYN, prefilter.EnqueueNew} {
 		rules, err := d.conn.GetRules(d.table, &nftables.Chain{Name: chain, Table: d.table})
 		if err != nil {
 			if errors.Is(err, unix.ENOENT) {
@@ -588,16 +589,16 @@ func (d *Datapath) build() error {
 		Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityRef(OutputPriority), Policy: &policy})
 	c.AddChain(&nftables.Chain{Name: "prerouting", Table: t, Type: nftables.ChainTypeFilter,
 		Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityRef(PreroutingPriority), Policy: &policy})
-	c.AddChain(&nftables.Chain{Name: filterSYN, Table: t})
-	c.AddChain(&nftables.Chain{Name: filterNew, Table: t})
-	c.AddChain(&nftables.Chain{Name: enqueueSYN, Table: t})
-	c.AddChain(&nftables.Chain{Name: enqueueNew, Table: t})
+	c.AddChain(&nftables.Chain{Name: prefilter.FilterSYN, Table: t})
+	c.AddChain(&nftables.Chain{Name: prefilter.FilterNew, Table: t})
+	c.AddChain(&nftables.Chain{Name: prefilter.EnqueueSYN, Table: t})
+	c.AddChain(&nftables.Chain{Name: prefilter.EnqueueNew, Table: t})
 	for _, s := range []*nftables.Set{
-		{Table: t, Name: uidMeter, KeyType: nftables.TypeUID, KeyByteOrder: binaryutil.NativeEndian, Dynamic: true, HasTimeout: true, Timeout: 10 * time.Second, Size: 65536,
+		{Table: t, Name: prefilter.UIDMeter, KeyType: nftables.TypeUID, KeyByteOrder: binaryutil.NativeEndian, Dynamic: true, HasTimeout: true, Timeout: 10 * time.Second, Size: 65536,
 			Comment: "each uid's rate of new connections to the daemon"},
-		{Table: t, Name: uidMeterNew, KeyType: nftables.TypeUID, KeyByteOrder: binaryutil.NativeEndian, Dynamic: true, HasTimeout: true, Timeout: 10 * time.Second, Size: 65536,
+		{Table: t, Name: prefilter.UIDMeterNew, KeyType: nftables.TypeUID, KeyByteOrder: binaryutil.NativeEndian, Dynamic: true, HasTimeout: true, Timeout: 10 * time.Second, Size: 65536,
 			Comment: "each uid's rate of new UDP and echo flows to the daemon"},
-		{Table: t, Name: uidOver, KeyType: nftables.TypeUID, KeyByteOrder: binaryutil.NativeEndian, Dynamic: true, Size: 65536,
+		{Table: t, Name: prefilter.UIDOver, KeyType: nftables.TypeUID, KeyByteOrder: binaryutil.NativeEndian, Dynamic: true, Size: 65536,
 			Comment: "each uid's new flows over its budget, counted"},
 	} {
 		if err := c.AddSet(s, nil); err != nil {
@@ -688,7 +689,7 @@ func (d *Datapath) rules(first, total uint16, native bool) []nftbatch.Rule {
 	rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: nftbatch.Exprs(append([]expr.Any{
 		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{byte(ipproto.TCP)}},
-	}, append(tcpFlags(0x17, 0x02), &expr.Verdict{Kind: expr.VerdictJump, Chain: filterSYN})...)...)})
+	}, append(tcpFlags(0x17, 0x02), &expr.Verdict{Kind: expr.VerdictJump, Chain: prefilter.FilterSYN})...)...)})
 	// ICMP errors (destination unreachable, fragmentation needed or packet
 	// too big, time exceeded, parameter problem) go to the daemon, which
 	// readdresses those that quote a translated flow. They are rare; path
@@ -887,7 +888,7 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []nftbatch.Rule {
 						&expr.Dynset{SrcRegKey: 8, SetName: p.seen.Name, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: d.seenFor})...)})
 			}
 			rules = append(rules, d.hostMarkRules(f, p)...)
-			rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: nftbatch.Exprs(append(matchProto(f, p, 0), &expr.Verdict{Kind: expr.VerdictJump, Chain: filterNew})...)})
+			rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: nftbatch.Exprs(append(matchProto(f, p, 0), &expr.Verdict{Kind: expr.VerdictJump, Chain: prefilter.FilterNew})...)})
 		}
 	}
 	return rules
