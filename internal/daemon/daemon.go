@@ -16,7 +16,8 @@
 //   - the routing watcher (route.Watch) owns an rtnetlink notification
 //     socket; the routing keeper (routing.go) acts on what it sees;
 //   - the control server (package control) answers `rerouted flows` and
-//     `rerouted uplinks`; the metrics server, /metrics (metrics.go).
+//     `rerouted uplinks`; the metrics server, /metrics (package
+//     daemon/metrics).
 //
 // Managed uplinks' routes and rules are installed before anything else and
 // removed after everything else, on their own rtnetlink socket (package
@@ -42,11 +43,13 @@ import (
 	"time"
 
 	"github.com/rerouted/rerouted/internal/control"
+	"github.com/rerouted/rerouted/internal/daemon/metrics"
 	"github.com/rerouted/rerouted/internal/events"
 	"github.com/rerouted/rerouted/internal/filesafety"
 	"github.com/rerouted/rerouted/internal/flow"
 	"github.com/rerouted/rerouted/internal/instance"
 	"github.com/rerouted/rerouted/internal/nftdp"
+	"github.com/rerouted/rerouted/internal/nftdp/prefilter"
 	"github.com/rerouted/rerouted/internal/owner"
 	"github.com/rerouted/rerouted/internal/packet"
 	"github.com/rerouted/rerouted/internal/policy"
@@ -97,7 +100,7 @@ type Daemon struct {
 	// change does.
 	routingChanged chan<- struct{}
 	shared         *packet.Shared // what the packet path shares with the rest
-	metrics        *metrics
+	metrics        *metrics.Metrics
 	resync         atomic.Bool // records of the kernel's decisions were lost: the sweeper reads the maps
 	notify         func(state string)
 	insecure       bool // InsecureConfig
@@ -161,8 +164,10 @@ func newDaemon(o Options) *Daemon {
 	d.shared = &packet.Shared{Config: &d.cfg, Uplinks: &d.uplinks, Balance: &d.balance, Log: d.log, Stats: new(packet.Stats),
 		Userspace: cfg.Daemon.Datapath == "userspace", FailClosed: cfg.Daemon.FailClosed}
 	d.shared.Install = flow.NewInstaller(newFlowKernel(d), d.installFailed)
-	d.metrics = newMetrics(d)
-	d.shared.Decisions, d.shared.Latency = d.metrics.decisions, d.metrics.latency
+	d.metrics = metrics.New(&metrics.Daemon{Log: d.log, Config: &d.cfg, Stats: d.shared.Stats, FailClosed: d.shared.FailClosed,
+		ErrorKinds: errKindNames[:], Errors: d.errors[:], Idle: &d.idle, UDPClosed: &d.udpClosed, Flows: d.flows, Uplinks: &d.uplinks,
+		Steer: &d.steer, Datapath: func() *nftdp.Datapath { return d.dp }})
+	d.shared.Decisions, d.shared.Latency = d.metrics.Decisions, d.metrics.Latency
 	if o.Events != nil {
 		kinds := o.EventKinds
 		if kinds == 0 {
@@ -306,7 +311,7 @@ func (d *Daemon) openRouting(ctx context.Context, cfg *policy.Config) error {
 func (d *Daemon) openTable(ctx context.Context, cfg *policy.Config, sweepDiag sockdiag.Sockets) error {
 	var err error
 	nq := uint16(cfg.Daemon.Queues)
-	if d.dp, err = nftdp.Install(cfg.Daemon.Queue, nq, d.shared.Userspace, cfg.Daemon.IdleTimeout, nftdp.FilterOf(cfg)); err != nil {
+	if d.dp, err = nftdp.Install(cfg.Daemon.Queue, nq, d.shared.Userspace, cfg.Daemon.IdleTimeout, prefilter.FilterOf(cfg)); err != nil {
 		return err
 	}
 	if d.dp.DefragErr != nil {
@@ -400,7 +405,7 @@ func (d *Daemon) startServices(ctx context.Context, cfg *policy.Config, sweepDia
 			return nil
 		})
 		d.wg.Add(1)
-		go func() { defer d.wg.Done(); d.serveMetrics(ctx, ln) }()
+		go func() { defer d.wg.Done(); d.metrics.Serve(ctx, ln, d.log) }()
 	}
 	d.wg.Add(4)
 	go func() { defer d.wg.Done(); d.inst().Run(ctx) }()
@@ -418,7 +423,7 @@ func (d *Daemon) startServices(ctx context.Context, cfg *policy.Config, sweepDia
 // binding a queue is what makes new connections ours, so "ready" means
 // they are translated, not passed by the queue's bypass. With a per-user
 // budget, one more queue after them: the overflow, where flows over their
-// user's budget wait (nftdp.Filter).
+// user's budget wait (prefilter.Filter).
 func (d *Daemon) startWorkers(ctx context.Context, cfg *policy.Config) error {
 	nq := uint16(cfg.Daemon.Queues)
 	queues := []uint16{}
@@ -426,7 +431,7 @@ func (d *Daemon) startWorkers(ctx context.Context, cfg *policy.Config) error {
 		queues = append(queues, cfg.Daemon.Queue+i)
 	}
 	if cfg.Daemon.NewFlowsPerUID > 0 {
-		queues = append(queues, nftdp.OverflowQueue(cfg))
+		queues = append(queues, prefilter.OverflowQueue(cfg))
 	}
 	for i, num := range queues {
 		wk, q, closeWorker, err := d.newWorker(num, i == int(nq))
@@ -563,8 +568,8 @@ func (d *Daemon) reload() {
 	// filter that queues what either policy concerns, then the policy,
 	// then the new policy's own filter. No packet the new policy
 	// concerns slips past the queue meanwhile.
-	oldFilter, newFilter := nftdp.FilterOf(old), nftdp.FilterOf(cfg)
-	if err := d.dp.SetFilter(nftdp.Union(oldFilter, newFilter)); err != nil {
+	oldFilter, newFilter := prefilter.FilterOf(old), prefilter.FilterOf(cfg)
+	if err := d.dp.SetFilter(prefilter.Union(oldFilter, newFilter)); err != nil {
 		d.errors[errInstall].Add(1)
 		d.log.Error("reload rejected: the kernel refused the new prefilter; the current policy stays in force", "config", cfg.File, "err", err)
 		if err := d.dp.SetFilter(oldFilter); err != nil {

@@ -13,6 +13,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/rerouted/rerouted/internal/daemon/metrics"
 	"github.com/rerouted/rerouted/internal/flow"
 	"github.com/rerouted/rerouted/internal/ipproto"
 	"golang.org/x/sys/unix"
@@ -85,7 +86,7 @@ func TestInstallAndRemoveErrorsCounted(t *testing.T) {
 	// As Prometheus scrapes them: the daemon's own counters, served as
 	// /metrics serves its registry.
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(errorCounters(d.shared.Stats, &d.counts)...)
+	reg.MustRegister(metrics.ErrorCounters(d.shared.Stats, errKindNames[:], d.errors[:])...)
 	srv := httptest.NewServer(promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	defer srv.Close()
 	resp, err := http.Get(srv.URL + "/metrics")

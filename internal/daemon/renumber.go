@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net/netip"
 
+	"github.com/rerouted/rerouted/internal/daemon/metrics"
 	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/packet"
 	"github.com/rerouted/rerouted/internal/route"
@@ -40,7 +41,7 @@ func (d *Daemon) moveStale(r *uplink.Routing, diag sockdiag.Sockets, rt *route.C
 		if f.Pass || local[f.NewSrc.Addr()] {
 			continue
 		}
-		name := uplinkName(names, f)
+		name := metrics.UplinkName(names, f)
 		how := "redecided"
 		if f.Proto == ipproto.TCP {
 			how = "reset"
@@ -58,7 +59,7 @@ func (d *Daemon) moveStale(r *uplink.Routing, diag sockdiag.Sockets, rt *route.C
 			}
 		}
 		d.shared.Forget(f)
-		d.metrics.moved.WithLabelValues(name, how).Inc()
+		d.metrics.Moved.WithLabelValues(name, how).Inc()
 		to := netip.Addr{}
 		if how == "redecided" {
 			if r, err := rt.Lookup(f.Dst.Addr(), f.Mark, f.UID, f.Cookie != 0); err == nil {

@@ -94,7 +94,7 @@ func (d *Daemon) repairTableHeld(dmg *nftmon.Damage) {
 	}
 
 	for _, what := range repairKinds(dmg) {
-		d.metrics.repairs.WithLabelValues(what).Inc()
+		d.metrics.Repairs.WithLabelValues(what).Inc()
 	}
 	by := dmg.By
 	if by == "" {

@@ -47,7 +47,7 @@ func (d *Daemon) keepRouting(ctx context.Context, r *uplink.Routing, diag sockdi
 			if strings.HasPrefix(what, "rule ") {
 				kind = "ip_rule"
 			}
-			d.metrics.repairs.WithLabelValues(kind).Inc()
+			d.metrics.Repairs.WithLabelValues(kind).Inc()
 			d.log.Warn("managed uplink routing was removed; put it back", "what", what)
 			delete(waiting, what)
 		}
@@ -78,7 +78,7 @@ func (d *Daemon) keepRouting(ctx context.Context, r *uplink.Routing, diag sockdi
 // uplinkChanged tells of an uplink's transition: a WARNING, the debug
 // stream, the metrics.
 func (d *Daemon) uplinkChanged(st uplink.Status) {
-	d.metrics.transitions.WithLabelValues(st.Uplink, st.Family).Inc()
+	d.metrics.Transitions.WithLabelValues(st.Uplink, st.Family).Inc()
 	d.shared.Events.Uplink(st)
 	if st.Up {
 		d.log.Warn("uplink is up", "uplink", st.Uplink, "family", st.Family)

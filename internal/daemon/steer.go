@@ -1,7 +1,6 @@
 package daemon
 
 import (
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rerouted/rerouted/internal/packet"
 	"github.com/rerouted/rerouted/internal/policy"
 	"github.com/rerouted/rerouted/internal/steer"
@@ -13,7 +12,7 @@ import (
 // startSteering loads and attaches the program, and installs cfg's image.
 func (d *Daemon) startSteering(cfg *policy.Config) error {
 	s, err := steer.Open(cfg, steer.Deps{Datapath: d.dp, States: &d.uplinks, Events: d.shared.Events, Log: d.log,
-		Moved: d.metrics.moved, LookupErrors: &d.shared.Stats.Errors[packet.ErrSocketLookup]})
+		Moved: d.metrics.Moved, LookupErrors: &d.shared.Stats.Errors[packet.ErrSocketLookup]})
 	if err != nil {
 		return err
 	}
@@ -65,16 +64,5 @@ func (d *Daemon) republishSteering() {
 	if err := d.publishSteering(); err != nil {
 		d.errors[errInstall].Add(1)
 		d.log.Error("connect steering: publish uplink states", "err", err)
-	}
-}
-
-// steeringCollector reports the program's counts, when it runs.
-type steeringCollector struct{ d *Daemon }
-
-func (c steeringCollector) Describe(ch chan<- *prometheus.Desc) { ch <- steer.Desc }
-
-func (c steeringCollector) Collect(ch chan<- prometheus.Metric) {
-	if s := c.d.steer.Load(); s != nil {
-		s.Collect(ch)
 	}
 }

@@ -5,6 +5,7 @@ import (
 
 	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/networld/worldtest"
+	"github.com/rerouted/rerouted/internal/nftdp/prefilter"
 )
 
 // BenchmarkFlowTransaction is one new TCP flow's elements added and removed,
@@ -14,7 +15,7 @@ import (
 func BenchmarkFlowTransaction(b *testing.B) {
 	ns := worldtest.NS(b)
 	var d *Datapath
-	if err := ns.Do(func() (err error) { d, err = Install(0, 1, false, 0, Filter{}); return err }); err != nil {
+	if err := ns.Do(func() (err error) { d, err = Install(0, 1, false, 0, prefilter.Filter{}); return err }); err != nil {
 		b.Fatal(err)
 	}
 	defer d.Remove()
@@ -39,7 +40,7 @@ func BenchmarkFlowTransaction(b *testing.B) {
 func TestFlowTransactionAllocs(t *testing.T) {
 	ns := worldtest.NS(t)
 	var d *Datapath
-	if err := ns.Do(func() (err error) { d, err = Install(0, 1, false, 0, Filter{}); return err }); err != nil {
+	if err := ns.Do(func() (err error) { d, err = Install(0, 1, false, 0, prefilter.Filter{}); return err }); err != nil {
 		t.Fatal(err)
 	}
 	defer d.Remove()

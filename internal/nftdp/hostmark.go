@@ -11,6 +11,7 @@ import (
 	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/nftdp/nftbatch"
 	"github.com/rerouted/rerouted/internal/nftdp/nftfeat"
+	"github.com/rerouted/rerouted/internal/nftdp/prefilter"
 	"golang.org/x/sys/unix"
 )
 
@@ -150,7 +151,7 @@ func decideRule(f *family, p *proto, h HostMark) [][]byte {
 		// The socket's address, kept for the replies' element.
 		&expr.Payload{DestRegister: addrReg, Base: expr.PayloadBaseNetworkHeader, Offset: f.saddr, Len: uint32(f.addrLen)},
 		&expr.Immediate{Register: 8, Data: addr})
-	out := exprs(m...)
+	out := nftbatch.Exprs(m...)
 	// The packet gets the uplink's address; then its tuple is the wire's,
 	// which replies are translated back from.
 	out = append(out, nftbatch.AddrWrite(f.addrLen, f.saddr, 8))
@@ -158,20 +159,20 @@ func decideRule(f *family, p *proto, h HostMark) [][]byte {
 	if !p.isEcho() {
 		in = append(in, &expr.Dynset{SrcRegKey: 8, SrcRegData: 8 + regs, SetName: p.inPort.Name, Operation: unix.NFT_DYNSET_OP_ADD})
 	}
-	out = append(out, exprs(in...)...)
+	out = append(out, nftbatch.Exprs(in...)...)
 	// As the translation rules do: the stale-source guard, the MSS of a
 	// SYN, the mark.
-	out = append(out, exprs(
+	out = append(out, nftbatch.Exprs(
 		&expr.Immediate{Register: 1, Data: binaryutil.NativeEndian.PutUint32(StaleMark)},
 		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
 		&expr.Fib{Register: 1, FlagSADDR: true, ResultADDRTYPE: true},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)})...)
 	if p.num == ipproto.TCP && h.MSS != 0 {
-		out = append(out, exprs(
+		out = append(out, nftbatch.Exprs(
 			&expr.Immediate{Register: mssReg, Data: binaryutil.BigEndian.PutUint16(h.MSS)},
 			&expr.Exthdr{Op: expr.ExthdrOpTcpopt, Type: 2, Offset: 2, Len: 2, SourceRegister: mssReg})...)
 	}
-	return append(out, exprs(&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: markReg},
+	return append(out, nftbatch.Exprs(&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: markReg},
 		&expr.Verdict{Kind: expr.VerdictAccept})...)
 }
 
@@ -186,10 +187,10 @@ func (d *Datapath) nativeRules() []nftbatch.Rule {
 	for i := range d.fams {
 		f := &d.fams[i]
 		p := &f.protos[0] // TCP
-		rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: exprs(append(append(append(matchProto(f, p, 0), tcpFlags(0x17, 0x02)...),
+		rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: nftbatch.Exprs(append(append(append(matchProto(f, p, 0), tcpFlags(0x17, 0x02)...),
 			loadTuple(f, f.saddr, p.sport, f.daddr, p.dport)...),
 			&expr.Lookup{SourceRegister: 8, SetName: p.in.Name},
-			&expr.Verdict{Kind: expr.VerdictGoto, Chain: enqueueSYN})...)})
+			&expr.Verdict{Kind: expr.VerdictGoto, Chain: prefilter.EnqueueSYN})...)})
 	}
 	return rules
 }
@@ -206,7 +207,7 @@ func (d *Datapath) takenRules() []nftbatch.Rule {
 	for i := range d.fams {
 		f := &d.fams[i]
 		for _, p := range []*proto{&f.protos[0], &f.protos[1]} { // TCP, UDP
-			rules = append(rules, nftbatch.Rule{Chain: "prerouting", Exprs: exprs(append(append(matchProto(f, p, 1),
+			rules = append(rules, nftbatch.Rule{Chain: "prerouting", Exprs: nftbatch.Exprs(append(append(matchProto(f, p, 1),
 				loadTuple(f, f.daddr, p.dport, f.saddr, p.sport)...),
 				&expr.Lookup{SourceRegister: 8, SetName: p.in.Name},
 				// (A local socket on the tuple that is itself translated

@@ -45,6 +45,7 @@ import (
 	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/nftdp/nftbatch"
 	"github.com/rerouted/rerouted/internal/nftdp/nftfeat"
+	"github.com/rerouted/rerouted/internal/nftdp/prefilter"
 	"github.com/rerouted/rerouted/internal/nlmsg"
 	"golang.org/x/sys/unix"
 )
@@ -121,7 +122,7 @@ type Datapath struct {
 	total        uint16
 	// The prefilter (prefilter.go): the policy it holds, its generation,
 	// its sets, and how many rules each chain has with it.
-	filter      Filter
+	filter      prefilter.Filter
 	gen         int
 	filterSets  []*nftables.Set
 	filterRules []nftbatch.Rule // the prefilter's rules, on its sets
@@ -244,7 +245,7 @@ func (d *Datapath) StaleDrops() (uint64, error) {
 //
 // seen is how long a UDP tuple a peer opened stays known after its last
 // inbound packet (0: two minutes); see flowRules.
-func Install(first, total uint16, userspace bool, seen time.Duration, filter Filter) (*Datapath, error) {
+func Install(first, total uint16, userspace bool, seen time.Duration, filter prefilter.Filter) (*Datapath, error) {
 	if seen <= 0 {
 		seen = 2 * time.Minute
 	}
@@ -404,7 +405,7 @@ func (d *Datapath) Missing() ([]string, error) {
 			missing = append(missing, "set "+s.Name)
 		}
 	}
-	for _, chain := range []string{"output", "prerouting", filterSYN, filterNew, enqueueSYN, enqueueNew} {
+	for _, chain := range []string{"output", "prerouting", prefilter.FilterSYN, prefilter.FilterNew, prefilter.EnqueueSYN, prefilter.EnqueueNew} {
 		rules, err := d.conn.GetRules(d.table, &nftables.Chain{Name: chain, Table: d.table})
 		if err != nil {
 			if errors.Is(err, unix.ENOENT) {
@@ -595,16 +596,16 @@ func (d *Datapath) build() error {
 		Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityRef(OutputPriority), Policy: &policy})
 	c.AddChain(&nftables.Chain{Name: "prerouting", Table: t, Type: nftables.ChainTypeFilter,
 		Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityRef(PreroutingPriority), Policy: &policy})
-	c.AddChain(&nftables.Chain{Name: filterSYN, Table: t})
-	c.AddChain(&nftables.Chain{Name: filterNew, Table: t})
-	c.AddChain(&nftables.Chain{Name: enqueueSYN, Table: t})
-	c.AddChain(&nftables.Chain{Name: enqueueNew, Table: t})
+	c.AddChain(&nftables.Chain{Name: prefilter.FilterSYN, Table: t})
+	c.AddChain(&nftables.Chain{Name: prefilter.FilterNew, Table: t})
+	c.AddChain(&nftables.Chain{Name: prefilter.EnqueueSYN, Table: t})
+	c.AddChain(&nftables.Chain{Name: prefilter.EnqueueNew, Table: t})
 	for _, s := range []*nftables.Set{
-		{Table: t, Name: uidMeter, KeyType: nftables.TypeUID, KeyByteOrder: binaryutil.NativeEndian, Dynamic: true, HasTimeout: true, Timeout: 10 * time.Second, Size: 65536,
+		{Table: t, Name: prefilter.UIDMeter, KeyType: nftables.TypeUID, KeyByteOrder: binaryutil.NativeEndian, Dynamic: true, HasTimeout: true, Timeout: 10 * time.Second, Size: 65536,
 			Comment: "each uid's rate of new connections to the daemon"},
-		{Table: t, Name: uidMeterNew, KeyType: nftables.TypeUID, KeyByteOrder: binaryutil.NativeEndian, Dynamic: true, HasTimeout: true, Timeout: 10 * time.Second, Size: 65536,
+		{Table: t, Name: prefilter.UIDMeterNew, KeyType: nftables.TypeUID, KeyByteOrder: binaryutil.NativeEndian, Dynamic: true, HasTimeout: true, Timeout: 10 * time.Second, Size: 65536,
 			Comment: "each uid's rate of new UDP and echo flows to the daemon"},
-		{Table: t, Name: uidOver, KeyType: nftables.TypeUID, KeyByteOrder: binaryutil.NativeEndian, Dynamic: true, Size: 65536,
+		{Table: t, Name: prefilter.UIDOver, KeyType: nftables.TypeUID, KeyByteOrder: binaryutil.NativeEndian, Dynamic: true, Size: 65536,
 			Comment: "each uid's new flows over its budget, counted"},
 	} {
 		if err := c.AddSet(s, nil); err != nil {
@@ -638,11 +639,11 @@ func (d *Datapath) build() error {
 func (d *Datapath) rules(first, total uint16, native bool) []nftbatch.Rule {
 	// Loopback traffic never leaves the host, and the daemon's health
 	// probes choose their uplink themselves: leave them alone.
-	rules := []nftbatch.Rule{{Chain: "output", Exprs: exprs(
+	rules := []nftbatch.Rule{{Chain: "output", Exprs: nftbatch.Exprs(
 		&expr.Meta{Key: expr.MetaKeyOIFTYPE, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint16(unix.ARPHRD_LOOPBACK)},
 		&expr.Verdict{Kind: expr.VerdictAccept},
-	)}, {Chain: "output", Exprs: exprs(
+	)}, {Chain: "output", Exprs: nftbatch.Exprs(
 		&expr.Meta{Key: expr.MetaKeyPRIORITY, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(ProbePriority)},
 		&expr.Verdict{Kind: expr.VerdictAccept},
@@ -672,14 +673,14 @@ func (d *Datapath) rules(first, total uint16, native bool) []nftbatch.Rule {
 			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
 		}
 		tcp := &f.protos[0]
-		rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: exprs(append(slices.Clone(on),
+		rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: nftbatch.Exprs(append(slices.Clone(on),
 			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{byte(ipproto.TCP)}},
 			&expr.Verdict{Kind: expr.VerdictAccept})...)})
 		if d.userspace {
-			rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: exprs(append(on, &expr.Verdict{Kind: expr.VerdictAccept})...)})
+			rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: nftbatch.Exprs(append(on, &expr.Verdict{Kind: expr.VerdictAccept})...)})
 			continue
 		}
-		rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: exprs(append(append(on,
+		rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: nftbatch.Exprs(append(append(on,
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{byte(ipproto.TCP)}}),
 			append(loadTuple(f, f.saddr, tcp.sport, f.daddr, tcp.dport),
 				&expr.Lookup{SourceRegister: 8, SetName: tcp.out.Name, Invert: true},
@@ -692,10 +693,10 @@ func (d *Datapath) rules(first, total uint16, native bool) []nftbatch.Rule {
 	// Every other SYN, either family, goes to the daemon, translated
 	// flows' retransmissions too: the daemon checks that the socket is
 	// still the one it translated.
-	rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: exprs(append([]expr.Any{
+	rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: nftbatch.Exprs(append([]expr.Any{
 		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{byte(ipproto.TCP)}},
-	}, append(tcpFlags(0x17, 0x02), &expr.Verdict{Kind: expr.VerdictJump, Chain: filterSYN})...)...)})
+	}, append(tcpFlags(0x17, 0x02), &expr.Verdict{Kind: expr.VerdictJump, Chain: prefilter.FilterSYN})...)...)})
 	// ICMP errors (destination unreachable, fragmentation needed or packet
 	// too big, time exceeded, parameter problem) go to the daemon, which
 	// readdresses those that quote a translated flow. They are rare; path
@@ -712,7 +713,7 @@ func (d *Datapath) rules(first, total uint16, native bool) []nftbatch.Rule {
 		{unix.NFPROTO_IPV4, ipproto.ICMP, 11, 12},
 		{unix.NFPROTO_IPV6, ipproto.ICMPv6, 1, 4},
 	} {
-		rules = append(rules, nftbatch.Rule{Chain: "prerouting", Exprs: exprs(
+		rules = append(rules, nftbatch.Rule{Chain: "prerouting", Exprs: nftbatch.Exprs(
 			&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{r.nfproto}},
 			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
@@ -738,7 +739,7 @@ func (d *Datapath) rules(first, total uint16, native bool) []nftbatch.Rule {
 // locally sent datagram larger than the MTU needs nothing: it crosses the
 // output hook whole and is fragmented after the translation.)
 func defragRule() nftbatch.Rule {
-	return nftbatch.Rule{Chain: "prerouting", Exprs: exprs(
+	return nftbatch.Rule{Chain: "prerouting", Exprs: nftbatch.Exprs(
 		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.NFPROTO_IPV4}},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.NFPROTO_IPV6}},
@@ -765,10 +766,10 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []nftbatch.Rule {
 			inKey := loadTuple(f, f.daddr, p.dport, f.saddr, p.sport)
 			if d.userspace {
 				rules = append(rules,
-					nftbatch.Rule{Chain: "output", Exprs: exprs(append(append(matchProto(f, p, 0), outKey...),
+					nftbatch.Rule{Chain: "output", Exprs: nftbatch.Exprs(append(append(matchProto(f, p, 0), outKey...),
 						&expr.Lookup{SourceRegister: 8, SetName: p.out.Name},
 						nftfeat.QueueTo(first, total, native, false, !d.filter.FailClosed))...)},
-					nftbatch.Rule{Chain: "prerouting", Exprs: exprs(append(append(matchProto(f, p, 1), inKey...),
+					nftbatch.Rule{Chain: "prerouting", Exprs: nftbatch.Exprs(append(append(matchProto(f, p, 1), inKey...),
 						&expr.Lookup{SourceRegister: 8, SetName: p.in.Name},
 						nftfeat.QueueTo(first, total, native, false, !d.filter.FailClosed))...)})
 				continue
@@ -810,21 +811,21 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []nftbatch.Rule {
 				if !p.isEcho() {
 					look = append(look, lookup(p.outPort, portReg))
 				}
-				out := exprs(look...)
+				out := nftbatch.Exprs(look...)
 				out = append(out, nftbatch.AddrWrite(f.addrLen, f.saddr, addrReg))
 				// The new source must still be the host's: an address
 				// that went away (renumbering) must not reach the wire.
 				// Such a packet stops here, flagged, and the rule after
 				// the translation rules drops it.
-				out = append(out, exprs(
+				out = append(out, nftbatch.Exprs(
 					&expr.Immediate{Register: 1, Data: binaryutil.NativeEndian.PutUint32(StaleMark)},
 					&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
 					&expr.Fib{Register: 1, FlagSADDR: true, ResultADDRTYPE: true},
 					&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)})...)
 				if !p.isEcho() {
-					out = append(out, exprs(writePort(p, p.sport, portReg, fix))...)
+					out = append(out, nftbatch.Exprs(writePort(p, p.sport, portReg, fix))...)
 				}
-				out = append(out, exprs(&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: markReg},
+				out = append(out, nftbatch.Exprs(&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: markReg},
 					&expr.Verdict{Kind: expr.VerdictAccept})...)
 				// Inbound: reply to the translated tuple -> the socket's
 				// address and port.
@@ -833,18 +834,18 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []nftbatch.Rule {
 				if !p.isEcho() {
 					look = append(look, lookup(p.inPort, portReg))
 				}
-				in := exprs(look...)
+				in := nftbatch.Exprs(look...)
 				in = append(in, nftbatch.AddrWrite(f.addrLen, f.daddr, addrReg))
 				if !p.isEcho() {
-					in = append(in, exprs(writePort(p, p.dport, portReg, fix))...)
+					in = append(in, nftbatch.Exprs(writePort(p, p.dport, portReg, fix))...)
 				}
-				in = append(in, exprs(&expr.Verdict{Kind: expr.VerdictAccept})...)
+				in = append(in, nftbatch.Exprs(&expr.Verdict{Kind: expr.VerdictAccept})...)
 				rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: out}, nftbatch.Rule{Chain: "prerouting", Exprs: in})
 			}
 		}
 	}
 	if !d.userspace {
-		rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: exprs(
+		rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: nftbatch.Exprs(
 			&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(StaleMark)},
 			&expr.Counter{},
@@ -871,22 +872,22 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []nftbatch.Rule {
 				&expr.Fib{Register: 1, FlagDADDR: true, ResultADDRTYPE: true},
 				&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)},
 			}
-			rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: exprs(append(append(matchProto(f, p, 0), sockTuple...),
+			rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: nftbatch.Exprs(append(append(matchProto(f, p, 0), sockTuple...),
 				&expr.Lookup{SourceRegister: 8, SetName: p.pass.Name},
 				&expr.Verdict{Kind: expr.VerdictAccept})...)})
 			if p.seen != nil {
 				rules = append(rules,
-					nftbatch.Rule{Chain: "output", Exprs: exprs(append(append(matchProto(f, p, 0), sockTuple...),
+					nftbatch.Rule{Chain: "output", Exprs: nftbatch.Exprs(append(append(matchProto(f, p, 0), sockTuple...),
 						&expr.Lookup{SourceRegister: 8, SetName: p.seen.Name},
 						&expr.Verdict{Kind: expr.VerdictAccept})...)},
 					// Known tuples are refreshed; a new one is learned
 					// within its source's budget.
-					nftbatch.Rule{Chain: "prerouting", Exprs: exprs(append(append(append(matchProto(f, p, 1), toLocal...),
+					nftbatch.Rule{Chain: "prerouting", Exprs: nftbatch.Exprs(append(append(append(matchProto(f, p, 1), toLocal...),
 						loadTuple(f, f.daddr, p.dport, f.saddr, p.sport)...),
 						&expr.Lookup{SourceRegister: 8, SetName: p.seen.Name},
 						&expr.Dynset{SrcRegKey: 8, SetName: p.seen.Name, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: d.seenFor},
 						&expr.Verdict{Kind: expr.VerdictAccept})...)},
-					nftbatch.Rule{Chain: "prerouting", Exprs: exprs(append(append(append(append(matchProto(f, p, 1), toLocal...),
+					nftbatch.Rule{Chain: "prerouting", Exprs: nftbatch.Exprs(append(append(append(append(matchProto(f, p, 1), toLocal...),
 						&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: f.saddr, Len: p.meter.KeyType.Bytes},
 						&expr.Dynset{SrcRegKey: 1, SetName: p.meter.Name, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: meterFor,
 							Exprs: []expr.Any{&expr.Limit{Type: expr.LimitTypePkts, Rate: learnRate, Unit: expr.LimitTimeSecond, Burst: learnBurst}}}),
@@ -894,23 +895,10 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []nftbatch.Rule {
 						&expr.Dynset{SrcRegKey: 8, SetName: p.seen.Name, Operation: unix.NFT_DYNSET_OP_UPDATE, Timeout: d.seenFor})...)})
 			}
 			rules = append(rules, d.hostMarkRules(f, p)...)
-			rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: exprs(append(matchProto(f, p, 0), &expr.Verdict{Kind: expr.VerdictJump, Chain: filterNew})...)})
+			rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: nftbatch.Exprs(append(matchProto(f, p, 0), &expr.Verdict{Kind: expr.VerdictJump, Chain: prefilter.FilterNew})...)})
 		}
 	}
 	return rules
-}
-
-// exprs marshals library expressions for a hand-built rule.
-func exprs(es ...expr.Any) [][]byte {
-	out := make([][]byte, len(es))
-	for i, e := range es {
-		b, err := expr.Marshal(byte(nftables.TableFamilyINet), e)
-		if err != nil {
-			panic(fmt.Sprintf("marshal %T: %v", e, err)) // a programming error: the expressions are fixed
-		}
-		out[i] = b
-	}
-	return out
 }
 
 // matchProto matches one family's protocol in an inet chain; for ICMP, the

@@ -9,6 +9,7 @@ import (
 
 	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/networld/worldtest"
+	"github.com/rerouted/rerouted/internal/nftdp/prefilter"
 )
 
 func TestInstallAddDeleteRemove(t *testing.T) {
@@ -19,7 +20,7 @@ func TestInstallAddDeleteRemove(t *testing.T) {
 	}
 
 	var d *Datapath
-	if err := ns.Do(func() (err error) { d, err = Install(7, 2, false, 0, Filter{HonorMarks: true}); return err }); err != nil {
+	if err := ns.Do(func() (err error) { d, err = Install(7, 2, false, 0, prefilter.Filter{HonorMarks: true}); return err }); err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("queue method: %s", d.QueueMethod)
@@ -106,7 +107,7 @@ func TestInstallAddDeleteRemove(t *testing.T) {
 	// its rules are replaced (here: one queue instead of two).
 	d.Close()
 	var d2 *Datapath
-	if err := ns.Do(func() (err error) { d2, err = Install(7, 1, false, 0, Filter{HonorMarks: true}); return err }); err != nil {
+	if err := ns.Do(func() (err error) { d2, err = Install(7, 1, false, 0, prefilter.Filter{HonorMarks: true}); return err }); err != nil {
 		t.Fatal(err)
 	}
 	if !d2.Adopted || d2.Replaced {
@@ -122,7 +123,7 @@ func TestInstallAddDeleteRemove(t *testing.T) {
 	// replaces the table.
 	d2.Close()
 	var d3 *Datapath
-	if err := ns.Do(func() (err error) { d3, err = Install(7, 1, true, 0, Filter{HonorMarks: true}); return err }); err != nil {
+	if err := ns.Do(func() (err error) { d3, err = Install(7, 1, true, 0, prefilter.Filter{HonorMarks: true}); return err }); err != nil {
 		t.Fatal(err)
 	}
 	if !d3.Replaced || d3.Adopted {
@@ -150,7 +151,7 @@ func sortEntries(es []Entry) {
 func TestUserspaceSets(t *testing.T) {
 	ns := worldtest.NS(t)
 	var d *Datapath
-	if err := ns.Do(func() (err error) { d, err = Install(0, 1, true, 0, Filter{HonorMarks: true}); return err }); err != nil {
+	if err := ns.Do(func() (err error) { d, err = Install(0, 1, true, 0, prefilter.Filter{HonorMarks: true}); return err }); err != nil {
 		t.Fatal(err)
 	}
 	defer d.Remove()
@@ -194,7 +195,7 @@ func TestUserspaceSets(t *testing.T) {
 func TestDatagramEntries(t *testing.T) {
 	ns := worldtest.NS(t)
 	var d *Datapath
-	if err := ns.Do(func() (err error) { d, err = Install(0, 1, false, 0, Filter{HonorMarks: true}); return err }); err != nil {
+	if err := ns.Do(func() (err error) { d, err = Install(0, 1, false, 0, prefilter.Filter{HonorMarks: true}); return err }); err != nil {
 		t.Fatal(err)
 	}
 	defer d.Remove()

@@ -54,19 +54,6 @@ process = "crawler"
 	}
 }
 
-// Overlapping, nested and adjacent prefixes become disjoint ranges that
-// cover exactly the same addresses.
-func TestKernelAddrsMerge(t *testing.T) {
-	s := &prefixSet{}
-	for _, p := range []string{"10.0.0.0/24", "10.0.0.128/25", "10.0.1.0/24", "10.0.3.0/24", "255.255.255.255/32", "255.255.255.0/24"} {
-		s.add(netip.MustParsePrefix(p))
-	}
-	got := fmt.Sprint(kernelAddrs(s).Ranges[0])
-	if want := "[{10.0.0.0 10.0.1.255} {10.0.3.0 10.0.3.255} {255.255.255.0 255.255.255.255}]"; got != want {
-		t.Errorf("ranges %s, want %s", got, want)
-	}
-}
-
 func TestPrefiltered(t *testing.T) {
 	cfg, err := Parse("t.toml", []byte(`
 [[uplink]]

@@ -12,6 +12,7 @@ import (
 
 	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/owner"
+	"github.com/rerouted/rerouted/internal/policy/prefixset"
 )
 
 // Rule is one [[rule]]: conditions that must all hold, and an action.
@@ -206,7 +207,7 @@ type cond struct {
 	// value describes the flow's value for this key, for explanations.
 	value func(f *Flow) string
 	// kv is the key's values, typed, for the kernel's prefilter
-	// (KernelRule): []ipproto.Proto protocols, *prefixSet, []PortRange or
+	// (KernelRule): []ipproto.Proto protocols, *prefixset.Set, []PortRange or
 	// []uint32 ids.
 	kv any
 }
@@ -263,10 +264,10 @@ func protocol(p ipproto.Proto) ipproto.Proto {
 	return p
 }
 
-func condDst(s *prefixSet) cond {
+func condDst(s *prefixset.Set) cond {
 	return cond{key: "dst", kv: s, list: s.String(), value: func(f *Flow) string { return f.Dst.Addr().String() },
-		in:   func(f *Flow) string { return s.in(f.Dst.Addr().Unmap()) },
-		test: func(f *Flow) (bool, bool) { return s.contains(f.Dst.Addr().Unmap()), true }}
+		in:   func(f *Flow) string { return s.In(f.Dst.Addr().Unmap()) },
+		test: func(f *Flow) (bool, bool) { return s.Contains(f.Dst.Addr().Unmap()), true }}
 }
 
 func condDport(rs []PortRange) cond {

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/rerouted/rerouted/internal/ipproto"
+	"github.com/rerouted/rerouted/internal/policy/prefixset"
 )
 
 // ruleDraft is a [[rule]] as its keys are decoded: the rule, and the ids
@@ -161,7 +162,7 @@ func ruleMark(p *parser, d *ruleDraft, k, kp string, v any) (cond, bool) {
 
 // ruleDst goes straight into the trie: no second copy of a long list.
 func ruleDst(p *parser, d *ruleDraft, k, kp string, v any) (cond, bool) {
-	set := &prefixSet{}
+	set := &prefixset.Set{}
 	for _, s := range p.strings(kp, v) {
 		pfx, err := netip.ParsePrefix(s)
 		if err != nil {
@@ -176,7 +177,7 @@ func ruleDst(p *parser, d *ruleDraft, k, kp string, v any) (cond, bool) {
 			p.errorf(kp, "%s %q has host bits set (did you mean %s?)", k, s, pfx.Masked())
 			continue
 		}
-		set.add(pfx)
+		set.Add(pfx)
 	}
 	return condDst(set), true
 }

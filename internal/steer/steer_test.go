@@ -23,6 +23,7 @@ import (
 	"github.com/rerouted/rerouted/internal/events"
 	"github.com/rerouted/rerouted/internal/networld/worldtest"
 	"github.com/rerouted/rerouted/internal/nftdp"
+	"github.com/rerouted/rerouted/internal/nftdp/prefilter"
 	"github.com/rerouted/rerouted/internal/owner"
 	"github.com/rerouted/rerouted/internal/policy"
 	"github.com/rerouted/rerouted/internal/testenv"
@@ -105,7 +106,7 @@ func TestSteeringLifecycle(t *testing.T) {
 		if st, _ := states.Get(100, false); !st.Up || st.Src != netip.MustParseAddr("10.1.0.2") {
 			t.Errorf("isp-b's IPv4 state %+v: want up, source 10.1.0.2", st)
 		}
-		dp, err := nftdp.Install(7, 1, false, 0, nftdp.FilterOf(cfg))
+		dp, err := nftdp.Install(7, 1, false, 0, prefilter.FilterOf(cfg))
 		if err != nil {
 			return err
 		}

@@ -15,6 +15,7 @@ import (
 	"fmt"
 
 	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
 	"github.com/google/nftables/userdata"
 	"github.com/rerouted/rerouted/internal/nlmsg"
 	"golang.org/x/sys/unix"
@@ -120,6 +121,19 @@ func (w *Writer) End() (b []byte, last uint32) {
 type Rule struct {
 	Chain string
 	Exprs [][]byte // each an expression's NFTA_EXPR_NAME and NFTA_EXPR_DATA
+}
+
+// Exprs marshals library expressions for a hand-built rule (Rule.Exprs).
+func Exprs(es ...expr.Any) [][]byte {
+	out := make([][]byte, len(es))
+	for i, e := range es {
+		b, err := expr.Marshal(byte(nftables.TableFamilyINet), e)
+		if err != nil {
+			panic(fmt.Sprintf("marshal %T: %v", e, err)) // a programming error: the expressions are fixed
+		}
+		out[i] = b
+	}
+	return out
 }
 
 // Rules is the batch that empties the chains flush names and appends

@@ -1,10 +1,16 @@
-package daemon
+// Package metrics is the daemon's Prometheus metrics (/metrics): the
+// counters the packet path and the daemon keep, read at scrape time; the
+// flow table, the uplinks' states, the kernel's queue and per-user counts,
+// read at scrape time; and the decisions, repairs, moves and uplink
+// transitions, counted as they happen.
+package metrics
 
 import (
 	"bufio"
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -17,68 +23,89 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/rerouted/rerouted/internal/flow"
+	"github.com/rerouted/rerouted/internal/nftdp"
 	"github.com/rerouted/rerouted/internal/packet"
+	"github.com/rerouted/rerouted/internal/policy"
+	"github.com/rerouted/rerouted/internal/steer"
+	"github.com/rerouted/rerouted/internal/uplink"
 )
 
-// metrics are the daemon's Prometheus metrics. Counters the packet path
+// Metrics are the daemon's Prometheus metrics. Counters the packet path
 // already keeps (stats) are read at scrape time; flows are counted from the
 // table at scrape time; decisions are counted and timed as they happen.
-type metrics struct {
+type Metrics struct {
 	reg         *prometheus.Registry
-	decisions   *prometheus.CounterVec // by rule
-	latency     prometheus.Histogram   // first packet in, verdict decided
-	repairs     *prometheus.CounterVec // by what was put back
-	moved       *prometheus.CounterVec // flows whose source address went away, by uplink and how
-	transitions *prometheus.CounterVec // uplink state changes
+	Decisions   *prometheus.CounterVec // by rule
+	Latency     prometheus.Histogram   // first packet in, verdict decided
+	Repairs     *prometheus.CounterVec // by what was put back
+	Moved       *prometheus.CounterVec // flows whose source address went away, by uplink and how
+	Transitions *prometheus.CounterVec // uplink state changes
 }
 
-func newMetrics(d *Daemon) *metrics {
-	m := &metrics{
+// Daemon is what the metrics read of the daemon at scrape time.
+type Daemon struct {
+	Log        *slog.Logger
+	Config     *atomic.Pointer[policy.Config]
+	Stats      *packet.Stats // the packet path's counts
+	FailClosed bool
+	// ErrorKinds names the daemon's own errors, counted in Errors.
+	ErrorKinds      []string
+	Errors          []atomic.Uint64
+	Idle, UDPClosed *atomic.Uint64
+	Flows           func() *flow.Table
+	Uplinks         *uplink.States
+	Steer           *atomic.Pointer[steer.Steering] // holds nil when steering is off
+	Datapath        func() *nftdp.Datapath          // once the table is open
+}
+
+// New registers the metrics of d.
+func New(d *Daemon) *Metrics {
+	m := &Metrics{
 		reg: prometheus.NewRegistry(),
 		// rule: the rule's name, "host mark", or "none" (the normal route).
-		decisions: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rerouted_decisions_total",
+		Decisions: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rerouted_decisions_total",
 			Help: "New flows decided, by the rule that decided them."}, []string{"rule"}),
 		// Its decision: the socket, the owner, the policy, the route, the port.
-		latency: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "rerouted_decision_seconds",
+		Latency: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "rerouted_decision_seconds",
 			Help:    "Time from a new flow's first packet at the daemon to its decision.",
 			Buckets: prometheus.ExponentialBuckets(5e-6, 2.5, 12)}),
 		// what: of the nft table, table, chain, set, rule, element, foreign
 		// or check; of managed routing, route or ip_rule.
-		repairs: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rerouted_repairs_total",
+		Repairs: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rerouted_repairs_total",
 			Help: "Repairs of rerouted's table or routing after another program changed it."}, []string{"what"}),
 		// how: redecided (UDP and ping flows, with the uplink's new
 		// address), reset (TCP connections), removed (with reset_tcp =
 		// false, or a socket that cannot be reset: the translation only).
-		moved: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rerouted_flows_moved_total",
+		Moved: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rerouted_flows_moved_total",
 			Help: "Flows whose source address went away, by uplink and how they moved."}, []string{"uplink", "how"}),
-		transitions: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rerouted_uplink_transitions_total",
+		Transitions: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rerouted_uplink_transitions_total",
 			Help: "Uplink state changes (up to down or back), by uplink and family."}, []string{"uplink", "family"}),
 	}
 	m.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		m.decisions, m.latency, m.repairs, m.moved, m.transitions, &uplinkCollector{d: d}, &budgetCollector{d: d}, &flowCollector{d: d}, &queueCollector{d: d}, steeringCollector{d: d})
+		m.Decisions, m.Latency, m.Repairs, m.Moved, m.Transitions, &uplinkCollector{d: d}, &budgetCollector{d: d}, &flowCollector{d: d}, &queueCollector{d: d}, steeringCollector{d: d})
 	for _, c := range []struct {
 		name, help string
 		v          func() uint64
 	}{
-		{"rerouted_syns_total", "TCP SYNs decided.", d.shared.Stats.SYNs.Load},
-		{"rerouted_datagram_flows_total", "UDP and echo flows decided.", d.shared.Stats.Datagrams.Load},
-		{"rerouted_translated_total", "New flows translated.", d.shared.Stats.Translated.Load},
+		{"rerouted_syns_total", "TCP SYNs decided.", d.Stats.SYNs.Load},
+		{"rerouted_datagram_flows_total", "UDP and echo flows decided.", d.Stats.Datagrams.Load},
+		{"rerouted_translated_total", "New flows translated.", d.Stats.Translated.Load},
 		// Sent on raw sockets (traceroute -T, SYN scans): decided by the
 		// rules without owner keys; their flows end by idleness.
-		{"rerouted_raw_syns_total", "SYNs no TCP socket owns (raw sockets).", d.shared.Stats.RawSYNs.Load},
-		{"rerouted_retransmitted_syns_total", "Retransmitted SYNs of translated flows.", d.shared.Stats.Retrans.Load},
-		{"rerouted_dropped_packets_total", "Packets the daemon dropped (their sockets retry).", d.shared.Stats.Dropped.Load},
+		{"rerouted_raw_syns_total", "SYNs no TCP socket owns (raw sockets).", d.Stats.RawSYNs.Load},
+		{"rerouted_retransmitted_syns_total", "Retransmitted SYNs of translated flows.", d.Stats.Retrans.Load},
+		{"rerouted_dropped_packets_total", "Packets the daemon dropped (their sockets retry).", d.Stats.Dropped.Load},
 		// A service's socket: unconnected, bound outside the ephemeral ports.
-		{"rerouted_service_datagram_flows_total", "UDP flows from a local service's socket, decided by owner rules only.", d.shared.Stats.Service.Load},
-		{"rerouted_refused_total", "New flows refused: every uplink of their rule was down (on_down = \"drop\").", d.shared.Stats.Refused.Load},
-		{"rerouted_icmp_errors_readdressed_total", "ICMP errors readdressed to a translated flow's socket.", d.shared.Stats.ICMPErrors.Load},
-		{"rerouted_udp_socket_closed_total", "UDP flows ended as the kernel announced their socket's end.", d.udpClosed.Load},
-		{"rerouted_idle_ended_total", "UDP and echo flows ended by idleness.", d.idle.Load},
-		{"rerouted_forwarded_packets_total", "Userspace datapath: packets rewritten after the first.", d.shared.Stats.Forwarded.Load},
-		{"rerouted_forwarded_bytes_total", "Userspace datapath: their bytes.", d.shared.Stats.Bytes.Load},
+		{"rerouted_service_datagram_flows_total", "UDP flows from a local service's socket, decided by owner rules only.", d.Stats.Service.Load},
+		{"rerouted_refused_total", "New flows refused: every uplink of their rule was down (on_down = \"drop\").", d.Stats.Refused.Load},
+		{"rerouted_icmp_errors_readdressed_total", "ICMP errors readdressed to a translated flow's socket.", d.Stats.ICMPErrors.Load},
+		{"rerouted_udp_socket_closed_total", "UDP flows ended as the kernel announced their socket's end.", d.UDPClosed.Load},
+		{"rerouted_idle_ended_total", "UDP and echo flows ended by idleness.", d.Idle.Load},
+		{"rerouted_forwarded_packets_total", "Userspace datapath: packets rewritten after the first.", d.Stats.Forwarded.Load},
+		{"rerouted_forwarded_bytes_total", "Userspace datapath: their bytes.", d.Stats.Bytes.Load},
 		// Each is a new generation of the host's ruleset, which restarts an
 		// nft listing in progress.
-		{"rerouted_flow_transactions_total", "nftables transactions that installed or removed flows' elements.", func() uint64 { return d.dp.Transactions() }},
+		{"rerouted_flow_transactions_total", "nftables transactions that installed or removed flows' elements.", func() uint64 { return d.Datapath().Transactions() }},
 	} {
 		v := c.v
 		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: c.name, Help: c.help}, func() float64 { return float64(v()) }))
@@ -87,14 +114,14 @@ func newMetrics(d *Daemon) *metrics {
 	m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "rerouted_stale_source_drops_total",
 		Help: "Translated packets the kernel dropped: their new source is no longer the host's."},
 		func() float64 {
-			n, err := d.dp.StaleDrops()
+			n, err := d.Datapath().StaleDrops()
 			if err != nil {
-				d.log.Error("metrics: read the stale-source counter", "err", err)
+				d.Log.Error("metrics: read the stale-source counter", "err", err)
 			}
 			return float64(n)
 		}))
 	mode := "open"
-	if d.shared.FailClosed {
+	if d.FailClosed {
 		mode = "closed"
 	}
 	for r := packet.FailReason(0); r < packet.FailReasons; r++ {
@@ -105,32 +132,32 @@ func newMetrics(d *Daemon) *metrics {
 		}
 		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help,
 			ConstLabels: prometheus.Labels{"reason": packet.FailReasonNames[r]}},
-			func() float64 { return float64(d.shared.Stats.Failed[r].Load()) }))
+			func() float64 { return float64(d.Stats.Failed[r].Load()) }))
 	}
 	// The kernel fails open silently when the queue (or the socket's
 	// buffer) is full: what the prefilter offered the queue and the
 	// daemon never received. Exact when no burst is in flight; latched so
 	// that it never goes down.
 	queueFullName := "rerouted_failed_open_total"
-	if d.shared.FailClosed {
+	if d.FailClosed {
 		queueFullName = "rerouted_failed_closed_total"
 	}
 	m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: queueFullName,
 		Help: "New flows the policy concerns that could not be decided as it says, by reason.", ConstLabels: prometheus.Labels{"reason": "queue_full"}},
 		func() float64 {
-			offered, err := d.dp.Offered()
+			offered, err := d.Datapath().Offered()
 			if err != nil {
-				d.log.Error("metrics: read the queue rules' counters", "err", err)
+				d.Log.Error("metrics: read the queue rules' counters", "err", err)
 			}
-			if got := d.shared.Stats.Received.Load(); offered > got {
+			if got := d.Stats.Received.Load(); offered > got {
 				for {
-					old := d.shared.Stats.QueueFull.Load()
-					if offered-got <= old || d.shared.Stats.QueueFull.CompareAndSwap(old, offered-got) {
+					old := d.Stats.QueueFull.Load()
+					if offered-got <= old || d.Stats.QueueFull.CompareAndSwap(old, offered-got) {
 						break
 					}
 				}
 			}
-			return float64(d.shared.Stats.QueueFull.Load())
+			return float64(d.Stats.QueueFull.Load())
 		}))
 	// New flows by who decided them: the kernel's rules (host marks),
 	// the daemon (at the queue), the connect-time program.
@@ -138,10 +165,10 @@ func newMetrics(d *Daemon) *metrics {
 		by string
 		v  func() uint64
 	}{
-		{"kernel", d.shared.Stats.KernelDecided.Load},
-		{"daemon", d.shared.Stats.Translated.Load},
+		{"kernel", d.Stats.KernelDecided.Load},
+		{"daemon", d.Stats.Translated.Load},
 		{"connect", func() uint64 {
-			if s := d.steer.Load(); s != nil {
+			if s := d.Steer.Load(); s != nil {
 				return s.Steered()
 			}
 			return 0
@@ -154,18 +181,19 @@ func newMetrics(d *Daemon) *metrics {
 	for r := packet.ExceptionReason(0); r < packet.ExceptionReasons; r++ {
 		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "rerouted_kernel_exceptions_total",
 			Help: "Host-marked first packets the kernel left to the daemon, by reason.", ConstLabels: prometheus.Labels{"reason": packet.ExceptionReasonNames[r]}},
-			func() float64 { return float64(d.shared.Stats.Exceptions[r].Load()) }))
+			func() float64 { return float64(d.Stats.Exceptions[r].Load()) }))
 	}
 	m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "rerouted_kernel_moved_total",
 		Help: "Kernel-decided flows moved to another port: a socket owned their wire tuple."},
-		func() float64 { return float64(d.shared.Stats.Moved.Load()) }))
-	m.reg.MustRegister(errorCounters(d.shared.Stats, &d.counts)...)
+		func() float64 { return float64(d.Stats.Moved.Load()) }))
+	m.reg.MustRegister(ErrorCounters(d.Stats, d.ErrorKinds, d.Errors)...)
 	return m
 }
 
-// errorCounters are rerouted_errors_total, one per kind, read at scrape
-// time: the packet path's kinds from stats, the daemon's own from c.
-func errorCounters(stats *packet.Stats, c *counts) []prometheus.Collector {
+// ErrorCounters are rerouted_errors_total, one per kind, read at scrape
+// time: the packet path's kinds from stats, then the daemon's own, named
+// by kinds and counted in counts.
+func ErrorCounters(stats *packet.Stats, kinds []string, counts []atomic.Uint64) []prometheus.Collector {
 	var cs []prometheus.Collector
 	counter := func(kind string, n *atomic.Uint64) {
 		cs = append(cs, prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "rerouted_errors_total",
@@ -175,29 +203,29 @@ func errorCounters(stats *packet.Stats, c *counts) []prometheus.Collector {
 	for k := packet.ErrKind(0); k < packet.ErrKinds; k++ {
 		counter(packet.ErrKindNames[k], &stats.Errors[k])
 	}
-	for k := errKind(0); k < errKinds; k++ {
-		counter(errKindNames[k], &c.errors[k])
+	for k := range counts {
+		counter(kinds[k], &counts[k])
 	}
 	return cs
 }
 
-// serveMetrics serves /metrics on addr until ctx is done.
-func (d *Daemon) serveMetrics(ctx context.Context, ln net.Listener) {
+// Serve serves /metrics on ln until ctx is done.
+func (m *Metrics) Serve(ctx context.Context, ln net.Listener, log *slog.Logger) {
 	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(d.metrics.reg, promhttp.HandlerOpts{ErrorLog: slogPrinter{d}}))
+	mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{ErrorLog: slogPrinter{log}}))
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go func() {
 		<-ctx.Done()
 		srv.Close()
 	}()
 	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		d.log.Error("metrics server", "err", err)
+		log.Error("metrics server", "err", err)
 	}
 }
 
-type slogPrinter struct{ d *Daemon }
+type slogPrinter struct{ log *slog.Logger }
 
-func (p slogPrinter) Println(v ...any) { p.d.log.Error("metrics", "err", fmt.Sprint(v...)) }
+func (p slogPrinter) Println(v ...any) { p.log.Error("metrics", "err", fmt.Sprint(v...)) }
 
 var (
 	flowsDesc  = prometheus.NewDesc("rerouted_flows", "Translated flows, by uplink and protocol.", []string{"uplink", "proto"}, nil)
@@ -211,17 +239,17 @@ func (c *flowCollector) Describe(ch chan<- *prometheus.Desc) { ch <- flowsDesc; 
 
 func (c *flowCollector) Collect(ch chan<- prometheus.Metric) {
 	names := map[uint32]string{}
-	for _, u := range c.d.cfg.Load().Uplinks {
+	for _, u := range c.d.Config.Load().Uplinks {
 		names[u.Mark] = u.Name
 	}
 	type key struct{ uplink, proto string }
 	flows, passes := map[key]int{}, map[string]int{}
-	for _, f := range c.d.flows().Snapshot() {
+	for _, f := range c.d.Flows().Snapshot() {
 		if f.Pass {
 			passes[f.Proto.String()]++
 			continue
 		}
-		flows[key{uplinkName(names, f), f.Proto.String()}]++
+		flows[key{UplinkName(names, f), f.Proto.String()}]++
 	}
 	for k, n := range flows {
 		ch <- prometheus.MustNewConstMetric(flowsDesc, prometheus.GaugeValue, float64(n), k.uplink, k.proto)
@@ -231,7 +259,9 @@ func (c *flowCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
-func uplinkName(names map[uint32]string, f *flow.Flow) string {
+// UplinkName is f's uplink label: the name of the uplink whose mark it
+// carries (names, by mark), "default", or "mark-N".
+func UplinkName(names map[uint32]string, f *flow.Flow) string {
 	if n, ok := names[f.Mark]; ok {
 		return n
 	}
@@ -263,7 +293,7 @@ func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
 		return
 	}
 	defer f.Close()
-	dc := c.d.cfg.Load().Daemon
+	dc := c.d.Config.Load().Daemon
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
 		// queue peer_portid queue_total copy_mode copy_range queue_dropped user_dropped id_sequence 1
@@ -298,7 +328,7 @@ func (c *uplinkCollector) Describe(ch chan<- *prometheus.Desc) {
 }
 
 func (c *uplinkCollector) Collect(ch chan<- prometheus.Metric) {
-	for _, st := range c.d.uplinks.List() {
+	for _, st := range c.d.Uplinks.List() {
 		v := 0.0
 		if st.Up {
 			v = 1
@@ -321,12 +351,23 @@ type budgetCollector struct{ d *Daemon }
 func (c *budgetCollector) Describe(ch chan<- *prometheus.Desc) { ch <- overBudgetDesc }
 
 func (c *budgetCollector) Collect(ch chan<- prometheus.Metric) {
-	over, err := c.d.dp.OverBudget()
+	over, err := c.d.Datapath().OverBudget()
 	if err != nil {
-		c.d.log.Error("metrics: read the per-user budget's counts", "err", err)
+		c.d.Log.Error("metrics: read the per-user budget's counts", "err", err)
 		return
 	}
 	for uid, n := range over {
 		ch <- prometheus.MustNewConstMetric(overBudgetDesc, prometheus.CounterValue, float64(n), strconv.FormatUint(uint64(uid), 10))
+	}
+}
+
+// steeringCollector reports the program's counts, when it runs.
+type steeringCollector struct{ d *Daemon }
+
+func (c steeringCollector) Describe(ch chan<- *prometheus.Desc) { ch <- steer.Desc }
+
+func (c steeringCollector) Collect(ch chan<- prometheus.Metric) {
+	if s := c.d.Steer.Load(); s != nil {
+		s.Collect(ch)
 	}
 }
