@@ -189,7 +189,9 @@ func (d *Datapath) nativeRules() []nftbatch.Rule {
 		p := &f.protos[0] // TCP
 		rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: nftbatch.Exprs(append(append(append(matchProto(f, p, 0), tcpFlags(0x17, 0x02)...),
 			loadTuple(f, f.saddr, p.sport, f.daddr, p.dport)...),
-			&expr.Lookup{SourceRegister: 8, SetName: p.in.Name},
+			// (A map's key is looked up into a register: Linux 5.10
+			// refuses a lookup in a map without one.)
+			&expr.Lookup{SourceRegister: 8, SetName: p.in.Name, DestRegister: 12 + 2*uint32(f.addrLen/4), IsDestRegSet: true},
 			&expr.Verdict{Kind: expr.VerdictGoto, Chain: prefilter.EnqueueSYN})...)})
 	}
 	return rules
@@ -209,7 +211,7 @@ func (d *Datapath) takenRules() []nftbatch.Rule {
 		for _, p := range []*proto{&f.protos[0], &f.protos[1]} { // TCP, UDP
 			rules = append(rules, nftbatch.Rule{Chain: "prerouting", Exprs: nftbatch.Exprs(append(append(matchProto(f, p, 1),
 				loadTuple(f, f.daddr, p.dport, f.saddr, p.sport)...),
-				&expr.Lookup{SourceRegister: 8, SetName: p.in.Name},
+				&expr.Lookup{SourceRegister: 8, SetName: p.in.Name, DestRegister: 12 + 2*uint32(f.addrLen/4), IsDestRegSet: true},
 				// (A local socket on the tuple that is itself translated
 				// elsewhere owns nothing here.)
 				&expr.Lookup{SourceRegister: 8, SetName: p.out.Name, Invert: true},

@@ -656,8 +656,10 @@ func (d *Datapath) rules(first, total uint16, native bool) []nftbatch.Rule {
 	for _, h := range d.hostMarks {
 		onUplink = append(onUplink, Steered{Mark: h.Mark, Addr: h.Addr})
 	}
-	// (A TCP socket there that the daemon moved to another port, its
-	// tuple being a translation's, is translated like any other.)
+	// A TCP socket there is accepted here for its SYN only: its other
+	// packets meet the translation rules, which translate a socket the
+	// daemon moved to another port (its tuple was a translation's) and
+	// let the others go on, untouched.
 	for _, st := range onUplink {
 		f := &d.fams[0]
 		if st.Addr.Is6() {
@@ -672,19 +674,16 @@ func (d *Datapath) rules(first, total uint16, native bool) []nftbatch.Rule {
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: st.Addr.AsSlice()},
 			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
 		}
-		tcp := &f.protos[0]
+		if d.userspace {
+			rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: nftbatch.Exprs(append(on[:len(on)-1], &expr.Verdict{Kind: expr.VerdictAccept})...)})
+			continue
+		}
 		rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: nftbatch.Exprs(append(slices.Clone(on),
 			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{byte(ipproto.TCP)}},
 			&expr.Verdict{Kind: expr.VerdictAccept})...)})
-		if d.userspace {
-			rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: nftbatch.Exprs(append(on, &expr.Verdict{Kind: expr.VerdictAccept})...)})
-			continue
-		}
 		rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: nftbatch.Exprs(append(append(on,
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{byte(ipproto.TCP)}}),
-			append(loadTuple(f, f.saddr, tcp.sport, f.daddr, tcp.dport),
-				&expr.Lookup{SourceRegister: 8, SetName: tcp.out.Name, Invert: true},
-				&expr.Verdict{Kind: expr.VerdictAccept})...)...)})
+			append(tcpFlags(0x17, 0x02), &expr.Verdict{Kind: expr.VerdictAccept})...)...)})
 	}
 	// A host-marked SYN of an uplink that is up is decided here.
 	for i := range d.fams {
