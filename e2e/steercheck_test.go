@@ -94,3 +94,20 @@ func kernelVersion(release string) (major, minor int, err error) {
 	}
 	return 0, 0, fmt.Errorf("kernel release %q: no major.minor", release)
 }
+
+// kernelDecisionsExpected says whether this kernel lets the kernel decide
+// host marks itself: every kernel from 5.10 on (the matrix runs 5.10, 6.1
+// and 6.12). Elsewhere the daemon decides host marks at the queue, and
+// says so.
+func kernelDecisionsExpected(t *testing.T) bool {
+	t.Helper()
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		t.Fatal(err)
+	}
+	major, minor, err := kernelVersion(unix.ByteSliceToString(u.Release[:]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return major > 5 || major == 5 && minor >= 10
+}

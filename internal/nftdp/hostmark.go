@@ -96,9 +96,30 @@ func (d *Datapath) hostMarkRules(f *family, p *proto) []nftbatch.Rule {
 		if h.Addr.Is4() != (f.nfproto == unix.NFPROTO_IPV4) {
 			continue
 		}
+		if p.num == ipproto.TCP {
+			rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: ownedRule(f, p, h)})
+		}
 		rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: decideRule(f, p, h)})
 	}
 	return rules
+}
+
+// ownedRule sends a host-marked SYN whose socket tuple has elements to the
+// daemon: a retransmission, or a new socket on a tuple not yet swept,
+// which the daemon tells apart by the socket's cookie. (A key's absence
+// from a map cannot be looked up before Linux 6.12; its presence can,
+// into a register: this rule is the absence check of decideRule.)
+func ownedRule(f *family, p *proto, h HostMark) [][]byte {
+	regs := uint32(f.addrLen / 4)
+	m := append(matchProto(f, p, 0), tcpFlags(0x17, 0x02)...)
+	m = append(m,
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(h.Mark)},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: f.saddr, Len: uint32(f.addrLen)},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: h.Addr.AsSlice()})
+	m = append(m, loadTuple(f, f.saddr, p.sport, f.daddr, p.dport)...)
+	return nftbatch.Exprs(append(m, &expr.Lookup{SourceRegister: 8, SetName: p.out.Name, DestRegister: 8 + 2*regs + 2, IsDestRegSet: true},
+		&expr.Verdict{Kind: expr.VerdictGoto, Chain: prefilter.EnqueueSYN})...)
 }
 
 // decideRule is one uplink's kernel decision for proto in family f.
@@ -123,11 +144,11 @@ func decideRule(f *family, p *proto, h HostMark) [][]byte {
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(h.Mark)},
 		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: f.saddr, Len: uint32(f.addrLen)},
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: addr})
-	// The socket tuple has no elements (else: a retransmission, or a new
-	// socket on a tuple not yet swept: the daemon's), and no translation
-	// to this uplink has the port to this destination.
-	m = append(m, tuple...)
-	m = append(m, &expr.Lookup{SourceRegister: 8, SetName: p.out.Name, Invert: true},
+	// No translation to this uplink has the port to this destination.
+	// (The socket tuple has no elements: a TCP SYN of a tuple with
+	// elements went to the daemon just before, see ownedRule; a UDP or
+	// echo tuple with elements was translated by the translation rules.)
+	m = append(m,
 		&expr.Meta{Key: expr.MetaKeyMARK, Register: 8},
 		&expr.Payload{DestRegister: 9, Base: expr.PayloadBaseTransportHeader, Offset: p.sport, Len: 2},
 		&expr.Payload{DestRegister: 10, Base: expr.PayloadBaseNetworkHeader, Offset: f.daddr, Len: uint32(f.addrLen)},
@@ -208,13 +229,23 @@ func (d *Datapath) takenRules() []nftbatch.Rule {
 	var rules []nftbatch.Rule
 	for i := range d.fams {
 		f := &d.fams[i]
+		regs := uint32(f.addrLen / 4)
 		for _, p := range []*proto{&f.protos[0], &f.protos[1]} { // TCP, UDP
+			// A reply whose tuple is a local socket's own, while that socket
+			// is itself translated to another wire tuple (a native socket
+			// the daemon moved), is the translation's: translated now,
+			// before the taken rule would give it to that socket.
+			for _, v := range checksumVariants(f, p) {
+				match := matchProto(f, p, 1)
+				if v.cmp != nil {
+					match = append(match, &expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: p.csum, Len: 2}, v.cmp)
+				}
+				rules = append(rules, nftbatch.Rule{Chain: "prerouting", Exprs: inbound(f, p, match,
+					[]expr.Any{&expr.Lookup{SourceRegister: 8, SetName: p.out.Name, DestRegister: 8 + 2*regs + 2, IsDestRegSet: true}}, v.fix)})
+			}
 			rules = append(rules, nftbatch.Rule{Chain: "prerouting", Exprs: nftbatch.Exprs(append(append(matchProto(f, p, 1),
 				loadTuple(f, f.daddr, p.dport, f.saddr, p.sport)...),
-				&expr.Lookup{SourceRegister: 8, SetName: p.in.Name, DestRegister: 12 + 2*uint32(f.addrLen/4), IsDestRegSet: true},
-				// (A local socket on the tuple that is itself translated
-				// elsewhere owns nothing here.)
-				&expr.Lookup{SourceRegister: 8, SetName: p.out.Name, Invert: true},
+				&expr.Lookup{SourceRegister: 8, SetName: p.in.Name, DestRegister: 8 + 2*regs + 2, IsDestRegSet: true},
 				&expr.Socket{Key: expr.SocketKeyWildcard, Register: 1},
 				&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0}},
 				&expr.Log{Key: 1<<unix.NFTA_LOG_GROUP | 1<<unix.NFTA_LOG_PREFIX | 1<<unix.NFTA_LOG_SNAPLEN,

@@ -782,12 +782,9 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []nftbatch.Rule {
 			// port write fixing the checksum would turn into a wrong one:
 			// such datagrams get their own rules, whose port write leaves
 			// the checksum alone.
-			variants := []*expr.Cmp{nil}
-			if p.num == ipproto.UDP && f.nfproto == unix.NFPROTO_IPV4 {
-				variants = []*expr.Cmp{
-					{Op: expr.CmpOpNeq, Register: 1, Data: []byte{0, 0}},
-					{Op: expr.CmpOpEq, Register: 1, Data: []byte{0, 0}},
-				}
+			var variants []*expr.Cmp
+			for _, v := range checksumVariants(f, p) {
+				variants = append(variants, v.cmp)
 			}
 			lookup := func(s *nftables.Set, reg uint32) expr.Any {
 				return &expr.Lookup{SourceRegister: 8, DestRegister: reg, IsDestRegSet: true, SetName: s.Name}
@@ -826,20 +823,8 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []nftbatch.Rule {
 				}
 				out = append(out, nftbatch.Exprs(&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: markReg},
 					&expr.Verdict{Kind: expr.VerdictAccept})...)
-				// Inbound: reply to the translated tuple -> the socket's
-				// address and port.
-				look = append(match(1), inKey...)
-				look = append(look, lookup(p.in, addrReg))
-				if !p.isEcho() {
-					look = append(look, lookup(p.inPort, portReg))
-				}
-				in := nftbatch.Exprs(look...)
-				in = append(in, nftbatch.AddrWrite(f.addrLen, f.daddr, addrReg))
-				if !p.isEcho() {
-					in = append(in, nftbatch.Exprs(writePort(p, p.dport, portReg, fix))...)
-				}
-				in = append(in, nftbatch.Exprs(&expr.Verdict{Kind: expr.VerdictAccept})...)
-				rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: out}, nftbatch.Rule{Chain: "prerouting", Exprs: in})
+				rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: out},
+					nftbatch.Rule{Chain: "prerouting", Exprs: inbound(f, p, match(1), nil, fix)})
 			}
 		}
 	}
@@ -898,6 +883,49 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []nftbatch.Rule {
 		}
 	}
 	return rules
+}
+
+// checksumVariant is a condition on a datagram's checksum, and whether
+// a port write must fix it.
+type checksumVariant struct {
+	cmp *expr.Cmp // nil: none
+	fix bool
+}
+
+// checksumVariants: an IPv4 UDP datagram may carry no checksum (zero),
+// which a port write fixing the checksum would turn into a wrong one: such
+// datagrams get rules of their own, whose port write leaves it alone.
+func checksumVariants(f *family, p *proto) []checksumVariant {
+	if p.num == ipproto.UDP && f.nfproto == unix.NFPROTO_IPV4 {
+		return []checksumVariant{
+			{&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{0, 0}}, true},
+			{&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0, 0}}, false},
+		}
+	}
+	return []checksumVariant{{nil, true}}
+}
+
+// inbound is the translation rule of replies: to the translated tuple ->
+// the socket's address and port, after match and the conditions pre (which
+// may use the key's registers, and one register after them).
+func inbound(f *family, p *proto, match, pre []expr.Any, fix bool) [][]byte {
+	regs := uint32(f.addrLen / 4)
+	addrReg := 8 + 2*regs + 2
+	portReg := addrReg + regs
+	lookup := func(s *nftables.Set, reg uint32) expr.Any {
+		return &expr.Lookup{SourceRegister: 8, DestRegister: reg, IsDestRegSet: true, SetName: s.Name}
+	}
+	look := append(append(slices.Clone(match), loadTuple(f, f.daddr, p.dport, f.saddr, p.sport)...), pre...)
+	look = append(look, lookup(p.in, addrReg))
+	if !p.isEcho() {
+		look = append(look, lookup(p.inPort, portReg))
+	}
+	in := nftbatch.Exprs(look...)
+	in = append(in, nftbatch.AddrWrite(f.addrLen, f.daddr, addrReg))
+	if !p.isEcho() {
+		in = append(in, nftbatch.Exprs(writePort(p, p.dport, portReg, fix))...)
+	}
+	return append(in, nftbatch.Exprs(&expr.Verdict{Kind: expr.VerdictAccept})...)
 }
 
 // matchProto matches one family's protocol in an inet chain; for ICMP, the

@@ -116,7 +116,7 @@ var Features = []Feature{
 // host-marked flows itself (nftdp's hostmark.go). A kernel without them
 // still runs rerouted: the queue decides those flows.
 var KernelDecisions = []Feature{
-	{Name: "updates of maps with data (and counters in their elements) from the packet path, and lookups of a key's absence in a map", Since: "5.11",
+	{Name: "updates of maps with data (and counters in their elements) from the packet path", Since: "5.11",
 		probe: func(c *nftables.Conn, t *nftables.Table, ch *nftables.Chain) error {
 			m := &nftables.Set{Table: t, Name: "learned", IsMap: true, KeyType: nftables.TypeIPAddr, DataType: nftables.TypeIPAddr,
 				Dynamic: true, Size: 16, Counter: true}
@@ -127,13 +127,6 @@ var KernelDecisions = []Feature{
 				&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 12, Len: 4},
 				&expr.Payload{DestRegister: 2, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 4},
 				&expr.Dynset{SrcRegKey: 1, SrcRegData: 2, SetName: m.Name, Operation: unix.NFT_DYNSET_OP_ADD},
-			}})
-			// And whether a key is absent from a map (Linux 5.10
-			// refuses a lookup in a map without a register for its
-			// data).
-			c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: []expr.Any{
-				&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 12, Len: 4},
-				&expr.Lookup{SourceRegister: 1, SetName: m.Name, Invert: true},
 			}})
 			return nil
 		}},
