@@ -161,6 +161,10 @@ func TestMetrics(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// The kernel's decision is learned within its log's batch (10 ms).
+	eventually(t, time.Second, "the kernel's decision learned", func() bool {
+		return strings.Contains(e.metrics(), `rerouted_flows_total{decided_by="kernel"} 1`)
+	})
 	body := e.metrics()
 	for _, want := range []string{
 		`rerouted_flows{proto="tcp",uplink="isp-b"} 1`,

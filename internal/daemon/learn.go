@@ -30,9 +30,11 @@ const nflogRcvbuf = 32 << 20
 // startLearning binds the NFLOG group and starts the learner; the function
 // it returns stops both.
 func (d *Daemon) startLearning(ctx context.Context) (func() error, error) {
-	// Each record at once (a batch of one): the daemon must know a flow
-	// before an ICMP error about it can come back.
-	g, err := nflog.Open(nftdp.LogGroup, nflog.Options{Rcvbuf: nflogRcvbuf, Batch: 1})
+	// Records come in batches (32, or what 10 ms gathered): a wakeup per
+	// batch, not per flow, which connections opened in parallel feel. A
+	// first packet of the path that finds no flow the kernel decided waits
+	// for the batch (packet.learnerWaits).
+	g, err := nflog.Open(nftdp.LogGroup, nflog.Options{Rcvbuf: nflogRcvbuf, Batch: 32, Flush: 10 * time.Millisecond})
 	if err != nil {
 		return nil, err
 	}

@@ -72,6 +72,12 @@ type heldPacket struct {
 // maxHeld bounds the first packets held in one batch.
 const maxHeld = 128
 
+// learnerWaits bounds how many times (every 250 µs) the path looks again
+// for a flow the kernel decided that the learner has not entered yet: the
+// kernel sends its records in batches, at least every 10 ms (the daemon's
+// NFLOG settings), so 25 ms covers a batch and the learner's work.
+const learnerWaits = 100
+
 // What an MSS leaves out of the MTU: the IP and TCP headers.
 const (
 	tcpIPv4Headers = 40
@@ -323,7 +329,7 @@ func (w *Worker) syn(p *queue.Packet, t *rewrite.Packet) {
 	// A SYN the kernel could have decided comes here when its tuple has
 	// elements already: most often a retransmission of a flow the kernel
 	// decided, whose record may still be on its way to the learner.
-	for i := 0; known == nil && kernel && i < 40; i++ {
+	for i := 0; known == nil && kernel && i < learnerWaits; i++ {
 		time.Sleep(250 * time.Microsecond)
 		known = d.Install.Table().Get(key)
 	}
@@ -363,7 +369,7 @@ func (w *Worker) syn(p *queue.Packet, t *rewrite.Packet) {
 	// A SYN already on an address the kernel gives host-marked flows
 	// comes here only when the kernel found its tuple a translation's:
 	// one the daemon may not have learned yet (its record is on its way).
-	for i := 0; !onWire && i < 40 && rt.Src == t.Src.Addr() && d.kernelAddr(rt.Src); i++ {
+	for i := 0; !onWire && i < learnerWaits && rt.Src == t.Src.Addr() && d.kernelAddr(rt.Src); i++ {
 		time.Sleep(250 * time.Microsecond)
 		onWire = d.Install.Table().OnWire(flow.Key{Proto: ipproto.TCP, Src: want, Dst: t.Dst})
 	}
@@ -482,7 +488,7 @@ func (w *Worker) icmpError(p *queue.Packet, e *rewrite.ICMPError) {
 	f := w.s.Install.Table().ByWire(wire)
 	// A flow the kernel decided may not be learned yet (its record is on
 	// its way): an error to a kernel-decided source waits for it a little.
-	for i := 0; f == nil && i < 20 && w.s.kernelAddr(e.Dst); i++ {
+	for i := 0; f == nil && i < learnerWaits && w.s.kernelAddr(e.Dst); i++ {
 		time.Sleep(250 * time.Microsecond)
 		f = w.s.Install.Table().ByWire(wire)
 	}
