@@ -76,11 +76,12 @@ func TestForeignSourceFixedForHostMarks(t *testing.T) {
 				// unless the process closed its socket already (this one
 				// closes at once).
 				owner, suffix := fmt.Sprintf(`pid=%d comm="[^"]+" exe=%s `, os.Getpid(), regexp.QuoteMeta(exe)), ""
+				cgroup := `cgroup=/\S* `
 				if e.kernelDecides() {
-					owner, suffix = "(?:"+owner+")?", " decided_by=kernel"
+					owner, cgroup, suffix = "(?:"+owner+")?", "(?:"+cgroup+")?", " decided_by=kernel"
 				}
-				want := regexp.MustCompile(fmt.Sprintf(`^\[NEW\] tcp src=198\.51\.100\.2 dst=192\.0\.2\.80 sport=%d dport=80 mark=100 => src=203\.0\.113\.2 sport=%d dev=hb uid=0 %scgroup=/\S* rule="host mark"%s$`,
-					peer.Port(), peer.Port(), owner, suffix))
+				want := regexp.MustCompile(fmt.Sprintf(`^\[NEW\] tcp src=198\.51\.100\.2 dst=192\.0\.2\.80 sport=%d dport=80 mark=100 => src=203\.0\.113\.2 sport=%d dev=hb uid=0 %s%srule="host mark"%s$`,
+					peer.Port(), peer.Port(), owner, cgroup, suffix))
 				line, err := e.d.WaitFor("[NEW] tcp", 2*time.Second)
 				if err != nil || !want.MatchString(line) {
 					t.Errorf("debug line %q (err %v) does not match %s", line, err, want)

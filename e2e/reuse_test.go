@@ -113,8 +113,13 @@ func TestUDPTupleReuse(t *testing.T) {
 				t.Errorf("%s: %d of %d new sockets inherited the closed socket's translation", fam.name, old, rounds)
 			}
 		}
+		// The old flows ended as their sockets did: the kernel announced
+		// the end, or (the kernel having decided the flow) the socket was
+		// gone by the time the daemon learned of the flow.
 		if _, err := e.d.WaitFor(`msg="socket closed" proto=udp`, time.Second); err != nil {
-			t.Error(err)
+			if _, err2 := e.d.WaitFor(`msg="socket closed before the kernel's decision was learned" proto=udp`, 0); err2 != nil || dp != "kernel" {
+				t.Error(err)
+			}
 		}
 	})
 }

@@ -138,6 +138,9 @@ func (l *Learner) Decided(pkt []byte, mark, uid uint32, wire netip.Addr) {
 	// announced while the daemon looked: its elements must not wait for
 	// idleness, a new socket on the tuple would take them over.
 	if gone || (f.Proto == ipproto.UDP && f.Cookie != 0 && s.Closed.Has(f.Cookie)) {
+		if s.debug() {
+			s.Log.Debug("socket closed before the kernel's decision was learned", "proto", f.Proto.String(), "src", f.Src, "dst", f.Dst)
+		}
 		s.Forget(f)
 	}
 }
