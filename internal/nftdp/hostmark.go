@@ -20,13 +20,15 @@ import (
 // uplink's source address, the replies' way back and a check that the wire
 // tuple is free. For each uplink that is up the table holds a rule per
 // family and protocol that does exactly that on the packet path: it checks
-// that neither the socket tuple nor the wire tuple has elements, adds the
-// flow's five elements itself (the maps the daemon's translations use),
-// logs a copy of the packet to the daemon's NFLOG group (it learns of the
-// flow afterwards, for flows, events, sweeping and adoption), and rewrites
-// the packet. Whatever the rule cannot decide (a tuple with elements
-// already, a mark of no uplink that is up, a full map) goes on to the
-// queue as before: the daemon is the exception path.
+// that no translation to the uplink has the port to the destination
+// (P_wireF), adds the flow's six elements itself (the maps and the set the
+// daemon's translations use), logs a copy of the packet to the daemon's
+// NFLOG group (it learns of the flow afterwards, for flows, events,
+// sweeping and adoption), and rewrites the packet. A SYN whose socket tuple
+// has elements goes to the daemon in a rule of its own (ownedRule), just
+// before. Whatever the rules cannot decide (a tuple with elements already,
+// a mark of no uplink that is up, a full map) goes on to the queue as
+// before: the daemon is the exception path.
 //
 // A collision with a native socket (one bound to the uplink's address
 // itself) is caught both ways: a native SYN onto a translation's wire tuple
