@@ -107,7 +107,7 @@ KERNEL_EXPECT ?= 0
 # /dev/kvm that cannot run the guest: "failed to set MSR").
 KERNEL_ACCEL ?= auto
 # What make test runs on each kernel: the core of rerouted, on both
-# datapaths, within CI's time (about 7 minutes a kernel under TCG).
+# datapaths, within CI's time (6 to 10 minutes a kernel under TCG).
 # KERNEL_CORE_PASSES: the subtests it passes on each kernel, exactly (a
 # subtest added to these tests changes it).
 KERNEL_CORE_PASSES := 32
