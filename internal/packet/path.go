@@ -58,6 +58,7 @@ type Worker struct {
 	passed bool
 
 	ruleCounters map[string]prometheus.Counter // decisions by rule (decided)
+	vainWait     time.Time                     // the last wait for the learner that found nothing (mayWait)
 }
 
 // heldPacket is a rewritten first packet (a SYN, a datagram, an echo request)
@@ -77,6 +78,15 @@ const maxHeld = 128
 // kernel sends its records in batches, at least every 10 ms (the daemon's
 // NFLOG settings), so 25 ms covers a batch and the learner's work.
 const learnerWaits = 100
+
+// mayWait reports whether the worker may wait for the learner now: not
+// within a second of a wait that found nothing, so that a flood of packets
+// about flows no one decided (forged ICMP errors to an uplink's address)
+// costs the queue one wait a second, not one each.
+func (w *Worker) mayWait() bool { return time.Since(w.vainWait) >= time.Second }
+
+// waitedInVain records a wait for the learner that found nothing.
+func (w *Worker) waitedInVain() { w.vainWait = time.Now() }
 
 // What an MSS leaves out of the MTU: the IP and TCP headers.
 const (
@@ -329,9 +339,11 @@ func (w *Worker) syn(p *queue.Packet, t *rewrite.Packet) {
 	// A SYN the kernel could have decided comes here when its tuple has
 	// elements already: most often a retransmission of a flow the kernel
 	// decided, whose record may still be on its way to the learner.
-	for i := 0; known == nil && kernel && i < learnerWaits; i++ {
+	for i := 0; known == nil && kernel && w.mayWait() && i < learnerWaits; i++ {
 		time.Sleep(250 * time.Microsecond)
-		known = d.Install.Table().Get(key)
+		if known = d.Install.Table().Get(key); known == nil && i == learnerWaits-1 {
+			w.waitedInVain()
+		}
 	}
 	if f := known; f != nil {
 		if kernel {
@@ -369,9 +381,11 @@ func (w *Worker) syn(p *queue.Packet, t *rewrite.Packet) {
 	// A SYN already on an address the kernel gives host-marked flows
 	// comes here only when the kernel found its tuple a translation's:
 	// one the daemon may not have learned yet (its record is on its way).
-	for i := 0; !onWire && i < learnerWaits && rt.Src == t.Src.Addr() && d.kernelAddr(rt.Src); i++ {
+	for i := 0; !onWire && i < learnerWaits && rt.Src == t.Src.Addr() && d.kernelAddr(rt.Src) && w.mayWait(); i++ {
 		time.Sleep(250 * time.Microsecond)
-		onWire = d.Install.Table().OnWire(flow.Key{Proto: ipproto.TCP, Src: want, Dst: t.Dst})
+		if onWire = d.Install.Table().OnWire(flow.Key{Proto: ipproto.TCP, Src: want, Dst: t.Dst}); !onWire && i == learnerWaits-1 {
+			w.waitedInVain()
+		}
 	}
 	if rt.Src == t.Src.Addr() && mark == p.Mark && !onWire {
 		w.accept(p) // routing already gets it right: costs nothing from now on
@@ -488,9 +502,11 @@ func (w *Worker) icmpError(p *queue.Packet, e *rewrite.ICMPError) {
 	f := w.s.Install.Table().ByWire(wire)
 	// A flow the kernel decided may not be learned yet (its record is on
 	// its way): an error to a kernel-decided source waits for it a little.
-	for i := 0; f == nil && i < learnerWaits && w.s.kernelAddr(e.Dst); i++ {
+	for i := 0; f == nil && i < learnerWaits && w.s.kernelAddr(e.Dst) && w.mayWait(); i++ {
 		time.Sleep(250 * time.Microsecond)
-		f = w.s.Install.Table().ByWire(wire)
+		if f = w.s.Install.Table().ByWire(wire); f == nil && i == learnerWaits-1 {
+			w.waitedInVain()
+		}
 	}
 	if f == nil || f.Pass || e.Dst != f.NewSrc.Addr() {
 		w.accept(p) // not about a translated flow
