@@ -67,6 +67,11 @@ type connectRule struct {
 	TotalWeight  uint32
 }
 
+type connectRuleName struct {
+	_    structs.HostLayout
+	Name [64]int8
+}
+
 type connectUplink struct {
 	_     structs.HostLayout
 	Mark  uint32
@@ -83,10 +88,12 @@ type connectUplink struct {
 const (
 	connectMapCgroups     = "cgroups"
 	connectMapComms       = "comms"
+	connectMapDecided     = "decided"
 	connectMapDsts        = "dsts"
 	connectMapEvents      = "events"
 	connectMapIds         = "ids"
 	connectMapPorts       = "ports"
+	connectMapRuleNames   = "rule_names"
 	connectMapRuleTable   = "rule_table"
 	connectMapSettings    = "settings"
 	connectMapStats       = "stats"
@@ -151,10 +158,12 @@ type connectProgramSpecs struct {
 type connectMapSpecs struct {
 	Cgroups     *ebpf.MapSpec `ebpf:"cgroups"`
 	Comms       *ebpf.MapSpec `ebpf:"comms"`
+	Decided     *ebpf.MapSpec `ebpf:"decided"`
 	Dsts        *ebpf.MapSpec `ebpf:"dsts"`
 	Events      *ebpf.MapSpec `ebpf:"events"`
 	Ids         *ebpf.MapSpec `ebpf:"ids"`
 	Ports       *ebpf.MapSpec `ebpf:"ports"`
+	RuleNames   *ebpf.MapSpec `ebpf:"rule_names"`
 	RuleTable   *ebpf.MapSpec `ebpf:"rule_table"`
 	Settings    *ebpf.MapSpec `ebpf:"settings"`
 	Stats       *ebpf.MapSpec `ebpf:"stats"`
@@ -189,10 +198,12 @@ func (o *connectObjects) Close() error {
 type connectMaps struct {
 	Cgroups     *ebpf.Map `ebpf:"cgroups"`
 	Comms       *ebpf.Map `ebpf:"comms"`
+	Decided     *ebpf.Map `ebpf:"decided"`
 	Dsts        *ebpf.Map `ebpf:"dsts"`
 	Events      *ebpf.Map `ebpf:"events"`
 	Ids         *ebpf.Map `ebpf:"ids"`
 	Ports       *ebpf.Map `ebpf:"ports"`
+	RuleNames   *ebpf.Map `ebpf:"rule_names"`
 	RuleTable   *ebpf.Map `ebpf:"rule_table"`
 	Settings    *ebpf.Map `ebpf:"settings"`
 	Stats       *ebpf.Map `ebpf:"stats"`
@@ -203,10 +214,12 @@ func (m *connectMaps) Close() error {
 	return _ConnectClose(
 		m.Cgroups,
 		m.Comms,
+		m.Decided,
 		m.Dsts,
 		m.Events,
 		m.Ids,
 		m.Ports,
+		m.RuleNames,
 		m.RuleTable,
 		m.Settings,
 		m.Stats,

@@ -270,6 +270,13 @@ func (e *Engine) fill(gen uint32, im *Image) error {
 	for i := range im.Rules {
 		r := &im.Rules[i]
 		ri := gen*MaxRules + uint32(i)
+		var name connectRuleName
+		for j := 0; j < len(r.Name) && j < len(name.Name)-1; j++ {
+			name.Name[j] = int8(r.Name[j])
+		}
+		if err := e.objs.RuleNames.Put(ri, &name); err != nil {
+			return fmt.Errorf("connect steering: rule %q: name: %w", r.Name, err)
+		}
 		kr := connectRule{Flags: r.Flags, Protos: r.Protos, Action: r.Action, Nchoices: uint8(len(r.Choices))}
 		if r.DropWhenDown {
 			kr.DropWhenDown = 1
@@ -520,4 +527,25 @@ func (e *Engine) Close() error {
 	e.links = nil
 	errs = append(errs, e.objs.Close())
 	return errors.Join(errs...)
+}
+
+// DecidedBy names the rule that bound the socket with cookie, if the
+// program (this run's, or an earlier one's it adopted) remembers it.
+func (e *Engine) DecidedBy(cookie uint64) (string, bool) {
+	var ri uint32
+	if err := e.objs.Decided.Lookup(cookie, &ri); err != nil {
+		return "", false
+	}
+	var name connectRuleName
+	if err := e.objs.RuleNames.Lookup(ri, &name); err != nil || name.Name[0] == 0 {
+		return "", false
+	}
+	b := make([]byte, 0, len(name.Name))
+	for _, c := range name.Name {
+		if c == 0 {
+			break
+		}
+		b = append(b, byte(c))
+	}
+	return string(b), true
 }

@@ -9,5 +9,5 @@ package connect
 // the object in bpf/connect.sha256: TestBPFObjectIsCurrent fails when they
 // no longer match (a source edited without go generate).
 //
-//go:generate go run github.com/cilium/ebpf/cmd/bpf2go -cc clang-14 -cflags "-O2 -g -Wall -Werror" -target bpfel -type conf -type rule -type uplink -type lpm_key -type id_key -type cg_key -type comm_key connect bpf/connect.c -- -I/usr/include/x86_64-linux-gnu
+//go:generate go run github.com/cilium/ebpf/cmd/bpf2go -cc clang-14 -cflags "-O2 -g -Wall -Werror" -target bpfel -type conf -type rule -type uplink -type lpm_key -type id_key -type cg_key -type comm_key -type rule_name connect bpf/connect.c -- -I/usr/include/x86_64-linux-gnu
 //go:generate go test -run ^TestBPFObjectIsCurrent$ -args -record

@@ -417,3 +417,14 @@ func (s *Steering) Steered() uint64 {
 	}
 	return st.Steered
 }
+
+// DecidedBy names the rule that bound the socket with cookie at
+// connect(), if the program knows it.
+func (s *Steering) DecidedBy(cookie uint64) (string, bool) {
+	s.stopMu.RLock()
+	defer s.stopMu.RUnlock()
+	if s.stopped {
+		return "", false
+	}
+	return s.e.DecidedBy(cookie)
+}

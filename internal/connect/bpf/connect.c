@@ -222,6 +222,29 @@ static __always_inline int bit(__u8 *bm, __u32 port)
 	return (bm[i] >> (port & 7)) & 1;
 }
 
+// decided: the rule (global index) that bound each socket, by cookie,
+// for the daemon's usage accounting. The oldest are forgotten first.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, __u32);
+} decided SEC(".maps");
+
+// rule_names: each rule's name, by global index, for the daemon (and the
+// next one, which adopts the maps) to name what `decided` holds. A
+// generation's names stay when it is emptied: its sockets live on.
+struct rule_name {
+	char name[64];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2 * MAX_RULES);
+	__type(key, __u32);
+	__type(value, struct rule_name);
+} rule_names SEC(".maps");
+
 static __always_inline void emit(struct conf *c, __u32 kind, __u32 rule, __u32 uplink, __u32 uid, __u8 family, __u8 proto,
 				 __u16 dport, const __u8 *dst)
 {
@@ -493,6 +516,8 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, int v6, int sendmsg
 		}
 		__u32 mark = u->mark;
 		bpf_setsockopt(ctx, SOL_SOCKET, SO_MARK, &mark, sizeof(mark));
+		__u64 cookie = bpf_get_socket_cookie(ctx);
+		bpf_map_update_elem(&decided, &cookie, &ri, BPF_ANY);
 		count(S_STEERED);
 		emit(c, E_BIND, ri, ui, uid, v6 ? 10 : 2, proto, dport, k.addr);
 		return 1;
