@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"os"
 	"os/user"
+	"path/filepath"
 	"runtime"
 	"slices"
 	"sort"
@@ -29,6 +30,29 @@ type Config struct {
 	Daemon  Daemon
 	Uplinks []*Uplink
 	Rules   []*Rule
+	Usage   Usage
+}
+
+// Usage holds the [usage] table: accounting of each owner's traffic on
+// each uplink.
+type Usage struct {
+	Enabled  bool
+	State    string        // the state file: the totals of ended sockets
+	Interval time.Duration // how often the kernel's counts are read
+	Top      int           // owners per uplink and kind named on /metrics; the rest are "other"
+}
+
+// DefaultUsageState is the state file's path where [usage] state is not
+// set: in systemd's StateDirectory= when the unit gives one, else
+// /var/lib/rerouted.
+func DefaultUsageState() string {
+	if d := os.Getenv("STATE_DIRECTORY"); d != "" {
+		if i := strings.IndexByte(d, ':'); i >= 0 { // several directories: the first
+			d = d[:i]
+		}
+		return filepath.Join(d, "usage.json")
+	}
+	return "/var/lib/rerouted/usage.json"
 }
 
 // Daemon holds the [daemon] table.
@@ -182,16 +206,18 @@ func (p *parser) config(raw map[string]any) *Config {
 		HostMarks:      "kernel",
 		Queues:         runtime.NumCPU(),
 		NewFlowsPerUID: DefaultNewFlowsPerUID,
-	}}
+	}, Usage: Usage{Enabled: true, State: DefaultUsageState(), Interval: 5 * time.Second, Top: 10}}
 	for _, k := range sortedKeys(raw) {
 		v := raw[k]
 		if !slices.Contains(Keys[""], k) {
-			p.errorf(k, "unknown key %q (expected daemon, uplink or rule)", k)
+			p.errorf(k, "unknown key %q (expected daemon, uplink, rule or usage)", k)
 			continue
 		}
 		switch k {
 		case "daemon":
 			p.daemon(&cfg.Daemon, v)
+		case "usage":
+			p.usage(&cfg.Usage, v)
 		case "uplink":
 			for i, t := range p.tables(k, v) {
 				if u := p.uplink(fmt.Sprintf("uplink.%d", i), t); u != nil {
@@ -302,6 +328,49 @@ func (p *parser) daemon(d *Daemon, v any) {
 				continue
 			}
 			d.IdleTimeout = dur
+		default:
+			p.undecoded(path, k)
+		}
+	}
+}
+
+func (p *parser) usage(u *Usage, v any) {
+	t, ok := v.(map[string]any)
+	if !ok {
+		p.errorf("usage", "usage must be a table")
+		return
+	}
+	for _, k := range sortedKeys(t) {
+		path := "usage." + k
+		if !slices.Contains(Keys["usage"], k) {
+			p.errorf(path, "unknown key %q in [usage]", k)
+			continue
+		}
+		switch k {
+		case "enabled":
+			if b, ok := t[k].(bool); ok {
+				u.Enabled = b
+			} else {
+				p.errorf(path, "enabled must be true or false")
+			}
+		case "state":
+			if s, ok := t[k].(string); ok && strings.HasPrefix(s, "/") && !strings.HasSuffix(s, "/") {
+				u.State = s
+			} else {
+				p.errorf(path, "state must be the absolute path of a file, like \"/var/lib/rerouted/usage.json\"")
+			}
+		case "interval":
+			s, _ := t[k].(string)
+			dur, err := time.ParseDuration(s)
+			if err != nil || dur < time.Second || dur > time.Hour {
+				p.errorf(path, "interval must be a duration between 1s and 1h, like \"5s\"")
+				continue
+			}
+			u.Interval = dur
+		case "top":
+			if n, ok := p.integer(path, t[k], 1, 1000); ok {
+				u.Top = int(n)
+			}
 		default:
 			p.undecoded(path, k)
 		}
@@ -482,7 +551,8 @@ var idKeys = map[string]string{"user": "uid", "not_user": "not_uid", "group": "g
 // error; docs/configuration.md documents each of these (its test checks).
 // A [[rule]]'s keys are ruleKeys' (and not_ forms of the negatable).
 var Keys = map[string][]string{
-	"":              {"daemon", "uplink", "rule"},
+	"":              {"daemon", "uplink", "rule", "usage"},
+	"usage":         {"enabled", "state", "interval", "top"},
 	"daemon":        {"queue", "queues", "honor_marks", "control_socket", "metrics_listen", "gc_interval", "idle_timeout", "datapath", "on_failure", "steering", "host_marks", "new_flows_per_uid"},
 	"uplink":        {"name", "mark", "interface", "gateway", "gateway6", "table", "fallback", "reset_tcp", "health"},
 	"uplink.health": {"targets", "interval", "timeout", "down_after", "up_after"},

@@ -10,7 +10,7 @@ import (
 
 // docSections maps a Keys table to the heading of its section in
 // docs/configuration.md; the top level's keys are the sections themselves.
-var docSections = map[string]string{"daemon": "[daemon]", "uplink": "[[uplink]]", "uplink.health": "[uplink.health]", "rule": "[[rule]]"}
+var docSections = map[string]string{"daemon": "[daemon]", "uplink": "[[uplink]]", "uplink.health": "[uplink.health]", "rule": "[[rule]]", "usage": "[usage]"}
 
 // Every key the parser accepts (Keys) has a row of its own in its table's
 // section of docs/configuration.md, with its type, default, whether a

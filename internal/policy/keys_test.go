@@ -15,6 +15,7 @@ func TestKeysAreTheParsersKeys(t *testing.T) {
 		"uplink":        func(k string) string { return "[[uplink]]\nname = \"b\"\nmark = 1\n" + k + " = 1\n" },
 		"uplink.health": func(k string) string { return up + "[uplink.health]\n" + k + " = 1\n" },
 		"rule":          func(k string) string { return up + "[[rule]]\nuplink = \"b\"\n" + k + " = 1\n" },
+		"usage":         func(k string) string { return "[usage]\n" + k + " = 1\n" },
 	}
 	for table, keys := range Keys {
 		file, ok := files[table]
