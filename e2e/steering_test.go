@@ -421,13 +421,11 @@ dport = [80]
 	}
 }
 
-// A restart (SIGUSR2) leaves the connect-time program attached and
-// deciding, pinned under bpffs; the next daemon adopts it; SIGTERM then
-// detaches it and removes its pins. The daemons run in a mount namespace
-// of the test's own with a bpffs of its own, so nothing is pinned on the
-// machine.
-func TestConnectSteeringSurvivesRestart(t *testing.T) {
-	worldtest.Require(t) // before the mount namespace
+// privateBPFFS makes a mount namespace with a bpffs of its own at
+// /sys/fs/bpf, for the test's life, and returns nsenter's option that
+// enters it: what daemons pin there is pinned nowhere on the machine.
+func privateBPFFS(t *testing.T) string {
+	t.Helper()
 	holder := exec.Command("unshare", "--mount", "--propagation", "private", "sh", "-c",
 		"mount -t bpf bpf /sys/fs/bpf && echo mounted && exec sleep 600")
 	out, err := holder.StdoutPipe()
@@ -437,12 +435,22 @@ func TestConnectSteeringSurvivesRestart(t *testing.T) {
 	if err := holder.Start(); err != nil {
 		t.Fatal(err)
 	}
-	defer func() { holder.Process.Kill(); holder.Wait() }()
+	t.Cleanup(func() { holder.Process.Kill(); holder.Wait() })
 	line := make([]byte, 8)
 	if n, err := out.Read(line); err != nil || !strings.HasPrefix(string(line[:n]), "mounted") {
 		t.Fatalf("a mount namespace with its own bpffs: %q, %v", line[:n], err)
 	}
-	mnt := fmt.Sprintf("--mount=/proc/%d/ns/mnt", holder.Process.Pid)
+	return fmt.Sprintf("--mount=/proc/%d/ns/mnt", holder.Process.Pid)
+}
+
+// A restart (SIGUSR2) leaves the connect-time program attached and
+// deciding, pinned under bpffs; the next daemon adopts it; SIGTERM then
+// detaches it and removes its pins. The daemons run in a mount namespace
+// of the test's own with a bpffs of its own, so nothing is pinned on the
+// machine.
+func TestConnectSteeringSurvivesRestart(t *testing.T) {
+	worldtest.Require(t) // before the mount namespace
+	mnt := privateBPFFS(t)
 
 	e := newEnv(t, "kernel", "")
 	e.w.DaemonPrefix = []string{"nsenter", mnt, "--"}

@@ -46,6 +46,8 @@ var usage = `usage: rerouted COMMAND [FLAGS]
   uplinks [--config FILE] [--json]
                       each uplink's state per family (up/down, since, why),
                       addresses, flows
+  usage [--config FILE] [--by user|cgroup|exe|rule] [--uplink NAME] [--json]
+                      what each owner sent and received on each uplink
   explain [--config FILE] --pid PID --dst ADDR:PORT [--protocol tcp|udp|icmp]
                       which rule a new connection from PID would match, and why
   version             version, commit and Go version of this binary
@@ -81,6 +83,8 @@ func main() {
 		code = cmdFlows(args)
 	case "uplinks":
 		code = cmdUplinks(args)
+	case "usage":
+		code = cmdUsage(args)
 	case "explain":
 		code = cmdExplain(args)
 	case "version", "--version":

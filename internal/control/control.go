@@ -1,5 +1,5 @@
 // Package control is the daemon's control socket: the server that answers
-// `rerouted flows` and `rerouted uplinks`, and the client those commands,
+// `rerouted flows`, `rerouted uplinks` and `rerouted usage`, and the client those commands,
 // doctor and the end-to-end tests use.
 package control
 
@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/rerouted/rerouted/internal/uplink"
+	"github.com/rerouted/rerouted/internal/usage"
 )
 
 // The control protocol: a client connects to the unix socket, writes one JSON
@@ -76,6 +77,9 @@ type Source interface {
 	// Uplinks returns each uplink's state in each family, with its live
 	// flows.
 	Uplinks() []UplinkInfo
+	// Usage reads the kernel's counts afresh and reports every owner's
+	// usage of every uplink; an error if accounting is off.
+	Usage() (usage.Report, error)
 }
 
 // Serve answers the clients that connect to ln, one goroutine each, until
@@ -118,6 +122,12 @@ func answer(c net.Conn, src Source, log *slog.Logger) {
 		err = writeFlows(c, src)
 	case req.Cmd == "uplinks":
 		err = json.NewEncoder(c).Encode(uplinksReply(src))
+	case req.Cmd == "usage":
+		r, uerr := src.Usage()
+		if uerr != nil {
+			r = usage.Report{Error: uerr.Error()}
+		}
+		err = json.NewEncoder(c).Encode(r)
 	default:
 		err = json.NewEncoder(c).Encode(FlowsReply{Error: fmt.Sprintf("unknown command %q", req.Cmd)})
 	}
@@ -211,6 +221,18 @@ func QueryUplinks(path string) ([]UplinkInfo, error) {
 		return nil, errors.New(reply.Error)
 	}
 	return reply.Uplinks, nil
+}
+
+// QueryUsage asks the daemon listening on path for its usage report.
+func QueryUsage(path string) (usage.Report, error) {
+	var reply usage.Report
+	if err := query(path, "usage", &reply); err != nil {
+		return usage.Report{}, err
+	}
+	if reply.Error != "" {
+		return usage.Report{}, errors.New(reply.Error)
+	}
+	return reply, nil
 }
 
 // query sends one request and decodes its answer into reply.

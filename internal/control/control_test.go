@@ -14,6 +14,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/rerouted/rerouted/internal/usage"
+
 	"github.com/rerouted/rerouted/internal/testenv"
 )
 
@@ -47,6 +49,9 @@ func (s fakeSource) Flows(fn func(FlowInfo) error) error {
 }
 
 func (s fakeSource) Uplinks() []UplinkInfo { return s.uplinks }
+func (s fakeSource) Usage() (usage.Report, error) {
+	return usage.Report{Uplinks: []string{"default"}, Rows: []usage.Row{}}, nil
+}
 
 // The server streams what its Source lists, and the client reads it back;
 // no uplinks is an empty list, not null. (The server answers root only.)

@@ -1,10 +1,12 @@
 package daemon
 
 import (
+	"errors"
 	"time"
 
 	"github.com/rerouted/rerouted/internal/control"
 	"github.com/rerouted/rerouted/internal/flow"
+	"github.com/rerouted/rerouted/internal/usage"
 )
 
 // controlSource is what the control socket reports: the daemon's flows and
@@ -29,6 +31,20 @@ func (s controlSource) Flows(fn func(control.FlowInfo) error) error {
 		}
 	}
 	return nil
+}
+
+// Usage reads the counts afresh: what `rerouted usage` prints is up to
+// the moment.
+func (s controlSource) Usage() (usage.Report, error) {
+	l := s.d.usage
+	if l == nil {
+		return usage.Report{}, errors.New("usage accounting is off (see the daemon's log for why, or [usage] enabled in the configuration)")
+	}
+	if err := l.Harvest(false); err != nil {
+		s.d.errors[errUsage].Add(1)
+		return usage.Report{}, err
+	}
+	return l.Report(), nil
 }
 
 // Uplinks returns each uplink's state in each family, with its live flows.

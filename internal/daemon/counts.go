@@ -22,8 +22,9 @@ const (
 	errSweep                       // a socket dump or counter read failed: nothing removed that round
 	errRepair                      // the table could not be checked or put back
 	errCloseEvents                 // the kernel's announcements of UDP sockets' ends were lost
+	errUsage                       // usage accounting: the counts could not be read, kept or written
 	errKinds
 )
 
 // errKindNames are the errors metric's kind labels.
-var errKindNames = [errKinds]string{"install", "remove", "nfqueue_receive", "sweep", "repair", "udp_close_events"}
+var errKindNames = [errKinds]string{"install", "remove", "nfqueue_receive", "sweep", "repair", "udp_close_events", "usage"}

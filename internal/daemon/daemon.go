@@ -58,6 +58,7 @@ import (
 	"github.com/rerouted/rerouted/internal/sockdiag"
 	"github.com/rerouted/rerouted/internal/steer"
 	"github.com/rerouted/rerouted/internal/uplink"
+	"github.com/rerouted/rerouted/internal/usage"
 	"golang.org/x/sys/unix"
 )
 
@@ -105,10 +106,14 @@ type Daemon struct {
 	notify         func(state string)
 	insecure       bool // InsecureConfig
 
-	routing atomic.Uint64   // bumped on every routing change: route caches are stale
-	counts                  // the daemon's own counts (the packet path's are shared.Stats)
-	sweeper *sweeper        // once the table is open
-	reloads <-chan struct{} // Options.Reload
+	routing atomic.Uint64 // bumped on every routing change: route caches are stale
+	counts                // the daemon's own counts (the packet path's are shared.Stats)
+	sweeper *sweeper      // once the table is open
+	// usageState is the state file as read at the start; usage, the
+	// ledger over the kernel's counts, once they run (nil: no accounting).
+	usageState *usage.State
+	usage      *usage.Ledger
+	reloads    <-chan struct{} // Options.Reload
 
 	// The lifecycle (Run): open adds to undo what close undoes; stop ends
 	// every goroutine's context; detached (set by serve, read by close)
@@ -166,7 +171,8 @@ func newDaemon(o Options) *Daemon {
 	d.shared.Install = flow.NewInstaller(newFlowKernel(d), d.installFailed)
 	d.metrics = metrics.New(&metrics.Daemon{Log: d.log, Config: &d.cfg, Stats: d.shared.Stats, FailClosed: d.shared.FailClosed,
 		ErrorKinds: errKindNames[:], Errors: d.errors[:], Idle: &d.idle, UDPClosed: &d.udpClosed, Flows: d.flows, Uplinks: &d.uplinks,
-		Steer: &d.steer, Datapath: func() *nftdp.Datapath { return d.dp }})
+		Steer: &d.steer, Datapath: func() *nftdp.Datapath { return d.dp },
+		Usage: usage.NewCollector(d.usageReport, cfg.Usage.Top)})
 	d.shared.Decisions, d.shared.Latency = d.metrics.Decisions, d.metrics.Latency
 	if o.Events != nil {
 		kinds := o.EventKinds
@@ -212,6 +218,9 @@ func (d *Daemon) open(ctx context.Context) error {
 		return err
 	}
 	d.atClose(lock.Release)
+	if err := d.loadUsageState(cfg); err != nil {
+		return err
+	}
 	d.atClose(func() error { d.stop(); d.wg.Wait(); return nil })
 	if err := d.openRouting(ctx, cfg); err != nil {
 		return err
@@ -360,6 +369,7 @@ func (d *Daemon) openTable(ctx context.Context, cfg *policy.Config, sweepDiag so
 // sockets' ends, the metrics server, the installer, the sweeper, the
 // control server and the reloader.
 func (d *Daemon) startServices(ctx context.Context, cfg *policy.Config, sweepDiag sockdiag.Sockets, ctl net.Listener) error {
+	d.startUsage(ctx, cfg, sweepDiag)
 	if cfg.Daemon.Steering == "connect" {
 		if err := d.startSteering(cfg); err != nil {
 			steer.LogFailure(d.log, err)

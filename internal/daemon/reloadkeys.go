@@ -32,6 +32,9 @@ func restartKeys(old, cfg *policy.Config) []string {
 			keys = append(keys, "daemon."+k.key)
 		}
 	}
+	if old.Usage != cfg.Usage {
+		keys = append(keys, "[usage]")
+	}
 	startOnly := func(u *policy.Uplink) bool { return u.Health != nil || u.Managed() }
 	for _, u := range cfg.Uplinks {
 		ou := old.UplinkByName(u.Name)

@@ -39,7 +39,11 @@ func (w *World) StartDaemonEnv(bin, config string, env []string, echo io.Writer,
 		argv = append(append([]string(nil), w.DaemonPrefix...), argv...)
 	}
 	d.cmd = w.Host.Command(argv[0], argv[1:]...)
-	d.cmd.Env = append(os.Environ(), env...)
+	// The daemon keeps its state (usage.json) where systemd's
+	// StateDirectory= would say: the world's own directory, unless the
+	// caller says otherwise, never the host's /var/lib/rerouted.
+	d.cmd.Env = append(os.Environ(), "STATE_DIRECTORY="+w.StateDir)
+	d.cmd.Env = append(d.cmd.Env, env...)
 	pr, pw := io.Pipe()
 	d.cmd.Stdout, d.cmd.Stderr = pw, pw
 	if err := d.cmd.Start(); err != nil {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
 	"regexp"
 	"strconv"
 	"sync"
@@ -42,6 +43,9 @@ type World struct {
 	// the host namespace (e.g. nsenter into a mount namespace of a test's
 	// own).
 	DaemonPrefix []string
+	// StateDir is the daemons' state directory (STATE_DIRECTORY), the
+	// world's own, removed with it.
+	StateDir string
 
 	logf    func(string, ...any)
 	mu      sync.Mutex
@@ -68,6 +72,9 @@ func New(prefix string, logf func(string, ...any)) (w *World, err error) {
 			w = nil
 		}
 	}()
+	if w.StateDir, err = os.MkdirTemp("", prefix+"-state-"); err != nil {
+		return w, err
+	}
 	for _, p := range []struct {
 		ns   **NS
 		role string
@@ -220,6 +227,9 @@ func (w *World) Close() error {
 		if ns != nil {
 			errs = append(errs, ns.Delete())
 		}
+	}
+	if w.StateDir != "" {
+		errs = append(errs, os.RemoveAll(w.StateDir))
 	}
 	return errors.Join(errs...)
 }

@@ -290,3 +290,35 @@ func CheckInterfaces(uplinks []*policy.Uplink) error {
 	}
 	return nil
 }
+
+// DefaultLinks returns the interfaces (by index) the main table's default
+// routes lead out of, IPv4 and IPv6, multipath next hops included: where
+// the host's own routing sends what no uplink's mark routes.
+func DefaultLinks() (map[int]bool, error) {
+	out := map[int]bool{}
+	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		routes, err := netlink.RouteListFiltered(family, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+		if err != nil {
+			return nil, fmt.Errorf("list the main table's routes: %w", err)
+		}
+		for _, r := range routes {
+			if r.Dst != nil && !r.Dst.IP.IsUnspecified() {
+				continue
+			}
+			if r.Dst != nil {
+				if ones, _ := r.Dst.Mask.Size(); ones != 0 {
+					continue
+				}
+			}
+			if r.LinkIndex > 0 {
+				out[r.LinkIndex] = true
+			}
+			for _, nh := range r.MultiPath {
+				if nh.LinkIndex > 0 {
+					out[nh.LinkIndex] = true
+				}
+			}
+		}
+	}
+	return out, nil
+}

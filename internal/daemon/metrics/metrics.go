@@ -56,6 +56,8 @@ type Daemon struct {
 	Uplinks         *uplink.States
 	Steer           *atomic.Pointer[steer.Steering] // holds nil when steering is off
 	Datapath        func() *nftdp.Datapath          // once the table is open
+	// Usage is the usage accounting's metrics (package usage).
+	Usage prometheus.Collector
 }
 
 // New registers the metrics of d.
@@ -83,6 +85,9 @@ func New(d *Daemon) *Metrics {
 	}
 	m.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		m.Decisions, m.Latency, m.Repairs, m.Moved, m.Transitions, &uplinkCollector{d: d}, &budgetCollector{d: d}, &flowCollector{d: d}, &queueCollector{d: d}, steeringCollector{d: d})
+	if d.Usage != nil {
+		m.reg.MustRegister(d.Usage)
+	}
 	for _, c := range []struct {
 		name, help string
 		v          func() uint64
