@@ -24,6 +24,7 @@ import (
 	"github.com/rerouted/rerouted/internal/instance"
 	"github.com/rerouted/rerouted/internal/nftdp/nftfeat"
 	"github.com/rerouted/rerouted/internal/policy"
+	acct "github.com/rerouted/rerouted/internal/usage"
 )
 
 // defaultConfig is the configuration file every command that reads one
@@ -265,7 +266,8 @@ func cmdRun(args []string) int {
 		log.Info("stopped for a restart; the next start adopts the flows")
 		return exitRestart
 	}
-	if errors.Is(err, instance.ErrRunning) || errors.Is(err, instance.ErrInsecure) {
+	var serr *acct.StateError
+	if errors.Is(err, instance.ErrRunning) || errors.Is(err, instance.ErrInsecure) || errors.As(err, &serr) {
 		// Refused before touching anything: as for a bad configuration.
 		log.Error("rerouted refused to start; nothing was changed", "err", err)
 		return exitUsage

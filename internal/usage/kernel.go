@@ -11,6 +11,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/ringbuf"
+	"github.com/cilium/ebpf/rlimit"
 	"golang.org/x/sys/unix"
 
 	"github.com/rerouted/rerouted/internal/ipproto"
@@ -57,6 +58,11 @@ type Entry struct {
 // sent meanwhile was counted.
 func OpenKernel(cgroupRoot, pinDir string) (*Kernel, error) {
 	k := &Kernel{pinDir: pinDir}
+	// Before Linux 5.11 maps are charged to RLIMIT_MEMLOCK (from 5.11,
+	// to the cgroup's memory): lift it where it applies.
+	if err := rlimit.RemoveMemlock(); err != nil {
+		return nil, fmt.Errorf("accounting: lift RLIMIT_MEMLOCK: %w", err)
+	}
 	if err := k.load(); err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {

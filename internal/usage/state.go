@@ -28,11 +28,21 @@ type State struct {
 	// executable of a process gone since).
 	Owners []Owner     `json:"owners,omitempty"`
 	Live   [][2]uint64 `json:"live,omitempty"`
+	// Quotas: for each uplink with a quota, when its period began and
+	// its total (in and out) then: what it used since is its total less
+	// Base.
+	Quotas map[string]QuotaBase `json:"quotas,omitempty"`
 
 	index map[rowKey]int
 }
 
 const stateVersion = 1
+
+// QuotaBase is where an uplink's quota period began.
+type QuotaBase struct {
+	Start time.Time `json:"start"`
+	Base  uint64    `json:"base"` // its total bytes then
+}
 
 // NewState is the state of a first run.
 func NewState(now time.Time) *State {

@@ -296,6 +296,37 @@ func (l *Ledger) SetInterfaces(ifs map[uint32]uint32) error {
 	return l.k.SetInterfaces(ifs)
 }
 
+// QuotaUsed is what the uplink carried (bytes in and out) since start, the
+// beginning of its quota period, as of the last harvest. A period not seen
+// before begins now, at the uplink's total (what it carried earlier in
+// the period, before the quota was set or the daemon counted, is not
+// known); the state file keeps it across restarts.
+func (l *Ledger) QuotaUsed(uplink string, start time.Time) (uint64, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var total uint64
+	for _, r := range l.snap.Rows {
+		if r.Uplink == uplink {
+			total += r.Bytes()
+		}
+	}
+	if l.state.Quotas == nil {
+		l.state.Quotas = map[string]QuotaBase{}
+	}
+	q, ok := l.state.Quotas[uplink]
+	if !ok || !q.Start.Equal(start) {
+		q = QuotaBase{Start: start, Base: total}
+		l.state.Quotas[uplink] = q
+		if err := l.write(); err != nil {
+			return 0, err
+		}
+	}
+	if total < q.Base {
+		return 0, nil
+	}
+	return total - q.Base, nil
+}
+
 // Save writes the state file (the totals of ended sockets).
 func (l *Ledger) Save() error {
 	l.mu.Lock()

@@ -73,9 +73,12 @@ struct {
 	__type(value, __u64); // its namespace's cookie
 } probe SEC(".maps");
 
+// socks and acct are allocated as they fill (BPF_F_NO_PREALLOC): their
+// size is what a busy host may need, not what every host pays for.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 262144);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u64); // socket cookie
 	__type(value, struct sock_info);
 } socks SEC(".maps");
@@ -90,6 +93,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 262144);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct acct_key);
 	__type(value, struct counts);
 } acct SEC(".maps");
