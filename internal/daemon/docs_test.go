@@ -171,7 +171,7 @@ func TestConfigurationReloadColumn(t *testing.T) {
 	}
 	reload := map[string]string{} // "daemon.queue": "restart"
 	section := ""
-	tables := map[string]string{"## [daemon]": "daemon", "## [[uplink]]": "uplink", "## [uplink.health]": "health", "## [[rule]]": "rule"}
+	tables := map[string]string{"## [daemon]": "daemon", "## [[uplink]]": "uplink", "## [uplink.health]": "health", "## [[rule]]": "rule", "## [usage]": "usage"}
 	for _, l := range strings.Split(string(b), "\n") {
 		if strings.HasPrefix(l, "## ") {
 			section = tables[l]
@@ -210,6 +210,15 @@ func TestConfigurationReloadColumn(t *testing.T) {
 		"health.timeout":           {fmt.Sprintf(managed, "", ""), fmt.Sprintf(managed, "", "timeout = \"500ms\"")},
 		"health.down_after":        {fmt.Sprintf(managed, "", ""), fmt.Sprintf(managed, "", "down_after = 4")},
 		"health.up_after":          {fmt.Sprintf(managed, "", ""), fmt.Sprintf(managed, "", "up_after = 3")},
+		"uplink.standby":           {fmt.Sprintf(plain, ""), fmt.Sprintf(plain, "standby = true")},
+		"uplink.quota":             {fmt.Sprintf(plain, ""), fmt.Sprintf(plain, "quota = \"5MB\"")},
+		"uplink.quota_period":      {fmt.Sprintf(plain, "quota = \"5MB\""), fmt.Sprintf(plain, "quota = \"5MB\"\nquota_period = \"week\"")},
+		"uplink.quota_reset":       {fmt.Sprintf(plain, "quota = \"5MB\""), fmt.Sprintf(plain, "quota = \"5MB\"\nquota_reset = 3")},
+		"uplink.on_quota":          {fmt.Sprintf(plain, "quota = \"5MB\""), fmt.Sprintf(plain, "quota = \"5MB\"\non_quota = \"reset\"")},
+		"usage.enabled":            {"", "[usage]\nenabled = false"},
+		"usage.state":              {"", "[usage]\nstate = \"/tmp/u.json\""},
+		"usage.interval":           {"", "[usage]\ninterval = \"9s\""},
+		"usage.top":                {"", "[usage]\ntop = 3"},
 	}
 	for key, cell := range reload {
 		if strings.HasPrefix(key, "rule.") {

@@ -84,5 +84,20 @@ func (d *Daemon) uplinkChanged(st uplink.Status) {
 		d.log.Warn("uplink is up", "uplink", st.Uplink, "family", st.Family)
 		return
 	}
-	d.log.Warn("uplink is down: rules choose their next uplink, host marks their fallback", "uplink", st.Uplink, "family", st.Family, "why", st.Why)
+	if st.Standby {
+		d.log.Warn("standby uplink is held: new flows take the primary again", "uplink", st.Uplink, "family", st.Family, "why", st.Why)
+	} else {
+		d.log.Warn("uplink is down: rules choose their next uplink, host marks their fallback", "uplink", st.Uplink, "family", st.Family, "why", st.Why)
+	}
+	// A standby held again, or an uplink over its quota with on_quota =
+	// "reset", still works: its TCP connections are closed so that they
+	// reconnect over the uplink new flows take.
+	u := d.cfg.Load().UplinkByName(st.Uplink)
+	switch {
+	case u == nil:
+	case st.Standby:
+		d.closeUplink(u, st, "standby uplink held again")
+	case u.ResetOnQuota && u.Quota > 0 && st.QuotaUsed >= st.Quota:
+		d.closeUplink(u, st, "uplink over its quota")
+	}
 }

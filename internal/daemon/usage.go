@@ -11,6 +11,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/rerouted/rerouted/internal/ipproto"
 	"github.com/rerouted/rerouted/internal/owner"
 	"github.com/rerouted/rerouted/internal/policy"
 	"github.com/rerouted/rerouted/internal/sockdiag"
@@ -106,6 +107,7 @@ func (d *Daemon) startUsage(ctx context.Context, cfg *policy.Config, diag sockdi
 		d.errors[errUsage].Add(1)
 		d.log.Error("usage: read the counts", "err", err)
 	}
+	d.checkQuotas(time.Now())
 	d.log.Info("usage accounting", "state", cfg.Usage.State, "interval", cfg.Usage.Interval, "adopted", k.Adopted, "since", d.usageState.Since)
 	done, watched := make(chan struct{}), make(chan struct{})
 	go func() { defer close(done); d.harvestLoop(ctx, cfg.Usage.Interval) }()
@@ -160,7 +162,9 @@ func (d *Daemon) harvestLoop(ctx context.Context, every time.Duration) {
 		if err := d.usage.Harvest(false); err != nil {
 			d.errors[errUsage].Add(1)
 			d.log.Error("usage: read the counts", "err", err)
+			continue
 		}
+		d.checkQuotas(time.Now())
 	}
 }
 
@@ -222,5 +226,104 @@ func (d *Daemon) ruleOf() func(cookie uint64) string {
 			}
 		}
 		return ""
+	}
+}
+
+// checkQuotas tells the uplinks' states what each uplink with a quota has
+// used of it this period, warns at 90% and at the quota, and acts on an
+// uplink that went over it (or came back under it, a new period). It runs
+// in the harvest loop alone, which owns quotaWarned.
+func (d *Daemon) checkQuotas(now time.Time) {
+	cfg := d.cfg.Load()
+	for _, u := range cfg.Uplinks {
+		if u.Quota == 0 {
+			if ts := d.uplinks.SetQuota(u.Mark, 0, 0, now); len(ts) > 0 {
+				d.uplinksChanged(ts)
+			}
+			continue
+		}
+		start := u.QuotaStart(now)
+		used, err := d.usage.QuotaUsed(u.Name, start)
+		if err != nil {
+			d.errors[errUsage].Add(1)
+			d.log.Error("usage: keep the start of a quota period", "uplink", u.Name, "err", err)
+		}
+		level := 0
+		switch {
+		case used >= u.Quota:
+			level = 2
+		case used >= u.Quota/10*9:
+			level = 1
+		}
+		w := d.quotaWarned[u.Name]
+		if w.start != start {
+			w = quotaWarning{start: start}
+		}
+		if level > w.level {
+			msg := "uplink has used 90% of its quota"
+			if level == 2 {
+				msg = "uplink is over its quota: new flows take the next uplink"
+				if u.ResetOnQuota {
+					msg += "; its TCP connections are closed (on_quota = \"reset\")"
+				}
+			}
+			d.log.Warn(msg, "uplink", u.Name, "used_bytes", used, "quota_bytes", u.Quota, "period", u.QuotaPeriod, "since", start)
+		}
+		w.level = level
+		d.quotaWarned[u.Name] = w
+		if ts := d.uplinks.SetQuota(u.Mark, used, u.Quota, now); len(ts) > 0 {
+			d.uplinksChanged(ts)
+		}
+	}
+}
+
+type quotaWarning struct {
+	start time.Time
+	level int // 1: warned at 90%; 2: at the quota
+}
+
+// uplinksChanged acts on transitions made outside the routing keeper and
+// the probes: the engines first, then the announcements.
+func (d *Daemon) uplinksChanged(ts []uplink.Transition) {
+	d.republish()
+	for _, tr := range ts {
+		d.uplinkChanged(tr.Status)
+	}
+}
+
+// closeUplink closes the TCP connections on u, whose new flows go
+// elsewhere now (a standby held again, an uplink over its quota), so that
+// they reconnect over the uplink that takes them: its translated flows'
+// sockets (their UDP and ping flows are decided anew at their next
+// packet), and the sockets bound to it at connect().
+func (d *Daemon) closeUplink(u *policy.Uplink, st uplink.Status, why string) {
+	diag, err := sockdiag.OpenSockets()
+	if err != nil {
+		d.log.Error("close the connections of an uplink", "uplink", u.Name, "err", err)
+		return
+	}
+	defer diag.Close()
+	n := 0
+	for _, f := range d.flows().Snapshot() {
+		if f.Pass || f.Mark != u.Mark || (f.Dst.Addr().Is6() != (st.Family == "ipv6")) {
+			continue
+		}
+		if f.Proto == ipproto.TCP {
+			if u.KeepTCP {
+				continue
+			}
+			if err := diag.Destroy(ipproto.TCP, f.Src, f.Dst, f.Cookie); err != nil && !errors.Is(err, sockdiag.ErrNotFound) && !errors.Is(err, sockdiag.ErrCannotDestroy) {
+				d.log.Error("close a connection of an uplink", "uplink", u.Name, "src", f.Src, "dst", f.Dst, "err", err)
+				continue
+			}
+			n++
+		}
+		d.shared.Forget(f)
+	}
+	if s := d.steer.Load(); s != nil && st.Src.IsValid() {
+		s.CloseOn(u, st.Src, why+": closed the TCP connections bound at connect()")
+	}
+	if n > 0 {
+		d.log.Warn(why+": closed its translated TCP connections", "uplink", u.Name, "family", st.Family, "connections", n)
 	}
 }

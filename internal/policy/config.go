@@ -112,6 +112,19 @@ type Uplink struct {
 	// goes away, only remove its translation (reset_tcp = false) instead
 	// of closing the socket so that the application learns at once.
 	KeepTCP bool
+	// Standby: the uplink carries nothing but its probes while a
+	// non-standby uplink is up in the family: it is held down for new
+	// flows, rules fall over to it, host marks follow their fallback.
+	Standby bool
+	// Quota: bytes (in and out) the uplink may carry each QuotaPeriod
+	// ("day", "week" or "month"), from day QuotaReset of the period (a
+	// weekday 1–7 from Monday, or a day of the month 1–28); 0: none. Past
+	// it the uplink is down for new flows; ResetOnQuota closes its live
+	// TCP connections too (on_quota = "reset").
+	Quota        uint64
+	QuotaPeriod  string
+	QuotaReset   int
+	ResetOnQuota bool
 }
 
 // Managed reports whether rerouted installs the uplink's routing.
@@ -235,6 +248,13 @@ func (p *parser) config(raw map[string]any) *Config {
 		}
 	}
 	p.link(cfg)
+	if !cfg.Usage.Enabled {
+		for i, u := range cfg.Uplinks {
+			if u.Quota > 0 {
+				p.errorf(fmt.Sprintf("uplink.%d.quota", i), "a quota is counted by usage accounting: [usage] enabled = false turns it off")
+			}
+		}
+	}
 	return cfg
 }
 
@@ -397,6 +417,39 @@ func (p *parser) uplink(path string, t map[string]any) *Uplink {
 				continue
 			}
 			u.FallbackName = n
+		case "standby":
+			b, ok := t[k].(bool)
+			if !ok {
+				p.errorf(kp, "standby must be true or false")
+				continue
+			}
+			u.Standby = b
+		case "quota":
+			n, err := ParseSize(t[k])
+			if err != nil || n == 0 {
+				p.errorf(kp, "quota must be a size, like \"50GiB\" or \"500MB\"")
+				continue
+			}
+			u.Quota = n
+		case "quota_period":
+			switch t[k] {
+			case "day", "week", "month":
+				u.QuotaPeriod = t[k].(string)
+			default:
+				p.errorf(kp, "quota_period must be \"day\", \"week\" or \"month\"")
+			}
+		case "quota_reset":
+			if n, ok := p.integer(kp, t[k], 1, 28); ok {
+				u.QuotaReset = int(n)
+			}
+		case "on_quota":
+			switch t[k] {
+			case "keep":
+			case "reset":
+				u.ResetOnQuota = true
+			default:
+				p.errorf(kp, "on_quota must be \"keep\" (live connections carry on past the quota) or \"reset\" (they are closed)")
+			}
 		case "reset_tcp":
 			b, ok := t[k].(bool)
 			if !ok {
@@ -461,6 +514,25 @@ func (p *parser) uplink(path string, t map[string]any) *Uplink {
 	}
 	if _, ok := t["health"]; ok && u.Interface == "" {
 		p.errorf(path+".health", "an [[uplink]] with [uplink.health] needs its interface: probes are sent from its addresses")
+	}
+	if _, ok := t["quota"]; !ok {
+		for _, k := range []string{"quota_period", "quota_reset", "on_quota"} {
+			if _, ok := t[k]; ok {
+				p.errorf(path+"."+k, "%s needs a quota", k)
+			}
+		}
+	}
+	if u.QuotaPeriod == "" {
+		u.QuotaPeriod = "month"
+	}
+	if u.QuotaReset == 0 {
+		u.QuotaReset = 1
+	}
+	switch {
+	case u.QuotaPeriod == "week" && u.QuotaReset > 7:
+		p.errorf(path+".quota_reset", "quota_reset of a week is a weekday, 1 (Monday) to 7 (Sunday)")
+	case u.QuotaPeriod == "day" && u.QuotaReset != 1:
+		p.errorf(path+".quota_reset", "a daily quota restarts at midnight: quota_reset must be 1 or left out")
 	}
 	if _, ok := t["name"]; !ok {
 		p.errorf(path, "[[uplink]] needs a name")
@@ -554,7 +626,7 @@ var Keys = map[string][]string{
 	"":              {"daemon", "uplink", "rule", "usage"},
 	"usage":         {"enabled", "state", "interval", "top"},
 	"daemon":        {"queue", "queues", "honor_marks", "control_socket", "metrics_listen", "gc_interval", "idle_timeout", "datapath", "on_failure", "steering", "host_marks", "new_flows_per_uid"},
-	"uplink":        {"name", "mark", "interface", "gateway", "gateway6", "table", "fallback", "reset_tcp", "health"},
+	"uplink":        {"name", "mark", "interface", "gateway", "gateway6", "table", "fallback", "reset_tcp", "health", "standby", "quota", "quota_period", "quota_reset", "on_quota"},
 	"uplink.health": {"targets", "interval", "timeout", "down_after", "up_after"},
 	"rule":          ruleKeyNames(),
 }
@@ -781,4 +853,63 @@ func sortedKeys(m map[string]any) []string {
 	}
 	sort.Strings(ks)
 	return ks
+}
+
+// ParseSize reads a size: bytes as an integer, or a number with a unit,
+// decimal (kB, MB, GB, TB) or binary (KiB, MiB, GiB, TiB), like "50GiB"
+// or "1.5 TB".
+func ParseSize(v any) (uint64, error) {
+	switch n := v.(type) {
+	case int64:
+		if n < 0 {
+			return 0, fmt.Errorf("negative size %d", n)
+		}
+		return uint64(n), nil
+	case string:
+		s := strings.TrimSpace(n)
+		i := strings.IndexFunc(s, func(r rune) bool { return (r < '0' || r > '9') && r != '.' })
+		if i <= 0 {
+			if i < 0 {
+				i = len(s)
+			} else {
+				return 0, fmt.Errorf("size %q: no number", n)
+			}
+		}
+		num, err := strconv.ParseFloat(s[:i], 64)
+		if err != nil || num < 0 {
+			return 0, fmt.Errorf("size %q: %v", n, err)
+		}
+		units := map[string]float64{"": 1, "B": 1, "kB": 1e3, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
+			"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+		mul, ok := units[strings.TrimSpace(s[i:])]
+		if !ok {
+			return 0, fmt.Errorf("size %q: unknown unit %q (B, kB, MB, GB, TB, KiB, MiB, GiB, TiB)", n, strings.TrimSpace(s[i:]))
+		}
+		if num*mul >= 1<<63 {
+			return 0, fmt.Errorf("size %q: too large", n)
+		}
+		return uint64(num * mul), nil
+	}
+	return 0, fmt.Errorf("a size must be a string like \"50GiB\", or a number of bytes")
+}
+
+// QuotaStart is when the quota period that now is in began: midnight,
+// local time, of the day the count restarts (QuotaReset) in this day,
+// week or month, or in the last one if that day is yet to come.
+func (u *Uplink) QuotaStart(now time.Time) time.Time {
+	y, m, d := now.Date()
+	day := time.Date(y, m, d, 0, 0, 0, 0, now.Location())
+	switch u.QuotaPeriod {
+	case "day":
+		return day
+	case "week":
+		wd := (int(now.Weekday())+6)%7 + 1 // 1 Monday … 7 Sunday
+		back := (wd - u.QuotaReset + 7) % 7
+		return day.AddDate(0, 0, -back)
+	}
+	start := time.Date(y, m, u.QuotaReset, 0, 0, 0, 0, now.Location())
+	if start.After(now) {
+		start = start.AddDate(0, -1, 0)
+	}
+	return start
 }

@@ -214,7 +214,7 @@ func (s *Steering) Publish(cfg *policy.Config) error {
 				now = us[i].Addr6
 			}
 			if a.IsValid() && a != now && !isLocal(a) {
-				s.closeSteered(cfg.Uplinks[i], a)
+				s.closeSteered(cfg.Uplinks[i], a, true, "uplink renumbered: closed the sockets bound at connect() to its old address")
 			}
 		}
 	}
@@ -237,10 +237,19 @@ func isLocal(a netip.Addr) bool {
 	return false
 }
 
-// closeSteered closes the sockets bound to u's address a, which the host
-// no longer has: TCP ones unless reset_tcp = false, connected UDP ones
-// always (their datagrams cannot leave).
-func (s *Steering) closeSteered(u *policy.Uplink, a netip.Addr) {
+// CloseOn closes the sockets bound at connect() to u's address a, which
+// new flows no longer take (a standby uplink held again, an uplink over its
+// quota): TCP ones unless reset_tcp = false, so that they reconnect over
+// the uplink that takes new flows now. UDP ones carry on: their socket
+// keeps its address, which still works.
+func (s *Steering) CloseOn(u *policy.Uplink, a netip.Addr, why string) {
+	s.closeSteered(u, a, false, why)
+}
+
+// closeSteered closes the sockets bound to u's address a: TCP ones unless
+// reset_tcp = false, and with udp connected UDP ones (their datagrams
+// cannot leave from an address the host no longer has).
+func (s *Steering) closeSteered(u *policy.Uplink, a netip.Addr, udp bool, why string) {
 	diag, err := sockdiag.OpenSockets() // one per call: the callers are any goroutine
 	if err != nil {
 		s.d.Log.Error("connect steering: close sockets on an address that went away", "uplink", u.Name, "address", a, "err", err)
@@ -252,7 +261,7 @@ func (s *Steering) closeSteered(u *policy.Uplink, a netip.Addr) {
 		family = syscall.AF_INET6
 	}
 	for _, proto := range []ipproto.Proto{ipproto.TCP, ipproto.UDP} {
-		if proto == ipproto.TCP && u.KeepTCP {
+		if (proto == ipproto.TCP && u.KeepTCP) || (proto == ipproto.UDP && !udp) {
 			continue
 		}
 		var victims []sockdiag.Socket
@@ -277,7 +286,7 @@ func (s *Steering) closeSteered(u *policy.Uplink, a netip.Addr) {
 			s.d.Moved.WithLabelValues(u.Name, how).Inc()
 		}
 		if len(victims) > 0 {
-			s.d.Log.Warn("uplink renumbered: closed the sockets bound at connect() to its old address", "uplink", u.Name, "address", a,
+			s.d.Log.Warn(why, "uplink", u.Name, "address", a,
 				"proto", proto.String(), "sockets", len(victims))
 		}
 	}

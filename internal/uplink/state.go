@@ -42,6 +42,12 @@ type Status struct {
 	Probed bool          `json:"probed"`
 	RTT    time.Duration `json:"rtt_ns,omitempty"`
 	Loss   float64       `json:"loss"`
+	// Standby: a standby uplink held down while a primary is up.
+	Standby bool `json:"standby,omitempty"`
+	// Quota is its quota for the period (bytes, 0: none), QuotaUsed what
+	// it has carried of it.
+	Quota     uint64 `json:"quota_bytes,omitempty"`
+	QuotaUsed uint64 `json:"quota_used_bytes,omitempty"`
 }
 
 // Transition is a change of an uplink's state.
@@ -55,7 +61,12 @@ type States struct {
 	uplinks []*policy.Uplink
 	base    map[uint32]*[2]Status // by mark; [0] IPv4, [1] IPv6
 	probes  map[uint32]*[2]probeVerdict
+	quotas  map[uint32]quotaState
 	snap    atomic.Pointer[snapshot]
+}
+
+type quotaState struct {
+	used, limit uint64
 }
 
 type probeVerdict struct {
@@ -161,12 +172,33 @@ func (s *States) SetProbe(mark uint32, v6 bool, ok bool, why string, rtt time.Du
 	return s.publish(now)
 }
 
+// SetQuota records what the uplink with mark has used of its quota this
+// period (limit 0: none): at the limit, it is down for new flows.
+func (s *States) SetQuota(mark uint32, used, limit uint64, now time.Time) []Transition {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.quotas == nil {
+		s.quotas = map[uint32]quotaState{}
+	}
+	if s.quotas[mark] == (quotaState{used, limit}) {
+		return nil
+	}
+	s.quotas[mark] = quotaState{used, limit}
+	return s.publish(now)
+}
+
 // publish combines the kernel's and the probes' verdicts into a new
 // snapshot, and returns what changed. Call with mu held.
 func (s *States) publish(now time.Time) []Transition {
 	old := s.snap.Load()
 	sn := &snapshot{byMark: make(map[uint32]*[2]Status, len(s.uplinks))}
 	var out []Transition
+	type state struct {
+		u  *policy.Uplink
+		st *[2]Status
+	}
+	var all []state
+	var primary [2]string // a non-standby uplink that is up, per family
 	for _, u := range s.uplinks {
 		b, ok := s.base[u.Mark]
 		if !ok {
@@ -180,6 +212,25 @@ func (s *States) publish(now time.Time) []Transition {
 				if cur.Up && !pv[fi].ok {
 					cur.Up, cur.Why = false, pv[fi].why
 				}
+			}
+			if q := s.quotas[u.Mark]; q.limit > 0 {
+				cur.Quota, cur.QuotaUsed = q.limit, q.used
+				if cur.Up && q.used >= q.limit {
+					cur.Up, cur.Why = false, fmt.Sprintf("over its quota: %d of %d bytes used this period", q.used, q.limit)
+				}
+			}
+			if cur.Up && !u.Standby && primary[fi] == "" {
+				primary[fi] = u.Name
+			}
+		}
+		all = append(all, state{u, &st})
+	}
+	for _, a := range all {
+		u, st := a.u, *a.st
+		for fi := range st {
+			cur := &st[fi]
+			if u.Standby && cur.Up && primary[fi] != "" {
+				cur.Up, cur.Standby, cur.Why = false, true, "standby while "+primary[fi]+" is up"
 			}
 			cur.Since = now
 			if old != nil {
@@ -255,7 +306,10 @@ func check(h *netlink.Handle, u *policy.Uplink, family, fi int) (Status, error) 
 // String is the state as a line: "isp-b ipv4 up since 12:00:01 (203.0.113.2, via hb)".
 func (st Status) String() string {
 	state := "up"
-	if !st.Up {
+	switch {
+	case st.Standby:
+		state = "standby"
+	case !st.Up:
 		state = "DOWN"
 	}
 	addrs := make([]string, len(st.Addrs))
@@ -271,6 +325,13 @@ func (st Status) String() string {
 	}
 	if st.Probed {
 		s += fmt.Sprintf(" probes rtt %s loss %.0f%%", st.RTT.Round(10*time.Microsecond), 100*st.Loss)
+	}
+	if st.Quota > 0 {
+		left := uint64(0)
+		if st.QuotaUsed < st.Quota {
+			left = st.Quota - st.QuotaUsed
+		}
+		s += fmt.Sprintf(" quota used %d remaining %d of %d bytes", st.QuotaUsed, left, st.Quota)
 	}
 	if st.Why != "" {
 		s += ": " + st.Why

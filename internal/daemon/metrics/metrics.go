@@ -330,10 +330,23 @@ func (c *uplinkCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- uplinkUpDesc
 	ch <- probeRTTDesc
 	ch <- probeLossDesc
+	ch <- quotaRemainingDesc
 }
 
+var quotaRemainingDesc = prometheus.NewDesc("rerouted_uplink_quota_remaining_bytes",
+	"What is left of each uplink's quota this period, in bytes (0: over it).", []string{"uplink"}, nil)
+
 func (c *uplinkCollector) Collect(ch chan<- prometheus.Metric) {
+	quota := map[string]bool{}
 	for _, st := range c.d.Uplinks.List() {
+		if st.Quota > 0 && !quota[st.Uplink] { // one quota for both families
+			quota[st.Uplink] = true
+			left := 0.0
+			if st.QuotaUsed < st.Quota {
+				left = float64(st.Quota - st.QuotaUsed)
+			}
+			ch <- prometheus.MustNewConstMetric(quotaRemainingDesc, prometheus.GaugeValue, left, st.Uplink)
+		}
 		v := 0.0
 		if st.Up {
 			v = 1
