@@ -111,10 +111,9 @@ type Daemon struct {
 	sweeper *sweeper      // once the table is open
 	// usageState is the state file as read at the start; usage, the
 	// ledger over the kernel's counts, once they run (nil: no accounting).
-	usageState  *usage.State
-	usage       *usage.Ledger
-	quotaWarned map[string]quotaWarning // the harvest loop's
-	reloads     <-chan struct{}         // Options.Reload
+	usageState *usage.State
+	usage      *usage.Ledger
+	reloads    <-chan struct{} // Options.Reload
 
 	// The lifecycle (Run): open adds to undo what close undoes; stop ends
 	// every goroutine's context; detached (set by serve, read by close)
@@ -162,7 +161,7 @@ func Run(ctx context.Context, o Options) (err error) {
 // newDaemon is the daemon of o, with nothing opened yet.
 func newDaemon(o Options) *Daemon {
 	cfg := o.Config
-	d := &Daemon{quotaWarned: map[string]quotaWarning{}, log: o.Log, notify: o.Notify, insecure: o.InsecureConfig, reloads: o.Reload}
+	d := &Daemon{log: o.Log, notify: o.Notify, insecure: o.InsecureConfig, reloads: o.Reload}
 	if d.notify == nil {
 		d.notify = func(string) {}
 	}
