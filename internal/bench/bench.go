@@ -68,6 +68,7 @@ var Paths = []struct {
 	{"rerouted-rule", "no mark rule: a rerouted rule sends the traffic via ISP B (kernel datapath)", false},
 	{"rerouted-balanced", "a rule balances over ISP A and ISP B (1:1), both managed and health-checked every second", false},
 	{"rerouted-kernel-nice", "as rerouted-kernel, with the daemon at nice -10 (the example unit's Nice=)", false},
+	{"rerouted-kernel-noacct", "as rerouted-kernel, without usage accounting ([usage] enabled = false): what accounting costs", false},
 	{"rerouted-connect", "as rerouted-rule, decided at connect() (steering = \"connect\"): the socket is bound to ISP B's address", false},
 }
 
@@ -138,13 +139,14 @@ func Run(o Options) (*Report, error) {
 	}
 
 	all := map[string]func(*run) (func() error, networld.DialOptions, error){
-		"limit":              setupLimit,
-		"masquerade":         setupMasquerade,
-		"rerouted-kernel":    b.setupRerouted("kernel", "", true),
-		"rerouted-userspace": b.setupRerouted("userspace", "", true),
-		"rerouted-rule":      b.setupRerouted("kernel", ruleViaB, false),
-		"rerouted-balanced":  b.setupRerouted("kernel", balanced, false),
-		"rerouted-connect":   b.setupReroutedWith("kernel", "steering = \"connect\"\n", ruleViaB, false),
+		"limit":                  setupLimit,
+		"masquerade":             setupMasquerade,
+		"rerouted-kernel":        b.setupRerouted("kernel", "", true),
+		"rerouted-userspace":     b.setupRerouted("userspace", "", true),
+		"rerouted-rule":          b.setupRerouted("kernel", ruleViaB, false),
+		"rerouted-balanced":      b.setupRerouted("kernel", balanced, false),
+		"rerouted-connect":       b.setupReroutedWith("kernel", "steering = \"connect\"\n", ruleViaB, false),
+		"rerouted-kernel-noacct": b.setupRerouted("kernel", "\n[usage]\nenabled = false\n", true),
 		"rerouted-kernel-nice": func(b *run) (func() error, networld.DialOptions, error) {
 			b.nice = -10
 			defer func() { b.nice = 0 }()
