@@ -110,8 +110,8 @@ KERNEL_ACCEL ?= auto
 # datapaths, within CI's time (6 to 10 minutes a kernel under TCG).
 # KERNEL_CORE_PASSES: the subtests it passes on each kernel, exactly (a
 # subtest added to these tests changes it).
-KERNEL_CORE_PASSES := 32
-KERNEL_CORE  := ^(TestKernelHasEveryFeature|TestForeignSourceFixedForHostMarks|TestRuleDecidesUplink|TestStatefulFirewallFINAndRST|TestUDPRequestResponse|TestPingViaISPB|TestIPv6TCP|TestRestartAdoptsFlows|TestPathMTUDiscovery|TestTableRepair|TestManagedUplinks|TestConnectSteering|TestHostMarksDecidedByKernel)$$
+KERNEL_CORE_PASSES := 33
+KERNEL_CORE  := ^(TestKernelHasEveryFeature|TestForeignSourceFixedForHostMarks|TestRuleDecidesUplink|TestStatefulFirewallFINAndRST|TestUDPRequestResponse|TestPingViaISPB|TestIPv6TCP|TestRestartAdoptsFlows|TestPathMTUDiscovery|TestTableRepair|TestManagedUplinks|TestConnectSteering|TestHostMarksDecidedByKernel|TestUsageAccounting)$$
 test-kernels: deps-kernels
 	@if ! command -v qemu-system-x86_64 >/dev/null || ! command -v depmod >/dev/null; then \
 		if [ "$$REROUTED_REQUIRE_E2E" = 1 ]; then echo "test-kernels: QEMU or kmod is missing (sudo make deps-kernels)"; exit 1; fi; \
