@@ -41,7 +41,7 @@ type Socket struct {
 	UID      uint32
 	PID      uint32 // 0 for a socket from before the start
 	CgroupID uint64
-	Comm     string
+	comm     [16]int8
 	Released bool // closed by its process; TCP may still send what it queued
 }
 
@@ -225,18 +225,27 @@ func (k *Kernel) SetInterfaces(ifs map[uint32]uint32) error {
 	return nil
 }
 
-// Entries calls fn with each socket's counts on each uplink.
+// batch is how many entries one read of a map returns.
+const batch = 4096
+
+// Entries calls fn with each socket's counts on each uplink: a syscall per
+// 4,096 entries (BPF_MAP_LOOKUP_BATCH, Linux 5.6), not two per entry.
 func (k *Kernel) Entries(fn func(e Entry)) error {
-	var key usageAcctKey
-	var val usageCounts
-	it := k.objs.Acct.Iterate()
-	for it.Next(&key, &val) {
-		fn(Entry{Cookie: key.Cookie, Uplink: key.Uplink, Counts: Counts{BytesOut: val.BytesOut, PacketsOut: val.PacketsOut, BytesIn: val.BytesIn, PacketsIn: val.PacketsIn}})
+	keys, vals := make([]usageAcctKey, batch), make([]usageCounts, batch)
+	var cursor ebpf.MapBatchCursor
+	for {
+		n, err := k.objs.Acct.BatchLookup(&cursor, keys, vals, nil)
+		for i := range n {
+			v := &vals[i]
+			fn(Entry{Cookie: keys[i].Cookie, Uplink: keys[i].Uplink, Counts: Counts{BytesOut: v.BytesOut, PacketsOut: v.PacketsOut, BytesIn: v.BytesIn, PacketsIn: v.PacketsIn}})
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("accounting: read the counts: %w", err)
+		}
 	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("accounting: read the counts: %w", err)
-	}
-	return nil
 }
 
 // Socket reads a socket's owner; false if it is not entered.
@@ -245,14 +254,24 @@ func (k *Kernel) Socket(cookie uint64) (Socket, bool) {
 	if err := k.objs.Socks.Lookup(cookie, &si); err != nil {
 		return Socket{}, false
 	}
-	b := make([]byte, 0, len(si.Comm))
-	for _, c := range si.Comm {
-		if c == 0 {
-			break
-		}
-		b = append(b, byte(c))
+	return socketOf(cookie, &si), true
+}
+
+func socketOf(cookie uint64, si *usageSockInfo) Socket {
+	return Socket{Cookie: cookie, UID: si.Uid, PID: si.Pid, CgroupID: si.Cgroup, comm: si.Comm, Released: si.Flags&1 != 0}
+}
+
+// Comm is the command name of the process that created the socket.
+func (s *Socket) Comm() string {
+	n := 0
+	for n < len(s.comm) && s.comm[n] != 0 {
+		n++
 	}
-	return Socket{Cookie: cookie, UID: si.Uid, PID: si.Pid, CgroupID: si.Cgroup, Comm: string(b), Released: si.Flags&1 != 0}, true
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = byte(s.comm[i])
+	}
+	return string(b)
 }
 
 // Retire removes a socket that is gone: its counts on each uplink, and
@@ -273,19 +292,52 @@ func (k *Kernel) Retire(cookie uint64, uplinks []uint32) error {
 	return nil
 }
 
-// Sockets calls fn with every entered socket's cookie and whether it was
-// released.
-func (k *Kernel) Sockets(fn func(cookie uint64, released bool)) error {
-	var cookie uint64
-	var si usageSockInfo
-	it := k.objs.Socks.Iterate()
-	for it.Next(&cookie, &si) {
-		fn(cookie, si.Flags&1 != 0)
+// RetireAll removes the sockets that are gone, with their counts (by
+// socket, the uplinks they have counts on): a syscall per 4,096 entries
+// (BPF_MAP_DELETE_BATCH) where the kernel can, else one per entry.
+func (k *Kernel) RetireAll(gone []uint64, uplinks map[uint64][]uint32) error {
+	var acct []usageAcctKey
+	for _, c := range gone {
+		for _, up := range uplinks[c] {
+			acct = append(acct, usageAcctKey{Cookie: c, Uplink: up})
+		}
 	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("accounting: read the sockets: %w", err)
+	batched := func(m *ebpf.Map, keys any, n int) bool {
+		if n == 0 {
+			return true
+		}
+		done, err := m.BatchDelete(keys, nil)
+		return err == nil && done == n
+	}
+	if batched(k.objs.Acct, acct, len(acct)) && batched(k.objs.Socks, gone, len(gone)) {
+		return nil
+	}
+	for _, c := range gone { // what the batch left, one at a time
+		if err := k.Retire(c, uplinks[c]); err != nil {
+			return err
+		}
 	}
 	return nil
+}
+
+// Sockets calls fn with every entered socket (reused between calls).
+func (k *Kernel) Sockets(fn func(s *Socket)) error {
+	keys, vals := make([]uint64, batch), make([]usageSockInfo, batch)
+	var cursor ebpf.MapBatchCursor
+	var s Socket
+	for {
+		n, err := k.objs.Socks.BatchLookup(&cursor, keys, vals, nil)
+		for i := range n {
+			s = socketOf(keys[i], &vals[i])
+			fn(&s)
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("accounting: read the sockets: %w", err)
+		}
+	}
 }
 
 // Lost returns, per uplink index, what was counted to no socket (a full

@@ -217,7 +217,12 @@ func (l *Ledger) Harvest(final bool) error {
 	// Which sockets are gone: released, and silent since.
 	var gone []uint64
 	now := time.Now()
-	if err := l.k.Sockets(func(cookie uint64, released bool) {
+	fresh := map[uint64]Socket{} // sockets not attributed yet, as the kernel entered them
+	if err := l.k.Sockets(func(s *Socket) {
+		cookie, released := s.Cookie, s.Released
+		if _, ok := l.owners[cookie]; !ok {
+			fresh[cookie] = *s
+		}
 		if final {
 			gone = append(gone, cookie)
 			return
@@ -241,7 +246,7 @@ func (l *Ledger) Harvest(final bool) error {
 		goneSet[c] = true
 	}
 	for ak, c := range seen {
-		rk := rowKey{l.uplinkName(ak.uplink), l.owner(ak.cookie, now)}
+		rk := rowKey{l.uplinkName(ak.uplink), l.owner(ak.cookie, fresh, now)}
 		if goneSet[ak.cookie] {
 			l.state.add(rk, c)
 			continue
@@ -258,10 +263,10 @@ func (l *Ledger) Harvest(final bool) error {
 		if err := l.write(); err != nil {
 			return err
 		}
+		if err := l.k.RetireAll(gone, byCookie); err != nil {
+			return err
+		}
 		for _, c := range gone {
-			if err := l.k.Retire(c, byCookie[c]); err != nil {
-				return err
-			}
 			delete(l.owners, c)
 			delete(l.seenAt, c)
 			delete(l.exes, c)
@@ -380,7 +385,7 @@ func (l *Ledger) uplinkName(i uint32) string {
 // owner attributes a socket, once: the owner the kernel entered at its
 // creation, the executable read while its process lives, the rule from
 // the daemon.
-func (l *Ledger) owner(cookie uint64, now time.Time) Owner {
+func (l *Ledger) owner(cookie uint64, fresh map[uint64]Socket, now time.Time) Owner {
 	if o, ok := l.owners[cookie]; ok {
 		// The daemon may learn the rule of a young socket after its
 		// first packets (a host-marked flow, learned from the kernel),
@@ -394,7 +399,11 @@ func (l *Ledger) owner(cookie uint64, now time.Time) Owner {
 	}
 	l.seenAt[cookie] = now
 	var o Owner
-	if s, ok := l.k.Socket(cookie); ok {
+	s, ok := fresh[cookie]
+	if !ok {
+		s, ok = l.k.Socket(cookie)
+	}
+	if ok {
 		o.User = l.userName(s.UID)
 		if s.CgroupID != 0 && l.cgroup != nil {
 			o.Cgroup, _ = l.cgroup(s.CgroupID)
@@ -406,7 +415,7 @@ func (l *Ledger) owner(cookie uint64, now time.Time) Owner {
 			}
 		}
 		if o.Exe == "" {
-			o.Exe = s.Comm
+			o.Exe = s.Comm()
 		}
 	}
 	o.Rule = l.rule(cookie)
