@@ -101,6 +101,7 @@ func TestPackage(t *testing.T) {
 		"./usr/share/doc/rerouted/examples/per-destination.toml":      "-rw-r--r-- root/root",
 		"./usr/share/doc/rerouted/examples/per-application.toml":      "-rw-r--r-- root/root",
 		"./usr/share/doc/rerouted/examples/honor-iptables-marks.toml": "-rw-r--r-- root/root",
+		"./usr/share/doc/rerouted/examples/metered-standby.toml":      "-rw-r--r-- root/root",
 	}
 	got := map[string]string{}
 	sc := bufio.NewScanner(strings.NewReader(run(t, "dpkg-deb", "-c", deb)))

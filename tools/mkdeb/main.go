@@ -77,6 +77,7 @@ var repoFiles = []struct {
 	{"examples/per-destination.toml", "/usr/share/doc/rerouted/examples/per-destination.toml", 0o644},
 	{"examples/per-application.toml", "/usr/share/doc/rerouted/examples/per-application.toml", 0o644},
 	{"examples/honor-iptables-marks.toml", "/usr/share/doc/rerouted/examples/honor-iptables-marks.toml", 0o644},
+	{"examples/metered-standby.toml", "/usr/share/doc/rerouted/examples/metered-standby.toml", 0o644},
 	{"examples/rerouted.toml", "/usr/share/doc/rerouted/examples/rerouted.toml", 0o644},
 }
 
