@@ -222,6 +222,21 @@ func TestTableRepair(t *testing.T) {
 `, upPort)); err != nil {
 					t.Fatal(err)
 				}
+				// And the resets the host sends for it through ISP B: a
+				// reply that arrives while the table is gone meets no
+				// translation back, finds no socket on ISP B's address,
+				// and is answered with RST, which ends the connection at
+				// the server too.
+				if err := e.w.B.Nft(fmt.Sprintf(`table inet uptrack {
+	counter leaked {}
+	chain forward {
+		type filter hook forward priority -10; policy accept;
+		iifname "cust" tcp sport %d tcp flags & rst == rst counter name "leaked"
+	}
+}
+`, upPort)); err != nil {
+					t.Fatal(err)
+				}
 				upload := make(chan error, 1)
 				go func() { upload <- pacedUpload(up, 10<<20, 2*time.Second) }()
 
@@ -252,12 +267,15 @@ func TestTableRepair(t *testing.T) {
 
 				// An upload through a table that is gone for milliseconds
 				// may be reset: its packets leave untranslated meanwhile and
-				// the peer answers them with RST. It ends in error if and
-				// only if some of them leaked onto ISP A.
+				// the peer answers them with RST, or the peer's replies
+				// meet no translation back and the host answers them with
+				// RST. It ends in error if and only if one of those
+				// happened: some of its packets on ISP A, or a RST from
+				// the host on ISP B.
 				uploadErr := <-upload
-				leakedUp := uptrack(t, e.w.A)
-				if (uploadErr != nil) != (leakedUp > 0) {
-					t.Errorf("the upload ended with %v, and %d of its packets left through ISP A: an error if and only if some leaked", uploadErr, leakedUp)
+				leakedUp, resetB := uptrack(t, e.w.A), uptrack(t, e.w.B)
+				if (uploadErr != nil) != (leakedUp > 0 || resetB > 0) {
+					t.Errorf("the upload ended with %v; %d of its packets left through ISP A, and the host sent %d RSTs for it through ISP B: an error if and only if either happened", uploadErr, leakedUp, resetB)
 				}
 				// The idle connection lost nothing: its elements are back.
 				fmt.Fprintf(idle, "x")
@@ -306,9 +324,9 @@ func TestTableRepair(t *testing.T) {
 				if udpAfter == 0 || udpAfterWrong > 0 {
 					t.Errorf("after the repair: %d UDP answers through ISP B, %d with another source (%d lost); want some, all through ISP B", udpAfter, udpAfterWrong, udpAfterLost)
 				}
-				t.Logf("%s, %s: table back after %v; of %d new connections %d left untranslated (%d SYNs on ISP A's wire), %d failed; udp round trips ok %d, lost %d, wrong source %d; upload: %v (%d of its packets on ISP A)",
+				t.Logf("%s, %s: table back after %v; of %d new connections %d left untranslated (%d SYNs on ISP A's wire), %d failed; udp round trips ok %d, lost %d, wrong source %d; upload: %v (%d of its packets on ISP A, %d RSTs from the host on ISP B)",
 					dp, dmg.name, back.Round(time.Millisecond), total, untranslated, leakedSYNs, failed, load.udpOK.Load(), load.udpLost.Load(), load.udpWrong.Load(),
-					uploadErr, leakedUp)
+					uploadErr, leakedUp, resetB)
 				if after > 0 || afterFailed > 0 {
 					t.Errorf("of the connections started after the repair, %d left untranslated and %d failed", after, afterFailed)
 				}
@@ -362,8 +380,8 @@ func TestTableRepair(t *testing.T) {
 	})
 }
 
-// uptrack reads the uptrack table's counter of leaked upload packets in
-// the ISP's namespace.
+// uptrack reads the uptrack table's counter in the ISP's namespace: the
+// upload's leaked packets on ISP A, the host's RSTs for it on ISP B.
 func uptrack(t *testing.T, isp *networld.ISP) uint64 {
 	t.Helper()
 	out, err := isp.Run("nft", "list", "counter", "inet", "uptrack", "leaked")
