@@ -130,10 +130,15 @@ type Ledger struct {
 	RetireAfter time.Duration
 	users       map[uint32]string
 	seenAt      map[uint64]time.Time // when each socket was first attributed
-	started     time.Time
-	exes        map[uint64]string // new sockets' executables, read as they were created (WatchCreated)
-	snap        Report            // as the last harvest made it
-	last        time.Time
+	// The live sockets' owners as last written (write), and when.
+	liveOwners []Owner
+	live       [][2]uint64
+	liveAt     time.Time
+	seeded     bool // owners holds an earlier run's, some of sockets gone since
+	started    time.Time
+	exes       map[uint64]string // new sockets' executables, read as they were created (WatchCreated)
+	snap       Report            // as the last harvest made it
+	last       time.Time
 }
 
 // NewLedger is the account of state (read from path) over k.
@@ -144,6 +149,7 @@ func NewLedger(k *Kernel, state *State, path string, rules func() func(cookie ui
 		for _, lv := range state.Live {
 			if lv[1] < uint64(len(state.Owners)) {
 				l.owners[lv[0]] = state.Owners[lv[1]]
+				l.seeded = true
 			}
 		}
 	}
@@ -151,19 +157,30 @@ func NewLedger(k *Kernel, state *State, path string, rules func() func(cookie ui
 	return l
 }
 
-// write writes the state file with the live sockets' owners.
-func (l *Ledger) write() error {
-	idx := map[Owner]uint64{}
-	l.state.Owners, l.state.Live = nil, nil
-	for c, o := range l.owners {
-		i, ok := idx[o]
-		if !ok {
-			i = uint64(len(l.state.Owners))
-			idx[o] = i
-			l.state.Owners = append(l.state.Owners, o)
+// liveEvery: how old the live sockets' owners in the state file may be.
+// Listing them is the bulk of the file on a host with many sockets, and
+// the file is written at every harvest that retires one; after a crash,
+// a socket younger than this is attributed afresh.
+const liveEvery = time.Minute
+
+// write writes the state file, with the live sockets' owners as of at
+// most liveEvery ago (all as of now).
+func (l *Ledger) write(all bool) error {
+	if now := time.Now(); all || now.Sub(l.liveAt) >= liveEvery {
+		idx := map[Owner]uint64{}
+		l.liveOwners, l.live = l.liveOwners[:0], l.live[:0]
+		for c, o := range l.owners {
+			i, ok := idx[o]
+			if !ok {
+				i = uint64(len(l.liveOwners))
+				idx[o] = i
+				l.liveOwners = append(l.liveOwners, o)
+			}
+			l.live = append(l.live, [2]uint64{c, i})
 		}
-		l.state.Live = append(l.state.Live, [2]uint64{c, i})
+		l.liveAt = now
 	}
+	l.state.Owners, l.state.Live = l.liveOwners, l.live
 	err := l.state.Write(l.path)
 	l.state.Owners, l.state.Live = nil, nil
 	return err
@@ -218,8 +235,15 @@ func (l *Ledger) Harvest(final bool) error {
 	var gone []uint64
 	now := time.Now()
 	fresh := map[uint64]Socket{} // sockets not attributed yet, as the kernel entered them
+	var present map[uint64]bool  // with owners seeded from an earlier run: which sockets are still there
+	if l.seeded {
+		present = map[uint64]bool{}
+	}
 	if err := l.k.Sockets(func(s *Socket) {
 		cookie, released := s.Cookie, s.Released
+		if present != nil {
+			present[cookie] = true
+		}
 		if _, ok := l.owners[cookie]; !ok {
 			fresh[cookie] = *s
 		}
@@ -241,6 +265,14 @@ func (l *Ledger) Harvest(final bool) error {
 	}); err != nil {
 		return err
 	}
+	if present != nil { // the earlier run's owners of sockets gone since
+		for c := range l.owners {
+			if !present[c] {
+				delete(l.owners, c)
+			}
+		}
+		l.seeded = false
+	}
 	goneSet := map[uint64]bool{}
 	for _, c := range gone {
 		goneSet[c] = true
@@ -260,7 +292,7 @@ func (l *Ledger) Harvest(final bool) error {
 		// leaves them in the kernel's maps, and the next run, told by
 		// Retiring, retires them without counting them again.
 		l.state.Retiring = gone
-		if err := l.write(); err != nil {
+		if err := l.write(false); err != nil {
 			return err
 		}
 		if err := l.k.RetireAll(gone, byCookie); err != nil {
@@ -322,7 +354,7 @@ func (l *Ledger) QuotaUsed(uplink string, start time.Time) (uint64, error) {
 	if !ok || !q.Start.Equal(start) {
 		q = QuotaBase{Start: start, Base: total}
 		l.state.Quotas[uplink] = q
-		if err := l.write(); err != nil {
+		if err := l.write(false); err != nil {
 			return 0, err
 		}
 	}
@@ -336,7 +368,7 @@ func (l *Ledger) QuotaUsed(uplink string, start time.Time) (uint64, error) {
 func (l *Ledger) Save() error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return l.write()
+	return l.write(true)
 }
 
 // Report is the last harvest's.
@@ -459,7 +491,7 @@ func (l *Ledger) Recover() error {
 		}
 	}
 	l.state.Retiring = nil
-	return l.state.Write(l.path)
+	return l.write(true)
 }
 
 // WatchCreated reads the executable of each new socket's process as the
