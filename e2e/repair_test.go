@@ -269,13 +269,17 @@ func TestTableRepair(t *testing.T) {
 				// may be reset: its packets leave untranslated meanwhile and
 				// the peer answers them with RST, or the peer's replies
 				// meet no translation back and the host answers them with
-				// RST. It ends in error if and only if one of those
-				// happened: some of its packets on ISP A, or a RST from
-				// the host on ISP B.
+				// RST. If it ends in error, one of those happened: some of
+				// its packets on ISP A, or a RST from the host on ISP B.
+				// Not the converse: a RST whose sequence number is not the
+				// one the receiver expects is answered with a challenge ACK
+				// and ignored (RFC 5961), so a leak may leave the upload
+				// whole (seen on 5.10 under QEMU: 3 packets on ISP A, a
+				// RST on ISP B, and the upload complete).
 				uploadErr := <-upload
 				leakedUp, resetB := uptrack(t, e.w.A), uptrack(t, e.w.B)
-				if (uploadErr != nil) != (leakedUp > 0 || resetB > 0) {
-					t.Errorf("the upload ended with %v; %d of its packets left through ISP A, and the host sent %d RSTs for it through ISP B: an error if and only if either happened", uploadErr, leakedUp, resetB)
+				if uploadErr != nil && leakedUp == 0 && resetB == 0 {
+					t.Errorf("the upload ended with %v, but none of its packets left through ISP A and the host sent no RST for it through ISP B", uploadErr)
 				}
 				// The idle connection lost nothing: its elements are back.
 				fmt.Fprintf(idle, "x")
