@@ -11,6 +11,8 @@ var (
 		"Bytes each uplink carried for the host's sockets, as the wire carries them (IP headers included), by direction.", []string{"uplink", "direction"}, nil)
 	uplinkPackets = prometheus.NewDesc("rerouted_uplink_packets_total",
 		"Packets each uplink carried for the host's sockets, by direction.", []string{"uplink", "direction"}, nil)
+	notCounted = prometheus.NewDesc("rerouted_usage_sockets_not_counted_total",
+		"Sockets usage accounting could not enter (its socket map was full): their traffic is counted nowhere.", nil, nil)
 	ownerBytes = prometheus.NewDesc("rerouted_owner_bytes_total",
 		"Bytes each owner's sockets sent and received on each uplink, by kind of owner (user, cgroup, exe, rule); past the top owners, \"other\".", []string{"uplink", "direction", "owner_kind", "owner"}, nil)
 )
@@ -36,6 +38,7 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- uplinkBytes
 	ch <- uplinkPackets
 	ch <- ownerBytes
+	ch <- notCounted
 }
 
 // Collect is prometheus.Collector's.
@@ -46,6 +49,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	ch <- prometheus.MustNewConstMetric(notCounted, prometheus.CounterValue, float64(r.SocketsNotCounted))
 	totals := map[string]*Counts{}
 	for _, u := range r.Uplinks {
 		totals[u] = &Counts{}

@@ -86,9 +86,12 @@ type Report struct {
 	Since   time.Time `json:"since"`   // when counting began (the state file's first run)
 	Uplinks []string  `json:"uplinks"` // each counted uplink, "default" first
 	Rows    []Row     `json:"rows"`
-	// Lost is what was counted to no socket, per uplink: a full map.
-	// It is in the uplinks' totals, under the owner "other".
-	Error string `json:"error,omitempty"`
+	// What was counted to no socket (a full map) is in the uplinks'
+	// totals, under the owner "other". SocketsNotCounted: sockets the
+	// kernel could not enter at all (a full map): their traffic is not
+	// counted.
+	SocketsNotCounted uint64 `json:"sockets_not_counted,omitempty"`
+	Error             string `json:"error,omitempty"`
 }
 
 // NoRule is the rule of a socket no rule decided (the host's routing).
@@ -138,7 +141,6 @@ type Ledger struct {
 	started    time.Time
 	exes       map[uint64]string // new sockets' executables, read as they were created (WatchCreated)
 	snap       Report            // as the last harvest made it
-	last       time.Time
 }
 
 // NewLedger is the account of state (read from path) over k.
@@ -310,7 +312,7 @@ func (l *Ledger) Harvest(final bool) error {
 		l.state.Retiring = nil
 	}
 	l.prev = seen
-	lost, _, err := l.k.Lost()
+	lost, full, err := l.k.Lost()
 	if err != nil {
 		return err
 	}
@@ -321,7 +323,7 @@ func (l *Ledger) Harvest(final bool) error {
 		live[rk] = v
 	}
 	l.snap = l.report(live)
-	l.last = now
+	l.snap.SocketsNotCounted = full
 	return nil
 }
 
