@@ -16,15 +16,16 @@ type counts struct {
 type errKind int
 
 const (
-	errInstall      errKind = iota // the kernel refused a flow's elements
-	errRemove                      // the kernel refused to remove a flow's elements
-	errQueueReceive                // reading the queue failed
-	errSweep                       // a socket dump or counter read failed: nothing removed that round
-	errRepair                      // the table could not be checked or put back
-	errCloseEvents                 // the kernel's announcements of UDP sockets' ends were lost
-	errUsage                       // usage accounting: the counts could not be read, kept or written
+	errInstall        errKind = iota // the kernel refused a flow's elements
+	errRemove                        // the kernel refused to remove a flow's elements
+	errQueueReceive                  // reading the queue failed
+	errSweep                         // a socket dump or counter read failed: nothing removed that round
+	errRepair                        // the table could not be checked or put back
+	errUDPCloseEvents                // the kernel's announcements of UDP sockets' ends were lost
+	errUsage                         // usage accounting: the counts could not be read, kept or written
+	errTCPCloseEvents                // the kernel's announcements of TCP sockets' ends were lost
 	errKinds
 )
 
 // errKindNames are the errors metric's kind labels.
-var errKindNames = [errKinds]string{"install", "remove", "nfqueue_receive", "sweep", "repair", "udp_close_events", "usage"}
+var errKindNames = [errKinds]string{"install", "remove", "nfqueue_receive", "sweep", "repair", "udp_close_events", "usage", "tcp_close_events"}

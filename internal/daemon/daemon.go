@@ -403,6 +403,14 @@ func (d *Daemon) startServices(ctx context.Context, cfg *policy.Config, sweepDia
 		d.atClose(func() error { closing.Store(true); err := closes.Close(); <-watched; return err })
 	}
 
+	// And each TCP socket: a flow whose socket ended (and left no
+	// TIME_WAIT socket) ends at once, so that a new socket on its tuple
+	// (its port comes round again) is decided by the kernel, not sent to
+	// the daemon as a tuple that has elements already.
+	if err := d.watchTCP(); err != nil {
+		d.log.Warn("TCP sockets' ends are noticed by the sweep only (a flow ends up to two sweeps after its socket)", "err", err)
+	}
+
 	if addr := cfg.Daemon.MetricsListen; addr != "" {
 		ln, err := net.Listen("tcp", addr)
 		if err != nil {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"sync/atomic"
 	"time"
 
@@ -110,6 +111,74 @@ func (d *Daemon) watchUDPCloses(w *sockdiag.Destroyed, closing *atomic.Bool) {
 			d.shared.Forget(f)
 		}
 	}
+	d.receiveCloses("UDP", w, errUDPCloseEvents, ended, closing)
+}
+
+// watchTCPCloses ends the flows of each TCP socket the kernel destroys,
+// unless a TIME_WAIT socket took its tuple over (the sweep ends those),
+// until closing is set and the subscription closed. A flow the kernel
+// decided whose socket was gone before the daemon learned it has no
+// cookie: it is found by its tuple, and the learner finds the tuple in
+// ClosedTCP when the announcement came first.
+func (d *Daemon) watchTCPCloses(w *sockdiag.Destroyed, diag sockdiag.Sockets, closing *atomic.Bool) {
+	d.receiveCloses("TCP", w, errTCPCloseEvents, func(s *sockdiag.Socket) { d.tcpEnded(s, diag) }, closing)
+}
+
+// tcpEnded ends the flow of the TCP socket s, whose end the kernel
+// announced, if no socket owns its tuple now. A socket that ended with a
+// reset (SO_LINGER 0) is announced without its source address and
+// destination port (tcp_disconnect clears them): only its cookie names it,
+// which the table does not index for TCP, so the sweep ends its flow.
+func (d *Daemon) tcpEnded(s *sockdiag.Socket, diag sockdiag.Sockets) {
+	d.shared.Closed.Add(s.Cookie)
+	d.shared.ClosedTCP.Add(packet.ClosedKey(s.Local.Port(), s.Remote.Addr()))
+	if s.Remote.Port() == 0 {
+		return
+	}
+	f := d.flows().Get(flow.Key{Proto: ipproto.TCP, Src: unmap(s.Local), Dst: unmap(s.Remote)})
+	if f == nil || (f.Cookie != s.Cookie && f.Cookie != 0) {
+		return // no flow, or a new socket's on the tuple
+	}
+	so, err := diag.Lookup(ipproto.TCP, f.Src, f.Dst)
+	switch {
+	case err == nil:
+		return // TIME_WAIT, or a new socket: the sweep decides
+	case !errors.Is(err, sockdiag.ErrNotFound):
+		d.shared.Stats.Errors[packet.ErrSocketLookup].Add(1)
+		d.log.Error("socket lookup after its end was announced", "src", f.Src, "dst", f.Dst, "err", err)
+		return
+	}
+	d.shared.Stats.TCPClosed.Add(1)
+	d.log.Debug("socket closed", "proto", "tcp", "src", f.Src, "dst", f.Dst, "cookie", f.Cookie, "found_cookie", so.Cookie)
+	d.shared.Forget(f)
+}
+
+// watchTCP starts watchTCPCloses, with its own sock_diag socket for the
+// lookups, until the daemon closes.
+func (d *Daemon) watchTCP() error {
+	closes, err := sockdiag.WatchTCPDestroyed()
+	if err != nil {
+		return err
+	}
+	diag, err := sockdiag.Open()
+	if err != nil {
+		closes.Close()
+		return err
+	}
+	var closing atomic.Bool
+	watched := make(chan struct{})
+	go func() { defer close(watched); d.watchTCPCloses(closes, diag, &closing) }()
+	d.atClose(func() error {
+		closing.Store(true)
+		err := closes.Close()
+		<-watched
+		return errors.Join(err, diag.Close())
+	})
+	return nil
+}
+
+// receiveCloses hands each announced end to ended until closing is set.
+func (d *Daemon) receiveCloses(proto string, w *sockdiag.Destroyed, kind errKind, ended func(*sockdiag.Socket), closing *atomic.Bool) {
 	for {
 		err := w.Receive(ended)
 		switch {
@@ -117,15 +186,17 @@ func (d *Daemon) watchUDPCloses(w *sockdiag.Destroyed, closing *atomic.Bool) {
 		case closing.Load():
 			return
 		case errors.Is(err, sockdiag.ErrLost):
-			d.errors[errCloseEvents].Add(1)
-			d.log.Warn("UDP socket ends were lost (too many at once); the sweep ends their flows", "err", err)
+			d.errors[kind].Add(1)
+			d.log.Warn(proto+" socket ends were lost (too many at once); the sweep ends their flows", "err", err)
 		default:
-			d.errors[errCloseEvents].Add(1)
-			d.log.Error("UDP socket ends: no longer received; the sweep ends their flows", "err", err)
+			d.errors[kind].Add(1)
+			d.log.Error(proto+" socket ends: no longer received; the sweep ends their flows", "err", err)
 			return
 		}
 	}
 }
+
+func unmap(a netip.AddrPort) netip.AddrPort { return netip.AddrPortFrom(a.Addr().Unmap(), a.Port()) }
 
 // run removes flows whose socket is gone, and UDP and echo flows
 // that have been idle for the idle timeout. A dump (not destroy

@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -311,4 +312,60 @@ func (r *logRecorder) warnings() []string {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return append([]string(nil), r.lines...)
+}
+
+// A TCP socket's announced end ends its flow at once, unless a socket
+// owns the tuple still (a TIME_WAIT socket took it over, or a new socket
+// did): the sweep decides those. A flow of a socket gone before the daemon
+// learned it (no cookie) is found by its tuple; a flow a new socket owns
+// now (another cookie) stays.
+func TestTCPSocketEndAnnounced(t *testing.T) {
+	d, k := newSweepDaemon(t)
+	socks := &sockdiagtest.Sockets{}
+	addFlow(t, d, ipproto.TCP, sock(1001), 1) // gone: ends
+	addFlow(t, d, ipproto.TCP, sock(1002), 2) // in TIME_WAIT: stays
+	addFlow(t, d, ipproto.TCP, sock(1003), 0) // no cookie known, gone: ends
+	addFlow(t, d, ipproto.TCP, sock(1004), 4) // the announcement is an older socket's: stays
+	socks.Add(ipproto.TCP, sockdiag.Socket{Local: sock(1002), Remote: peer, Cookie: 2, State: 6})
+	announce := func(port uint16, cookie uint64) {
+		// A dual-stack socket's announcement names IPv4 addresses mapped.
+		mapped := func(a netip.AddrPort) netip.AddrPort {
+			return netip.AddrPortFrom(netip.AddrFrom16(a.Addr().As16()), a.Port())
+		}
+		d.tcpEnded(&sockdiag.Socket{Local: mapped(sock(port)), Remote: mapped(peer), Cookie: cookie}, socks)
+	}
+	announce(1001, 1)
+	announce(1002, 2)
+	announce(1003, 33)
+	announce(1004, 3)
+	announce(1005, 5) // no flow
+	want := []netip.AddrPort{sock(1001), sock(1003)}
+	if got := removed(d, k); !slices.Equal(got, want) {
+		t.Fatalf("removed %v, want %v", got, want)
+	}
+	if n := d.shared.Stats.TCPClosed.Load(); n != 2 {
+		t.Errorf("TCP flows ended by announcement: %d, want 2", n)
+	}
+	if !d.shared.ClosedTCP.Has(packet.ClosedKey(1005, peer.Addr())) || !d.shared.Closed.Has(5) {
+		t.Error("an announced end is not kept for the learner")
+	}
+
+	// A socket reset (SO_LINGER 0) is announced without its source
+	// address and destination port: kept for the learner, and its flow
+	// left to the sweep (the table has no TCP cookie index).
+	addFlow(t, d, ipproto.TCP, sock(1007), 7)
+	d.tcpEnded(&sockdiag.Socket{Local: netip.AddrPortFrom(netip.IPv4Unspecified(), 1007), Remote: netip.AddrPortFrom(peer.Addr(), 0), Cookie: 7}, socks)
+	if got := removed(d, k); len(got) != 2 {
+		t.Fatalf("removed %v after a reset socket's end", got)
+	}
+	if !d.shared.ClosedTCP.Has(packet.ClosedKey(1007, peer.Addr())) {
+		t.Error("a reset socket's end is not kept for the learner")
+	}
+
+	// A lookup that fails removes nothing, and is counted.
+	addFlow(t, d, ipproto.TCP, sock(1006), 6)
+	d.tcpEnded(&sockdiag.Socket{Local: sock(1006), Remote: peer, Cookie: 6}, &sockdiagtest.Sockets{LookupErr: unix.ENOBUFS})
+	if got := removed(d, k); len(got) != 2 || d.shared.Stats.Errors[packet.ErrSocketLookup].Load() != 1 {
+		t.Fatalf("removed %v, lookup errors %d", got, d.shared.Stats.Errors[packet.ErrSocketLookup].Load())
+	}
 }

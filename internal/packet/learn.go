@@ -92,12 +92,24 @@ func (l *Learner) Decided(pkt []byte, mark, uid uint32, wire netip.Addr) {
 		case err == nil:
 			sock = so
 			f.Cookie, f.Inode, f.UID = so.Cookie, so.Inode, so.UID
+		case errors.Is(err, sockdiag.ErrNotFound) && t.Proto == ipproto.TCP && s.ClosedTCP.Has(ClosedKey(t.Src.Port(), t.Dst.Addr())):
+			// The socket's end was announced: a short connection,
+			// over before the daemon looked. Its elements must not
+			// wait for idleness: a new socket on the tuple (its port
+			// comes round again) would be sent to the daemon. (The
+			// key is loose, source port and destination address, as
+			// a reset socket's announcement names no more; no socket
+			// owns the tuple, which is what matters here.)
+			gone = true
+			s.Stats.TCPClosed.Add(1)
 		case errors.Is(err, sockdiag.ErrNotFound) && t.Proto == ipproto.TCP:
 			// No TCP socket owns the SYN: a raw socket's (traceroute
 			// -T, a SYN scan), gone as soon as its answer came, or a
-			// socket closed at once. Either way nothing to follow: it
-			// ends by idleness, as the daemon's raw SYNs do (and a new
-			// socket on the tuple is the daemon's: a cookie differs).
+			// socket whose end is still on its way (the watcher of TCP
+			// sockets' ends then ends the flow). With nothing to
+			// follow, it ends by idleness, as the daemon's raw SYNs do
+			// (and a new socket on the tuple is the daemon's: a cookie
+			// differs).
 			f.Kernel = false
 			s.Stats.RawSYNs.Add(1)
 		case errors.Is(err, sockdiag.ErrNotFound):
@@ -136,13 +148,21 @@ func (l *Learner) Decided(pkt []byte, mark, uid uint32, wire netip.Addr) {
 	}
 	// Its socket closed before the daemon looked, or its end was
 	// announced while the daemon looked: its elements must not wait for
-	// idleness, a new socket on the tuple would take them over.
-	if gone || (f.Proto == ipproto.UDP && f.Cookie != 0 && s.Closed.Has(f.Cookie)) {
+	// idleness, a new socket on the tuple would take them over. (A TCP
+	// socket's tuple may have passed to a TIME_WAIT socket, which keeps
+	// them: the sweep ends those.)
+	if gone || (f.Cookie != 0 && s.Closed.Has(f.Cookie) && (f.Proto == ipproto.UDP || l.tupleFree(f))) {
 		if s.debug() {
 			s.Log.Debug("socket closed before the kernel's decision was learned", "proto", f.Proto.String(), "src", f.Src, "dst", f.Dst)
 		}
 		s.Forget(f)
 	}
+}
+
+// tupleFree reports whether no socket owns f's socket tuple any more.
+func (l *Learner) tupleFree(f *flow.Flow) bool {
+	_, err := l.diag.Lookup(f.Proto, f.Src, f.Dst)
+	return errors.Is(err, sockdiag.ErrNotFound)
 }
 
 // Taken moves the translation whose wire tuple a native socket owns to a
@@ -196,37 +216,53 @@ func (l *Learner) Taken(pkt []byte) {
 	s.Events.Flow("DESTROY", f)
 }
 
-// ClosedSockets remembers the last closedKept cookies of UDP sockets that
-// ended: the learner of the kernel's decisions may look a flow's socket
-// up just before its end is announced, and enter the flow just after.
-type ClosedSockets struct {
+// Closed remembers the last closedKept sockets whose end the kernel
+// announced (by cookie, or by tuple): the learner of the kernel's
+// decisions may look a flow's socket up just before its end is announced
+// and enter the flow just after, or find no socket because its end is
+// already on its way.
+type Closed[K comparable] struct {
 	mu   sync.Mutex
-	ring [closedKept]uint64
+	ring [closedKept]K
 	next int
-	set  map[uint64]struct{}
+	n    int
+	set  map[K]int // how many times each key is in ring
 }
 
 const closedKept = 4096
 
-// Add remembers a closed socket's cookie.
-func (c *ClosedSockets) Add(cookie uint64) {
+// Add remembers a closed socket's key.
+func (c *Closed[K]) Add(k K) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.set == nil {
-		c.set = make(map[uint64]struct{}, closedKept)
+		c.set = make(map[K]int, closedKept)
 	}
-	delete(c.set, c.ring[c.next])
-	c.ring[c.next] = cookie
-	c.set[cookie] = struct{}{}
+	if c.n == closedKept {
+		old := c.ring[c.next]
+		if c.set[old]--; c.set[old] <= 0 {
+			delete(c.set, old)
+		}
+	} else {
+		c.n++
+	}
+	c.ring[c.next] = k
+	c.set[k]++
 	c.next = (c.next + 1) % closedKept
 }
 
 // Has reports whether a socket's end was announced lately.
-func (c *ClosedSockets) Has(cookie uint64) bool {
+func (c *Closed[K]) Has(k K) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	_, ok := c.set[cookie]
+	_, ok := c.set[k]
 	return ok
+}
+
+// ClosedKey is the key ClosedTCP keeps a TCP socket's end by: its source
+// port and destination address, what every announcement names.
+func ClosedKey(sport uint16, dst netip.Addr) flow.Key {
+	return flow.Key{Proto: ipproto.TCP, Src: netip.AddrPortFrom(netip.Addr{}, sport), Dst: netip.AddrPortFrom(dst.Unmap(), 0)}
 }
 
 // MSS is the largest MSS a SYN may announce on a route of mtu.

@@ -6,6 +6,8 @@ import (
 
 	"github.com/rerouted/rerouted/internal/flow"
 	"github.com/rerouted/rerouted/internal/ipproto"
+	"github.com/rerouted/rerouted/internal/sockdiag"
+	"github.com/rerouted/rerouted/internal/sockdiag/sockdiagtest"
 )
 
 const learnConf = "[[uplink]]\nname = \"isp-b\"\nmark = 100\n" // (the learner needs no rule)
@@ -105,5 +107,81 @@ func TestLearnerMovesTakenFlow(t *testing.T) {
 	}
 	if len(got) != 2 || !got[0] || got[1] {
 		t.Errorf("kernel changes (delete?) %v, want [true false]", got)
+	}
+}
+
+// A TCP flow whose socket ended before the learner looked leaves at once
+// when its end was announced (its tuple is among the recent ends), so that
+// the next socket on its port is the kernel's to decide; so does one whose
+// socket's end was announced while the learner looked, unless a TIME_WAIT
+// socket owns the tuple now.
+func TestLearnerTCPEndAnnounced(t *testing.T) {
+	wd := newWorld(t, learnConf)
+	l := NewLearner(wd.s, wd.socks, fakeOwners{})
+	gone := netip.AddrPortFrom(hostA, 40001)
+	wd.s.ClosedTCP.Add(ClosedKey(gone.Port(), server.Addr()))
+	l.Decided(syn(t, gone, server, 1460), 100, 0, hostB)
+	if f := wd.s.Install.Table().Get(flow.Key{Proto: ipproto.TCP, Src: gone, Dst: server}); f != nil {
+		t.Errorf("the flow of a socket whose end was announced stays: %+v", f)
+	}
+	if n, raw := wd.s.Stats.TCPClosed.Load(), wd.s.Stats.RawSYNs.Load(); n != 1 || raw != 0 {
+		t.Errorf("TCP flows ended by announcement %d, raw SYNs %d; want 1 and 0", n, raw)
+	}
+
+	// Its end announced while the learner looked: gone, or in TIME_WAIT.
+	ending := netip.AddrPortFrom(hostA, 40002)
+	wd.socket(ipproto.TCP, ending, server, 90)
+	wd.s.Closed.Add(90)
+	timeWait := netip.AddrPortFrom(hostA, 40003)
+	wd.socket(ipproto.TCP, timeWait, server, 91)
+	wd.s.Closed.Add(91)
+	lookups := &endingSockets{Sockets: wd.socks, gone: ending}
+	l = NewLearner(wd.s, lookups, fakeOwners{})
+	l.Decided(syn(t, ending, server, 1460), 100, 0, hostB)
+	l.Decided(syn(t, timeWait, server, 1460), 100, 0, hostB)
+	if f := wd.s.Install.Table().Get(flow.Key{Proto: ipproto.TCP, Src: ending, Dst: server}); f != nil {
+		t.Errorf("the flow of a socket that ended while the learner looked stays: %+v", f)
+	}
+	if f := wd.s.Install.Table().Get(flow.Key{Proto: ipproto.TCP, Src: timeWait, Dst: server}); f == nil {
+		t.Error("the flow of a socket whose tuple a TIME_WAIT socket owns was ended")
+	}
+}
+
+// endingSockets finds the socket on gone once, then no more: it ended
+// between the learner's two lookups.
+type endingSockets struct {
+	*sockdiagtest.Sockets
+	gone netip.AddrPort
+	seen bool
+}
+
+func (e *endingSockets) Lookup(p ipproto.Proto, local, remote netip.AddrPort) (sockdiag.Socket, error) {
+	if local == e.gone {
+		if e.seen {
+			return sockdiag.Socket{}, sockdiag.ErrNotFound
+		}
+		e.seen = true
+	}
+	return e.Sockets.Lookup(p, local, remote)
+}
+
+// Closed keeps the last closedKept ends; a key added twice stays until
+// its last addition leaves the ring.
+func TestClosedRing(t *testing.T) {
+	var c Closed[uint64]
+	c.Add(1)
+	c.Add(1)
+	for i := uint64(0); i < closedKept-1; i++ {
+		c.Add(1000 + i)
+	}
+	if !c.Has(1) {
+		t.Fatal("a key added twice left with its first addition")
+	}
+	c.Add(5)
+	if c.Has(1) || !c.Has(5) || !c.Has(1000) {
+		t.Fatalf("after the ring came round: has 1 %v, 5 %v, 1000 %v", c.Has(1), c.Has(5), c.Has(1000))
+	}
+	if len(c.set) != closedKept {
+		t.Fatalf("%d keys kept, want %d", len(c.set), closedKept)
 	}
 }

@@ -12,6 +12,7 @@ type Stats struct {
 	Translated atomic.Uint64              // new flows translated
 	Retrans    atomic.Uint64              // retransmitted SYNs of translated flows
 	RawSYNs    atomic.Uint64              // SYNs no TCP socket owns (raw sockets): decided without an owner
+	TCPClosed  atomic.Uint64              // TCP flows ended as the kernel announced their socket's end
 	Dropped    atomic.Uint64              // packets dropped (the socket retries)
 	Refused    atomic.Uint64              // flows refused: their rule's uplinks were down, on_down = "drop"
 	Failed     [FailReasons]atomic.Uint64 // new flows that could not be decided as the policy says

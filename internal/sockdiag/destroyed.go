@@ -11,27 +11,39 @@ import (
 // sock_diag's multicast groups (include/uapi/linux/sock_diag.h): the
 // kernel announces there each socket it destroys.
 const (
+	groupTCPDestroy  = 1 // SKNLGRP_INET_TCP_DESTROY
 	groupUDPDestroy  = 2 // SKNLGRP_INET_UDP_DESTROY
+	groupTCP6Destroy = 3 // SKNLGRP_INET6_TCP_DESTROY
 	groupUDP6Destroy = 4 // SKNLGRP_INET6_UDP_DESTROY
 )
 
-// Destroyed receives the kernel's announcements of UDP sockets destroyed,
-// IPv4 and IPv6: the moment a UDP socket's tuple is free for another
-// socket. It needs CAP_NET_ADMIN. Not safe for concurrent use.
+// Destroyed receives the kernel's announcements of the sockets of one
+// protocol destroyed, IPv4 and IPv6, in the subscriber's network
+// namespace. A UDP socket's announcement is the moment its tuple is free
+// for another socket. A TCP socket's is the end of the full socket: its
+// tuple is free unless a TIME_WAIT socket took over from it, which only a
+// lookup tells. It needs CAP_NET_ADMIN. Not safe for concurrent use.
 type Destroyed struct {
 	c *netlink.Conn
 }
 
-// WatchUDPDestroyed subscribes to the announcements.
+// WatchUDPDestroyed subscribes to the announcements of UDP sockets.
 func WatchUDPDestroyed() (*Destroyed, error) {
-	c, err := netlink.Dial(unix.NETLINK_SOCK_DIAG, &netlink.Config{
-		Groups: 1<<(groupUDPDestroy-1) | 1<<(groupUDP6Destroy-1),
-	})
+	return watchDestroyed("UDP", 1<<(groupUDPDestroy-1)|1<<(groupUDP6Destroy-1))
+}
+
+// WatchTCPDestroyed subscribes to the announcements of TCP sockets.
+func WatchTCPDestroyed() (*Destroyed, error) {
+	return watchDestroyed("TCP", 1<<(groupTCPDestroy-1)|1<<(groupTCP6Destroy-1))
+}
+
+func watchDestroyed(proto string, groups uint32) (*Destroyed, error) {
+	c, err := netlink.Dial(unix.NETLINK_SOCK_DIAG, &netlink.Config{Groups: groups})
 	if err != nil {
-		return nil, fmt.Errorf("sock_diag: subscribe to UDP socket destruction: %w", err)
+		return nil, fmt.Errorf("sock_diag: subscribe to %s socket destruction: %w", proto, err)
 	}
-	// A host that closes thousands of UDP sockets a second (a resolver's
-	// clients) must not overflow it between two reads.
+	// A host that closes thousands of sockets a second (a resolver's
+	// clients, a busy proxy) must not overflow it between two reads.
 	if err := c.SetReadBuffer(4 << 20); err != nil {
 		c.Close()
 		return nil, fmt.Errorf("sock_diag: receive buffer: %w", err)
