@@ -415,6 +415,11 @@ func TestUsageSurvivesRestarts(t *testing.T) {
 	e.writeRaw(e.headWith("connect", "") + fmt.Sprintf("\n[[rule]]\nname = \"uploads b\"\nuplink = \"isp-b\"\ndport = 8080\n\n[usage]\nstate = %q\ninterval = \"1s\"\n", state))
 	wireCounts(t, e.w)
 	d := e.start()
+	// The state file is written at the start: a crash before the first
+	// socket retires must not lose when counting began.
+	if _, err := os.Stat(state); err != nil {
+		t.Fatalf("no state file once the daemon is ready: %v", err)
+	}
 	base := e.usage()
 	a0, b0 := readIf(t, e.w, networld.DevA), readIf(t, e.w, networld.DevB)
 

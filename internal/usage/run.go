@@ -110,6 +110,12 @@ func Open(cfg *policy.Config, st *State, diag sockdiag.Sockets, d Deps) (*Accoun
 		}
 	}
 	a.harvest(time.Now())
+	// The state file exists from the start: when counting began, and the
+	// uplinks' indexes, must survive a crash before the first socket
+	// retires (a harvest writes it only then).
+	if err := a.Ledger.Save(); err != nil {
+		a.fault("usage: write the state file", err)
+	}
 	d.Log.Info("usage accounting", "state", cfg.Usage.State, "interval", cfg.Usage.Interval, "adopted", k.Adopted, "since", st.Since)
 	return a, nil
 }
