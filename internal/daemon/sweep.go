@@ -116,13 +116,34 @@ func (d *Daemon) watchUDPCloses(w *sockdiag.Destroyed, closing *atomic.Bool) {
 
 // watchTCPCloses ends the flows of each TCP socket the kernel destroys,
 // unless a TIME_WAIT socket took its tuple over (the sweep ends those),
-// until closing is set and the subscription closed. A flow the kernel
-// decided whose socket was gone before the daemon learned it has no
-// cookie: it is found by its tuple, and the learner finds the tuple in
-// ClosedTCP when the announcement came first.
-func (d *Daemon) watchTCPCloses(w *sockdiag.Destroyed, diag sockdiag.Sockets, closing *atomic.Bool) {
-	d.receiveCloses("TCP", w, errTCPCloseEvents, func(s *sockdiag.Socket) { d.tcpEnded(s, diag) }, closing)
+// until closing is set. It reads the announcements every tcpClosesEvery:
+// a flow's elements need not go the instant its socket does (a new socket
+// on the tuple is told apart by its cookie at its SYN), and the kernel
+// wakes no reader per announcement. A flow the kernel decided whose socket
+// was gone before the daemon learned it has no cookie: it is found by its
+// tuple, and the learner finds the recent ends in ClosedTCP when the
+// announcement came first.
+func (d *Daemon) watchTCPCloses(p *sockdiag.Polled, diag sockdiag.Sockets, closing *atomic.Bool) {
+	ended := func(s *sockdiag.Socket) { d.tcpEnded(s, diag) }
+	for !closing.Load() {
+		_, err := p.Drain(ended)
+		switch {
+		case err == nil:
+		case errors.Is(err, sockdiag.ErrLost):
+			d.errors[errTCPCloseEvents].Add(1)
+			d.log.Warn("TCP socket ends were lost (too many at once); the sweep ends their flows", "err", err)
+		default:
+			d.errors[errTCPCloseEvents].Add(1)
+			d.log.Error("TCP socket ends: no longer received; the sweep ends their flows", "err", err)
+			return
+		}
+		time.Sleep(tcpClosesEvery)
+	}
 }
+
+// tcpClosesEvery is how often the announcements of TCP sockets' ends are
+// read.
+const tcpClosesEvery = 10 * time.Millisecond
 
 // tcpEnded ends the flow of the TCP socket s, whose end the kernel
 // announced, if no socket owns its tuple now. A socket that ended with a
@@ -150,13 +171,13 @@ func (d *Daemon) tcpEnded(s *sockdiag.Socket, diag sockdiag.Sockets) {
 	}
 	d.shared.Stats.TCPClosed.Add(1)
 	d.log.Debug("socket closed", "proto", "tcp", "src", f.Src, "dst", f.Dst, "cookie", f.Cookie, "found_cookie", so.Cookie)
-	d.shared.Forget(f)
+	d.shared.ForgetSoon(f)
 }
 
 // watchTCP starts watchTCPCloses, with its own sock_diag socket for the
 // lookups, until the daemon closes.
 func (d *Daemon) watchTCP() error {
-	closes, err := sockdiag.WatchTCPDestroyed()
+	closes, err := sockdiag.PollTCPDestroyed()
 	if err != nil {
 		return err
 	}
@@ -170,9 +191,8 @@ func (d *Daemon) watchTCP() error {
 	go func() { defer close(watched); d.watchTCPCloses(closes, diag, &closing) }()
 	d.atClose(func() error {
 		closing.Store(true)
-		err := closes.Close()
 		<-watched
-		return errors.Join(err, diag.Close())
+		return errors.Join(closes.Close(), diag.Close())
 	})
 	return nil
 }

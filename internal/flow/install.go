@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // Installer owns the ordering rule, and this is where it is explained;
@@ -48,6 +49,8 @@ type Installer struct {
 
 	flushMu sync.Mutex // one transaction at a time, in order
 	batch   []Change
+
+	soon chan struct{} // a removal that may wait for others (RemoveSoon)
 }
 
 // Change is one flow entering (Delete false) or leaving the kernel.
@@ -71,7 +74,8 @@ const MaxBatch = 1024
 // addition has left the table (its packets are dropped, and the socket's
 // retransmission is decided again).
 func NewInstaller(k Kernel, failed func(Change, error)) *Installer {
-	return &Installer{table: newTable(), kernel: k, failed: failed, ops: make(chan Change, 1<<16), kick: make(chan struct{}, 1)}
+	return &Installer{table: newTable(), kernel: k, failed: failed, ops: make(chan Change, 1<<16), kick: make(chan struct{}, 1),
+		soon: make(chan struct{}, 1)}
 }
 
 // Table is the installer's table, for reading: the one handle on it.
@@ -104,11 +108,31 @@ func (in *Installer) Adopt(f *Flow) bool {
 // Remove takes f out of the table and, in order, its state out of the
 // kernel. It reports whether f was in the table.
 func (in *Installer) Remove(f *Flow) bool {
+	return in.remove(f, in.kick)
+}
+
+// SoonDelay is how long RemoveSoon lets a removal wait for others.
+const SoonDelay = 50 * time.Millisecond
+
+// RemoveSoon is Remove for a flow whose socket is gone, with nothing of
+// it to come but retransmissions: its kernel change waits up to SoonDelay
+// to share a transaction with others (a host whose connections end by
+// thousands a second would otherwise commit a transaction for each), or
+// goes with the next change applied, whichever is first.
+func (in *Installer) RemoveSoon(f *Flow) bool {
+	return in.remove(f, in.soon)
+}
+
+func (in *Installer) remove(f *Flow, kick chan struct{}) bool {
 	in.mu.Lock()
 	defer in.mu.Unlock()
 	removed := in.table.remove(f)
 	if removed {
 		in.enqueue(f, true)
+		select {
+		case kick <- struct{}{}:
+		default:
+		}
 	}
 	return removed
 }
@@ -131,22 +155,25 @@ func (in *Installer) Exclusive(fn func()) {
 func (in *Installer) enqueue(f *Flow, del bool) {
 	in.next++
 	in.ops <- Change{Flow: f, Delete: del, seq: in.next}
-	if del {
-		select {
-		case in.kick <- struct{}{}:
-		default:
-		}
-	}
 }
 
-// Run applies removals as they come, until ctx is done; additions are
-// flushed by whoever holds their packets.
+// Run applies removals as they come (those of RemoveSoon within
+// SoonDelay), until ctx is done; additions are flushed by whoever holds
+// their packets.
 func (in *Installer) Run(ctx context.Context) {
+	var soon <-chan time.Time
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-in.kick:
+			in.Flush()
+		case <-in.soon:
+			if soon == nil {
+				soon = time.After(SoonDelay)
+			}
+		case <-soon:
+			soon = nil
 			in.Flush()
 		}
 	}

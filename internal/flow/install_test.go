@@ -1,11 +1,13 @@
 package flow
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net/netip"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/rerouted/rerouted/internal/ipproto"
 )
@@ -205,4 +207,45 @@ func describe(cs []Change) string {
 		s += fmt.Sprintf("%s %p %v; ", op, c.Flow, c.Flow.Src)
 	}
 	return s
+}
+
+// Removals of flows whose sockets are gone (RemoveSoon) share one
+// transaction: Run applies them together once SoonDelay has passed since
+// the first, while a plain Remove is applied at once, and takes the
+// waiting ones along, in order.
+func TestRemoveSoonShares(t *testing.T) {
+	in, k, _ := newInstaller(t)
+	var fs []*Flow
+	for p := uint16(1000); p < 1004; p++ {
+		f := tcpFlow(p)
+		in.Add(f, wire(p))
+		fs = append(fs, f)
+	}
+	in.Flush()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go in.Run(ctx)
+	txs := func() int { k.mu.Lock(); defer k.mu.Unlock(); return len(k.txs) }
+	for _, f := range fs[:3] {
+		if !in.RemoveSoon(f) || in.Table().Get(f.Key) != nil {
+			t.Fatal("a flow removed soon stays in the table")
+		}
+	}
+	deadline := time.Now().Add(10 * SoonDelay)
+	for txs() == 1 && time.Now().Before(deadline) {
+		time.Sleep(SoonDelay / 10)
+	}
+	if n := txs(); n != 2 || len(k.txs[1]) != 3 {
+		t.Fatalf("%d transactions, the last of %d changes; want the three removals in one", n, len(k.txs[len(k.txs)-1]))
+	}
+
+	// A plain removal goes at once and takes a waiting one along.
+	in.RemoveSoon(fs[3])
+	g := tcpFlow(1000)
+	in.Add(g, wire(1000))
+	in.Flush()
+	last := k.txs[len(k.txs)-1]
+	if len(last) != 2 || last[0].Flow != fs[3] || !last[0].Delete || last[1].Flow != g || last[1].Delete {
+		t.Fatalf("the flush after a removal soon applied %s; want the removal, then the addition", describe(last))
+	}
 }

@@ -155,7 +155,11 @@ func (l *Learner) Decided(pkt []byte, mark, uid uint32, wire netip.Addr) {
 		if s.debug() {
 			s.Log.Debug("socket closed before the kernel's decision was learned", "proto", f.Proto.String(), "src", f.Src, "dst", f.Dst)
 		}
-		s.Forget(f)
+		if f.Proto == ipproto.TCP {
+			s.ForgetSoon(f) // a new socket on its port is seconds away
+		} else {
+			s.Forget(f) // a new UDP socket may take the tuple at once
+		}
 	}
 }
 

@@ -147,3 +147,11 @@ func (s *Shared) Forget(f *flow.Flow) {
 		s.Events.Flow("DESTROY", f)
 	}
 }
+
+// ForgetSoon is Forget for a TCP flow whose socket is gone: its elements
+// go with others' (flow.Installer.RemoveSoon).
+func (s *Shared) ForgetSoon(f *flow.Flow) {
+	if s.Install.RemoveSoon(f) && !f.Pass {
+		s.Events.Flow("DESTROY", f)
+	}
+}

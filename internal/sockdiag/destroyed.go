@@ -5,6 +5,7 @@ import (
 	"fmt"
 
 	"github.com/mdlayher/netlink"
+	"github.com/rerouted/rerouted/internal/nlmsg"
 	"golang.org/x/sys/unix"
 )
 
@@ -30,11 +31,6 @@ type Destroyed struct {
 // WatchUDPDestroyed subscribes to the announcements of UDP sockets.
 func WatchUDPDestroyed() (*Destroyed, error) {
 	return watchDestroyed("UDP", 1<<(groupUDPDestroy-1)|1<<(groupUDP6Destroy-1))
-}
-
-// WatchTCPDestroyed subscribes to the announcements of TCP sockets.
-func WatchTCPDestroyed() (*Destroyed, error) {
-	return watchDestroyed("TCP", 1<<(groupTCPDestroy-1)|1<<(groupTCP6Destroy-1))
 }
 
 func watchDestroyed(proto string, groups uint32) (*Destroyed, error) {
@@ -81,3 +77,65 @@ func (d *Destroyed) Receive(fn func(*Socket)) error {
 
 // Close ends the subscription; a blocked Receive returns.
 func (d *Destroyed) Close() error { return d.c.Close() }
+
+// Polled receives the kernel's announcements of TCP sockets destroyed,
+// IPv4 and IPv6, when asked (Drain) rather than as they come. A reader
+// blocked on the socket would be woken for each announcement, and a host
+// that ends thousands of connections a second would pay that much; read
+// every few milliseconds, the kernel queues them and wakes no one. Its
+// buffer is reused: reading allocates nothing. Not safe for concurrent
+// use.
+type Polled struct {
+	c   *nlmsg.Conn
+	buf []byte
+	s   Socket
+}
+
+// PollTCPDestroyed subscribes to the announcements of TCP sockets.
+func PollTCPDestroyed() (*Polled, error) {
+	c, err := nlmsg.Dial(unix.NETLINK_SOCK_DIAG, nlmsg.Config{
+		Groups:     1<<(groupTCPDestroy-1) | 1<<(groupTCP6Destroy-1),
+		ReadBuffer: 4 << 20,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("sock_diag: subscribe to TCP socket destruction: %w", err)
+	}
+	return &Polled{c: c, buf: make([]byte, 64<<10)}, nil
+}
+
+// Drain calls fn for each socket announced since the last Drain and
+// returns how many there were. It returns ErrLost after an overflow (the
+// next Drain reads what came after it).
+func (p *Polled) Drain(fn func(*Socket)) (int, error) {
+	n := 0
+	for {
+		r, errno := p.c.Recv(p.buf, unix.MSG_DONTWAIT)
+		switch errno {
+		case 0:
+		case unix.EAGAIN:
+			return n, nil
+		case unix.ENOBUFS:
+			return n, ErrLost
+		default:
+			return n, fmt.Errorf("sock_diag: receive socket destruction: %w", errno)
+		}
+		for b := p.buf[:r]; len(b) >= nlmsg.HeaderLen; {
+			h, payload, rest, err := nlmsg.Split(b)
+			if err != nil {
+				return n, fmt.Errorf("sock_diag: socket destruction: %w", err)
+			}
+			b = rest
+			if h.Type != sockDiagByFamily {
+				continue
+			}
+			if err := parseMsg(payload, &p.s); err != nil {
+				return n, err
+			}
+			fn(&p.s)
+			n++
+		}
+	}
+}
+
+// Close ends the subscription. Call it once no Drain runs.
+func (p *Polled) Close() error { return p.c.Close() }

@@ -253,3 +253,49 @@ func TestLookupFindsOrphanedFinWait2(t *testing.T) {
 		t.Fatalf("Dump: err=%v, found the orphaned FIN_WAIT2 socket %d times", err, found)
 	}
 }
+
+// A TCP socket's end is announced to a Polled subscription with its
+// tuple and cookie, and reading it allocates nothing.
+func TestPollTCPDestroyed(t *testing.T) {
+	p, err := PollTCPDestroyed()
+	if errors.Is(err, unix.EPERM) && os.Geteuid() != 0 {
+		testenv.Skip(t, "subscribing to socket ends needs CAP_NET_ADMIN: %v", err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	c, srv, local, remote := pair(t)
+	d, err := Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	var s Socket
+	if err := lookup(d, ipproto.TCP, local, remote, &s); err != nil {
+		t.Fatal(err)
+	}
+	srv.Close() // the server closes first: the client's socket leaves no TIME_WAIT
+	c.Read(make([]byte, 1))
+	c.Close()
+	var got *Socket
+	for deadline := time.Now().Add(5 * time.Second); got == nil && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if _, err := p.Drain(func(a *Socket) {
+			if a.Cookie == s.Cookie {
+				cp := *a
+				got = &cp
+			}
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	switch {
+	case got == nil:
+		t.Fatal("the client socket's end was not announced")
+	case got.Local != local || got.Remote != remote:
+		t.Errorf("announced %v -> %v, want %v -> %v", got.Local, got.Remote, local, remote)
+	}
+	if allocs := testing.AllocsPerRun(100, func() { p.Drain(func(*Socket) {}) }); allocs != 0 {
+		t.Errorf("Drain allocates %v times", allocs)
+	}
+}
