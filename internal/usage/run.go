@@ -42,6 +42,10 @@ type Accounting struct {
 	d      Deps
 	every  time.Duration
 	warned map[string]quotaWarning // the harvest loop's
+	// notCounted: the sockets not counted as of the last warning (the
+	// harvest loop's).
+	notCounted uint64
+	socksSize  uint32 // the kernel's map of counted sockets holds this many
 	// watched is closed when the watcher of new sockets ends, which
 	// Close makes it do.
 	watched chan struct{}
@@ -93,6 +97,7 @@ func Open(cfg *policy.Config, st *State, diag sockdiag.Sockets, d Deps) (*Accoun
 	a := &Accounting{k: k, d: d, every: cfg.Usage.Interval, warned: map[string]quotaWarning{}, watched: make(chan struct{}),
 		Ledger: NewLedger(k, st, cfg.Usage.State, d.Rules, cgroup)}
 	a.Ledger.RetireAfter = 2 * cfg.Usage.Interval
+	a.socksSize = k.objs.Socks.MaxEntries()
 	if err := a.Ledger.Recover(); err != nil {
 		a.fault("usage: retire the sockets an earlier run had counted", err)
 	}
@@ -175,7 +180,20 @@ func (a *Accounting) harvest(now time.Time) {
 		a.fault("usage: read the counts", err)
 		return
 	}
+	a.reportNotCounted(a.Ledger.Report().SocketsNotCounted)
 	a.checkQuotas(now)
+}
+
+// reportNotCounted logs, at WARNING, each rise of the count of sockets
+// the kernel could not enter (n, since the programs were loaded): their
+// traffic is not counted (the metric has the count).
+func (a *Accounting) reportNotCounted(n uint64) {
+	if n <= a.notCounted {
+		return
+	}
+	a.d.Log.Warn("usage: sockets could not be entered in the kernel's accounting (its map of sockets is full): their traffic is not counted",
+		"sockets", n-a.notCounted, "total", n, "map_size", a.socksSize)
+	a.notCounted = n
 }
 
 // countInterfaces tells the kernel which interfaces are whose: each
