@@ -111,7 +111,21 @@ func (d *Daemon) watchUDPCloses(w *sockdiag.Destroyed, closing *atomic.Bool) {
 			d.shared.Forget(f)
 		}
 	}
-	d.receiveCloses("UDP", w, errUDPCloseEvents, ended, closing)
+	for {
+		err := w.Receive(ended)
+		switch {
+		case err == nil:
+		case closing.Load():
+			return
+		case errors.Is(err, sockdiag.ErrLost):
+			d.errors[errUDPCloseEvents].Add(1)
+			d.log.Warn("UDP socket ends were lost (too many at once); the sweep ends their flows", "err", err)
+		default:
+			d.errors[errUDPCloseEvents].Add(1)
+			d.log.Error("UDP socket ends: no longer received; the sweep ends their flows", "err", err)
+			return
+		}
+	}
 }
 
 // watchTCPCloses ends the flows of each TCP socket the kernel destroys,
@@ -195,25 +209,6 @@ func (d *Daemon) watchTCP() error {
 		return errors.Join(closes.Close(), diag.Close())
 	})
 	return nil
-}
-
-// receiveCloses hands each announced end to ended until closing is set.
-func (d *Daemon) receiveCloses(proto string, w *sockdiag.Destroyed, kind errKind, ended func(*sockdiag.Socket), closing *atomic.Bool) {
-	for {
-		err := w.Receive(ended)
-		switch {
-		case err == nil:
-		case closing.Load():
-			return
-		case errors.Is(err, sockdiag.ErrLost):
-			d.errors[kind].Add(1)
-			d.log.Warn(proto+" socket ends were lost (too many at once); the sweep ends their flows", "err", err)
-		default:
-			d.errors[kind].Add(1)
-			d.log.Error(proto+" socket ends: no longer received; the sweep ends their flows", "err", err)
-			return
-		}
-	}
 }
 
 func unmap(a netip.AddrPort) netip.AddrPort { return netip.AddrPortFrom(a.Addr().Unmap(), a.Port()) }
