@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -37,6 +38,9 @@ func program(t *testing.T, dir, name string) string {
 type runOpts struct {
 	uid      int // run as this uid and gid (0: root)
 	cgroupFD int // start inside this cgroup (0: none)
+	// retrans, if set, adds what the kernel sent again of an upload
+	// (runClient).
+	retrans *atomic.Uint64
 }
 
 // connect runs a client program on the host and returns the address the

@@ -86,7 +86,16 @@ func run(addr string, send int64, hold bool, timeout time.Duration) error {
 	if err != nil {
 		return err
 	}
-	fmt.Printf("peer=%s received=%d\n", peer, n)
+	// What the kernel sent again: on the wire, and in any count of it.
+	var retrans uint64
+	if rc, err := tc.SyscallConn(); err == nil {
+		rc.Control(func(fd uintptr) {
+			if ti, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
+				retrans = ti.Bytes_retrans
+			}
+		})
+	}
+	fmt.Printf("peer=%s received=%d retrans_bytes=%d\n", peer, n, retrans)
 	return nil
 }
 
