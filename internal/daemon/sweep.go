@@ -113,19 +113,23 @@ func (d *Daemon) watchUDPCloses(w *sockdiag.Destroyed, closing *atomic.Bool) {
 	}
 	for {
 		err := w.Receive(ended)
-		switch {
-		case err == nil:
-		case closing.Load():
-			return
-		case errors.Is(err, sockdiag.ErrLost):
-			d.errors[errUDPCloseEvents].Add(1)
-			d.log.Warn("UDP socket ends were lost (too many at once); the sweep ends their flows", "err", err)
-		default:
-			d.errors[errUDPCloseEvents].Add(1)
-			d.log.Error("UDP socket ends: no longer received; the sweep ends their flows", "err", err)
+		if err != nil && (closing.Load() || d.closesFailed("UDP", errUDPCloseEvents, err)) {
 			return
 		}
 	}
+}
+
+// closesFailed counts and logs an error reading the announcements of
+// proto sockets' ends, and reports whether reading them has stopped (all
+// but a lost batch stop it).
+func (d *Daemon) closesFailed(proto string, kind errKind, err error) bool {
+	d.errors[kind].Add(1)
+	if errors.Is(err, sockdiag.ErrLost) {
+		d.log.Warn(proto+" socket ends were lost (too many at once); the sweep ends their flows", "err", err)
+		return false
+	}
+	d.log.Error(proto+" socket ends: no longer received; the sweep ends their flows", "err", err)
+	return true
 }
 
 // watchTCPCloses ends the flows of each TCP socket the kernel destroys,
@@ -140,15 +144,7 @@ func (d *Daemon) watchUDPCloses(w *sockdiag.Destroyed, closing *atomic.Bool) {
 func (d *Daemon) watchTCPCloses(p *sockdiag.Polled, diag sockdiag.Sockets, closing *atomic.Bool) {
 	ended := func(s *sockdiag.Socket) { d.tcpEnded(s, diag) }
 	for !closing.Load() {
-		_, err := p.Drain(ended)
-		switch {
-		case err == nil:
-		case errors.Is(err, sockdiag.ErrLost):
-			d.errors[errTCPCloseEvents].Add(1)
-			d.log.Warn("TCP socket ends were lost (too many at once); the sweep ends their flows", "err", err)
-		default:
-			d.errors[errTCPCloseEvents].Add(1)
-			d.log.Error("TCP socket ends: no longer received; the sweep ends their flows", "err", err)
+		if err := p.Drain(ended); err != nil && d.closesFailed("TCP", errTCPCloseEvents, err) {
 			return
 		}
 		time.Sleep(tcpClosesEvery)

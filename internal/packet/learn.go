@@ -151,7 +151,13 @@ func (l *Learner) Decided(pkt []byte, mark, uid uint32, wire netip.Addr) {
 	// idleness, a new socket on the tuple would take them over. (A TCP
 	// socket's tuple may have passed to a TIME_WAIT socket, which keeps
 	// them: the sweep ends those.)
-	if gone || (f.Cookie != 0 && s.Closed.Has(f.Cookie) && (f.Proto == ipproto.UDP || l.tupleFree(f))) {
+	if !gone && f.Cookie != 0 && s.Closed.Has(f.Cookie) && (f.Proto == ipproto.UDP || l.tupleFree(f)) {
+		gone = true
+		if f.Proto == ipproto.TCP {
+			s.Stats.TCPClosed.Add(1)
+		}
+	}
+	if gone {
 		if s.debug() {
 			s.Log.Debug("socket closed before the kernel's decision was learned", "proto", f.Proto.String(), "src", f.Src, "dst", f.Dst)
 		}

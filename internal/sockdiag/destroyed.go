@@ -18,28 +18,24 @@ const (
 	groupUDP6Destroy = 4 // SKNLGRP_INET6_UDP_DESTROY
 )
 
-// Destroyed receives the kernel's announcements of the sockets of one
-// protocol destroyed, IPv4 and IPv6, in the subscriber's network
-// namespace. A UDP socket's announcement is the moment its tuple is free
-// for another socket. A TCP socket's is the end of the full socket: its
-// tuple is free unless a TIME_WAIT socket took over from it, which only a
-// lookup tells. It needs CAP_NET_ADMIN. Not safe for concurrent use.
+// Destroyed receives the kernel's announcements of UDP sockets destroyed,
+// IPv4 and IPv6, as they come: the moment a UDP socket's tuple is free for
+// another socket. (TCP's are read in batches: Polled.) It needs
+// CAP_NET_ADMIN. Not safe for concurrent use.
 type Destroyed struct {
 	c *netlink.Conn
 }
 
 // WatchUDPDestroyed subscribes to the announcements of UDP sockets.
 func WatchUDPDestroyed() (*Destroyed, error) {
-	return watchDestroyed("UDP", 1<<(groupUDPDestroy-1)|1<<(groupUDP6Destroy-1))
-}
-
-func watchDestroyed(proto string, groups uint32) (*Destroyed, error) {
-	c, err := netlink.Dial(unix.NETLINK_SOCK_DIAG, &netlink.Config{Groups: groups})
+	c, err := netlink.Dial(unix.NETLINK_SOCK_DIAG, &netlink.Config{
+		Groups: 1<<(groupUDPDestroy-1) | 1<<(groupUDP6Destroy-1),
+	})
 	if err != nil {
-		return nil, fmt.Errorf("sock_diag: subscribe to %s socket destruction: %w", proto, err)
+		return nil, fmt.Errorf("sock_diag: subscribe to UDP socket destruction: %w", err)
 	}
-	// A host that closes thousands of sockets a second (a resolver's
-	// clients, a busy proxy) must not overflow it between two reads.
+	// A host that closes thousands of UDP sockets a second (a resolver's
+	// clients) must not overflow it between two reads.
 	if err := c.SetReadBuffer(4 << 20); err != nil {
 		c.Close()
 		return nil, fmt.Errorf("sock_diag: receive buffer: %w", err)
@@ -103,36 +99,34 @@ func PollTCPDestroyed() (*Polled, error) {
 	return &Polled{c: c, buf: make([]byte, 64<<10)}, nil
 }
 
-// Drain calls fn for each socket announced since the last Drain and
-// returns how many there were. It returns ErrLost after an overflow (the
-// next Drain reads what came after it).
-func (p *Polled) Drain(fn func(*Socket)) (int, error) {
-	n := 0
+// Drain calls fn for each socket announced since the last Drain. It
+// returns ErrLost after an overflow (the next Drain reads what came after
+// it).
+func (p *Polled) Drain(fn func(*Socket)) error {
 	for {
 		r, errno := p.c.Recv(p.buf, unix.MSG_DONTWAIT)
 		switch errno {
 		case 0:
 		case unix.EAGAIN:
-			return n, nil
+			return nil
 		case unix.ENOBUFS:
-			return n, ErrLost
+			return ErrLost
 		default:
-			return n, fmt.Errorf("sock_diag: receive socket destruction: %w", errno)
+			return fmt.Errorf("sock_diag: receive socket destruction: %w", errno)
 		}
 		for b := p.buf[:r]; len(b) >= nlmsg.HeaderLen; {
 			h, payload, rest, err := nlmsg.Split(b)
 			if err != nil {
-				return n, fmt.Errorf("sock_diag: socket destruction: %w", err)
+				return fmt.Errorf("sock_diag: socket destruction: %w", err)
 			}
 			b = rest
 			if h.Type != sockDiagByFamily {
 				continue
 			}
 			if err := parseMsg(payload, &p.s); err != nil {
-				return n, err
+				return err
 			}
 			fn(&p.s)
-			n++
 		}
 	}
 }

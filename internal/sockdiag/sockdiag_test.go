@@ -37,13 +37,20 @@ func pair(t *testing.T) (client, server net.Conn, local, remote netip.AddrPort) 
 	return c, srv, c.LocalAddr().(*net.TCPAddr).AddrPort(), c.RemoteAddr().(*net.TCPAddr).AddrPort()
 }
 
-func TestLookupAndDump(t *testing.T) {
-	c, srv, local, remote := pair(t)
+// openConn opens a sock_diag socket for the test, closed when it ends.
+func openConn(t *testing.T) *Conn {
+	t.Helper()
 	d, err := Open()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer d.Close()
+	t.Cleanup(func() { d.Close() })
+	return d
+}
+
+func TestLookupAndDump(t *testing.T) {
+	c, srv, local, remote := pair(t)
+	d := openConn(t)
 
 	var s Socket
 	if err := lookup(d, ipproto.TCP, local, remote, &s); err != nil {
@@ -68,7 +75,7 @@ func TestLookupAndDump(t *testing.T) {
 	}
 
 	found := 0
-	err = d.Dump(unix.AF_INET, ipproto.TCP, func(x *Socket) {
+	err := d.Dump(unix.AF_INET, ipproto.TCP, func(x *Socket) {
 		if x.Local == local && x.Remote == remote {
 			found++
 		}
@@ -96,11 +103,7 @@ func TestLookupAndDump(t *testing.T) {
 
 func TestLookupAllocatesNothing(t *testing.T) {
 	_, _, local, remote := pair(t)
-	d, err := Open()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
+	d := openConn(t)
 	var s Socket
 	allocs := testing.AllocsPerRun(200, func() {
 		if err := lookup(d, ipproto.TCP, local, remote, &s); err != nil {
@@ -126,11 +129,7 @@ func TestLookupUDP(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	d, err := Open()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
+	d := openConn(t)
 
 	var s Socket
 	local := c.LocalAddr().(*net.UDPAddr).AddrPort()
@@ -151,11 +150,7 @@ func TestLookupUDP(t *testing.T) {
 // finds it gone.
 func TestDestroy(t *testing.T) {
 	c, _, local, remote := pair(t)
-	d, err := Open()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
+	d := openConn(t)
 	var s Socket
 	if err := lookup(d, ipproto.TCP, local, remote, &s); err != nil {
 		t.Fatal(err)
@@ -225,11 +220,7 @@ func lookup(d *Conn, proto ipproto.Proto, local, remote netip.AddrPort, s *Socke
 // its tuple and sends the last ACK.
 func TestLookupFindsOrphanedFinWait2(t *testing.T) {
 	c, _, local, remote := pair(t) // the server's side stays open
-	d, err := Open()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
+	d := openConn(t)
 	c.Close()
 	const finWait2 = 5
 	var s Socket
@@ -266,11 +257,7 @@ func TestPollTCPDestroyed(t *testing.T) {
 	}
 	defer p.Close()
 	c, srv, local, remote := pair(t)
-	d, err := Open()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
+	d := openConn(t)
 	var s Socket
 	if err := lookup(d, ipproto.TCP, local, remote, &s); err != nil {
 		t.Fatal(err)
@@ -280,7 +267,7 @@ func TestPollTCPDestroyed(t *testing.T) {
 	c.Close()
 	var got *Socket
 	for deadline := time.Now().Add(5 * time.Second); got == nil && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
-		if _, err := p.Drain(func(a *Socket) {
+		if err := p.Drain(func(a *Socket) {
 			if a.Cookie == s.Cookie {
 				cp := *a
 				got = &cp
@@ -295,7 +282,7 @@ func TestPollTCPDestroyed(t *testing.T) {
 	case got.Local != local || got.Remote != remote:
 		t.Errorf("announced %v -> %v, want %v -> %v", got.Local, got.Remote, local, remote)
 	}
-	if allocs := testing.AllocsPerRun(100, func() { p.Drain(func(*Socket) {}) }); allocs != 0 {
+	if allocs := testing.AllocsPerRun(100, func() { _ = p.Drain(func(*Socket) {}) }); allocs != 0 {
 		t.Errorf("Drain allocates %v times", allocs)
 	}
 }
