@@ -11,8 +11,9 @@
 //   - the installer (flow.Installer) applies flow changes to the kernel
 //     maps, in order, a transaction per burst (install.go has its
 //     kernel); the Datapath owns the nftables socket;
-//   - the sweeper owns a sock_diag socket for dumps (it adopts an earlier
-//     run's flows with it before it starts);
+//   - the sweeper (package lifetime) owns a sock_diag socket for dumps (it
+//     adopts an earlier run's flows with it before it starts); the
+//     watchers of UDP and TCP sockets' ends own their subscriptions;
 //   - the routing watcher (route.Watch) owns an rtnetlink notification
 //     socket; the routing keeper (routing.go) acts on what it sees;
 //   - the control server (package control) answers `rerouted flows` and
@@ -48,6 +49,7 @@ import (
 	"github.com/rerouted/rerouted/internal/filesafety"
 	"github.com/rerouted/rerouted/internal/flow"
 	"github.com/rerouted/rerouted/internal/instance"
+	"github.com/rerouted/rerouted/internal/lifetime"
 	"github.com/rerouted/rerouted/internal/nftdp"
 	"github.com/rerouted/rerouted/internal/nftdp/prefilter"
 	"github.com/rerouted/rerouted/internal/owner"
@@ -102,13 +104,12 @@ type Daemon struct {
 	routingChanged chan<- struct{}
 	shared         *packet.Shared // what the packet path shares with the rest
 	metrics        *metrics.Metrics
-	resync         atomic.Bool // records of the kernel's decisions were lost: the sweeper reads the maps
 	notify         func(state string)
 	insecure       bool // InsecureConfig
 
-	routing atomic.Uint64 // bumped on every routing change: route caches are stale
-	counts                // the daemon's own counts (the packet path's are shared.Stats)
-	sweeper *sweeper      // once the table is open
+	routing atomic.Uint64     // bumped on every routing change: route caches are stale
+	counts                    // the daemon's own counts (the packet path's are shared.Stats)
+	sweeper *lifetime.Sweeper // once the table is open
 	// usageState is the state file as read at the start; usage, the
 	// ledger over the kernel's counts, once they run (nil: no accounting).
 	usageState *usage.State
@@ -129,6 +130,12 @@ func (d *Daemon) inst() *flow.Installer { return d.shared.Install }
 
 // flows is the flow table, for reading (the installer's).
 func (d *Daemon) flows() *flow.Table { return d.shared.Install.Table() }
+
+// lifetimeEnv is what the flows' end (package lifetime) is given.
+func (d *Daemon) lifetimeEnv() lifetime.Env {
+	return lifetime.Env{Shared: d.shared, Idle: &d.idle, UDPClosed: &d.udpClosed, SweepErrors: &d.errors[errSweep],
+		UDPEvents: &d.errors[errUDPCloseEvents], TCPEvents: &d.errors[errTCPCloseEvents]}
+}
 
 // ErrDetached is returned by Run when it stopped for a restart (Detach),
 // leaving the kernel state for the next start.
@@ -340,13 +347,13 @@ func (d *Daemon) openTable(ctx context.Context, cfg *policy.Config, sweepDiag so
 		d.log.Info("removed table", "table", "inet "+nftdp.TableName, "flows", n)
 		return err
 	})
-	d.sweeper = newSweeper(d, sweepDiag, d.dp)
+	d.sweeper = lifetime.New(d.lifetimeEnv(), sweepDiag, d.dp)
 	if d.dp.Adopted {
 		rt, err := route.NewCache(&d.routing)
 		if err != nil {
 			return err
 		}
-		err = d.sweeper.adopt(rt)
+		err = d.sweeper.Adopt(rt)
 		rt.Close()
 		if err != nil {
 			return err
@@ -391,24 +398,17 @@ func (d *Daemon) startServices(ctx context.Context, cfg *policy.Config, sweepDia
 		d.publishHostMarks()
 	}
 
-	// The kernel announces each UDP socket it destroys: its flows end at
-	// once, so that a new socket on the same tuple is decided afresh
-	// rather than inheriting the old decision until the sweeps notice.
-	if closes, err := sockdiag.WatchUDPDestroyed(); err != nil {
+	// The kernel announces each UDP and TCP socket it destroys: their
+	// flows end at once (lifetime.WatchUDP, WatchTCP).
+	if stop, err := lifetime.WatchUDP(d.lifetimeEnv()); err != nil {
 		d.log.Warn("UDP sockets' ends are noticed by the sweep only (a new socket on a closed one's tuple keeps its decision for up to two sweeps)", "err", err)
 	} else {
-		var closing atomic.Bool
-		watched := make(chan struct{})
-		go func() { defer close(watched); d.watchUDPCloses(closes, &closing) }()
-		d.atClose(func() error { closing.Store(true); err := closes.Close(); <-watched; return err })
+		d.atClose(stop)
 	}
-
-	// And each TCP socket: a flow whose socket ended (and left no
-	// TIME_WAIT socket) ends at once, so that a new socket on its tuple
-	// (its port comes round again) is decided by the kernel, not sent to
-	// the daemon as a tuple that has elements already.
-	if err := d.watchTCP(); err != nil {
+	if stop, err := lifetime.WatchTCP(d.lifetimeEnv()); err != nil {
 		d.log.Warn("TCP sockets' ends are noticed by the sweep only (a flow ends up to two sweeps after its socket)", "err", err)
+	} else {
+		d.atClose(stop)
 	}
 
 	if addr := cfg.Daemon.MetricsListen; addr != "" {
@@ -427,7 +427,7 @@ func (d *Daemon) startServices(ctx context.Context, cfg *policy.Config, sweepDia
 	}
 	d.wg.Add(4)
 	go func() { defer d.wg.Done(); d.inst().Run(ctx) }()
-	go func() { defer d.wg.Done(); d.sweeper.run(ctx) }()
+	go func() { defer d.wg.Done(); d.sweeper.Run(ctx) }()
 	go func() { defer d.wg.Done(); control.Serve(ctx, ctl, controlSource{d}, d.log) }()
 	go func() { defer d.wg.Done(); d.reloadLoop(ctx, d.reloads) }()
 	// Teardown stops these goroutines (and the probes, and the metrics

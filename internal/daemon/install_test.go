@@ -16,6 +16,7 @@ import (
 	"github.com/rerouted/rerouted/internal/daemon/metrics"
 	"github.com/rerouted/rerouted/internal/flow"
 	"github.com/rerouted/rerouted/internal/ipproto"
+	"github.com/rerouted/rerouted/internal/packet"
 	"golang.org/x/sys/unix"
 )
 
@@ -107,4 +108,12 @@ func TestInstallAndRemoveErrorsCounted(t *testing.T) {
 			t.Errorf("/metrics lacks %q:\n%s", want, page)
 		}
 	}
+}
+
+// newTestDaemon is a daemon with an installer into k, and nothing else.
+func newTestDaemon(log *slog.Logger, k flow.Kernel) *Daemon {
+	d := &Daemon{log: log}
+	d.shared = &packet.Shared{Log: log, Stats: &packet.Stats{}}
+	d.shared.Install = flow.NewInstaller(k, d.installFailed)
+	return d
 }

@@ -8,7 +8,6 @@ import (
 	"slices"
 	"time"
 
-	"github.com/rerouted/rerouted/internal/flow"
 	"github.com/rerouted/rerouted/internal/nflog"
 	"github.com/rerouted/rerouted/internal/nftdp"
 	"github.com/rerouted/rerouted/internal/owner"
@@ -63,7 +62,7 @@ func (d *Daemon) startLearning(ctx context.Context) (func() error, error) {
 		d.shared.Stats.Errors[packet.ErrLearn].Add(1)
 		if errors.Is(err, nflog.ErrLost) {
 			d.log.Warn("records of flows the kernel decided were lost; the sweeper reads them from the table", "err", err)
-			d.resync.Store(true)
+			d.sweeper.Resync()
 			return
 		}
 		d.log.Error("the kernel's decisions: receive", "err", err)
@@ -130,30 +129,4 @@ func hostMarksWhere(dp *nftdp.Datapath, cfg *policy.Config) string {
 		return "queue"
 	}
 	return "kernel"
-}
-
-// resyncKernel enters the flows the kernel decided whose records were
-// lost: every flow in the table's maps the daemon does not know.
-func (d *Daemon) resyncKernel(maps flowMaps) {
-	entries, err := maps.Entries()
-	if err != nil {
-		d.errors[errSweep].Add(1)
-		d.log.Error("read the flows the kernel decided", "err", err)
-		d.resync.Store(true)
-		return
-	}
-	now := time.Now()
-	n := 0
-	for _, e := range entries {
-		if e.Pass || d.flows().Get(flow.Key{Proto: e.Proto, Src: e.Src, Dst: e.Dst}) != nil {
-			continue
-		}
-		f := &flow.Flow{Key: flow.Key{Proto: e.Proto, Src: e.Src, Dst: e.Dst}, NewSrc: e.NewSrc, Mark: e.Mark,
-			Rule: "host mark", Start: now, UsedAt: now, Kernel: true}
-		if d.inst().Adopt(f) {
-			d.shared.Stats.KernelDecided.Add(1)
-			n++
-		}
-	}
-	d.log.Info("entered the flows the kernel decided whose records were lost", "flows", n)
 }

@@ -1,4 +1,4 @@
-package daemon
+package lifetime
 
 import (
 	"context"
@@ -8,6 +8,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -22,7 +23,7 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// The sweeper and adoption, run against fakes of sock_diag and the
+// The sweeper, adoption and the socket-end watchers, run against fakes of sock_diag and the
 // datapath: no root, no kernel. What they check is which flows leave the
 // table, and which removals reach the kernel.
 
@@ -58,18 +59,23 @@ func (k *recordingKernel) Apply(cs []flow.Change) error {
 	return nil
 }
 
-func newSweepDaemon(t *testing.T) (*Daemon, *recordingKernel) {
-	t.Helper()
-	k := &recordingKernel{}
-	return newTestDaemon(slog.New(slog.DiscardHandler), k), k
+// fixture is an Env with an installer into a recordingKernel, and the
+// counters and configuration it points to.
+type fixture struct {
+	env                                                Env
+	k                                                  *recordingKernel
+	cfg                                                atomic.Pointer[policy.Config]
+	idle, udpClosed, sweepErrors, udpEvents, tcpEvents atomic.Uint64
 }
 
-// newTestDaemon is a daemon with an installer into k, and nothing else.
-func newTestDaemon(log *slog.Logger, k flow.Kernel) *Daemon {
-	d := &Daemon{log: log}
-	d.shared = &packet.Shared{Log: log, Stats: &packet.Stats{}}
-	d.shared.Install = flow.NewInstaller(k, d.installFailed)
-	return d
+func newFixture(t *testing.T) *fixture {
+	t.Helper()
+	fx := &fixture{k: &recordingKernel{}}
+	s := &packet.Shared{Log: slog.New(slog.DiscardHandler), Stats: &packet.Stats{}, Config: &fx.cfg}
+	s.Install = flow.NewInstaller(fx.k, func(c flow.Change, err error) { t.Errorf("change of %v refused: %v", c.Flow.Src, err) })
+	fx.env = Env{Shared: s, Idle: &fx.idle, UDPClosed: &fx.udpClosed, SweepErrors: &fx.sweepErrors,
+		UDPEvents: &fx.udpEvents, TCPEvents: &fx.tcpEvents}
+	return fx
 }
 
 var (
@@ -82,23 +88,23 @@ func sock(port uint16) netip.AddrPort {
 }
 
 // addFlow installs a translated flow of a socket that existed a minute ago.
-func addFlow(t *testing.T, d *Daemon, proto ipproto.Proto, src netip.AddrPort, cookie uint64) *flow.Flow {
+func (fx *fixture) addFlow(t *testing.T, proto ipproto.Proto, src netip.AddrPort, cookie uint64) *flow.Flow {
 	t.Helper()
 	f := &flow.Flow{Key: flow.Key{Proto: proto, Src: src, Dst: peer}, Mark: 200, Cookie: cookie, Start: time.Now().Add(-time.Minute)}
 	f.UsedAt = f.Start
-	if !d.inst().Add(f, netip.AddrPortFrom(ispB, src.Port())) {
+	if !fx.env.Shared.Install.Add(f, netip.AddrPortFrom(ispB, src.Port())) {
 		t.Fatalf("flow %v not added", src)
 	}
-	d.inst().Flush()
+	fx.env.Shared.Install.Flush()
 	return f
 }
 
 // removed applies the pending changes, as the installer's goroutine
 // would, and returns the flows removed from the kernel so far.
-func removed(d *Daemon, k *recordingKernel) []netip.AddrPort {
-	d.inst().Flush()
+func (fx *fixture) removed() []netip.AddrPort {
+	fx.env.Shared.Install.Flush()
 	var out []netip.AddrPort
-	for _, c := range k.changes {
+	for _, c := range fx.k.changes {
 		if c.Delete {
 			out = append(out, c.Flow.Src)
 		}
@@ -110,87 +116,87 @@ func removed(d *Daemon, k *recordingKernel) []netip.AddrPort {
 // A flow leaves only when its socket is gone in two sweeps running: a dump
 // that misses a live socket removes nothing, and neither does one miss.
 func TestSweepRemovesOnlyWhatIsGoneTwice(t *testing.T) {
-	d, k := newSweepDaemon(t)
+	fx := newFixture(t)
 	socks := &sockdiagtest.Sockets{Socks: map[tuple]sockdiag.Socket{}, Missed: map[tuple]bool{}}
 	live := func(proto ipproto.Proto, port uint16, cookie uint64) {
 		socks.Socks[tuple{Proto: proto, Local: sock(port), Remote: peer}] = sockdiag.Socket{Local: sock(port), Remote: peer, Cookie: cookie}
 	}
-	addFlow(t, d, ipproto.TCP, sock(1001), 1) // alive, in the dump
-	addFlow(t, d, ipproto.TCP, sock(1002), 2) // alive, missed by the dump
-	addFlow(t, d, ipproto.TCP, sock(1003), 3) // gone
-	addFlow(t, d, ipproto.TCP, sock(1004), 4) // its tuple now another socket's
-	addFlow(t, d, ipproto.UDP, sock(1005), 5) // unconnected UDP: the dump shows its cookie on another tuple
-	addFlow(t, d, ipproto.UDP, sock(1006), 6) // UDP, gone
-	echo := addFlow(t, d, ipproto.ICMP, sock(77), 0)
+	fx.addFlow(t, ipproto.TCP, sock(1001), 1) // alive, in the dump
+	fx.addFlow(t, ipproto.TCP, sock(1002), 2) // alive, missed by the dump
+	fx.addFlow(t, ipproto.TCP, sock(1003), 3) // gone
+	fx.addFlow(t, ipproto.TCP, sock(1004), 4) // its tuple now another socket's
+	fx.addFlow(t, ipproto.UDP, sock(1005), 5) // unconnected UDP: the dump shows its cookie on another tuple
+	fx.addFlow(t, ipproto.UDP, sock(1006), 6) // UDP, gone
+	echo := fx.addFlow(t, ipproto.ICMP, sock(77), 0)
 	live(ipproto.TCP, 1001, 1)
 	live(ipproto.TCP, 1002, 2)
 	socks.Missed[tuple{Proto: ipproto.TCP, Local: sock(1002), Remote: peer}] = true
 	live(ipproto.TCP, 1004, 40)
 	socks.Socks[tuple{Proto: ipproto.UDP, Local: sock(1005)}] = sockdiag.Socket{Local: sock(1005), Cookie: 5}
 
-	sw := newSweeper(d, socks, nil)
+	sw := New(fx.env, socks, nil)
 	sw.sweep()
-	if got := removed(d, k); len(got) != 0 {
+	if got := fx.removed(); len(got) != 0 {
 		t.Fatalf("the first sweep removed %v: one miss is not enough", got)
 	}
 	sw.sweep()
 	want := []netip.AddrPort{sock(1003), sock(1004), sock(1006)}
-	if got := removed(d, k); len(got) != len(want) || got[0] != want[0] || got[1] != want[1] || got[2] != want[2] {
+	if got := fx.removed(); len(got) != len(want) || got[0] != want[0] || got[1] != want[1] || got[2] != want[2] {
 		t.Fatalf("removed %v, want %v", got, want)
 	}
-	if d.flows().Len() != 4 || d.flows().Get(echo.Key) == nil {
-		t.Fatalf("%d flows left, want 4 (the echo ends by idleness only)", d.flows().Len())
+	if fx.env.flows().Len() != 4 || fx.env.flows().Get(echo.Key) == nil {
+		t.Fatalf("%d flows left, want 4 (the echo ends by idleness only)", fx.env.flows().Len())
 	}
 }
 
 // A dump that fails removes nothing: an incomplete dump is not "every
 // socket gone". It is counted.
 func TestSweepDumpErrorRemovesNothing(t *testing.T) {
-	d, k := newSweepDaemon(t)
-	addFlow(t, d, ipproto.TCP, sock(1001), 1)
+	fx := newFixture(t)
+	fx.addFlow(t, ipproto.TCP, sock(1001), 1)
 	socks := &sockdiagtest.Sockets{Socks: map[tuple]sockdiag.Socket{}, DumpErr: unix.ENOBUFS}
-	sw := newSweeper(d, socks, nil)
+	sw := New(fx.env, socks, nil)
 	for range 3 {
 		sw.sweep()
 	}
-	if len(removed(d, k)) != 0 || d.errors[errSweep].Load() != 3 {
-		t.Fatalf("removed %v, sweep errors %d", removed(d, k), d.errors[errSweep].Load())
+	if len(fx.removed()) != 0 || fx.sweepErrors.Load() != 3 {
+		t.Fatalf("removed %v, sweep errors %d", fx.removed(), fx.sweepErrors.Load())
 	}
 }
 
 // UDP and echo flows end when their elements counted no packet for the
 // idle timeout; a count that moved keeps them.
 func TestExpireIdle(t *testing.T) {
-	d, k := newSweepDaemon(t)
-	busy := addFlow(t, d, ipproto.UDP, sock(1001), 1)
-	idle := addFlow(t, d, ipproto.UDP, sock(1002), 2)
-	tcp := addFlow(t, d, ipproto.TCP, sock(1003), 3)
+	fx := newFixture(t)
+	busy := fx.addFlow(t, ipproto.UDP, sock(1001), 1)
+	idle := fx.addFlow(t, ipproto.UDP, sock(1002), 2)
+	tcp := fx.addFlow(t, ipproto.TCP, sock(1003), 3)
 	maps := &fakeMaps{uses: []nftdp.Use{
 		{Proto: ipproto.UDP, Src: busy.Src, Dst: busy.Dst, Packets: 10},
 		{Proto: ipproto.UDP, Reply: true, Src: busy.NewSrc, Dst: busy.Dst, Packets: 5},
 	}}
 	now := time.Now()
-	newSweeper(d, nil, maps).expireIdle(now, 30*time.Second)
+	New(fx.env, nil, maps).expireIdle(now, 30*time.Second)
 	if busy.Used != 15 || !busy.UsedAt.Equal(now) {
 		t.Fatalf("busy flow's count %d at %v", busy.Used, busy.UsedAt)
 	}
-	if got := removed(d, k); len(got) != 1 || got[0] != idle.Src {
+	if got := fx.removed(); len(got) != 1 || got[0] != idle.Src {
 		t.Fatalf("removed %v, want only the idle flow %v", got, idle.Src)
 	}
-	newSweeper(d, nil, maps).expireIdle(now.Add(29*time.Second), 30*time.Second)
-	newSweeper(d, nil, maps).expireIdle(now.Add(31*time.Second), 30*time.Second)
-	if got := removed(d, k); len(got) != 2 || d.flows().Get(tcp.Key) == nil {
+	New(fx.env, nil, maps).expireIdle(now.Add(29*time.Second), 30*time.Second)
+	New(fx.env, nil, maps).expireIdle(now.Add(31*time.Second), 30*time.Second)
+	if got := fx.removed(); len(got) != 2 || fx.env.flows().Get(tcp.Key) == nil {
 		t.Fatalf("removed %v; a TCP flow with a socket must never idle", got)
 	}
-	if d.idle.Load() != 2 {
-		t.Fatalf("idle counter %d", d.idle.Load())
+	if fx.idle.Load() != 2 {
+		t.Fatalf("idle counter %d", fx.idle.Load())
 	}
 }
 
 // Adoption keeps the elements whose socket still lives (and echoes, which
 // have none to follow), and removes the rest and duplicates.
 func TestAdopt(t *testing.T) {
-	d, _ := newSweepDaemon(t)
+	fx := newFixture(t)
 	socks := &sockdiagtest.Sockets{Socks: map[tuple]sockdiag.Socket{
 		{Proto: ipproto.TCP, Local: sock(1001), Remote: peer}: {Cookie: 11, UID: 1000, Inode: 5},
 		{Proto: ipproto.UDP, Local: sock(1003), Remote: peer}: {Cookie: 13},
@@ -202,17 +208,17 @@ func TestAdopt(t *testing.T) {
 	dup := live
 	dup.NewSrc = netip.AddrPortFrom(ispB, 2001) // a second element for the same socket tuple
 	maps := &fakeMaps{entries: []nftdp.Entry{live, gone, udp, ping, dup}}
-	if err := newSweeper(d, socks, maps).adopt(noRoutes{}); err != nil {
+	if err := New(fx.env, socks, maps).Adopt(noRoutes{}); err != nil {
 		t.Fatal(err)
 	}
 	if len(maps.deleted) != 2 || maps.deleted[0] != gone || maps.deleted[1] != dup {
 		t.Fatalf("deleted %+v, want the gone socket's and the duplicate", maps.deleted)
 	}
-	f := d.flows().Get(flow.Key{Proto: ipproto.TCP, Src: sock(1001), Dst: peer})
-	if d.flows().Len() != 3 || f == nil || f.Cookie != 11 || f.UID != 1000 || f.Dev != "isp-b" || f.NewSrc != live.NewSrc {
-		t.Fatalf("%d flows; adopted %+v", d.flows().Len(), f)
+	f := fx.env.flows().Get(flow.Key{Proto: ipproto.TCP, Src: sock(1001), Dst: peer})
+	if fx.env.flows().Len() != 3 || f == nil || f.Cookie != 11 || f.UID != 1000 || f.Dev != "isp-b" || f.NewSrc != live.NewSrc {
+		t.Fatalf("%d flows; adopted %+v", fx.env.flows().Len(), f)
 	}
-	if !d.inst().Installed(f) {
+	if !fx.env.Shared.Install.Installed(f) {
 		t.Fatal("an adopted flow's elements are in the kernel already: it must count as installed")
 	}
 }
@@ -220,20 +226,20 @@ func TestAdopt(t *testing.T) {
 // A socket missed once and then seen again is no longer a suspect: a later
 // single miss does not remove it.
 func TestSweepSuspicionClearsWhenSeen(t *testing.T) {
-	d, k := newSweepDaemon(t)
-	addFlow(t, d, ipproto.TCP, sock(1001), 1)
+	fx := newFixture(t)
+	fx.addFlow(t, ipproto.TCP, sock(1001), 1)
 	gone := &sockdiagtest.Sockets{Socks: map[tuple]sockdiag.Socket{}}
 	back := &sockdiagtest.Sockets{Socks: map[tuple]sockdiag.Socket{{Proto: ipproto.TCP, Local: sock(1001), Remote: peer}: {Local: sock(1001), Remote: peer, Cookie: 1}}}
-	sw := newSweeper(d, gone, nil)
+	sw := New(fx.env, gone, nil)
 	sweep := func(diag sockdiag.Sockets) { sw.diag = diag; sw.sweep() }
 	sweep(gone) // missed: a suspect
 	sweep(back) // seen
 	sweep(gone) // missed once more: a suspect again, not removed
-	if got := removed(d, k); len(got) != 0 {
+	if got := fx.removed(); len(got) != 0 {
 		t.Fatalf("removed %v after misses that were not in a row", got)
 	}
 	sweep(gone)
-	if got := removed(d, k); len(got) != 1 {
+	if got := fx.removed(); len(got) != 1 {
 		t.Fatalf("removed %v after two misses in a row, want the flow", got)
 	}
 }
@@ -241,15 +247,15 @@ func TestSweepSuspicionClearsWhenSeen(t *testing.T) {
 // A lookup that fails (not "no such socket") removes nothing, and is
 // counted.
 func TestSweepLookupErrorRemovesNothing(t *testing.T) {
-	d, k := newSweepDaemon(t)
-	addFlow(t, d, ipproto.TCP, sock(1001), 1)
+	fx := newFixture(t)
+	fx.addFlow(t, ipproto.TCP, sock(1001), 1)
 	broken := &sockdiagtest.Sockets{LookupErr: unix.ENOBUFS} // no socket in dumps; every exact lookup fails
-	sw := newSweeper(d, broken, nil)
+	sw := New(fx.env, broken, nil)
 	for range 3 {
 		sw.sweep()
 	}
-	if got := removed(d, k); len(got) != 0 || d.shared.Stats.Errors[packet.ErrSocketLookup].Load() != 3 {
-		t.Fatalf("removed %v, lookup errors %d", got, d.shared.Stats.Errors[packet.ErrSocketLookup].Load())
+	if got := fx.removed(); len(got) != 0 || fx.env.Shared.Stats.Errors[packet.ErrSocketLookup].Load() != 3 {
+		t.Fatalf("removed %v, lookup errors %d", got, fx.env.Shared.Stats.Errors[packet.ErrSocketLookup].Load())
 	}
 }
 
@@ -257,16 +263,16 @@ func TestSweepLookupErrorRemovesNothing(t *testing.T) {
 // WARNING once per rise of its count, with how many more since the last
 // report: a flood is said loudly, not once a sweep.
 func TestOverBudgetReportedOncePerRise(t *testing.T) {
-	d, _ := newSweepDaemon(t)
+	fx := newFixture(t)
 	var logs logRecorder
-	d.log = slog.New(&logs)
+	fx.env.Shared.Log = slog.New(&logs)
 	cfg, err := policy.Parse("t.toml", []byte("[daemon]\nnew_flows_per_uid = 50\n"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	d.cfg.Store(cfg)
+	fx.cfg.Store(cfg)
 	maps := &fakeMaps{over: map[uint32]uint64{1000: 7}}
-	sw := newSweeper(d, nil, maps)
+	sw := New(fx.env, nil, maps)
 	sw.reportOverBudget()
 	sw.reportOverBudget() // no change: nothing more
 	maps.over[1000], maps.over[1001] = 10, 1
@@ -320,19 +326,19 @@ func (r *logRecorder) warnings() []string {
 // learned it (no cookie) is found by its tuple; a flow a new socket owns
 // now (another cookie) stays.
 func TestTCPSocketEndAnnounced(t *testing.T) {
-	d, k := newSweepDaemon(t)
+	fx := newFixture(t)
 	socks := &sockdiagtest.Sockets{}
-	addFlow(t, d, ipproto.TCP, sock(1001), 1) // gone: ends
-	addFlow(t, d, ipproto.TCP, sock(1002), 2) // in TIME_WAIT: stays
-	addFlow(t, d, ipproto.TCP, sock(1003), 0) // no cookie known, gone: ends
-	addFlow(t, d, ipproto.TCP, sock(1004), 4) // the announcement is an older socket's: stays
+	fx.addFlow(t, ipproto.TCP, sock(1001), 1) // gone: ends
+	fx.addFlow(t, ipproto.TCP, sock(1002), 2) // in TIME_WAIT: stays
+	fx.addFlow(t, ipproto.TCP, sock(1003), 0) // no cookie known, gone: ends
+	fx.addFlow(t, ipproto.TCP, sock(1004), 4) // the announcement is an older socket's: stays
 	socks.Add(ipproto.TCP, sockdiag.Socket{Local: sock(1002), Remote: peer, Cookie: 2, State: 6})
 	announce := func(port uint16, cookie uint64) {
 		// A dual-stack socket's announcement names IPv4 addresses mapped.
 		mapped := func(a netip.AddrPort) netip.AddrPort {
 			return netip.AddrPortFrom(netip.AddrFrom16(a.Addr().As16()), a.Port())
 		}
-		d.tcpEnded(&sockdiag.Socket{Local: mapped(sock(port)), Remote: mapped(peer), Cookie: cookie}, socks)
+		fx.env.tcpEnded(&sockdiag.Socket{Local: mapped(sock(port)), Remote: mapped(peer), Cookie: cookie}, socks)
 	}
 	announce(1001, 1)
 	announce(1002, 2)
@@ -340,32 +346,32 @@ func TestTCPSocketEndAnnounced(t *testing.T) {
 	announce(1004, 3)
 	announce(1005, 5) // no flow
 	want := []netip.AddrPort{sock(1001), sock(1003)}
-	if got := removed(d, k); !slices.Equal(got, want) {
+	if got := fx.removed(); !slices.Equal(got, want) {
 		t.Fatalf("removed %v, want %v", got, want)
 	}
-	if n := d.shared.Stats.TCPClosed.Load(); n != 2 {
+	if n := fx.env.Shared.Stats.TCPClosed.Load(); n != 2 {
 		t.Errorf("TCP flows ended by announcement: %d, want 2", n)
 	}
-	if !d.shared.ClosedTCP.Has(packet.ClosedKey(1005, peer.Addr())) || !d.shared.Closed.Has(5) {
+	if !fx.env.Shared.ClosedTCP.Has(packet.ClosedKey(1005, peer.Addr())) || !fx.env.Shared.Closed.Has(5) {
 		t.Error("an announced end is not kept for the learner")
 	}
 
 	// A socket reset (SO_LINGER 0) is announced without its source
 	// address and destination port: kept for the learner, and its flow
 	// left to the sweep (the table has no TCP cookie index).
-	addFlow(t, d, ipproto.TCP, sock(1007), 7)
-	d.tcpEnded(&sockdiag.Socket{Local: netip.AddrPortFrom(netip.IPv4Unspecified(), 1007), Remote: netip.AddrPortFrom(peer.Addr(), 0), Cookie: 7}, socks)
-	if got := removed(d, k); len(got) != 2 {
+	fx.addFlow(t, ipproto.TCP, sock(1007), 7)
+	fx.env.tcpEnded(&sockdiag.Socket{Local: netip.AddrPortFrom(netip.IPv4Unspecified(), 1007), Remote: netip.AddrPortFrom(peer.Addr(), 0), Cookie: 7}, socks)
+	if got := fx.removed(); len(got) != 2 {
 		t.Fatalf("removed %v after a reset socket's end", got)
 	}
-	if !d.shared.ClosedTCP.Has(packet.ClosedKey(1007, peer.Addr())) {
+	if !fx.env.Shared.ClosedTCP.Has(packet.ClosedKey(1007, peer.Addr())) {
 		t.Error("a reset socket's end is not kept for the learner")
 	}
 
 	// A lookup that fails removes nothing, and is counted.
-	addFlow(t, d, ipproto.TCP, sock(1006), 6)
-	d.tcpEnded(&sockdiag.Socket{Local: sock(1006), Remote: peer, Cookie: 6}, &sockdiagtest.Sockets{LookupErr: unix.ENOBUFS})
-	if got := removed(d, k); len(got) != 2 || d.shared.Stats.Errors[packet.ErrSocketLookup].Load() != 1 {
-		t.Fatalf("removed %v, lookup errors %d", got, d.shared.Stats.Errors[packet.ErrSocketLookup].Load())
+	fx.addFlow(t, ipproto.TCP, sock(1006), 6)
+	fx.env.tcpEnded(&sockdiag.Socket{Local: sock(1006), Remote: peer, Cookie: 6}, &sockdiagtest.Sockets{LookupErr: unix.ENOBUFS})
+	if got := fx.removed(); len(got) != 2 || fx.env.Shared.Stats.Errors[packet.ErrSocketLookup].Load() != 1 {
+		t.Fatalf("removed %v, lookup errors %d", got, fx.env.Shared.Stats.Errors[packet.ErrSocketLookup].Load())
 	}
 }
