@@ -20,6 +20,8 @@ import (
 	"github.com/rerouted/rerouted/internal/route"
 	"github.com/rerouted/rerouted/internal/sockdiag"
 	"github.com/rerouted/rerouted/internal/sockdiag/sockdiagtest"
+	"github.com/rerouted/rerouted/internal/testenv"
+	"go.uber.org/goleak"
 	"golang.org/x/sys/unix"
 )
 
@@ -373,5 +375,28 @@ func TestTCPSocketEndAnnounced(t *testing.T) {
 	fx.env.tcpEnded(&sockdiag.Socket{Local: sock(1006), Remote: peer, Cookie: 6}, &sockdiagtest.Sockets{LookupErr: unix.ENOBUFS})
 	if got := fx.removed(); len(got) != 2 || fx.env.Shared.Stats.Errors[packet.ErrSocketLookup].Load() != 1 {
 		t.Fatalf("removed %v, lookup errors %d", got, fx.env.Shared.Stats.Errors[packet.ErrSocketLookup].Load())
+	}
+}
+
+// The watchers of sockets' ends stop when asked, at once and leaving no
+// goroutine behind, on an idle host too: the TCP watcher waits for
+// announcements rather than polling for them.
+func TestWatchersStop(t *testing.T) {
+	testenv.NeedRoot(t, "subscribing to sockets' ends needs CAP_NET_ADMIN")
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	fx := newFixture(t)
+	for _, watch := range []func(Env) (func() error, error){WatchUDP, WatchTCP} {
+		stop, err := watch(fx.env)
+		if err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(50 * time.Millisecond)
+		start := time.Now()
+		if err := stop(); err != nil {
+			t.Fatal(err)
+		}
+		if d := time.Since(start); d > time.Second {
+			t.Errorf("a watcher took %v to stop", d)
+		}
 	}
 }

@@ -63,10 +63,10 @@ func (e *Env) closesFailed(proto string, errs *atomic.Uint64, err error) bool {
 // has its own sock_diag socket for the lookups, and returns what stops
 // it.
 //
-// It reads the announcements every tcpClosesEvery: a flow's elements need
-// not go the instant its socket does (a new socket on the tuple is told
-// apart by its cookie at its SYN), and the kernel wakes no reader per
-// announcement. A flow the kernel decided whose socket was gone before the
+// It reads the announcements in batches, tcpClosesEvery after the first
+// of each: a flow's elements need not go the instant its socket does (a
+// new socket on the tuple is told apart by its cookie at its SYN), the
+// kernel wakes no reader per announcement, and an idle host none at all. A flow the kernel decided whose socket was gone before the
 // daemon learned it has no cookie: it is found by its tuple, and the
 // learner finds the recent ends in ClosedTCP when the announcement came
 // first.
@@ -86,21 +86,29 @@ func WatchTCP(env Env) (stop func() error, err error) {
 		defer close(watched)
 		ended := func(s *sockdiag.Socket) { env.tcpEnded(s, diag) }
 		for !closing.Load() {
-			if err := closes.Drain(ended); err != nil && env.closesFailed("TCP", env.TCPEvents, err) {
+			queued, err := closes.Wait()
+			if err == nil && !queued {
+				return // stopped
+			}
+			if err == nil {
+				time.Sleep(tcpClosesEvery) // the rest of the batch
+				err = closes.Drain(ended)
+			}
+			if err != nil && env.closesFailed("TCP", env.TCPEvents, err) {
 				return
 			}
-			time.Sleep(tcpClosesEvery)
 		}
 	}()
 	return func() error {
 		closing.Store(true)
+		err := closes.Stop()
 		<-watched
-		return errors.Join(closes.Close(), diag.Close())
+		return errors.Join(err, closes.Close(), diag.Close())
 	}, nil
 }
 
-// tcpClosesEvery is how often the announcements of TCP sockets' ends are
-// read.
+// tcpClosesEvery is how long a batch of announcements of TCP sockets'
+// ends gathers after its first.
 const tcpClosesEvery = 10 * time.Millisecond
 
 // tcpEnded ends the flow of the TCP socket so, whose end the kernel

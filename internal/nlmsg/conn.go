@@ -129,6 +129,9 @@ func (c *Conn) PortID() uint32 { return c.port }
 // Close closes the socket.
 func (c *Conn) Close() error { return unix.Close(c.fd) }
 
+// Fd is the socket's descriptor, for poll(2); it stays the Conn's.
+func (c *Conn) Fd() int { return c.fd }
+
 // Recv reads one datagram into b with recvfrom flags (0 or
 // unix.MSG_DONTWAIT), returning its length or the errno; it retries when
 // interrupted (a socket with SO_RCVTIMEO is not restarted after a signal,

@@ -75,16 +75,19 @@ func (d *Destroyed) Receive(fn func(*Socket)) error {
 func (d *Destroyed) Close() error { return d.c.Close() }
 
 // Polled receives the kernel's announcements of TCP sockets destroyed,
-// IPv4 and IPv6, when asked (Drain) rather than as they come. A reader
-// blocked on the socket would be woken for each announcement, and a host
-// that ends thousands of connections a second would pay that much; read
-// every few milliseconds, the kernel queues them and wakes no one. Its
+// IPv4 and IPv6, in batches: Wait blocks until the first comes, and Drain
+// reads all that came. A reader that read each as it came would be woken
+// for each, and a host that ends thousands of connections a second would
+// pay that much; a reader that waits a few milliseconds between Wait and
+// Drain is woken once per batch, and never while no socket ends. Its
 // buffer is reused: reading allocates nothing. Not safe for concurrent
 // use.
 type Polled struct {
-	c   *nlmsg.Conn
-	buf []byte
-	s   Socket
+	c    *nlmsg.Conn
+	wake int            // an eventfd: Stop's way to end a Wait
+	poll [2]unix.PollFd // the socket, and wake
+	buf  []byte
+	s    Socket
 }
 
 // PollTCPDestroyed subscribes to the announcements of TCP sockets.
@@ -96,7 +99,43 @@ func PollTCPDestroyed() (*Polled, error) {
 	if err != nil {
 		return nil, fmt.Errorf("sock_diag: subscribe to TCP socket destruction: %w", err)
 	}
-	return &Polled{c: c, buf: make([]byte, 64<<10)}, nil
+	wake, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		c.Close()
+		return nil, fmt.Errorf("sock_diag: eventfd: %w", err)
+	}
+	p := &Polled{c: c, wake: wake, buf: make([]byte, 64<<10)}
+	p.poll = [2]unix.PollFd{{Fd: int32(c.Fd()), Events: unix.POLLIN}, {Fd: int32(wake), Events: unix.POLLIN}}
+	return p, nil
+}
+
+// Wait blocks until an announcement is queued (or the queue overflowed),
+// and reports whether one is; it returns false once Stop was called. It
+// reads nothing: Drain does. It allocates nothing.
+func (p *Polled) Wait() (bool, error) {
+	p.poll[0].Revents, p.poll[1].Revents = 0, 0
+	for {
+		_, err := unix.Poll(p.poll[:], -1)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err != nil:
+			return false, fmt.Errorf("sock_diag: wait for socket destruction: %w", err)
+		case p.poll[1].Revents != 0:
+			return false, nil
+		}
+		return true, nil // readable, or an error (an overflow) that Drain returns
+	}
+}
+
+// Stop makes a blocked Wait return, and every later one. Safe to call
+// from another goroutine than Wait's.
+func (p *Polled) Stop() error {
+	one := [8]byte{1}
+	if _, err := unix.Write(p.wake, one[:]); err != nil && err != unix.EAGAIN {
+		return fmt.Errorf("sock_diag: stop waiting: %w", err)
+	}
+	return nil
 }
 
 // Drain calls fn for each socket announced since the last Drain. It
@@ -131,5 +170,5 @@ func (p *Polled) Drain(fn func(*Socket)) error {
 	}
 }
 
-// Close ends the subscription. Call it once no Drain runs.
-func (p *Polled) Close() error { return p.c.Close() }
+// Close ends the subscription. Call it once no Wait or Drain runs.
+func (p *Polled) Close() error { return errors.Join(p.c.Close(), unix.Close(p.wake)) }

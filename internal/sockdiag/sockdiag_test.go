@@ -246,7 +246,8 @@ func TestLookupFindsOrphanedFinWait2(t *testing.T) {
 }
 
 // A TCP socket's end is announced to a Polled subscription with its
-// tuple and cookie, and reading it allocates nothing.
+// tuple and cookie: Wait returns once it is queued, Drain reads it, Stop
+// ends a Wait, and nothing allocates.
 func TestPollTCPDestroyed(t *testing.T) {
 	p, err := PollTCPDestroyed()
 	if errors.Is(err, unix.EPERM) && os.Geteuid() != 0 {
@@ -266,7 +267,14 @@ func TestPollTCPDestroyed(t *testing.T) {
 	c.Read(make([]byte, 1))
 	c.Close()
 	var got *Socket
-	for deadline := time.Now().Add(5 * time.Second); got == nil && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+	for deadline := time.Now().Add(5 * time.Second); got == nil && time.Now().Before(deadline); {
+		queued, err := p.Wait()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !queued {
+			continue
+		}
 		if err := p.Drain(func(a *Socket) {
 			if a.Cookie == s.Cookie {
 				cp := *a
@@ -284,5 +292,24 @@ func TestPollTCPDestroyed(t *testing.T) {
 	}
 	if allocs := testing.AllocsPerRun(100, func() { _ = p.Drain(func(*Socket) {}) }); allocs != 0 {
 		t.Errorf("Drain allocates %v times", allocs)
+	}
+
+	// Stop ends a blocked Wait, and every later one.
+	waited := make(chan bool)
+	go func() { queued, _ := p.Wait(); waited <- queued }()
+	time.Sleep(50 * time.Millisecond)
+	if err := p.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case queued := <-waited:
+		if queued {
+			t.Error("a stopped Wait says an announcement is queued")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Stop did not end a blocked Wait")
+	}
+	if allocs := testing.AllocsPerRun(100, func() { _, _ = p.Wait() }); allocs != 0 {
+		t.Errorf("Wait allocates %v times", allocs)
 	}
 }
