@@ -93,6 +93,13 @@ func WatchTCP(env Env) (stop func() error, err error) {
 			if err == nil {
 				time.Sleep(tcpClosesEvery) // the rest of the batch
 				err = closes.Drain(ended)
+				if errors.Is(err, sockdiag.ErrLost) {
+					// The queue overflowed, and while it stays full
+					// the kernel drops the next ones without a word:
+					// read it at once.
+					env.closesFailed("TCP", env.TCPEvents, err)
+					err = closes.Drain(ended)
+				}
 			}
 			if err != nil && env.closesFailed("TCP", env.TCPEvents, err) {
 				return

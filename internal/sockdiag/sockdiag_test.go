@@ -267,13 +267,16 @@ func TestPollTCPDestroyed(t *testing.T) {
 	c.Read(make([]byte, 1))
 	c.Close()
 	var got *Socket
-	for deadline := time.Now().Add(5 * time.Second); got == nil && time.Now().Before(deadline); {
+	// Wait blocks for as long as nothing comes: a Stop after 5 s is the
+	// test's deadline.
+	deadline := time.AfterFunc(5*time.Second, func() { p.Stop() })
+	for got == nil {
 		queued, err := p.Wait()
 		if err != nil {
 			t.Fatal(err)
 		}
 		if !queued {
-			continue
+			break
 		}
 		if err := p.Drain(func(a *Socket) {
 			if a.Cookie == s.Cookie {
@@ -283,6 +286,9 @@ func TestPollTCPDestroyed(t *testing.T) {
 		}); err != nil {
 			t.Fatal(err)
 		}
+	}
+	if !deadline.Stop() && got == nil {
+		t.Fatal("the client socket's end was not announced within 5 s")
 	}
 	switch {
 	case got == nil:
