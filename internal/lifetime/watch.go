@@ -80,12 +80,11 @@ func WatchTCP(env Env) (stop func() error, err error) {
 		closes.Close()
 		return nil, err
 	}
-	var closing atomic.Bool
 	watched := make(chan struct{})
 	go func() {
 		defer close(watched)
 		ended := func(s *sockdiag.Socket) { env.tcpEnded(s, diag) }
-		for !closing.Load() {
+		for {
 			queued, err := closes.Wait()
 			if err == nil && !queued {
 				return // stopped
@@ -107,8 +106,7 @@ func WatchTCP(env Env) (stop func() error, err error) {
 		}
 	}()
 	return func() error {
-		closing.Store(true)
-		err := closes.Stop()
+		err := closes.Stop() // every Wait returns at once from then on
 		<-watched
 		return errors.Join(err, closes.Close(), diag.Close())
 	}, nil
