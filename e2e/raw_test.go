@@ -140,24 +140,6 @@ dport = [80]
 			t.Fatal("a marked raw SYN was answered without rerouted")
 		}
 		e.start()
-		// A program that sends raw SYNs (traceroute -T, a scan) holds its
-		// raw socket while it runs, which is how the learner of the
-		// kernel's decisions tells its SYN from a short connection's,
-		// over before it looked: it looks 10 ms later, and each
-		// rawSYN's socket is closed by then.
-		err := e.w.Host.Do(func() error {
-			for _, family := range []int{unix.AF_INET, unix.AF_INET6} {
-				fd, err := unix.Socket(family, unix.SOCK_RAW, unix.IPPROTO_TCP)
-				if err != nil {
-					return err
-				}
-				t.Cleanup(func() { unix.Close(fd) })
-			}
-			return nil
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
 		synA, synB := e.counter(e.w.A, "syn"), e.counter(e.w.B, "syn")
 		dropped := e.counter(e.w.B, "foreign")
 		for i, c := range []struct {

@@ -134,7 +134,7 @@ func (d *Daemon) flows() *flow.Table { return d.shared.Install.Table() }
 // lifetimeEnv is what the flows' end (package lifetime) is given.
 func (d *Daemon) lifetimeEnv() lifetime.Env {
 	return lifetime.Env{Shared: d.shared, Idle: &d.idle, UDPClosed: &d.udpClosed, SweepErrors: &d.errors[errSweep],
-		UDPEvents: &d.errors[errUDPCloseEvents]}
+		UDPEvents: &d.errors[errUDPCloseEvents], TCPEvents: &d.errors[errTCPCloseEvents]}
 }
 
 // ErrDetached is returned by Run when it stopped for a restart (Detach),
@@ -398,13 +398,15 @@ func (d *Daemon) startServices(ctx context.Context, cfg *policy.Config, sweepDia
 		d.publishHostMarks()
 	}
 
-	// The kernel announces each UDP socket it destroys: its flows end at
-	// once (lifetime.WatchUDP). TCP flows end by the sweep: a TCP socket
-	// does not hand its tuple on as soon as it ends (TIME_WAIT), and a new
-	// socket on a swept-late tuple is translated by its elements in the
-	// kernel (nftdp's reuseRule).
+	// The kernel announces each UDP and TCP socket it destroys: their
+	// flows end at once (lifetime.WatchUDP, WatchTCP).
 	if stop, err := lifetime.WatchUDP(d.lifetimeEnv()); err != nil {
 		d.log.Warn("UDP sockets' ends are noticed by the sweep only (a new socket on a closed one's tuple keeps its decision for up to two sweeps)", "err", err)
+	} else {
+		d.atClose(stop)
+	}
+	if stop, err := lifetime.WatchTCP(d.lifetimeEnv()); err != nil {
+		d.log.Warn("TCP sockets' ends are noticed by the sweep only (a flow ends up to two sweeps after its socket)", "err", err)
 	} else {
 		d.atClose(stop)
 	}

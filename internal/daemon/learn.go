@@ -55,8 +55,6 @@ func (d *Daemon) startLearning(ctx context.Context) (func() error, error) {
 				return
 			}
 			l.Decided(r.Payload, r.Mark, r.UID, wire)
-		case bytes.Equal(r.Prefix, []byte(nftdp.LogReuse)):
-			l.Reused(r.Payload, r.Mark)
 		case bytes.Equal(r.Prefix, []byte(nftdp.LogTaken)):
 			l.Taken(r.Payload)
 		}

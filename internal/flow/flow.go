@@ -143,24 +143,6 @@ func (t *Table) reserve(f *Flow) bool {
 	return true
 }
 
-// succeed puts f in old's place: the same tuples, another socket. It
-// reports whether old was still in the table. Only the installer calls it
-// (Installer.Succeed).
-func (t *Table) succeed(old, f *Flow) bool {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if f.Key != old.Key || f.NewSrc != old.NewSrc || !t.removeLocked(old) {
-		return false
-	}
-	f.seen = t.gen
-	t.bySock[pack(f.Key)] = f
-	t.byWire[pack(f.Wire())] = f
-	if f.Proto == ipproto.UDP && f.Cookie != 0 {
-		t.byCookie[f.Cookie] = append(t.byCookie[f.Cookie], f)
-	}
-	return true
-}
-
 // ByCookie returns the UDP flows of the socket with cookie.
 func (t *Table) ByCookie(cookie uint64) []*Flow {
 	t.mu.Lock()

@@ -105,16 +105,6 @@ func (in *Installer) Adopt(f *Flow) bool {
 	return in.table.reserve(f)
 }
 
-// Succeed puts f, a new socket on old's socket tuple that the kernel
-// translated with old's elements, in old's place in the table: the kernel
-// state stays as it is. It reports whether old was still in the table.
-func (in *Installer) Succeed(old, f *Flow) bool {
-	in.mu.Lock()
-	defer in.mu.Unlock()
-	f.Seq = old.Seq
-	return in.table.succeed(old, f)
-}
-
 // Remove takes f out of the table and, in order, its state out of the
 // kernel. It reports whether f was in the table.
 func (in *Installer) Remove(f *Flow) bool {

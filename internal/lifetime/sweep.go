@@ -40,6 +40,7 @@ type Env struct {
 
 	SweepErrors *atomic.Uint64 // a socket dump or counter read failed: nothing removed that round
 	UDPEvents   *atomic.Uint64 // the announcements of UDP sockets' ends were lost
+	TCPEvents   *atomic.Uint64 // the announcements of TCP sockets' ends were lost
 }
 
 func (e *Env) flows() *flow.Table { return e.Shared.Install.Table() }
@@ -140,8 +141,8 @@ func (sw *Sweeper) sweep() {
 		s.Log.Error("socket dump failed; no flow removed this round", "err", err)
 		return
 	}
-	// The dump only nominates: a socket missing from two sweeps running
-	// is confirmed gone by an exact lookup, since removing a live socket's
+	// The dump only nominates: an exact lookup confirms each socket is
+	// gone, in two sweeps running, since removing a live socket's
 	// translation sends its last packets out with the wrong source. (The
 	// early ends once put down to a miss by both, age 100-400 ms with
 	// lookup "no such socket", were TIME_WAIT sockets a RST had really
@@ -160,28 +161,17 @@ func (sw *Sweeper) sweep() {
 		if _, ok := udp[f.Cookie]; ok && f.Proto == ipproto.UDP {
 			continue
 		}
-		if _, again := sw.suspects[f]; !again {
-			// The first miss only nominates: the lookup comes at the
-			// second, one per ended flow (a host that ends thousands of
-			// connections a second would otherwise make twice as many in
-			// each sweep's burst).
-			suspects[f] = struct{}{}
-			continue
-		}
 		so, err := diag.Lookup(f.Proto, f.Src, f.Dst)
 		switch {
 		case err == nil && (so.Cookie == f.Cookie || f.Cookie == 0):
 			continue // alive: the dump missed it
-		case err == nil && f.Proto == ipproto.TCP:
-			// A new socket on the tuple: its SYN met the elements, and
-			// either the daemon decided it (and replaced the flow) or the
-			// kernel translated it with them (nftdp's reuseRule), whose
-			// record the learner has not yet read. Its packets need them.
-			continue
 		case err != nil && !errors.Is(err, sockdiag.ErrNotFound):
 			s.Stats.Errors[packet.ErrSocketLookup].Add(1)
 			s.Log.Error("socket lookup", "src", f.Src, "dst", f.Dst, "err", err)
-			suspects[f] = struct{}{} // looked up again next sweep
+			continue
+		}
+		if _, again := sw.suspects[f]; !again {
+			suspects[f] = struct{}{}
 			continue
 		}
 		s.Log.Debug("socket gone", "proto", f.Proto.String(), "src", f.Src, "dst", f.Dst, "cookie", f.Cookie,

@@ -64,10 +64,10 @@ func (k *recordingKernel) Apply(cs []flow.Change) error {
 // fixture is an Env with an installer into a recordingKernel, and the
 // counters and configuration it points to.
 type fixture struct {
-	env                                     Env
-	k                                       *recordingKernel
-	cfg                                     atomic.Pointer[policy.Config]
-	idle, udpClosed, sweepErrors, udpEvents atomic.Uint64
+	env                                                Env
+	k                                                  *recordingKernel
+	cfg                                                atomic.Pointer[policy.Config]
+	idle, udpClosed, sweepErrors, udpEvents, tcpEvents atomic.Uint64
 }
 
 func newFixture(t *testing.T) *fixture {
@@ -76,7 +76,7 @@ func newFixture(t *testing.T) *fixture {
 	s := &packet.Shared{Log: slog.New(slog.DiscardHandler), Stats: &packet.Stats{}, Config: &fx.cfg}
 	s.Install = flow.NewInstaller(fx.k, func(c flow.Change, err error) { t.Errorf("change of %v refused: %v", c.Flow.Src, err) })
 	fx.env = Env{Shared: s, Idle: &fx.idle, UDPClosed: &fx.udpClosed, SweepErrors: &fx.sweepErrors,
-		UDPEvents: &fx.udpEvents}
+		UDPEvents: &fx.udpEvents, TCPEvents: &fx.tcpEvents}
 	return fx
 }
 
@@ -117,9 +117,6 @@ func (fx *fixture) removed() []netip.AddrPort {
 
 // A flow leaves only when its socket is gone in two sweeps running: a dump
 // that misses a live socket removes nothing, and neither does one miss.
-// A TCP tuple another socket owns now is kept: that socket's SYN met the
-// elements, and the kernel translated it with them (the learner, which
-// reads that later, gives the flow to the new socket).
 func TestSweepRemovesOnlyWhatIsGoneTwice(t *testing.T) {
 	fx := newFixture(t)
 	socks := &sockdiagtest.Sockets{Socks: map[tuple]sockdiag.Socket{}, Missed: map[tuple]bool{}}
@@ -129,7 +126,7 @@ func TestSweepRemovesOnlyWhatIsGoneTwice(t *testing.T) {
 	fx.addFlow(t, ipproto.TCP, sock(1001), 1) // alive, in the dump
 	fx.addFlow(t, ipproto.TCP, sock(1002), 2) // alive, missed by the dump
 	fx.addFlow(t, ipproto.TCP, sock(1003), 3) // gone
-	fx.addFlow(t, ipproto.TCP, sock(1004), 4) // its tuple now another socket's: kept
+	fx.addFlow(t, ipproto.TCP, sock(1004), 4) // its tuple now another socket's
 	fx.addFlow(t, ipproto.UDP, sock(1005), 5) // unconnected UDP: the dump shows its cookie on another tuple
 	fx.addFlow(t, ipproto.UDP, sock(1006), 6) // UDP, gone
 	echo := fx.addFlow(t, ipproto.ICMP, sock(77), 0)
@@ -145,12 +142,12 @@ func TestSweepRemovesOnlyWhatIsGoneTwice(t *testing.T) {
 		t.Fatalf("the first sweep removed %v: one miss is not enough", got)
 	}
 	sw.sweep()
-	want := []netip.AddrPort{sock(1003), sock(1006)}
-	if got := fx.removed(); !slices.Equal(got, want) {
+	want := []netip.AddrPort{sock(1003), sock(1004), sock(1006)}
+	if got := fx.removed(); len(got) != len(want) || got[0] != want[0] || got[1] != want[1] || got[2] != want[2] {
 		t.Fatalf("removed %v, want %v", got, want)
 	}
-	if fx.env.flows().Len() != 5 || fx.env.flows().Get(echo.Key) == nil {
-		t.Fatalf("%d flows left, want 5 (the echo ends by idleness only)", fx.env.flows().Len())
+	if fx.env.flows().Len() != 4 || fx.env.flows().Get(echo.Key) == nil {
+		t.Fatalf("%d flows left, want 4 (the echo ends by idleness only)", fx.env.flows().Len())
 	}
 }
 
@@ -256,7 +253,7 @@ func TestSweepLookupErrorRemovesNothing(t *testing.T) {
 	fx.addFlow(t, ipproto.TCP, sock(1001), 1)
 	broken := &sockdiagtest.Sockets{LookupErr: unix.ENOBUFS} // no socket in dumps; every exact lookup fails
 	sw := New(fx.env, broken, nil)
-	for range 4 { // the first miss only nominates; each later one looks up
+	for range 3 {
 		sw.sweep()
 	}
 	if got := fx.removed(); len(got) != 0 || fx.env.Shared.Stats.Errors[packet.ErrSocketLookup].Load() != 3 {
@@ -325,14 +322,70 @@ func (r *logRecorder) warnings() []string {
 	return append([]string(nil), r.lines...)
 }
 
-// The watcher of UDP sockets' ends stops when asked, leaving no goroutine
-// behind, on an idle host too, where it is blocked waiting for an
-// announcement.
+// A TCP socket's announced end ends its flow at once, unless a socket
+// owns the tuple still (a TIME_WAIT socket took it over, or a new socket
+// did): the sweep decides those. A flow of a socket gone before the daemon
+// learned it (no cookie) is found by its tuple; a flow a new socket owns
+// now (another cookie) stays.
+func TestTCPSocketEndAnnounced(t *testing.T) {
+	fx := newFixture(t)
+	socks := &sockdiagtest.Sockets{}
+	fx.addFlow(t, ipproto.TCP, sock(1001), 1) // gone: ends
+	fx.addFlow(t, ipproto.TCP, sock(1002), 2) // in TIME_WAIT: stays
+	fx.addFlow(t, ipproto.TCP, sock(1003), 0) // no cookie known, gone: ends
+	fx.addFlow(t, ipproto.TCP, sock(1004), 4) // the announcement is an older socket's: stays
+	socks.Add(ipproto.TCP, sockdiag.Socket{Local: sock(1002), Remote: peer, Cookie: 2, State: 6})
+	announce := func(port uint16, cookie uint64) {
+		// A dual-stack socket's announcement names IPv4 addresses mapped.
+		mapped := func(a netip.AddrPort) netip.AddrPort {
+			return netip.AddrPortFrom(netip.AddrFrom16(a.Addr().As16()), a.Port())
+		}
+		fx.env.tcpEnded(&sockdiag.Socket{Local: mapped(sock(port)), Remote: mapped(peer), Cookie: cookie}, socks)
+	}
+	announce(1001, 1)
+	announce(1002, 2)
+	announce(1003, 33)
+	announce(1004, 3)
+	announce(1005, 5) // no flow
+	want := []netip.AddrPort{sock(1001), sock(1003)}
+	if got := fx.removed(); !slices.Equal(got, want) {
+		t.Fatalf("removed %v, want %v", got, want)
+	}
+	if n := fx.env.Shared.Stats.TCPClosed.Load(); n != 2 {
+		t.Errorf("TCP flows ended by announcement: %d, want 2", n)
+	}
+	if !fx.env.Shared.ClosedTCP.Has(packet.ClosedKey(1005, peer.Addr())) || !fx.env.Shared.Closed.Has(5) {
+		t.Error("an announced end is not kept for the learner")
+	}
+
+	// A socket reset (SO_LINGER 0) is announced without its source
+	// address and destination port: kept for the learner, and its flow
+	// left to the sweep (the table has no TCP cookie index).
+	fx.addFlow(t, ipproto.TCP, sock(1007), 7)
+	fx.env.tcpEnded(&sockdiag.Socket{Local: netip.AddrPortFrom(netip.IPv4Unspecified(), 1007), Remote: netip.AddrPortFrom(peer.Addr(), 0), Cookie: 7}, socks)
+	if got := fx.removed(); len(got) != 2 {
+		t.Fatalf("removed %v after a reset socket's end", got)
+	}
+	if !fx.env.Shared.ClosedTCP.Has(packet.ClosedKey(1007, peer.Addr())) {
+		t.Error("a reset socket's end is not kept for the learner")
+	}
+
+	// A lookup that fails removes nothing, and is counted.
+	fx.addFlow(t, ipproto.TCP, sock(1006), 6)
+	fx.env.tcpEnded(&sockdiag.Socket{Local: sock(1006), Remote: peer, Cookie: 6}, &sockdiagtest.Sockets{LookupErr: unix.ENOBUFS})
+	if got := fx.removed(); len(got) != 2 || fx.env.Shared.Stats.Errors[packet.ErrSocketLookup].Load() != 1 {
+		t.Fatalf("removed %v, lookup errors %d", got, fx.env.Shared.Stats.Errors[packet.ErrSocketLookup].Load())
+	}
+}
+
+// The watchers of sockets' ends stop when asked, leaving no goroutine
+// behind, on an idle host too, where the TCP watcher is blocked waiting
+// for an announcement.
 func TestWatchersStop(t *testing.T) {
 	testenv.NeedRoot(t, "subscribing to sockets' ends needs CAP_NET_ADMIN")
 	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
 	fx := newFixture(t)
-	for _, watch := range []func(Env) (func() error, error){WatchUDP} {
+	for _, watch := range []func(Env) (func() error, error){WatchUDP, WatchTCP} {
 		stop, err := watch(fx.env)
 		if err != nil {
 			t.Fatal(err)

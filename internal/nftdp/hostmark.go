@@ -50,11 +50,9 @@ type HostMark struct {
 const LogGroup = 0x7272
 
 // Prefixes of the log records: a flow the kernel decided (followed by the
-// wire's source address), a SYN translated by the elements its socket
-// tuple had already, and a reply a native socket owns.
+// wire's source address), and a reply a native socket owns.
 const (
 	LogNew   = "rerouted new "
-	LogReuse = "rerouted reuse"
 	LogTaken = "rerouted taken"
 )
 
@@ -101,63 +99,18 @@ func (d *Datapath) hostMarkRules(f *family, p *proto) []nftbatch.Rule {
 			continue
 		}
 		if p.num == ipproto.TCP {
-			rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: reuseRule(f, p, h)},
-				nftbatch.Rule{Chain: "output", Exprs: ownedRule(f, p, h)})
+			rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: ownedRule(f, p, h)})
 		}
 		rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: decideRule(f, p, h)})
 	}
 	return rules
 }
 
-// reuseRule translates a host-marked SYN whose socket tuple has a
-// translation already, as the translation rules do: a retransmission, or
-// a new socket on the tuple of one that ended and whose elements are not
-// yet swept (a busy host hands a destination's ports out again within
-// seconds). The elements stay as they are and their mark is the packet's,
-// so that its source and its exit agree whatever decided them. A copy of
-// the packet goes to the learner ("rerouted reuse"), with the host's
-// mark: it follows a new socket, and ends a translation whose mark is not
-// the one the host now gives (the socket's SYN, sent again, is decided
-// afresh). Registers as in the translation rules: the key from 8, the
-// address, port and mark after it; the MSS where the address was.
-func reuseRule(f *family, p *proto, h HostMark) [][]byte {
-	regs := uint32(f.addrLen / 4)
-	addrReg := 8 + 2*regs + 2
-	portReg, markReg := addrReg+regs, addrReg+regs+1
-	lookup := func(name string, reg uint32) expr.Any {
-		return &expr.Lookup{SourceRegister: 8, DestRegister: reg, IsDestRegSet: true, SetName: name}
-	}
-	m := append(matchProto(f, p, 0), tcpFlags(0x17, 0x02)...)
-	m = append(m,
-		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(h.Mark)},
-		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: f.saddr, Len: uint32(f.addrLen)},
-		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: h.Addr.AsSlice()})
-	m = append(m, loadTuple(f, f.saddr, p.sport, f.daddr, p.dport)...)
-	m = append(m, lookup(p.out.Name, addrReg), lookup(p.outPort.Name, portReg), lookup(p.outMark.Name, markReg),
-		&expr.Log{Key: 1<<unix.NFTA_LOG_GROUP | 1<<unix.NFTA_LOG_PREFIX | 1<<unix.NFTA_LOG_SNAPLEN,
-			Group: LogGroup, Snaplen: logSnap, Data: []byte(LogReuse)})
-	out := nftbatch.Exprs(m...)
-	out = append(out, nftbatch.AddrWrite(f.addrLen, f.saddr, addrReg))
-	out = append(out, nftbatch.Exprs(
-		&expr.Immediate{Register: 1, Data: binaryutil.NativeEndian.PutUint32(StaleMark)},
-		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
-		&expr.Fib{Register: 1, FlagSADDR: true, ResultADDRTYPE: true},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)},
-		writePort(p, p.sport, portReg, true))...)
-	if h.MSS != 0 {
-		out = append(out, nftbatch.Exprs(
-			&expr.Immediate{Register: addrReg, Data: binaryutil.BigEndian.PutUint16(h.MSS)},
-			&expr.Exthdr{Op: expr.ExthdrOpTcpopt, Type: 2, Offset: 2, Len: 2, SourceRegister: addrReg})...)
-	}
-	return append(out, nftbatch.Exprs(&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: markReg},
-		&expr.Verdict{Kind: expr.VerdictAccept})...)
-}
-
-// ownedRule sends a host-marked SYN whose socket tuple has elements, but
-// not all that reuseRule applies, to the daemon. (A key's absence from a
-// map cannot be looked up before Linux 6.12; its presence can, into a
-// register: this rule is the absence check of decideRule.)
+// ownedRule sends a host-marked SYN whose socket tuple has elements to the
+// daemon: a retransmission, or a new socket on a tuple not yet swept,
+// which the daemon tells apart by the socket's cookie. (A key's absence
+// from a map cannot be looked up before Linux 6.12; its presence can,
+// into a register: this rule is the absence check of decideRule.)
 func ownedRule(f *family, p *proto, h HostMark) [][]byte {
 	regs := uint32(f.addrLen / 4)
 	m := append(matchProto(f, p, 0), tcpFlags(0x17, 0x02)...)
@@ -244,51 +197,6 @@ func decideRule(f *family, p *proto, h HostMark) [][]byte {
 	}
 	return append(out, nftbatch.Exprs(&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: markReg},
 		&expr.Verdict{Kind: expr.VerdictAccept})...)
-}
-
-// untranslatedRules hold back the TCP packets after the SYN of a socket
-// marked for an uplink the kernel decides that no translation rule took:
-// out, one would leave through that uplink with another uplink's source
-// (flagged here, the stale-source rule after these drops it); in, one
-// addressed to the uplink's address that no socket owns would be answered
-// with a reset. Both are what a socket meets that reused a tuple in the
-// instant a sweep removed its old socket's elements: the learner restores
-// them (packet.Learner.Reused), and TCP sends the held-back packets again.
-func (d *Datapath) untranslatedRules() []nftbatch.Rule {
-	var rules []nftbatch.Rule
-	for _, h := range d.hostMarks {
-		f := &d.fams[0]
-		if h.Addr.Is6() {
-			f = &d.fams[1]
-		}
-		p := &f.protos[0] // TCP
-		rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: nftbatch.Exprs(append(append(matchProto(f, p, 0),
-			tcpFlags(0x02, 0x00)...),
-			&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(h.Mark)},
-			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: f.saddr, Len: uint32(f.addrLen)},
-			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: h.Addr.AsSlice()},
-			&expr.Immediate{Register: 1, Data: binaryutil.NativeEndian.PutUint32(StaleMark)},
-			&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1})...)})
-		// In: all but a SYN, to the uplink's address. A socket that
-		// owns it (TIME_WAIT and handshakes included) gets it.
-		in := append(matchProto(f, p, 1),
-			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 13, Len: 1},
-			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{0x12}, Xor: []byte{0}},
-			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{0x02}},
-			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: f.daddr, Len: uint32(f.addrLen)},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: h.Addr.AsSlice()})
-		rules = append(rules,
-			nftbatch.Rule{Chain: "prerouting", Exprs: nftbatch.Exprs(append(slices.Clone(in),
-				&expr.Socket{Key: expr.SocketKeyTransparent, Register: 1},
-				&expr.Verdict{Kind: expr.VerdictAccept})...)},
-			nftbatch.Rule{Chain: "prerouting", Exprs: nftbatch.Exprs(append(in,
-				&expr.Immediate{Register: 1, Data: binaryutil.NativeEndian.PutUint32(StaleMark)},
-				&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
-				&expr.Counter{},
-				&expr.Verdict{Kind: expr.VerdictDrop})...)})
-	}
-	return rules
 }
 
 // nativeRules send a SYN whose own tuple is a translation's wire tuple (a

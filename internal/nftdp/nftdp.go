@@ -207,38 +207,29 @@ func (d *Datapath) proto(e *Entry) *proto {
 	return nil
 }
 
-// StaleDrops is how many packets the kernel datapath's guard rules
-// dropped rather than let them leave, or reach the host, with a source or
-// destination their path does not have: translated packets whose new
-// source was no longer the host's, and host-marked TCP packets that no
-// translation took (untranslatedRules). They are the rules with a counter
-// that flag or match StaleMark.
+// StaleDrops is how many translated packets were dropped because their new
+// source was no longer the host's (the kernel datapath's guard rule).
 func (d *Datapath) StaleDrops() (uint64, error) {
 	d.listMu.Lock()
 	defer d.listMu.Unlock()
-	var n uint64
-	for _, chain := range []string{"output", "prerouting"} {
-		rules, err := d.conn.GetRules(d.table, &nftables.Chain{Name: chain, Table: d.table})
-		if err != nil {
-			return 0, fmt.Errorf("list rules of chain %s: %w", chain, err)
-		}
-		for _, r := range rules {
-			var flagged bool
-			for _, e := range r.Exprs {
-				switch e := e.(type) {
-				case *expr.Cmp:
-					flagged = flagged || binaryutil.NativeEndian.Uint32(append(e.Data, 0, 0, 0, 0)[:4]) == StaleMark
-				case *expr.Immediate:
-					flagged = flagged || binaryutil.NativeEndian.Uint32(append(e.Data, 0, 0, 0, 0)[:4]) == StaleMark
-				case *expr.Counter:
-					if flagged {
-						n += e.Packets
-					}
+	rules, err := d.conn.GetRules(d.table, &nftables.Chain{Name: "output", Table: d.table})
+	if err != nil {
+		return 0, fmt.Errorf("list rules of chain output: %w", err)
+	}
+	for _, r := range rules {
+		var flagged bool
+		for _, e := range r.Exprs {
+			switch e := e.(type) {
+			case *expr.Cmp:
+				flagged = flagged || binaryutil.NativeEndian.Uint32(append(e.Data, 0, 0, 0, 0)[:4]) == StaleMark
+			case *expr.Counter:
+				if flagged {
+					return e.Packets, nil
 				}
 			}
 		}
 	}
-	return n, nil
+	return 0, nil
 }
 
 // Install creates rerouted's table in the caller's network namespace.
@@ -838,7 +829,6 @@ func (d *Datapath) flowRules(first, total uint16, native bool) []nftbatch.Rule {
 		}
 	}
 	if !d.userspace {
-		rules = append(rules, d.untranslatedRules()...)
 		rules = append(rules, nftbatch.Rule{Chain: "output", Exprs: nftbatch.Exprs(
 			&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(StaleMark)},

@@ -34,7 +34,6 @@ type Learner struct {
 	s       *Shared
 	diag    sockdiag.Sockets
 	w       *Worker // Describe's owner lookups
-	owners  Owners  // the learner's own calls: raw sockets
 	pending chan learned
 }
 
@@ -48,7 +47,7 @@ type learned struct {
 // and owners of its own: it looks each flow's socket up (its cookie, which
 // the sweeper follows), and with the debug stream on, its owner.
 func NewLearner(s *Shared, diag sockdiag.Sockets, owners Owners) *Learner {
-	return &Learner{s: s, diag: diag, w: NewWorker(s, nil, diag, nil, owners), owners: owners, pending: make(chan learned, 4096)}
+	return &Learner{s: s, diag: diag, w: NewWorker(s, nil, diag, nil, owners), pending: make(chan learned, 4096)}
 }
 
 // Describe prints the [NEW] line of each flow learned, with its owner,
@@ -93,22 +92,26 @@ func (l *Learner) Decided(pkt []byte, mark, uid uint32, wire netip.Addr) {
 		case err == nil:
 			sock = so
 			f.Cookie, f.Inode, f.UID = so.Cookie, so.Inode, so.UID
+		case errors.Is(err, sockdiag.ErrNotFound) && t.Proto == ipproto.TCP && s.ClosedTCP.Has(ClosedKey(t.Src.Port(), t.Dst.Addr())):
+			// The socket's end was announced: a short connection,
+			// over before the daemon looked. Its elements must not
+			// wait for idleness: a new socket on the tuple (its port
+			// comes round again) would be sent to the daemon. (The
+			// key is loose, source port and destination address, as
+			// a reset socket's announcement names no more; no socket
+			// owns the tuple, which is what matters here.)
+			gone = true
+			s.Stats.TCPClosed.Add(1)
 		case errors.Is(err, sockdiag.ErrNotFound) && t.Proto == ipproto.TCP:
-			// No TCP socket owns the SYN. A raw socket's (traceroute -T,
-			// a SYN scan), gone as soon as its answer came, ends by
-			// idleness, as the daemon's raw SYNs do. Otherwise a socket
-			// over before the daemon looked (a short connection that left
-			// no TIME_WAIT socket): its flow is followed by its tuple
-			// (Cookie 0), which no socket owns, and the sweep ends it. A
-			// new socket on the tuple meanwhile is translated by its
-			// elements, and the learner gives it the flow (Reused).
-			if raw, err := l.owners.HasRawSocket(t.Src.Addr().Is6(), uid); err != nil {
-				s.Stats.Errors[ErrSocketLookup].Add(1)
-				s.Log.Error("raw socket lookup", "src", t.Src, "dst", t.Dst, "err", err)
-			} else if raw {
-				f.Kernel = false
-				s.Stats.RawSYNs.Add(1)
-			}
+			// No TCP socket owns the SYN: a raw socket's (traceroute
+			// -T, a SYN scan), gone as soon as its answer came, or a
+			// socket whose end is still on its way (the watcher of TCP
+			// sockets' ends then ends the flow). With nothing to
+			// follow, it ends by idleness, as the daemon's raw SYNs do
+			// (and a new socket on the tuple is the daemon's: a cookie
+			// differs).
+			f.Kernel = false
+			s.Stats.RawSYNs.Add(1)
 		case errors.Is(err, sockdiag.ErrNotFound):
 			// The UDP socket closed already: nothing to keep its
 			// elements for, and a new socket on the tuple must be
@@ -143,101 +146,33 @@ func (l *Learner) Decided(pkt []byte, mark, uid uint32, wire netip.Addr) {
 			s.Events.Flow("NEW", f) // Describe is behind: without the owner
 		}
 	}
-	// Its UDP socket closed while the daemon looked: its elements must
-	// not wait for idleness, a new socket on the tuple would take them.
-	if !gone && f.Cookie != 0 && f.Proto == ipproto.UDP && s.Closed.Has(f.Cookie) {
+	// Its socket closed before the daemon looked, or its end was
+	// announced while the daemon looked: its elements must not wait for
+	// idleness, a new socket on the tuple would take them over. (A TCP
+	// socket's tuple may have passed to a TIME_WAIT socket, which keeps
+	// them: the sweep ends those.)
+	if !gone && f.Cookie != 0 && s.Closed.Has(f.Cookie) && (f.Proto == ipproto.UDP || l.tupleFree(f)) {
 		gone = true
+		if f.Proto == ipproto.TCP {
+			s.Stats.TCPClosed.Add(1)
+		}
 	}
 	if gone {
 		if s.debug() {
 			s.Log.Debug("socket closed before the kernel's decision was learned", "proto", f.Proto.String(), "src", f.Src, "dst", f.Dst)
 		}
-		s.Forget(f) // a new UDP socket may take the tuple at once
+		if f.Proto == ipproto.TCP {
+			s.ForgetSoon(f) // a new socket on its port is seconds away
+		} else {
+			s.Forget(f) // a new UDP socket may take the tuple at once
+		}
 	}
 }
 
-// Reused follows a host-marked SYN that the kernel translated with the
-// elements its socket tuple had (nftdp's reuseRule): pkt is the packet as
-// the socket sent it, mark the host's mark on it. A retransmission
-// changes nothing. A new socket on the tuple takes the flow over if the
-// flow's mark is the host's; if not, the translation ends, and the
-// socket's SYN, sent again, is decided afresh.
-func (l *Learner) Reused(pkt []byte, mark uint32) {
-	s := l.s
-	var t rewrite.Packet
-	if err := rewrite.Parse(pkt, &t); err != nil {
-		s.Stats.Errors[ErrLearn].Add(1)
-		s.Log.Error("a SYN the kernel translated with its tuple's elements: unreadable log record", "err", err)
-		return
-	}
-	key := flow.Key{Proto: t.Proto, Src: t.Src, Dst: t.Dst}
-	f := s.Install.Table().Get(key)
-	so, err := l.diag.Lookup(t.Proto, t.Src, t.Dst)
-	switch {
-	case errors.Is(err, sockdiag.ErrNotFound):
-		// A short connection, over before the learner looked: a flow
-		// the kernel decided, of which the sweep ends what is left.
-		s.Stats.Reuses[ReuseGone].Add(1)
-		s.Stats.KernelDecided.Add(1)
-		return
-	case err != nil:
-		s.Stats.Errors[ErrSocketLookup].Add(1)
-		s.Log.Error("socket lookup", "proto", t.Proto.String(), "src", t.Src, "dst", t.Dst, "err", err)
-		return
-	case f != nil && so.Cookie == f.Cookie:
-		s.Stats.Reuses[ReuseRetransmission].Add(1)
-		return
-	case f != nil && f.Mark != mark:
-		// Another socket's decision, for another uplink: the SYN left
-		// through it, coherently, but not where the host now sends it.
-		s.Stats.Reuses[ReuseOtherMark].Add(1)
-		s.Log.Warn("a new socket on a tuple translated for another uplink: the translation ended, and the socket's SYN, sent again, is decided afresh",
-			"proto", t.Proto.String(), "src", t.Src, "dst", t.Dst, "mark", mark, "flow_mark", f.Mark, "new_src", f.NewSrc)
-		s.Forget(f)
-		return
-	}
-	now := time.Now()
-	g := &flow.Flow{Key: key, Mark: mark, Rule: "host mark", UID: so.UID, Cookie: so.Cookie, Inode: so.Inode, Kernel: true, Start: now, UsedAt: now}
-	if f != nil {
-		g.NewSrc, g.MSS, g.Dev = f.NewSrc, f.MSS, f.Dev
-		if !s.Install.Succeed(f, g) {
-			f = nil // ended meanwhile
-		}
-	}
-	if f == nil {
-		// The sweep ended the old socket's flow an instant before: the
-		// elements that translated the SYN are gone or going, under a
-		// socket that needs them. Its packets are held back meanwhile
-		// (nftdp's untranslatedRules); they get them back.
-		st, ok := s.Uplinks.Get(mark, t.Src.Addr().Is6())
-		if !ok || !st.Up || !st.Src.IsValid() {
-			s.Stats.Reuses[ReuseGone].Add(1) // the socket's SYN, sent again, is decided afresh
-			return
-		}
-		g.Dev, g.MSS = st.Dev, MSS(st.MTU, t.Src.Addr().Is6())
-		if !s.Install.Add(g, netip.AddrPortFrom(st.Src, t.Src.Port())) {
-			s.Stats.Reuses[ReuseGone].Add(1)
-			return
-		}
-		s.Install.Flush()
-		s.Stats.Reuses[ReuseRestored].Add(1)
-		s.Log.Info("a socket reused a tuple whose translation a sweep ended an instant before: translation restored",
-			"proto", t.Proto.String(), "src", t.Src, "dst", t.Dst, "new_src", g.NewSrc)
-	} else {
-		s.Stats.Reuses[ReuseNewSocket].Add(1)
-		if s.Events.On(events.Destroy) {
-			s.Events.Flow("DESTROY", f)
-		}
-	}
-	s.Stats.KernelDecided.Add(1)
-	if !s.Events.On(events.New) {
-		return
-	}
-	select {
-	case l.pending <- learned{f: *g, sock: so}:
-	default:
-		s.Events.Flow("NEW", g)
-	}
+// tupleFree reports whether no socket owns f's socket tuple any more.
+func (l *Learner) tupleFree(f *flow.Flow) bool {
+	_, err := l.diag.Lookup(f.Proto, f.Src, f.Dst)
+	return errors.Is(err, sockdiag.ErrNotFound)
 }
 
 // Taken moves the translation whose wire tuple a native socket owns to a
@@ -292,9 +227,10 @@ func (l *Learner) Taken(pkt []byte) {
 }
 
 // Closed remembers the last closedKept sockets whose end the kernel
-// announced: the learner of the kernel's decisions may look a flow's
-// socket up just before its end is announced and enter the flow just
-// after.
+// announced (by cookie, or by tuple): the learner of the kernel's
+// decisions may look a flow's socket up just before its end is announced
+// and enter the flow just after, or find no socket because its end is
+// already on its way.
 type Closed[K comparable] struct {
 	mu   sync.Mutex
 	ring [closedKept]K
@@ -331,6 +267,12 @@ func (c *Closed[K]) Has(k K) bool {
 	defer c.mu.Unlock()
 	_, ok := c.set[k]
 	return ok
+}
+
+// ClosedKey is the key ClosedTCP keeps a TCP socket's end by: its source
+// port and destination address, what every announcement names.
+func ClosedKey(sport uint16, dst netip.Addr) flow.Key {
+	return flow.Key{Proto: ipproto.TCP, Src: netip.AddrPortFrom(netip.Addr{}, sport), Dst: netip.AddrPortFrom(dst.Unmap(), 0)}
 }
 
 // MSS is the largest MSS a SYN may announce on a route of mtu.

@@ -6,6 +6,8 @@ import (
 
 	"github.com/rerouted/rerouted/internal/flow"
 	"github.com/rerouted/rerouted/internal/ipproto"
+	"github.com/rerouted/rerouted/internal/sockdiag"
+	"github.com/rerouted/rerouted/internal/sockdiag/sockdiagtest"
 )
 
 const learnConf = "[[uplink]]\nname = \"isp-b\"\nmark = 100\n" // (the learner needs no rule)
@@ -39,8 +41,8 @@ func TestLearnerEntersKernelFlow(t *testing.T) {
 
 // A flow whose socket is gone when the learner looks (a UDP socket that
 // closed at once, or whose end was announced meanwhile) leaves the table
-// and the kernel at once; a SYN no TCP socket owns (a short connection
-// over, a raw socket's) is followed by its tuple, for the sweep to end.
+// and the kernel at once; a SYN of a user with a raw socket ends by
+// idleness.
 func TestLearnerGoneAndRaw(t *testing.T) {
 	wd := newWorld(t, learnConf)
 	l := NewLearner(wd.s, wd.socks, fakeOwners{})
@@ -72,8 +74,8 @@ func TestLearnerGoneAndRaw(t *testing.T) {
 	raw := netip.AddrPortFrom(hostA, 40003)
 	l.Decided(syn(t, raw, server, 0), 100, 0, hostB)
 	f := wd.s.Install.Table().Get(flow.Key{Proto: ipproto.TCP, Src: raw, Dst: server})
-	if f == nil || !f.Kernel || f.Cookie != 0 || f.Idles() {
-		t.Errorf("a SYN no socket owns: %+v; want a kernel flow followed by its tuple", f)
+	if f == nil || f.Kernel || !f.Idles() || wd.s.Stats.RawSYNs.Load() != 1 {
+		t.Errorf("a raw socket's SYN: %+v, raw SYNs %d; want a flow that ends by idleness", f, wd.s.Stats.RawSYNs.Load())
 	}
 }
 
@@ -108,58 +110,59 @@ func TestLearnerMovesTakenFlow(t *testing.T) {
 	}
 }
 
-// A SYN the kernel translated with its tuple's elements: a
-// retransmission changes nothing; a new socket with the same mark takes
-// the flow over, with no kernel change; one with another mark ends the
-// translation (its SYN, sent again, is decided afresh); one whose socket
-// or flow is gone is counted.
-func TestLearnerReused(t *testing.T) {
+// A TCP flow whose socket ended before the learner looked leaves at once
+// when its end was announced (its tuple is among the recent ends), so that
+// the next socket on its port is the kernel's to decide; so does one whose
+// socket's end was announced while the learner looked, unless a TIME_WAIT
+// socket owns the tuple now.
+func TestLearnerTCPEndAnnounced(t *testing.T) {
 	wd := newWorld(t, learnConf)
 	l := NewLearner(wd.s, wd.socks, fakeOwners{})
-	src := netip.AddrPortFrom(hostA, 40000)
-	key := flow.Key{Proto: ipproto.TCP, Src: src, Dst: server}
-	wd.socket(ipproto.TCP, src, server, 77)
-	l.Decided(syn(t, src, server, 1460), 100, 0, hostB)
-	old := wd.s.Install.Table().Get(key)
-
-	l.Reused(syn(t, src, server, 1460), 100)
-	if f := wd.s.Install.Table().Get(key); f != old || wd.s.Stats.Reuses[ReuseRetransmission].Load() != 1 {
-		t.Fatalf("a retransmission: flow %+v, reuses %d", f, wd.s.Stats.Reuses[ReuseRetransmission].Load())
+	gone := netip.AddrPortFrom(hostA, 40001)
+	wd.s.ClosedTCP.Add(ClosedKey(gone.Port(), server.Addr()))
+	l.Decided(syn(t, gone, server, 1460), 100, 0, hostB)
+	if f := wd.s.Install.Table().Get(flow.Key{Proto: ipproto.TCP, Src: gone, Dst: server}); f != nil {
+		t.Errorf("the flow of a socket whose end was announced stays: %+v", f)
+	}
+	if n, raw := wd.s.Stats.TCPClosed.Load(), wd.s.Stats.RawSYNs.Load(); n != 1 || raw != 0 {
+		t.Errorf("TCP flows ended by announcement %d, raw SYNs %d; want 1 and 0", n, raw)
 	}
 
-	wd.socket(ipproto.TCP, src, server, 78) // the old socket ended, a new one has the tuple
-	l.Reused(syn(t, src, server, 1460), 100)
-	f := wd.s.Install.Table().Get(key)
-	switch {
-	case f == nil || f == old:
-		t.Fatalf("a new socket did not take the flow over: %+v", f)
-	case f.Cookie != 78 || f.NewSrc != old.NewSrc || f.Mark != 100 || !f.Kernel || f.Seq != old.Seq:
-		t.Errorf("the new socket's flow: %+v, the old: %+v", f, old)
-	case wd.s.Install.Table().ByWire(f.Wire()) != f:
-		t.Error("the wire index still names the old flow")
+	// Its end announced while the learner looked: gone, or in TIME_WAIT.
+	ending := netip.AddrPortFrom(hostA, 40002)
+	wd.socket(ipproto.TCP, ending, server, 90)
+	wd.s.Closed.Add(90)
+	timeWait := netip.AddrPortFrom(hostA, 40003)
+	wd.socket(ipproto.TCP, timeWait, server, 91)
+	wd.s.Closed.Add(91)
+	lookups := &endingSockets{Sockets: wd.socks, gone: ending}
+	l = NewLearner(wd.s, lookups, fakeOwners{})
+	l.Decided(syn(t, ending, server, 1460), 100, 0, hostB)
+	l.Decided(syn(t, timeWait, server, 1460), 100, 0, hostB)
+	if f := wd.s.Install.Table().Get(flow.Key{Proto: ipproto.TCP, Src: ending, Dst: server}); f != nil {
+		t.Errorf("the flow of a socket that ended while the learner looked stays: %+v", f)
 	}
-	if n := wd.s.Stats.Reuses[ReuseNewSocket].Load(); n != 1 {
-		t.Errorf("new sockets counted: %d, want 1", n)
+	if f := wd.s.Install.Table().Get(flow.Key{Proto: ipproto.TCP, Src: timeWait, Dst: server}); f == nil {
+		t.Error("the flow of a socket whose tuple a TIME_WAIT socket owns was ended")
 	}
-	wd.s.Install.Flush()
-	if len(wd.r.events) != 0 {
-		t.Errorf("the kernel was sent %+v for a flow its elements serve as they are", wd.r.events)
-	}
+}
 
-	wd.socket(ipproto.TCP, src, server, 79) // a new socket, marked for another uplink
-	l.Reused(syn(t, src, server, 1460), 200)
-	if f := wd.s.Install.Table().Get(key); f != nil || wd.s.Stats.Reuses[ReuseOtherMark].Load() != 1 {
-		t.Fatalf("a new socket with another mark: flow %+v, counted %d", f, wd.s.Stats.Reuses[ReuseOtherMark].Load())
-	}
-	wd.s.Install.Flush()
-	if len(wd.r.events) != 1 || !wd.r.events[0].changes[0].Delete {
-		t.Errorf("kernel changes %+v, want the translation's removal", wd.r.events)
-	}
+// endingSockets finds the socket on gone once, then no more: it ended
+// between the learner's two lookups.
+type endingSockets struct {
+	*sockdiagtest.Sockets
+	gone netip.AddrPort
+	seen bool
+}
 
-	l.Reused(syn(t, src, server, 1460), 100) // its flow is gone
-	if n := wd.s.Stats.Reuses[ReuseGone].Load(); n != 1 {
-		t.Errorf("reuses of a gone flow counted: %d, want 1", n)
+func (e *endingSockets) Lookup(p ipproto.Proto, local, remote netip.AddrPort) (sockdiag.Socket, error) {
+	if local == e.gone {
+		if e.seen {
+			return sockdiag.Socket{}, sockdiag.ErrNotFound
+		}
+		e.seen = true
 	}
+	return e.Sockets.Lookup(p, local, remote)
 }
 
 // Closed keeps the last closedKept ends; a key added twice stays until

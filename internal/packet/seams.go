@@ -68,8 +68,11 @@ type Shared struct {
 
 	// Closed: the cookies of UDP sockets whose end the kernel announced
 	// lately (the daemon's watcher adds them), for a flow learned while
-	// its socket's end was on its way.
-	Closed Closed[uint64]
+	// its socket's end was on its way. ClosedTCP: the TCP sockets
+	// whose end was announced lately (ClosedKey), for a flow learned
+	// after its socket was gone.
+	Closed    Closed[uint64]
+	ClosedTCP Closed[flow.Key]
 
 	PortLo, PortHi uint16 // the ephemeral ports new source ports are drawn from
 	Userspace      bool   // every packet of a translated flow comes to the workers

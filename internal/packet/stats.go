@@ -12,6 +12,7 @@ type Stats struct {
 	Translated atomic.Uint64              // new flows translated
 	Retrans    atomic.Uint64              // retransmitted SYNs of translated flows
 	RawSYNs    atomic.Uint64              // SYNs no TCP socket owns (raw sockets): decided without an owner
+	TCPClosed  atomic.Uint64              // TCP flows ended as the kernel announced their socket's end
 	Dropped    atomic.Uint64              // packets dropped (the socket retries)
 	Refused    atomic.Uint64              // flows refused: their rule's uplinks were down, on_down = "drop"
 	Failed     [FailReasons]atomic.Uint64 // new flows that could not be decided as the policy says
@@ -27,12 +28,9 @@ type Stats struct {
 	// Exceptions: host-marked first packets of an uplink the kernel
 	// decides that came to the daemon all the same, by reason.
 	Exceptions [ExceptionReasons]atomic.Uint64
-	// Reuses: host-marked SYNs the kernel translated with the elements
-	// their socket tuple had already, as the learner found them.
-	Reuses    [ReuseKinds]atomic.Uint64
-	Forwarded atomic.Uint64 // userspace datapath: packets rewritten after the SYN
-	Bytes     atomic.Uint64 // userspace datapath: their bytes
-	Errors    [ErrKinds]atomic.Uint64
+	Forwarded  atomic.Uint64 // userspace datapath: packets rewritten after the SYN
+	Bytes      atomic.Uint64 // userspace datapath: their bytes
+	Errors     [ErrKinds]atomic.Uint64
 }
 
 // ErrKind names what went wrong, for the errors metric.
@@ -55,7 +53,7 @@ var ErrKindNames = [ErrKinds]string{"verdict", "socket_lookup", "no_route", "no_
 type ExceptionReason int
 
 const (
-	ExcKnownTuple ExceptionReason = iota // the socket tuple has a flow whose elements the kernel did not all find
+	ExcKnownTuple ExceptionReason = iota // the socket tuple has a flow (a retransmission, or a new socket on it)
 	ExcWireTaken                         // the wire tuple is another translation's or a socket's
 	ExcOther                             // a full map, a raw socket's SYN, a race with a change of the uplink
 	ExceptionReasons
@@ -63,22 +61,6 @@ const (
 
 // ExceptionReasonNames are the exceptions metric's reason labels.
 var ExceptionReasonNames = [ExceptionReasons]string{"known_tuple", "wire_taken", "other"}
-
-// ReuseKind says what a SYN the kernel translated with its tuple's
-// elements was.
-type ReuseKind int
-
-const (
-	ReuseRetransmission ReuseKind = iota // the flow's own socket sent it again
-	ReuseNewSocket                       // a new socket on the tuple, with the same mark: it takes the flow over
-	ReuseOtherMark                       // a new socket whose mark is another: the translation ended, its SYN is sent again
-	ReuseRestored                        // a new socket whose flow a sweep ended an instant before: translation installed again
-	ReuseGone                            // no socket owns the tuple any more, or its uplink is down
-	ReuseKinds
-)
-
-// ReuseKindNames are the reuses metric's kind labels.
-var ReuseKindNames = [ReuseKinds]string{"retransmission", "new_socket", "other_mark", "restored", "gone"}
 
 // limiter bounds the log lines of what can happen per packet (a flow that
 // could not be decided, a failed lookup): a flood must be counted, not

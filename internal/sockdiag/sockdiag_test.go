@@ -244,3 +244,78 @@ func TestLookupFindsOrphanedFinWait2(t *testing.T) {
 		t.Fatalf("Dump: err=%v, found the orphaned FIN_WAIT2 socket %d times", err, found)
 	}
 }
+
+// A TCP socket's end is announced to a Polled subscription with its
+// tuple and cookie: Wait returns once it is queued, Drain reads it, Stop
+// ends a Wait, and nothing allocates.
+func TestPollTCPDestroyed(t *testing.T) {
+	p, err := PollTCPDestroyed()
+	if errors.Is(err, unix.EPERM) && os.Geteuid() != 0 {
+		testenv.Skip(t, "subscribing to socket ends needs CAP_NET_ADMIN: %v", err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	c, srv, local, remote := pair(t)
+	d := openConn(t)
+	var s Socket
+	if err := lookup(d, ipproto.TCP, local, remote, &s); err != nil {
+		t.Fatal(err)
+	}
+	srv.Close() // the server closes first: the client's socket leaves no TIME_WAIT
+	c.Read(make([]byte, 1))
+	c.Close()
+	var got *Socket
+	// Wait blocks for as long as nothing comes: a Stop after 5 s is the
+	// test's deadline.
+	deadline := time.AfterFunc(5*time.Second, func() { p.Stop() })
+	for got == nil {
+		queued, err := p.Wait()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !queued {
+			break
+		}
+		if err := p.Drain(func(a *Socket) {
+			if a.Cookie == s.Cookie {
+				cp := *a
+				got = &cp
+			}
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !deadline.Stop() && got == nil {
+		t.Fatal("the client socket's end was not announced within 5 s")
+	}
+	switch {
+	case got == nil:
+		t.Fatal("the client socket's end was not announced")
+	case got.Local != local || got.Remote != remote:
+		t.Errorf("announced %v -> %v, want %v -> %v", got.Local, got.Remote, local, remote)
+	}
+	if allocs := testing.AllocsPerRun(100, func() { _ = p.Drain(func(*Socket) {}) }); allocs != 0 {
+		t.Errorf("Drain allocates %v times", allocs)
+	}
+
+	// Stop ends a blocked Wait, and every later one.
+	waited := make(chan bool)
+	go func() { queued, _ := p.Wait(); waited <- queued }()
+	time.Sleep(50 * time.Millisecond)
+	if err := p.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case queued := <-waited:
+		if queued {
+			t.Error("a stopped Wait says an announcement is queued")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Stop did not end a blocked Wait")
+	}
+	if allocs := testing.AllocsPerRun(100, func() { _, _ = p.Wait() }); allocs != 0 {
+		t.Errorf("Wait allocates %v times", allocs)
+	}
+}

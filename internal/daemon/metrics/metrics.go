@@ -105,6 +105,7 @@ func New(d *Daemon) *Metrics {
 		{"rerouted_refused_total", "New flows refused: every uplink of their rule was down (on_down = \"drop\").", d.Stats.Refused.Load},
 		{"rerouted_icmp_errors_readdressed_total", "ICMP errors readdressed to a translated flow's socket.", d.Stats.ICMPErrors.Load},
 		{"rerouted_udp_socket_closed_total", "UDP flows ended as the kernel announced their socket's end.", d.UDPClosed.Load},
+		{"rerouted_tcp_socket_closed_total", "TCP flows ended as the kernel announced their socket's end (and no TIME_WAIT socket kept its tuple).", d.Stats.TCPClosed.Load},
 		{"rerouted_idle_ended_total", "UDP and echo flows ended by idleness.", d.Idle.Load},
 		{"rerouted_forwarded_packets_total", "Userspace datapath: packets rewritten after the first.", d.Stats.Forwarded.Load},
 		{"rerouted_forwarded_bytes_total", "Userspace datapath: their bytes.", d.Stats.Bytes.Load},
@@ -187,11 +188,6 @@ func New(d *Daemon) *Metrics {
 		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "rerouted_kernel_exceptions_total",
 			Help: "Host-marked first packets the kernel left to the daemon, by reason.", ConstLabels: prometheus.Labels{"reason": packet.ExceptionReasonNames[r]}},
 			func() float64 { return float64(d.Stats.Exceptions[r].Load()) }))
-	}
-	for k := packet.ReuseKind(0); k < packet.ReuseKinds; k++ {
-		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "rerouted_kernel_reused_total",
-			Help: "Host-marked SYNs the kernel translated with the elements their socket tuple had already, by what they were.", ConstLabels: prometheus.Labels{"kind": packet.ReuseKindNames[k]}},
-			func() float64 { return float64(d.Stats.Reuses[k].Load()) }))
 	}
 	m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "rerouted_kernel_moved_total",
 		Help: "Kernel-decided flows moved to another port: a socket owned their wire tuple."},
