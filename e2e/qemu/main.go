@@ -238,6 +238,9 @@ type result struct {
 	// panic and the tests it names, the log lines before it, and the test
 	// code each goroutine was in.
 	panic, before, stuck []string
+	// Each test's own last lines (its t.Log and t.Error output, and what
+	// it printed), to say why a test failed without the log at hand.
+	lines map[string][]string
 }
 
 func (g *guest) test(ctx context.Context, k kernel) *result {
@@ -308,8 +311,10 @@ func (g *guest) test(ctx context.Context, k kernel) *result {
 
 var (
 	resultRE = regexp.MustCompile(`^\s*--- (PASS|FAIL|SKIP): (\S+) \(`)
-	queueRE  = regexp.MustCompile(`rerouted ready: queue_method="([^"]*)"`)
-	steerRE  = regexp.MustCompile(`rerouted steering=(connect|queue)\b`)
+	// go test -v's markers of the test whose lines follow.
+	runRE   = regexp.MustCompile(`^=== (?:RUN|CONT|NAME) +(\S+)`)
+	queueRE = regexp.MustCompile(`rerouted ready: queue_method="([^"]*)"`)
+	steerRE = regexp.MustCompile(`rerouted steering=(connect|queue)\b`)
 	// A frame of a goroutine dump in the end-to-end tests' own code.
 	stuckRE = regexp.MustCompile(`(/e2e/[^/\s]+_test\.go:\d+)`)
 )
@@ -337,6 +342,8 @@ func (r *result) parse(path string) {
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
 	var recent []string
+	r.lines = map[string][]string{}
+	current := ""
 	inPanic := 0 // 1: the panic's own lines; 2: its goroutine dump
 	for sc.Scan() {
 		line := sc.Text()
@@ -362,8 +369,19 @@ func (r *result) parse(path string) {
 		if recent = append(recent, line); len(recent) > 25 {
 			recent = recent[1:]
 		}
-		if m := resultRE.FindStringSubmatch(line); m != nil {
+		if m := runRE.FindStringSubmatch(line); m != nil {
+			current = m[1]
+		} else if m := resultRE.FindStringSubmatch(line); m != nil {
 			all[m[2]] = m[1]
+		} else if current != "" && !strings.HasPrefix(line, "=== ") {
+			if len(line) > 300 {
+				line = line[:300] + "..."
+			}
+			if l := append(r.lines[current], line); len(l) > failLines {
+				r.lines[current] = l[1:]
+			} else {
+				r.lines[current] = l
+			}
 		}
 		if m := queueRE.FindStringSubmatch(line); m != nil {
 			queues[strings.ToLower(strings.ReplaceAll(m[1], " ", "-"))] = true
@@ -399,6 +417,9 @@ func (r *result) parse(path string) {
 	r.steering = keys(steerings)
 	r.dps = keys(dps)
 }
+
+// failLines is how many of a failed test's own lines the report shows.
+const failLines = 40
 
 func keys(m map[string]bool) []string {
 	var s []string
@@ -455,6 +476,9 @@ func (r *result) report() string {
 	sort.Strings(failed)
 	for _, name := range failed {
 		fmt.Fprintf(&b, "    FAIL %s\n", name)
+		if l := r.lines[name]; len(l) > 0 {
+			fmt.Fprintf(&b, "      its last %d lines:\n%s", len(l), indent(strings.Join(l, "\n"), "      "))
+		}
 	}
 	if r.err == nil && r.exitCode != 0 && len(failed) == 0 {
 		fmt.Fprintf(&b, "    the test binary exited %d\n", r.exitCode)

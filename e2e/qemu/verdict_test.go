@@ -271,3 +271,21 @@ func TestSteeringFallbackOnlyBefore514(t *testing.T) {
 		}
 	}
 }
+
+// A failed test's report carries its own last lines (why it failed), and
+// not another test's.
+func TestFailureSaysWhy(t *testing.T) {
+	g := &guest{}
+	play, _ := fakeRuns(t, g, run{"console-clean.log", "test-fail.log", "1\n"})
+	res := g.retrying(play)
+	rep := res.report()
+	if res.ok() || !strings.Contains(rep, "FAIL TestPingViaISPB/userspace\n") {
+		t.Fatalf("ok=%v, want the subtest's failure named:\n%s", res.ok(), rep)
+	}
+	if !strings.Contains(rep, "ping_test.go:40: ISP B saw 0 echo requests, want 3") {
+		t.Errorf("report lacks the failed test's error line:\n%s", rep)
+	}
+	if strings.Contains(rep, "steercheck_test.go") {
+		t.Errorf("report shows another test's lines:\n%s", rep)
+	}
+}
