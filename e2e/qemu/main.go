@@ -238,9 +238,9 @@ type result struct {
 	// panic and the tests it names, the log lines before it, and the test
 	// code each goroutine was in.
 	panic, before, stuck []string
-	// Each test's own last lines (its t.Log and t.Error output, and what
-	// it printed), to say why a test failed without the log at hand.
-	lines map[string][]string
+	// Each test's own lines (its t.Log and t.Error output, and what it
+	// printed), to say why a test failed without the log at hand.
+	lines map[string]*testLines
 }
 
 func (g *guest) test(ctx context.Context, k kernel) *result {
@@ -342,7 +342,7 @@ func (r *result) parse(path string) {
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
 	var recent []string
-	r.lines = map[string][]string{}
+	r.lines = map[string]*testLines{}
 	current := ""
 	inPanic := 0 // 1: the panic's own lines; 2: its goroutine dump
 	for sc.Scan() {
@@ -374,14 +374,10 @@ func (r *result) parse(path string) {
 		} else if m := resultRE.FindStringSubmatch(line); m != nil {
 			all[m[2]] = m[1]
 		} else if current != "" && !strings.HasPrefix(line, "=== ") {
-			if len(line) > 300 {
-				line = line[:300] + "..."
+			if r.lines[current] == nil {
+				r.lines[current] = &testLines{}
 			}
-			if l := append(r.lines[current], line); len(l) > failLines {
-				r.lines[current] = l[1:]
-			} else {
-				r.lines[current] = l
-			}
+			r.lines[current].add(line)
 		}
 		if m := queueRE.FindStringSubmatch(line); m != nil {
 			queues[strings.ToLower(strings.ReplaceAll(m[1], " ", "-"))] = true
@@ -418,8 +414,37 @@ func (r *result) parse(path string) {
 	r.dps = keys(dps)
 }
 
-// failLines is how many of a failed test's own lines the report shows.
-const failLines = 40
+// testLines keeps a test's first and last lines: a test's error can come
+// first, with a long dump after it, or last.
+type testLines struct {
+	head, tail []string
+	skipped    int
+}
+
+const headLines, tailLines = 20, 40
+
+func (t *testLines) add(line string) {
+	if len(line) > 300 {
+		line = line[:300] + "..."
+	}
+	switch {
+	case len(t.head) < headLines:
+		t.head = append(t.head, line)
+	case len(t.tail) < tailLines:
+		t.tail = append(t.tail, line)
+	default:
+		t.tail = append(t.tail[1:], line)
+		t.skipped++
+	}
+}
+
+func (t *testLines) String() string {
+	l := t.head
+	if t.skipped > 0 {
+		l = append(l[:len(l):len(l)], fmt.Sprintf("... (%d lines)", t.skipped))
+	}
+	return strings.Join(append(l[:len(l):len(l)], t.tail...), "\n")
+}
 
 func keys(m map[string]bool) []string {
 	var s []string
@@ -476,8 +501,8 @@ func (r *result) report() string {
 	sort.Strings(failed)
 	for _, name := range failed {
 		fmt.Fprintf(&b, "    FAIL %s\n", name)
-		if l := r.lines[name]; len(l) > 0 {
-			fmt.Fprintf(&b, "      its last %d lines:\n%s", len(l), indent(strings.Join(l, "\n"), "      "))
+		if l := r.lines[name]; l != nil {
+			fmt.Fprintf(&b, "      its lines:\n%s", indent(l.String(), "        "))
 		}
 	}
 	if r.err == nil && r.exitCode != 0 && len(failed) == 0 {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -287,5 +288,19 @@ func TestFailureSaysWhy(t *testing.T) {
 	}
 	if strings.Contains(rep, "steercheck_test.go") {
 		t.Errorf("report shows another test's lines:\n%s", rep)
+	}
+}
+
+// A long test output keeps its first lines and its last, and says how
+// many it left out.
+func TestTestLinesKeepsHeadAndTail(t *testing.T) {
+	var l testLines
+	for i := range 100 {
+		l.add(fmt.Sprintf("line %d", i))
+	}
+	got := strings.Split(l.String(), "\n")
+	if len(got) != headLines+1+tailLines || got[0] != "line 0" || got[headLines-1] != "line 19" ||
+		got[headLines] != "... (40 lines)" || got[headLines+1] != "line 60" || got[len(got)-1] != "line 99" {
+		t.Errorf("kept:\n%s", l.String())
 	}
 }
