@@ -67,6 +67,7 @@ func cmdBench(args []string) int {
 		fmt.Fprintf(&sec, "Measured by `rerouted-lab bench --rounds %d --bulk %s --conns %d --parallel %d --scale %d%s` on %s.\n",
 			o.Rounds, o.BulkTime, o.Conns, o.Parallel, o.Scale, extra, machine)
 		bench.Table(&sec, rep.Results)
+		bench.PairedTable(&sec, rep.Results, rep.Rounds)
 		if rep.Untouched != nil {
 			bench.UntouchedTable(&sec, *rep.Untouched)
 		}

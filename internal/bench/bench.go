@@ -4,7 +4,8 @@
 // conntrack NAT), and rerouted's two datapaths. Paths alternate within each
 // round, each round starting one path later (A B C D, B C D A, ...), so
 // that drift and order affect them alike; each figure is the median over
-// the rounds.
+// the rounds, and a paired table gives, path by path, the median of its
+// ratios to the baselines measured in the same round.
 package bench
 
 import (
@@ -50,7 +51,10 @@ type Options struct {
 
 // Report is what a run measured.
 type Report struct {
-	Results   []Result
+	Results []Result
+	// Rounds are each path's figures round by round (Rounds[i][r] is
+	// path Results[i]'s in round r+1), for the paired ratios.
+	Rounds    [][]Result
 	Scale     *ScaleResult
 	Untouched *UntouchedResult
 }
@@ -60,16 +64,19 @@ type Report struct {
 var Paths = []struct {
 	Name, About string
 	Default     bool
+	// Variant: the path this one changes one thing of, to which the
+	// paired table compares it.
+	Variant string
 }{
-	{"limit", "the socket binds ISP B's address itself", true},
-	{"masquerade", "the host's mark rule and MASQUERADE on ISP B", true},
-	{"rerouted-kernel", "the host's mark rule, rerouted with the kernel datapath", true},
-	{"rerouted-userspace", "the host's mark rule, rerouted with the userspace datapath", true},
-	{"rerouted-rule", "no mark rule: a rerouted rule sends the traffic via ISP B (kernel datapath)", false},
-	{"rerouted-balanced", "a rule balances over ISP A and ISP B (1:1), both managed and health-checked every second", false},
-	{"rerouted-kernel-nice", "as rerouted-kernel, with the daemon at nice -10 (the example unit's Nice=)", false},
-	{"rerouted-kernel-noacct", "as rerouted-kernel, without usage accounting ([usage] enabled = false): what accounting costs", false},
-	{"rerouted-connect", "as rerouted-rule, decided at connect() (steering = \"connect\"): the socket is bound to ISP B's address", false},
+	{"limit", "the socket binds ISP B's address itself", true, ""},
+	{"masquerade", "the host's mark rule and MASQUERADE on ISP B", true, ""},
+	{"rerouted-kernel", "the host's mark rule, rerouted with the kernel datapath", true, ""},
+	{"rerouted-userspace", "the host's mark rule, rerouted with the userspace datapath", true, ""},
+	{"rerouted-rule", "no mark rule: a rerouted rule sends the traffic via ISP B (kernel datapath)", false, ""},
+	{"rerouted-balanced", "a rule balances over ISP A and ISP B (1:1), both managed and health-checked every second", false, ""},
+	{"rerouted-kernel-nice", "as rerouted-kernel, with the daemon at nice -10 (the example unit's Nice=)", false, "rerouted-kernel"},
+	{"rerouted-kernel-noacct", "as rerouted-kernel, without usage accounting ([usage] enabled = false): what accounting costs", false, "rerouted-kernel"},
+	{"rerouted-connect", "as rerouted-rule, decided at connect() (steering = \"connect\"): the socket is bound to ISP B's address", false, ""},
 }
 
 // Ports of the benchmark servers.
@@ -184,7 +191,8 @@ func Run(o Options) (*Report, error) {
 		results[i] = median(samples[i])
 	}
 	Table(o.Out, results)
-	rep := &Report{Results: results}
+	PairedTable(o.Out, results, samples)
+	rep := &Report{Results: results, Rounds: samples}
 	if o.Untouched {
 		logf("\nuntouched traffic")
 		u, err := b.untouched()

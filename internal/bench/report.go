@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"runtime"
+	"slices"
 	"strings"
 	"time"
 
@@ -51,6 +52,67 @@ func Table(w io.Writer, rs []Result) {
 			fig(r.ParRate, func(x Result) float64 { return x.ParRate }, "%.0f"),
 			us(r.SeqP50), us(r.SeqP99), us(r.ParP50), us(r.ParP99))
 	}
+}
+
+// PairedTable prints, for each path, its figures over the baselines'
+// measured in the same round (the limit, MASQUERADE, and the path it is a
+// variant of), median over the rounds: a round's paths run seconds apart,
+// so drift between rounds, which moves every path of a round alike,
+// cancels. rounds[i][r] is path rs[i]'s figure in round r+1.
+func PairedTable(w io.Writer, rs []Result, rounds [][]Result) {
+	index := map[string]int{}
+	for i, r := range rs {
+		index[r.Path] = i
+	}
+	variantOf := map[string]string{}
+	for _, p := range Paths {
+		variantOf[p.Name] = p.Variant
+	}
+	type pair struct{ path, base int }
+	var pairs []pair
+	for i, r := range rs {
+		for _, b := range []string{"limit", "masquerade", variantOf[r.Path]} {
+			if j, ok := index[b]; ok && b != "" && j != i {
+				pairs = append(pairs, pair{i, j})
+			}
+		}
+	}
+	if len(pairs) == 0 {
+		return
+	}
+	fmt.Fprintln(w, "\nPaired: each round's figure over the baseline's in the same round, median over the rounds (drift between rounds cancels).")
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "| path | over | upload | download | conn/s sequential | conn/s parallel | rounds |")
+	fmt.Fprintln(w, "|---|---|---|---|---|---|---|")
+	for _, p := range pairs {
+		var up, down, seq, par []float64
+		for r := range min(len(rounds[p.path]), len(rounds[p.base])) {
+			a, b := rounds[p.path][r], rounds[p.base][r]
+			if a.Err != nil || b.Err != nil {
+				continue
+			}
+			for _, f := range []struct {
+				v    *[]float64
+				x, y float64
+			}{{&up, a.UpGbps, b.UpGbps}, {&down, a.DownGbps, b.DownGbps}, {&seq, a.SeqRate, b.SeqRate}, {&par, a.ParRate, b.ParRate}} {
+				if f.y > 0 {
+					*f.v = append(*f.v, f.x/f.y)
+				}
+			}
+		}
+		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %d |\n", rs[p.path].Path, rs[p.base].Path,
+			medianRatio(up), medianRatio(down), medianRatio(seq), medianRatio(par), len(seq))
+	}
+}
+
+// medianRatio words the median of ratios, with the middle half of them
+// (the interquartile range) as the spread.
+func medianRatio(v []float64) string {
+	if len(v) == 0 {
+		return "-"
+	}
+	slices.Sort(v)
+	return fmt.Sprintf("%.2f (%.2f–%.2f)", v[len(v)/2], v[len(v)/4], v[(3*len(v))/4])
 }
 
 func us(d time.Duration) string { return fmt.Sprintf("%d µs", d.Microseconds()) }
