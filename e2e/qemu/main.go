@@ -421,7 +421,7 @@ type testLines struct {
 	skipped    int
 }
 
-const headLines, tailLines = 20, 40
+const headLines, tailLines = 40, 40
 
 func (t *testLines) add(line string) {
 	if len(line) > 300 {

@@ -299,8 +299,9 @@ func TestTestLinesKeepsHeadAndTail(t *testing.T) {
 		l.add(fmt.Sprintf("line %d", i))
 	}
 	got := strings.Split(l.String(), "\n")
-	if len(got) != headLines+1+tailLines || got[0] != "line 0" || got[headLines-1] != "line 19" ||
-		got[headLines] != "... (40 lines)" || got[headLines+1] != "line 60" || got[len(got)-1] != "line 99" {
+	left := 100 - headLines - tailLines
+	if len(got) != headLines+1+tailLines || got[0] != "line 0" || got[headLines-1] != fmt.Sprintf("line %d", headLines-1) ||
+		got[headLines] != fmt.Sprintf("... (%d lines)", left) || got[headLines+1] != fmt.Sprintf("line %d", headLines+left) || got[len(got)-1] != "line 99" {
 		t.Errorf("kept:\n%s", l.String())
 	}
 }
