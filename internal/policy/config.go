@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/BurntSushi/toml"
+	"github.com/rerouted/rerouted/internal/policy/match"
 	"github.com/rerouted/rerouted/internal/policy/tomlpos"
 )
 
@@ -563,7 +564,7 @@ func (p *parser) rule(path string, t map[string]any) *Rule {
 		if !isCond {
 			continue
 		}
-		c.key, c.neg = k, neg
+		c.Key, c.Neg = k, neg
 		r.conds = append(r.conds, c)
 	}
 	ids := d.ids
@@ -571,16 +572,16 @@ func (p *parser) rule(path string, t map[string]any) *Rule {
 		if len(ids[k]) == 0 {
 			continue
 		}
-		var c cond
+		var c match.Cond
 		if strings.HasSuffix(k, "uid") {
-			c = condUID(k, ids[k])
+			c = match.UID(k, ids[k])
 		} else {
-			c = condGID(k, ids[k])
+			c = match.GID(k, ids[k])
 		}
-		c.key, c.neg = k, strings.HasPrefix(k, "not_")
+		c.Key, c.Neg = k, strings.HasPrefix(k, "not_")
 		r.conds = append(r.conds, c)
 	}
-	sort.SliceStable(r.conds, func(i, j int) bool { return r.conds[i].cost < r.conds[j].cost })
+	sort.SliceStable(r.conds, func(i, j int) bool { return r.conds[i].Cost < r.conds[j].Cost })
 	_, hasUplink := t["uplink"]
 	_, hasMark := t["mark"]
 	if _, ok := t["on_down"]; ok && r.Action.Kind != ActUplink && r.Action.Kind != ActBalance {
@@ -811,7 +812,7 @@ func (p *parser) ports(path string, v any) []PortRange {
 				p.errorf(path, "port %d is outside 1-65535", t)
 				continue
 			}
-			out = append(out, PortRange{uint16(t), uint16(t)})
+			out = append(out, PortRange{Lo: uint16(t), Hi: uint16(t)})
 		case string:
 			lo, hi, isRange := strings.Cut(t, "-")
 			a, err1 := strconv.ParseUint(strings.TrimSpace(lo), 10, 32)
@@ -828,7 +829,7 @@ func (p *parser) ports(path string, v any) []PortRange {
 			case a > b:
 				p.errorf(path, "port range %q is reversed", t)
 			default:
-				out = append(out, PortRange{uint16(a), uint16(b)})
+				out = append(out, PortRange{Lo: uint16(a), Hi: uint16(b)})
 			}
 		default:
 			p.errorf(path, "dport takes port numbers and \"a-b\" ranges")

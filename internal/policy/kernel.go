@@ -49,13 +49,13 @@ func (c *Config) KernelRules() []KernelRule {
 	for _, r := range c.Rules {
 		k := KernelRule{Name: r.Name, Queue: r.Action.Kind != ActDefault, Exact: true}
 		for _, cd := range r.conds {
-			base := strings.TrimPrefix(cd.key, "not_")
+			base := strings.TrimPrefix(cd.Key, "not_")
 			switch base {
 			case "protocol":
-				k.Protocols = cd.kv.([]ipproto.Proto)
+				k.Protocols = cd.KV.([]ipproto.Proto)
 			case "dst":
-				a := cd.kv.(*prefixset.Set).KernelAddrs()
-				if cd.neg {
+				a := cd.KV.(*prefixset.Set).KernelAddrs()
+				if cd.Neg {
 					k.NotDst = a
 				} else {
 					k.Dst = a
@@ -65,36 +65,36 @@ func (c *Config) KernelRules() []KernelRule {
 				}
 			case "dport":
 				// Merged: a kernel interval set refuses overlaps.
-				if cd.neg {
-					k.NotDports = mergePorts(cd.kv.([]PortRange))
+				if cd.Neg {
+					k.NotDports = mergePorts(cd.KV.([]PortRange))
 				} else {
-					k.Dports = mergePorts(cd.kv.([]PortRange))
+					k.Dports = mergePorts(cd.KV.([]PortRange))
 				}
 			case "uid", "user":
-				if cd.neg {
-					k.NotUIDs = cd.kv.([]uint32)
+				if cd.Neg {
+					k.NotUIDs = cd.KV.([]uint32)
 				} else {
-					k.UIDs = cd.kv.([]uint32)
+					k.UIDs = cd.KV.([]uint32)
 				}
 			case "gid", "group":
-				if cd.neg {
-					k.NotGIDs = cd.kv.([]uint32)
+				if cd.Neg {
+					k.NotGIDs = cd.KV.([]uint32)
 				} else {
-					k.GIDs = cd.kv.([]uint32)
+					k.GIDs = cd.KV.([]uint32)
 				}
 			case "process":
 				k.Exact = false
-				if cd.neg {
+				if cd.Neg {
 					k.Other = true
 				} else {
-					k.Processes = cd.kv.([]string)
+					k.Processes = cd.KV.([]string)
 				}
 			case "cgroup":
 				k.Exact = false
-				if cd.neg {
+				if cd.Neg {
 					k.Other = true
 				} else {
-					k.Cgroups = cd.kv.([]string)
+					k.Cgroups = cd.KV.([]string)
 				}
 			default: // exe: the daemon's to test
 				k.Exact = false
@@ -112,21 +112,21 @@ func (c *Config) KernelRules() []KernelRule {
 // set on the packet sends it to the daemon too, with honor_marks.
 func (c *Config) Prefiltered(f *Flow) (queued bool, why string) {
 	for _, r := range c.Rules {
-		match, exact := true, true
+		matched, exact := true, true
 		for _, cd := range r.conds {
-			switch strings.TrimPrefix(cd.key, "not_") {
+			switch strings.TrimPrefix(cd.Key, "not_") {
 			case "process", "exe", "cgroup":
 				exact = false
 				continue
 			}
-			m, ok := cd.test(f)
-			if !ok || m == cd.neg {
-				match = false
+			m, ok := cd.Test(f)
+			if !ok || m == cd.Neg {
+				matched = false
 				break
 			}
 		}
 		switch {
-		case !match:
+		case !matched:
 		case r.Action.Kind != ActDefault:
 			if exact {
 				return true, "rule " + strconvQuote(r.Name) + " matches it in the kernel"

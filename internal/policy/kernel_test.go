@@ -98,7 +98,7 @@ protocol = "udp"
 }
 
 func TestMergePorts(t *testing.T) {
-	got := fmt.Sprint(mergePorts([]PortRange{{85, 85}, {80, 90}, {91, 95}, {100, 100}, {1, 2}}))
+	got := fmt.Sprint(mergePorts([]PortRange{{Lo: 85, Hi: 85}, {Lo: 80, Hi: 90}, {Lo: 91, Hi: 95}, {Lo: 100, Hi: 100}, {Lo: 1, Hi: 2}}))
 	if want := "[1-2 80-95 100]"; got != want {
 		t.Errorf("merged %s, want %s", got, want)
 	}

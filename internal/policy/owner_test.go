@@ -2,7 +2,6 @@ package policy
 
 import (
 	"net/netip"
-	"os/user"
 	"strings"
 	"testing"
 
@@ -154,59 +153,5 @@ func TestExplain(t *testing.T) {
 		if got := r.Explain(f); !strings.HasPrefix(got, want[i]) {
 			t.Errorf("rule %q: Explain = %q, want %q", r.Name, got, want[i])
 		}
-	}
-}
-
-// explain names the user and group of a uid and gid the host knows, and
-// gives the bare number of one it does not.
-func TestExplainNamesUsers(t *testing.T) {
-	saveU, saveG := lookupUserID, lookupGroupID
-	defer func() { lookupUserID, lookupGroupID = saveU, saveG }()
-	lookupUserID = func(id string) (*user.User, error) {
-		if id == "1000" {
-			return &user.User{Uid: id, Username: "alice"}, nil
-		}
-		return nil, user.UnknownUserIdError(4321)
-	}
-	lookupGroupID = func(id string) (*user.Group, error) {
-		if id == "100" {
-			return &user.Group{Gid: id, Name: "users"}, nil
-		}
-		return nil, user.UnknownGroupIdError(id)
-	}
-	cfg, err := Parse("ids.toml", []byte(`
-[[uplink]]
-name = "isp-b"
-mark = 100
-
-[[rule]]
-name = "backups"
-uplink = "isp-b"
-uid = [0]
-
-[[rule]]
-name = "staff"
-uplink = "isp-b"
-gid = [50]
-`))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, c := range []struct {
-		uid, gid uint32
-		want     [2]string
-	}{
-		{1000, 100, [2]string{"uid: uid 1000 (alice) is not in [0]", "gid: gid 100 (users) is not in [50]"}},
-		{4321, 4321, [2]string{"uid: uid 4321 is not in [0]", "gid: gid 4321 is not in [50]"}},
-	} {
-		f := &Flow{Proto: ipproto.TCP, Dst: netip.MustParseAddrPort("192.0.2.80:80"), UID: c.uid, GID: c.gid, HasUID: true, Owner: &fakeOwner{}}
-		for i, r := range cfg.Rules {
-			if got := r.Explain(f); got != c.want[i] {
-				t.Errorf("uid %d gid %d, rule %q: Explain = %q, want %q", c.uid, c.gid, r.Name, got, c.want[i])
-			}
-		}
-	}
-	if got := IDName("uid", 1000); got != "uid 1000 (alice)" {
-		t.Errorf("IDName = %q", got)
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/rerouted/rerouted/internal/ipproto"
+	"github.com/rerouted/rerouted/internal/policy/match"
 	"github.com/rerouted/rerouted/internal/policy/prefixset"
 )
 
@@ -23,7 +24,7 @@ type ruleDraft struct {
 // key returns its condition and true (the caller names it and negates
 // it); an action or setting key fills the draft and returns false.
 type ruleKey struct {
-	decode    func(p *parser, d *ruleDraft, k, kp string, v any) (cond, bool)
+	decode    func(p *parser, d *ruleDraft, k, kp string, v any) (match.Cond, bool)
 	negatable bool // takes a not_ form (negatableList)
 }
 
@@ -48,13 +49,13 @@ var ruleKeys = map[string]ruleKey{
 	"cgroup":     {decode: ruleCgroup, negatable: true},
 }
 
-func ruleName(p *parser, d *ruleDraft, k, kp string, v any) (cond, bool) {
+func ruleName(p *parser, d *ruleDraft, k, kp string, v any) (match.Cond, bool) {
 	d.r.Name = p.name(kp, v)
-	return cond{}, false
+	return match.Cond{}, false
 }
 
 // ruleUplink: a name, or a list of names in order of preference.
-func ruleUplink(p *parser, d *ruleDraft, k, kp string, v any) (cond, bool) {
+func ruleUplink(p *parser, d *ruleDraft, k, kp string, v any) (match.Cond, bool) {
 	r := d.r
 	var names []string
 	switch v := v.(type) {
@@ -64,11 +65,11 @@ func ruleUplink(p *parser, d *ruleDraft, k, kp string, v any) (cond, bool) {
 		names = p.strings(kp, v)
 		if len(names) == 0 {
 			p.errorf(kp, "uplink must name at least one [[uplink]], or \"default\"")
-			return cond{}, false
+			return match.Cond{}, false
 		}
 	default:
 		p.errorf(kp, "uplink must be the name of an [[uplink]], \"default\", or a list of them")
-		return cond{}, false
+		return match.Cond{}, false
 	}
 	bad := false
 	for i, n := range names {
@@ -84,28 +85,28 @@ func ruleUplink(p *parser, d *ruleDraft, k, kp string, v any) (cond, bool) {
 		}
 	}
 	if bad {
-		return cond{}, false
+		return match.Cond{}, false
 	}
 	if names[0] == "default" {
 		r.Action = Action{Kind: ActDefault, UplinkName: "default"}
 		if len(names) > 1 {
 			p.errorf(kp, "\"default\" is always up: the uplinks after it would never be chosen")
 		}
-		return cond{}, false
+		return match.Cond{}, false
 	}
 	r.Action = Action{Kind: ActUplink, UplinkName: names[0]}
 	for _, n := range names {
 		r.Action.Choices = append(r.Action.Choices, Choice{Name: n})
 	}
-	return cond{}, false
+	return match.Cond{}, false
 }
 
-func ruleBalance(p *parser, d *ruleDraft, k, kp string, v any) (cond, bool) {
+func ruleBalance(p *parser, d *ruleDraft, k, kp string, v any) (match.Cond, bool) {
 	r := d.r
 	t, ok := v.(map[string]any)
 	if !ok || len(t) == 0 {
 		p.errorf(kp, "balance must be a table of uplinks and weights, like { \"isp-a\" = 3, \"isp-b\" = 1 }")
-		return cond{}, false
+		return match.Cond{}, false
 	}
 	r.Action = Action{Kind: ActBalance}
 	for _, n := range sortedKeys(t) {
@@ -119,30 +120,30 @@ func ruleBalance(p *parser, d *ruleDraft, k, kp string, v any) (cond, bool) {
 	if len(r.Action.Choices) > 0 {
 		r.Action.UplinkName = r.Action.Choices[0].Name
 	}
-	return cond{}, false
+	return match.Cond{}, false
 }
 
-func ruleSticky(p *parser, d *ruleDraft, k, kp string, v any) (cond, bool) {
+func ruleSticky(p *parser, d *ruleDraft, k, kp string, v any) (match.Cond, bool) {
 	if v != "destination" {
 		p.errorf(kp, "sticky must be \"destination\": a user's flows to one destination keep one uplink")
-		return cond{}, false
+		return match.Cond{}, false
 	}
 	d.r.sticky = true
-	return cond{}, false
+	return match.Cond{}, false
 }
 
-func ruleStickyFor(p *parser, d *ruleDraft, k, kp string, v any) (cond, bool) {
+func ruleStickyFor(p *parser, d *ruleDraft, k, kp string, v any) (match.Cond, bool) {
 	str, _ := v.(string)
 	dur, err := time.ParseDuration(str)
 	if err != nil || dur < time.Second || dur > 24*time.Hour {
 		p.errorf(kp, "sticky_for must be a duration between 1s and 24h, like \"10m\"")
-		return cond{}, false
+		return match.Cond{}, false
 	}
 	d.r.stickyFor = dur
-	return cond{}, false
+	return match.Cond{}, false
 }
 
-func ruleOnDown(p *parser, d *ruleDraft, k, kp string, v any) (cond, bool) {
+func ruleOnDown(p *parser, d *ruleDraft, k, kp string, v any) (match.Cond, bool) {
 	switch v {
 	case "default":
 	case "drop":
@@ -150,18 +151,18 @@ func ruleOnDown(p *parser, d *ruleDraft, k, kp string, v any) (cond, bool) {
 	default:
 		p.errorf(kp, "on_down must be \"default\" (the host's routing) or \"drop\"")
 	}
-	return cond{}, false
+	return match.Cond{}, false
 }
 
-func ruleMark(p *parser, d *ruleDraft, k, kp string, v any) (cond, bool) {
+func ruleMark(p *parser, d *ruleDraft, k, kp string, v any) (match.Cond, bool) {
 	if n, ok := p.integer(kp, v, 1, 0xffffffff); ok {
 		d.r.Action = Action{Kind: ActMark, Mark: uint32(n)}
 	}
-	return cond{}, false
+	return match.Cond{}, false
 }
 
 // ruleDst goes straight into the trie: no second copy of a long list.
-func ruleDst(p *parser, d *ruleDraft, k, kp string, v any) (cond, bool) {
+func ruleDst(p *parser, d *ruleDraft, k, kp string, v any) (match.Cond, bool) {
 	set := &prefixset.Set{}
 	for _, s := range p.strings(kp, v) {
 		pfx, err := netip.ParsePrefix(s)
@@ -179,26 +180,26 @@ func ruleDst(p *parser, d *ruleDraft, k, kp string, v any) (cond, bool) {
 		}
 		set.Add(pfx)
 	}
-	return condDst(set), true
+	return match.Dst(set), true
 }
 
-func ruleDport(p *parser, d *ruleDraft, k, kp string, v any) (cond, bool) {
-	return condDport(p.ports(kp, v)), true
+func ruleDport(p *parser, d *ruleDraft, k, kp string, v any) (match.Cond, bool) {
+	return match.Dport(p.ports(kp, v)), true
 }
 
 // ruleID is uid or gid by number; the condition is made after every key
 // (rule), with those written by name.
-func ruleID(p *parser, d *ruleDraft, k, kp string, v any) (cond, bool) {
+func ruleID(p *parser, d *ruleDraft, k, kp string, v any) (match.Cond, bool) {
 	for _, x := range list(v) {
 		if n, ok := p.integer(kp, x, 0, 0xfffffffe); ok {
 			d.ids[k] = append(d.ids[k], uint32(n))
 		}
 	}
-	return cond{}, false
+	return match.Cond{}, false
 }
 
 // ruleIDByName is user or group: uid or gid by name.
-func ruleIDByName(p *parser, d *ruleDraft, k, kp string, v any) (cond, bool) {
+func ruleIDByName(p *parser, d *ruleDraft, k, kp string, v any) (match.Cond, bool) {
 	base := strings.TrimPrefix(k, "not_")
 	for _, s := range p.strings(kp, v) {
 		id, err := lookupID(base, s)
@@ -209,10 +210,10 @@ func ruleIDByName(p *parser, d *ruleDraft, k, kp string, v any) (cond, bool) {
 		idKey := idKeys[k]
 		d.ids[idKey] = append(d.ids[idKey], id)
 	}
-	return cond{}, false
+	return match.Cond{}, false
 }
 
-func ruleProtocol(p *parser, d *ruleDraft, k, kp string, v any) (cond, bool) {
+func ruleProtocol(p *parser, d *ruleDraft, k, kp string, v any) (match.Cond, bool) {
 	ss := p.strings(kp, v)
 	ps := make([]ipproto.Proto, 0, len(ss)) // never nil: protocol = [] matches nothing
 	for _, s := range ss {
@@ -223,30 +224,30 @@ func ruleProtocol(p *parser, d *ruleDraft, k, kp string, v any) (cond, bool) {
 		}
 		ps = append(ps, pr)
 	}
-	return condProtocol(ps), true
+	return match.Protocol(ps), true
 }
 
-func ruleProcess(p *parser, d *ruleDraft, k, kp string, v any) (cond, bool) {
+func ruleProcess(p *parser, d *ruleDraft, k, kp string, v any) (match.Cond, bool) {
 	names := p.strings(kp, v)
 	for _, n := range names {
 		if n == "" || strings.Contains(n, "/") {
 			p.errorf(kp, "process %q must be a program name (comm or the exe's base name); use exe for paths", n)
 		}
 	}
-	return condProcess(names), true
+	return match.Process(names), true
 }
 
-func ruleExe(p *parser, d *ruleDraft, k, kp string, v any) (cond, bool) {
+func ruleExe(p *parser, d *ruleDraft, k, kp string, v any) (match.Cond, bool) {
 	paths := p.strings(kp, v)
 	for _, e := range paths {
 		if !strings.HasPrefix(e, "/") {
 			p.errorf(kp, "exe %q must be an absolute path", e)
 		}
 	}
-	return condExe(paths), true
+	return match.Exe(paths), true
 }
 
-func ruleCgroup(p *parser, d *ruleDraft, k, kp string, v any) (cond, bool) {
+func ruleCgroup(p *parser, d *ruleDraft, k, kp string, v any) (match.Cond, bool) {
 	var cgs []string
 	for _, cg := range p.strings(kp, v) {
 		clean := strings.Trim(cg, "/")
@@ -256,7 +257,7 @@ func ruleCgroup(p *parser, d *ruleDraft, k, kp string, v any) (cond, bool) {
 		}
 		cgs = append(cgs, clean)
 	}
-	return condCgroup(cgs), true
+	return match.Cgroup(cgs), true
 }
 
 // ruleKeyNames lists every key a [[rule]] accepts: ruleKeys', and the not_

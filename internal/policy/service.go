@@ -15,7 +15,7 @@ import "strings"
 // user, uid, group, gid, process, exe or cgroup, or a negated one.
 func (r *Rule) NamesOwner() bool {
 	for _, c := range r.conds {
-		switch strings.TrimPrefix(c.key, "not_") {
+		switch strings.TrimPrefix(c.Key, "not_") {
 		case "user", "uid", "group", "gid", "process", "exe", "cgroup":
 			return true
 		}
