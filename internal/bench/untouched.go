@@ -25,6 +25,9 @@ const portUntouchedUDP = 5005
 type UntouchedResult struct {
 	TCPWithout, TCPWith float64 // connections per second, one at a time
 	UDPWithout, UDPWith float64 // exchanges per second, each from a new socket
+	// The paired ratios: with over without in the same round (the two
+	// measured seconds apart), median and middle half over the rounds.
+	TCPRatio, UDPRatio string
 }
 
 // untouchedRule concerns another port only.
@@ -40,7 +43,10 @@ func (b *run) untouched() (UntouchedResult, error) {
 		return UntouchedResult{}, err
 	}
 	var tw, tr, uw, ur []float64
+	var tcpRatio, udpRatio []float64
 	for round := 1; round <= b.o.Rounds; round++ {
+		// [with][tcp, udp] this round, 0 where it failed
+		var got [2][2]float64
 		for _, with := range []bool{round%2 == 0, round%2 != 0} { // alternate which goes first
 			undo := func() error { return nil }
 			if with {
@@ -56,8 +62,10 @@ func (b *run) untouched() (UntouchedResult, error) {
 				udp, err = b.exchanges(b.o.Conns)
 				if with {
 					tw, uw = append(tw, tcp), append(uw, udp)
+					got[1] = [2]float64{tcp, udp}
 				} else {
 					tr, ur = append(tr, tcp), append(ur, udp)
+					got[0] = [2]float64{tcp, udp}
 				}
 				b.logf("untouched, round %d, rerouted running %v: %.0f conn/s, %.0f UDP exchanges/s", round, with, tcp, udp)
 			}
@@ -65,8 +73,15 @@ func (b *run) untouched() (UntouchedResult, error) {
 				return UntouchedResult{}, err
 			}
 		}
+		if got[0][0] > 0 && got[1][0] > 0 {
+			tcpRatio = append(tcpRatio, got[1][0]/got[0][0])
+		}
+		if got[0][1] > 0 && got[1][1] > 0 {
+			udpRatio = append(udpRatio, got[1][1]/got[0][1])
+		}
 	}
-	return UntouchedResult{TCPWithout: med(tr), TCPWith: med(tw), UDPWithout: med(ur), UDPWith: med(uw)}, nil
+	return UntouchedResult{TCPWithout: med(tr), TCPWith: med(tw), UDPWithout: med(ur), UDPWith: med(uw),
+		TCPRatio: medianRatio(tcpRatio), UDPRatio: medianRatio(udpRatio)}, nil
 }
 
 // exchanges makes n UDP request/response exchanges, each from a new
@@ -116,8 +131,8 @@ func UntouchedTable(w io.Writer, u UntouchedResult) {
 	}
 	fmt.Fprintln(w, "\nTraffic no rule concerns (a rule for another port; the kernel's prefilter lets it by):")
 	fmt.Fprintln(w)
-	fmt.Fprintln(w, "| traffic | without rerouted | with rerouted | ratio |")
-	fmt.Fprintln(w, "|---|---|---|---|")
-	fmt.Fprintf(w, "| TCP connections, one at a time | %.0f/s | %.0f/s | %s |\n", u.TCPWithout, u.TCPWith, ratio(u.TCPWith, u.TCPWithout))
-	fmt.Fprintf(w, "| UDP exchanges, each from a new socket | %.0f/s | %.0f/s | %s |\n", u.UDPWithout, u.UDPWith, ratio(u.UDPWith, u.UDPWithout))
+	fmt.Fprintln(w, "| traffic | without rerouted | with rerouted | ratio | paired ratio (middle half) |")
+	fmt.Fprintln(w, "|---|---|---|---|---|")
+	fmt.Fprintf(w, "| TCP connections, one at a time | %.0f/s | %.0f/s | %s | %s |\n", u.TCPWithout, u.TCPWith, ratio(u.TCPWith, u.TCPWithout), u.TCPRatio)
+	fmt.Fprintf(w, "| UDP exchanges, each from a new socket | %.0f/s | %.0f/s | %s | %s |\n", u.UDPWithout, u.UDPWith, ratio(u.UDPWith, u.UDPWithout), u.UDPRatio)
 }
