@@ -373,6 +373,12 @@ func (r *result) parse(path string) {
 			current = m[1]
 		} else if m := resultRE.FindStringSubmatch(line); m != nil {
 			all[m[2]] = m[1]
+			// The test, or the test it is a subtest of, has ended: what
+			// follows until the next marker (the binary's own summary) is
+			// no test's.
+			if current == m[2] || strings.HasPrefix(current, m[2]+"/") {
+				current = ""
+			}
 		} else if current != "" && !strings.HasPrefix(line, "=== ") {
 			if r.lines[current] == nil {
 				r.lines[current] = &testLines{}

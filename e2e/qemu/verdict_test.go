@@ -273,8 +273,8 @@ func TestSteeringFallbackOnlyBefore514(t *testing.T) {
 	}
 }
 
-// A failed test's report carries its own last lines (why it failed), and
-// not another test's.
+// A failed test's report carries its own lines (why it failed), and not
+// another test's, nor the test binary's summary after the last test.
 func TestFailureSaysWhy(t *testing.T) {
 	g := &guest{}
 	play, _ := fakeRuns(t, g, run{"console-clean.log", "test-fail.log", "1\n"})
@@ -303,5 +303,19 @@ func TestTestLinesKeepsHeadAndTail(t *testing.T) {
 	if len(got) != headLines+1+tailLines || got[0] != "line 0" || got[headLines-1] != fmt.Sprintf("line %d", headLines-1) ||
 		got[headLines] != fmt.Sprintf("... (%d lines)", left) || got[headLines+1] != fmt.Sprintf("line %d", headLines+left) || got[len(got)-1] != "line 99" {
 		t.Errorf("kept:\n%s", l.String())
+	}
+}
+
+// The last test's lines end at its result: the binary's FAIL and the
+// guest's own lines after it are no test's.
+func TestFailureOfTheLastTest(t *testing.T) {
+	g := &guest{}
+	play, _ := fakeRuns(t, g, run{"console-clean.log", "test-fail-last.log", "1\n"})
+	rep := g.retrying(play).report()
+	if !strings.Contains(rep, "usage_test.go:364: isp-b bytes out: counted 0") {
+		t.Errorf("report lacks the failed test's error line:\n%s", rep)
+	}
+	if strings.Contains(rep, "tests took") || strings.Contains(rep, "        FAIL\n") {
+		t.Errorf("report gives the test the binary's lines after it:\n%s", rep)
 	}
 }
