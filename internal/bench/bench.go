@@ -410,8 +410,35 @@ func (b *run) settle(pid int) error {
 	return nil
 }
 
-// cpuTicks is a process's CPU time, user and system, in clock ticks.
+// cpuTicks is the CPU time, user and system, in clock ticks, of a process
+// and its descendants: a --rerouted wrapper that does not exec the daemon
+// has it as a child.
 func cpuTicks(pid int) (uint64, error) {
+	n, err := ownTicks(pid)
+	if err != nil {
+		return 0, err
+	}
+	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
+	for _, t := range tasks {
+		b, err := os.ReadFile(t)
+		if err != nil {
+			continue // the thread ended
+		}
+		for _, c := range strings.Fields(string(b)) {
+			child, err := strconv.Atoi(c)
+			if err != nil {
+				continue
+			}
+			if m, err := cpuTicks(child); err == nil { // a child may end meanwhile
+				n += m
+			}
+		}
+	}
+	return n, nil
+}
+
+// ownTicks is one process's CPU time, user and system, in clock ticks.
+func ownTicks(pid int) (uint64, error) {
 	st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
 		return 0, err

@@ -80,7 +80,8 @@ func PairedTable(w io.Writer, rs []Result, rounds [][]Result) {
 	if len(pairs) == 0 {
 		return
 	}
-	fmt.Fprintln(w, "\nPaired: each round's figure over the baseline's in the same round, median over the rounds (drift between rounds cancels).")
+	fmt.Fprintln(w, "\nPaired: each round's figure over the baseline's in the same round, median over the rounds (drift between rounds cancels),")
+	fmt.Fprintln(w, "and in parentheses the middle half of the rounds' ratios (with fewer than four rounds, all of them).")
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "| path | over | upload | download | conn/s sequential | conn/s parallel | rounds |")
 	fmt.Fprintln(w, "|---|---|---|---|---|---|---|")
@@ -106,7 +107,8 @@ func PairedTable(w io.Writer, rs []Result, rounds [][]Result) {
 }
 
 // medianRatio words the median of ratios, with the middle half of them
-// (the interquartile range) as the spread.
+// (the interquartile range) as the spread; under four ratios, that is
+// their whole range.
 func medianRatio(v []float64) string {
 	if len(v) == 0 {
 		return "-"
