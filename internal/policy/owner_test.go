@@ -155,3 +155,32 @@ func TestExplain(t *testing.T) {
 		}
 	}
 }
+
+// The parser gives uid and gid conditions their keys: an explanation names
+// the key and the flow's id (match's tests cover how ids are named).
+func TestExplainUIDAndGID(t *testing.T) {
+	cfg, err := Parse("ids.toml", []byte(`
+[[uplink]]
+name = "isp-b"
+mark = 100
+
+[[rule]]
+name = "backups"
+uplink = "isp-b"
+uid = [0]
+
+[[rule]]
+name = "staff"
+uplink = "isp-b"
+not_gid = [4321]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &Flow{Proto: ipproto.TCP, Dst: netip.MustParseAddrPort("192.0.2.80:80"), UID: 4321, GID: 4321, HasUID: true, Owner: &fakeOwner{}}
+	for i, want := range []string{"uid: uid 4321", "not_gid: gid 4321"} {
+		if got := cfg.Rules[i].Explain(f); !strings.HasPrefix(got, want) || !strings.HasSuffix(got, []string{" is not in [0]", " is in [4321]"}[i]) {
+			t.Errorf("rule %q: Explain = %q, want %q…", cfg.Rules[i].Name, got, want)
+		}
+	}
+}
