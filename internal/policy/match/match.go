@@ -166,7 +166,7 @@ func UID(key string, us []uint32) Cond {
 			return "owning socket"
 		}
 		return IDName("uid", f.UID)
-	}, Test: func(f *Flow) (bool, bool) { return containsU32(us, f.UID), f.HasUID }}
+	}, Test: func(f *Flow) (bool, bool) { return slices.Contains(us, f.UID), f.HasUID }}
 }
 
 func GID(key string, gs []uint32) Cond {
@@ -175,7 +175,7 @@ func GID(key string, gs []uint32) Cond {
 			return "owning socket"
 		}
 		return IDName("gid", f.GID)
-	}, Test: func(f *Flow) (bool, bool) { return containsU32(gs, f.GID), f.HasUID }}
+	}, Test: func(f *Flow) (bool, bool) { return slices.Contains(gs, f.GID), f.HasUID }}
 }
 
 // IDName words a uid ("uid") or gid ("gid") for a person: its number, and
@@ -241,7 +241,7 @@ func Exe(paths []string) Cond {
 			if !ok {
 				return false, false
 			}
-			return containsStr(paths, p.Exe), true
+			return slices.Contains(paths, p.Exe), true
 		}}
 }
 
@@ -291,22 +291,4 @@ func listOf[T any](xs []T) string {
 		s[i] = fmt.Sprint(x)
 	}
 	return "[" + strings.Join(s, ", ") + "]"
-}
-
-func containsStr(xs []string, s string) bool {
-	for _, x := range xs {
-		if x == s {
-			return true
-		}
-	}
-	return false
-}
-
-func containsU32(xs []uint32, v uint32) bool {
-	for _, x := range xs {
-		if x == v {
-			return true
-		}
-	}
-	return false
 }
